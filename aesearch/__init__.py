@@ -1,0 +1,1 @@
+"""aesearch: hyperparameter search for autoencoders."""

@@ -1,0 +1,152 @@
+"""The `aesearch` command.
+
+    aesearch train CONFIG.yaml [--set key=value]... [--epochs N] [--device D] [--data-dir DIR]
+                   [--download] [--out DIR] [--resume CHECKPOINT]
+    aesearch validate FILE...
+    aesearch evaluate CHECKPOINT [--data-dir DIR] [--download] [--device D]
+
+Mistakes in the input (a bad config value, missing data, a bad checkpoint) print one line that
+names the field, the value and the rule, exit with status 2 and write nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from aesearch.errors import DivergedError, UserError
+
+EXIT_DIVERGED = 1
+EXIT_USER_ERROR = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (and exit status 2) like every other mistake."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, help="dataset folder (default: $AESEARCH_DATA_DIR or ~/.cache/aesearch/datasets)")
+    parser.add_argument("--download", action="store_true", help="allow downloading missing dataset files")
+    parser.add_argument("--device", help="auto | cpu | cuda[:N] (default: the config's runtime.device)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="aesearch", description="Hyperparameter search for autoencoders.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    train = commands.add_parser("train", help="train one config locally")
+    train.add_argument("config", type=Path)
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set model.latent_dim=32 (repeatable)")
+    train.add_argument("--epochs", type=int, help="override the config's epochs")
+    train.add_argument("--out", type=Path, help="run folder (default: runs/NAME-TIMESTAMP)")
+    train.add_argument("--resume", type=Path, metavar="CHECKPOINT", help="continue from a checkpoint (e.g. OUT/last.pt)")
+    _add_data_options(train)
+    train.set_defaults(handler=cmd_train)
+
+    validate = commands.add_parser("validate", help="check config files")
+    validate.add_argument("files", type=Path, nargs="+")
+    validate.set_defaults(handler=cmd_validate)
+
+    evaluate = commands.add_parser("evaluate", help="run the evaluation suite on a checkpoint")
+    evaluate.add_argument("checkpoint", type=Path)
+    _add_data_options(evaluate)
+    evaluate.set_defaults(handler=cmd_evaluate)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from aesearch.checkpoints import load_checkpoint
+    from aesearch.config import load_config
+    from aesearch.data import load_data
+    from aesearch.local import run_in_folder
+    from aesearch.train import check_resumable, resolve_device
+
+    overrides = list(args.overrides)
+    if args.epochs is not None:
+        overrides.append(f"epochs={args.epochs}")
+    if args.device is not None:
+        overrides.append(f"runtime.device={args.device}")
+    config = load_config(args.config, overrides)
+    resolve_device(config.runtime.device)
+    data = load_data(config.data, args.data_dir, args.download)
+    resume_state = None
+    if args.resume is not None:
+        resume_state = load_checkpoint(args.resume)
+        check_resumable(resume_state, config, data)
+    folder = args.out or Path("runs") / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if resume_state is None and folder.exists() and any(folder.iterdir()):
+        raise UserError(f"--out {folder}: folder already holds files; choose an empty or new folder")
+
+    print(f"training {config.name} on {config.data.name} ({len(data.train_x)} train / "
+          f"{len(data.val_x)} val / {len(data.test_x)} test) -> {folder}", file=sys.stderr)
+    _, summary = run_in_folder(config, data, folder, resume_state)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from aesearch.config import load_config, variant_family
+
+    failed = 0
+    for path in args.files:
+        try:
+            config = load_config(path)
+        except UserError as error:
+            print(f"aesearch: error: {error}", file=sys.stderr)
+            failed += 1
+        else:
+            print(f"{path}: ok ({variant_family(config)}, {config.model.architecture}, {config.data.name})")
+    return EXIT_USER_ERROR if failed else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from aesearch.checkpoints import load_checkpoint
+    from aesearch.config import parse_config
+    from aesearch.data import load_data
+    from aesearch.evaluate import evaluate
+    from aesearch.models import build_model
+    from aesearch.train import resolve_device
+
+    state = load_checkpoint(args.checkpoint)
+    document = state["config"]
+    if args.device is not None:
+        document = {**document, "runtime": {**document.get("runtime", {}), "device": args.device}}
+    config = parse_config(document, source=f"{args.checkpoint} (config)")
+    device = resolve_device(config.runtime.device)
+    data = load_data(config.data, args.data_dir, args.download)
+    if data.fingerprint != state["fingerprint"]:
+        raise UserError(
+            f"{args.checkpoint}: trained on dataset fingerprint {state['fingerprint']}, but "
+            f"{config.data.name} under the data directory now has fingerprint {data.fingerprint}"
+        )
+    model = build_model(config.model, data.spec.shape).to(device)
+    model.load_state_dict(state["model"])
+    print(json.dumps({"checkpoint": str(args.checkpoint), "epoch": state["epoch"],
+                      **evaluate(model, data.to(device), config.evaluation)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+    except UserError as error:
+        print(f"aesearch: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except DivergedError as error:
+        print(f"aesearch: {error}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        print("aesearch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""The training config: one typed schema, the single home of every default.
+
+A config says what to train: which dataset, which autoencoder (architecture + latent), which
+objective (reconstruction + weighted terms), which input corruption, which optimiser, how to
+evaluate. Named variants (VAE, sparse AE, ...) are nothing but values of these fields; see
+`configs/` and `variant_family`.
+
+Configs are validated at the edge (`load_config`, `parse_config`): every problem becomes a
+`ConfigError` whose one-line message names the field, the value and the rule. Part names are
+checked against the registries of the modules that implement them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from aesearch.corruption import CORRUPTIONS
+from aesearch.data import DATASETS
+from aesearch.errors import ConfigError
+from aesearch.models import ACTIVATIONS, ARCHITECTURES, CODE_ACTIVATIONS, LATENTS
+from aesearch.objectives import BETA_SCHEDULES, RECONSTRUCTIONS, SPARSITY_PENALTIES
+from aesearch.registry import Registry
+from aesearch.optimizers import OPTIMIZERS
+
+# Integers and booleans are strict (no "16" or True for an int); floats accept ints and "1e-3".
+Int = Annotated[int, Field(strict=True)]
+Bool = Annotated[bool, Field(strict=True)]
+PositiveInt = Annotated[int, Field(strict=True, ge=1)]
+
+
+def _rule(message: str) -> PydanticCustomError:
+    """A cross-field rule broken: its message names the fields and values itself."""
+    return PydanticCustomError("rule", message.replace("{", "(").replace("}", ")"))
+
+
+def _named(registry: Registry, value: str, extra: tuple[str, ...] = ()) -> str:
+    if value in extra or value in registry:
+        return value
+    valid = ", ".join(sorted((*extra, *registry.names())))
+    raise ValueError(f"unknown {registry.kind}; valid names: {valid}")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class DataConfig(Section):
+    """Which dataset and how it is split. Where the files live is a runtime option, not config."""
+
+    name: str = "digits"
+    val_fraction: float = Field(0.1, gt=0.0, le=0.5)
+    split_seed: Int = Field(0, ge=0)
+    anomaly_class: Int | None = Field(None, ge=0, description="class held out of training as the anomaly")
+    max_train_samples: PositiveInt | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        return _named(DATASETS, value)
+
+
+class ModelConfig(Section):
+    """Encoder + latent + decoder. Architecture-specific fields are ignored by the others."""
+
+    architecture: str = "dense"
+    latent: str = "deterministic"
+    latent_dim: PositiveInt = 16
+    activation: str = "relu"
+    # "auto": sigmoid when the KL sparsity penalty needs units in (0, 1), otherwise none.
+    code_activation: str = "auto"
+    # dense: widths of the hidden layers from the input side; the decoder mirrors them.
+    hidden_dims: list[PositiveInt] = Field(default_factory=lambda: [256, 128], max_length=8)
+    # conv: output channels of the stride-2 convolutions; the decoder mirrors them.
+    conv_channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64], min_length=1, max_length=6)
+    # attention: square patches, transformer width, heads, blocks (encoder and decoder each).
+    patch_size: PositiveInt = 4
+    embed_dim: PositiveInt = 64
+    heads: PositiveInt = 4
+    depth: PositiveInt = 2
+    mlp_ratio: PositiveInt = 2
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, value: str) -> str:
+        return _named(ARCHITECTURES, value)
+
+    @field_validator("latent")
+    @classmethod
+    def _known_latent(cls, value: str) -> str:
+        return _named(LATENTS, value)
+
+    @field_validator("activation")
+    @classmethod
+    def _known_activation(cls, value: str) -> str:
+        return _named(ACTIVATIONS, value)
+
+    @field_validator("code_activation")
+    @classmethod
+    def _known_code_activation(cls, value: str) -> str:
+        return _named(CODE_ACTIVATIONS, value, extra=("auto",))
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.architecture == "attention" and self.embed_dim % self.heads:
+            raise _rule(
+                f"model.embed_dim={self.embed_dim} must be divisible by model.heads={self.heads}"
+            )
+        return self
+
+
+class KLConfig(Section):
+    """KL(q(z|x) || N(0, I)) weighted by beta (>1 for beta-VAE), annealed per epoch."""
+
+    beta: float = Field(1.0, ge=0.0)
+    schedule: str = "constant"
+    warmup_epochs: PositiveInt = 10  # linear: beta reaches its full value after this many epochs
+    cycles: PositiveInt = 4  # cyclical: number of ramps over the whole run
+    ramp_fraction: float = Field(0.5, gt=0.0, le=1.0)  # cyclical: share of each cycle spent ramping
+
+    @field_validator("schedule")
+    @classmethod
+    def _known_schedule(cls, value: str) -> str:
+        return _named(BETA_SCHEDULES, value)
+
+
+class SparsityConfig(Section):
+    """A sparsity penalty on the code: `l1` (sum |h_j|) or `kl` (sum_j KL(rho || rho_hat_j))."""
+
+    kind: str = "none"
+    weight: float = Field(1.0, ge=0.0)
+    rho: float = Field(0.05, gt=0.0, lt=1.0)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_penalty(cls, value: str) -> str:
+        return _named(SPARSITY_PENALTIES, value, extra=("none",))
+
+
+class ObjectiveConfig(Section):
+    """Reconstruction loss (summed over pixels, averaged over the batch) + weighted terms."""
+
+    reconstruction: str = "mse"
+    kl: KLConfig = Field(default_factory=KLConfig)
+    sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
+    contractive_weight: float = Field(0.0, ge=0.0)
+    contractive_projections: PositiveInt = 1  # random projections when no closed form exists
+
+    @field_validator("reconstruction")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        return _named(RECONSTRUCTIONS, value)
+
+
+class CorruptionConfig(Section):
+    """Denoising: corrupt the encoder's input; `level` is sigma, p or a depending on `kind`."""
+
+    kind: str = "none"
+    level: float | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _known_corruption(cls, value: str) -> str:
+        return _named(CORRUPTIONS, value)
+
+    @model_validator(mode="after")
+    def _level_fits_kind(self) -> CorruptionConfig:
+        problem = corruption_level_problem(self.kind, self.level, field="corruption.level")
+        if problem:
+            raise _rule(problem)
+        return self
+
+
+def corruption_level_problem(kind: str, level: float | None, field: str) -> str | None:
+    """What is wrong with `level` for a corruption of this kind, or None."""
+    corruption = CORRUPTIONS[kind]
+    if corruption.level_name is None:
+        return f"{field}={level} given, but corruption {kind!r} takes no level" if level is not None else None
+    if level is None:
+        return f"{field} is required for corruption {kind!r} (its {corruption.level_name}; {corruption.rule_text})"
+    if not corruption.level_rule(level):
+        return f"{field}={level}: for {kind} the level is {corruption.level_name}, and {corruption.rule_text}"
+    return None
+
+
+class OptimizerConfig(Section):
+    name: str = "adam"
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: PositiveInt = 128
+
+    @field_validator("name")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        return _named(OPTIMIZERS, value)
+
+
+class EvaluationConfig(Section):
+    """The evaluation suite run on the test split after training."""
+
+    iwae_samples: PositiveInt = 100  # k of the importance-weighted bound on the NLL
+    probe_max_samples: PositiveInt = 10_000  # training latents used by the probe and kNN
+    knn_neighbors: PositiveInt = 5
+    kmeans_restarts: PositiveInt = 4
+    activation_threshold: float = Field(0.1, gt=0.0)  # |h_j| above this counts as active
+    denoise_levels: dict[str, float] = Field(
+        default_factory=lambda: {"gaussian": 0.3, "salt_pepper": 0.2, "masking": 0.3, "uniform": 0.3}
+    )
+    image_count: PositiveInt = 8
+    batch_size: PositiveInt = 1000
+
+    @field_validator("denoise_levels")
+    @classmethod
+    def _levels_fit_kinds(cls, levels: dict[str, float]) -> dict[str, float]:
+        for kind, level in levels.items():
+            _named(CORRUPTIONS, kind)
+            problem = corruption_level_problem(kind, level, field=f"evaluation.denoise_levels.{kind}")
+            if problem or kind == "none":
+                raise _rule(problem or "evaluation.denoise_levels: 'none' is not a corruption to measure")
+        return levels
+
+
+class RuntimeConfig(Section):
+    """How to run, not what: these never change the identity of a trial's results."""
+
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    bf16: Bool = True  # bf16 autocast on CUDA (ignored on the CPU)
+    channels_last: Bool = True  # channels-last memory format for conv models on CUDA
+
+
+class TrainConfig(Section):
+    """Everything that defines one training run (one trial of a search)."""
+
+    name: str = Field("autoencoder", min_length=1, max_length=100)
+    seed: Int = Field(0, ge=0)
+    epochs: PositiveInt = Field(10, le=100_000)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    corruption: CorruptionConfig = Field(default_factory=CorruptionConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _parts_fit_together(self) -> TrainConfig:
+        model, objective, spec = self.model, self.objective, DATASETS[self.data.name]
+        gaussian = model.latent == "gaussian"
+        if not gaussian and "kl" in objective.model_fields_set:
+            raise _rule(f"objective.kl applies only to model.latent='gaussian', got {model.latent!r}")
+        sparsity = objective.sparsity.kind
+        if gaussian and sparsity != "none":
+            raise _rule(
+                f"objective.sparsity.kind={sparsity!r} needs model.latent='deterministic' (got 'gaussian')"
+            )
+        if model.code_activation == "auto":
+            model.code_activation = "sigmoid" if sparsity == "kl" else "none"
+        if sparsity == "kl" and model.code_activation != "sigmoid":
+            raise _rule(
+                f"model.code_activation={model.code_activation!r}: objective.sparsity.kind='kl' needs "
+                "code units in (0, 1), so it must be 'sigmoid' (or 'auto')"
+            )
+        if gaussian and model.code_activation != "none":
+            raise _rule(
+                f"model.code_activation={model.code_activation!r}: a gaussian latent's code is its "
+                "mean and takes no activation; use 'none' (or 'auto')"
+            )
+        _, height, width = spec.shape
+        if model.architecture == "attention" and (height % model.patch_size or width % model.patch_size):
+            raise _rule(
+                f"model.patch_size={model.patch_size} must divide the {height}x{width} images of "
+                f"{spec.name}"
+            )
+        if self.data.anomaly_class is not None and self.data.anomaly_class >= spec.num_classes:
+            raise _rule(
+                f"data.anomaly_class={self.data.anomaly_class} must be a class of {spec.name} "
+                f"(0..{spec.num_classes - 1})"
+            )
+        return self
+
+
+# --- loading, overrides, error messages -----------------------------------------------------
+
+
+def parse_config(document: Any, source: str = "config") -> TrainConfig:
+    """Validate a parsed YAML/JSON document; all problems become one ConfigError line."""
+    if not isinstance(document, dict):
+        raise ConfigError(f"{source}: expected a mapping of config fields, got {type(document).__name__}")
+    try:
+        return TrainConfig.model_validate(document)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: {describe_validation_error(error)}") from None
+
+
+def load_yaml(path: Path | str) -> Any:
+    """Read a YAML file safely (no arbitrary objects), with one-line errors."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: cannot read: not UTF-8 text") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        position = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{position}: {problem}") from None
+
+
+def load_config(path: Path | str, overrides: list[str] | None = None) -> TrainConfig:
+    """Load a config file, apply `key.path=value` overrides, validate."""
+    document = load_yaml(path)
+    if document is None:
+        document = {}
+    if isinstance(document, dict):
+        document = apply_overrides(document, overrides or [])
+    return parse_config(document, source=str(path))
+
+
+def apply_overrides(document: dict, overrides: list[str]) -> dict:
+    """`model.latent_dim=32` sets document['model']['latent_dim'] = 32 (values parsed as YAML)."""
+    result = _deep_copy(document)
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {override!r}: expected key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        node = result
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {override!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def _deep_copy(document: Any) -> Any:
+    if isinstance(document, dict):
+        return {key: _deep_copy(value) for key, value in document.items()}
+    if isinstance(document, list):
+        return [_deep_copy(value) for value in document]
+    return document
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """pydantic's errors as `field=value: rule` phrases joined on one line."""
+    phrases = []
+    for item in error.errors(include_url=False):
+        field = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            phrases.append(f"{field}: unknown key")
+        elif item["type"] == "missing":
+            phrases.append(f"{field}: required")
+        elif item["type"] == "rule":  # a cross-field rule: the message names its fields itself
+            phrases.append(message)
+        else:
+            phrases.append(f"{field}={item['input']!r}: {message}")
+    return "; ".join(phrases)
+
+
+# --- what a config is -----------------------------------------------------------------------
+
+
+def variant_family(config: TrainConfig) -> str:
+    """The named variant a config is, from its most distinctive part (objective before shape)."""
+    model, objective = config.model, config.objective
+    if model.latent == "gaussian":
+        return "vae" if objective.kl.beta == 1.0 else "beta_vae"
+    if objective.contractive_weight > 0:
+        return "contractive"
+    if objective.sparsity.kind != "none":
+        return f"sparse_{objective.sparsity.kind}"
+    if config.corruption.kind != "none":
+        return "denoising"
+    if model.architecture == "dense":
+        return "stacked" if len(model.hidden_dims) >= 2 else "dense"
+    return model.architecture

@@ -1,0 +1,76 @@
+"""Input corruption for denoising autoencoders.
+
+Each corruption maps a clean batch x to a corrupted x~ on the same device, drawing from torch's
+global RNG (seeded by the trainer and saved in checkpoints). Only the encoder's input is
+corrupted: the objective always compares the reconstruction with the clean x.
+
+`level` is the one knob of each kind: sigma (gaussian), p (salt_pepper, masking), a (uniform).
+Images live in [0, 1]; additive noises are clipped back to that range.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from aesearch.registry import Registry
+
+V_MIN, V_MAX = 0.0, 1.0
+
+
+@dataclass(frozen=True)
+class Corruption:
+    apply: Callable[[torch.Tensor, float], torch.Tensor]
+    level_name: str | None  # what `level` means for this kind; None: takes no level
+    level_rule: Callable[[float], bool] = lambda level: True
+    rule_text: str = ""
+
+
+CORRUPTIONS: Registry[Corruption] = Registry("corruption")
+
+
+def _is_probability(p: float) -> bool:
+    return 0.0 < p < 1.0
+
+
+def _is_positive(v: float) -> bool:
+    return v > 0.0
+
+
+def identity(x: torch.Tensor, level: float | None) -> torch.Tensor:
+    """No corruption: a plain (non-denoising) autoencoder."""
+    return x
+
+
+def gaussian(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """x + N(0, sigma^2), clipped to the image range."""
+    return (x + sigma * torch.randn_like(x)).clamp_(V_MIN, V_MAX)
+
+
+def salt_pepper(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Each value becomes v_min with probability p/2, v_max with p/2, else stays."""
+    u = torch.rand_like(x)
+    out = torch.where(u < p / 2, torch.full_like(x, V_MIN), x)
+    return torch.where((u >= p / 2) & (u < p), torch.full_like(x, V_MAX), out)
+
+
+def masking(x: torch.Tensor, p: float) -> torch.Tensor:
+    """x * m with m ~ Bernoulli(1 - p): each value is zeroed with probability p."""
+    return x * (torch.rand_like(x) >= p).to(x.dtype)
+
+
+def uniform(x: torch.Tensor, a: float) -> torch.Tensor:
+    """x + U(-a, a), clipped to the image range."""
+    return (x + (2 * torch.rand_like(x) - 1) * a).clamp_(V_MIN, V_MAX)
+
+
+CORRUPTIONS.add("none", Corruption(identity, None))
+CORRUPTIONS.add("gaussian", Corruption(gaussian, "sigma", _is_positive, "sigma must be > 0"))
+CORRUPTIONS.add("salt_pepper", Corruption(salt_pepper, "p", _is_probability, "p must be in (0, 1)"))
+CORRUPTIONS.add("masking", Corruption(masking, "p", _is_probability, "p must be in (0, 1)"))
+CORRUPTIONS.add("uniform", Corruption(uniform, "a", _is_positive, "a must be > 0"))
+
+
+def corrupt(x: torch.Tensor, kind: str, level: float | None) -> torch.Tensor:
+    """The encoder's input for a batch."""
+    return CORRUPTIONS[kind].apply(x, level)

@@ -1,0 +1,179 @@
+"""Objective = reconstruction loss + weighted terms.
+
+    loss = recon(x_hat, x) + beta_t * KL(q(z|x) || N(0, I)) + lambda_s * sparsity(h)
+           + lambda_c * ||dh/dx||_F^2
+
+Every per-sample quantity is summed over its dimensions (pixels, latent units) and averaged over
+the batch, so beta = 1 with `bce` is exactly the negative ELBO of a Bernoulli decoder. The
+reconstruction always compares with the clean input x, whatever the encoder was fed.
+Terms that a config does not use are not computed, and not reported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from aesearch.registry import Registry
+
+if TYPE_CHECKING:
+    from aesearch.config import KLConfig, ObjectiveConfig
+    from aesearch.models import Autoencoder, Output
+
+# --- reconstruction: (logits, x) -> per-sample loss -------------------------------------------
+
+RECONSTRUCTIONS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("reconstruction loss")
+
+
+@RECONSTRUCTIONS.register("mse")
+def squared_error(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (torch.sigmoid(logits) - x).pow(2).flatten(1).sum(1)
+
+
+@RECONSTRUCTIONS.register("bce")
+def binary_cross_entropy(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log p(x|z) of a Bernoulli decoder (x may be grey levels in [0, 1])."""
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+
+
+@RECONSTRUCTIONS.register("l1")
+def absolute_error(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return (torch.sigmoid(logits) - x).abs().flatten(1).sum(1)
+
+
+# --- KL to the prior, and how beta is annealed --------------------------------------------------
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, I)) per sample: 1/2 sum_j (mu_j^2 + sigma_j^2 - log sigma_j^2 - 1)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(1)
+
+
+# Each schedule maps (epoch counted from 0, total epochs, KL settings) to a factor in [0, 1].
+BETA_SCHEDULES: Registry[Callable[[int, int, KLConfig], float]] = Registry("beta schedule")
+
+
+@BETA_SCHEDULES.register("constant")
+def constant(epoch: int, epochs: int, kl: KLConfig) -> float:
+    return 1.0
+
+
+@BETA_SCHEDULES.register("linear")
+def linear_warmup(epoch: int, epochs: int, kl: KLConfig) -> float:
+    """0 in the first epoch, rising linearly to 1 at epoch `warmup_epochs` (Bowman et al. 2016)."""
+    return min(1.0, epoch / kl.warmup_epochs)
+
+
+@BETA_SCHEDULES.register("cyclical")
+def cyclical(epoch: int, epochs: int, kl: KLConfig) -> float:
+    """`cycles` repetitions of: 0 rising to 1 over `ramp_fraction` of the cycle, then 1 (Fu et al. 2019)."""
+    period = epochs / kl.cycles
+    position = (epoch % period) / period
+    return min(1.0, position / kl.ramp_fraction)
+
+
+# --- sparsity penalties: (code, rho) -> batch-level penalty -------------------------------------
+
+SPARSITY_PENALTIES: Registry[Callable[[torch.Tensor, float], torch.Tensor]] = Registry("sparsity penalty")
+
+
+@SPARSITY_PENALTIES.register("l1")
+def l1_sparsity(code: torch.Tensor, rho: float) -> torch.Tensor:
+    """sum_j |h_j| per sample, averaged over the batch (rho is not used)."""
+    return code.abs().sum(1).mean()
+
+
+@SPARSITY_PENALTIES.register("kl")
+def kl_sparsity(code: torch.Tensor, rho: float) -> torch.Tensor:
+    """sum_j KL(rho || rho_hat_j), rho_hat_j the mean activation of unit j over the batch."""
+    rho_hat = code.mean(0).clamp(1e-6, 1 - 1e-6)
+    return (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+
+
+# --- contractive: ||d code / d x||_F^2 -----------------------------------------------------------
+
+
+def jacobian_norm_estimate(code: torch.Tensor, x: torch.Tensor, projections: int, create_graph: bool) -> torch.Tensor:
+    """Unbiased estimate of ||J||_F^2 per sample, J = d code / d x: E_v ||J^T v||^2 with v ~ N(0, I).
+
+    One vector-Jacobian product per projection (a backward pass), instead of one per code unit.
+    `x` must require grad and `code` must have been computed from it.
+    """
+    total = torch.zeros(code.shape[0], device=code.device, dtype=code.dtype)
+    for _ in range(projections):
+        v = torch.randn_like(code)
+        (vjp,) = torch.autograd.grad(code, x, v, create_graph=create_graph, retain_graph=True)
+        total = total + vjp.pow(2).flatten(1).sum(1)
+    return total / projections
+
+
+def contractive_penalty(
+    model: Autoencoder, x_in: torch.Tensor, output: Output, projections: int, create_graph: bool
+) -> torch.Tensor:
+    exact = model.exact_jacobian_norm(output.latent)
+    if exact is None:
+        exact = jacobian_norm_estimate(output.latent.code, x_in, projections, create_graph)
+    return exact.mean()
+
+
+# --- the objective ------------------------------------------------------------------------------
+
+
+class Objective:
+    """Computes the loss and its named terms for one batch; knows beta for each epoch."""
+
+    def __init__(self, config: ObjectiveConfig, gaussian_latent: bool, epochs: int):
+        self.config = config
+        self.epochs = epochs
+        self.reconstruction = RECONSTRUCTIONS[config.reconstruction]
+        self.uses_kl = gaussian_latent
+        self.sparsity = None if config.sparsity.kind == "none" else SPARSITY_PENALTIES[config.sparsity.kind]
+        self.uses_contractive = config.contractive_weight > 0
+
+    @property
+    def term_names(self) -> list[str]:
+        return [
+            "recon",
+            *(["kl"] if self.uses_kl else []),
+            *(["sparsity"] if self.sparsity else []),
+            *(["contractive"] if self.uses_contractive else []),
+        ]
+
+    def beta(self, epoch: int) -> float:
+        """The KL weight in effect during `epoch` (counted from 0)."""
+        kl = self.config.kl
+        return kl.beta * BETA_SCHEDULES[kl.schedule](epoch, self.epochs, kl)
+
+    def needs_input_grad(self, model: Autoencoder) -> bool:
+        """The contractive estimator differentiates the code with respect to the input."""
+        return self.uses_contractive and not getattr(model.encoder, "is_identity", False)
+
+    def __call__(
+        self, model: Autoencoder, x: torch.Tensor, x_in: torch.Tensor, output: Output, beta: float
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, terms) for clean x, the encoder's input x_in and the model's output on x_in."""
+        cfg = self.config
+        logits = output.logits.float()
+        terms = {"recon": self.reconstruction(logits, x).mean()}
+        loss = terms["recon"]
+        if self.uses_kl:
+            terms["kl"] = gaussian_kl(output.latent.mu.float(), output.latent.logvar.float()).mean()
+            loss = loss + beta * terms["kl"]
+        if self.sparsity:
+            terms["sparsity"] = self.sparsity(output.latent.code.float(), cfg.sparsity.rho)
+            loss = loss + cfg.sparsity.weight * terms["sparsity"]
+        if self.uses_contractive:
+            terms["contractive"] = contractive_penalty(
+                model, x_in, output, cfg.contractive_projections, create_graph=model.training
+            ).float()
+            loss = loss + cfg.contractive_weight * terms["contractive"]
+        return loss, terms
+
+
+def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag(exp(logvar))) summed over the last dimension."""
+    return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu).pow(2) / logvar.exp()).sum(-1)

@@ -1,0 +1,22 @@
+"""Optimisers by name. Each builder takes the parameters, lr and weight decay."""
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from aesearch.registry import Registry
+
+OptimizerBuilder = Callable[[Iterable[torch.nn.Parameter], float, float, bool], torch.optim.Optimizer]
+OPTIMIZERS: Registry[OptimizerBuilder] = Registry("optimizer")
+
+
+@OPTIMIZERS.register("adam")
+def adam(params, lr: float, weight_decay: float, fused: bool) -> torch.optim.Optimizer:
+    """Adam; weight decay is L2 added to the gradient (classic)."""
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+@OPTIMIZERS.register("adamw")
+def adamw(params, lr: float, weight_decay: float, fused: bool) -> torch.optim.Optimizer:
+    """AdamW; weight decay decoupled from the gradient (Loshchilov & Hutter)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)

@@ -1,0 +1,263 @@
+"""One trainer for every variant: `train(config, data, reporter) -> TrainResult`.
+
+Ray trials and local runs (`aesearch train`, reproduction) call this same function; they differ
+only in the reporter they pass, which receives each epoch's metrics and can save a checkpoint.
+
+Why it is fast: the whole dataset sits on the training device as tensors, shuffling is a
+`randperm` there, corruption is a batched tensor op, and the step loop never synchronises with
+the host: loss terms accumulate on the device and are read once per epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from aesearch.checkpoints import load_checkpoint, save_checkpoint
+from aesearch.config import TrainConfig, parse_config
+from aesearch.corruption import corrupt
+from aesearch.data import Data
+from aesearch.errors import CheckpointError, DivergedError
+from aesearch.evaluate import evaluate
+from aesearch.models import Autoencoder, build_model, parameter_count
+from aesearch.objectives import Objective
+from aesearch.optimizers import OPTIMIZERS
+
+SELECTION_METRIC = "val/recon_mse"  # the best epoch's weights are the ones evaluated and kept
+
+
+@dataclass
+class EpochEnd:
+    """What a reporter receives after each epoch."""
+
+    epoch: int  # epochs completed, from 1
+    metrics: dict[str, float]
+    is_best: bool  # lowest val/recon_mse so far
+    save_checkpoint: Callable[[Path | str], None]
+
+
+Reporter = Callable[[EpochEnd], None]
+
+
+@dataclass
+class TrainResult:
+    config: TrainConfig
+    history: list[dict[str, float]]  # one entry per epoch
+    metrics: dict[str, float]  # test/... of the best weights, and a summary of the run
+    best_epoch: int
+    model: Autoencoder  # holding the best weights, in eval mode
+    fingerprint: str
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from aesearch.errors import ConfigError
+
+        raise ConfigError(f"runtime.device={name!r}: CUDA is not available on this machine")
+    return device
+
+
+def train(
+    config: TrainConfig,
+    data: Data,
+    reporter: Reporter | None = None,
+    resume_from: Path | str | dict[str, Any] | None = None,
+    run_evaluation: bool = True,
+) -> TrainResult:
+    """Train `config` on `data` (moved to the config's device), evaluate the best weights.
+
+    `resume_from`: a checkpoint (path, or its loaded state) to continue from exactly.
+    """
+    trainer = Trainer(config, data)
+    if resume_from is not None:
+        state = resume_from if isinstance(resume_from, dict) else load_checkpoint(resume_from)
+        trainer.restore(state)
+    started = time.perf_counter()
+    while trainer.epoch < config.epochs:
+        end = trainer.run_epoch()
+        if reporter is not None:
+            reporter(end)
+    train_seconds = time.perf_counter() - started
+
+    model = trainer.best_model()
+    metrics = evaluate(model, trainer.data, config.evaluation) if run_evaluation else {}
+    metrics.update(
+        {
+            "best/epoch": float(trainer.best_epoch),
+            f"best/{SELECTION_METRIC}": trainer.best_value,
+            "model/parameters": float(parameter_count(model)),
+            "time/train_seconds": train_seconds,
+        }
+    )
+    return TrainResult(config, trainer.history, metrics, trainer.best_epoch, model, data.fingerprint)
+
+
+def check_resumable(state: dict[str, Any], config: TrainConfig, data: Data) -> None:
+    """Refuse a checkpoint made on other data or for another model."""
+    if state["fingerprint"] != data.fingerprint:
+        raise CheckpointError(
+            f"checkpoint made on dataset fingerprint {state['fingerprint']}, but the data now has "
+            f"fingerprint {data.fingerprint}: the dataset or its split changed"
+        )
+    saved = parse_config(state["config"], source="checkpoint config")
+    if saved.model != config.model:
+        raise CheckpointError("checkpoint holds a different model than the config asks for (model.* differ)")
+
+
+class Trainer:
+    """The state of one training run and the epoch it knows how to run next."""
+
+    def __init__(self, config: TrainConfig, data: Data):
+        self.config = config
+        self.device = resolve_device(config.runtime.device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        torch.manual_seed(config.seed)
+        self.data = data.to(self.device)
+        self.model = build_model(config.model, data.spec.shape).to(self.device)
+        self.channels_last = (
+            self.device.type == "cuda" and config.runtime.channels_last and config.model.architecture == "conv"
+        )
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.objective = Objective(config.objective, self.model.stochastic, config.epochs)
+        opt = config.optimizer
+        self.optimizer = OPTIMIZERS[opt.name](
+            self.model.parameters(), opt.lr, opt.weight_decay, self.device.type == "cuda"
+        )
+        self.epoch = 0
+        self.history: list[dict[str, float]] = []
+        self.best_epoch = 0
+        self.best_value = math.inf
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    # --- one epoch ---------------------------------------------------------------------------
+
+    def run_epoch(self) -> EpochEnd:
+        started = time.perf_counter()
+        beta = self.objective.beta(self.epoch)
+        train = self._train_pass(beta)
+        val = self._validation_pass(beta)
+        self.epoch += 1
+        metrics = {"epoch": float(self.epoch), **train, **val}
+        if self.objective.uses_kl:
+            metrics["beta"] = beta
+        metrics["time/epoch_seconds"] = time.perf_counter() - started  # the passes have synced
+        if not all(math.isfinite(metrics[k]) for k in ("train/loss", "val/loss", SELECTION_METRIC)):
+            raise DivergedError(self.epoch, {k: v for k, v in metrics.items() if "/" in k})
+        self.history.append(metrics)
+
+        is_best = metrics[SELECTION_METRIC] < self.best_value
+        if is_best:
+            self.best_epoch, self.best_value = self.epoch, metrics[SELECTION_METRIC]
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return EpochEnd(self.epoch, metrics, is_best, self.save)
+
+    def _batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clean x, the encoder's input) for a batch."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x_in = corrupt(x, self.config.corruption.kind, self.config.corruption.level)
+        if self.objective.needs_input_grad(self.model):
+            x_in = x_in.detach().requires_grad_(True)
+        return x, x_in
+
+    def _forward_context(self) -> contextlib.ExitStack:
+        """bf16 autocast on CUDA; the math attention kernel when the loss differentiates twice
+        (the fused attention kernels have no double backward)."""
+        stack = contextlib.ExitStack()
+        enabled = self.device.type == "cuda" and self.config.runtime.bf16
+        stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled))
+        if self.objective.needs_input_grad(self.model):
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        return stack
+
+    def _train_pass(self, beta: float) -> dict[str, float]:
+        model, optimizer, objective = self.model, self.optimizer, self.objective
+        model.train()
+        images, batch_size = self.data.train_x, self.config.optimizer.batch_size
+        order = torch.randperm(len(images), device=self.device)
+        sums = torch.zeros(1 + len(objective.term_names), device=self.device)
+        for start in range(0, len(images), batch_size):
+            x, x_in = self._batch(images[order[start : start + batch_size]])
+            with self._forward_context():
+                output = model(x_in)
+                loss, terms = objective(model, x, x_in, output, beta)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums.add_(torch.stack([loss.detach(), *(t.detach() for t in terms.values())]), alpha=len(x))
+        values = (sums / len(images)).tolist()  # the one host sync of the pass
+        return dict(zip(["train/loss", *(f"train/{n}" for n in objective.term_names)], values))
+
+    def _validation_pass(self, beta: float) -> dict[str, float]:
+        """The objective on validation data (corrupted and sampled as in training), and the
+        reconstruction MSE of clean inputs through the latent mean: the shared yardstick."""
+        model, objective = self.model, self.objective
+        model.eval()
+        images, batch_size = self.data.val_x, self.config.evaluation.batch_size
+        sums = torch.zeros(2 + len(objective.term_names), device=self.device)
+        for start in range(0, len(images), batch_size):
+            x, x_in = self._batch(images[start : start + batch_size])
+            with torch.set_grad_enabled(objective.needs_input_grad(model)), self._forward_context():
+                output = model(x_in, sample=True)
+                loss, terms = objective(model, x, x_in, output, beta)
+                with torch.no_grad():
+                    clean = output if (x_in is x and not model.stochastic) else model(x, sample=False)
+                    squared_error = (clean.x_hat.float() - x).pow(2).mean(dim=(1, 2, 3)).sum()
+            batch = torch.stack([loss.detach(), *(t.detach() for t in terms.values()), squared_error / len(x)])
+            sums.add_(batch, alpha=len(x))
+        values = (sums / len(images)).tolist()
+        names = ["val/loss", *(f"val/{n}" for n in objective.term_names), SELECTION_METRIC]
+        return dict(zip(names, values))
+
+    # --- best weights, checkpoints -----------------------------------------------------------
+
+    def best_model(self) -> Autoencoder:
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        return self.model.eval()
+
+    def state(self) -> dict[str, Any]:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "config": self.config.model_dump(mode="json"),
+            "fingerprint": self.data.fingerprint,
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng,
+            "history": self.history,
+            "best": {"epoch": self.best_epoch, "value": self.best_value, "model": self.best_state},
+        }
+
+    def save(self, path: Path | str) -> None:
+        save_checkpoint(path, self.state())
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue exactly where a checkpoint left off (same data, same model shape)."""
+        check_resumable(state, self.config, self.data)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = state["epoch"]
+        self.history = list(state["history"])
+        best = state["best"]
+        self.best_epoch, self.best_value = best["epoch"], best["value"]
+        self.best_state = None if best["model"] is None else {k: v.to(self.device) for k, v in best["model"].items()}
+        torch.set_rng_state(state["rng"]["cpu"])
+        if self.device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)

@@ -1,0 +1,42 @@
+"""Shared fixtures: real datasets (scikit-learn's digits; MNIST copied from ../shared/datasets)."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from aesearch.config import parse_config
+from aesearch.data import load_data
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+# The offline copies of MNIST and Fashion-MNIST (torchvision's layout) that CI has beside the
+# clone. The project never needs them at run time; tests copy them into a temporary data dir.
+SHARED_DATASETS = Path(os.environ.get("AESEARCH_TEST_DATASETS", REPO.parent / "shared" / "datasets"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def make_config(**sections):
+    """A validated config from keyword sections, e.g. make_config(model={'latent': 'gaussian'})."""
+    return parse_config(sections)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return load_data(make_config().data)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory) -> Path:
+    """A writable data directory holding the original MNIST .gz files (md5 as torchvision expects)."""
+    source = SHARED_DATASETS / "MNIST" / "raw"
+    if not source.is_dir():
+        raise FileNotFoundError(
+            f"MNIST files expected under {source} (set AESEARCH_TEST_DATASETS to the folder that has MNIST/raw)"
+        )
+    root = tmp_path_factory.mktemp("datasets")
+    shutil.copytree(source, root / "MNIST" / "raw")
+    return root

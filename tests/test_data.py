@@ -1,0 +1,111 @@
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from aesearch.config import DataConfig
+from aesearch.data import DATASETS, default_data_dir, load_data
+from aesearch.errors import DataError
+
+
+def test_digits_splits_are_disjoint_and_cover_the_training_part(digits):
+    assert digits.train_x.shape[1:] == (1, 8, 8)
+    assert digits.train_x.min() >= 0 and digits.train_x.max() <= 1
+    n_train_part = len(digits.train_x) + len(digits.val_x)
+    assert n_train_part + len(digits.test_x) == 1797
+    assert len(digits.val_x) == round(0.1 * n_train_part)
+    rows = {tuple(row.tolist()) for row in torch.cat([digits.train_x, digits.val_x]).flatten(1)}
+    test_rows = {tuple(row.tolist()) for row in digits.test_x.flatten(1)}
+    assert len(rows & test_rows) <= 5  # digits has a few exact duplicate images, nothing more
+
+
+def test_split_is_deterministic_and_follows_the_split_seed():
+    a, b = load_data(DataConfig()), load_data(DataConfig())
+    assert torch.equal(a.val_x, b.val_x) and a.fingerprint == b.fingerprint
+    other = load_data(DataConfig(split_seed=1))
+    assert not torch.equal(a.val_x, other.val_x)
+    assert torch.equal(a.test_x, other.test_x)  # the test split never moves
+    assert other.fingerprint != a.fingerprint
+
+
+def test_fingerprint_changes_when_the_data_changes():
+    a = load_data(DataConfig())
+    assert load_data(DataConfig(max_train_samples=100)).fingerprint != a.fingerprint
+    assert load_data(DataConfig(val_fraction=0.2)).fingerprint != a.fingerprint
+
+
+def test_anomaly_class_is_held_out_of_training_but_kept_in_test():
+    data = load_data(DataConfig(anomaly_class=3))
+    assert (data.train_y != 3).all() and (data.val_y != 3).all()
+    assert (data.test_y == 3).any()
+    assert data.anomaly_class == 3
+
+
+def test_max_train_samples_limits_training_only(digits):
+    data = load_data(DataConfig(max_train_samples=50))
+    assert len(data.train_x) == 50
+    assert len(data.val_x) == len(digits.val_x)
+
+
+def test_data_moves_to_a_device_whole(digits):
+    moved = digits.to("cpu")
+    assert moved.device == torch.device("cpu") and moved.fingerprint == digits.fingerprint
+
+
+def _write_idx(path, array: np.ndarray):
+    magic = {np.dtype(np.uint8): 0x08}[array.dtype]
+    header = struct.pack(">HBB", 0, magic, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.tobytes())
+
+
+def test_mnist_loads_through_torchvision_from_idx_files(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train_images = rng.integers(0, 256, (30, 28, 28), dtype=np.uint8)
+    train_labels = rng.integers(0, 10, 30, dtype=np.uint8)
+    _write_idx(raw / "train-images-idx3-ubyte", train_images)
+    _write_idx(raw / "train-labels-idx1-ubyte", train_labels)
+    _write_idx(raw / "t10k-images-idx3-ubyte", rng.integers(0, 256, (7, 28, 28), dtype=np.uint8))
+    _write_idx(raw / "t10k-labels-idx1-ubyte", rng.integers(0, 10, 7, dtype=np.uint8))
+
+    data = load_data(DataConfig(name="mnist", val_fraction=0.2), data_dir=tmp_path)
+    assert data.train_x.shape == (24, 1, 28, 28) and data.val_x.shape == (6, 1, 28, 28)
+    assert data.test_x.shape == (7, 1, 28, 28)
+    # every loaded image is one of the written ones, scaled to [0, 1]
+    written = {img.tobytes() for img in train_images}
+    for image in torch.cat([data.train_x, data.val_x]):
+        assert (image[0] * 255).round().to(torch.uint8).numpy().tobytes() in written
+    labels = {img.tobytes(): lab for img, lab in zip(train_images, train_labels)}
+    for image, label in zip(data.train_x, data.train_y):
+        assert labels[(image[0] * 255).round().to(torch.uint8).numpy().tobytes()] == label.item()
+
+
+def test_missing_dataset_says_where_and_how_to_fix(tmp_path):
+    with pytest.raises(DataError) as caught:
+        load_data(DataConfig(name="fashion_mnist"), data_dir=tmp_path)
+    message = str(caught.value)
+    assert str(tmp_path / "FashionMNIST" / "raw") in message and "--download" in message
+    assert "\n" not in message
+    assert not (tmp_path / "FashionMNIST").exists()  # nothing written
+
+
+def test_mnist_from_the_original_archives(mnist_dir):
+    data = load_data(DataConfig(name="mnist"), data_dir=mnist_dir)
+    assert len(data.train_x) + len(data.val_x) == 60_000 and len(data.test_x) == 10_000
+    assert len(data.val_x) == 6_000
+    assert data.train_x.dtype == torch.float32 and 0 <= data.train_x.min() and data.train_x.max() <= 1
+    assert set(data.test_y.unique().tolist()) == set(range(10))
+
+
+def test_default_data_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("AESEARCH_DATA_DIR", str(tmp_path))
+    assert default_data_dir() == tmp_path
+    monkeypatch.delenv("AESEARCH_DATA_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_data_dir() == tmp_path / "aesearch" / "datasets"
+
+
+def test_dataset_specs_match_the_loaded_shapes(digits):
+    assert DATASETS["digits"].shape == tuple(digits.train_x.shape[1:])
