@@ -250,7 +250,7 @@ class TrainConfig(Section):
     def _parts_fit_together(self) -> TrainConfig:
         model, objective, spec = self.model, self.objective, DATASETS[self.data.name]
         gaussian = model.latent == "gaussian"
-        if not gaussian and "kl" in objective.model_fields_set:
+        if not gaussian and objective.kl != KLConfig():
             raise _rule(f"objective.kl applies only to model.latent='gaussian', got {model.latent!r}")
         sparsity = objective.sparsity.kind
         if gaussian and sparsity != "none":

@@ -149,7 +149,7 @@ class Trainer:
         started = time.perf_counter()
         beta = self.objective.beta(self.epoch)
         train = self._train_pass(beta)
-        val = self._validation_pass(beta)
+        val = self.validate(beta)
         self.epoch += 1
         metrics = {"epoch": float(self.epoch), **train, **val}
         if self.objective.uses_kl:
@@ -202,7 +202,7 @@ class Trainer:
         values = (sums / len(images)).tolist()  # the one host sync of the pass
         return dict(zip(["train/loss", *(f"train/{n}" for n in objective.term_names)], values))
 
-    def _validation_pass(self, beta: float) -> dict[str, float]:
+    def validate(self, beta: float) -> dict[str, float]:
         """The objective on validation data (corrupted and sampled as in training), and the
         reconstruction MSE of clean inputs through the latent mean: the shared yardstick."""
         model, objective = self.model, self.objective

@@ -129,3 +129,9 @@ def test_load_config_applies_overrides_then_validates(tmp_path):
 )
 def test_variant_family(document, family):
     assert variant_family(parse_config(document)) == family
+
+
+@pytest.mark.parametrize("document", [{}, {"objective": {"sparsity": {"kind": "kl"}}}, {"corruption": {"kind": "uniform", "level": 0.2}}])
+def test_every_resolved_config_round_trips(document):
+    config = parse_config(document)
+    assert parse_config(config.model_dump(mode="json")) == config

@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+from aesearch.config import EvaluationConfig
+from aesearch.evaluate import (
+    anomaly_metrics,
+    evaluate,
+    gaussian_latent_metrics,
+    latent_quality,
+    psnr,
+    sparsity_metrics,
+)
+from aesearch.models import build_model
+from aesearch.train import train
+from tests.conftest import make_config
+
+VAE = dict(
+    epochs=5,
+    model={"latent": "gaussian", "hidden_dims": [64], "latent_dim": 8},
+    objective={"reconstruction": "bce"},
+)
+
+
+@pytest.fixture(scope="module")
+def trained_vae(digits):
+    return train(make_config(**VAE), digits, run_evaluation=False).model
+
+
+def test_iwae_bound_is_at_least_the_elbo(trained_vae, digits):
+    torch.manual_seed(0)
+    metrics = gaussian_latent_metrics(trained_vae, digits.test_x, k=100, batch=1000)
+    assert -metrics["nll"] >= metrics["elbo"]
+    assert metrics["nll"] > 0 and metrics["kl"] > 0
+
+
+def test_iwae_with_one_sample_is_an_elbo_estimate(trained_vae, digits):
+    torch.manual_seed(0)
+    one = gaussian_latent_metrics(trained_vae, digits.test_x, k=1, batch=1000)
+    torch.manual_seed(0)
+    many = gaussian_latent_metrics(trained_vae, digits.test_x, k=200, batch=1000)
+    assert -one["nll"] == pytest.approx(one["elbo"], rel=0.02)
+    assert many["nll"] < one["nll"]  # the bound tightens with k
+
+
+def test_active_units_count_only_units_that_vary_with_the_input(trained_vae, digits):
+    metrics = gaussian_latent_metrics(trained_vae, digits.test_x, k=2, batch=1000)
+    assert 1 <= metrics["active_units"] <= 8
+    collapsed = build_model(make_config(**VAE).model, (1, 8, 8))
+    with torch.no_grad():
+        collapsed.latent.linear.weight.zero_()  # mu no longer depends on x: every unit inactive
+    assert gaussian_latent_metrics(collapsed, digits.test_x, k=2, batch=1000)["active_units"] == 0
+
+
+def test_psnr_of_a_known_error():
+    x = torch.full((2, 1, 4, 4), 0.5)
+    assert psnr(x + 0.1, x) == pytest.approx(torch.full((2,), 20.0), abs=1e-4)
+
+
+def test_sparsity_metrics_of_a_known_code():
+    code = torch.tensor([[0.0, 0.5, 0.0], [0.0, 0.05, 0.9]])
+    metrics = sparsity_metrics(code, threshold=0.1)
+    assert metrics["active_fraction"] == pytest.approx(2 / 6)
+    assert metrics["dead_units"] == 1
+    assert metrics["mean_activation"] == pytest.approx(1.45 / 6)
+
+
+def test_latent_quality_separates_informative_from_random_codes():
+    torch.manual_seed(0)
+    labels = torch.arange(400) % 4
+    informative = torch.nn.functional.one_hot(labels, 4).float() * 5 + 0.1 * torch.randn(400, 4)
+    settings = EvaluationConfig(kmeans_restarts=2)
+    good = latent_quality(informative[:300], labels[:300], informative[300:], labels[300:], settings)
+    assert good["probe_accuracy"] == 1.0 and good["knn_accuracy"] == 1.0
+    assert good["kmeans_ari"] > 0.95 and good["kmeans_nmi"] > 0.95
+    noise = torch.randn(400, 4)
+    bad = latent_quality(noise[:300], labels[:300], noise[300:], labels[300:], settings)
+    assert bad["probe_accuracy"] < 0.5 and bad["kmeans_ari"] < 0.2
+
+
+def test_anomaly_auroc_ranks_badly_reconstructed_class_first():
+    model = build_model(make_config(model={"hidden_dims": [4]}).model, (1, 8, 8)).eval()
+    with torch.no_grad():
+        model.decoder.layers[-2].bias.fill_(-20.0)  # reconstructs everything as black
+        model.decoder.layers[-2].weight.zero_()
+    normal, anomalous = torch.rand(30, 1, 8, 8) * 0.2, torch.ones(10, 1, 8, 8) * 0.9
+    x = torch.cat([normal, anomalous])
+    labels = torch.tensor([0] * 30 + [7] * 10)
+    assert anomaly_metrics(model, x, labels, anomaly_class=7, batch=16)["anomaly_auroc"] == 1.0
+
+
+def test_suite_names_every_metric_under_test(digits, trained_vae):
+    torch.manual_seed(0)
+    data = digits
+    metrics = evaluate(trained_vae, data, EvaluationConfig(iwae_samples=5, kmeans_restarts=1))
+    expected = {
+        "recon_mse", "recon_bce", "recon_l1", "psnr", "elbo", "nll", "kl", "active_units",
+        "probe_accuracy", "knn_accuracy", "kmeans_ari", "kmeans_nmi",
+        "mean_activation", "active_fraction", "dead_units",
+        *(f"{p}_psnr_{k}" for p in ("denoise", "noisy") for k in ("gaussian", "salt_pepper", "masking", "uniform")),
+    }
+    assert set(metrics) == {f"test/{name}" for name in expected}
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert 0 < metrics["test/recon_mse"] < 0.2 and metrics["test/psnr"] > 7
+
+
+def test_anomaly_metric_appears_when_a_class_is_held_out(digits):
+    from aesearch.data import load_data
+
+    config = make_config(epochs=2, data={"anomaly_class": 0}, model={"hidden_dims": [32]}, evaluation={"kmeans_restarts": 1})
+    result = train(config, load_data(config.data))
+    assert 0.0 <= result.metrics["test/anomaly_auroc"] <= 1.0

@@ -1,0 +1,129 @@
+import dataclasses
+import pickle
+
+import pytest
+import torch
+
+from aesearch.checkpoints import load_checkpoint, save_checkpoint
+from aesearch.errors import CheckpointError, DivergedError
+from aesearch.train import train
+from tests.conftest import make_config
+
+# A VAE fed masked inputs: sampling, corruption and shuffling all draw from the RNG, so resume
+# and determinism are tested where they are hardest.
+NOISY_VAE = dict(
+    epochs=4,
+    model={"latent": "gaussian", "hidden_dims": [32], "latent_dim": 4},
+    objective={"reconstruction": "bce", "kl": {"schedule": "linear", "warmup_epochs": 2}},
+    corruption={"kind": "masking", "level": 0.2},
+    evaluation={"iwae_samples": 10, "kmeans_restarts": 1},
+)
+
+
+def _without_timing(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not k.startswith("time/")}
+
+
+def test_reports_every_epoch_with_the_documented_metrics(digits):
+    ends = []
+    result = train(make_config(**NOISY_VAE), digits, reporter=ends.append, run_evaluation=False)
+    assert [end.epoch for end in ends] == [1, 2, 3, 4]
+    assert set(ends[0].metrics) == {
+        "epoch", "train/loss", "train/recon", "train/kl", "val/loss", "val/recon", "val/kl",
+        "val/recon_mse", "beta", "time/epoch_seconds",
+    }
+    assert [end.metrics["beta"] for end in ends] == [0.0, 0.5, 1.0, 1.0]
+    assert result.history == [end.metrics for end in ends]
+    best = min(ends, key=lambda end: end.metrics["val/recon_mse"])
+    assert result.best_epoch == best.epoch and ends[0].is_best
+
+
+def test_same_seed_gives_the_same_metrics(digits):
+    config = make_config(**NOISY_VAE)
+    first, second = train(config, digits), train(config, digits)
+    assert [_without_timing(m) for m in first.history] == [_without_timing(m) for m in second.history]
+    assert _without_timing(first.metrics) == _without_timing(second.metrics)
+    other = train(make_config(**{**NOISY_VAE, "seed": 1}), digits, run_evaluation=False)
+    assert other.history[-1]["train/loss"] != first.history[-1]["train/loss"]
+
+
+def test_resumed_run_equals_uninterrupted_run(digits, tmp_path):
+    config = make_config(**NOISY_VAE)
+
+    def save_after_epoch_two(end):
+        if end.epoch == 2:
+            end.save_checkpoint(tmp_path / "epoch2.pt")
+
+    uninterrupted = train(config, digits, reporter=save_after_epoch_two)
+    resumed = train(config, digits, resume_from=tmp_path / "epoch2.pt")
+    assert [_without_timing(m) for m in resumed.history] == [_without_timing(m) for m in uninterrupted.history]
+    assert _without_timing(resumed.metrics) == _without_timing(uninterrupted.metrics)
+    for name, tensor in uninterrupted.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
+def test_checkpoint_holds_what_resuming_and_explaining_need(digits, tmp_path):
+    config = make_config(epochs=1, model={"hidden_dims": [16]})
+    train(config, digits, reporter=lambda end: end.save_checkpoint(tmp_path / "c.pt"), run_evaluation=False)
+    state = load_checkpoint(tmp_path / "c.pt")
+    assert state["epoch"] == 1 and state["fingerprint"] == digits.fingerprint
+    assert state["config"] == config.model_dump(mode="json")
+    assert {"model", "optimizer", "rng", "history", "best"} <= state.keys()
+    plain = torch.load(tmp_path / "c.pt", weights_only=True)  # loads with no unpickling of objects
+    assert plain["format"] == state["format"]
+
+
+def test_resume_refuses_other_data(digits, tmp_path):
+    config = make_config(epochs=2, model={"hidden_dims": [16]})
+    train(config, digits, reporter=lambda end: end.save_checkpoint(tmp_path / "c.pt"), run_evaluation=False)
+    other = dataclasses.replace(digits, fingerprint="0" * 16)
+    with pytest.raises(CheckpointError, match="dataset fingerprint"):
+        train(config, other, resume_from=tmp_path / "c.pt")
+
+
+def test_resume_refuses_another_model(digits, tmp_path):
+    config = make_config(epochs=1, model={"hidden_dims": [16]})
+    train(config, digits, reporter=lambda end: end.save_checkpoint(tmp_path / "c.pt"), run_evaluation=False)
+    with pytest.raises(CheckpointError, match="different model"):
+        train(make_config(epochs=2, model={"hidden_dims": [8]}), digits, resume_from=tmp_path / "c.pt")
+
+
+def test_nan_loss_raises_diverged_error(digits):
+    poisoned = digits.train_x.clone()
+    poisoned[0, 0, 0, 0] = float("nan")
+    data = dataclasses.replace(digits, train_x=poisoned)
+    with pytest.raises(DivergedError, match="diverged in epoch 1") as caught:
+        train(make_config(epochs=3, model={"hidden_dims": [16]}), data)
+    assert caught.value.epoch == 1
+    assert caught.value.metrics["train/loss"] != caught.value.metrics["train/loss"]  # NaN
+
+
+def test_pickled_code_in_a_checkpoint_is_refused(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("this code ran while loading",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "aesearch-checkpoint/1", "payload": Exploit()}, path)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", pickle.dumps({"a": 1})])
+def test_corrupt_checkpoint_is_one_clear_error(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"bad\.pt") as caught:
+        load_checkpoint(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_foreign_torch_file_is_not_a_checkpoint(tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not an aesearch checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    save_checkpoint(tmp_path / "c.pt", {"config": {}, "epoch": 0, "model": {}, "fingerprint": "x"})
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
