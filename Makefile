@@ -9,7 +9,7 @@ RUN := $(UV) run --no-sync
 .PHONY: quickstart test benchmark setup clean
 
 quickstart: setup
-	$(RUN) aesearch train configs/vae.yaml --out runs/quickstart
+	$(RUN) aesearch train configs/vae.yaml
 
 test: setup
 	$(RUN) pytest

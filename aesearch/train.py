@@ -135,7 +135,7 @@ class Trainer:
         self.objective = Objective(config.objective, self.model.stochastic, config.epochs)
         opt = config.optimizer
         self.optimizer = OPTIMIZERS[opt.name](
-            self.model.parameters(), opt.lr, opt.weight_decay, self.device.type == "cuda"
+            self.model.parameters(), opt.lr, opt.weight_decay, fused=self.device.type in ("cpu", "cuda")
         )
         self.epoch = 0
         self.history: list[dict[str, float]] = []

@@ -109,3 +109,16 @@ def test_default_data_dir_follows_the_environment(monkeypatch, tmp_path):
 
 def test_dataset_specs_match_the_loaded_shapes(digits):
     assert DATASETS["digits"].shape == tuple(digits.train_x.shape[1:])
+
+
+def test_colour_images_become_channels_first():
+    from types import SimpleNamespace
+
+    from aesearch.data import _as_tensors
+
+    rng = np.random.default_rng(0)
+    hwc = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)  # CIFAR-10 stores (N, H, W, C)
+    images, labels = _as_tensors(SimpleNamespace(data=hwc, targets=[1, 2, 3, 4]))
+    assert images.shape == (4, 3, 32, 32) and images.is_contiguous()
+    assert torch.equal((images[2, 1] * 255).round().to(torch.uint8), torch.from_numpy(hwc[2, :, :, 1]))
+    assert labels.tolist() == [1, 2, 3, 4]
