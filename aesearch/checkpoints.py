@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -41,13 +42,15 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a torch.save archive: corrupted or truncated?)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unsupported content"
+        culprit = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
         raise CheckpointError(
-            f"{path}: refused to load: it holds objects other than tensors and plain data "
-            f"(weights_only=True: {reason[:200]})"
+            f"{path}: refused to load: it holds pickled objects, not only tensors and plain data"
+            + (f" (it would call {culprit.group(1)})" if culprit else "")
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise CheckpointError(f"{path}: not a readable checkpoint (corrupted or truncated: {type(error).__name__})") from None

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from aesearch.corruption import CORRUPTIONS
@@ -45,6 +45,11 @@ def _named(registry: Registry, value: str, extra: tuple[str, ...] = ()) -> str:
     raise ValueError(f"unknown {registry.kind}; valid names: {valid}")
 
 
+def Named(registry: Registry, *extra: str) -> type[str]:
+    """A string field that must name an entry of `registry` (or one of `extra`)."""
+    return Annotated[str, AfterValidator(lambda value: _named(registry, value, extra))]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -52,27 +57,23 @@ class Section(BaseModel):
 class DataConfig(Section):
     """Which dataset and how it is split. Where the files live is a runtime option, not config."""
 
-    name: str = "digits"
+    name: Named(DATASETS) = "digits"
     val_fraction: float = Field(0.1, gt=0.0, le=0.5)
     split_seed: Int = Field(0, ge=0)
     anomaly_class: Int | None = Field(None, ge=0, description="class held out of training as the anomaly")
     max_train_samples: PositiveInt | None = None
 
-    @field_validator("name")
-    @classmethod
-    def _known_dataset(cls, value: str) -> str:
-        return _named(DATASETS, value)
 
 
 class ModelConfig(Section):
     """Encoder + latent + decoder. Architecture-specific fields are ignored by the others."""
 
-    architecture: str = "dense"
-    latent: str = "deterministic"
+    architecture: Named(ARCHITECTURES) = "dense"
+    latent: Named(LATENTS) = "deterministic"
     latent_dim: PositiveInt = 16
-    activation: str = "relu"
+    activation: Named(ACTIVATIONS) = "relu"
     # "auto": sigmoid when the KL sparsity penalty needs units in (0, 1), otherwise none.
-    code_activation: str = "auto"
+    code_activation: Named(CODE_ACTIVATIONS, "auto") = "auto"
     # dense: widths of the hidden layers from the input side; the decoder mirrors them.
     hidden_dims: list[PositiveInt] = Field(default_factory=lambda: [256, 128], max_length=8)
     # conv: output channels of the stride-2 convolutions; the decoder mirrors them.
@@ -84,25 +85,9 @@ class ModelConfig(Section):
     depth: PositiveInt = 2
     mlp_ratio: PositiveInt = 2
 
-    @field_validator("architecture")
-    @classmethod
-    def _known_architecture(cls, value: str) -> str:
-        return _named(ARCHITECTURES, value)
 
-    @field_validator("latent")
-    @classmethod
-    def _known_latent(cls, value: str) -> str:
-        return _named(LATENTS, value)
 
-    @field_validator("activation")
-    @classmethod
-    def _known_activation(cls, value: str) -> str:
-        return _named(ACTIVATIONS, value)
 
-    @field_validator("code_activation")
-    @classmethod
-    def _known_code_activation(cls, value: str) -> str:
-        return _named(CODE_ACTIVATIONS, value, extra=("auto",))
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
@@ -117,55 +102,39 @@ class KLConfig(Section):
     """KL(q(z|x) || N(0, I)) weighted by beta (>1 for beta-VAE), annealed per epoch."""
 
     beta: float = Field(1.0, ge=0.0)
-    schedule: str = "constant"
+    schedule: Named(BETA_SCHEDULES) = "constant"
     warmup_epochs: PositiveInt = 10  # linear: beta reaches its full value after this many epochs
     cycles: PositiveInt = 4  # cyclical: number of ramps over the whole run
     ramp_fraction: float = Field(0.5, gt=0.0, le=1.0)  # cyclical: share of each cycle spent ramping
 
-    @field_validator("schedule")
-    @classmethod
-    def _known_schedule(cls, value: str) -> str:
-        return _named(BETA_SCHEDULES, value)
 
 
 class SparsityConfig(Section):
     """A sparsity penalty on the code: `l1` (sum |h_j|) or `kl` (sum_j KL(rho || rho_hat_j))."""
 
-    kind: str = "none"
+    kind: Named(SPARSITY_PENALTIES, "none") = "none"
     weight: float = Field(1.0, ge=0.0)
     rho: float = Field(0.05, gt=0.0, lt=1.0)
 
-    @field_validator("kind")
-    @classmethod
-    def _known_penalty(cls, value: str) -> str:
-        return _named(SPARSITY_PENALTIES, value, extra=("none",))
 
 
 class ObjectiveConfig(Section):
     """Reconstruction loss (summed over pixels, averaged over the batch) + weighted terms."""
 
-    reconstruction: str = "mse"
+    reconstruction: Named(RECONSTRUCTIONS) = "mse"
     kl: KLConfig = Field(default_factory=KLConfig)
     sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
     contractive_weight: float = Field(0.0, ge=0.0)
     contractive_projections: PositiveInt = 1  # random projections when no closed form exists
 
-    @field_validator("reconstruction")
-    @classmethod
-    def _known_loss(cls, value: str) -> str:
-        return _named(RECONSTRUCTIONS, value)
 
 
 class CorruptionConfig(Section):
     """Denoising: corrupt the encoder's input; `level` is sigma, p or a depending on `kind`."""
 
-    kind: str = "none"
+    kind: Named(CORRUPTIONS) = "none"
     level: float | None = None
 
-    @field_validator("kind")
-    @classmethod
-    def _known_corruption(cls, value: str) -> str:
-        return _named(CORRUPTIONS, value)
 
     @model_validator(mode="after")
     def _level_fits_kind(self) -> CorruptionConfig:
@@ -188,15 +157,11 @@ def corruption_level_problem(kind: str, level: float | None, field: str) -> str 
 
 
 class OptimizerConfig(Section):
-    name: str = "adam"
+    name: Named(OPTIMIZERS) = "adam"
     lr: float = Field(1e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(0.0, ge=0.0)
     batch_size: PositiveInt = 128
 
-    @field_validator("name")
-    @classmethod
-    def _known_optimizer(cls, value: str) -> str:
-        return _named(OPTIMIZERS, value)
 
 
 class EvaluationConfig(Section):

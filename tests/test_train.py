@@ -105,7 +105,7 @@ def test_pickled_code_in_a_checkpoint_is_refused(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"format": "aesearch-checkpoint/1", "payload": Exploit()}, path)
-    with pytest.raises(CheckpointError, match="refused to load"):
+    with pytest.raises(CheckpointError, match=r"refused to load: .* \(it would call print\)"):
         load_checkpoint(path)
 
 
