@@ -20,7 +20,7 @@ import torch
 from aesearch.errors import CheckpointError
 
 FORMAT = "aesearch-checkpoint/1"
-REQUIRED_KEYS = {"format", "config", "epoch", "model", "fingerprint"}
+REQUIRED_KEYS = {"format", "config", "fingerprint", "epoch", "model", "optimizer", "rng", "history", "best"}
 
 
 def save_checkpoint(path: Path | str, state: dict[str, Any]) -> None:

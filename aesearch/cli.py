@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -81,14 +82,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume_state = load_checkpoint(args.resume)
         check_resumable(resume_state, config, data)
     folder = args.out or Path("runs") / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    if resume_state is None and folder.exists() and any(folder.iterdir()):
-        raise UserError(f"--out {folder}: folder already holds files; choose an empty or new folder")
+    check_run_folder(folder, resuming_from=args.resume)
 
     print(f"training {config.name} on {config.data.name} ({len(data.train_x)} train / "
           f"{len(data.val_x)} val / {len(data.test_x)} test) -> {folder}", file=sys.stderr)
     _, summary = run_in_folder(config, data, folder, resume_state)
     print(json.dumps(summary))
     return 0
+
+
+def check_run_folder(folder: Path, resuming_from: Path | None) -> None:
+    """A run folder must be new or empty, or the folder of the checkpoint being resumed."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {folder}: exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        if resuming_from is None or resuming_from.resolve().parent != folder.resolve():
+            raise UserError(
+                f"--out {folder}: folder already holds files; choose a new folder (or resume a "
+                "checkpoint from this folder with --resume)"
+            )
+        return
+    existing = next(parent for parent in folder.absolute().parents if parent.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(f"--out {folder}: cannot create it: {existing} is not a writable folder")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -108,17 +124,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from aesearch.checkpoints import load_checkpoint
-    from aesearch.config import parse_config
+    from aesearch.config import apply_overrides, parse_config
     from aesearch.data import load_data
     from aesearch.evaluate import evaluate
     from aesearch.models import build_model
     from aesearch.train import resolve_device
 
     state = load_checkpoint(args.checkpoint)
-    document = state["config"]
-    if args.device is not None:
-        document = {**document, "runtime": {**document.get("runtime", {}), "device": args.device}}
-    config = parse_config(document, source=f"{args.checkpoint} (config)")
+    device = [f"runtime.device={args.device}"] if args.device is not None else []
+    config = parse_config(apply_overrides(state["config"], device), source=f"{args.checkpoint} (config)")
     device = resolve_device(config.runtime.device)
     data = load_data(config.data, args.data_dir, args.download)
     if data.fingerprint != state["fingerprint"]:

@@ -12,11 +12,13 @@ checked against the registries of the modules that implement them.
 
 from __future__ import annotations
 
+import copy
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from aesearch.corruption import CORRUPTIONS
@@ -27,10 +29,25 @@ from aesearch.objectives import BETA_SCHEDULES, RECONSTRUCTIONS, SPARSITY_PENALT
 from aesearch.registry import Registry
 from aesearch.optimizers import OPTIMIZERS
 
-# Integers and booleans are strict (no "16" or True for an int); floats accept ints and "1e-3".
+
+
+def _not_a_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("Input should be a number, not a boolean")
+    return value
+
+
+# Integers and booleans are strict (no "16" or True for an int); floats accept ints and "1e-3"
+# but neither booleans nor inf/nan (Section forbids those).
 Int = Annotated[int, Field(strict=True)]
 Bool = Annotated[bool, Field(strict=True)]
+Float = Annotated[float, BeforeValidator(_not_a_bool)]
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
+
+
+def Bounded(high: int) -> type[int]:
+    """A positive int with an upper bound that keeps models and batches within reason."""
+    return Annotated[int, Field(strict=True, ge=1, le=high)]
 
 
 def _rule(message: str) -> PydanticCustomError:
@@ -51,14 +68,14 @@ def Named(registry: Registry, *extra: str) -> type[str]:
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
     """Which dataset and how it is split. Where the files live is a runtime option, not config."""
 
     name: Named(DATASETS) = "digits"
-    val_fraction: float = Field(0.1, gt=0.0, le=0.5)
+    val_fraction: Float = Field(0.1, gt=0.0, le=0.5)
     split_seed: Int = Field(0, ge=0)
     anomaly_class: Int | None = Field(None, ge=0, description="class held out of training as the anomaly")
     max_train_samples: PositiveInt | None = None
@@ -70,20 +87,20 @@ class ModelConfig(Section):
 
     architecture: Named(ARCHITECTURES) = "dense"
     latent: Named(LATENTS) = "deterministic"
-    latent_dim: PositiveInt = 16
+    latent_dim: Bounded(4096) = 16
     activation: Named(ACTIVATIONS) = "relu"
     # "auto": sigmoid when the KL sparsity penalty needs units in (0, 1), otherwise none.
     code_activation: Named(CODE_ACTIVATIONS, "auto") = "auto"
     # dense: widths of the hidden layers from the input side; the decoder mirrors them.
-    hidden_dims: list[PositiveInt] = Field(default_factory=lambda: [256, 128], max_length=8)
+    hidden_dims: list[Bounded(16384)] = Field(default_factory=lambda: [256, 128], max_length=8)
     # conv: output channels of the stride-2 convolutions; the decoder mirrors them.
-    conv_channels: list[PositiveInt] = Field(default_factory=lambda: [32, 64], min_length=1, max_length=6)
+    conv_channels: list[Bounded(2048)] = Field(default_factory=lambda: [32, 64], min_length=1, max_length=6)
     # attention: square patches, transformer width, heads, blocks (encoder and decoder each).
-    patch_size: PositiveInt = 4
-    embed_dim: PositiveInt = 64
-    heads: PositiveInt = 4
-    depth: PositiveInt = 2
-    mlp_ratio: PositiveInt = 2
+    patch_size: Bounded(64) = 4
+    embed_dim: Bounded(2048) = 64
+    heads: Bounded(64) = 4
+    depth: Bounded(24) = 2
+    mlp_ratio: Bounded(8) = 2
 
 
 
@@ -101,11 +118,11 @@ class ModelConfig(Section):
 class KLConfig(Section):
     """KL(q(z|x) || N(0, I)) weighted by beta (>1 for beta-VAE), annealed per epoch."""
 
-    beta: float = Field(1.0, ge=0.0)
+    beta: Float = Field(1.0, ge=0.0)
     schedule: Named(BETA_SCHEDULES) = "constant"
-    warmup_epochs: PositiveInt = 10  # linear: beta reaches its full value after this many epochs
-    cycles: PositiveInt = 4  # cyclical: number of ramps over the whole run
-    ramp_fraction: float = Field(0.5, gt=0.0, le=1.0)  # cyclical: share of each cycle spent ramping
+    warmup_epochs: Bounded(100_000) = 10  # linear: beta reaches its full value after this many epochs
+    cycles: Bounded(10_000) = 4  # cyclical: number of ramps over the whole run
+    ramp_fraction: Float = Field(0.5, gt=0.0, le=1.0)  # cyclical: share of each cycle spent ramping
 
 
 
@@ -113,8 +130,8 @@ class SparsityConfig(Section):
     """A sparsity penalty on the code: `l1` (sum |h_j|) or `kl` (sum_j KL(rho || rho_hat_j))."""
 
     kind: Named(SPARSITY_PENALTIES, "none") = "none"
-    weight: float = Field(1.0, ge=0.0)
-    rho: float = Field(0.05, gt=0.0, lt=1.0)
+    weight: Float = Field(1.0, ge=0.0)
+    rho: Float = Field(0.05, gt=0.0, lt=1.0)
 
 
 
@@ -124,8 +141,8 @@ class ObjectiveConfig(Section):
     reconstruction: Named(RECONSTRUCTIONS) = "mse"
     kl: KLConfig = Field(default_factory=KLConfig)
     sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
-    contractive_weight: float = Field(0.0, ge=0.0)
-    contractive_projections: PositiveInt = 1  # random projections when no closed form exists
+    contractive_weight: Float = Field(0.0, ge=0.0)
+    contractive_projections: Bounded(64) = 1  # random projections when no closed form exists
 
 
 
@@ -133,7 +150,7 @@ class CorruptionConfig(Section):
     """Denoising: corrupt the encoder's input; `level` is sigma, p or a depending on `kind`."""
 
     kind: Named(CORRUPTIONS) = "none"
-    level: float | None = None
+    level: Float | None = None
 
 
     @model_validator(mode="after")
@@ -158,25 +175,25 @@ def corruption_level_problem(kind: str, level: float | None, field: str) -> str 
 
 class OptimizerConfig(Section):
     name: Named(OPTIMIZERS) = "adam"
-    lr: float = Field(1e-3, gt=0.0, le=10.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    batch_size: PositiveInt = 128
+    lr: Float = Field(1e-3, gt=0.0, le=10.0)
+    weight_decay: Float = Field(0.0, ge=0.0)
+    batch_size: Bounded(65536) = 128
 
 
 
 class EvaluationConfig(Section):
     """The evaluation suite run on the test split after training."""
 
-    iwae_samples: PositiveInt = 100  # k of the importance-weighted bound on the NLL
+    iwae_samples: Bounded(10_000) = 100  # k of the importance-weighted bound on the NLL
     probe_max_samples: PositiveInt = 10_000  # training latents used by the probe and kNN
-    knn_neighbors: PositiveInt = 5
-    kmeans_restarts: PositiveInt = 4
-    activation_threshold: float = Field(0.1, gt=0.0)  # |h_j| above this counts as active
-    denoise_levels: dict[str, float] = Field(
+    knn_neighbors: Bounded(1000) = 5
+    kmeans_restarts: Bounded(100) = 4
+    activation_threshold: Float = Field(0.1, gt=0.0)  # |h_j| above this counts as active
+    denoise_levels: dict[str, Float] = Field(
         default_factory=lambda: {"gaussian": 0.3, "salt_pepper": 0.2, "masking": 0.3, "uniform": 0.3}
     )
-    image_count: PositiveInt = 8
-    batch_size: PositiveInt = 1000
+    image_count: Bounded(64) = 8
+    batch_size: Bounded(65536) = 1000
 
     @field_validator("denoise_levels")
     @classmethod
@@ -200,7 +217,8 @@ class RuntimeConfig(Section):
 class TrainConfig(Section):
     """Everything that defines one training run (one trial of a search)."""
 
-    name: str = Field("autoencoder", min_length=1, max_length=100)
+    # Names folders and runs, so: letters, digits, '.', '_' and '-', starting with a letter or digit.
+    name: str = Field("autoencoder", max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     seed: Int = Field(0, ge=0)
     epochs: PositiveInt = Field(10, le=100_000)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -222,8 +240,10 @@ class TrainConfig(Section):
             raise _rule(
                 f"objective.sparsity.kind={sparsity!r} needs model.latent='deterministic' (got 'gaussian')"
             )
-        if model.code_activation == "auto":
-            model.code_activation = "sigmoid" if sparsity == "kl" else "none"
+        if model.code_activation == "auto":  # resolved on a copy: the caller's section stays as given
+            self.model = model = model.model_copy(
+                update={"code_activation": "sigmoid" if sparsity == "kl" else "none"}
+            )
         if sparsity == "kl" and model.code_activation != "sigmoid":
             raise _rule(
                 f"model.code_activation={model.code_activation!r}: objective.sparsity.kind='kl' needs "
@@ -272,6 +292,8 @@ def load_yaml(path: Path | str) -> Any:
         raise ConfigError(f"{path}: cannot read: not UTF-8 text") from None
     try:
         return yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{path}: malformed YAML: nested too deeply") from None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         position = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -291,7 +313,7 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> TrainCo
 
 def apply_overrides(document: dict, overrides: list[str]) -> dict:
     """`model.latent_dim=32` sets document['model']['latent_dim'] = 32 (values parsed as YAML)."""
-    result = _deep_copy(document)
+    result = copy.deepcopy(document)  # keeps YAML aliases shared instead of expanding them
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key.strip():
@@ -311,12 +333,8 @@ def apply_overrides(document: dict, overrides: list[str]) -> dict:
     return result
 
 
-def _deep_copy(document: Any) -> Any:
-    if isinstance(document, dict):
-        return {key: _deep_copy(value) for key, value in document.items()}
-    if isinstance(document, list):
-        return [_deep_copy(value) for value in document]
-    return document
+_SHORT = reprlib.Repr()  # a value in an error message is shown short, however big it is
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -332,11 +350,22 @@ def describe_validation_error(error: ValidationError) -> str:
         elif item["type"] == "rule":  # a cross-field rule: the message names its fields itself
             phrases.append(message)
         else:
-            phrases.append(f"{field}={item['input']!r}: {message}")
+            phrases.append(f"{field}={_SHORT.repr(item['input'])}: {message}")
     return "; ".join(phrases)
 
 
 # --- what a config is -----------------------------------------------------------------------
+
+
+def flatten(document: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'model': {'latent_dim': 16}} -> {'model.latent_dim': 16}: one stable name per field."""
+    flat: dict[str, Any] = {}
+    for key, value in document.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def variant_family(config: TrainConfig) -> str:

@@ -97,6 +97,13 @@ def load_data(config: DataConfig, data_dir: Path | str | None = None, download: 
     if config.max_train_samples is not None:
         train_idx = train_idx[: config.max_train_samples]
 
+    for split, indices in (("training", train_idx), ("validation", val_idx)):
+        if len(indices) < 2:
+            raise DataError(
+                f"data: the {split} split of {spec.name} has {len(indices)} images with "
+                f"val_fraction={config.val_fraction}, anomaly_class={config.anomaly_class}, "
+                f"max_train_samples={config.max_train_samples}; it needs at least 2"
+            )
     splits = {
         "train_x": train_x[train_idx],
         "train_y": train_y[train_idx],
@@ -114,7 +121,7 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         array = np.ascontiguousarray(tensors[name].cpu().numpy())
         digest.update(f"{name}:{array.dtype}:{array.shape};".encode())
-        digest.update(memoryview(array).cast("B"))
+        digest.update(array.tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -153,7 +160,7 @@ def _torchvision_loader(class_name: str) -> Loader:
         extract = download or _archives_verified(probe)
         try:
             train, test = (cls(str(root), train=flag, download=extract) for flag in (True, False))
-        except RuntimeError as error:
+        except (RuntimeError, OSError) as error:  # OSError: URLError and friends, offline
             if "not found" in str(error).lower() or "corrupted" in str(error).lower():
                 raise DataError(
                     f"dataset {class_name} not found under {_expected_folder(probe)}; pass "

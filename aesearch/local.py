@@ -3,9 +3,12 @@
     OUT/config.yaml       the resolved config (every default filled in)
     OUT/metrics.jsonl     one line of metrics per epoch
     OUT/last.pt           checkpoint after the latest epoch (resume with --resume OUT/last.pt)
-    OUT/best.pt           checkpoint of the epoch with the lowest val/recon_mse
+    OUT/best.pt           checkpoint of the epoch with the lowest val/loss
     OUT/*.png             reconstructions, prior samples, attention maps (what applies)
     OUT/result.json       final test metrics, summary and fingerprint
+
+The folder is created when the first epoch ends, so a run that fails before it trains (a bad
+checkpoint, a model that does not fit) leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -29,10 +32,24 @@ class FolderReporter:
     """Writes metrics and checkpoints into a run folder and draws a progress bar."""
 
     folder: Path
-    epochs: int
+    config: TrainConfig
+    earlier_epochs: list[dict[str, float]] = field(default_factory=list)  # from a resumed checkpoint
     stream: TextIO = field(default_factory=lambda: sys.stderr)
+    opened: bool = False
+
+    def open(self) -> None:
+        """Create the folder with the config and the metrics of epochs already trained."""
+        if self.opened:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config_yaml = yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False)
+        (self.folder / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        lines = "".join(json.dumps(metrics) + "\n" for metrics in self.earlier_epochs)
+        (self.folder / "metrics.jsonl").write_text(lines, encoding="utf-8")
+        self.opened = True
 
     def __call__(self, end: EpochEnd) -> None:
+        self.open()
         with open(self.folder / "metrics.jsonl", "a", encoding="utf-8") as log:
             log.write(json.dumps(end.metrics) + "\n")
         end.save_checkpoint(self.folder / "last.pt")
@@ -41,16 +58,17 @@ class FolderReporter:
         self._draw(end)
 
     def _draw(self, end: EpochEnd) -> None:
-        width = 20
-        filled = round(width * end.epoch / self.epochs)
+        epochs, width = self.config.epochs, 20
+        filled = round(width * end.epoch / epochs)
         m = end.metrics
         line = (
-            f"epoch {end.epoch:>{len(str(self.epochs))}}/{self.epochs} [{'#' * filled}{'.' * (width - filled)}] "
-            f"train/loss {m['train/loss']:.4g}  val/recon_mse {m['val/recon_mse']:.4g}  "
-            f"{m['time/epoch_seconds']:.2f}s/epoch{'  *' if end.is_best else ''}"
+            f"epoch {end.epoch:>{len(str(epochs))}}/{epochs} [{'#' * filled}{'.' * (width - filled)}] "
+            f"train/loss {m['train/loss']:.4g}  val/loss {m['val/loss']:.4g}  "
+            f"val/recon_mse {m['val/recon_mse']:.4g}  {m['time/epoch_seconds']:.2f}s/epoch"
+            f"{'  *' if end.is_best else ''}"
         )
         if self.stream.isatty():
-            self.stream.write("\r" + line + ("\n" if end.epoch == self.epochs else ""))
+            self.stream.write("\r" + line + ("\n" if end.epoch == epochs else ""))
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
@@ -60,15 +78,11 @@ def run_in_folder(
     config: TrainConfig, data: Data, folder: Path | str, resume_state: dict[str, Any] | None = None
 ) -> tuple[TrainResult, dict[str, Any]]:
     """Train, evaluate and write everything into `folder`; returns the result and its summary."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(
-        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
-    )
-    if resume_state is None:
-        (folder / "metrics.jsonl").unlink(missing_ok=True)
-    result = train(config, data, FolderReporter(folder, config.epochs), resume_from=resume_state)
-    save_images(result.model, data.test_x.to(next(result.model.parameters()).device), config, folder)
+    earlier = list(resume_state["history"]) if resume_state else []
+    reporter = FolderReporter(Path(folder), config, earlier)
+    result = train(config, data, reporter, resume_from=resume_state)
+    reporter.open()  # in case no epoch was left to train
+    save_images(result.model, data.test_x.to(next(result.model.parameters()).device), config, reporter.folder)
     summary = {
         "name": config.name,
         "variant": variant_family(config),
@@ -77,5 +91,6 @@ def run_in_folder(
         "epochs": len(result.history),
         **result.metrics,
     }
-    (folder / "result.json").write_text(json.dumps({**summary, "history": result.history}, indent=1), encoding="utf-8")
+    result_json = json.dumps({**summary, "history": result.history}, indent=1)
+    (reporter.folder / "result.json").write_text(result_json, encoding="utf-8")
     return result, summary

@@ -69,7 +69,7 @@ class Output:
 
     @property
     def x_hat(self) -> torch.Tensor:
-        return torch.sigmoid(self.logits)
+        return torch.sigmoid(self.logits.float())  # float32 even when the logits came from bf16
 
 
 class Autoencoder(nn.Module):

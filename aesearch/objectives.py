@@ -53,26 +53,28 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(1)
 
 
-# Each schedule maps (epoch counted from 0, total epochs, KL settings) to a factor in [0, 1].
-BETA_SCHEDULES: Registry[Callable[[int, int, KLConfig], float]] = Registry("beta schedule")
+# Each schedule maps training progress (in epochs, fractional: annealing moves every step), the
+# run's total epochs and the KL settings to a factor in [0, 1] applied to beta.
+BETA_SCHEDULES: Registry[Callable[[float, int, KLConfig], float]] = Registry("beta schedule")
 
 
 @BETA_SCHEDULES.register("constant")
-def constant(epoch: int, epochs: int, kl: KLConfig) -> float:
+def constant(progress: float, epochs: int, kl: KLConfig) -> float:
     return 1.0
 
 
 @BETA_SCHEDULES.register("linear")
-def linear_warmup(epoch: int, epochs: int, kl: KLConfig) -> float:
-    """0 in the first epoch, rising linearly to 1 at epoch `warmup_epochs` (Bowman et al. 2016)."""
-    return min(1.0, epoch / kl.warmup_epochs)
+def linear_warmup(progress: float, epochs: int, kl: KLConfig) -> float:
+    """0 at the first step, rising linearly to 1 after `warmup_epochs` (Bowman et al. 2016)."""
+    return min(1.0, progress / kl.warmup_epochs)
 
 
 @BETA_SCHEDULES.register("cyclical")
-def cyclical(epoch: int, epochs: int, kl: KLConfig) -> float:
-    """`cycles` repetitions of: 0 rising to 1 over `ramp_fraction` of the cycle, then 1 (Fu et al. 2019)."""
+def cyclical(progress: float, epochs: int, kl: KLConfig) -> float:
+    """`cycles` repetitions over the run of: 0 rising to 1 over `ramp_fraction` of the cycle,
+    then 1 (Fu et al. 2019)."""
     period = epochs / kl.cycles
-    position = (epoch % period) / period
+    position = (progress % period) / period
     return min(1.0, position / kl.ramp_fraction)
 
 
@@ -98,14 +100,15 @@ def kl_sparsity(code: torch.Tensor, rho: float) -> torch.Tensor:
 
 
 def jacobian_norm_estimate(code: torch.Tensor, x: torch.Tensor, projections: int, create_graph: bool) -> torch.Tensor:
-    """Unbiased estimate of ||J||_F^2 per sample, J = d code / d x: E_v ||J^T v||^2 with v ~ N(0, I).
+    """Unbiased estimate of ||J||_F^2 per sample, J = d code / d x: E_v ||J^T v||^2 for random
+    signs v (Rademacher: E[v v^T] = I, with less variance than gaussian v).
 
     One vector-Jacobian product per projection (a backward pass), instead of one per code unit.
     `x` must require grad and `code` must have been computed from it.
     """
     total = torch.zeros(code.shape[0], device=code.device, dtype=code.dtype)
     for _ in range(projections):
-        v = torch.randn_like(code)
+        v = torch.randint_like(code, 2) * 2 - 1
         (vjp,) = torch.autograd.grad(code, x, v, create_graph=create_graph, retain_graph=True)
         total = total + vjp.pow(2).flatten(1).sum(1)
     return total / projections
@@ -143,10 +146,15 @@ class Objective:
             *(["contractive"] if self.uses_contractive else []),
         ]
 
-    def beta(self, epoch: int) -> float:
-        """The KL weight in effect during `epoch` (counted from 0)."""
+    def beta(self, progress: float) -> float:
+        """The annealed KL weight after `progress` epochs of training (fractional)."""
         kl = self.config.kl
-        return kl.beta * BETA_SCHEDULES[kl.schedule](epoch, self.epochs, kl)
+        return kl.beta * BETA_SCHEDULES[kl.schedule](progress, self.epochs, kl)
+
+    @property
+    def full_beta(self) -> float:
+        """The KL weight the config asks for, once annealing is done: validation uses it."""
+        return self.config.kl.beta
 
     def needs_input_grad(self, model: Autoencoder) -> bool:
         """The contractive estimator differentiates the code with respect to the input."""

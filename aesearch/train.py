@@ -22,7 +22,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from aesearch.checkpoints import load_checkpoint, save_checkpoint
-from aesearch.config import TrainConfig, parse_config
+from aesearch.config import TrainConfig, flatten, parse_config
 from aesearch.corruption import corrupt
 from aesearch.data import Data
 from aesearch.errors import CheckpointError, DivergedError
@@ -31,7 +31,9 @@ from aesearch.models import Autoencoder, build_model, parameter_count
 from aesearch.objectives import Objective
 from aesearch.optimizers import OPTIMIZERS
 
-SELECTION_METRIC = "val/recon_mse"  # the best epoch's weights are the ones evaluated and kept
+# The best epoch's weights are the ones evaluated and kept: the lowest validation objective
+# (at the full beta, so annealing epochs with a smaller KL weight do not look better than they are).
+SELECTION_METRIC = "val/loss"
 
 
 @dataclass
@@ -40,7 +42,7 @@ class EpochEnd:
 
     epoch: int  # epochs completed, from 1
     metrics: dict[str, float]
-    is_best: bool  # lowest val/recon_mse so far
+    is_best: bool  # lowest val/loss so far
     save_checkpoint: Callable[[Path | str], None]
 
 
@@ -92,10 +94,11 @@ def train(
 
     model = trainer.best_model()
     metrics = evaluate(model, trainer.data, config.evaluation) if run_evaluation else {}
+    best_epoch = trainer.history[trainer.best_epoch - 1]
     metrics.update(
         {
             "best/epoch": float(trainer.best_epoch),
-            f"best/{SELECTION_METRIC}": trainer.best_value,
+            **{f"best/{name}": best_epoch[name] for name in ("val/loss", "val/recon_mse")},
             "model/parameters": float(parameter_count(model)),
             "time/train_seconds": train_seconds,
         }
@@ -103,16 +106,26 @@ def train(
     return TrainResult(config, trainer.history, metrics, trainer.best_epoch, model, data.fingerprint)
 
 
+RESUMABLE_CHANGES = {"name", "epochs", "runtime", "evaluation"}  # what a resumed run may set differently
+
+
 def check_resumable(state: dict[str, Any], config: TrainConfig, data: Data) -> None:
-    """Refuse a checkpoint made on other data or for another model."""
+    """Refuse a checkpoint made on other data or with other training settings."""
     if state["fingerprint"] != data.fingerprint:
         raise CheckpointError(
             f"checkpoint made on dataset fingerprint {state['fingerprint']}, but the data now has "
             f"fingerprint {data.fingerprint}: the dataset or its split changed"
         )
-    saved = parse_config(state["config"], source="checkpoint config")
-    if saved.model != config.model:
-        raise CheckpointError("checkpoint holds a different model than the config asks for (model.* differ)")
+    saved = flatten(parse_config(state["config"], source="checkpoint config").model_dump(mode="json"))
+    asked = flatten(config.model_dump(mode="json"))
+    changed = [
+        name for name, value in asked.items() if name.split(".")[0] not in RESUMABLE_CHANGES and saved.get(name) != value
+    ]
+    if changed:
+        raise CheckpointError(
+            f"checkpoint was trained with other settings ({', '.join(changed)} differ); a resumed run "
+            f"may change only {', '.join(sorted(RESUMABLE_CHANGES))}"
+        )
 
 
 class Trainer:
@@ -147,15 +160,14 @@ class Trainer:
 
     def run_epoch(self) -> EpochEnd:
         started = time.perf_counter()
-        beta = self.objective.beta(self.epoch)
-        train = self._train_pass(beta)
-        val = self.validate(beta)
+        train, mean_beta = self._train_pass()
+        val = self.validate()
         self.epoch += 1
         metrics = {"epoch": float(self.epoch), **train, **val}
         if self.objective.uses_kl:
-            metrics["beta"] = beta
+            metrics["beta"] = mean_beta  # the KL weight in effect, averaged over the epoch's steps
         metrics["time/epoch_seconds"] = time.perf_counter() - started  # the passes have synced
-        if not all(math.isfinite(metrics[k]) for k in ("train/loss", "val/loss", SELECTION_METRIC)):
+        if not all(math.isfinite(metrics[k]) for k in ("train/loss", "val/loss", "val/recon_mse")):
             raise DivergedError(self.epoch, {k: v for k, v in metrics.items() if "/" in k})
         self.history.append(metrics)
 
@@ -184,13 +196,19 @@ class Trainer:
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         return stack
 
-    def _train_pass(self, beta: float) -> dict[str, float]:
+    def _train_pass(self) -> tuple[dict[str, float], float]:
+        """One pass over the training data: (mean loss and terms, mean beta)."""
         model, optimizer, objective = self.model, self.optimizer, self.objective
         model.train()
         images, batch_size = self.data.train_x, self.config.optimizer.batch_size
+        steps = math.ceil(len(images) / batch_size)
         order = torch.randperm(len(images), device=self.device)
         sums = torch.zeros(1 + len(objective.term_names), device=self.device)
-        for start in range(0, len(images), batch_size):
+        beta_sum = 0.0
+        for step in range(steps):
+            beta = objective.beta(self.epoch + step / steps)  # plain Python arithmetic: no sync
+            beta_sum += beta
+            start = step * batch_size
             x, x_in = self._batch(images[order[start : start + batch_size]])
             with self._forward_context():
                 output = model(x_in)
@@ -200,12 +218,13 @@ class Trainer:
             optimizer.step()
             sums.add_(torch.stack([loss.detach(), *(t.detach() for t in terms.values())]), alpha=len(x))
         values = (sums / len(images)).tolist()  # the one host sync of the pass
-        return dict(zip(["train/loss", *(f"train/{n}" for n in objective.term_names)], values))
+        return dict(zip(["train/loss", *(f"train/{n}" for n in objective.term_names)], values)), beta_sum / steps
 
-    def validate(self, beta: float) -> dict[str, float]:
-        """The objective on validation data (corrupted and sampled as in training), and the
-        reconstruction MSE of clean inputs through the latent mean: the shared yardstick."""
-        model, objective = self.model, self.objective
+    def validate(self) -> dict[str, float]:
+        """The objective on validation data (corrupted and sampled as in training, at the full
+        beta), and the reconstruction MSE of clean inputs through the latent mean: the
+        yardstick shared by every variant."""
+        model, objective, beta = self.model, self.objective, self.objective.full_beta
         model.eval()
         images, batch_size = self.data.val_x, self.config.evaluation.batch_size
         sums = torch.zeros(2 + len(objective.term_names), device=self.device)
@@ -220,7 +239,7 @@ class Trainer:
             batch = torch.stack([loss.detach(), *(t.detach() for t in terms.values()), squared_error / len(x)])
             sums.add_(batch, alpha=len(x))
         values = (sums / len(images)).tolist()
-        names = ["val/loss", *(f"val/{n}" for n in objective.term_names), SELECTION_METRIC]
+        names = ["val/loss", *(f"val/{n}" for n in objective.term_names), "val/recon_mse"]
         return dict(zip(names, values))
 
     # --- best weights, checkpoints -----------------------------------------------------------

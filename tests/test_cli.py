@@ -59,18 +59,34 @@ def test_evaluate_a_checkpoint_reproduces_the_recorded_metrics(trained_run, caps
         assert evaluated[name] == pytest.approx(recorded[name], rel=1e-5), name
 
 
-def test_resume_continues_a_run_folder(trained_run, tmp_path, capsys):
-    folder, _ = trained_run
+def _copy_of(folder, tmp_path):
     copy = tmp_path / "run"
     copy.mkdir()
     for path in folder.iterdir():
         (copy / path.name).write_bytes(path.read_bytes())
+    return copy
+
+
+def test_resume_continues_a_run_folder(trained_run, tmp_path, capsys):
+    copy = _copy_of(trained_run[0], tmp_path)
     args = ["train", str(REPO / "configs" / "denoising.yaml"), "--epochs", "4", "--out", str(copy),
             "--resume", str(copy / "last.pt"), *_set(*FAST_EVAL)]
     assert main(args) == 0
     lines = (copy / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs"] == 4
+
+
+def test_resume_from_an_earlier_checkpoint_rewrites_the_later_epochs(trained_run, tmp_path):
+    copy = _copy_of(trained_run[0], tmp_path)
+    state = load_checkpoint(copy / "last.pt")
+    state["epoch"], state["history"] = 1, state["history"][:1]  # as if saved after epoch 1
+    torch.save(state, copy / "epoch1.pt")
+    args = ["train", str(REPO / "configs" / "denoising.yaml"), "--epochs", "3", "--out", str(copy),
+            "--resume", str(copy / "epoch1.pt"), *_set(*FAST_EVAL)]
+    assert main(args) == 0
+    lines = (copy / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
 
 def test_validate_accepts_every_shipped_config(capsys):
@@ -90,6 +106,9 @@ def test_validate_accepts_every_shipped_config(capsys):
         (["train", "configs/vae.yaml", "--set", "data.name=fashion_mnist"], "--download"),
         (["train", "configs/vae.yaml", "--resume", "README.md"], "README.md: not a readable checkpoint"),
         (["trian", "configs/vae.yaml"], "invalid choice: 'trian'"),
+        (["train", "configs/vae.yaml", "--set", "data.max_train_samples=1"], "training split of digits has 1 images"),
+        (["train", "configs/vae.yaml", "--set", "name=a/b"], "name='a/b': String should match pattern"),
+        (["evaluate", "README.md", "--device", "cpu"], "README.md: not a readable checkpoint"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, expected, tmp_path, capsys, monkeypatch):
@@ -107,6 +126,25 @@ def test_asking_for_cuda_without_it_is_a_clear_error(tmp_path, capsys):
     assert main(["train", str(REPO / "configs" / "dense.yaml"), "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
     assert "runtime.device='cuda': CUDA is not available" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("where", ["a_file", "a_file/below"])
+def test_run_folder_that_cannot_be_a_folder_is_refused(tmp_path, capsys, where):
+    (tmp_path / "a_file").write_text("keep me")
+    assert main(["train", str(REPO / "configs" / "dense.yaml"), "--out", str(tmp_path / where)]) == 2
+    assert f"--out {tmp_path / where}: " in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"] and (tmp_path / "a_file").read_text() == "keep me"
+
+
+def test_resume_into_another_non_empty_folder_is_refused(trained_run, tmp_path, capsys):
+    folder, _ = trained_run
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    args = ["train", str(REPO / "configs" / "denoising.yaml"), "--epochs", "4", "--out", str(tmp_path / "other"),
+            "--resume", str(folder / "last.pt"), *_set(*FAST_EVAL)]
+    assert main(args) == 2
+    assert "already holds files" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
 
 
 def test_train_refuses_to_overwrite_a_run_folder(trained_run, capsys):

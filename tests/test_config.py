@@ -135,3 +135,53 @@ def test_variant_family(document, family):
 def test_every_resolved_config_round_trips(document):
     config = parse_config(document)
     assert parse_config(config.model_dump(mode="json")) == config
+
+
+@pytest.mark.parametrize(
+    "document, expected",
+    [
+        ({"model": {"latent": "gaussian"}, "objective": {"kl": {"beta": float("inf")}}}, r"objective\.kl\.beta=inf: Input should be a finite number"),
+        ({"optimizer": {"lr": True}}, r"optimizer\.lr=True: .*not a boolean"),
+        ({"corruption": {"kind": "uniform", "level": float("nan")}}, r"corruption\.level=nan"),
+        ({"model": {"latent_dim": 10**11}}, r"model\.latent_dim=100000000000: Input should be less than or equal to 4096"),
+        ({"name": "../escape"}, r"name='\.\./escape': String should match pattern"),
+    ],
+)
+def test_non_finite_boolean_and_oversized_values_are_refused(document, expected):
+    with pytest.raises(ConfigError, match=expected):
+        parse_config(document)
+
+
+def test_validation_leaves_the_callers_sections_untouched():
+    from aesearch.config import ModelConfig, ObjectiveConfig, TrainConfig
+
+    model = ModelConfig()
+    config = TrainConfig(model=model, objective=ObjectiveConfig(sparsity={"kind": "kl"}))
+    assert config.model.code_activation == "sigmoid" and model.code_activation == "auto"
+
+
+def test_yaml_aliases_are_not_expanded(tmp_path):
+    """A 'billion laughs' document: aliases nest 9^9 strings if expanded."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(lines) + "\nmodel: {hidden_dims: *a9}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, ["seed=1"])
+    assert len(str(caught.value)) < 2000
+
+
+def test_deeply_nested_yaml_is_a_clean_error(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("model: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="deep.yaml: malformed YAML"):
+        load_config(path)
+
+
+def test_flatten_names_every_field_once():
+    from aesearch.config import flatten
+
+    flat = flatten(TrainConfig().model_dump(mode="json"))
+    assert flat["model.latent_dim"] == 16 and flat["objective.kl.beta"] == 1.0
+    assert flat["evaluation.denoise_levels.gaussian"] == 0.3
+    assert not any(isinstance(value, dict) for value in flat.values())

@@ -122,3 +122,11 @@ def test_colour_images_become_channels_first():
     assert images.shape == (4, 3, 32, 32) and images.is_contiguous()
     assert torch.equal((images[2, 1] * 255).round().to(torch.uint8), torch.from_numpy(hwc[2, :, :, 1]))
     assert labels.tolist() == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "config", [DataConfig(max_train_samples=1), DataConfig(val_fraction=0.0001, anomaly_class=7)]
+)
+def test_a_split_too_small_to_train_on_is_a_clear_error(config):
+    with pytest.raises(DataError, match=r"split of digits has [01] images .* it needs at least 2"):
+        load_data(config)

@@ -55,7 +55,7 @@ def test_l1_sparsity_is_sum_over_units_mean_over_batch():
 
 def test_linear_warmup_rises_from_zero_to_one():
     kl = KLConfig(warmup_epochs=4)
-    assert [linear_warmup(e, 10, kl) for e in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert [linear_warmup(e, 10, kl) for e in (0, 0.5, 1, 2, 3, 4, 7)] == [0.0, 0.125, 0.25, 0.5, 0.75, 1.0, 1.0]
 
 
 def test_cyclical_schedule_restarts_each_cycle():
@@ -63,10 +63,16 @@ def test_cyclical_schedule_restarts_each_cycle():
     assert [cyclical(e, 8, kl) for e in range(8)] == [0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 1.0, 1.0]
 
 
+def test_cyclical_schedule_anneals_within_an_epoch_when_cycles_are_short():
+    kl = KLConfig(cycles=4, ramp_fraction=0.5)  # one cycle per epoch
+    assert [cyclical(p, 4, kl) for p in (0, 0.25, 0.5, 0.75, 1.0, 1.25)] == [0.0, 0.5, 1.0, 1.0, 0.0, 0.5]
+
+
 def test_objective_beta_in_effect_scales_schedule():
     config = make_config(model={"latent": "gaussian"}, objective={"kl": {"beta": 4.0, "schedule": "linear", "warmup_epochs": 2}})
     objective = Objective(config.objective, gaussian_latent=True, epochs=5)
-    assert [objective.beta(e) for e in range(3)] == [0.0, 2.0, 4.0]
+    assert [objective.beta(e) for e in (0, 1, 1.5, 2, 3)] == [0.0, 2.0, 3.0, 4.0, 4.0]
+    assert objective.full_beta == 4.0
 
 
 def _contractive_model(hidden_dims, code_activation="sigmoid", latent="deterministic"):

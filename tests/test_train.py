@@ -32,10 +32,13 @@ def test_reports_every_epoch_with_the_documented_metrics(digits):
         "epoch", "train/loss", "train/recon", "train/kl", "val/loss", "val/recon", "val/kl",
         "val/recon_mse", "beta", "time/epoch_seconds",
     }
-    assert [end.metrics["beta"] for end in ends] == [0.0, 0.5, 1.0, 1.0]
+    # linear warm-up over 2 epochs, annealed every step: the epoch means rise to the full beta
+    betas = [end.metrics["beta"] for end in ends]
+    assert 0.0 < betas[0] < 0.5 < betas[1] < 1.0 and betas[2:] == [1.0, 1.0]
     assert result.history == [end.metrics for end in ends]
-    best = min(ends, key=lambda end: end.metrics["val/recon_mse"])
+    best = min(ends, key=lambda end: end.metrics["val/loss"])
     assert result.best_epoch == best.epoch and ends[0].is_best
+    assert result.metrics["best/val/loss"] == best.metrics["val/loss"]
 
 
 def test_same_seed_gives_the_same_metrics(digits):
@@ -81,11 +84,29 @@ def test_resume_refuses_other_data(digits, tmp_path):
         train(config, other, resume_from=tmp_path / "c.pt")
 
 
-def test_resume_refuses_another_model(digits, tmp_path):
+@pytest.mark.parametrize(
+    "changed, named",
+    [
+        ({"model": {"hidden_dims": [8]}}, "model.hidden_dims"),
+        ({"optimizer": {"lr": 0.5}}, "optimizer.lr"),
+        ({"objective": {"contractive_weight": 0.1}}, "objective.contractive_weight"),
+        ({"corruption": {"kind": "masking", "level": 0.1}}, "corruption.kind, corruption.level"),
+        ({"seed": 3}, "seed"),
+    ],
+)
+def test_resume_refuses_other_training_settings(digits, tmp_path, changed, named):
     config = make_config(epochs=1, model={"hidden_dims": [16]})
     train(config, digits, reporter=lambda end: end.save_checkpoint(tmp_path / "c.pt"), run_evaluation=False)
-    with pytest.raises(CheckpointError, match="different model"):
-        train(make_config(epochs=2, model={"hidden_dims": [8]}), digits, resume_from=tmp_path / "c.pt")
+    other = make_config(**{"epochs": 2, "model": {"hidden_dims": [16]}, **changed})
+    with pytest.raises(CheckpointError, match=f"other settings \\({named} differ\\)"):
+        train(other, digits, resume_from=tmp_path / "c.pt")
+
+
+def test_resume_may_change_epochs_runtime_and_evaluation(digits, tmp_path):
+    config = make_config(epochs=1, model={"hidden_dims": [16]})
+    train(config, digits, reporter=lambda end: end.save_checkpoint(tmp_path / "c.pt"), run_evaluation=False)
+    longer = make_config(epochs=2, model={"hidden_dims": [16]}, runtime={"device": "cpu"}, evaluation={"knn_neighbors": 3})
+    assert len(train(longer, digits, resume_from=tmp_path / "c.pt", run_evaluation=False).history) == 2
 
 
 def test_nan_loss_raises_diverged_error(digits):
