@@ -46,10 +46,13 @@ def prior_sample_grid(model: Autoencoder, count: int) -> torch.Tensor:
 
 @torch.no_grad()
 def attention_grid(model: Autoencoder, x: torch.Tensor) -> torch.Tensor:
-    """Two rows: the images, and their pooling attention (per image scaled to [0, 1])."""
+    """Two rows: the images, and their pooling attention (per image, least attended patch
+    black, most attended white)."""
     model.eval()
     maps = model.encoder.attention_map(x).unsqueeze(1).float()  # (batch, 1, grid_h, grid_w)
-    maps = maps / maps.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    low = maps.flatten(1).amin(1).view(-1, 1, 1, 1)
+    high = maps.flatten(1).amax(1).view(-1, 1, 1, 1)
+    maps = (maps - low) / (high - low).clamp_min(1e-12)
     maps = F.interpolate(maps, size=x.shape[-2:], mode="nearest").expand(-1, x.shape[1], -1, -1)
     return _grid(torch.cat([x.float(), maps]), len(x))
 

@@ -28,4 +28,4 @@ def test_each_variant_trains_one_epoch_on_digits_and_lowers_its_loss(path, digit
     trainer = Trainer(config, digits)
     before = trainer.validate()["val/loss"]
     after = trainer.run_epoch().metrics["val/loss"]
-    assert after < 0.9 * before, f"{path.stem}: val/loss {before:.3f} -> {after:.3f}"
+    assert after < 0.97 * before, f"{path.stem}: val/loss {before:.3f} -> {after:.3f}"
