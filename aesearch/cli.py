@@ -2,7 +2,10 @@
 
     aesearch train CONFIG.yaml [--set key=value]... [--epochs N] [--device D] [--data-dir DIR]
                    [--download] [--out DIR] [--resume CHECKPOINT]
-    aesearch validate FILE...
+    aesearch search SPACE.yaml [--name N] [--address ADDR] [--storage PATH|URI] [--num-samples N]
+                   [--max-epochs N] [--max-concurrent N] [--cpus-per-trial F] [--gpus-per-trial F]
+                   [--data-dir DIR] [--download] [--seed S] [--resume]
+    aesearch validate FILE...            (training configs and search spaces)
     aesearch evaluate CHECKPOINT [--data-dir DIR] [--download] [--device D]
 
 Mistakes in the input (a bad config value, missing data, a bad checkpoint) print one line that
@@ -51,7 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(train)
     train.set_defaults(handler=cmd_train)
 
-    validate = commands.add_parser("validate", help="check config files")
+    search = commands.add_parser("search", help="run a search space on Ray Tune (Optuna TPE + ASHA)")
+    search.add_argument("space", type=Path)
+    search.add_argument("--name", help="the search's name (default: the space's name)")
+    search.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                        help="a running Ray cluster (default: $RAY_ADDRESS, else a local Ray instance)")
+    search.add_argument("--storage", default="ray_results",
+                        help="folder or URI for results and checkpoints (shared by all nodes on a cluster)")
+    search.add_argument("--num-samples", type=int, help="trials to run (budget.num_samples)")
+    search.add_argument("--max-epochs", type=int, help="epochs of a trial that is never stopped (budget.max_epochs)")
+    search.add_argument("--max-concurrent", type=int, help="trials at once (max_concurrent)")
+    search.add_argument("--cpus-per-trial", type=float, help="resources.cpu")
+    search.add_argument("--gpus-per-trial", type=float, help="resources.gpu (a fraction shares one GPU)")
+    search.add_argument("--seed", type=int, help="seed of the TPE sampler and of every trial")
+    search.add_argument("--resume", action="store_true", help="continue an interrupted search of this name")
+    search.add_argument("--data-dir", type=Path, help="dataset folder (default: $AESEARCH_DATA_DIR or ~/.cache/aesearch/datasets)")
+    search.add_argument("--download", action="store_true", help="allow downloading missing dataset files")
+    search.set_defaults(handler=cmd_search)
+
+    validate = commands.add_parser("validate", help="check training configs and search spaces")
     validate.add_argument("files", type=Path, nargs="+")
     validate.set_defaults(handler=cmd_validate)
 
@@ -107,18 +128,50 @@ def check_run_folder(folder: Path, resuming_from: Path | None) -> None:
         raise UserError(f"--out {folder}: cannot create it: {existing} is not a writable folder")
 
 
+SEARCH_FLAGS = {  # command-line flag -> search space field
+    "num_samples": "budget.num_samples",
+    "max_epochs": "budget.max_epochs",
+    "max_concurrent": "max_concurrent",
+    "cpus_per_trial": "resources.cpu",
+    "gpus_per_trial": "resources.gpu",
+    "seed": "seed",
+}
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from aesearch.space import load_space
+
+    overrides = {field: getattr(args, flag) for flag, field in SEARCH_FLAGS.items() if getattr(args, flag) is not None}
+    space = load_space(args.space, overrides)
+    from aesearch.search import SearchOptions, experiment_folder, format_leaderboard, search
+
+    storage = args.storage if "://" in args.storage else str(Path(args.storage).absolute())
+    options = SearchOptions(
+        name=args.name or space.name, storage=storage, address=args.address,
+        data_dir=args.data_dir, download=args.download, resume=args.resume,
+    )
+    board = search(space, options)
+    print(format_leaderboard(board, space, where=experiment_folder(options)))
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    from aesearch.config import load_config, variant_family
+    from aesearch.config import load_config, load_yaml, variant_family
+    from aesearch.space import is_search_space, load_space
 
     failed = 0
     for path in args.files:
         try:
-            config = load_config(path)
+            if is_search_space(load_yaml(path)):
+                space = load_space(path)
+                print(f"{path}: ok (search space {space.name}: {len(space.space)} parameters, "
+                      f"{space.budget.num_samples} trials on {space.data.name})")
+            else:
+                config = load_config(path)
+                print(f"{path}: ok ({variant_family(config)}, {config.model.architecture}, {config.data.name})")
         except UserError as error:
             print(f"aesearch: error: {error}", file=sys.stderr)
             failed += 1
-        else:
-            print(f"{path}: ok ({variant_family(config)}, {config.model.architecture}, {config.data.name})")
     return EXIT_USER_ERROR if failed else 0
 
 

@@ -50,7 +50,7 @@ def Bounded(high: int) -> type[int]:
     return Annotated[int, Field(strict=True, ge=1, le=high)]
 
 
-def _rule(message: str) -> PydanticCustomError:
+def broken_rule(message: str) -> PydanticCustomError:
     """A cross-field rule broken: its message names the fields and values itself."""
     return PydanticCustomError("rule", message.replace("{", "(").replace("}", ")"))
 
@@ -109,7 +109,7 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
         if self.architecture == "attention" and self.embed_dim % self.heads:
-            raise _rule(
+            raise broken_rule(
                 f"model.embed_dim={self.embed_dim} must be divisible by model.heads={self.heads}"
             )
         return self
@@ -157,7 +157,7 @@ class CorruptionConfig(Section):
     def _level_fits_kind(self) -> CorruptionConfig:
         problem = corruption_level_problem(self.kind, self.level, field="corruption.level")
         if problem:
-            raise _rule(problem)
+            raise broken_rule(problem)
         return self
 
 
@@ -202,7 +202,7 @@ class EvaluationConfig(Section):
             _named(CORRUPTIONS, kind)
             problem = corruption_level_problem(kind, level, field=f"evaluation.denoise_levels.{kind}")
             if problem or kind == "none":
-                raise _rule(problem or "evaluation.denoise_levels: 'none' is not a corruption to measure")
+                raise broken_rule(problem or "evaluation.denoise_levels: 'none' is not a corruption to measure")
         return levels
 
 
@@ -234,10 +234,10 @@ class TrainConfig(Section):
         model, objective, spec = self.model, self.objective, DATASETS[self.data.name]
         gaussian = model.latent == "gaussian"
         if not gaussian and objective.kl != KLConfig():
-            raise _rule(f"objective.kl applies only to model.latent='gaussian', got {model.latent!r}")
+            raise broken_rule(f"objective.kl applies only to model.latent='gaussian', got {model.latent!r}")
         sparsity = objective.sparsity.kind
         if gaussian and sparsity != "none":
-            raise _rule(
+            raise broken_rule(
                 f"objective.sparsity.kind={sparsity!r} needs model.latent='deterministic' (got 'gaussian')"
             )
         if model.code_activation == "auto":  # resolved on a copy: the caller's section stays as given
@@ -245,23 +245,23 @@ class TrainConfig(Section):
                 update={"code_activation": "sigmoid" if sparsity == "kl" else "none"}
             )
         if sparsity == "kl" and model.code_activation != "sigmoid":
-            raise _rule(
+            raise broken_rule(
                 f"model.code_activation={model.code_activation!r}: objective.sparsity.kind='kl' needs "
                 "code units in (0, 1), so it must be 'sigmoid' (or 'auto')"
             )
         if gaussian and model.code_activation != "none":
-            raise _rule(
+            raise broken_rule(
                 f"model.code_activation={model.code_activation!r}: a gaussian latent's code is its "
                 "mean and takes no activation; use 'none' (or 'auto')"
             )
         _, height, width = spec.shape
         if model.architecture == "attention" and (height % model.patch_size or width % model.patch_size):
-            raise _rule(
+            raise broken_rule(
                 f"model.patch_size={model.patch_size} must divide the {height}x{width} images of "
                 f"{spec.name}"
             )
         if self.data.anomaly_class is not None and self.data.anomaly_class >= spec.num_classes:
-            raise _rule(
+            raise broken_rule(
                 f"data.anomaly_class={self.data.anomaly_class} must be a class of {spec.name} "
                 f"(0..{spec.num_classes - 1})"
             )
@@ -278,7 +278,7 @@ def parse_config(document: Any, source: str = "config") -> TrainConfig:
     try:
         return TrainConfig.model_validate(document)
     except ValidationError as error:
-        raise ConfigError(f"{source}: {describe_validation_error(error)}") from None
+        raise ConfigError(f"{source}: {describe_validation_error(error)}" if source else describe_validation_error(error)) from None
 
 
 def load_yaml(path: Path | str) -> Any:
@@ -322,15 +322,23 @@ def apply_overrides(document: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else raw
         except yaml.YAMLError:
             value = raw
-        node = result
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {override!r}: {part!r} is a value, not a section")
-            node = child
-        node[parts[-1]] = value
+        try:
+            set_path(result, key.strip(), value)
+        except ConfigError as error:
+            raise ConfigError(f"--set {override!r}: {error}") from None
     return result
+
+
+def set_path(document: dict, path: str, value: Any) -> None:
+    """document[a][b][c] = value for path 'a.b.c', creating sections on the way (in place)."""
+    node = document
+    *sections, field = path.split(".")
+    for part in sections:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{part!r} is a value, not a section")
+        node = child
+    node[field] = value
 
 
 _SHORT = reprlib.Repr()  # a value in an error message is shown short, however big it is

@@ -1,0 +1,284 @@
+"""Search spaces: a base config, the parameters to search, the objective and the budget.
+
+    name: quickstart
+    data: {name: digits}                      # loaded once per search (a DataConfig)
+    base: {optimizer: {batch_size: 64}}       # fixed part of every trial config
+    space:                                    # searched, in this order (parents first)
+      model.latent: {type: categorical, choices: [deterministic, gaussian]}
+      objective.kl.beta: {type: float, low: 0.5, high: 8, log: true, when: {model.latent: gaussian}}
+      sigma: {path: corruption.level, type: float, low: 0.05, high: 0.5, when: {corruption.kind: gaussian}}
+    objective: {metric: val/recon_mse, mode: min}
+    budget: {num_samples: 16, max_epochs: 10, grace_period: 2, reduction_factor: 3}
+
+A parameter's key is its name for Optuna; `path` is the config field it sets (default: the key),
+so two parameters may set one field under different conditions (a noise level whose range
+depends on the noise kind). `when` makes a parameter exist only while earlier parameters take
+the given values: the space compiles into an Optuna define-by-run function (`DefineByRun`) in
+which TPE sees exactly that conditional structure.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+from pydantic import Field, ValidationError, model_validator
+
+from aesearch.config import (
+    Bool,
+    ConfigError,
+    DataConfig,
+    Float,
+    Int,
+    PositiveInt,
+    Section,
+    TrainConfig,
+    broken_rule,
+    describe_validation_error,
+    flatten,
+    load_yaml,
+    parse_config,
+    set_path,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # aesearch reports progress itself
+
+Scalar = str | int | float | bool | None
+OPTUNA_CHOICE_TYPES = (str, int, float, bool, type(None))  # what suggest_categorical accepts as is
+# Fields that the search itself decides: the data is loaded once, the budget sets the epochs.
+NOT_SEARCHABLE = ("data.", "epochs", "name")
+
+
+class Parameter(Section):
+    """One searched parameter: categorical choices, or an int / float range."""
+
+    type: Literal["categorical", "int", "float"]
+    path: str | None = None  # the config field it sets; default: the parameter's key
+    choices: list[Any] | None = Field(None, min_length=1)
+    low: Float | None = None
+    high: Float | None = None
+    log: Bool = False
+    step: Float | None = Field(None, gt=0)
+    when: dict[str, Scalar | list[Scalar]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> Parameter:
+        if self.type == "categorical":
+            if self.choices is None or self.low is not None or self.high is not None or self.log or self.step:
+                raise broken_rule("a categorical parameter takes `choices` (and no low, high, log or step)")
+            return self
+        if self.choices is not None or self.low is None or self.high is None:
+            raise broken_rule(f"an {self.type} parameter takes `low` and `high` (and no choices)")
+        if not self.low < self.high:
+            raise broken_rule(f"`low < high` must hold, but got low={self.low}, high={self.high}")
+        if self.log and self.low <= 0:
+            raise broken_rule(f"a log-scaled parameter needs low > 0, but got low={self.low}")
+        if self.log and self.step is not None:
+            raise broken_rule("`log` and `step` cannot be used together")
+        if self.type == "int" and any(v is not None and v != int(v) for v in (self.low, self.high, self.step)):
+            raise broken_rule(f"an int parameter needs whole low, high and step, got {self.low}, {self.high}, {self.step}")
+        return self
+
+    @property
+    def encodes_choices(self) -> bool:
+        """Choices Optuna cannot hold as they are (lists, mappings) travel as JSON text."""
+        return self.type == "categorical" and not all(isinstance(c, OPTUNA_CHOICE_TYPES) for c in self.choices)
+
+    def suggest(self, trial: optuna.Trial, name: str) -> Any:
+        if self.type == "categorical":
+            choices = [json.dumps(c) for c in self.choices] if self.encodes_choices else self.choices
+            return trial.suggest_categorical(name, choices)
+        if self.type == "int":
+            step = int(self.step or 1)
+            return trial.suggest_int(name, int(self.low), int(self.high), step=step, log=self.log)
+        return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
+
+    def decode(self, value: Any) -> Any:
+        """The config value for what Optuna suggested."""
+        return json.loads(value) if self.encodes_choices else value
+
+    def possible(self, value: Any) -> bool:
+        """Can this parameter take `value` (as a config value)?"""
+        if self.type == "categorical":
+            return value in self.choices
+        return isinstance(value, int | float) and not isinstance(value, bool) and self.low <= value <= self.high
+
+    def active(self, chosen: dict[str, Any]) -> bool:
+        """Do the parents (already chosen, decoded) take the values this parameter needs?"""
+        for parent, wanted in self.when.items():
+            allowed = wanted if isinstance(wanted, list) else [wanted]
+            if parent not in chosen or chosen[parent] not in allowed:
+                return False
+        return True
+
+
+class Objective(Section):
+    metric: str = "val/recon_mse"  # clean-input reconstruction: the yardstick fair across variants
+    mode: Literal["min", "max"] = "min"
+
+
+class Budget(Section):
+    num_samples: PositiveInt = 16
+    max_epochs: PositiveInt = Field(10, le=100_000)
+    grace_period: PositiveInt = 1  # ASHA: epochs every trial gets before it can be stopped
+    reduction_factor: Float = Field(3.0, gt=1.0)  # ASHA: keep the best 1/reduction_factor per rung
+    time_budget_s: Float | None = Field(None, gt=0)
+    max_failures: Int = Field(1, ge=0)  # retries of a trial that raised, from its last checkpoint
+
+    @model_validator(mode="after")
+    def _grace_within_budget(self) -> Budget:
+        if self.grace_period > self.max_epochs:
+            raise broken_rule(f"budget.grace_period={self.grace_period} must be <= budget.max_epochs={self.max_epochs}")
+        return self
+
+
+class Resources(Section):
+    cpu: Float = Field(1.0, gt=0, le=256)
+    gpu: Float = Field(0.0, ge=0, le=1)  # a fraction of one GPU: several trials may share it
+
+
+class SearchSpace(Section):
+    name: str = Field(max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    data: DataConfig = Field(default_factory=DataConfig)
+    base: dict[str, Any] = Field(default_factory=dict)
+    space: dict[str, Parameter] = Field(min_length=1)
+    start_with: list[dict[str, Any]] = Field(default_factory=list)  # first trials, e.g. one per family
+    objective: Objective = Field(default_factory=Objective)
+    budget: Budget = Field(default_factory=Budget)
+    resources: Resources = Field(default_factory=Resources)
+    max_concurrent: PositiveInt | None = None
+    seed: Int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _parameters_fit(self) -> SearchSpace:
+        known_fields = set(flatten(TrainConfig().model_dump(mode="json")))
+        for key in self.base:
+            if key in ("data", "epochs"):
+                raise broken_rule(f"base.{key}: set it at the top level (`data`) or in `budget.max_epochs`, not in base")
+        earlier: dict[str, Parameter] = {}
+        for key, parameter in self.space.items():
+            path = parameter.path or key
+            if path not in known_fields:
+                raise broken_rule(f"space.{key}: {path!r} is not a config field (e.g. model.latent_dim, objective.kl.beta)")
+            if path.startswith(NOT_SEARCHABLE):
+                raise broken_rule(f"space.{key}: {path!r} is fixed for a search (data is loaded once; budget sets epochs)")
+            for parent, wanted in parameter.when.items():
+                if parent not in earlier:
+                    raise broken_rule(f"space.{key}.when: {parent!r} must be a parameter listed before {key!r}")
+                for value in wanted if isinstance(wanted, list) else [wanted]:
+                    if not earlier[parent].possible(value):
+                        raise broken_rule(f"space.{key}.when: {parent}={value!r} is not a value {parent!r} can take")
+            earlier[key] = parameter
+        for i, point in enumerate(self.start_with):
+            for key, value in point.items():
+                if key not in self.space:
+                    raise broken_rule(f"start_with[{i}]: {key!r} is not a parameter of the space")
+                if not self.space[key].possible(value):
+                    raise broken_rule(f"start_with[{i}]: {key}={value!r} is not a value {key!r} can take")
+        return self
+
+
+# --- from a space to trial configs ------------------------------------------------------------
+
+
+class DefineByRun:
+    """The space as an Optuna define-by-run function: suggests the active parameters in order,
+    computes nothing else. A module-level class, so Ray can pickle the searcher's state."""
+
+    def __init__(self, space: SearchSpace):
+        self.parameters = list(space.space.items())
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        chosen: dict[str, Any] = {}
+        for name, parameter in self.parameters:
+            if parameter.active(chosen):
+                chosen[name] = parameter.decode(parameter.suggest(trial, name))
+
+
+def decode_params(space: SearchSpace, suggested: dict[str, Any]) -> dict[str, Any]:
+    """Optuna's suggestions (as Ray hands them to a trial) -> config values by parameter name."""
+    return {name: space.space[name].decode(value) for name, value in suggested.items() if name in space.space}
+
+
+def trial_config(space: SearchSpace, params: dict[str, Any]) -> TrainConfig:
+    """The full, validated config of the trial that takes `params` (decoded, by parameter name)."""
+    document = copy.deepcopy(space.base)
+    document["data"] = space.data.model_dump(mode="json")
+    document["epochs"] = space.budget.max_epochs
+    document.setdefault("name", space.name)
+    document.setdefault("seed", space.seed)
+    set_by: dict[str, str] = {}
+    for name, value in params.items():
+        path = space.space[name].path or name
+        if path in set_by:
+            raise ConfigError(f"space: parameters {set_by[path]!r} and {name!r} both set {path} in one trial")
+        set_by[path] = name
+        set_path(document, path, value)
+    return parse_config(document, source="")
+
+
+def start_points(space: SearchSpace) -> list[dict[str, Any]]:
+    """`start_with` in Optuna's terms (encoded choices), for OptunaSearch(points_to_evaluate)."""
+    return [
+        {
+            name: json.dumps(value) if space.space[name].encodes_choices else value
+            for name, value in point.items()
+        }
+        for point in space.start_with
+    ]
+
+
+def sample_params(space: SearchSpace, count: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`count` random trials of the space (decoded params), as the searcher would draw them."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    define = DefineByRun(space)
+    samples = []
+    for _ in range(count):
+        trial = study.ask()
+        define(trial)
+        samples.append(decode_params(space, trial.params))
+        study.tell(trial, 0.0)
+    return samples
+
+
+def check_trials(space: SearchSpace, count: int = 64) -> None:
+    """Every sampled trial (and every start point) must be a valid config, or the space is wrong."""
+    for params in [*space.start_with, *sample_params(space, count, seed=space.seed)]:
+        try:
+            trial_config(space, params)
+        except ConfigError as error:
+            shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+            raise ConfigError(f"space {space.name}: the trial {{{shown}}} is not a valid config: {error}") from None
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+
+def is_search_space(document: Any) -> bool:
+    return isinstance(document, dict) and "space" in document
+
+
+def parse_space(document: Any, source: str = "search space") -> SearchSpace:
+    if not isinstance(document, dict):
+        raise ConfigError(f"{source}: expected a mapping, got {type(document).__name__}")
+    try:
+        space = SearchSpace.model_validate(document)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: {describe_validation_error(error)}") from None
+    check_trials(space)
+    return space
+
+
+def load_space(path: Path | str, overrides: dict[str, Any] | None = None) -> SearchSpace:
+    """Load and validate a search space file; `overrides` replace top-level sections' fields,
+    e.g. {'budget.num_samples': 4} (from command-line flags)."""
+    document = load_yaml(path)
+    if isinstance(document, dict):
+        document = copy.deepcopy(document)
+        for dotted, value in (overrides or {}).items():
+            set_path(document, dotted, value)
+    return parse_space(document, source=str(path))
+

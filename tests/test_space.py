@@ -1,0 +1,126 @@
+"""Search spaces: the schema, the define-by-run function and the trial configs it yields."""
+
+from pathlib import Path
+
+import optuna
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aesearch.config import variant_family
+from aesearch.errors import ConfigError
+from aesearch.space import DefineByRun, load_space, parse_space, sample_params, start_points, trial_config
+from tests.conftest import REPO
+
+SPACES = sorted((REPO / "search_spaces").glob("*.yaml"))
+MINIMAL = {"name": "s", "space": {"model.latent_dim": {"type": "int", "low": 2, "high": 8}}}
+
+
+def test_the_shipped_spaces_are_the_documented_ones():
+    assert {p.stem for p in SPACES} == {
+        "quickstart", "mnist_variants", "mnist_vae_beta", "fashion_mnist_denoising", "cifar10_conv",
+    }
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
+def test_shipped_space_validates_and_says_how_to_launch_it(path: Path):
+    space = load_space(path)
+    assert space.name == path.stem
+    assert f"aesearch search search_spaces/{path.name}" in path.read_text().split("\nname:")[0]
+
+
+@pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_define_by_run_yields_only_valid_complete_trials_without_orphans(path, seed):
+    space = load_space(path)
+    for params in sample_params(space, 3, seed=seed):
+        config = trial_config(space, params)
+        for name, parameter in space.space.items():
+            conditions_hold = all(
+                parent in params and params[parent] in (wanted if isinstance(wanted, list) else [wanted])
+                for parent, wanted in parameter.when.items()
+            )
+            # present exactly when its parents take the wanted values: complete, and no orphans
+            assert (name in params) == conditions_hold, f"{name}: present={name in params}, conditions={conditions_hold}"
+        for name, value in params.items():
+            path_value = config.model_dump(mode="json")
+            for part in (space.space[name].path or name).split("."):
+                path_value = path_value[part]
+            assert path_value == value, name
+        assert config.epochs == space.budget.max_epochs and config.data == space.data
+
+
+def test_define_by_run_computes_nothing_but_suggestions():
+    space = load_space(REPO / "search_spaces" / "quickstart.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    assert DefineByRun(space)(trial) is None
+    assert set(trial.params) <= set(space.space)
+
+
+def test_quickstart_starts_with_one_trial_per_variant_family():
+    space = load_space(REPO / "search_spaces" / "quickstart.yaml")
+    families = {variant_family(trial_config(space, point)) for point in space.start_with}
+    assert families == {"dense", "stacked", "conv", "attention", "denoising", "sparse_l1", "sparse_kl", "contractive", "vae", "beta_vae"}
+    encoded = start_points(space)[0]
+    assert encoded["model.hidden_dims"] == "[128]"  # lists travel to Optuna as JSON text
+
+
+def test_list_choices_round_trip_through_optuna():
+    space = parse_space({**MINIMAL, "space": {"model.hidden_dims": {"type": "categorical", "choices": [[64], [32, 16]]}}})
+    values = {tuple(p["model.hidden_dims"]) for p in sample_params(space, 20)}
+    assert values == {(64,), (32, 16)}
+
+
+def test_two_parameters_may_set_one_field_under_exclusive_conditions():
+    space = load_space(REPO / "search_spaces" / "quickstart.yaml")
+    levels = {}
+    for params in sample_params(space, 200):
+        kind = params["corruption.kind"]
+        config = trial_config(space, params)
+        if kind != "none":
+            levels.setdefault(kind, []).append(config.corruption.level)
+    assert max(levels["salt_pepper"] + levels["masking"]) <= 0.4 < max(levels["gaussian"])
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"space": {"model.widths": {"type": "int", "low": 1, "high": 3}}}, r"space\.model\.widths: 'model\.widths' is not a config field"),
+        ({"space": {"data.val_fraction": {"type": "float", "low": 0.1, "high": 0.2}}}, r"'data\.val_fraction' is fixed for a search"),
+        ({"space": {"epochs": {"type": "int", "low": 1, "high": 3}}}, r"'epochs' is fixed for a search"),
+        ({"space": {"model.latent_dim": {"type": "int", "low": 8, "high": 2}}}, r"`low < high` must hold, but got low=8\.0, high=2\.0"),
+        ({"space": {"optimizer.lr": {"type": "float", "low": 0, "high": 1, "log": True}}}, r"log-scaled parameter needs low > 0"),
+        ({"space": {"model.latent": {"type": "categorical"}}}, r"a categorical parameter takes `choices`"),
+        ({"space": {"model.latent": {"type": "bool", "choices": [1]}}}, r"space\.model\.latent\.type='bool': Input should be 'categorical', 'int' or 'float'"),
+        ({"space": {"objective.kl.beta": {"type": "float", "low": 1, "high": 2, "when": {"model.latent": "gaussian"}}}}, r"'model\.latent' must be a parameter listed before"),
+        (
+            {"space": {"model.latent": {"type": "categorical", "choices": ["gaussian"]}, "objective.kl.beta": {"type": "float", "low": 1, "high": 2, "when": {"model.latent": "normal"}}}},
+            r"model\.latent='normal' is not a value 'model\.latent' can take",
+        ),
+        ({"space": {"model.latent_dim": {"type": "int", "low": 2, "high": 8, "oops": 1}}}, r"space\.model\.latent_dim\.oops: unknown key"),
+        ({"budget": {"num_samples": 0}}, r"budget\.num_samples=0: Input should be greater than or equal to 1"),
+        ({"budget": {"max_epochs": 3, "grace_period": 5}}, r"budget\.grace_period=5 must be <= budget\.max_epochs=3"),
+        ({"resources": {"gpu": 1.5}}, r"resources\.gpu=1\.5: Input should be less than or equal to 1"),
+        ({"objective": {"mode": "best"}}, r"objective\.mode='best'"),
+        ({"base": {"epochs": 3}}, r"base\.epochs: set it at the top level"),
+        ({"start_with": [{"model.latent_dim": 100}]}, r"start_with\[0\]: model\.latent_dim=100 is not a value"),
+        ({"space": {"model.patch_size": {"type": "categorical", "choices": [3]}}, "base": {"model": {"architecture": "attention"}}}, r"the trial \{model\.patch_size=3\} is not a valid config: model\.patch_size=3 must divide"),
+        ({"base": {"model": {"latent_dim": 0}}, "space": {"seed": {"type": "int", "low": 0, "high": 2}}}, r"model\.latent_dim=0"),
+        ({"name": "a b"}, r"name='a b': String should match pattern"),
+    ],
+)
+def test_malformed_space_names_the_field(change, expected):
+    with pytest.raises(ConfigError, match=expected) as caught:
+        parse_space({**MINIMAL, **change})
+    assert "\n" not in str(caught.value)
+
+
+def test_space_overrides_from_the_command_line(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nspace:\n  model.latent_dim: {type: int, low: 2, high: 8}\n")
+    space = load_space(path, {"budget.num_samples": 3, "resources.cpu": 0.5})
+    assert space.budget.num_samples == 3 and space.resources.cpu == 0.5
+    with pytest.raises(ConfigError, match=r"budget\.max_epochs=0"):
+        load_space(path, {"budget.max_epochs": 0})
