@@ -1,4 +1,4 @@
-# make quickstart   train the quickstart model on the embedded digits data (no files, no network)
+# make quickstart   the quickstart search on the embedded digits data (no files, no network)
 # make test         the whole test suite
 # Both set themselves up: uv (installed into .tools/ if missing), then `uv sync --locked`.
 
@@ -9,7 +9,7 @@ RUN := $(UV) run --no-sync
 .PHONY: quickstart test benchmark setup clean
 
 quickstart: setup
-	$(RUN) aesearch train configs/vae.yaml
+	$(RUN) aesearch search search_spaces/quickstart.yaml --name quickstart-$$(date +%Y%m%d-%H%M%S)
 
 test: setup
 	$(RUN) pytest

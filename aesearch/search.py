@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -167,12 +168,33 @@ def search(space: SearchSpace, options: SearchOptions) -> pd.DataFrame:
 
 def connect(address: str | None) -> None:
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": True}
-    if address:
-        # An explicit address does not turn Ray's token authentication on by itself: keep it on.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-        ray.init(address=address, **quiet)
-    else:
+    if not address:
         ray.init(include_dashboard=False, **quiet)
+        return
+    check_reachable(address)
+    # An explicit address does not turn Ray's token authentication on by itself: keep it on.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    try:
+        ray.init(address=address, **quiet)
+    except (ConnectionError, RuntimeError, ray.exceptions.RayError) as error:
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"--address {address}: cannot connect to the Ray cluster (is it running, and does this "
+            f"machine have its token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token?): {reason}"
+        ) from None
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when nothing listens at a cluster address (Ray retries)."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address {address}: expected HOST:PORT (or ray://HOST:PORT, or auto)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise UserError(f"--address {address}: no Ray cluster answers there ({error.strerror or error})") from None
 
 
 def _fit(space: SearchSpace, options: SearchOptions, data: Data):

@@ -1,0 +1,208 @@
+"""The search on a real Ray: a local instance, a killed and resumed driver, a 2-node cluster.
+
+Every Ray process a test starts runs with token authentication on (a token made by the test)
+and bound to 127.0.0.1, and is stopped by its own handle or process group.
+"""
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO
+
+SEARCH_SPACE = """
+name: {name}
+data: {{name: digits}}
+base:
+  model: {{hidden_dims: [32]}}
+  optimizer: {{batch_size: 64}}
+  evaluation: {{iwae_samples: 5, kmeans_restarts: 1}}
+space:
+  model.latent: {{type: categorical, choices: [deterministic, gaussian]}}
+  model.latent_dim: {{type: categorical, choices: [4, 16]}}
+  objective.kl.beta: {{type: float, low: 0.5, high: 4, log: true, when: {{model.latent: gaussian}}}}
+  optimizer.lr: {{type: float, low: 0.00001, high: 0.01, log: true}}
+objective: {{metric: val/recon_mse, mode: min}}
+budget: {{num_samples: {trials}, max_epochs: {epochs}, grace_period: {grace}, reduction_factor: 2}}
+resources: {{cpu: 1}}
+max_concurrent: 2
+seed: 0
+"""
+
+
+@pytest.fixture(scope="module")
+def ray_env(tmp_path_factory):
+    """The environment of every Ray process here: our own token, loopback addresses."""
+    folder = tmp_path_factory.mktemp("ray")
+    token = folder / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    return {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def write_space(folder: Path, name: str, trials: int, epochs: int, grace: int) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(SEARCH_SPACE.format(name=name, trials=trials, epochs=epochs, grace=grace))
+    return path
+
+
+def search_command(space: Path, storage: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "aesearch.cli", "search", str(space), "--storage", str(storage), *extra]
+
+
+def trial_reports(experiment: Path) -> dict[str, list[dict]]:
+    """Every trial's reports, from the JSON log Tune writes in each trial folder."""
+    reports = {}
+    for log in experiment.glob("*/result.json"):
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        if lines:
+            reports[lines[0]["trial_id"]] = lines
+    return reports
+
+
+@pytest.fixture(scope="module")
+def small_search(tmp_path_factory, ray_env):
+    folder = tmp_path_factory.mktemp("search")
+    space = write_space(folder, "small", trials=8, epochs=3, grace=1)
+    done = subprocess.run(search_command(space, folder / "results"), env=ray_env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder / "results" / "small", done
+
+
+def test_every_trial_reports_the_yardstick_every_epoch(small_search):
+    experiment, _ = small_search
+    reports = trial_reports(experiment)
+    assert len(reports) == 8
+    for lines in reports.values():
+        epochs = [int(line["epoch"]) for line in lines]
+        assert epochs == list(range(1, len(epochs) + 1))
+        assert all(isinstance(line["val/recon_mse"], float) for line in lines)
+
+
+def test_asha_stops_some_trials_early_and_lets_others_complete(small_search):
+    experiment, _ = small_search
+    board = pd.read_csv(experiment / "leaderboard.csv")
+    assert len(board) == 8
+    outcomes = board["outcome"].tolist()
+    assert any(o.startswith("stopped early at epoch") for o in outcomes)
+    assert "completed" in outcomes
+    completed = board[board["outcome"] == "completed"]
+    assert (completed["epochs"] == 3).all() and completed["test/recon_mse"].notna().all()
+    stopped = board[board["outcome"].str.startswith("stopped early")]
+    assert (stopped["epochs"] < 3).all() and stopped["test/recon_mse"].isna().all()
+
+
+def test_leaderboard_best_is_the_best_reported(small_search):
+    experiment, done = small_search
+    reports = trial_reports(experiment)
+    final = {trial: lines[-1]["val/recon_mse"] for trial, lines in reports.items()}
+    best_trial = min(final, key=final.get)
+    board = pd.read_csv(experiment / "leaderboard.csv", dtype={"trial": str})
+    assert board.loc[0, "trial"] == best_trial
+    assert board.loc[0, "val/recon_mse"] == pytest.approx(final[best_trial])
+    assert board["val/recon_mse"].is_monotonic_increasing
+    assert "best per variant family" in done.stdout and best_trial in done.stdout
+
+
+def test_progress_is_shown_live(small_search):
+    _, done = small_search
+    progress = [line for line in done.stderr.splitlines() if " running, " in line]
+    assert progress and "best val/recon_mse" in progress[-1]
+
+
+def test_a_second_search_of_the_same_name_is_refused(small_search, ray_env):
+    experiment, _ = small_search
+    space = experiment.parent.parent / "small.yaml"
+    done = subprocess.run(search_command(space, experiment.parent), env=ray_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "a search named 'small' already exists" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_resume_after_a_killed_driver_finishes_without_repeating_trials(tmp_path, ray_env):
+    space = write_space(tmp_path, "killed", trials=8, epochs=4, grace=4)
+    storage = tmp_path / "results"
+    experiment = storage / "killed"
+    driver = subprocess.Popen(
+        search_command(space, storage), env=ray_env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            finished = {t: lines for t, lines in trial_reports(experiment).items() if lines[-1].get("outcome/completed")}
+            if len(finished) >= 2:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("no trial finished within 5 minutes")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        driver.wait()
+    assert not (experiment / "leaderboard.csv").exists() and len(finished) < 8
+
+    done = subprocess.run(search_command(space, storage, "--resume"), env=ray_env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    board = pd.read_csv(experiment / "leaderboard.csv", dtype={"trial": str})
+    assert len(board) == 8 and set(board["outcome"]) == {"completed"}
+    after = trial_reports(experiment)
+    assert len(after) == 8
+    for trial, lines in finished.items():
+        assert after[trial] == lines, f"finished trial {trial} ran again"
+
+
+@pytest.fixture
+def two_node_cluster(ray_env):
+    """A 2-node Ray cluster on 127.0.0.1 (tests/ray_cluster.py), stopped through its handle."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.ray_cluster", "2"], env=ray_env, cwd=REPO, start_new_session=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        address = process.stdout.readline().strip()
+        assert address.startswith("127.0.0.1:"), f"the cluster did not start (exit status {process.poll()})"
+        yield address
+    finally:
+        process.stdin.close()  # the helper shuts its nodes down
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # its own process group: only what it started
+            process.wait()
+
+
+def test_search_spreads_trials_over_a_two_node_cluster(tmp_path, ray_env, two_node_cluster):
+    space = write_space(tmp_path, "cluster", trials=6, epochs=2, grace=2)
+    done = subprocess.run(
+        search_command(space, tmp_path / "results", "--address", two_node_cluster),
+        env=ray_env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    board = pd.read_csv(tmp_path / "results" / "cluster" / "leaderboard.csv")
+    assert len(board) == 6 and board["node"].nunique() == 2
+
+
+def test_a_driver_without_the_token_is_refused(tmp_path, ray_env, two_node_cluster):
+    space = write_space(tmp_path, "intruder", trials=2, epochs=1, grace=1)
+    env = {**ray_env, "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # a wrong token
+    env.pop("RAY_AUTH_TOKEN_PATH")
+    done = subprocess.run(
+        search_command(space, tmp_path / "results", "--address", two_node_cluster),
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"aesearch: error: --address {two_node_cluster}: cannot connect to the Ray cluster")
+    assert not (tmp_path / "results").exists()
