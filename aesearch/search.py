@@ -66,6 +66,7 @@ class SearchOptions:
     data_dir: Path | None = None
     download: bool = False
     resume: bool = False
+    reuse_actors: bool = True  # False only to measure what reuse saves (benchmarks/)
 
 
 # --- inside a trial ---------------------------------------------------------------------------
@@ -81,6 +82,7 @@ class TuneReporter:
     def __init__(self, extra: dict[str, Any], epochs: int):
         self.extra, self.epochs = extra, epochs
         self.held: tuple[dict[str, float], tempfile.TemporaryDirectory] | None = None
+        self.started = time.perf_counter()
 
     def __call__(self, end: EpochEnd) -> None:
         folder = tempfile.TemporaryDirectory()
@@ -93,12 +95,12 @@ class TuneReporter:
 
     def report(self, metrics: dict[str, Any], checkpoint_folder: str | None = None) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_folder) if checkpoint_folder else None
-        tune.report({**metrics, **self.extra}, checkpoint=checkpoint)
+        elapsed = {"time/trial_seconds": time.perf_counter() - self.started}  # in this trial process
+        tune.report({**metrics, **self.extra, **elapsed}, checkpoint=checkpoint)
 
 
 def run_trial(params: dict[str, Any], data: Data, space: SearchSpace) -> None:
     """The Ray Tune trainable: one trial of the search, trained by the one trainer."""
-    started = time.perf_counter()
     config = trial_config(space, decode_params(space, params))
     reporter = TuneReporter(
         {"family": variant_family(config), "node": ray.get_runtime_context().get_node_id()}, config.epochs
@@ -115,7 +117,6 @@ def run_trial(params: dict[str, Any], data: Data, space: SearchSpace) -> None:
         reporter.report({"epoch": float(error.epoch), space.objective.metric: worst, "outcome/diverged": 1.0})
         return
     final = {**result.history[-1], **result.metrics, "outcome/completed": 1.0}
-    final["time/trial_seconds"] = time.perf_counter() - started
     if reporter.held is None:  # resumed after the last epoch: nothing left to train
         reporter.report(final)
         return
@@ -230,7 +231,7 @@ def _fit(space: SearchSpace, options: SearchOptions, data: Data):
                 num_samples=budget.num_samples,
                 max_concurrent_trials=space.max_concurrent,
                 time_budget_s=budget.time_budget_s,
-                reuse_actors=True,
+                reuse_actors=options.reuse_actors,
             ),
             run_config=tune.RunConfig(
                 name=options.name,
@@ -313,7 +314,9 @@ class Progress(Callback):
         sys.stderr.flush()
 
 
-LEADERBOARD_METRICS = ["test/recon_mse", "test/psnr", "test/probe_accuracy", "test/nll", "model/parameters"]
+LEADERBOARD_METRICS = [
+    "test/recon_mse", "test/psnr", "test/probe_accuracy", "test/nll", "model/parameters", "time/trial_seconds",
+]
 
 
 def leaderboard(results, space: SearchSpace) -> pd.DataFrame:
