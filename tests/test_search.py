@@ -5,6 +5,7 @@ and bound to 127.0.0.1, and is stopped by its own handle or process group.
 """
 
 import json
+import math
 import os
 import secrets
 import signal
@@ -29,13 +30,16 @@ space:
   model.latent: {{type: categorical, choices: [deterministic, gaussian]}}
   model.latent_dim: {{type: categorical, choices: [4, 16]}}
   objective.kl.beta: {{type: float, low: 0.5, high: 4, log: true, when: {{model.latent: gaussian}}}}
-  optimizer.lr: {{type: float, low: 0.00001, high: 0.01, log: true}}
+  optimizer.lr: {{type: float, low: 0.00001, high: 1.0, log: true}}
 objective: {{metric: val/recon_mse, mode: min}}
 budget: {{num_samples: {trials}, max_epochs: {epochs}, grace_period: {grace}, reduction_factor: 2}}
 resources: {{cpu: 1}}
 max_concurrent: 2
 seed: 0
+{extra}
 """
+# A VAE at this learning rate turns NaN in its first epoch (a diverged trial).
+DIVERGING_START = "start_with: [{model.latent: gaussian, model.latent_dim: 16, optimizer.lr: 1.0}]"
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +57,9 @@ def ray_env(tmp_path_factory):
     }
 
 
-def write_space(folder: Path, name: str, trials: int, epochs: int, grace: int) -> Path:
+def write_space(folder: Path, name: str, trials: int, epochs: int, grace: int, extra: str = "") -> Path:
     path = folder / f"{name}.yaml"
-    path.write_text(SEARCH_SPACE.format(name=name, trials=trials, epochs=epochs, grace=grace))
+    path.write_text(SEARCH_SPACE.format(name=name, trials=trials, epochs=epochs, grace=grace, extra=extra))
     return path
 
 
@@ -76,7 +80,7 @@ def trial_reports(experiment: Path) -> dict[str, list[dict]]:
 @pytest.fixture(scope="module")
 def small_search(tmp_path_factory, ray_env):
     folder = tmp_path_factory.mktemp("search")
-    space = write_space(folder, "small", trials=8, epochs=3, grace=1)
+    space = write_space(folder, "small", trials=8, epochs=3, grace=1, extra=DIVERGING_START)
     done = subprocess.run(search_command(space, folder / "results"), env=ray_env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return folder / "results" / "small", done
@@ -105,10 +109,21 @@ def test_asha_stops_some_trials_early_and_lets_others_complete(small_search):
     assert (stopped["epochs"] < 3).all() and stopped["test/recon_mse"].isna().all()
 
 
+def test_a_diverged_trial_is_recorded_and_the_search_goes_on(small_search):
+    experiment, _ = small_search
+    board = pd.read_csv(experiment / "leaderboard.csv")
+    diverged = board[board["outcome"].str.startswith("diverged")]
+    assert len(diverged) >= 1 and (diverged["outcome"] == "diverged at epoch 1").all()
+    assert (diverged["val/recon_mse"] == float("inf")).all()
+    assert len(board) == 8 and "completed" in set(board["outcome"])
+
+
 def test_leaderboard_best_is_the_best_reported(small_search):
     experiment, done = small_search
     reports = trial_reports(experiment)
     final = {trial: lines[-1]["val/recon_mse"] for trial, lines in reports.items()}
+    finite = [value for value in final.values() if math.isfinite(value)]
+    assert len(set(finite)) == len(finite)  # no ties: the best is one trial
     best_trial = min(final, key=final.get)
     board = pd.read_csv(experiment / "leaderboard.csv", dtype={"trial": str})
     assert board.loc[0, "trial"] == best_trial
