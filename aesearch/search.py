@@ -25,10 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Ray's own terminal output, loggers and working-directory changes, off: aesearch prints its own
-# progress, writes its own leaderboard, and trials keep the driver's working directory. Set
-# before Ray is imported and started (its workers inherit them).
-QUIET_RAY = {
+# Set before Ray is imported and started (its workers inherit them). Ray's own terminal output,
+# loggers and working-directory changes, off: aesearch prints its own progress, writes its own
+# leaderboard, and trials keep the driver's working directory. And workers run in this very
+# Python environment: under `uv run`, Ray would otherwise start them with `uv run` in a copy of
+# the working directory that has no virtual environment.
+RAY_SETTINGS = {
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
     "RAY_AIR_NEW_OUTPUT": "0",
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
     "RAY_CHDIR_TO_TRIAL_DIR": "0",
@@ -36,7 +39,7 @@ QUIET_RAY = {
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     "RAY_DEDUP_LOGS": "0",
 }
-for _key, _value in QUIET_RAY.items():
+for _key, _value in RAY_SETTINGS.items():
     os.environ.setdefault(_key, _value)
 
 import optuna  # noqa: E402

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +68,26 @@ def search_command(space: Path, storage: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "aesearch.cli", "search", str(space), "--storage", str(storage), *extra]
 
 
+def uv_run_command(space: Path, storage: Path, *extra: str) -> list[str]:
+    """The search as `make quickstart` runs it: under `uv run` (which Ray treats specially)."""
+    uv = shutil.which("uv") or str(REPO / ".tools" / "bin" / "uv")
+    return [uv, "run", "--no-sync", "aesearch", "search", str(space), "--storage", str(storage), *extra]
+
+
+def run(command: list[str], env: dict, timeout: float = 300, **options) -> subprocess.CompletedProcess:
+    """Run a command in a process group of its own; on timeout, stop the whole group."""
+    process = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(command[:4])} ... did not finish in {timeout} s:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def trial_reports(experiment: Path) -> dict[str, list[dict]]:
     """Every trial's reports, from the JSON log Tune writes in each trial folder."""
     reports = {}
@@ -81,7 +102,7 @@ def trial_reports(experiment: Path) -> dict[str, list[dict]]:
 def small_search(tmp_path_factory, ray_env):
     folder = tmp_path_factory.mktemp("search")
     space = write_space(folder, "small", trials=8, epochs=3, grace=1, extra=DIVERGING_START)
-    done = subprocess.run(search_command(space, folder / "results"), env=ray_env, capture_output=True, text=True, timeout=600)
+    done = run(uv_run_command(space, folder / "results"), ray_env, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     return folder / "results" / "small", done
 
@@ -141,7 +162,7 @@ def test_progress_is_shown_live(small_search):
 def test_a_second_search_of_the_same_name_is_refused(small_search, ray_env):
     experiment, _ = small_search
     space = experiment.parent.parent / "small.yaml"
-    done = subprocess.run(search_command(space, experiment.parent), env=ray_env, capture_output=True, text=True, timeout=120)
+    done = run(search_command(space, experiment.parent), ray_env, timeout=120)
     assert done.returncode == 2
     assert "a search named 'small' already exists" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
@@ -168,7 +189,7 @@ def test_resume_after_a_killed_driver_finishes_without_repeating_trials(tmp_path
         driver.wait()
     assert not (experiment / "leaderboard.csv").exists() and len(finished) < 8
 
-    done = subprocess.run(search_command(space, storage, "--resume"), env=ray_env, capture_output=True, text=True, timeout=600)
+    done = run(search_command(space, storage, "--resume"), ray_env)
     assert done.returncode == 0, done.stderr[-3000:]
     board = pd.read_csv(experiment / "leaderboard.csv", dtype={"trial": str})
     assert len(board) == 8 and set(board["outcome"]) == {"completed"}
@@ -200,10 +221,7 @@ def two_node_cluster(ray_env):
 
 def test_search_spreads_trials_over_a_two_node_cluster(tmp_path, ray_env, two_node_cluster):
     space = write_space(tmp_path, "cluster", trials=6, epochs=2, grace=2)
-    done = subprocess.run(
-        search_command(space, tmp_path / "results", "--address", two_node_cluster),
-        env=ray_env, capture_output=True, text=True, timeout=600,
-    )
+    done = run(search_command(space, tmp_path / "results", "--address", two_node_cluster), ray_env)
     assert done.returncode == 0, done.stderr[-3000:]
     board = pd.read_csv(tmp_path / "results" / "cluster" / "leaderboard.csv")
     assert len(board) == 6 and board["node"].nunique() == 2
@@ -213,10 +231,7 @@ def test_a_driver_without_the_token_is_refused(tmp_path, ray_env, two_node_clust
     space = write_space(tmp_path, "intruder", trials=2, epochs=1, grace=1)
     env = {**ray_env, "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # a wrong token
     env.pop("RAY_AUTH_TOKEN_PATH")
-    done = subprocess.run(
-        search_command(space, tmp_path / "results", "--address", two_node_cluster),
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+    done = run(search_command(space, tmp_path / "results", "--address", two_node_cluster), env)
     assert done.returncode == 2
     message = done.stderr.strip().splitlines()[-1]
     assert message.startswith(f"aesearch: error: --address {two_node_cluster}: cannot connect to the Ray cluster")
