@@ -360,7 +360,7 @@ def format_leaderboard(board: pd.DataFrame, space: SearchSpace, where: str, top:
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         return (
             f"\n{len(board)} trials: {summary}\n\n"
-            f"best trials ({metric}, {space.objective.mode}):\n{overall.to_string(index=False)}\n\n"
-            f"best per variant family:\n{per_family.to_string(index=False)}\n\n"
+            f"best trials ({metric}, {space.objective.mode}):\n{overall.to_string(index=False, na_rep='-')}\n\n"
+            f"best per variant family:\n{per_family.to_string(index=False, na_rep='-')}\n\n"
             f"results: {where}\n"
         )
