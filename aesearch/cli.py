@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -143,14 +144,21 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     overrides = {field: getattr(args, flag) for flag, field in SEARCH_FLAGS.items() if getattr(args, flag) is not None}
     space = load_space(args.space, overrides)
-    from aesearch.search import SearchOptions, experiment_folder, format_leaderboard, search
+    if args.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
+        raise UserError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit")
+    from aesearch.search import SearchInterrupted, SearchOptions, experiment_folder, format_leaderboard, search
 
     storage = args.storage if "://" in args.storage else str(Path(args.storage).absolute())
     options = SearchOptions(
         name=args.name or space.name, storage=storage, address=args.address,
         data_dir=args.data_dir, download=args.download, resume=args.resume,
     )
-    board = search(space, options)
+    try:
+        board = search(space, options)
+    except SearchInterrupted:
+        print(f"aesearch: search {options.name!r} interrupted; continue it with: aesearch search "
+              f"{args.space} --name {options.name} --storage {options.storage} --resume", file=sys.stderr)
+        return 130
     print(format_leaderboard(board, space, where=experiment_folder(options)))
     return 0
 

@@ -55,7 +55,7 @@ from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 from aesearch.checkpoints import load_checkpoint  # noqa: E402
 from aesearch.config import variant_family  # noqa: E402
 from aesearch.data import Data, load_data  # noqa: E402
-from aesearch.errors import DivergedError, UserError  # noqa: E402
+from aesearch.errors import ConfigError, DivergedError, UserError  # noqa: E402
 from aesearch.space import DefineByRun, SearchSpace, decode_params, start_points, trial_config  # noqa: E402
 from aesearch.train import EpochEnd, train  # noqa: E402
 
@@ -104,7 +104,16 @@ class TuneReporter:
 
 def run_trial(params: dict[str, Any], data: Data, space: SearchSpace) -> None:
     """The Ray Tune trainable: one trial of the search, trained by the one trainer."""
-    config = trial_config(space, decode_params(space, params))
+    worst = math.inf if space.objective.mode == "min" else -math.inf
+    try:
+        config = trial_config(space, decode_params(space, params))
+    except ConfigError as error:  # conditions that overlap: not worth retrying
+        tune.report({"epoch": 0.0, space.objective.metric: worst, "outcome/invalid": 1.0, "error": str(error)[:500]})
+        return
+    if config.runtime.device == "auto":
+        # Ray hides no GPU from a trial that asked for none: use one only if it was given one.
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
+        config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"device": device})})
     reporter = TuneReporter(
         {"family": variant_family(config), "node": ray.get_runtime_context().get_node_id()}, config.epochs
     )
@@ -116,7 +125,6 @@ def run_trial(params: dict[str, Any], data: Data, space: SearchSpace) -> None:
     try:
         result = train(config, data, reporter, resume_from=resume_state)
     except DivergedError as error:
-        worst = math.inf if space.objective.mode == "min" else -math.inf
         reporter.report({"epoch": float(error.epoch), space.objective.metric: worst, "outcome/diverged": 1.0})
         return
     final = {**result.history[-1], **result.metrics, "outcome/completed": 1.0}
@@ -139,6 +147,9 @@ def check_can_start(space: SearchSpace, options: SearchOptions) -> None:
     if "://" in options.storage:
         return  # remote storage: Ray checks it when the search starts
     folder = Path(experiment_folder(options))
+    existing = next(parent for parent in folder.parents if parent.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(f"--storage {options.storage}: cannot write there ({existing} is not a writable folder)")
     launched = folder / "space.yaml"
     if options.resume:
         if not folder.is_dir() or not launched.is_file():
@@ -161,13 +172,41 @@ def search(space: SearchSpace, options: SearchOptions) -> pd.DataFrame:
     data = load_data(space.data, options.data_dir, options.download)
     connect(options.address)
     try:
+        check_resources(space, local=options.address is None)
         results = _fit(space, options, data)
     finally:
         ray.shutdown()
+    if interrupted(space, options):
+        raise SearchInterrupted(options.name)
     board = leaderboard(results, space)
     if "://" not in options.storage:
         board.to_csv(Path(experiment_folder(options)) / "leaderboard.csv", index=False)
     return board
+
+
+class SearchInterrupted(Exception):
+    """The search was stopped (Ctrl-C) before its trials ended; `--resume` continues it."""
+
+
+def interrupted(space: SearchSpace, options: SearchOptions) -> bool:
+    """Did Tune stop on Ctrl-C? It returns normally then; the saved state tells: trials it put
+    back to pending, or fewer trials than asked for with no time budget to explain it."""
+    saved = tune.ExperimentAnalysis(experiment_folder(options)).trials
+    unfinished = any(trial.status not in ("TERMINATED", "ERROR") for trial in saved)
+    return unfinished or (len(saved) < space.budget.num_samples and space.budget.time_budget_s is None)
+
+
+def check_resources(space: SearchSpace, local: bool) -> None:
+    """A trial that asks for more than any machine has would wait forever: refuse it."""
+    available = ray.cluster_resources()
+    for kind, asked in (("CPU", space.resources.cpu), ("GPU", space.resources.gpu)):
+        have = available.get(kind, 0.0)
+        if asked > have:
+            flag = "--cpus-per-trial" if kind == "CPU" else "--gpus-per-trial"
+            message = f"{flag} {asked:g} (resources.{kind.lower()}): the Ray cluster has {have:g} {kind}s in all"
+            if local:
+                raise UserError(message)
+            print(f"aesearch: warning: {message}; trials wait until the cluster grows", file=sys.stderr)
 
 
 def connect(address: str | None) -> None:
@@ -260,13 +299,15 @@ def outcome(last: dict[str, Any], error: Exception | None) -> str:
     """How a trial ended, from its last report."""
     if error is not None:
         return "errored"
+    if last.get("outcome/invalid"):
+        return "invalid config"
     if last.get("outcome/diverged"):
         return f"diverged at epoch {int(last.get('epoch', 0))}"
     if last.get("outcome/completed"):
         return "completed"
-    if not last:
+    if "epoch" not in last:
         return "not started"
-    return f"stopped early at epoch {int(last.get('epoch', 0))}"
+    return f"stopped early at epoch {int(last['epoch'])}"
 
 
 class Progress(Callback):

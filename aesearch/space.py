@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import optuna
 from pydantic import Field, ValidationError, model_validator
@@ -69,6 +69,12 @@ class Parameter(Section):
         if self.type == "categorical":
             if self.choices is None or self.low is not None or self.high is not None or self.log or self.step:
                 raise broken_rule("a categorical parameter takes `choices` (and no low, high, log or step)")
+            try:
+                json.dumps(self.choices, allow_nan=False)
+            except (TypeError, ValueError):
+                raise broken_rule(
+                    f"choices {self.choices!r}: each choice must be plain data (text, numbers, booleans, lists)"
+                ) from None
             return self
         if self.choices is not None or self.low is None or self.high is None:
             raise broken_rule(f"an {self.type} parameter takes `low` and `high` (and no choices)")
@@ -115,23 +121,27 @@ class Parameter(Section):
         return True
 
 
+# What ASHA and TPE may rank on: metrics that every variant reports after every epoch.
+EPOCH_METRICS = ("val/recon_mse", "val/loss", "val/recon", "train/loss", "train/recon")
+
+
 class Objective(Section):
-    metric: str = "val/recon_mse"  # clean-input reconstruction: the yardstick fair across variants
+    # The clean-input reconstruction MSE: the yardstick that is fair across variants.
+    metric: Literal[EPOCH_METRICS] = "val/recon_mse"
     mode: Literal["min", "max"] = "min"
 
 
 class Budget(Section):
     num_samples: PositiveInt = 16
     max_epochs: PositiveInt = Field(10, le=100_000)
-    grace_period: PositiveInt = 1  # ASHA: epochs every trial gets before it can be stopped
+    grace_period: PositiveInt = 1  # ASHA: epochs every trial gets before it can be stopped (<= max_epochs)
     reduction_factor: Float = Field(3.0, gt=1.0)  # ASHA: keep the best 1/reduction_factor per rung
     time_budget_s: Float | None = Field(None, gt=0)
     max_failures: Int = Field(1, ge=0)  # retries of a trial that raised, from its last checkpoint
 
     @model_validator(mode="after")
     def _grace_within_budget(self) -> Budget:
-        if self.grace_period > self.max_epochs:
-            raise broken_rule(f"budget.grace_period={self.grace_period} must be <= budget.max_epochs={self.max_epochs}")
+        self.grace_period = min(self.grace_period, self.max_epochs)  # e.g. after --max-epochs 3
         return self
 
 
@@ -140,11 +150,14 @@ class Resources(Section):
     gpu: Float = Field(0.0, ge=0, le=1)  # a fraction of one GPU: several trials may share it
 
 
+ParameterName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]  # no '/': Ray would nest it
+
+
 class SearchSpace(Section):
     name: str = Field(max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     data: DataConfig = Field(default_factory=DataConfig)
     base: dict[str, Any] = Field(default_factory=dict)
-    space: dict[str, Parameter] = Field(min_length=1)
+    space: dict[ParameterName, Parameter] = Field(min_length=1)
     start_with: list[dict[str, Any]] = Field(default_factory=list)  # first trials, e.g. one per family
     objective: Objective = Field(default_factory=Objective)
     budget: Budget = Field(default_factory=Budget)
@@ -168,10 +181,14 @@ class SearchSpace(Section):
             for parent, wanted in parameter.when.items():
                 if parent not in earlier:
                     raise broken_rule(f"space.{key}.when: {parent!r} must be a parameter listed before {key!r}")
+                if earlier[parent].type != "categorical":
+                    raise broken_rule(f"space.{key}.when: {parent!r} must be a categorical parameter")
                 for value in wanted if isinstance(wanted, list) else [wanted]:
                     if not earlier[parent].possible(value):
                         raise broken_rule(f"space.{key}.when: {parent}={value!r} is not a value {parent!r} can take")
             earlier[key] = parameter
+        if self.resources.gpu == 0 and self.base.get("runtime", {}).get("device", "auto").startswith("cuda"):
+            raise broken_rule("base.runtime.device asks for CUDA, but resources.gpu=0 gives trials no GPU")
         for i, point in enumerate(self.start_with):
             for key, value in point.items():
                 if key not in self.space:
@@ -244,9 +261,26 @@ def sample_params(space: SearchSpace, count: int, seed: int = 0) -> list[dict[st
     return samples
 
 
+def start_trials(space: SearchSpace) -> list[dict[str, Any]]:
+    """The trials `start_with` begins with, as the searcher runs them (parameters it leaves
+    open drawn at random); a point that sets a parameter its conditions switch off is refused."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=space.seed))
+    define, trials = DefineByRun(space), []
+    for i, point in enumerate(start_points(space)):
+        study.enqueue_trial(point)
+        trial = study.ask()
+        define(trial)
+        unused = sorted(set(point) - set(trial.params))
+        if unused:
+            raise ConfigError(f"space {space.name}: start_with[{i}] sets {', '.join(unused)}, which its `when` conditions switch off")
+        trials.append(decode_params(space, trial.params))
+        study.tell(trial, 0.0)
+    return trials
+
+
 def check_trials(space: SearchSpace, count: int = 64) -> None:
-    """Every sampled trial (and every start point) must be a valid config, or the space is wrong."""
-    for params in [*space.start_with, *sample_params(space, count, seed=space.seed)]:
+    """Every start trial and every sampled trial must be a valid config, or the space is wrong."""
+    for params in [*start_trials(space), *sample_params(space, count, seed=space.seed)]:
         try:
             trial_config(space, params)
         except ConfigError as error:

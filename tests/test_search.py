@@ -236,3 +236,46 @@ def test_a_driver_without_the_token_is_refused(tmp_path, ray_env, two_node_clust
     message = done.stderr.strip().splitlines()[-1]
     assert message.startswith(f"aesearch: error: --address {two_node_cluster}: cannot connect to the Ray cluster")
     assert not (tmp_path / "results").exists()
+
+
+def test_storage_that_is_not_a_writable_folder_is_refused_before_ray_starts(tmp_path, ray_env):
+    space = write_space(tmp_path, "nowhere", trials=2, epochs=1, grace=1)
+    (tmp_path / "a_file").write_text("keep")
+    done = run(search_command(space, tmp_path / "a_file"), ray_env, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"aesearch: error: --storage {tmp_path / 'a_file'}: cannot write there ({tmp_path / 'a_file'} is not a writable folder)"
+    ]
+    assert (tmp_path / "a_file").read_text() == "keep"
+
+
+def test_a_trial_bigger_than_this_machine_is_refused(tmp_path, ray_env):
+    space = write_space(tmp_path, "greedy", trials=2, epochs=1, grace=1)
+    done = run(search_command(space, tmp_path / "results", "--cpus-per-trial", "64"), ray_env, timeout=120)
+    assert done.returncode == 2
+    assert "aesearch: error: --cpus-per-trial 64 (resources.cpu): the Ray cluster has" in done.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_ctrl_c_stops_the_search_and_says_how_to_resume(tmp_path, ray_env):
+    space = write_space(tmp_path, "interrupted", trials=8, epochs=4, grace=4)
+    storage = tmp_path / "results"
+    driver = subprocess.Popen(search_command(space, storage), env=ray_env, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(lines[-1].get("outcome/completed") for lines in trial_reports(storage / "interrupted").values()):
+            assert time.monotonic() < deadline, "no trial finished within 5 minutes"
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        _, stderr = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    assert driver.returncode == 130, stderr[-2000:]
+    assert f"search 'interrupted' interrupted; continue it with: aesearch search {space} --name interrupted" in stderr
+    assert not (storage / "interrupted" / "leaderboard.csv").exists()
+    done = run(search_command(space, storage, "--resume"), ray_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(pd.read_csv(storage / "interrupted" / "leaderboard.csv")) == 8

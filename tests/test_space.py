@@ -101,7 +101,19 @@ def test_two_parameters_may_set_one_field_under_exclusive_conditions():
         ),
         ({"space": {"model.latent_dim": {"type": "int", "low": 2, "high": 8, "oops": 1}}}, r"space\.model\.latent_dim\.oops: unknown key"),
         ({"budget": {"num_samples": 0}}, r"budget\.num_samples=0: Input should be greater than or equal to 1"),
-        ({"budget": {"max_epochs": 3, "grace_period": 5}}, r"budget\.grace_period=5 must be <= budget\.max_epochs=3"),
+        ({"objective": {"metric": "test/recon_mse"}}, r"objective\.metric='test/recon_mse': Input should be 'val/recon_mse', 'val/loss'"),
+        ({"space": {"model.activation": {"type": "categorical", "choices": ["relu", __import__("datetime").date(2020, 1, 1)]}}}, r"each choice must be plain data"),
+        ({"space": {"noise/sigma": {"path": "corruption.level", "type": "float", "low": 0.1, "high": 0.2}}}, r"space\.noise/sigma\.\[key\]='noise/sigma': String should match pattern"),
+        (
+            {"space": {"optimizer.lr": {"type": "float", "low": 0.001, "high": 0.01}, "model.latent_dim": {"type": "int", "low": 2, "high": 8, "when": {"optimizer.lr": 0.005}}}},
+            r"space\.model\.latent_dim\.when: 'optimizer\.lr' must be a categorical parameter",
+        ),
+        ({"base": {"runtime": {"device": "cuda"}}}, r"base\.runtime\.device asks for CUDA, but resources\.gpu=0"),
+        (
+            {"space": {"model.architecture": {"type": "categorical", "choices": ["dense", "conv"]}, "model.conv_channels": {"type": "categorical", "choices": [[8]], "when": {"model.architecture": "conv"}}},
+             "start_with": [{"model.architecture": "dense", "model.conv_channels": [8]}]},
+            r"start_with\[0\] sets model\.conv_channels, which its `when` conditions switch off",
+        ),
         ({"resources": {"gpu": 1.5}}, r"resources\.gpu=1\.5: Input should be less than or equal to 1"),
         ({"objective": {"mode": "best"}}, r"objective\.mode='best'"),
         ({"base": {"epochs": 3}}, r"base\.epochs: set it at the top level"),
@@ -115,6 +127,20 @@ def test_malformed_space_names_the_field(change, expected):
     with pytest.raises(ConfigError, match=expected) as caught:
         parse_space({**MINIMAL, **change})
     assert "\n" not in str(caught.value)
+
+
+def test_grace_period_is_capped_by_the_epoch_budget():
+    space = parse_space({**MINIMAL, "budget": {"max_epochs": 3, "grace_period": 5}})
+    assert space.budget.grace_period == 3
+
+
+def test_start_point_may_leave_parameters_to_the_searcher():
+    space = load_space(REPO / "search_spaces" / "quickstart.yaml")
+    partial = parse_space({**space.model_dump(mode="json"), "start_with": [{"corruption.kind": "gaussian"}]})
+    from aesearch.space import start_trials
+
+    (trial,) = start_trials(partial)
+    assert trial["corruption.kind"] == "gaussian" and 0.05 <= trial["sigma"] <= 0.5
 
 
 def test_space_overrides_from_the_command_line(tmp_path):
