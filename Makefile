@@ -15,7 +15,8 @@ test: setup
 	$(RUN) pytest
 
 benchmark: setup
-	$(RUN) python benchmarks/trainer_speed.py
+	$(RUN) python benchmarks/trainer_speed.py --rounds 5
+	$(RUN) python benchmarks/search_overhead.py
 
 setup: | $(UV)
 	$(UV) sync --locked --extra test

@@ -38,7 +38,8 @@ def evaluate(model: Autoencoder, data: Data, settings: EvaluationConfig) -> dict
     """Run the whole suite on data.test_x / test_y; returns {'test/<metric>': value}."""
     model.eval()
     x, batch = data.test_x, settings.batch_size
-    metrics = reconstruction_metrics(model, x, batch)
+    x_hat = reconstruct(model, x, batch)  # once: the reconstruction and anomaly metrics share it
+    metrics = reconstruction_metrics(x_hat, x)
     metrics |= denoising_metrics(model, x, settings.denoise_levels, batch)
     if model.stochastic:
         metrics |= gaussian_latent_metrics(model, x, settings.iwae_samples, batch)
@@ -49,7 +50,7 @@ def evaluate(model: Autoencoder, data: Data, settings: EvaluationConfig) -> dict
     )
     metrics |= sparsity_metrics(test_codes, settings.activation_threshold)
     if data.anomaly_class is not None:
-        metrics |= anomaly_metrics(model, x, data.test_y, data.anomaly_class, batch)
+        metrics |= anomaly_metrics((x_hat - x).pow(2).flatten(1).mean(1), data.test_y, data.anomaly_class)
     return {f"test/{name}": float(value) for name, value in metrics.items()}
 
 
@@ -78,12 +79,7 @@ def psnr(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse)
 
 
-def per_sample_mse(model: Autoencoder, x: torch.Tensor, batch: int) -> torch.Tensor:
-    return (reconstruct(model, x, batch) - x).pow(2).flatten(1).mean(1)
-
-
-def reconstruction_metrics(model: Autoencoder, x: torch.Tensor, batch: int) -> dict[str, float]:
-    x_hat = reconstruct(model, x, batch)
+def reconstruction_metrics(x_hat: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
     return {
         "recon_mse": (x_hat - x).pow(2).mean().item(),
         "recon_l1": (x_hat - x).abs().mean().item(),
@@ -173,12 +169,10 @@ def sparsity_metrics(codes: torch.Tensor, threshold: float) -> dict[str, float]:
     }
 
 
-def anomaly_metrics(
-    model: Autoencoder, x: torch.Tensor, labels: torch.Tensor, anomaly_class: int, batch: int
-) -> dict[str, float]:
+def anomaly_metrics(errors: torch.Tensor, labels: torch.Tensor, anomaly_class: int) -> dict[str, float]:
     """AUROC of the per-image reconstruction error as a score for 'is the held-out class'."""
     from sklearn.metrics import roc_auc_score
 
-    scores = per_sample_mse(model, x, batch).cpu().numpy()
+    scores = errors.cpu().numpy()
     is_anomaly = (labels == anomaly_class).cpu().numpy()
     return {"anomaly_auroc": roc_auc_score(is_anomaly, scores)}

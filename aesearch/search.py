@@ -295,6 +295,11 @@ def _fit(space: SearchSpace, options: SearchOptions, data: Data):
 # --- what the user sees -----------------------------------------------------------------------
 
 
+def outcome_kind(outcome: str) -> str:
+    """'stopped early at epoch 5' -> 'stopped early': the outcome without its epoch."""
+    return outcome.split(" at epoch")[0]
+
+
 def outcome(last: dict[str, Any], error: Exception | None) -> str:
     """How a trial ended, from its last report."""
     if error is not None:
@@ -347,7 +352,7 @@ class Progress(Callback):
     def _line(self, trials) -> None:
         self.last_line = time.monotonic()
         states = Counter(trial.status for trial in trials)
-        ended = Counter(state.split(" at ")[0] for state in self.ended.values())
+        ended = Counter(outcome_kind(state) for state in self.ended.values())
         best = f"best {self.metric} {self.best[0]:.4g} ({self.best[2]}, {self.best[1]})" if self.best else "no result yet"
         sys.stderr.write(
             f"[{time.monotonic() - self.started:6.0f}s] {states.get('RUNNING', 0)} running, "
@@ -396,7 +401,7 @@ def format_leaderboard(board: pd.DataFrame, space: SearchSpace, where: str, top:
     columns = ["trial", "family", "outcome", "epochs", metric, "test/recon_mse", "test/psnr", "test/probe_accuracy"]
     overall = board.head(top)[columns]
     per_family = board.dropna(subset=[metric]).groupby("family", sort=False).head(1)[columns]
-    counts = Counter(state.split(" at ")[0] for state in board["outcome"])
+    counts = Counter(outcome_kind(state) for state in board["outcome"])
     summary = ", ".join(f"{n} {state}" for state, n in counts.most_common())
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         return (

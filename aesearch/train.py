@@ -25,7 +25,7 @@ from aesearch.checkpoints import load_checkpoint, save_checkpoint
 from aesearch.config import TrainConfig, flatten, parse_config
 from aesearch.corruption import corrupt
 from aesearch.data import Data
-from aesearch.errors import CheckpointError, DivergedError
+from aesearch.errors import CheckpointError, ConfigError, DivergedError
 from aesearch.evaluate import evaluate
 from aesearch.models import Autoencoder, build_model, parameter_count
 from aesearch.objectives import Objective
@@ -64,8 +64,6 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from aesearch.errors import ConfigError
-
         raise ConfigError(f"runtime.device={name!r}: CUDA is not available on this machine")
     return device
 
@@ -146,6 +144,7 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.objective = Objective(config.objective, self.model.stochastic, config.epochs)
+        self.input_grad = self.objective.needs_input_grad(self.model)  # contractive estimator: d code / d x
         opt = config.optimizer
         self.optimizer = OPTIMIZERS[opt.name](
             self.model.parameters(), opt.lr, opt.weight_decay, fused=self.device.type in ("cpu", "cuda")
@@ -182,7 +181,7 @@ class Trainer:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x_in = corrupt(x, self.config.corruption.kind, self.config.corruption.level)
-        if self.objective.needs_input_grad(self.model):
+        if self.input_grad:
             x_in = x_in.detach().requires_grad_(True)
         return x, x_in
 
@@ -192,7 +191,7 @@ class Trainer:
         stack = contextlib.ExitStack()
         enabled = self.device.type == "cuda" and self.config.runtime.bf16
         stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled))
-        if self.objective.needs_input_grad(self.model):
+        if self.input_grad:
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         return stack
 
@@ -230,7 +229,7 @@ class Trainer:
         sums = torch.zeros(2 + len(objective.term_names), device=self.device)
         for start in range(0, len(images), batch_size):
             x, x_in = self._batch(images[start : start + batch_size])
-            with torch.set_grad_enabled(objective.needs_input_grad(model)), self._forward_context():
+            with torch.set_grad_enabled(self.input_grad), self._forward_context():
                 output = model(x_in, sample=True)
                 loss, terms = objective(model, x, x_in, output, beta)
                 with torch.no_grad():

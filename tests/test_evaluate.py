@@ -8,6 +8,7 @@ from aesearch.evaluate import (
     gaussian_latent_metrics,
     latent_quality,
     psnr,
+    reconstruct,
     sparsity_metrics,
 )
 from aesearch.models import build_model
@@ -85,7 +86,8 @@ def test_anomaly_auroc_ranks_badly_reconstructed_class_first():
     normal, anomalous = torch.rand(30, 1, 8, 8) * 0.2, torch.ones(10, 1, 8, 8) * 0.9
     x = torch.cat([normal, anomalous])
     labels = torch.tensor([0] * 30 + [7] * 10)
-    assert anomaly_metrics(model, x, labels, anomaly_class=7, batch=16)["anomaly_auroc"] == 1.0
+    errors = (reconstruct(model, x, batch=16) - x).pow(2).flatten(1).mean(1)
+    assert anomaly_metrics(errors, labels, anomaly_class=7)["anomaly_auroc"] == 1.0
 
 
 def test_suite_names_every_metric_under_test(digits, trained_vae):
