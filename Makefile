@@ -1,17 +1,18 @@
 # make quickstart   the quickstart search on the embedded digits data (no files, no network)
 # make test         the whole test suite
-# Both set themselves up: uv (installed into .tools/ if missing), then `uv sync --locked`.
+# Both set themselves up: uv (installed into .tools/ if missing), then `uv sync --locked`;
+# `make test` also installs Debian's chromium and chromium-driver (the browser test) if missing.
 
 PYTHON ?= python3
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
 RUN := $(UV) run --no-sync
 
-.PHONY: quickstart test benchmark setup clean
+.PHONY: quickstart test benchmark setup browser clean
 
 quickstart: setup
 	$(RUN) aesearch search search_spaces/quickstart.yaml --name quickstart-$$(date +%Y%m%d-%H%M%S)
 
-test: setup
+test: setup browser
 	$(RUN) pytest
 
 benchmark: setup
@@ -20,6 +21,12 @@ benchmark: setup
 
 setup: | $(UV)
 	$(UV) sync --locked --extra test
+
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
 
 .tools/bin/uv:
 	$(PYTHON) -m venv .tools

@@ -4,7 +4,8 @@
                    [--download] [--out DIR] [--resume CHECKPOINT]
     aesearch search SPACE.yaml [--name N] [--address ADDR] [--storage PATH|URI] [--num-samples N]
                    [--max-epochs N] [--max-concurrent N] [--cpus-per-trial F] [--gpus-per-trial F]
-                   [--data-dir DIR] [--download] [--seed S] [--resume]
+                   [--data-dir DIR] [--download] [--seed S] [--resume] [--tracking-uri URI]
+    aesearch ui [--tracking-uri URI] [--port P]      (MLflow's UI on 127.0.0.1)
     aesearch validate FILE...            (training configs and search spaces)
     aesearch evaluate CHECKPOINT [--data-dir DIR] [--download] [--device D]
 
@@ -26,6 +27,9 @@ from aesearch.errors import DivergedError, UserError
 
 EXIT_DIVERGED = 1
 EXIT_USER_ERROR = 2
+
+
+TRACKING_HELP = "MLflow tracking store (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -69,9 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--gpus-per-trial", type=float, help="resources.gpu (a fraction shares one GPU)")
     search.add_argument("--seed", type=int, help="seed of the TPE sampler and of every trial")
     search.add_argument("--resume", action="store_true", help="continue an interrupted search of this name")
+    search.add_argument("--tracking-uri", help=TRACKING_HELP)
     search.add_argument("--data-dir", type=Path, help="dataset folder (default: $AESEARCH_DATA_DIR or ~/.cache/aesearch/datasets)")
     search.add_argument("--download", action="store_true", help="allow downloading missing dataset files")
     search.set_defaults(handler=cmd_search)
+
+    ui = commands.add_parser("ui", help="serve MLflow's UI for the tracking store on 127.0.0.1")
+    ui.add_argument("--tracking-uri", help=TRACKING_HELP)
+    ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
+    ui.set_defaults(handler=cmd_ui)
 
     validate = commands.add_parser("validate", help="check training configs and search spaces")
     validate.add_argument("files", type=Path, nargs="+")
@@ -146,12 +156,18 @@ def cmd_search(args: argparse.Namespace) -> int:
     space = load_space(args.space, overrides)
     if args.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
         raise UserError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit")
-    from aesearch.search import SearchInterrupted, SearchOptions, experiment_folder, format_leaderboard, search
+    from aesearch.search import (
+        SearchInterrupted,
+        SearchOptions,
+        experiment_folder,
+        format_leaderboard,
+        search,
+    )
 
     storage = args.storage if "://" in args.storage else str(Path(args.storage).absolute())
     options = SearchOptions(
         name=args.name or space.name, storage=storage, address=args.address,
-        data_dir=args.data_dir, download=args.download, resume=args.resume,
+        data_dir=args.data_dir, download=args.download, resume=args.resume, tracking_uri=args.tracking_uri,
     )
     try:
         board = search(space, options)
@@ -161,6 +177,19 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 130
     print(format_leaderboard(board, space, where=experiment_folder(options)))
     return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """MLflow's own UI, bound to 127.0.0.1; for the embedded store it serves the artifacts too."""
+    import subprocess
+
+    from aesearch.tracking import ui_command
+
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port {args.port}: must be between 1 and 65535")
+    command, uri = ui_command(args.tracking_uri, args.port)
+    print(f"aesearch: MLflow UI for {uri} on http://127.0.0.1:{args.port} (Ctrl-C stops it)", file=sys.stderr)
+    return subprocess.call(command)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from aesearch.corruption import CORRUPTIONS
@@ -26,9 +35,8 @@ from aesearch.data import DATASETS
 from aesearch.errors import ConfigError
 from aesearch.models import ACTIVATIONS, ARCHITECTURES, CODE_ACTIVATIONS, LATENTS
 from aesearch.objectives import BETA_SCHEDULES, RECONSTRUCTIONS, SPARSITY_PENALTIES
-from aesearch.registry import Registry
 from aesearch.optimizers import OPTIMIZERS
-
+from aesearch.registry import Registry
 
 
 def _not_a_bool(value: Any) -> Any:

@@ -2,7 +2,8 @@
 
 - reconstructions: rows of originals | corrupted inputs | reconstructions;
 - prior samples: decodes of z ~ N(0, I), for gaussian latents;
-- attention: for attention encoders, each image above the map of where its code was read from.
+- attention: for attention encoders, each image above the map of where its code was read from;
+- latent plot: the test set's codes in 2-D (PCA when the code is wider), coloured by class.
 """
 
 from __future__ import annotations
@@ -68,8 +69,34 @@ def image_grids(model: Autoencoder, x: torch.Tensor, config: TrainConfig) -> dic
     return grids
 
 
-def save_images(model: Autoencoder, x: torch.Tensor, config: TrainConfig, folder: Path | str) -> list[Path]:
-    """Write `image_grids` as PNG files into `folder`; returns their paths."""
+@torch.no_grad()
+def latent_plot(model: Autoencoder, x: torch.Tensor, labels: torch.Tensor, path: Path | str, limit: int = 2000) -> None:
+    """Scatter the codes of (up to `limit`) images in 2-D, one colour per class, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model.eval()
+    codes = model.encode(x[:limit], sample=False).code.float().cpu()
+    if codes.shape[1] > 2:  # the two directions of largest variance
+        centred = codes - codes.mean(0)
+        codes = centred @ torch.linalg.svd(centred, full_matrices=False).Vh[:2].T
+    elif codes.shape[1] == 1:
+        codes = torch.cat([codes, torch.zeros_like(codes)], 1)
+    figure, axes = plt.subplots(figsize=(5, 5), dpi=100)
+    points = axes.scatter(codes[:, 0], codes[:, 1], c=labels[:limit].cpu(), cmap="tab10", s=4)
+    figure.colorbar(points, ax=axes, label="class")
+    axes.set_title(f"latent codes ({model.latent_dim}-D{', PCA' if model.latent_dim > 2 else ''})")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def save_images(
+    model: Autoencoder, x: torch.Tensor, config: TrainConfig, folder: Path | str, labels: torch.Tensor | None = None
+) -> list[Path]:
+    """Write `image_grids` (and, given labels, the latent plot) as PNG files into `folder`."""
     from torchvision.utils import save_image
 
     folder = Path(folder)
@@ -78,4 +105,7 @@ def save_images(model: Autoencoder, x: torch.Tensor, config: TrainConfig, folder
     for name, grid in image_grids(model, x, config).items():
         save_image(grid, folder / name)
         paths.append(folder / name)
+    if labels is not None:
+        latent_plot(model, x, labels, folder / "latent.png")
+        paths.append(folder / "latent.png")
     return paths

@@ -4,7 +4,7 @@
     OUT/metrics.jsonl     one line of metrics per epoch
     OUT/last.pt           checkpoint after the latest epoch (resume with --resume OUT/last.pt)
     OUT/best.pt           checkpoint of the epoch with the lowest val/loss
-    OUT/*.png             reconstructions, prior samples, attention maps (what applies)
+    OUT/*.png             reconstructions, prior samples, attention maps, latent plot (what applies)
     OUT/result.json       final test metrics, summary and fingerprint
 
 The folder is created when the first epoch ends, so a run that fails before it trains (a bad
@@ -82,7 +82,8 @@ def run_in_folder(
     reporter = FolderReporter(Path(folder), config, earlier)
     result = train(config, data, reporter, resume_from=resume_state)
     reporter.open()  # in case no epoch was left to train
-    save_images(result.model, data.test_x.to(next(result.model.parameters()).device), config, reporter.folder)
+    device = next(result.model.parameters()).device
+    save_images(result.model, data.test_x.to(device), config, reporter.folder, data.test_y)
     summary = {
         "name": config.name,
         "variant": variant_family(config),

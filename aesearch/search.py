@@ -13,9 +13,12 @@ so a trial pays neither a process start nor `import torch`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -23,7 +26,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 # Set before Ray is imported and started (its workers inherit them). Ray's own terminal output,
 # loggers and working-directory changes, off: aesearch prints its own progress, writes its own
@@ -56,10 +59,28 @@ from aesearch.checkpoints import load_checkpoint  # noqa: E402
 from aesearch.config import variant_family  # noqa: E402
 from aesearch.data import Data, load_data  # noqa: E402
 from aesearch.errors import ConfigError, DivergedError, UserError  # noqa: E402
-from aesearch.space import DefineByRun, SearchSpace, decode_params, start_points, trial_config  # noqa: E402
+from aesearch.space import (  # noqa: E402
+    DefineByRun,
+    SearchSpace,
+    decode_params,
+    start_points,
+    trial_config,
+)
+from aesearch.tracking import (  # noqa: E402
+    SearchRun,
+    Tracking,
+    TrialRun,
+    git_commit,
+    is_local_store,
+    log_invalid_trial,
+    package_versions,
+    resolve_tracking_uri,
+)
 from aesearch.train import EpochEnd, train  # noqa: E402
 
-CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FILE = "checkpoint.pt"  # the run at the epoch reported
+BEST_FILE = "best.pt"  # the run at its best epoch so far
+TRACKING_FILE = "tracking_uri"  # where the search logs, so --resume logs there too
 
 @dataclass
 class SearchOptions:
@@ -69,6 +90,7 @@ class SearchOptions:
     data_dir: Path | None = None
     download: bool = False
     resume: bool = False
+    tracking_uri: str | None = None  # MLflow; None: $MLFLOW_TRACKING_URI, else the embedded store
     reuse_actors: bool = True  # False only to measure what reuse saves (benchmarks/)
 
 
@@ -76,20 +98,30 @@ class SearchOptions:
 
 
 class TuneReporter:
-    """Reports each epoch to Tune with a checkpoint of the run (what ASHA and retries need).
+    """Reports each epoch to Tune with a checkpoint of the run (what ASHA and retries need), after
+    the trial's MLflow run has it.
 
-    The last epoch is held back: `run_trial` reports it together with the evaluation suite's
-    test metrics, because ASHA stops a trial the moment it reports its final epoch.
+    Every checkpoint also carries `best.pt`, the checkpoint of the best epoch so far, so that a
+    restored trial still has it to log at its end. The last epoch is held back: `run_trial`
+    reports it together with the evaluation suite's test metrics, because ASHA stops a trial the
+    moment it reports its final epoch.
     """
 
-    def __init__(self, extra: dict[str, Any], epochs: int):
-        self.extra, self.epochs = extra, epochs
+    def __init__(self, extra: dict[str, Any], epochs: int, track: Callable[[EpochEnd], None]):
+        self.extra, self.epochs, self.track = extra, epochs, track
         self.held: tuple[dict[str, float], tempfile.TemporaryDirectory] | None = None
         self.started = time.perf_counter()
+        self.kept = tempfile.TemporaryDirectory()
+        self.best_file = Path(self.kept.name) / BEST_FILE
 
     def __call__(self, end: EpochEnd) -> None:
+        self.track(end)
         folder = tempfile.TemporaryDirectory()
         end.save_checkpoint(Path(folder.name) / CHECKPOINT_FILE)
+        if end.is_best:
+            shutil.copyfile(Path(folder.name) / CHECKPOINT_FILE, self.best_file)
+        if self.best_file.is_file():
+            shutil.copyfile(self.best_file, Path(folder.name) / BEST_FILE)
         if end.epoch == self.epochs:
             self.held = (end.metrics, folder)
             return
@@ -102,32 +134,46 @@ class TuneReporter:
         tune.report({**metrics, **self.extra, **elapsed}, checkpoint=checkpoint)
 
 
-def run_trial(params: dict[str, Any], data: Data, space: SearchSpace) -> None:
-    """The Ray Tune trainable: one trial of the search, trained by the one trainer."""
+def trial_number(trial_dir: str, trial_id: str) -> str:
+    """The trial's ordinal in the search (Tune names its folder `<trainable>_<id>_<n>_...`)."""
+    found = re.search(rf"{trial_id}_(\d+)", Path(trial_dir).name)
+    return found.group(1) if found else trial_id
+
+
+def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: Tracking) -> None:
+    """The Ray Tune trainable: one trial of the search, trained by the one trainer, logged to MLflow."""
     worst = math.inf if space.objective.mode == "min" else -math.inf
+    context = tune.get_context()
+    trial_id, node = context.get_trial_id(), ray.get_runtime_context().get_node_id()
+    number = trial_number(context.get_trial_dir(), trial_id)
     try:
         config = trial_config(space, decode_params(space, params))
     except ConfigError as error:  # conditions that overlap: not worth retrying
-        tune.report({"epoch": 0.0, space.objective.metric: worst, "outcome/invalid": 1.0, "error": str(error)[:500]})
+        run_id = log_invalid_trial(tracking, trial_id, number, params, str(error))
+        tune.report({"epoch": 0.0, space.objective.metric: worst, "outcome/invalid": 1.0, "error": str(error)[:500],
+                     "mlflow_run_id": run_id})
         return
     if config.runtime.device == "auto":
         # Ray hides no GPU from a trial that asked for none: use one only if it was given one.
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"device": device})})
-    reporter = TuneReporter(
-        {"family": variant_family(config), "node": ray.get_runtime_context().get_node_id()}, config.epochs
-    )
+    run = TrialRun(tracking, trial_id, number, config, data, node)
+    extra = {"family": variant_family(config), "node": node, "mlflow_run_id": run.run_id}
+    reporter = TuneReporter(extra, config.epochs, run.log_epoch)
     resume_state = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # a retry after a failure, or a resumed search
         with checkpoint.as_directory() as folder:
             resume_state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
+            if (Path(folder) / BEST_FILE).is_file():
+                shutil.copyfile(Path(folder) / BEST_FILE, reporter.best_file)
     try:
         result = train(config, data, reporter, resume_from=resume_state)
     except DivergedError as error:
         reporter.report({"epoch": float(error.epoch), space.objective.metric: worst, "outcome/diverged": 1.0})
         return
-    final = {**result.history[-1], **result.metrics, "outcome/completed": 1.0}
+    run.finish(result, reporter.best_file)  # before the last report: the driver closes the run on it
+    final = {**result.history[-1], **result.metrics, "outcome/completed": 1.0, "time/tracking_seconds": run.seconds}
     if reporter.held is None:  # resumed after the last epoch: nothing left to train
         reporter.report(final)
         return
@@ -167,21 +213,76 @@ def check_can_start(space: SearchSpace, options: SearchOptions) -> None:
 
 
 def search(space: SearchSpace, options: SearchOptions) -> pd.DataFrame:
-    """Run (or resume) the search; returns the leaderboard of every trial."""
+    """Run (or resume) the search, tracked in MLflow; returns the leaderboard of every trial."""
     check_can_start(space, options)
+    uri = resolve_tracking_uri(options.tracking_uri)
+    check_tracking(options, uri)
     data = load_data(space.data, options.data_dir, options.download)
+    runs = SearchRun(uri, options.name)  # opening an embedded store creates it: after every check of input
+    if not options.resume:
+        runs.check_new()
     connect(options.address)
     try:
         check_resources(space, local=options.address is None)
-        results = _fit(space, options, data)
+        if options.address and is_local_store(uri):
+            print(f"aesearch: warning: trials on other nodes log to {uri} only if they see this path; "
+                  "give a tracking server with --tracking-uri http://HOST:PORT", file=sys.stderr)
+        tracking = runs.start(options.resume, describe(space, options, data), space_document(space))
+        try:
+            results = _fit(space, options, data, tracking)
+        except BaseException:
+            runs.finish("FAILED", None)
+            raise
     finally:
         ray.shutdown()
     if interrupted(space, options):
+        runs.finish("KILLED", None)
         raise SearchInterrupted(options.name)
     board = leaderboard(results, space)
     if "://" not in options.storage:
         board.to_csv(Path(experiment_folder(options)) / "leaderboard.csv", index=False)
+    finite = board[board[space.objective.metric].map(lambda v: isinstance(v, float) and math.isfinite(v))]
+    if len(finite):
+        best = finite.iloc[0]
+        runs.register_best(best["trial"], {k: best[k] for k in LEADERBOARD_METRICS if pd.notna(best.get(k))})
+    runs.finish("FINISHED", board.to_csv(index=False), set(board["trial"]))
     return board
+
+
+def check_tracking(options: SearchOptions, uri: str) -> None:
+    """A resumed search logs where it started: refuse another tracking store."""
+    recorded = Path(experiment_folder(options)) / TRACKING_FILE
+    if options.resume and "://" not in options.storage and recorded.is_file():
+        started_with = recorded.read_text(encoding="utf-8").strip()
+        if started_with != uri:
+            raise UserError(
+                f"--tracking-uri {uri}: search {options.name!r} was started with tracking store "
+                f"{started_with}; resume it with --tracking-uri {started_with}"
+            )
+
+
+def space_document(space: SearchSpace) -> str:
+    return yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False)
+
+
+def describe(space: SearchSpace, options: SearchOptions, data: Data) -> dict[str, dict[str, Any]]:
+    """The search run's params (what was searched, on what) and tags (with what, where)."""
+    resources = ray.cluster_resources()
+    params = {
+        "seed": space.seed, "dataset": space.data.name, "dataset_fingerprint": data.fingerprint,
+        "objective.metric": space.objective.metric, "objective.mode": space.objective.mode,
+        "budget.num_samples": space.budget.num_samples, "budget.max_epochs": space.budget.max_epochs,
+        "budget.grace_period": space.budget.grace_period, "budget.reduction_factor": space.budget.reduction_factor,
+        "max_concurrent": space.max_concurrent, "resources.cpu": space.resources.cpu,
+        "resources.gpu": space.resources.gpu, "searched": ", ".join(space.space),
+    }
+    tags = {
+        **{f"version.{name}": version for name, version in package_versions().items()},
+        "git_commit": git_commit(), "storage": experiment_folder(options),
+        "cluster.nodes": str(sum(1 for node in ray.nodes() if node.get("Alive"))),
+        "cluster.cpus": f"{resources.get('CPU', 0):g}", "cluster.gpus": f"{resources.get('GPU', 0):g}",
+    }
+    return {"params": params, "tags": tags}
 
 
 class SearchInterrupted(Exception):
@@ -240,9 +341,9 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise UserError(f"--address {address}: no Ray cluster answers there ({error.strerror or error})") from None
 
 
-def _fit(space: SearchSpace, options: SearchOptions, data: Data):
+def _fit(space: SearchSpace, options: SearchOptions, data: Data, tracking: Tracking):
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, data=data, space=space),
+        tune.with_parameters(run_trial, data=data, space=space, tracking=tracking),
         {"cpu": space.resources.cpu, "gpu": space.resources.gpu},
     )
     path = experiment_folder(options)
@@ -279,17 +380,22 @@ def _fit(space: SearchSpace, options: SearchOptions, data: Data):
                 name=options.name,
                 storage_path=options.storage,
                 failure_config=tune.FailureConfig(max_failures=budget.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[JsonLoggerCallback(), Progress(space)],
+                # No num_to_keep: Ray would delete a checkpoint the saved search state still
+                # names (see CheckpointPruner); the pruner keeps the disk bounded instead.
+                callbacks=[
+                    JsonLoggerCallback(), Progress(space), CheckpointPruner(experiment_folder(options)),
+                    RunCloser(tracking),
+                ],
                 verbose=0,
             ),
         )
         if "://" not in options.storage:
             Path(path).mkdir(parents=True, exist_ok=True)
-            (Path(path) / "space.yaml").write_text(
-                yaml.safe_dump(space.model_dump(mode="json"), sort_keys=False), encoding="utf-8"
-            )
-    return tuner.fit()
+            (Path(path) / "space.yaml").write_text(space_document(space), encoding="utf-8")
+            (Path(path) / TRACKING_FILE).write_text(tracking.uri + "\n", encoding="utf-8")
+    results = tuner.fit()
+    prune_checkpoints(experiment_folder(options))  # the final state save has reached storage now
+    return results
 
 
 # --- what the user sees -----------------------------------------------------------------------
@@ -363,8 +469,90 @@ class Progress(Callback):
         sys.stderr.flush()
 
 
+class RunCloser(Callback):
+    """Gives each trial's MLflow run its outcome and terminal status as soon as Tune is done with it
+    (the trial itself cannot: ASHA stops it between two epochs). Pickled with the search: it holds
+    only where to log, and opens its client when the search (re)starts."""
+
+    def __init__(self, tracking: Tracking):
+        self.tracking = tracking
+
+    def setup(self, **info):
+        self.runs = SearchRun(self.tracking.uri, tracking=self.tracking)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        ended = outcome(last, None)
+        if outcome_kind(ended) == "stopped early" and last.get("mlflow_run_id") and trial.checkpoint:
+            self.runs.log_best_checkpoint(last["mlflow_run_id"], trial.checkpoint)
+        self.runs.close_trial(trial.trial_id, ended, last.get("mlflow_run_id"))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.runs.close_trial(trial.trial_id, "errored", (trial.last_result or {}).get("mlflow_run_id"))
+
+
+class CheckpointPruner(Callback):
+    """Prunes superseded trial checkpoints at each save of the search state (Tune's `get_state` hook).
+
+    Ray's own `CheckpointConfig(num_to_keep)` deletes a checkpoint the moment a newer one is
+    reported, before the search state naming the newer one has reached storage (that upload runs
+    in the background and is skipped while an earlier one still runs): a driver killed in between
+    leaves trials that `--resume` cannot restore. See `prune_checkpoints` for the safe rule.
+    """
+
+    def __init__(self, experiment_path: str):
+        self.experiment_path = experiment_path
+
+    def get_state(self) -> None:
+        prune_checkpoints(self.experiment_path)
+        return None  # the pruner keeps no state of its own
+
+
+def prune_checkpoints(experiment_path: str) -> None:
+    """Deletes each trial's checkpoints older than the one its stored search state would restore.
+
+    The stored state only ever moves forward, so a checkpoint older than the one it names now is
+    never needed again: not by `--resume`, not by the leaderboard (which reads the newest).
+    """
+    from pyarrow.fs import FileSelector, FileType
+
+    for fs, trial_dir, restorable in stored_checkpoints(experiment_path):
+        selector = FileSelector(trial_dir, allow_not_found=True)
+        for info in fs.get_file_info(selector):
+            if info.type == FileType.Directory and info.base_name.startswith("checkpoint_") and (
+                info.base_name < restorable
+            ):
+                fs.delete_dir(info.path)
+
+
+def stored_checkpoints(experiment_path: str) -> list[tuple[Any, str, str]]:
+    """(filesystem, trial folder, checkpoint name) that resuming from the stored state would restore."""
+    from ray.train._internal.storage import get_fs_and_path
+    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    try:
+        state_file = _find_newest_experiment_checkpoint(experiment_path)
+        if state_file is None:
+            return []
+        fs, fs_path = get_fs_and_path(state_file)
+        with fs.open_input_stream(fs_path) as stream:
+            state = json.loads(stream.readall())
+    except (OSError, ValueError):
+        return []  # not written yet, or caught mid-upload: keep everything until the next save
+    restorable = []
+    for _, run_metadata_json in state["trial_data"]:
+        manager = _TrainingRunMetadata.from_json_state(run_metadata_json).checkpoint_manager
+        latest = manager.latest_checkpoint_result if manager else None
+        if latest is not None and latest.checkpoint is not None:
+            trial_dir, name = latest.checkpoint.path.rstrip("/").rsplit("/", 1)
+            restorable.append((latest.checkpoint.filesystem, trial_dir, name))
+    return restorable
+
+
 LEADERBOARD_METRICS = [
     "test/recon_mse", "test/psnr", "test/probe_accuracy", "test/nll", "model/parameters", "time/trial_seconds",
+    "time/tracking_seconds",
 ]
 
 
@@ -384,6 +572,7 @@ def leaderboard(results, space: SearchSpace) -> pd.DataFrame:
                 metric: last.get(metric, math.nan),
                 **{name: last.get(name, math.nan) for name in LEADERBOARD_METRICS},
                 "node": last.get("node", ""),
+                "mlflow_run_id": last.get("mlflow_run_id", ""),
                 "params": ", ".join(f"{k}={v}" for k, v in params.items()),
             }
         )

@@ -44,6 +44,7 @@ class EpochEnd:
     metrics: dict[str, float]
     is_best: bool  # lowest val/loss so far
     save_checkpoint: Callable[[Path | str], None]
+    model: Autoencoder  # the live model (a reporter that draws with it restores its mode)
 
 
 Reporter = Callable[[EpochEnd], None]
@@ -174,7 +175,7 @@ class Trainer:
         if is_best:
             self.best_epoch, self.best_value = self.epoch, metrics[SELECTION_METRIC]
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        return EpochEnd(self.epoch, metrics, is_best, self.save)
+        return EpochEnd(self.epoch, metrics, is_best, self.save, self.model)
 
     def _batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(clean x, the encoder's input) for a batch."""

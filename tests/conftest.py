@@ -1,6 +1,8 @@
-"""Shared fixtures: real datasets (scikit-learn's digits; MNIST copied from ../shared/datasets)."""
+"""Shared fixtures: real datasets (scikit-learn's digits; MNIST copied from ../shared/datasets), the
+environment of Ray processes, and one small search that several test modules read."""
 
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -40,3 +42,31 @@ def mnist_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("datasets")
     shutil.copytree(source, root / "MNIST" / "raw")
     return root
+
+
+@pytest.fixture(scope="session")
+def ray_env(tmp_path_factory):
+    """The environment of every Ray process here: our own token, loopback addresses."""
+    folder = tmp_path_factory.mktemp("ray")
+    token = folder / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    return {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@pytest.fixture(scope="session")
+def small_search(tmp_path_factory, ray_env):
+    """One small search (8 trials: completed, stopped early, diverged) run as `make quickstart`
+    runs it, logged to an embedded MLflow store: (experiment folder, the finished process)."""
+    from tests.searching import DIVERGING_START, run, uv_run_command, write_space
+
+    folder = tmp_path_factory.mktemp("search")
+    space = write_space(folder, "small", trials=8, epochs=3, grace=1, extra=DIVERGING_START)
+    done = run(uv_run_command(space, folder / "results"), ray_env, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder / "results" / "small", done

@@ -42,11 +42,12 @@ def test_train_prints_final_metrics_as_json_on_the_last_line(trained_run):
 def test_train_writes_a_complete_run_folder(trained_run):
     folder, _ = trained_run
     assert {p.name for p in folder.iterdir()} == {
-        "config.yaml", "metrics.jsonl", "last.pt", "best.pt", "reconstructions.png", "result.json",
+        "config.yaml", "metrics.jsonl", "last.pt", "best.pt", "reconstructions.png", "latent.png", "result.json",
     }
     lines = (folder / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
     assert (folder / "reconstructions.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert (folder / "latent.png").read_bytes().startswith(PNG_SIGNATURE)
     assert load_checkpoint(folder / "last.pt")["epoch"] == 3
 
 

@@ -1,6 +1,12 @@
 import pytest
 
-from aesearch.config import TrainConfig, apply_overrides, load_config, parse_config, variant_family
+from aesearch.config import (
+    TrainConfig,
+    apply_overrides,
+    load_config,
+    parse_config,
+    variant_family,
+)
 from aesearch.errors import ConfigError
 
 

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,92 +18,13 @@ import pandas as pd
 import pytest
 
 from tests.conftest import REPO
-
-SEARCH_SPACE = """
-name: {name}
-data: {{name: digits}}
-base:
-  model: {{hidden_dims: [32]}}
-  optimizer: {{batch_size: 64}}
-  evaluation: {{iwae_samples: 5, kmeans_restarts: 1}}
-space:
-  model.latent: {{type: categorical, choices: [deterministic, gaussian]}}
-  model.latent_dim: {{type: categorical, choices: [4, 16]}}
-  objective.kl.beta: {{type: float, low: 0.5, high: 4, log: true, when: {{model.latent: gaussian}}}}
-  optimizer.lr: {{type: float, low: 0.00001, high: 1.0, log: true}}
-objective: {{metric: val/recon_mse, mode: min}}
-budget: {{num_samples: {trials}, max_epochs: {epochs}, grace_period: {grace}, reduction_factor: 2}}
-resources: {{cpu: 1}}
-max_concurrent: 2
-seed: 0
-{extra}
-"""
-# A VAE at this learning rate turns NaN in its first epoch (a diverged trial).
-DIVERGING_START = "start_with: [{model.latent: gaussian, model.latent_dim: 16, optimizer.lr: 1.0}]"
-
-
-@pytest.fixture(scope="module")
-def ray_env(tmp_path_factory):
-    """The environment of every Ray process here: our own token, loopback addresses."""
-    folder = tmp_path_factory.mktemp("ray")
-    token = folder / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    return {
-        **os.environ,
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token),
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "PYTHONUNBUFFERED": "1",
-    }
-
-
-def write_space(folder: Path, name: str, trials: int, epochs: int, grace: int, extra: str = "") -> Path:
-    path = folder / f"{name}.yaml"
-    path.write_text(SEARCH_SPACE.format(name=name, trials=trials, epochs=epochs, grace=grace, extra=extra))
-    return path
-
-
-def search_command(space: Path, storage: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "aesearch.cli", "search", str(space), "--storage", str(storage), *extra]
-
-
-def uv_run_command(space: Path, storage: Path, *extra: str) -> list[str]:
-    """The search as `make quickstart` runs it: under `uv run` (which Ray treats specially)."""
-    uv = shutil.which("uv") or str(REPO / ".tools" / "bin" / "uv")
-    return [uv, "run", "--no-sync", "aesearch", "search", str(space), "--storage", str(storage), *extra]
-
-
-def run(command: list[str], env: dict, timeout: float = 300, **options) -> subprocess.CompletedProcess:
-    """Run a command in a process group of its own; on timeout, stop the whole group."""
-    process = subprocess.Popen(
-        command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"{' '.join(command[:4])} ... did not finish in {timeout} s:\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-
-
-def trial_reports(experiment: Path) -> dict[str, list[dict]]:
-    """Every trial's reports, from the JSON log Tune writes in each trial folder."""
-    reports = {}
-    for log in experiment.glob("*/result.json"):
-        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        if lines:
-            reports[lines[0]["trial_id"]] = lines
-    return reports
-
-
-@pytest.fixture(scope="module")
-def small_search(tmp_path_factory, ray_env):
-    folder = tmp_path_factory.mktemp("search")
-    space = write_space(folder, "small", trials=8, epochs=3, grace=1, extra=DIVERGING_START)
-    done = run(uv_run_command(space, folder / "results"), ray_env, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return folder / "results" / "small", done
+from tests.searching import (
+    run,
+    search_command,
+    tracking_uri,
+    trial_reports,
+    write_space,
+)
 
 
 def test_every_trial_reports_the_yardstick_every_epoch(small_search):
@@ -159,6 +79,24 @@ def test_progress_is_shown_live(small_search):
     assert progress and "best val/recon_mse" in progress[-1]
 
 
+def checkpoints_kept(experiment: Path) -> dict[str, list[str]]:
+    """Trial id -> names of the checkpoint folders left in its trial folder."""
+    kept = {}
+    for log in experiment.glob("*/result.json"):
+        trial_id = json.loads(log.read_text().splitlines()[0])["trial_id"]
+        kept[trial_id] = sorted(p.name for p in log.parent.glob("checkpoint_*"))
+    return kept
+
+
+def test_a_finished_search_keeps_only_each_trials_newest_checkpoint(small_search):
+    experiment, _ = small_search
+    reports = trial_reports(experiment)
+    for trial, kept in checkpoints_kept(experiment).items():
+        epochs = len(reports[trial])  # every epoch reports a checkpoint, numbered from 0
+        diverged = not math.isfinite(reports[trial][-1]["val/recon_mse"])  # nothing worth keeping
+        assert kept == ([] if diverged else [f"checkpoint_{epochs - 1:06d}"]), trial
+
+
 def test_a_second_search_of_the_same_name_is_refused(small_search, ray_env):
     experiment, _ = small_search
     space = experiment.parent.parent / "small.yaml"
@@ -169,20 +107,21 @@ def test_a_second_search_of_the_same_name_is_refused(small_search, ray_env):
 
 def saved_statuses(experiment: Path) -> dict[str, str]:
     """Trial statuses in the experiment state the driver last saved (what --resume starts from)."""
-    from ray.tune import ExperimentAnalysis
-
     try:
-        return {trial.trial_id: trial.status for trial in ExperimentAnalysis(str(experiment)).trials}
-    except Exception:  # nothing saved yet, or a state file being written
+        state = json.loads(max(experiment.glob("experiment_state-*.json")).read_text())
+    except (ValueError, OSError):  # nothing saved yet, or a state file being written
         return {}
+    trials = [json.loads(trial_json) for trial_json, _ in state["trial_data"]]
+    return {trial["trial_id"]: trial["status"] for trial in trials}
 
 
 def test_resume_after_a_killed_driver_finishes_without_repeating_trials(tmp_path, ray_env):
-    space = write_space(tmp_path, "killed", trials=8, epochs=4, grace=4)
+    space = write_space(tmp_path, "killed", trials=8, epochs=16, grace=16)
     storage = tmp_path / "results"
     experiment = storage / "killed"
+    frequent_saves = {**ray_env, "TUNE_GLOBAL_CHECKPOINT_S": "0.5"}  # many saves, many prunes: many chances to race
     driver = subprocess.Popen(
-        search_command(space, storage), env=ray_env, start_new_session=True,
+        search_command(space, storage), env=frequent_saves, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -205,6 +144,24 @@ def test_resume_after_a_killed_driver_finishes_without_repeating_trials(tmp_path
     after = trial_reports(experiment)
     for trial, lines in finished.items():  # finished before the kill: not one more report
         assert after[trial] == lines, f"finished trial {trial} ran again"
+    assert all(len(kept) == 1 for kept in checkpoints_kept(experiment).values())  # the killed run's too
+
+    # MLflow: a restored trial went on in its own run; every epoch logged once; all runs ended.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri(storage))
+    experiment_id = client.get_experiment_by_name("killed").experiment_id
+    runs = client.search_runs([experiment_id], filter_string="tags.`aesearch.role` = 'trial'")
+    assert sorted(r.data.tags["aesearch.trial_id"] for r in runs) == sorted(board["trial"])
+    from mlflow.entities import ViewType
+
+    lost = client.search_runs([experiment_id], filter_string="tags.`aesearch.role` = 'trial'",
+                              run_view_type=ViewType.DELETED_ONLY)  # begun after the last saved state
+    assert all(r.info.status == "KILLED" and r.data.tags["outcome"].startswith("lost") for r in lost)
+    for trial_run in runs:
+        assert trial_run.info.status == "FINISHED" and trial_run.data.tags["outcome"] == "completed"
+        steps = [m.step for m in client.get_metric_history(trial_run.info.run_id, "val/recon_mse")]
+        assert sorted(steps) == list(range(1, 17)), trial_run.data.tags["aesearch.trial_id"]
 
 
 @pytest.fixture

@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 
 from aesearch.config import variant_family
 from aesearch.errors import ConfigError
-from aesearch.space import DefineByRun, load_space, parse_space, sample_params, start_points, trial_config
+from aesearch.space import (
+    DefineByRun,
+    load_space,
+    parse_space,
+    sample_params,
+    start_points,
+    trial_config,
+)
 from tests.conftest import REPO
 
 SPACES = sorted((REPO / "search_spaces").glob("*.yaml"))

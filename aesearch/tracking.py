@@ -1,0 +1,442 @@
+"""MLflow tracking: one experiment per search, a parent run for the search, one child run per trial.
+
+    experiment <search name>              tagged so the UI opens on its training runs
+      run <search name>                   space.yaml, seed, dataset fingerprint, versions, git commit,
+                                          cluster size, leaderboard.csv, the best model (registered)
+        run vae-dense-z16-b2.0-#17        one per Tune trial: the resolved config as params, tags,
+                                          per-epoch metrics (step = epoch), test/... metrics,
+                                          images/, config.yaml, checkpoints/best.pt
+
+A trial logs its own run from inside the trial (`TrialRun`), the only thing that writes it; a
+trial restored from a checkpoint finds its run again by its Ray trial id and goes on in it. The
+driver (`SearchRun`) owns the parent run and gives every child run its outcome and terminal
+status when Tune is done with the trial, so no run is left "running" after a search.
+
+Where: `--tracking-uri`, else MLFLOW_TRACKING_URI, else an embedded SQLite store in the working
+directory (`mlflow.db`, artifacts in `mlartifacts/`). An `mlflow server` over HTTP with proxied
+artifacts lets trials on any node log without shared disk. Credentials go in MLflow's own
+variables (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME/PASSWORD), never in the URI.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import torch
+import yaml
+
+from aesearch.config import TrainConfig, flatten, variant_family
+from aesearch.errors import UserError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from aesearch.data import Data
+    from aesearch.train import EpochEnd, TrainResult
+
+# No download progress bars in trial logs, no usage reports sent home from every trial process
+# (the user's environment can say otherwise).
+for _key, _value in {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
+    os.environ.setdefault(_key, _value)
+
+EMBEDDED_DB = "mlflow.db"
+EMBEDDED_ARTIFACTS = "mlartifacts"
+TRIAL_ID_TAG = "aesearch.trial_id"
+ROLE_TAG = "aesearch.role"  # "search" (the parent run) or "trial"
+OUTCOME_TAG = "outcome"
+BEST_CHECKPOINT = "checkpoints/best.pt"
+MLFLOW_BATCH = 100  # MLflow takes at most 100 params (and 1000 metrics) per log_batch call
+
+
+def resolve_tracking_uri(flag: str | None) -> str:
+    """`--tracking-uri`, else MLFLOW_TRACKING_URI, else the embedded store in the working directory."""
+    uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / EMBEDDED_DB}"
+    parts = urlsplit(uri)
+    if parts.password or parts.username:  # it would reach logs, tags and Ray's job config
+        raise UserError(
+            f"--tracking-uri {parts.scheme}://***@{parts.hostname}: credentials in the URI are refused; "
+            "put them in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+        )
+    if parts.scheme not in ("sqlite", "http", "https", "file", "postgresql", "mysql", "databricks", ""):
+        raise UserError(f"--tracking-uri {uri}: unsupported scheme {parts.scheme!r} (sqlite, http(s), file, postgresql, mysql)")
+    return uri
+
+
+def is_local_store(uri: str) -> bool:
+    """A store only this machine (or a shared disk) can reach."""
+    return urlsplit(uri).scheme in ("sqlite", "file", "")
+
+
+def embedded_artifacts(uri: str, experiment: str) -> str | None:
+    """For a SQLite store, artifacts live beside the database file; other stores decide themselves."""
+    parts = urlsplit(uri)
+    if parts.scheme != "sqlite":
+        return None
+    return (Path(parts.path).parent / EMBEDDED_ARTIFACTS / experiment).as_uri()
+
+
+def client(uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ui_command(flag: str | None, port: int) -> tuple[list[str], str]:
+    """`mlflow server` on 127.0.0.1 for a store, without the background job workers a UI does not need."""
+    import sys
+
+    uri = resolve_tracking_uri(flag)
+    if not is_local_store(uri):
+        raise UserError(f"--tracking-uri {uri}: a tracking server already serves its own UI; open it in a browser")
+    if urlsplit(uri).scheme == "sqlite" and not Path(urlsplit(uri).path).is_file():
+        raise UserError(f"--tracking-uri {uri}: no such store yet (run a search first)")
+    os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1"]
+    return command, uri
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where a search logs; picklable, so it travels with every trial to any node."""
+
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+# --- names and tags ---------------------------------------------------------------------------
+
+
+def run_name(config: TrainConfig, number: str) -> str:
+    """Readable and unique within a search: `vae-dense-z16-b2.0-#17`, `denoising-conv-z8-gaussian0.3-#4`."""
+    family, architecture = variant_family(config), config.model.architecture
+    parts = [family] if family == architecture else [family, architecture]
+    parts.append(f"z{config.model.latent_dim}")
+    if config.model.latent == "gaussian":
+        parts.append(f"b{config.objective.kl.beta:.3g}")
+    if config.corruption.kind != "none":
+        parts.append(f"{config.corruption.kind}{config.corruption.level:.3g}")
+    return "-".join(parts) + f"-#{number}"
+
+
+def objective_summary(config: TrainConfig) -> str:
+    """The loss as a formula of named terms, e.g. `mse + 2*kl(linear)` or `bce + 0.001*sparsity_kl`."""
+    objective = config.objective
+    terms = [objective.reconstruction]
+    if config.model.latent == "gaussian":
+        terms.append(f"{objective.kl.beta:g}*kl({objective.kl.schedule})")
+    if objective.sparsity.kind != "none":
+        terms.append(f"{objective.sparsity.weight:g}*sparsity_{objective.sparsity.kind}")
+    if objective.contractive_weight > 0:
+        terms.append(f"{objective.contractive_weight:g}*contractive")
+    return " + ".join(terms)
+
+
+def trial_tags(config: TrainConfig) -> dict[str, str]:
+    return {
+        "family": variant_family(config),
+        "architecture": config.model.architecture,
+        "latent": config.model.latent,
+        "noise": config.corruption.kind if config.corruption.kind == "none" else f"{config.corruption.kind}:{config.corruption.level:g}",
+        "objective": objective_summary(config),
+        "dataset": config.data.name,
+    }
+
+
+def as_param(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+# --- inside a trial ---------------------------------------------------------------------------
+
+
+def image_epochs(epochs: int) -> set[int]:
+    """A few epochs to draw reconstructions at during training (the end is drawn anyway)."""
+    return {e for e in (1, math.ceil(epochs / 4), math.ceil(epochs / 2), math.ceil(3 * epochs / 4)) if e < epochs}
+
+
+def find_trial_run(mlflow: MlflowClient, experiment_id: str, trial_id: str) -> Any:
+    """The run a Ray trial already has (it is being retried or resumed), or None."""
+    found = mlflow.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial_id}'", max_results=1)
+    return found[0] if found else None
+
+
+class TrialRun:
+    """One trial's MLflow run, written from inside the trial; a restored trial continues it."""
+
+    def __init__(self, tracking: Tracking, trial_id: str, number: str, config: TrainConfig, data: Data, node: str):
+        self.client, self.config, self.data = client(tracking.uri), config, data
+        self.draw_at = image_epochs(config.epochs)
+        self.seconds = 0.0  # time spent tracking (benchmarks/ reads it)
+        with self._timed():
+            existing = find_trial_run(self.client, tracking.experiment_id, trial_id)
+            if existing is not None:  # a retry or a resumed search: the same run goes on
+                self.run_id = existing.info.run_id
+                self.client.update_run(self.run_id, status="RUNNING")
+                logged = self.client.get_metric_history(self.run_id, "val/recon_mse")
+                self.logged_through = max((m.step for m in logged), default=0)
+                self.client.set_tag(self.run_id, "node", node)
+                return
+            from mlflow.entities import Param
+            from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+            tags = {MLFLOW_PARENT_RUN_ID: tracking.parent_run_id, ROLE_TAG: "trial", TRIAL_ID_TAG: trial_id,
+                    "node": node, **trial_tags(config)}
+            run = self.client.create_run(tracking.experiment_id, run_name=run_name(config, number), tags=tags)
+            self.run_id, self.logged_through = run.info.run_id, 0
+            params = [Param(k, as_param(v)) for k, v in flatten(config.model_dump(mode="json")).items()]
+            for start in range(0, len(params), MLFLOW_BATCH):
+                self.client.log_batch(self.run_id, params=params[start : start + MLFLOW_BATCH], synchronous=True)
+            config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+            self.client.log_text(self.run_id, config_yaml, "config.yaml")
+
+    @contextmanager
+    def _timed(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def log_epoch(self, end: EpochEnd) -> None:
+        """One batch of metrics per epoch (step = epoch); reconstructions at a few epochs."""
+        with self._timed():
+            self._log_epoch(end)
+
+    def _log_epoch(self, end: EpochEnd) -> None:
+        if end.epoch <= self.logged_through:  # logged before the trial was restored
+            return
+        self.log_metrics(end.metrics, end.epoch)
+        if end.epoch in self.draw_at:
+            training = end.model.training
+            with tempfile.TemporaryDirectory() as folder:
+                self._draw(end.model, self.data.val_x, Path(folder) / f"epoch_{end.epoch:04d}.png")
+                self.client.log_artifact(self.run_id, str(Path(folder) / f"epoch_{end.epoch:04d}.png"), "images/reconstructions")
+            end.model.train(training)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        for start in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000], synchronous=True)
+
+    def finish(self, result: TrainResult, best_checkpoint: Path | None) -> None:
+        """The test suite, the final pictures, the best checkpoint. The driver closes the run."""
+        with self._timed():
+            self._finish(result, best_checkpoint)
+
+    def _finish(self, result: TrainResult, best_checkpoint: Path | None) -> None:
+        from aesearch.images import save_images
+
+        self.log_metrics(result.metrics, len(result.history))
+        with tempfile.TemporaryDirectory() as folder:
+            device = next(result.model.parameters()).device
+            save_images(result.model, self.data.test_x.to(device), self.config, folder, self.data.test_y)
+            self.client.log_artifacts(self.run_id, folder, "images")
+        if best_checkpoint is not None and best_checkpoint.is_file():
+            self.client.log_artifact(self.run_id, str(best_checkpoint), Path(BEST_CHECKPOINT).parent.as_posix())
+
+    def _draw(self, model: Any, x: torch.Tensor, path: Path) -> None:
+        from torchvision.utils import save_image
+
+        from aesearch.images import reconstruction_grid
+
+        sample = x[: self.config.evaluation.image_count].to(next(model.parameters()).device)
+        save_image(reconstruction_grid(model, sample, self.config.corruption.kind, self.config.corruption.level), path)
+
+
+def log_invalid_trial(tracking: Tracking, trial_id: str, number: str, params: dict[str, Any], error: str) -> str:
+    """A trial whose sampled parameters make no valid config still gets its run (with the reason)."""
+    from mlflow.entities import Param
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    mlflow = client(tracking.uri)
+    existing = find_trial_run(mlflow, tracking.experiment_id, trial_id)
+    if existing is not None:
+        return existing.info.run_id
+    tags = {MLFLOW_PARENT_RUN_ID: tracking.parent_run_id, ROLE_TAG: "trial", TRIAL_ID_TAG: trial_id, "error": error[:5000]}
+    run_id = mlflow.create_run(tracking.experiment_id, run_name=f"invalid-#{number}", tags=tags).info.run_id
+    mlflow.log_batch(run_id, params=[Param(k, as_param(v)) for k, v in params.items()], synchronous=True)
+    return run_id
+
+
+# --- the driver -------------------------------------------------------------------------------
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("aesearch", "torch", "torchvision", "ray", "optuna", "mlflow"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "missing"
+    return versions
+
+
+def git_commit() -> str:
+    """The commit of the code that ran ("unknown" outside a git checkout; "+dirty" if edited)."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if commit.returncode != 0:
+        return "unknown"
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+class SearchRun:
+    """The driver's side: the experiment, the parent run, and every trial run's ending."""
+
+    def __init__(self, uri: str, name: str = "", tracking: Tracking | None = None):
+        self.uri, self.name, self.client = uri, name, client(uri)
+        self.tracking = tracking  # set by `start`
+
+    def check_new(self) -> None:
+        """Refuse a second search of the same name in one tracking store (before anything starts)."""
+        experiment = self.client.get_experiment_by_name(self.name)
+        if experiment is not None and self.client.search_runs([experiment.experiment_id], max_results=1):
+            raise UserError(
+                f"--name {self.name}: the tracking store {self.uri} already holds an experiment of that name "
+                "with runs; pick another --name, or --resume that search"
+            )
+
+    def start(self, resume: bool, describe: dict[str, Any], space_yaml: str) -> Tracking:
+        experiment = self.client.get_experiment_by_name(self.name)
+        if experiment is None:
+            location = embedded_artifacts(self.uri, self.name)
+            experiment_id = self.client.create_experiment(self.name, artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
+        # MLflow's UI opens an experiment of this kind on its training runs (not GenAI traces).
+        self.client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+        parents = self.client.search_runs([experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'search'", max_results=1)
+        if resume and parents:
+            run_id = parents[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(experiment_id, run_name=self.name, tags={ROLE_TAG: "search", **describe["tags"]})
+            run_id = run.info.run_id
+            from mlflow.entities import Param
+
+            params = [Param(k, as_param(v)) for k, v in describe["params"].items()]
+            self.client.log_batch(run_id, params=params, synchronous=True)
+            self.client.log_text(run_id, space_yaml, "space.yaml")
+        self.tracking = Tracking(self.uri, experiment_id, run_id)
+        return self.tracking
+
+    def trial_runs(self) -> dict[str, Any]:
+        """Ray trial id -> its MLflow run, for every trial run of this search."""
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        found, token = {}, None
+        while True:
+            page = self.client.search_runs(
+                [self.tracking.experiment_id],
+                filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.tracking.parent_run_id}'",
+                max_results=1000, page_token=token,
+            )
+            found |= {run.data.tags.get(TRIAL_ID_TAG): run for run in page}
+            token = page.token
+            if not token:
+                return found
+
+    def close_trial(self, trial_id: str, outcome: str, run_id: str | None = None) -> None:
+        """Give a trial's run its outcome and a terminal status (FINISHED, or FAILED if it errored)."""
+        if run_id is None:  # it errored before its first report
+            run = self.trial_runs().get(trial_id)
+            if run is None:  # ... or before it could open its run
+                return
+            run_id = run.info.run_id
+        self.client.set_tag(run_id, OUTCOME_TAG, outcome)
+        self.client.set_terminated(run_id, status="FAILED" if outcome == "errored" else "FINISHED")
+
+    def log_best_checkpoint(self, run_id: str, checkpoint: Any) -> None:
+        """For a trial ASHA stopped between epochs: its best checkpoint, from its last Tune checkpoint."""
+        with checkpoint.as_directory() as folder:
+            best = Path(folder) / Path(BEST_CHECKPOINT).name
+            if best.is_file():
+                self.client.log_artifact(run_id, str(best), Path(BEST_CHECKPOINT).parent.as_posix())
+
+    def finish(self, status: str, leaderboard_csv: str | None = None, trial_ids: set[str] | None = None) -> None:
+        """End the search run with `status`. Trial runs Tune left unfinished become KILLED; runs of
+        trials Tune no longer knows (started after a killed driver last saved its state, and so
+        sampled afresh by the resumed search) are closed and deleted (soft: MLflow can restore them)."""
+        for trial_id, run in self.trial_runs().items():
+            if trial_ids is not None and trial_id not in trial_ids:
+                self.client.set_tag(run.info.run_id, OUTCOME_TAG, "lost: the search state was saved before this trial began")
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+                self.client.delete_run(run.info.run_id)
+            elif run.info.status == "RUNNING":
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+        if leaderboard_csv is not None:
+            self.client.log_text(self.tracking.parent_run_id, leaderboard_csv, "leaderboard.csv")
+        self.client.set_terminated(self.tracking.parent_run_id, status=status)
+
+    def register_best(self, trial_id: str, metrics: dict[str, float]) -> str | None:
+        """Log the best trial's model (best weights, with a signature) and register it as `<search name>`."""
+        import mlflow
+        from mlflow.models import infer_signature
+
+        from aesearch.checkpoints import load_checkpoint
+        from aesearch.config import parse_config
+        from aesearch.data import DATASETS
+        from aesearch.models import build_model
+
+        run = self.trial_runs().get(trial_id)
+        if run is None:
+            return None
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                path = self.client.download_artifacts(run.info.run_id, BEST_CHECKPOINT, folder)
+            except Exception:  # noqa: BLE001 - a trial that ended before its first best epoch
+                return None
+            state = load_checkpoint(path)
+        config = parse_config(state["config"], source=f"{BEST_CHECKPOINT} of run {run.info.run_id}")
+        shape = DATASETS[config.data.name].shape
+        model = Reconstruction(build_model(config.model, shape))
+        model.autoencoder.load_state_dict(state["model"])
+        example = torch.rand(2, *shape)
+        with torch.no_grad():
+            signature = infer_signature(example.numpy(), model(example).numpy())
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_registry_uri(self.uri)
+        with mlflow.start_run(run_id=self.tracking.parent_run_id):
+            info = mlflow.pytorch.log_model(
+                model, name="best_model", signature=signature, input_example=example.numpy(),
+                registered_model_name=self.name,
+                pip_requirements=[f"torch=={metadata.version('torch')}", f"aesearch=={metadata.version('aesearch')}"],
+                metadata={"trial_id": trial_id, "trial_run_id": run.info.run_id,
+                          **{k: float(v) for k, v in metrics.items()}},
+            )
+            mlflow.set_tag("best_trial_run", run.info.run_id)
+            mlflow.log_metrics({f"best/{k}": float(v) for k, v in metrics.items()})
+        return info.model_uri
+
+
+class Reconstruction(torch.nn.Module):
+    """What the registered model serves: images (N, C, H, W) in [0, 1] in, reconstructions out."""
+
+    def __init__(self, autoencoder: torch.nn.Module):
+        super().__init__()
+        self.autoencoder = autoencoder.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder(x, sample=False).x_hat

@@ -1,0 +1,82 @@
+"""Helpers for tests that run searches: a small search space, the commands, their outputs."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+SEARCH_SPACE = """
+name: {name}
+data: {{name: digits}}
+base:
+  model: {{hidden_dims: [32]}}
+  optimizer: {{batch_size: 64}}
+  evaluation: {{iwae_samples: 5, kmeans_restarts: 1}}
+space:
+  model.latent: {{type: categorical, choices: [deterministic, gaussian]}}
+  model.latent_dim: {{type: categorical, choices: [4, 16]}}
+  objective.kl.beta: {{type: float, low: 0.5, high: 4, log: true, when: {{model.latent: gaussian}}}}
+  optimizer.lr: {{type: float, low: 0.00001, high: 1.0, log: true}}
+objective: {{metric: val/recon_mse, mode: min}}
+budget: {{num_samples: {trials}, max_epochs: {epochs}, grace_period: {grace}, reduction_factor: 2}}
+resources: {{cpu: 1}}
+max_concurrent: 2
+seed: 0
+{extra}
+"""
+# A VAE at this learning rate turns NaN in its first epoch (a diverged trial).
+DIVERGING_START = "start_with: [{model.latent: gaussian, model.latent_dim: 16, optimizer.lr: 1.0}]"
+
+
+def write_space(folder: Path, name: str, trials: int, epochs: int, grace: int, extra: str = "") -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(SEARCH_SPACE.format(name=name, trials=trials, epochs=epochs, grace=grace, extra=extra))
+    return path
+
+
+def tracking_uri(storage: Path) -> str:
+    """The embedded MLflow store of a test's search: beside its storage folder, never in the repo."""
+    return f"sqlite:///{storage.parent / 'mlflow.db'}"
+
+
+def search_command(space: Path, storage: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "aesearch.cli", "search", str(space), "--storage", str(storage),
+            "--tracking-uri", tracking_uri(storage), *extra]
+
+
+def uv_run_command(space: Path, storage: Path, *extra: str) -> list[str]:
+    """The search as `make quickstart` runs it: under `uv run` (which Ray treats specially)."""
+    uv = shutil.which("uv") or str(REPO / ".tools" / "bin" / "uv")
+    return [uv, "run", "--no-sync", "aesearch", "search", str(space), "--storage", str(storage),
+            "--tracking-uri", tracking_uri(storage), *extra]
+
+
+def run(command: list[str], env: dict, timeout: float = 300, **options) -> subprocess.CompletedProcess:
+    """Run a command in a process group of its own; on timeout, stop the whole group."""
+    process = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **options
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(command[:4])} ... did not finish in {timeout} s:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def trial_reports(experiment: Path) -> dict[str, list[dict]]:
+    """Every trial's reports, from the JSON log Tune writes in each trial folder."""
+    reports = {}
+    for log in experiment.glob("*/result.json"):
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        if lines:
+            reports[lines[0]["trial_id"]] = lines
+    return reports

@@ -1,0 +1,327 @@
+"""MLflow tracking against real stores: the embedded SQLite store of the shared small search, a real
+`mlflow server` over HTTP (artifacts proxied) started here, and MLflow's UI in headless Chromium.
+
+Servers bind to 127.0.0.1 and are stopped through their own process group.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import matplotlib.image
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from aesearch.checkpoints import load_checkpoint
+from aesearch.config import flatten
+from aesearch.errors import UserError
+from aesearch.tracking import image_epochs, resolve_tracking_uri, run_name
+from tests import searching
+from tests.conftest import make_config
+from tests.searching import search_command, trial_reports, write_space
+
+# --- where, and names ---------------------------------------------------------------------------
+
+
+def test_the_store_is_the_flag_else_the_environment_else_sqlite_in_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert resolve_tracking_uri(None) == "http://127.0.0.1:5999"
+    assert resolve_tracking_uri("sqlite:///elsewhere.db") == "sqlite:///elsewhere.db"
+
+
+def test_credentials_in_the_uri_are_refused_without_repeating_them(tmp_path, capsys):
+    from aesearch.cli import main
+
+    space = write_space(tmp_path, "creds", trials=1, epochs=1, grace=1)
+    code = main(["search", str(space), "--storage", str(tmp_path / "results"),
+                 "--tracking-uri", "http://alice:s3cret@127.0.0.1:5000"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--tracking-uri" in err and "MLFLOW_TRACKING_PASSWORD" in err and "s3cret" not in err
+    assert not (tmp_path / "results").exists()
+    with pytest.raises(UserError, match="unsupported scheme"):
+        resolve_tracking_uri("ftp://127.0.0.1/store")
+
+
+def test_run_names_say_what_the_variant_is():
+    vae = make_config(model={"latent": "gaussian", "latent_dim": 16}, objective={"kl": {"beta": 2.0}})
+    denoising = make_config(model={"architecture": "conv", "latent_dim": 8},
+                            corruption={"kind": "gaussian", "level": 0.3})
+    assert run_name(vae, "17") == "beta_vae-dense-z16-b2-#17"
+    odd_beta = make_config(model={"latent": "gaussian", "latent_dim": 4}, objective={"kl": {"beta": 1.0559412}})
+    assert run_name(odd_beta, "8") == "beta_vae-dense-z4-b1.06-#8"
+    assert run_name(denoising, "4") == "denoising-conv-z8-gaussian0.3-#4"
+    assert run_name(make_config(model={"architecture": "conv", "latent_dim": 8}), "1") == "conv-z8-#1"
+
+
+def test_reconstructions_are_drawn_at_a_few_epochs_only():
+    assert image_epochs(1) == set()
+    assert image_epochs(8) == {1, 2, 4, 6}
+    assert len(image_epochs(1000)) == 4
+
+
+# --- the embedded store, after the shared small search -------------------------------------------
+
+
+def child_runs(client: MlflowClient, experiment_id: str) -> list:
+    return client.search_runs([experiment_id], filter_string="tags.`aesearch.role` = 'trial'", max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def tracked(small_search):
+    experiment, _ = small_search
+    client = MlflowClient(f"sqlite:///{experiment.parent.parent / 'mlflow.db'}")
+    found = client.get_experiment_by_name("small")
+    assert found is not None, "the search made no experiment named after it"
+    board = pd.read_csv(experiment / "leaderboard.csv", dtype={"trial": str})
+    return client, found, child_runs(client, found.experiment_id), board
+
+
+def test_every_tune_trial_has_exactly_one_run_with_its_outcome_and_a_terminal_status(tracked):
+    client, experiment, runs, board = tracked
+    by_trial = {run.data.tags["aesearch.trial_id"]: run for run in runs}
+    assert len(runs) == len(by_trial) == len(board) == 8
+    assert set(by_trial) == set(board["trial"])
+    for _, row in board.iterrows():
+        run = by_trial[row["trial"]]
+        assert run.info.status == "FINISHED", (row["trial"], run.info.status)
+        assert run.data.tags["outcome"] == row["outcome"]
+    assert len({run.info.run_name for run in runs}) == 8  # readable and unique
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_runs_hold_the_resolved_config_under_the_same_param_names(tracked, tmp_path):
+    client, _, runs, _ = tracked
+    names = {frozenset(run.data.params) for run in runs}
+    assert len(names) == 1, "param names differ between variants"
+    for run in runs[:3]:
+        config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text())
+        assert run.data.params == {k: "null" if v is None else str(v) for k, v in flatten(config).items()}
+        for tag in ("family", "architecture", "latent", "noise", "objective", "node"):
+            assert run.data.tags[tag]
+        assert run.data.tags["latent"] == config["model"]["latent"]
+
+
+def test_each_epoch_is_logged_once_with_the_epoch_as_step(tracked, small_search):
+    client, _, runs, _ = tracked
+    reports = trial_reports(small_search[0])
+    for run in runs:
+        trial = run.data.tags["aesearch.trial_id"]
+        tune_values = {int(r["epoch"]): r["val/recon_mse"] for r in reports[trial] if "train/loss" in r}
+        history = client.get_metric_history(run.info.run_id, "val/recon_mse")
+        assert sorted(m.step for m in history) == sorted(tune_values)
+        for metric in history:
+            assert metric.value == pytest.approx(tune_values[metric.step], rel=1e-6)
+    completed = [run for run in runs if run.data.tags["outcome"] == "completed"]
+    assert completed and all("test/recon_mse" in run.data.metrics and "time/epoch_seconds" in run.data.metrics
+                             for run in completed)
+    vaes = [run for run in completed if run.data.tags["latent"] == "gaussian"]
+    assert all("beta" in run.data.metrics for run in vaes)
+
+
+def png_shape(path: str) -> tuple:
+    assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return matplotlib.image.imread(path).shape
+
+
+def test_images_are_real_pngs(tracked):
+    client, _, runs, _ = tracked
+    completed = [run for run in runs if run.data.tags["outcome"] == "completed"]
+    for run in completed:
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "images")}
+        assert {"images/reconstructions.png", "images/latent.png", "images/reconstructions"} <= artifacts
+        if run.data.tags["latent"] == "gaussian":
+            assert "images/prior_samples.png" in artifacts
+        grid = png_shape(client.download_artifacts(run.info.run_id, "images/reconstructions.png"))
+        assert grid[0] > grid[1] / 8  # three rows of 8x8 digits: original | corrupted | reconstruction
+        epochs = client.list_artifacts(run.info.run_id, "images/reconstructions")
+        assert [a.path.rsplit("/", 1)[1] for a in epochs] == ["epoch_0001.png", "epoch_0002.png"]
+        png_shape(client.download_artifacts(run.info.run_id, "images/latent.png"))
+
+
+def test_the_best_checkpoint_reloads_and_reproduces_its_logged_test_metric(tracked, tmp_path):
+    client, _, runs, board = tracked
+    best = next(run for run in runs if run.data.tags["aesearch.trial_id"] == board.loc[0, "trial"])
+    path = client.download_artifacts(best.info.run_id, "checkpoints/best.pt", str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "aesearch.cli", "evaluate", path],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    measured = json.loads(done.stdout)
+    assert measured["test/recon_mse"] == pytest.approx(best.data.metrics["test/recon_mse"], rel=1e-5)
+    stopped = [run for run in runs if run.data.tags["outcome"].startswith("stopped early")]
+    for run in stopped:  # stopped between epochs: its best checkpoint still reaches its run
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/best.pt"]
+
+
+def test_the_search_run_describes_the_search_and_registers_the_best_model(tracked, digits):
+    import mlflow
+
+    client, experiment, runs, board = tracked
+    parent = client.search_runs([experiment.experiment_id], filter_string="tags.`aesearch.role` = 'search'")
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    search = parent[0]
+    assert all(run.data.tags["mlflow.parentRunId"] == search.info.run_id for run in runs)
+    assert search.data.params["seed"] == "0" and search.data.params["dataset"] == "digits"
+    assert len(search.data.params["dataset_fingerprint"]) >= 8
+    assert search.data.tags["cluster.nodes"] == "1" and search.data.tags["version.torch"]
+    assert search.data.tags["git_commit"] != ""
+    artifacts = {a.path for a in client.list_artifacts(search.info.run_id)}
+    assert {"space.yaml", "leaderboard.csv"} <= artifacts
+    assert search.data.metrics["best/test/recon_mse"] == pytest.approx(board.loc[0, "test/recon_mse"], rel=1e-4)
+
+    versions = client.search_model_versions("name='small'")
+    assert len(versions) == 1
+    mlflow.set_tracking_uri(client._tracking_client.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/small/{versions[0].version}")
+    images = digits.test_x[:5].numpy()
+    reconstructions = model.predict(images)
+    assert reconstructions.shape == images.shape
+    assert ((reconstructions >= 0) & (reconstructions <= 1)).all()
+    assert float(((reconstructions - images) ** 2).mean()) == pytest.approx(board.loc[0, "test/recon_mse"], abs=0.05)
+
+
+def test_a_second_search_of_the_same_name_in_one_store_is_refused_before_anything_starts(small_search, tmp_path):
+    experiment, _ = small_search
+    space = write_space(tmp_path, "small", trials=1, epochs=1, grace=1)
+    command = search_command(space, tmp_path / "elsewhere")
+    command[command.index("--tracking-uri") + 1] = f"sqlite:///{experiment.parent.parent / 'mlflow.db'}"
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "--name small" in done.stderr and "already holds an experiment" in done.stderr
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_the_ui_refuses_a_store_that_does_not_exist(tmp_path, capsys):
+    from aesearch.cli import main
+
+    assert main(["ui", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
+    assert "no such store yet" in capsys.readouterr().err and not (tmp_path / "none.db").exists()
+    assert main(["ui", "--port", "70000"]) == 2
+
+
+# --- a real tracking server over HTTP ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the server exited with status {process.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{url} did not answer within {timeout} s")
+
+
+def serve(command: list[str], port: int, log: Path):
+    """Start a server in a process group of its own; stop the group afterwards."""
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, env=env, cwd=log.parent, start_new_session=True,
+                                   stdout=output, stderr=subprocess.STDOUT)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+               "--artifacts-destination", str(folder / "artifacts")]
+    yield from serve(command, port, folder / "server.log")
+
+
+def test_a_search_logs_through_a_tracking_server_with_proxied_artifacts(tmp_path, ray_env, tracking_server):
+    space = write_space(tmp_path, "served", trials=3, epochs=2, grace=2)
+    command = search_command(space, tmp_path / "results")
+    command[command.index("--tracking-uri") + 1] = tracking_server
+    done = searching.run(command, ray_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists()
+
+    client = MlflowClient(tracking_server)
+    experiment = client.get_experiment_by_name("served")
+    assert experiment.artifact_location.startswith("mlflow-artifacts:")  # through the server, no shared disk
+    runs = child_runs(client, experiment.experiment_id)
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+    for trial_run in runs:
+        run_id = trial_run.info.run_id
+        assert [m.step for m in client.get_metric_history(run_id, "val/recon_mse")] == [1, 2]
+        png_shape(client.download_artifacts(run_id, "images/reconstructions.png", str(tmp_path)))
+        checkpoint = client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp_path))
+        assert load_checkpoint(checkpoint)["config"]["data"]["name"] == "digits"
+    assert client.search_model_versions("name='served'")
+
+
+# --- the UI, in a browser -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ui(small_search, tmp_path_factory):
+    """`aesearch ui` on the small search's embedded store."""
+    experiment, _ = small_search
+    port = free_port()
+    store = f"sqlite:///{experiment.parent.parent / 'mlflow.db'}"
+    command = [sys.executable, "-m", "aesearch.cli", "ui", "--tracking-uri", store, "--port", str(port)]
+    yield from serve(command, port, tmp_path_factory.mktemp("ui") / "ui.log")
+
+
+def test_the_ui_lists_the_trial_runs_of_a_search(ui, tracked, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _, experiment, runs, _ = tracked
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1600,1000",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    try:
+        browser.get(f"{ui}/#/experiments/{experiment.experiment_id}/runs")
+        names = [trial_run.info.run_name for trial_run in runs]
+        # The search run is listed, its trial runs folded under it: unfold them.
+        expand = "button[data-component-id*='runnamecellrenderer']"
+        try:
+            WebDriverWait(browser, 90, poll_frequency=1).until(lambda d: d.find_elements("css selector", expand))
+            text = browser.find_element("tag name", "body").text
+            assert "Training runs" in text and "small" in text
+            browser.find_element("css selector", expand).click()
+            WebDriverWait(browser, 30, poll_frequency=1).until(
+                lambda d: all(name in d.find_element("tag name", "body").text for name in names))
+        finally:
+            browser.save_screenshot(str(tmp_path / "runs.png"))
+    finally:
+        browser.quit()
+    assert png_shape(str(tmp_path / "runs.png"))[1] >= 1000
