@@ -163,19 +163,24 @@ def cmd_search(args: argparse.Namespace) -> int:
         format_leaderboard,
         search,
     )
+    from aesearch.tracking import resolve_tracking_uri
 
     storage = args.storage if "://" in args.storage else str(Path(args.storage).absolute())
     options = SearchOptions(
         name=args.name or space.name, storage=storage, address=args.address,
-        data_dir=args.data_dir, download=args.download, resume=args.resume, tracking_uri=args.tracking_uri,
+        data_dir=args.data_dir, download=args.download, resume=args.resume,
+        tracking_uri=resolve_tracking_uri(args.tracking_uri),
     )
     try:
         board = search(space, options)
     except SearchInterrupted:
         print(f"aesearch: search {options.name!r} interrupted; continue it with: aesearch search "
-              f"{args.space} --name {options.name} --storage {options.storage} --resume", file=sys.stderr)
+              f"{args.space} --name {options.name} --storage {options.storage} --resume"
+              + (f" --tracking-uri {options.tracking_uri}" if args.tracking_uri else ""), file=sys.stderr)
         return 130
     print(format_leaderboard(board, space, where=experiment_folder(options)))
+    ui = "aesearch ui" + (f" --tracking-uri {options.tracking_uri}" if args.tracking_uri else "")
+    print(f"mlflow:  experiment {options.name!r} in {options.tracking_uri} (browse it: {ui})")
     return 0
 
 

@@ -70,6 +70,7 @@ from aesearch.tracking import (  # noqa: E402
     SearchRun,
     Tracking,
     TrialRun,
+    check_store_reachable,
     git_commit,
     is_local_store,
     log_invalid_trial,
@@ -217,6 +218,7 @@ def search(space: SearchSpace, options: SearchOptions) -> pd.DataFrame:
     check_can_start(space, options)
     uri = resolve_tracking_uri(options.tracking_uri)
     check_tracking(options, uri)
+    check_store_reachable(uri)
     data = load_data(space.data, options.data_dir, options.download)
     runs = SearchRun(uri, options.name)  # opening an embedded store creates it: after every check of input
     if not options.resume:

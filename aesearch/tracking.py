@@ -20,6 +20,9 @@ variables (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME/PASSWORD), never in t
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import math
 import os
 import platform
@@ -27,7 +30,6 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -46,9 +48,14 @@ if TYPE_CHECKING:
     from aesearch.data import Data
     from aesearch.train import EpochEnd, TrainResult
 
-# No download progress bars in trial logs, no usage reports sent home from every trial process
-# (the user's environment can say otherwise).
-for _key, _value in {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}.items():
+# No download progress bars or INFO chatter in the search's output, no usage reports sent home
+# from every trial process (the user's environment can say otherwise).
+MLFLOW_SETTINGS = {
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+}
+for _key, _value in MLFLOW_SETTINGS.items():
     os.environ.setdefault(_key, _value)
 
 EMBEDDED_DB = "mlflow.db"
@@ -72,6 +79,23 @@ def resolve_tracking_uri(flag: str | None) -> str:
     if parts.scheme not in ("sqlite", "http", "https", "file", "postgresql", "mysql", "databricks", ""):
         raise UserError(f"--tracking-uri {uri}: unsupported scheme {parts.scheme!r} (sqlite, http(s), file, postgresql, mysql)")
     return uri
+
+
+def check_store_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when no tracking server answers (MLflow's client retries)."""
+    import urllib.error
+    import urllib.request
+
+    if urlsplit(uri).scheme not in ("http", "https"):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+            pass
+    except urllib.error.HTTPError:
+        return  # something answers (a proxy or auth may guard /health): MLflow's client says more
+    except OSError as error:
+        reason = getattr(error, "reason", None) or error
+        raise UserError(f"--tracking-uri {uri}: no MLflow tracking server answers there ({reason})") from None
 
 
 def is_local_store(uri: str) -> bool:
@@ -203,7 +227,7 @@ class TrialRun:
             config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
             self.client.log_text(self.run_id, config_yaml, "config.yaml")
 
-    @contextmanager
+    @contextlib.contextmanager
     def _timed(self) -> Iterator[None]:
         started = time.perf_counter()
         try:
@@ -311,7 +335,13 @@ class SearchRun:
 
     def check_new(self) -> None:
         """Refuse a second search of the same name in one tracking store (before anything starts)."""
-        experiment = self.client.get_experiment_by_name(self.name)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            experiment = self.client.get_experiment_by_name(self.name)
+        except MlflowException as error:  # e.g. a server that refuses our credentials
+            first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            raise UserError(f"--tracking-uri {self.uri}: the tracking store refused us: {first}") from None
         if experiment is not None and self.client.search_runs([experiment.experiment_id], max_results=1):
             raise UserError(
                 f"--name {self.name}: the tracking store {self.uri} already holds an experiment of that name "
@@ -418,7 +448,9 @@ class SearchRun:
             signature = infer_signature(example.numpy(), model(example).numpy())
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
-        with mlflow.start_run(run_id=self.tracking.parent_run_id):
+        quiet = contextlib.redirect_stderr(io.StringIO())  # MLflow prints its own notes on the registry
+        with mlflow.start_run(run_id=self.tracking.parent_run_id), quiet:
+            logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)  # pip version guessing
             info = mlflow.pytorch.log_model(
                 model, name="best_model", signature=signature, input_example=example.numpy(),
                 registered_model_name=self.name,

@@ -223,7 +223,7 @@ def test_a_trial_bigger_than_this_machine_is_refused(tmp_path, ray_env):
 
 
 def test_ctrl_c_stops_the_search_and_says_how_to_resume(tmp_path, ray_env):
-    space = write_space(tmp_path, "interrupted", trials=8, epochs=4, grace=4)
+    space = write_space(tmp_path, "interrupted", trials=8, epochs=16, grace=16)  # long enough to interrupt
     storage = tmp_path / "results"
     driver = subprocess.Popen(search_command(space, storage), env=ray_env, start_new_session=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

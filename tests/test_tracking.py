@@ -54,6 +54,18 @@ def test_credentials_in_the_uri_are_refused_without_repeating_them(tmp_path, cap
         resolve_tracking_uri("ftp://127.0.0.1/store")
 
 
+def test_a_tracking_server_that_does_not_answer_fails_in_seconds_with_one_line(tmp_path, capsys):
+    from aesearch.cli import main
+
+    space = write_space(tmp_path, "nobody", trials=1, epochs=1, grace=1)
+    started = time.monotonic()
+    code = main(["search", str(space), "--storage", str(tmp_path / "results"),
+                 "--tracking-uri", f"http://127.0.0.1:{free_port()}"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no MLflow tracking server answers" in err
+    assert time.monotonic() - started < 30 and not (tmp_path / "results").exists()
+
+
 def test_run_names_say_what_the_variant_is():
     vae = make_config(model={"latent": "gaussian", "latent_dim": 16}, objective={"kl": {"beta": 2.0}})
     denoising = make_config(model={"architecture": "conv", "latent_dim": 8},
@@ -88,8 +100,9 @@ def tracked(small_search):
     return client, found, child_runs(client, found.experiment_id), board
 
 
-def test_every_tune_trial_has_exactly_one_run_with_its_outcome_and_a_terminal_status(tracked):
+def test_every_tune_trial_has_exactly_one_run_with_its_outcome_and_a_terminal_status(tracked, small_search):
     client, experiment, runs, board = tracked
+    assert "mlflow:  experiment 'small' in sqlite:///" in small_search[1].stdout  # where to look, said at the end
     by_trial = {run.data.tags["aesearch.trial_id"]: run for run in runs}
     assert len(runs) == len(by_trial) == len(board) == 8
     assert set(by_trial) == set(board["trial"])
