@@ -118,7 +118,7 @@ def saved_statuses(experiment: Path) -> dict[str, str]:
 
 
 def test_resume_after_a_killed_driver_finishes_without_repeating_trials(tmp_path, ray_env):
-    space = write_space(tmp_path, "killed", trials=8, epochs=16, grace=16)
+    space = write_space(tmp_path, "killed", trials=8, epochs=48, grace=48)  # long enough to kill mid-search
     storage = tmp_path / "results"
     experiment = storage / "killed"
     frequent_saves = {**ray_env, "TUNE_GLOBAL_CHECKPOINT_S": "0.5"}  # many saves, many prunes: many chances to race
@@ -163,7 +163,7 @@ def test_resume_after_a_killed_driver_finishes_without_repeating_trials(tmp_path
     for trial_run in runs:
         assert trial_run.info.status == "FINISHED" and trial_run.data.tags["outcome"] == "completed"
         steps = [m.step for m in client.get_metric_history(trial_run.info.run_id, "val/recon_mse")]
-        assert sorted(steps) == list(range(1, 17)), trial_run.data.tags["aesearch.trial_id"]
+        assert sorted(steps) == list(range(1, 49)), trial_run.data.tags["aesearch.trial_id"]
 
 
 @pytest.fixture
