@@ -3,7 +3,7 @@
     experiment <search name>              tagged so the UI opens on its training runs
       run <search name>                   space.yaml, seed, dataset fingerprint, versions, git commit,
                                           cluster size, leaderboard.csv, the best model (registered)
-        run vae-dense-z16-b2.0-#17        one per Tune trial: the resolved config as params, tags,
+        run beta_vae-dense-z16-b2-#17     one per Tune trial: the resolved config as params, tags,
                                           per-epoch metrics (step = epoch), test/... metrics,
                                           images/, config.yaml, checkpoints/best.pt
 
@@ -77,7 +77,9 @@ def resolve_tracking_uri(flag: str | None) -> str:
             "put them in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
         )
     if parts.scheme not in ("sqlite", "http", "https", "file", "postgresql", "mysql", "databricks", ""):
-        raise UserError(f"--tracking-uri {uri}: unsupported scheme {parts.scheme!r} (sqlite, http(s), file, postgresql, mysql)")
+        raise UserError(
+            f"--tracking-uri {uri}: unsupported scheme {parts.scheme!r} (sqlite, http(s), file, postgresql, mysql)"
+        )
     return uri
 
 
@@ -145,7 +147,7 @@ class Tracking:
 
 
 def run_name(config: TrainConfig, number: str) -> str:
-    """Readable and unique within a search: `vae-dense-z16-b2.0-#17`, `denoising-conv-z8-gaussian0.3-#4`."""
+    """Readable and unique within a search: `beta_vae-dense-z16-b2-#17`, `denoising-conv-z8-gaussian0.3-#4`."""
     family, architecture = variant_family(config), config.model.architecture
     parts = [family] if family == architecture else [family, architecture]
     parts.append(f"z{config.model.latent_dim}")
@@ -170,11 +172,12 @@ def objective_summary(config: TrainConfig) -> str:
 
 
 def trial_tags(config: TrainConfig) -> dict[str, str]:
+    noise = config.corruption.kind
     return {
         "family": variant_family(config),
         "architecture": config.model.architecture,
         "latent": config.model.latent,
-        "noise": config.corruption.kind if config.corruption.kind == "none" else f"{config.corruption.kind}:{config.corruption.level:g}",
+        "noise": noise if noise == "none" else f"{noise}:{config.corruption.level:g}",
         "objective": objective_summary(config),
         "dataset": config.data.name,
     }
@@ -247,8 +250,9 @@ class TrialRun:
         if end.epoch in self.draw_at:
             training = end.model.training
             with tempfile.TemporaryDirectory() as folder:
-                self._draw(end.model, self.data.val_x, Path(folder) / f"epoch_{end.epoch:04d}.png")
-                self.client.log_artifact(self.run_id, str(Path(folder) / f"epoch_{end.epoch:04d}.png"), "images/reconstructions")
+                picture = Path(folder) / f"epoch_{end.epoch:04d}.png"
+                self._draw(end.model, self.data.val_x, picture)
+                self.client.log_artifact(self.run_id, str(picture), "images/reconstructions")
             end.model.train(training)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
