@@ -6,6 +6,9 @@
                    [--max-epochs N] [--max-concurrent N] [--cpus-per-trial F] [--gpus-per-trial F]
                    [--data-dir DIR] [--download] [--seed S] [--resume] [--tracking-uri URI]
     aesearch ui [--tracking-uri URI] [--port P]      (MLflow's UI on 127.0.0.1)
+    aesearch report EXPERIMENT [--tracking-uri URI] [--out DIR]
+    aesearch reproduce EXPERIMENT [--rank K | --run-id ID] [--tracking-uri URI] [--device D]
+                   [--epochs N] [--from-checkpoint] [--data-dir DIR] [--download] [--out DIR]
     aesearch validate FILE...            (training configs and search spaces)
     aesearch evaluate CHECKPOINT [--data-dir DIR] [--download] [--device D]
 
@@ -26,6 +29,7 @@ from pathlib import Path
 from aesearch.errors import DivergedError, UserError
 
 EXIT_DIVERGED = 1
+EXIT_NOT_REPRODUCED = 1
 EXIT_USER_ERROR = 2
 
 
@@ -82,6 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--tracking-uri", help=TRACKING_HELP)
     ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
     ui.set_defaults(handler=cmd_ui)
+
+    report = commands.add_parser("report", help="a leaderboard report of a search (HTML, Markdown, CSV)")
+    report.add_argument("experiment", help="the search's name (its MLflow experiment)")
+    report.add_argument("--tracking-uri", help=TRACKING_HELP)
+    report.add_argument("--out", type=Path, help="report folder (default: reports/EXPERIMENT)")
+    report.set_defaults(handler=cmd_report)
+
+    reproduce = commands.add_parser("reproduce", help="train a trial of a search again here and compare")
+    reproduce.add_argument("experiment", help="the search's name (its MLflow experiment)")
+    which = reproduce.add_mutually_exclusive_group()
+    which.add_argument("--rank", type=int, help="the trial at this rank of the report's leaderboard (default: 1)")
+    which.add_argument("--run-id", help="the trial's MLflow run id")
+    reproduce.add_argument("--tracking-uri", help=TRACKING_HELP)
+    reproduce.add_argument("--epochs", type=int, help="reproduce only the first N epochs of the trial")
+    reproduce.add_argument("--from-checkpoint", action="store_true",
+                           help="evaluate the trial's stored best checkpoint instead of training again")
+    reproduce.add_argument("--out", type=Path, help="local run folder (default: runs/reproduce-TRIAL-TIMESTAMP)")
+    _add_data_options(reproduce)
+    reproduce.set_defaults(handler=cmd_reproduce)
 
     validate = commands.add_parser("validate", help="check training configs and search spaces")
     validate.add_argument("files", type=Path, nargs="+")
@@ -195,6 +218,32 @@ def cmd_ui(args: argparse.Namespace) -> int:
     command, uri = ui_command(args.tracking_uri, args.port)
     print(f"aesearch: MLflow UI for {uri} on http://127.0.0.1:{args.port} (Ctrl-C stops it)", file=sys.stderr)
     return subprocess.call(command)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from aesearch.report import is_partial, make_report, status_line
+    from aesearch.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    out = args.out or Path("reports") / args.experiment
+    report = make_report(args.experiment, uri, out)
+    partial = " (partial: the search is still running)" if is_partial(report) else ""
+    print(f"report of {args.experiment!r}{partial}: {status_line(report)}", file=sys.stderr)
+    print(out / "index.html")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from aesearch.reproduce import print_reproduction, reproduce
+    from aesearch.tracking import resolve_tracking_uri
+
+    reproduction = reproduce(
+        resolve_tracking_uri(args.tracking_uri), args.experiment, rank=args.rank, run_id=args.run_id,
+        device=args.device, epochs=args.epochs, from_checkpoint=args.from_checkpoint, data_dir=args.data_dir,
+        download=args.download, out=args.out,
+    )
+    print_reproduction(reproduction)
+    return 0 if reproduction.reproduced else EXIT_NOT_REPRODUCED
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -31,11 +31,25 @@ if TYPE_CHECKING:
     from aesearch.models import Autoencoder
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016)
+EVALUATION_SEED = 0  # the noise of the denoising metrics and the IWAE samples
 
 
 @torch.no_grad()
 def evaluate(model: Autoencoder, data: Data, settings: EvaluationConfig) -> dict[str, float]:
-    """Run the whole suite on data.test_x / test_y; returns {'test/<metric>': value}."""
+    """Run the whole suite on data.test_x / test_y; returns {'test/<metric>': value}.
+
+    Its randomness (corruptions, importance samples) comes from a fixed seed, on a fork of the
+    caller's random state: the metrics depend on the weights and data alone, so a stored
+    checkpoint evaluates to what its trial logged, and training randomness is left untouched.
+    """
+    device = data.test_x.device
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(EVALUATION_SEED)
+        return _evaluate(model, data, settings)
+
+
+def _evaluate(model: Autoencoder, data: Data, settings: EvaluationConfig) -> dict[str, float]:
     model.eval()
     x, batch = data.test_x, settings.batch_size
     x_hat = reconstruct(model, x, batch)  # once: the reconstruction and anomaly metrics share it

@@ -24,7 +24,7 @@ import yaml
 from aesearch.config import TrainConfig, variant_family
 from aesearch.data import Data
 from aesearch.images import save_images
-from aesearch.train import EpochEnd, TrainResult, train
+from aesearch.train import EpochEnd, Reporter, TrainResult, train
 
 
 @dataclass
@@ -75,15 +75,30 @@ class FolderReporter:
 
 
 def run_in_folder(
-    config: TrainConfig, data: Data, folder: Path | str, resume_state: dict[str, Any] | None = None
+    config: TrainConfig,
+    data: Data,
+    folder: Path | str,
+    resume_state: dict[str, Any] | None = None,
+    stop_after: int | None = None,
+    also: Reporter | None = None,
 ) -> tuple[TrainResult, dict[str, Any]]:
-    """Train, evaluate and write everything into `folder`; returns the result and its summary."""
+    """Train, evaluate and write everything into `folder`; returns the result and its summary.
+
+    `stop_after` ends training early (see `train`); `also` receives every epoch after the folder
+    has it (a reproduction logs it to MLflow).
+    """
     earlier = list(resume_state["history"]) if resume_state else []
-    reporter = FolderReporter(Path(folder), config, earlier)
-    result = train(config, data, reporter, resume_from=resume_state)
-    reporter.open()  # in case no epoch was left to train
+    folder_reporter = FolderReporter(Path(folder), config, earlier)
+
+    def reporter(end: EpochEnd) -> None:
+        folder_reporter(end)
+        if also is not None:
+            also(end)
+
+    result = train(config, data, reporter, resume_from=resume_state, stop_after=stop_after)
+    folder_reporter.open()  # in case no epoch was left to train
     device = next(result.model.parameters()).device
-    save_images(result.model, data.test_x.to(device), config, reporter.folder, data.test_y)
+    save_images(result.model, data.test_x.to(device), config, folder_reporter.folder, data.test_y)
     summary = {
         "name": config.name,
         "variant": variant_family(config),
@@ -93,5 +108,5 @@ def run_in_folder(
         **result.metrics,
     }
     result_json = json.dumps({**summary, "history": result.history}, indent=1)
-    (reporter.folder / "result.json").write_text(result_json, encoding="utf-8")
+    (folder_reporter.folder / "result.json").write_text(result_json, encoding="utf-8")
     return result, summary

@@ -158,7 +158,7 @@ def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: 
         # Ray hides no GPU from a trial that asked for none: use one only if it was given one.
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"device": device})})
-    run = TrialRun(tracking, trial_id, number, config, data, node)
+    run = TrialRun.for_trial(tracking, trial_id, number, config, data, node)
     extra = {"family": variant_family(config), "node": node, "mlflow_run_id": run.run_id}
     reporter = TuneReporter(extra, config.epochs, run.log_epoch)
     resume_state = None

@@ -237,15 +237,14 @@ def trial_config(space: SearchSpace, params: dict[str, Any]) -> TrainConfig:
     return parse_config(document, source="")
 
 
+def encode_point(space: SearchSpace, point: dict[str, Any]) -> dict[str, Any]:
+    """Config values by parameter name -> the values Optuna holds (choices it cannot hold as JSON)."""
+    return {name: json.dumps(value) if space.space[name].encodes_choices else value for name, value in point.items()}
+
+
 def start_points(space: SearchSpace) -> list[dict[str, Any]]:
     """`start_with` in Optuna's terms (encoded choices), for OptunaSearch(points_to_evaluate)."""
-    return [
-        {
-            name: json.dumps(value) if space.space[name].encodes_choices else value
-            for name, value in point.items()
-        }
-        for point in space.start_with
-    ]
+    return [encode_point(space, point) for point in space.start_with]
 
 
 def sample_params(space: SearchSpace, count: int, seed: int = 0) -> list[dict[str, Any]]:

@@ -61,7 +61,9 @@ for _key, _value in MLFLOW_SETTINGS.items():
 EMBEDDED_DB = "mlflow.db"
 EMBEDDED_ARTIFACTS = "mlartifacts"
 TRIAL_ID_TAG = "aesearch.trial_id"
-ROLE_TAG = "aesearch.role"  # "search" (the parent run) or "trial"
+TRIAL_NUMBER_TAG = "aesearch.trial_number"  # the trial's ordinal in its search, from 1
+ROLE_TAG = "aesearch.role"  # "search" (the parent run), "trial" or "reproduction"
+REPRODUCES_TAG = "aesearch.reproduces"  # a reproduction's original run
 OUTCOME_TAG = "outcome"
 BEST_CHECKPOINT = "checkpoints/best.pt"
 MLFLOW_BATCH = 100  # MLflow takes at most 100 params (and 1000 metrics) per log_batch call
@@ -100,6 +102,15 @@ def check_store_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise UserError(f"--tracking-uri {uri}: no MLflow tracking server answers there ({reason})") from None
 
 
+def check_store_exists(uri: str) -> None:
+    """Reading a store that is not there must not create one (opening SQLite would)."""
+    parts = urlsplit(uri)
+    local = {"sqlite": uri.partition(":///")[2], "file": parts.path, "": uri}.get(parts.scheme)
+    if local and not Path(local).exists():
+        raise UserError(f"--tracking-uri {uri}: no such store yet (run a search first)")
+    check_store_reachable(uri)
+
+
 def is_local_store(uri: str) -> bool:
     """A store only this machine (or a shared disk) can reach."""
     return urlsplit(uri).scheme in ("sqlite", "file", "")
@@ -126,8 +137,7 @@ def ui_command(flag: str | None, port: int) -> tuple[list[str], str]:
     uri = resolve_tracking_uri(flag)
     if not is_local_store(uri):
         raise UserError(f"--tracking-uri {uri}: a tracking server already serves its own UI; open it in a browser")
-    if urlsplit(uri).scheme == "sqlite" and not Path(urlsplit(uri).path).is_file():
-        raise UserError(f"--tracking-uri {uri}: no such store yet (run a search first)")
+    check_store_exists(uri)
     os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
                "--port", str(port), "--workers", "1"]
@@ -201,34 +211,66 @@ def find_trial_run(mlflow: MlflowClient, experiment_id: str, trial_id: str) -> A
     return found[0] if found else None
 
 
-class TrialRun:
-    """One trial's MLflow run, written from inside the trial; a restored trial continues it."""
+def training_tags(config: TrainConfig, data: Data) -> dict[str, str]:
+    """What a reproduction must match: the dataset's fingerprint and how the arithmetic ran
+    (on the CPU, the thread count changes the order of float sums, and so the results)."""
+    from aesearch.train import resolve_device
 
-    def __init__(self, tracking: Tracking, trial_id: str, number: str, config: TrainConfig, data: Data, node: str):
-        self.client, self.config, self.data = client(tracking.uri), config, data
+    device = resolve_device(config.runtime.device)
+    described = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    return {"dataset_fingerprint": data.fingerprint, "device": f"{device.type}:{described}",
+            "torch_threads": str(torch.get_num_threads())}
+
+
+def create_run(mlflow: MlflowClient, experiment_id: str, name: str, tags: dict[str, str], config: TrainConfig) -> str:
+    """A new run holding the resolved config: as flattened params (the same names for every
+    variant) and as `config.yaml`."""
+    from mlflow.entities import Param
+
+    run_id = mlflow.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    params = [Param(k, as_param(v)) for k, v in flatten(config.model_dump(mode="json")).items()]
+    for start in range(0, len(params), MLFLOW_BATCH):
+        mlflow.log_batch(run_id, params=params[start : start + MLFLOW_BATCH], synchronous=True)
+    mlflow.log_text(run_id, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
+    return run_id
+
+
+class TrialRun:
+    """The MLflow run of one training: per-epoch metrics, images, the test suite, the best
+    checkpoint. A search trial writes it from inside the trial (`for_trial`, which a restored
+    trial continues); a local reproduction writes one the same way."""
+
+    def __init__(self, mlflow: MlflowClient, run_id: str, config: TrainConfig, data: Data, logged_through: int = 0):
+        self.client, self.run_id, self.config, self.data = mlflow, run_id, config, data
+        self.logged_through = logged_through  # epochs already in the run (a restored trial)
         self.draw_at = image_epochs(config.epochs)
         self.seconds = 0.0  # time spent tracking (benchmarks/ reads it)
-        with self._timed():
-            existing = find_trial_run(self.client, tracking.experiment_id, trial_id)
-            if existing is not None:  # a retry or a resumed search: the same run goes on
-                self.run_id = existing.info.run_id
-                self.client.update_run(self.run_id, status="RUNNING")
-                logged = self.client.get_metric_history(self.run_id, "val/recon_mse")
-                self.logged_through = max((m.step for m in logged), default=0)
-                self.client.set_tag(self.run_id, "node", node)
-                return
-            from mlflow.entities import Param
+
+    @classmethod
+    def for_trial(
+        cls, tracking: Tracking, trial_id: str, number: str, config: TrainConfig, data: Data, node: str
+    ) -> TrialRun:
+        """The run of a Ray trial: found again by its trial id (a retry or a resumed search), else new."""
+        started = time.perf_counter()
+        mlflow = client(tracking.uri)
+        tags = {"node": node, **training_tags(config, data)}
+        existing = find_trial_run(mlflow, tracking.experiment_id, trial_id)
+        if existing is not None:
+            run_id = existing.info.run_id
+            mlflow.update_run(run_id, status="RUNNING")
+            logged = mlflow.get_metric_history(run_id, "val/recon_mse")
+            for key, value in tags.items():
+                mlflow.set_tag(run_id, key, value)
+            run = cls(mlflow, run_id, config, data, logged_through=max((m.step for m in logged), default=0))
+        else:
             from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-            tags = {MLFLOW_PARENT_RUN_ID: tracking.parent_run_id, ROLE_TAG: "trial", TRIAL_ID_TAG: trial_id,
-                    "node": node, **trial_tags(config)}
-            run = self.client.create_run(tracking.experiment_id, run_name=run_name(config, number), tags=tags)
-            self.run_id, self.logged_through = run.info.run_id, 0
-            params = [Param(k, as_param(v)) for k, v in flatten(config.model_dump(mode="json")).items()]
-            for start in range(0, len(params), MLFLOW_BATCH):
-                self.client.log_batch(self.run_id, params=params[start : start + MLFLOW_BATCH], synchronous=True)
-            config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-            self.client.log_text(self.run_id, config_yaml, "config.yaml")
+            tags |= {MLFLOW_PARENT_RUN_ID: tracking.parent_run_id, ROLE_TAG: "trial", TRIAL_ID_TAG: trial_id,
+                     TRIAL_NUMBER_TAG: number, **trial_tags(config)}
+            run_id = create_run(mlflow, tracking.experiment_id, run_name(config, number), tags, config)
+            run = cls(mlflow, run_id, config, data)
+        run.seconds = time.perf_counter() - started
+        return run
 
     @contextlib.contextmanager
     def _timed(self) -> Iterator[None]:

@@ -75,17 +75,21 @@ def train(
     reporter: Reporter | None = None,
     resume_from: Path | str | dict[str, Any] | None = None,
     run_evaluation: bool = True,
+    stop_after: int | None = None,
 ) -> TrainResult:
     """Train `config` on `data` (moved to the config's device), evaluate the best weights.
 
     `resume_from`: a checkpoint (path, or its loaded state) to continue from exactly.
+    `stop_after`: end after this epoch, as an early stop does: the schedules (KL annealing)
+    still span `config.epochs`, so the first epochs are exactly those of a full run.
     """
     trainer = Trainer(config, data)
     if resume_from is not None:
         state = resume_from if isinstance(resume_from, dict) else load_checkpoint(resume_from)
         trainer.restore(state)
+    last_epoch = config.epochs if stop_after is None else min(stop_after, config.epochs)
     started = time.perf_counter()
-    while trainer.epoch < config.epochs:
+    while trainer.epoch < last_epoch:
         end = trainer.run_epoch()
         if reporter is not None:
             reporter(end)
