@@ -321,8 +321,9 @@ class _OpenRun:
         verdict = "reproduced" if reproduction.reproduced else "not reproduced"
         self.client.set_tag(self.run_id, "verdict", verdict + (f": {reproduction.note}" if reproduction.note else ""))
         if largest is not None:
-            self.client.set_tag(self.run_id, "largest_difference",
-                                f"{largest['metric']}: {largest['difference']:.3g} (allowed {largest['allowed']:.3g})")
+            described = ("none: every value equal" if largest["difference"] == 0 else
+                         f"{largest['metric']}: {largest['difference']:.3g} (allowed {largest['allowed']:.3g})")
+            self.client.set_tag(self.run_id, "largest_difference", described)
         self.client.log_text(self.run_id, reproduction.table.to_csv(index=False), "comparison.csv")
         self.client.set_terminated(self.run_id, status="FINISHED")
         return reproduction

@@ -111,3 +111,15 @@ def test_anomaly_metric_appears_when_a_class_is_held_out(digits):
     config = make_config(epochs=2, data={"anomaly_class": 0}, model={"hidden_dims": [32]}, evaluation={"kmeans_restarts": 1})
     result = train(config, load_data(config.data))
     assert 0.0 <= result.metrics["test/anomaly_auroc"] <= 1.0
+
+
+def test_the_suite_depends_on_the_weights_alone_and_leaves_the_callers_randomness_alone(trained_vae, digits):
+    settings = make_config(**VAE).evaluation
+    torch.manual_seed(1)
+    first = evaluate(trained_vae, digits, settings)
+    after_first = torch.rand(3)
+    torch.manual_seed(2)  # another caller state: denoising noise and IWAE samples must not follow it
+    second = evaluate(trained_vae, digits, settings)
+    assert first == second
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(3), after_first)  # evaluate drew nothing from the caller's generator

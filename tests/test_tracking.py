@@ -25,6 +25,7 @@ from aesearch.config import flatten
 from aesearch.errors import UserError
 from aesearch.tracking import image_epochs, resolve_tracking_uri, run_name
 from tests import searching
+from tests.browser import open_page
 from tests.conftest import make_config
 from tests.searching import search_command, trial_reports, write_space
 
@@ -309,20 +310,10 @@ def ui(small_search, tmp_path_factory):
 
 
 def test_the_ui_lists_the_trial_runs_of_a_search(ui, tracked, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.support.ui import WebDriverWait
 
     _, experiment, runs, _ = tracked
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1600,1000",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
-    try:
-        browser.get(f"{ui}/#/experiments/{experiment.experiment_id}/runs")
+    with open_page(f"{ui}/#/experiments/{experiment.experiment_id}/runs", tmp_path / "profile") as browser:
         names = [trial_run.info.run_name for trial_run in runs]
         # The search run is listed, its trial runs folded under it: unfold them.
         expand = "button[data-component-id*='runnamecellrenderer']"
@@ -335,6 +326,4 @@ def test_the_ui_lists_the_trial_runs_of_a_search(ui, tracked, tmp_path):
                 lambda d: all(name in d.find_element("tag name", "body").text for name in names))
         finally:
             browser.save_screenshot(str(tmp_path / "runs.png"))
-    finally:
-        browser.quit()
     assert png_shape(str(tmp_path / "runs.png"))[1] >= 1000

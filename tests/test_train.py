@@ -148,3 +148,16 @@ def test_foreign_torch_file_is_not_a_checkpoint(tmp_path):
 def test_checkpoint_write_is_atomic(tmp_path):
     save_checkpoint(tmp_path / "c.pt", {"config": {}, "epoch": 0, "model": {}, "fingerprint": "x"})
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_stopping_after_an_epoch_gives_exactly_the_first_epochs_of_the_full_run(digits):
+    """What an ASHA-stopped trial trained, and what its reproduction trains: the schedule
+    (here a cyclical KL ramp) still spans the config's epochs."""
+    config = make_config(**{**NOISY_VAE, "objective": {"reconstruction": "bce", "kl": {"schedule": "cyclical",
+                                                                                         "cycles": 2}}})
+    full = train(config, digits, run_evaluation=False)
+    stopped = train(config, digits, run_evaluation=False, stop_after=2)
+    assert [_without_timing(m) for m in stopped.history] == [_without_timing(m) for m in full.history[:2]]
+    shortened = train(make_config(**{**NOISY_VAE, "epochs": 2, "objective": config.objective.model_dump()}), digits,
+                      run_evaluation=False)
+    assert shortened.history[1]["beta"] != full.history[1]["beta"]  # a shorter run is not the same thing

@@ -1,0 +1,300 @@
+"""The report: pure functions from a runs DataFrame (in `mlflow.search_runs`' own layout) to tables,
+figures and files, tested here without Ray; then a report of the shared real search, read from its
+MLflow store and opened in headless Chromium."""
+
+import io
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+from mlflow import MlflowClient
+
+from aesearch import plots
+from aesearch.errors import UserError
+from aesearch.report import (
+    SearchRecord,
+    asha_summary,
+    best_per_family,
+    best_per_metric,
+    build_report,
+    importances,
+    leaderboard,
+    parse_param,
+    seed_summary,
+    trial_table,
+    write_report,
+)
+from aesearch.space import SearchSpace
+from aesearch.tracking import as_param
+from tests.browser import open_page
+
+# --- a search's runs, as mlflow.search_runs returns them ----------------------------------------
+
+
+def run_row(number: int, family: str, outcome: str, objective: float | None, epochs: int, *, latent="deterministic",
+            status="FINISHED", seed=0, lr=0.001, latent_dim=16, beta=None, noise="none", level=None, **metrics):
+    row = {
+        "run_id": f"run{number:03d}", "status": status, "start_time": pd.Timestamp(2026, 1, 1) + pd.Timedelta(minutes=number),
+        "tags.mlflow.runName": f"{family}-#{number}", "tags.aesearch.trial_number": str(number),
+        "tags.family": family, "tags.architecture": "dense", "tags.latent": latent, "tags.objective": "mse",
+        "params.seed": as_param(seed), "params.name": "search", "params.optimizer.lr": as_param(lr),
+        "params.model.latent_dim": as_param(latent_dim), "params.model.latent": latent,
+        "params.objective.kl.beta": as_param(beta if beta is not None else 1.0),
+        "params.objective.kl.schedule": "linear", "params.corruption.kind": noise, "params.corruption.level": as_param(level),
+        "metrics.epoch": float(epochs),
+    }
+    if outcome:
+        row["tags.outcome"] = outcome
+    if objective is not None:
+        row["metrics.val/recon_mse"] = objective
+    row.update({f"metrics.{name.replace('__', '/')}": value for name, value in metrics.items()})
+    return row
+
+
+def runs_frame(*rows) -> pd.DataFrame:
+    return pd.DataFrame(list(rows))
+
+
+SEARCH = {"run_id": "parent", "status": "FINISHED",
+          "params": {"objective.metric": "val/recon_mse", "objective.mode": "min", "budget.max_epochs": "8",
+                     "budget.grace_period": "2", "budget.reduction_factor": "2", "dataset": "digits"},
+          "tags": {"git_commit": "abc"}}
+
+
+def a_search() -> pd.DataFrame:
+    return runs_frame(
+        run_row(1, "conv", "completed", 0.010, 8, test__recon_mse=0.011, test__psnr=20.0, test__nll=np.nan,
+                test__denoise_psnr_gaussian=15.0, model__parameters=5000.0),
+        run_row(2, "dense", "completed", 0.020, 8, latent_dim=32, test__recon_mse=0.021, test__psnr=22.0,
+                test__denoise_psnr_gaussian=17.0, model__parameters=2000.0),
+        run_row(3, "dense", "stopped early at epoch 2", 0.050, 2),
+        run_row(4, "vae", "diverged at epoch 3", 0.001, 3, latent="gaussian", beta=4.0),  # broke: never ranked
+        run_row(5, "vae", "stopped early at epoch 4", 0.030, 4, latent="gaussian", beta=2.0, val__kl=3.0),
+        run_row(6, "denoising", "", 0.005, 5, status="RUNNING", noise="gaussian", level=0.3),
+    )
+
+
+# --- tables -------------------------------------------------------------------------------------------
+
+
+def test_params_read_back_as_the_config_values_they_were_logged_from():
+    for value in (16, 0.001, 1e-05, [256, 128], True, False, None, "dense", 0.0, "sigmoid"):
+        assert parse_param(as_param(value)) == value
+
+
+def test_the_leaderboard_ranks_finished_trials_on_the_objective_and_leaves_broken_and_running_ones_out():
+    trials = trial_table(a_search(), "val/recon_mse")
+    board = leaderboard(trials, "min")
+    assert list(board["name"]) == ["conv-#1", "dense-#2", "vae-#5", "dense-#3"]
+    assert list(board["rank"]) == [1, 2, 3, 4]
+    states = dict(zip(trials["name"], trials["state"]))
+    assert states["vae-#4"] == "diverged" and states["denoising-#6"] == "running" and states["dense-#3"] == "stopped"
+    assert list(leaderboard(trials, "max")["name"]) == ["dense-#3", "vae-#5", "dense-#2", "conv-#1"]
+
+
+def test_the_best_of_each_family_is_measured_against_the_winner():
+    families = best_per_family(leaderboard(trial_table(a_search(), "val/recon_mse"), "min"))
+    assert list(families["family"]) == ["conv", "dense", "vae"]
+    assert list(families["vs winner"]) == pytest.approx([0.0, 1.0, 2.0])  # 0.02 is 100% above 0.01
+
+
+def test_the_best_trial_on_each_metric_follows_that_metrics_direction():
+    best = best_per_metric(trial_table(a_search(), "val/recon_mse")).set_index("metric")
+    assert best.loc["test/recon_mse", "trial"] == "conv-#1"  # lower is better
+    assert best.loc["test/psnr", "trial"] == "dense-#2"  # higher is better
+    assert best.loc["test/denoise_psnr_gaussian", "trial"] == "dense-#2"  # found by its prefix
+    assert best.loc["model/parameters", "trial"] == "dense-#2"
+    assert "test/nll" not in best.index  # no trial has a value
+
+
+def test_configurations_trained_with_several_seeds_get_mean_and_std():
+    runs = runs_frame(
+        run_row(1, "dense", "completed", 1.0, 8, seed=0),
+        run_row(2, "dense", "completed", 3.0, 8, seed=1),
+        run_row(3, "dense", "completed", 9.0, 8, seed=0, lr=0.01),  # another configuration, one seed
+    )
+    table = seed_summary(trial_table(runs, "val/recon_mse"), ["objective"])
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert row["seeds"] == "0, 1" and row["trials"] == 2
+    assert row["objective"] == f"2 ± {np.std([1.0, 3.0], ddof=1):.2g}"
+
+
+def test_the_asha_summary_counts_stops_per_rung_and_the_epochs_saved():
+    asha = asha_summary(trial_table(a_search(), "val/recon_mse"), SEARCH["params"])
+    assert asha["stopped_at"] == {2: 1, 4: 1}
+    assert asha["completed"] == 2 and asha["diverged"] == 1
+    assert asha["epochs_trained"] == 8 + 8 + 2 + 3 + 4 + 5
+    assert asha["epochs_full_budget"] == 6 * 8
+    assert asha["saved"] == pytest.approx(1 - 30 / 48)
+
+
+def test_the_pareto_front_keeps_exactly_the_points_nothing_beats_on_both_axes():
+    points = pd.DataFrame({"x": [8, 16, 16, 32, 64, 64], "y": [0.5, 0.3, 0.4, 0.35, 0.1, 0.2]})
+    front = plots.pareto_front(points, "x", "y")
+    assert list(zip(front["x"], front["y"])) == [(8, 0.5), (16, 0.3), (64, 0.1)]
+
+
+def test_importance_replays_the_trials_through_the_spaces_define_by_run_function():
+    space = SearchSpace.model_validate({
+        "name": "s",
+        "space": {"optimizer.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+                  "model.latent_dim": {"type": "categorical", "choices": [8, 16]},
+                  "model.hidden_dims": {"type": "categorical", "choices": [[32], [64, 32]]},
+                  "objective.kl.beta": {"type": "float", "low": 0.5, "high": 4, "when": {"model.latent_dim": 16}}},
+    })
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(24):
+        lr = float(10 ** rng.uniform(-4, -1))
+        row = run_row(i + 1, "dense", "completed", objective=-np.log10(lr) + 0.01 * rng.normal(), epochs=4, lr=lr,
+                      latent_dim=int(rng.choice([8, 16])))
+        row["params.model.hidden_dims"] = as_param([32] if i % 2 else [64, 32])
+        rows.append(row)
+    table = importances(trial_table(runs_frame(*rows), "val/recon_mse"), space, "min")
+    assert table.iloc[0]["parameter"] == "optimizer.lr"  # the objective depends on lr alone
+    assert table.iloc[0]["fanova"] > 0.8
+    assert set(table["parameter"]) == {"optimizer.lr", "model.latent_dim", "model.hidden_dims"}  # beta is conditional
+
+
+# --- figures and files -------------------------------------------------------------------------------
+
+
+def png(width: int = 24, height: int = 8) -> bytes:
+    figure = Figure(figsize=(width / 10, height / 10))
+    figure.subplots().imshow(np.random.default_rng(0).random((height, width)))
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=10)
+    return buffer.getvalue()
+
+
+def a_record() -> SearchRecord:
+    curves = pd.DataFrame({"run_id": ["run001"] * 3 + ["run002"] * 3, "step": [1, 2, 3] * 2,
+                           "value": [0.3, 0.1, 0.01, 0.4, 0.2, 0.02]})
+    images = {"run001": {"reconstructions.png": png()}, "run005": {"prior_samples.png": png(16, 16)}}
+    return SearchRecord("demo", "sqlite:////nowhere/mlflow.db", SEARCH, None, a_search(), curves, images)
+
+
+def test_each_figure_is_drawn_when_the_search_has_its_data_and_says_why_not_otherwise():
+    report = build_report(a_record())
+    assert {"learning_curves", "search_progress", "latent_size", "asha"} <= set(report.figures)
+    assert "rate_distortion" in report.figures  # the stopped VAE has val/kl
+    assert report.not_drawn["Hyperparameter importance (Optuna)"].startswith("fewer than three")
+    for caption, png_bytes in report.figures.values():
+        assert png_bytes[:8] == b"\x89PNG\r\n\x1a\n", caption
+    no_vaes = a_search()
+    no_vaes = no_vaes[no_vaes["tags.latent"] != "gaussian"]
+    figures, not_drawn = plots.all_figures(trial_table(no_vaes, "val/recon_mse"), pd.DataFrame(), pd.DataFrame(),
+                                           pd.DataFrame(), asha_summary(trial_table(no_vaes, "val/recon_mse"), {}),
+                                           "val/recon_mse", "min")
+    assert "rate_distortion" not in figures and "no finished VAE" in not_drawn["VAE rate / distortion (reconstruction against KL)"]
+
+
+def test_a_report_folder_holds_a_self_contained_page_markdown_whose_pictures_exist_and_the_ranked_csv(tmp_path):
+    report = build_report(a_record())
+    out = write_report(report, tmp_path / "demo")
+    page = (out / "index.html").read_text()
+    sources = re.findall(r"<img [^>]*src='([^']+)'", page)
+    assert sources and all(src.startswith("data:image/png;base64,") for src in sources)
+    assert "Partial report" in page  # trial 6 is still running
+    assert "<strong>conv</strong> wins" in page
+    markdown = (out / "report.md").read_text()
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert len(linked) == len(report.figures) + 2  # every figure, one reconstruction grid, one prior sample grid
+    for path in linked:
+        assert (out / path).is_file(), path
+        assert matplotlib.image.imread(out / path).ndim == 3
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert list(board["name"][:4]) == ["conv-#1", "dense-#2", "vae-#5", "dense-#3"]
+    assert list(board["rank"][:4]) == [1, 2, 3, 4] and board["rank"][4:].isna().all()
+    assert board["reproduce"][0] == "aesearch reproduce demo --run-id run001 --tracking-uri sqlite:////nowhere/mlflow.db"
+
+
+def test_a_report_replaces_an_earlier_report_but_never_a_folder_of_other_files(tmp_path):
+    report = build_report(a_record())
+    write_report(report, tmp_path / "demo")
+    (tmp_path / "demo" / "figures" / "stale.png").write_bytes(b"old")
+    write_report(report, tmp_path / "demo")
+    assert not (tmp_path / "demo" / "figures" / "stale.png").exists()
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not an aesearch report folder"):
+        write_report(report, other)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left behind
+
+
+# --- a real search, read from its MLflow store ---------------------------------------------------------
+
+
+def report_command(store: str, out: Path, experiment: str = "small") -> list[str]:
+    return [sys.executable, "-m", "aesearch.cli", "report", experiment, "--tracking-uri", store, "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def real_report(small_search, tmp_path_factory):
+    experiment, _ = small_search
+    store = f"sqlite:///{experiment.parent.parent / 'mlflow.db'}"
+    out = tmp_path_factory.mktemp("report") / "small"
+    done = subprocess.run(report_command(store, out), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return store, out, done
+
+
+def test_the_reports_winner_is_the_best_trial_in_mlflow(real_report):
+    store, out, done = real_report
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("small")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`aesearch.role` = 'trial'")
+    finished = [r for r in runs if r.data.tags["outcome"] == "completed" or r.data.tags["outcome"].startswith("stopped")]
+    best = min(finished, key=lambda r: r.data.metrics["val/recon_mse"])
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert board.loc[0, "run_id"] == best.info.run_id and board.loc[0, "rank"] == 1
+    assert board.loc[0, "val/recon_mse"] == pytest.approx(best.data.metrics["val/recon_mse"], rel=1e-9)
+    assert len(board) == len(runs) == 8
+    assert set(board.loc[board["state"] == "diverged", "rank"].isna()) == {True}
+    assert str(out / "index.html") == done.stdout.strip()
+    assert "8 trials" in done.stderr
+
+
+def test_every_picture_the_report_references_exists(real_report):
+    _, out, _ = real_report
+    markdown = (out / "report.md").read_text()
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert any(p.startswith("figures/") for p in linked) and any(p.startswith("images/") for p in linked)
+    for path in linked:
+        assert (out / path).is_file(), path
+    page = (out / "index.html").read_text()
+    assert all(src.startswith("data:image/png;base64,") for src in re.findall(r"src='([^']+)'", page))
+
+
+def test_the_report_opens_in_a_browser_without_console_errors(real_report, tmp_path):
+    _, out, _ = real_report
+    with open_page((out / "index.html").as_uri(), tmp_path / "profile") as browser:
+        shown = browser.execute_script(
+            "return Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)")
+        errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+        text = browser.find_element("tag name", "body").text
+        browser.save_screenshot(str(tmp_path / "report.png"))
+    assert shown and all(shown), "an image did not load"
+    assert errors == []
+    assert "Best trial per variant family" in text and "aesearch reproduce small --run-id" in text
+    assert matplotlib.image.imread(tmp_path / "report.png").shape[1] >= 1200
+
+
+def test_a_report_of_a_missing_experiment_or_store_is_one_line_and_writes_nothing(real_report, tmp_path):
+    store, _, _ = real_report
+    done = subprocess.run(report_command(store, tmp_path / "out", "nosuch"), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "'nosuch'" in done.stderr and "small" in done.stderr  # names what the store does hold
+    missing = f"sqlite:///{tmp_path / 'none.db'}"
+    done = subprocess.run(report_command(missing, tmp_path / "out"), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no such store" in done.stderr
+    assert not (tmp_path / "none.db").exists() and not (tmp_path / "out").exists()
