@@ -1,4 +1,5 @@
-# make quickstart   the quickstart search on the embedded digits data (no files, no network)
+# make quickstart   the quickstart search on the embedded digits data (no files, no network),
+#                   then its report in reports/quickstart-TIMESTAMP/
 # make test         the whole test suite
 # Both set themselves up: uv (installed into .tools/ if missing), then `uv sync --locked`;
 # `make test` also installs Debian's chromium and chromium-driver (the browser test) if missing.
@@ -9,8 +10,11 @@ RUN := $(UV) run --no-sync
 
 .PHONY: quickstart test benchmark setup browser clean
 
+QUICKSTART := quickstart-$(shell date +%Y%m%d-%H%M%S)
+
 quickstart: setup
-	$(RUN) aesearch search search_spaces/quickstart.yaml --name quickstart-$$(date +%Y%m%d-%H%M%S)
+	$(RUN) aesearch search search_spaces/quickstart.yaml --name $(QUICKSTART)
+	$(RUN) aesearch report $(QUICKSTART)
 
 test: setup browser
 	$(RUN) pytest

@@ -563,7 +563,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem 
 padding:0 1rem}h1{margin-bottom:.2rem}.meta{color:#555;font-size:.9rem}.banner{background:#fff3cd;border:1px solid
 #e0c36c;padding:.6rem 1rem;border-radius:6px}.headline{background:#eef5ff;border-left:4px solid #3b6fd8;padding:.6rem
 1rem}table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0 1.5rem}th,td{border:1px solid #ccc;padding:.25rem
-.5rem;text-align:left;vertical-align:top}th{background:#f3f3f3}td code{font-size:.75rem;white-space:nowrap}
+.5rem;text-align:left;vertical-align:top;white-space:nowrap}th{background:#f3f3f3}td code{font-size:.75rem;white-space:nowrap}
 .scroll{overflow-x:auto}.figures{display:grid;
 grid-template-columns:repeat(auto-fill,minmax(480px,1fr));gap:1rem}figure{margin:0}figure img{max-width:100%;
 border:1px solid #ddd}.pictures{display:flex;flex-wrap:wrap;gap:1rem}.pictures img{image-rendering:pixelated;

@@ -236,14 +236,18 @@ def reproduce(
             f"trained on {trial.fingerprint}: the data (or its files under the data directory) changed, so the "
             "results cannot be compared; point --data-dir at the data the search used"
         )
+    threads = torch.get_num_threads()
     if chosen == "cpu" and trial.threads:
         torch.set_num_threads(trial.threads)  # the order of float sums follows the thread count
-    tags = training_tags(config, data)
-    same_type = trial.device_type is None or trial.device_type == tags["device"].split(":")[0]
-    tolerance = SAME_DEVICE_TYPE if same_type else OTHER_DEVICE_TYPE
-    if from_checkpoint:
-        return _from_checkpoint(uri, trial, config, data, tolerance, tags)
-    return _retrain(uri, trial, config, data, tolerance, tags, epochs or trial.epochs, out)
+    try:
+        tags = training_tags(config, data)
+        same_type = trial.device_type is None or trial.device_type == tags["device"].split(":")[0]
+        tolerance = SAME_DEVICE_TYPE if same_type else OTHER_DEVICE_TYPE
+        if from_checkpoint:
+            return _from_checkpoint(uri, trial, config, data, tolerance, tags)
+        return _retrain(uri, trial, config, data, tolerance, tags, epochs or trial.epochs, out)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _retrain(uri, trial: Trial, config, data, tolerance: Tolerance, tags, upto: int, out: Path | None) -> Reproduction:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
@@ -94,11 +95,20 @@ def test_the_best_trial_retrains_to_the_same_numbers_and_the_reproduction_is_log
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/recon_mse")] == [1, 2, 3]
 
 
-def test_a_stored_checkpoint_evaluates_to_what_its_trial_logged(store, tmp_path):
-    done = subprocess.run(reproduce_command(store, "--from-checkpoint"), capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    summary = last_json(done.stdout)
+def reproduce_here(capsys, store: str, *extra: str, experiment: str = "small") -> tuple[int, str, str]:
+    """`aesearch reproduce` in this process (its imports are warm): (exit status, stdout, stderr)."""
+    threads = torch.get_num_threads()
+    code = main(["reproduce", experiment, "--tracking-uri", store, *extra])
+    assert torch.get_num_threads() == threads  # the trial's thread count was set for the reproduction only
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_stored_checkpoint_evaluates_to_what_its_trial_logged(store, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = reproduce_here(capsys, store, "--from-checkpoint")
+    assert code == 0, out[-2000:] + err[-2000:]
+    summary = last_json(out)
     assert summary["mode"].startswith("evaluated the best checkpoint")
     assert {"test/recon_mse", "test/psnr", "test/denoise_psnr_gaussian"} <= set(summary["metrics"])
     for name, (recorded, reproduced) in summary["metrics"].items():
@@ -106,14 +116,13 @@ def test_a_stored_checkpoint_evaluates_to_what_its_trial_logged(store, tmp_path)
     assert list(tmp_path.iterdir()) == []  # evaluating writes no run folder
 
 
-def test_a_stopped_trial_retrains_as_far_as_it_went(store, tmp_path):
+def test_a_stopped_trial_retrains_as_far_as_it_went(store, tmp_path, capsys):
     _, runs = trial_runs(store)
     stopped = next(r for r in runs if r.data.tags["outcome"].startswith("stopped early"))
     epochs = int(stopped.data.metrics["epoch"])
-    done = subprocess.run(reproduce_command(store, "--run-id", stopped.info.run_id, "--out", str(tmp_path / "s")),
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    summary = last_json(done.stdout)
+    code, out, err = reproduce_here(capsys, store, "--run-id", stopped.info.run_id, "--out", str(tmp_path / "s"))
+    assert code == 0, out[-2000:] + err[-2000:]
+    summary = last_json(out)
     assert summary["mode"] == f"retrained {epochs} epochs"
     lines = (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == epochs
@@ -185,7 +194,7 @@ def wait_until(condition, what: str, process, timeout: float = 240):
     pytest.fail(f"{what} did not happen within {timeout} s (search exit status: {process.poll()})")
 
 
-def test_a_report_of_a_search_that_is_still_running_is_partial(mnist_search, tmp_path):
+def test_a_report_of_a_search_that_is_still_running_is_partial(mnist_search, tmp_path, capsys):
     process, store, folder = mnist_search
 
     def first_trial_done():
@@ -199,10 +208,8 @@ def test_a_report_of_a_search_that_is_still_running_is_partial(mnist_search, tmp
 
     wait_until(first_trial_done, "a first finished trial", process)
     assert process.poll() is None, "the search ended before the report could be made while it runs"
-    done = subprocess.run([sys.executable, "-m", "aesearch.cli", "report", "mnist-small", "--tracking-uri", store,
-                           "--out", str(tmp_path / "partial")], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "partial: the search is still running" in done.stderr
+    assert main(["report", "mnist-small", "--tracking-uri", store, "--out", str(tmp_path / "partial")]) == 0
+    assert "partial: the search is still running" in capsys.readouterr().err
     page = (tmp_path / "partial" / "index.html").read_text()
     assert "Partial report" in page
     board = pd.read_csv(tmp_path / "partial" / "leaderboard.csv")
@@ -221,21 +228,21 @@ def changed_copy(mnist_dir: Path, into: Path) -> Path:
     return into
 
 
-def test_a_changed_dataset_is_refused_and_the_same_one_reproduces(mnist_search, mnist_dir, tmp_path):
+def test_a_changed_dataset_is_refused_and_the_same_one_reproduces(mnist_search, mnist_dir, tmp_path, capsys):
     process, store, folder = mnist_search
     assert process.wait(timeout=300) == 0, (folder / "search.log").read_text()[-3000:]
     client, before = trial_runs(store, "mnist-small")
     every_run = lambda: client.search_runs([before[0].info.experiment_id], run_view_type=ViewType.ALL)  # noqa: E731
     count = len(every_run())
     changed = changed_copy(mnist_dir, tmp_path / "changed")
-    done = subprocess.run([*reproduce_command(store, "--data-dir", str(changed), "--out", str(tmp_path / "r"),
-                                              experiment="mnist-small")], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
-    assert "fingerprint" in done.stderr and "changed" in done.stderr
+    code, out, err = reproduce_here(capsys, store, "--data-dir", str(changed), "--out", str(tmp_path / "r"),
+                                    experiment="mnist-small")
+    assert code == 2, out + err
+    assert len(err.strip().splitlines()) == 1
+    assert "fingerprint" in err and "changed" in err
     assert not (tmp_path / "r").exists() and len(every_run()) == count  # nothing written, nothing logged
 
-    done = subprocess.run([*reproduce_command(store, "--data-dir", str(mnist_dir), "--out", str(tmp_path / "r"),
-                                              experiment="mnist-small")], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert last_json(done.stdout)["reproduced"] and len(every_run()) == count + 1
+    code, out, err = reproduce_here(capsys, store, "--data-dir", str(mnist_dir), "--out", str(tmp_path / "r"),
+                                    experiment="mnist-small")
+    assert code == 0, out[-2000:] + err[-2000:]
+    assert last_json(out)["reproduced"] and len(every_run()) == count + 1

@@ -115,6 +115,10 @@ def test_every_tune_trial_has_exactly_one_run_with_its_outcome_and_a_terminal_st
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+def search_run(client: MlflowClient, trial_run):
+    return client.get_run(trial_run.data.tags["mlflow.parentRunId"])
+
+
 def test_runs_hold_the_resolved_config_under_the_same_param_names(tracked, tmp_path):
     client, _, runs, _ = tracked
     names = {frozenset(run.data.params) for run in runs}
@@ -122,8 +126,12 @@ def test_runs_hold_the_resolved_config_under_the_same_param_names(tracked, tmp_p
     for run in runs[:3]:
         config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text())
         assert run.data.params == {k: "null" if v is None else str(v) for k, v in flatten(config).items()}
-        for tag in ("family", "architecture", "latent", "noise", "objective", "node"):
+        for tag in ("family", "architecture", "latent", "noise", "objective", "node", "device"):
             assert run.data.tags[tag]
+        # what a reproduction must match: the data, and how the arithmetic ran
+        assert run.data.tags["dataset_fingerprint"] == search_run(client, run).data.params["dataset_fingerprint"]
+        assert run.data.tags["device"].startswith("cpu:") and run.data.tags["torch_threads"] == "1"  # 1 CPU a trial
+        assert run.info.run_name.endswith(f"-#{run.data.tags['aesearch.trial_number']}")
         assert run.data.tags["latent"] == config["model"]["latent"]
 
 
