@@ -121,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from aesearch.checkpoints import load_checkpoint
     from aesearch.config import load_config
     from aesearch.data import load_data
-    from aesearch.local import run_in_folder
+    from aesearch.local import check_run_folder, run_in_folder
     from aesearch.train import check_resumable, resolve_device
 
     overrides = list(args.overrides)
@@ -144,22 +144,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     _, summary = run_in_folder(config, data, folder, resume_state)
     print(json.dumps(summary))
     return 0
-
-
-def check_run_folder(folder: Path, resuming_from: Path | None) -> None:
-    """A run folder must be new or empty, or the folder of the checkpoint being resumed."""
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"--out {folder}: exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()):
-        if resuming_from is None or resuming_from.resolve().parent != folder.resolve():
-            raise UserError(
-                f"--out {folder}: folder already holds files; choose a new folder (or resume a "
-                "checkpoint from this folder with --resume)"
-            )
-        return
-    existing = next(parent for parent in folder.absolute().parents if parent.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise UserError(f"--out {folder}: cannot create it: {existing} is not a writable folder")
 
 
 SEARCH_FLAGS = {  # command-line flag -> search space field

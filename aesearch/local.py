@@ -14,6 +14,7 @@ checkpoint, a model that does not fit) leaves nothing behind.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import yaml
 
 from aesearch.config import TrainConfig, variant_family
 from aesearch.data import Data
+from aesearch.errors import UserError
 from aesearch.images import save_images
 from aesearch.train import EpochEnd, Reporter, TrainResult, train
 
@@ -110,3 +112,19 @@ def run_in_folder(
     result_json = json.dumps({**summary, "history": result.history}, indent=1)
     (folder_reporter.folder / "result.json").write_text(result_json, encoding="utf-8")
     return result, summary
+
+
+def check_run_folder(folder: Path, resuming_from: Path | None) -> None:
+    """A run folder must be new or empty, or the folder of the checkpoint being resumed."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--out {folder}: exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        if resuming_from is None or resuming_from.resolve().parent != folder.resolve():
+            raise UserError(
+                f"--out {folder}: folder already holds files; choose a new folder (or resume a "
+                "checkpoint from this folder with --resume)"
+            )
+        return
+    existing = next(parent for parent in folder.absolute().parents if parent.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(f"--out {folder}: cannot create it: {existing} is not a writable folder")

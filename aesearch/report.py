@@ -37,6 +37,7 @@ from aesearch.tracking import (
     TRIAL_NUMBER_TAG,
     check_store_exists,
     client,
+    fluent_api_on,
     resolve_tracking_uri,
 )
 
@@ -94,7 +95,7 @@ def read_search(uri: str, experiment: str, top: int = TOP) -> SearchRecord:
     experiment_id, search, runs = read_trials(uri, experiment)  # first: it checks that the store exists
     store = client(uri)
     record = SearchRecord(experiment, uri, search, _launched_space(store, search), runs,
-                          reproductions=_runs_of(experiment_id, "reproduction"))
+                          reproductions=runs_of(uri, experiment_id, "reproduction"))
     metric, mode = record.objective
     board = leaderboard(trial_table(runs, metric), mode)
     shown = list(board["run_id"][:top])
@@ -116,20 +117,20 @@ def read_trials(uri: str, experiment: str) -> tuple[str, dict[str, Any], pd.Data
         names = sorted(e.name for e in client(uri).search_experiments() if e.name != "Default")
         known = f"; it holds: {', '.join(names[:20])}" if names else "; it holds no searches yet"
         raise UserError(f"experiment {experiment!r}: no such experiment in the tracking store {uri}{known}")
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    runs = _runs_of(found.experiment_id, "trial")
+    runs = runs_of(uri, found.experiment_id, "trial")
     if runs.empty:
         raise UserError(f"experiment {experiment!r} in {uri} has no trial runs yet (has its search started?)")
-    parents = _runs_of(found.experiment_id, "search")
+    parents = runs_of(uri, found.experiment_id, "search")
     return found.experiment_id, ({} if parents.empty else _run_summary(parents.iloc[0])), runs
 
 
-def _runs_of(experiment_id: str, role: str) -> pd.DataFrame:
+def runs_of(uri: str, experiment_id: str, role: str) -> pd.DataFrame:
+    """The experiment's runs of one role (search, trial, reproduction), as `mlflow.search_runs` gives them."""
     import mlflow
 
-    return mlflow.search_runs([experiment_id], filter_string=f"tags.`{ROLE_TAG}` = '{role}'", output_format="pandas")
+    with fluent_api_on(uri):
+        return mlflow.search_runs([experiment_id], filter_string=f"tags.`{ROLE_TAG}` = '{role}'",
+                                  output_format="pandas")
 
 
 def _run_summary(row: pd.Series) -> dict[str, Any]:
@@ -596,7 +597,8 @@ def render_html(report: Report) -> str:
              f"<p class='meta'>{esc(_meta(report))}</p>"]
     if is_partial(report):
         parts.append(f"<p class='banner'>Partial report: the search is still running ({esc(status_line(report))}). "
-                     "Run <code>aesearch report</code> again for the rest.</p>")
+                     "Run <code>aesearch report</code> again for the rest (if its driver was killed, "
+                     "<code>aesearch search ... --resume</code> finishes it).</p>")
     parts.append("<div class='headline'>" + "".join(f"<p>{_bold(esc(line))}</p>" for line in headline(report)) + "</div>")
     if len(report.board):
         command = reproduce_command(record.experiment, report.board.iloc[0]["run_id"], record.uri)

@@ -251,8 +251,7 @@ def reproduce(
 
 
 def _retrain(uri, trial: Trial, config, data, tolerance: Tolerance, tags, upto: int, out: Path | None) -> Reproduction:
-    from aesearch.cli import check_run_folder
-    from aesearch.local import run_in_folder
+    from aesearch.local import check_run_folder, run_in_folder
     from aesearch.tracking import BEST_CHECKPOINT, TrialRun
 
     folder = out or Path("runs") / f"reproduce-{trial.name.replace('#', '')}-{datetime.now():%Y%m%d-%H%M%S}"

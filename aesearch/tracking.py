@@ -124,6 +124,25 @@ def embedded_artifacts(uri: str, experiment: str) -> str | None:
     return (Path(parts.path).parent / EMBEDDED_ARTIFACTS / experiment).as_uri()
 
 
+@contextlib.contextmanager
+def fluent_api_on(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (`mlflow.search_runs`, `mlflow.pytorch.log_model`) on `uri` for the
+    duration only: `set_tracking_uri` also sets MLFLOW_TRACKING_URI for the whole process and its
+    children, where it would become every later command's default store."""
+    import mlflow
+
+    before = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])  # None: unset again
+        mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])
+        if before["MLFLOW_REGISTRY_URI"] is None:
+            os.environ.pop("MLFLOW_REGISTRY_URI", None)
+
+
 def client(uri: str) -> MlflowClient:
     from mlflow import MlflowClient
 
@@ -492,10 +511,8 @@ class SearchRun:
         example = torch.rand(2, *shape)
         with torch.no_grad():
             signature = infer_signature(example.numpy(), model(example).numpy())
-        mlflow.set_tracking_uri(self.uri)
-        mlflow.set_registry_uri(self.uri)
         quiet = contextlib.redirect_stderr(io.StringIO())  # MLflow prints its own notes on the registry
-        with mlflow.start_run(run_id=self.tracking.parent_run_id), quiet:
+        with fluent_api_on(self.uri), mlflow.start_run(run_id=self.tracking.parent_run_id), quiet:
             logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)  # pip version guessing
             info = mlflow.pytorch.log_model(
                 model, name="best_model", signature=signature, input_example=example.numpy(),

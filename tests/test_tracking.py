@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from aesearch.checkpoints import load_checkpoint
 from aesearch.config import flatten
 from aesearch.errors import UserError
-from aesearch.tracking import image_epochs, resolve_tracking_uri, run_name
+from aesearch.tracking import fluent_api_on, image_epochs, resolve_tracking_uri, run_name
 from tests import searching
 from tests.browser import open_page
 from tests.conftest import make_config
@@ -204,8 +204,8 @@ def test_the_search_run_describes_the_search_and_registers_the_best_model(tracke
 
     versions = client.search_model_versions("name='small'")
     assert len(versions) == 1
-    mlflow.set_tracking_uri(client._tracking_client.tracking_uri)
-    model = mlflow.pyfunc.load_model(f"models:/small/{versions[0].version}")
+    with fluent_api_on(client._tracking_client.tracking_uri):
+        model = mlflow.pyfunc.load_model(f"models:/small/{versions[0].version}")
     images = digits.test_x[:5].numpy()
     reconstructions = model.predict(images)
     assert reconstructions.shape == images.shape
@@ -282,13 +282,20 @@ def tracking_server(tmp_path_factory):
     yield from serve(command, port, folder / "server.log")
 
 
-def test_a_search_logs_through_a_tracking_server_with_proxied_artifacts(tmp_path, ray_env, tracking_server):
-    space = write_space(tmp_path, "served", trials=3, epochs=2, grace=2)
-    command = search_command(space, tmp_path / "results")
+@pytest.fixture(scope="module")
+def served_search(tracking_server, ray_env, tmp_path_factory) -> Path:
+    """A small search that logs to the tracking server: its folder."""
+    folder = tmp_path_factory.mktemp("served")
+    space = write_space(folder, "served", trials=3, epochs=2, grace=2)
+    command = search_command(space, folder / "results")
     command[command.index("--tracking-uri") + 1] = tracking_server
-    done = searching.run(command, ray_env)
+    done = searching.run(command, ray_env, cwd=folder)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlartifacts").exists()
+    return folder
+
+
+def test_a_search_logs_through_a_tracking_server_with_proxied_artifacts(served_search, tracking_server, tmp_path):
+    assert not (served_search / "mlflow.db").exists() and not (served_search / "mlartifacts").exists()
 
     client = MlflowClient(tracking_server)
     experiment = client.get_experiment_by_name("served")
@@ -302,6 +309,26 @@ def test_a_search_logs_through_a_tracking_server_with_proxied_artifacts(tmp_path
         checkpoint = client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp_path))
         assert load_checkpoint(checkpoint)["config"]["data"]["name"] == "digits"
     assert client.search_model_versions("name='served'")
+
+
+def test_a_report_and_a_reproduction_read_their_search_through_the_tracking_server(
+    served_search, tracking_server, tmp_path, capsys, monkeypatch
+):
+    from aesearch.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    default_store = os.environ.get("MLFLOW_TRACKING_URI")
+    assert main(["report", "served", "--tracking-uri", tracking_server]) == 0
+    assert os.environ.get("MLFLOW_TRACKING_URI") == default_store  # not left pointing at the server
+    report = tmp_path / "reports" / "served"
+    pictures = list((report / "images").iterdir())  # downloaded through the server
+    assert len([p for p in pictures if p.name.endswith("-reconstructions.png")]) == 3  # all 3 trials
+    assert all(png_shape(str(p)) for p in pictures)
+    board = pd.read_csv(report / "leaderboard.csv")
+    assert board["reproduce"][0].endswith(f"--tracking-uri {tracking_server}")
+    capsys.readouterr()
+    assert main(["reproduce", "served", "--tracking-uri", tracking_server, "--from-checkpoint"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reproduced"]
 
 
 # --- the UI, in a browser -----------------------------------------------------------------------------
