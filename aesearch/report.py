@@ -203,21 +203,21 @@ def trial_table(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     objective and every metric it logged (latest values, named as logged)."""
     rows = []
     for _, run in runs.iterrows():
-        tag = lambda name: run.get(f"tags.{name}")  # noqa: E731
         config = {k[len("params."):]: parse_param(v) for k, v in run.items() if k.startswith("params.")}
         metrics = {k[len("metrics."):]: v for k, v in run.items() if k.startswith("metrics.") and pd.notna(v)}
-        outcome = tag("outcome") if isinstance(tag("outcome"), str) else ""
+        outcome = _tag(run, "outcome") or ""
         state = state_of(outcome, run.get("status", ""))
         stopped_at = re.search(r"at epoch (\d+)", outcome)
         epochs = metrics.get("epoch", int(stopped_at.group(1)) if stopped_at else 0)
         value = metrics.get(metric, math.nan)
         if state in ("diverged", "errored", "invalid") or not np.isfinite(value):
             value = math.nan  # a trial that broke has no objective worth ranking
+        name = _tag(run, "mlflow.runName") or run["run_id"][:8]
         rows.append({
-            "run_id": run["run_id"], "name": tag("mlflow.runName") or run["run_id"][:8],
-            "number": _trial_number(tag(TRIAL_NUMBER_TAG), tag("mlflow.runName")),
-            "family": tag("family") or "?", "architecture": tag("architecture") or config.get("model.architecture"),
-            "latent": tag("latent") or config.get("model.latent"), "objective_formula": tag("objective") or "",
+            "run_id": run["run_id"], "name": name, "number": _trial_number(_tag(run, TRIAL_NUMBER_TAG), name),
+            "family": _tag(run, "family") or "?",
+            "architecture": _tag(run, "architecture") or config.get("model.architecture"),
+            "latent": _tag(run, "latent") or config.get("model.latent"), "objective_formula": _tag(run, "objective") or "",
             "latent_dim": config.get("model.latent_dim"), "beta": config.get("objective.kl.beta"),
             "schedule": config.get("objective.kl.schedule"), "noise": config.get("corruption.kind") or "none",
             "noise_level": config.get("corruption.level"), "sparsity": config.get("objective.sparsity.kind"),
@@ -231,10 +231,16 @@ def trial_table(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     return table.assign(number=order).sort_values("number", kind="stable").reset_index(drop=True)
 
 
-def _trial_number(tagged: Any, name: Any) -> float:
-    if isinstance(tagged, str) and tagged.isdigit():
+def _tag(run: pd.Series, name: str) -> str | None:
+    """A run's tag, or None where it has none (pandas gives NaN)."""
+    value = run.get(f"tags.{name}")
+    return value if isinstance(value, str) and value else None
+
+
+def _trial_number(tagged: str | None, name: str) -> float:
+    if tagged is not None and tagged.isdigit():
         return float(tagged)
-    found = re.search(r"#(\d+)$", name) if isinstance(name, str) else None
+    found = re.search(r"#(\d+)$", name)
     return float(found.group(1)) if found else math.nan
 
 
