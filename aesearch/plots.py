@@ -1,5 +1,6 @@
-"""The report's figures: pure functions from the trial table (`aesearch.report.trial_table`) to
-matplotlib Figures. They use matplotlib's object API (no pyplot, no global state), and a figure
+"""The report's figures: pure functions from the leaderboard (`aesearch.report.leaderboard`: the
+finished trials with an objective, best first) to matplotlib Figures. They use matplotlib's
+object API (no pyplot, no global state), and a figure
 that has nothing to show says why by raising `NotApplicable`.
 
 Finished trials are drawn as dots when they ran to the end and as crosses when ASHA stopped
@@ -60,47 +61,44 @@ def _front_line(axes, points: pd.DataFrame, x: str, y: str) -> None:
     axes.legend(fontsize=7, loc="best")
 
 
-def _finished(trials: pd.DataFrame, *needed: str) -> pd.DataFrame:
-    """Finished trials with an objective and every `needed` column (none, if a column is missing)."""
-    finished = trials[trials["state"].isin(MARKERS) & trials["objective"].notna()]
-    if any(column not in finished for column in needed):
-        return finished.iloc[:0]
-    return finished.dropna(subset=list(needed))
+def _having(rows: pd.DataFrame, *needed: str) -> pd.DataFrame:
+    """The rows that have a value in every `needed` column (none, if a column is missing)."""
+    if any(column not in rows for column in needed):
+        return rows.iloc[:0]
+    return rows.dropna(subset=list(needed))
 
 
 # --- the figures ----------------------------------------------------------------------------------
 
 
-def search_progress(trials: pd.DataFrame, metric: str, mode: str, **_) -> Figure:
+def search_progress(board: pd.DataFrame, metric: str, mode: str, **_) -> Figure:
     """The objective of each trial in the order they started, and the best so far."""
-    finished = _finished(trials)
-    if finished.empty:
+    if board.empty:
         raise NotApplicable("no finished trial yet")
     figure = Figure(figsize=FIGSIZE)
     axes = figure.subplots()
     for state, marker in MARKERS.items():
-        part = finished[finished["state"] == state]
+        part = board[board["state"] == state]
         axes.scatter(part["number"], part["objective"], s=30, marker=marker, label=state)
-    ordered = finished.sort_values("number")
+    ordered = board.sort_values("number")
     best = ordered["objective"].cummin() if mode == "min" else ordered["objective"].cummax()
     axes.step(ordered["number"], best, where="post", color="tab:red", label="best so far")
-    axes.set(xlabel="trial number", ylabel=metric, yscale="log" if (finished["objective"] > 0).all() else "linear",
+    axes.set(xlabel="trial number", ylabel=metric, yscale="log" if (board["objective"] > 0).all() else "linear",
              title="Search progress")
     axes.legend(fontsize=7)
     figure.tight_layout()
     return figure
 
 
-def learning_curves(trials: pd.DataFrame, board: pd.DataFrame, curves: pd.DataFrame, metric: str, **_) -> Figure:
-    """The objective per epoch of the top trials."""
+def learning_curves(board: pd.DataFrame, curves: pd.DataFrame, metric: str, **_) -> Figure:
+    """The objective per epoch of the trials whose curves were read (the top ones)."""
     if curves.empty:
         raise NotApplicable("no per-epoch values logged yet")
     figure = Figure(figsize=FIGSIZE)
     axes = figure.subplots()
-    for row in board.itertuples():
+    for row in board[board["run_id"].isin(curves["run_id"])].itertuples():
         curve = curves[curves["run_id"] == row.run_id].sort_values("step")
-        if len(curve):
-            axes.plot(curve["step"], curve["value"], marker=".", markersize=3, label=f"#{row.rank} {row.name}")
+        axes.plot(curve["step"], curve["value"], marker=".", markersize=3, label=f"#{row.rank} {row.name}")
     axes.set(xlabel="epoch", ylabel=metric, yscale="log" if (curves["value"] > 0).all() else "linear",
              title="Learning curves of the top trials")
     axes.legend(fontsize=7)
@@ -108,14 +106,14 @@ def learning_curves(trials: pd.DataFrame, board: pd.DataFrame, curves: pd.DataFr
     return figure
 
 
-def latent_size_front(trials: pd.DataFrame, metric: str, **_) -> Figure:
+def latent_size_front(board: pd.DataFrame, metric: str, **_) -> Figure:
     """Reconstruction against code size: the smallest code for each level of error."""
-    points = _finished(trials, "latent_dim")
+    points = _having(board, "latent_dim")
     if points["latent_dim"].nunique() < 2:
         raise NotApplicable("the latent size did not vary")
     figure = Figure(figsize=FIGSIZE)
     axes = figure.subplots()
-    _scatter_by_family(axes, points, "latent_dim", "objective", family_colours(list(trials["family"])))
+    _scatter_by_family(axes, points, "latent_dim", "objective", family_colours(list(board["family"])))
     _front_line(axes, points, "latent_dim", "objective")
     axes.set(xscale="log", xlabel="latent size", ylabel=metric, title="Pareto front: reconstruction vs latent size")
     sizes = sorted(points["latent_dim"].unique())
@@ -125,10 +123,10 @@ def latent_size_front(trials: pd.DataFrame, metric: str, **_) -> Figure:
     return figure
 
 
-def rate_distortion(trials: pd.DataFrame, **_) -> Figure:
+def rate_distortion(board: pd.DataFrame, **_) -> Figure:
     """VAEs: KL (rate, nats) against reconstruction error (distortion), on validation data at
     each trial's last epoch; colour is beta."""
-    vaes = _finished(trials[trials["latent"] == "gaussian"], "val/kl", "val/recon_mse", "beta")
+    vaes = _having(board[board["latent"] == "gaussian"], "val/kl", "val/recon_mse", "beta")
     if vaes.empty:
         raise NotApplicable("no finished VAE trials")
     figure = Figure(figsize=FIGSIZE)
@@ -146,14 +144,14 @@ def rate_distortion(trials: pd.DataFrame, **_) -> Figure:
     return figure
 
 
-def sparsity_front(trials: pd.DataFrame, **_) -> Figure:
+def sparsity_front(board: pd.DataFrame, **_) -> Figure:
     """Deterministic codes: reconstruction against how many code values are active (test set)."""
-    points = _finished(trials[trials["latent"] == "deterministic"], "test/active_fraction", "test/recon_mse")
+    points = _having(board[board["latent"] == "deterministic"], "test/active_fraction", "test/recon_mse")
     if len(points) < 2:
         raise NotApplicable("fewer than two completed deterministic trials with sparsity statistics")
     figure = Figure(figsize=FIGSIZE)
     axes = figure.subplots()
-    _scatter_by_family(axes, points, "test/active_fraction", "test/recon_mse", family_colours(list(trials["family"])))
+    _scatter_by_family(axes, points, "test/active_fraction", "test/recon_mse", family_colours(list(board["family"])))
     _front_line(axes, points, "test/active_fraction", "test/recon_mse")
     axes.set(xlabel="fraction of code values active (|h| > threshold)", ylabel="test/recon_mse",
              title="Pareto front: reconstruction vs sparsity")
@@ -161,9 +159,9 @@ def sparsity_front(trials: pd.DataFrame, **_) -> Figure:
     return figure
 
 
-def beta_effect(trials: pd.DataFrame, metric: str, **_) -> Figure:
+def beta_effect(board: pd.DataFrame, metric: str, **_) -> Figure:
     """VAEs: the objective and the KL against beta, one marker per annealing schedule."""
-    vaes = _finished(trials[trials["latent"] == "gaussian"], "beta")
+    vaes = _having(board[board["latent"] == "gaussian"], "beta")
     if vaes.empty:
         raise NotApplicable("no finished VAE trials")
     figure = Figure(figsize=(FIGSIZE[0] * 1.5, FIGSIZE[1]))
@@ -183,16 +181,16 @@ def beta_effect(trials: pd.DataFrame, metric: str, **_) -> Figure:
     return figure
 
 
-def noise_effect(trials: pd.DataFrame, metric: str, **_) -> Figure:
+def noise_effect(board: pd.DataFrame, metric: str, **_) -> Figure:
     """Denoising: the objective (clean inputs) by noise type and level; the dashed line is the
     best trial trained without noise."""
-    noisy = _finished(trials[trials["noise"] != "none"], "noise_level")
+    noisy = _having(board[board["noise"] != "none"], "noise_level")
     if noisy.empty:
         raise NotApplicable("no finished denoising trials")
     kinds = sorted(noisy["noise"].unique())
     figure = Figure(figsize=(min(4.0 * len(kinds), 14), FIGSIZE[1]))
     panels = np.atleast_1d(figure.subplots(1, len(kinds), sharey=True))
-    clean = _finished(trials[trials["noise"] == "none"])
+    clean = board[board["noise"] == "none"]
     for axes, kind in zip(panels, kinds):
         group = noisy[noisy["noise"] == kind]
         for state, marker in MARKERS.items():
@@ -229,7 +227,7 @@ def importance_chart(importance: pd.DataFrame, metric: str, **_) -> Figure:
 
 def asha_chart(asha: dict[str, Any], **_) -> Figure:
     """Where trials ended: stopped at each rung, or ran the full budget."""
-    ended = {**asha["stopped_at"]}
+    ended = asha["stopped_at"]
     if not ended and not asha["completed"]:
         raise NotApplicable("no trial has ended yet")
     figure = Figure(figsize=FIGSIZE)
@@ -260,16 +258,14 @@ FIGURES: list[tuple[str, str, Callable[..., Figure]]] = [
 
 
 def all_figures(
-    trials: pd.DataFrame, board: pd.DataFrame, curves: pd.DataFrame, importance: pd.DataFrame,
-    asha: dict[str, Any], metric: str, mode: str,
+    board: pd.DataFrame, curves: pd.DataFrame, importance: pd.DataFrame, asha: dict[str, Any], metric: str, mode: str
 ) -> tuple[dict[str, tuple[str, Figure]], dict[str, str]]:
     """Every figure that applies ({stem: (caption, figure)}) and why the others were not drawn."""
-    top = board.head(5)
     drawn, not_drawn = {}, {}
     for stem, caption, draw in FIGURES:
         try:
-            drawn[stem] = (caption, draw(trials=trials, board=top, curves=curves, importance=importance, asha=asha,
-                                         metric=metric, mode=mode))
+            drawn[stem] = (caption, draw(board=board, curves=curves, importance=importance, asha=asha, metric=metric,
+                                         mode=mode))
         except NotApplicable as why:
             not_drawn[caption] = str(why)
     return drawn, not_drawn

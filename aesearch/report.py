@@ -188,9 +188,10 @@ def parse_param(text: Any) -> Any:
         return {"True": True, "False": False, "None": None}.get(text, text)
 
 
-def state_of(outcome: Any, status: str) -> str:
-    """completed / stopped / diverged / errored / invalid / running / killed, from the outcome tag."""
-    if isinstance(outcome, str) and outcome:
+def state_of(outcome: str, status: str) -> str:
+    """completed / stopped / diverged / errored / invalid / running / killed, from the outcome tag
+    (else from the run's status)."""
+    if outcome:
         for prefix, state in (("completed", "completed"), ("stopped early", "stopped"), ("diverged", "diverged"),
                               ("errored", "errored"), ("invalid", "invalid"), ("lost", "lost")):
             if outcome.startswith(prefix):
@@ -331,15 +332,14 @@ def asha_summary(trials: pd.DataFrame, search_params: dict[str, str]) -> dict[st
     }
 
 
-def importances(trials: pd.DataFrame, space: Any, mode: str) -> pd.DataFrame:
+def importances(board: pd.DataFrame, space: Any, mode: str) -> pd.DataFrame:
     """Hyperparameter importance of the objective by Optuna's evaluators (fANOVA, PED-ANOVA), over
-    the finished trials replayed into an Optuna study through the space's define-by-run function.
-    Parameters that exist only under a condition are left out (they are not in every trial)."""
+    the leaderboard's trials replayed into an Optuna study through the space's define-by-run
+    function. Parameters that exist only under a condition are left out (not in every trial)."""
     import optuna
 
     from aesearch.space import DefineByRun, encode_point
 
-    board = leaderboard(trials, mode)
     if space is None or len(board) < 3:
         return pd.DataFrame(columns=["parameter", "fanova", "ped_anova"])
     study = optuna.create_study(direction="minimize" if mode == "min" else "maximize",
@@ -403,9 +403,9 @@ def build_report(record: SearchRecord) -> Report:
     metric, mode = record.objective
     trials = trial_table(record.runs, metric)
     board = leaderboard(trials, mode)
-    importance = importances(trials, record.space, mode)
+    importance = importances(board, record.space, mode)
     asha = asha_summary(trials, record.search.get("params", {}))
-    drawn, not_drawn = plots.all_figures(trials, board, record.curves, importance, asha, metric, mode)
+    drawn, not_drawn = plots.all_figures(board, record.curves, importance, asha, metric, mode)
     figures = {stem: (caption, _png(figure)) for stem, (caption, figure) in drawn.items()}
     return Report(
         record=record, trials=trials, board=board, families=best_per_family(board),
@@ -489,7 +489,7 @@ def _format(value: Any) -> str:
         if math.isnan(value):
             return "-"
         return f"{value:.0f}" if value.is_integer() and abs(value) >= 1000 else f"{value:.4g}"
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None:
         return "-"
     return str(value)
 

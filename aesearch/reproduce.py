@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+import yaml
 
 from aesearch.errors import DivergedError, UserError
 
@@ -78,14 +79,15 @@ def compare(recorded: dict[str, float], reproduced: dict[str, float], tolerance:
     """One row per metric both sides have: recorded, reproduced, difference, allowed, ok."""
     rows = []
     for name in sorted(set(recorded) & set(reproduced)):
-        if not compared(name.split(" ")[0]):
-            continue
         base = name.split(" ")[0]  # "val/recon_mse (epoch 40)" is judged as val/recon_mse
+        if not compared(base):
+            continue
         a, b = float(recorded[name]), float(reproduced[name])
         both_nan = math.isnan(a) and math.isnan(b)
         diff = 0.0 if both_nan else difference(base, a, b)
-        rows.append({"metric": name, "recorded": a, "reproduced": b, "difference": diff,
-                     "allowed": allowed(base, tolerance), "ok": both_nan or diff <= allowed(base, tolerance)})
+        limit = allowed(base, tolerance)
+        rows.append({"metric": name, "recorded": a, "reproduced": b, "difference": diff, "allowed": limit,
+                     "ok": both_nan or diff <= limit})
     return pd.DataFrame(rows, columns=["metric", "recorded", "reproduced", "difference", "allowed", "ok"])
 
 
@@ -145,8 +147,6 @@ def find_trial(uri: str, experiment: str, rank: int | None, run_id: str | None) 
             text = Path(store.download_artifacts(row["run_id"], "config.yaml", folder)).read_text(encoding="utf-8")
         except Exception:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
             raise UserError(f"run {row['run_id']}: it has no config.yaml to reproduce from") from None
-    import yaml
-
     config = parse_config(yaml.safe_load(text), source=f"config.yaml of run {row['run_id']}")
     tags = run.data.tags
     fingerprint = tags.get("dataset_fingerprint") or search.get("params", {}).get("dataset_fingerprint")
@@ -265,7 +265,7 @@ def _retrain(uri, trial: Trial, config, data, tolerance: Tolerance, tags, upto: 
         note = f"the reproduction diverged in epoch {error.epoch}, the trial did not"
         return run.close(Reproduction(trial, compare({}, {}, tolerance), tolerance, tags["device"], mode, upto,
                                       run.run_id, folder, note))
-    tracked.finish(result, folder / Path(BEST_CHECKPOINT).name)
+    tracked.finish(result, folder / Path(BEST_CHECKPOINT).name, drawn=folder)
     names = sorted({name for entry in result.history for name in entry if compared(name)})
     recorded = recorded_history(uri, trial.run_id, names, upto)
     reproduced = epoch_metrics(result.history, upto)

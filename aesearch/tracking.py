@@ -324,19 +324,24 @@ class TrialRun:
         for start in range(0, len(batch), 1000):
             self.client.log_batch(self.run_id, metrics=batch[start : start + 1000], synchronous=True)
 
-    def finish(self, result: TrainResult, best_checkpoint: Path | None) -> None:
-        """The test suite, the final pictures, the best checkpoint. The driver closes the run."""
+    def finish(self, result: TrainResult, best_checkpoint: Path | None, drawn: Path | None = None) -> None:
+        """The test suite, the final pictures, the best checkpoint. The driver closes the run.
+        `drawn`: a local run folder whose pictures are already drawn (they are logged as they are)."""
         with self._timed():
-            self._finish(result, best_checkpoint)
+            self._finish(result, best_checkpoint, drawn)
 
-    def _finish(self, result: TrainResult, best_checkpoint: Path | None) -> None:
+    def _finish(self, result: TrainResult, best_checkpoint: Path | None, drawn: Path | None) -> None:
         from aesearch.images import save_images
 
         self.log_metrics(result.metrics, len(result.history))
-        with tempfile.TemporaryDirectory() as folder:
-            device = next(result.model.parameters()).device
-            save_images(result.model, self.data.test_x.to(device), self.config, folder, self.data.test_y)
-            self.client.log_artifacts(self.run_id, folder, "images")
+        if drawn is not None:
+            for picture in sorted(Path(drawn).glob("*.png")):
+                self.client.log_artifact(self.run_id, str(picture), "images")
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                device = next(result.model.parameters()).device
+                save_images(result.model, self.data.test_x.to(device), self.config, folder, self.data.test_y)
+                self.client.log_artifacts(self.run_id, folder, "images")
         if best_checkpoint is not None and best_checkpoint.is_file():
             self.client.log_artifact(self.run_id, str(best_checkpoint), Path(BEST_CHECKPOINT).parent.as_posix())
 

@@ -157,7 +157,7 @@ def test_importance_replays_the_trials_through_the_spaces_define_by_run_function
                       latent_dim=int(rng.choice([8, 16])))
         row["params.model.hidden_dims"] = as_param([32] if i % 2 else [64, 32])
         rows.append(row)
-    table = importances(trial_table(runs_frame(*rows), "val/recon_mse"), space, "min")
+    table = importances(leaderboard(trial_table(runs_frame(*rows), "val/recon_mse"), "min"), space, "min")
     assert table.iloc[0]["parameter"] == "optimizer.lr"  # the objective depends on lr alone
     assert table.iloc[0]["fanova"] > 0.8
     assert set(table["parameter"]) == {"optimizer.lr", "model.latent_dim", "model.hidden_dims"}  # beta is conditional
@@ -189,10 +189,9 @@ def test_each_figure_is_drawn_when_the_search_has_its_data_and_says_why_not_othe
     for caption, png_bytes in report.figures.values():
         assert png_bytes[:8] == b"\x89PNG\r\n\x1a\n", caption
     no_vaes = a_search()
-    no_vaes = no_vaes[no_vaes["tags.latent"] != "gaussian"]
-    figures, not_drawn = plots.all_figures(trial_table(no_vaes, "val/recon_mse"), pd.DataFrame(), pd.DataFrame(),
-                                           pd.DataFrame(), asha_summary(trial_table(no_vaes, "val/recon_mse"), {}),
-                                           "val/recon_mse", "min")
+    no_vaes = trial_table(no_vaes[no_vaes["tags.latent"] != "gaussian"], "val/recon_mse")
+    figures, not_drawn = plots.all_figures(leaderboard(no_vaes, "min"), pd.DataFrame(), pd.DataFrame(),
+                                           asha_summary(no_vaes, {}), "val/recon_mse", "min")
     assert "rate_distortion" not in figures and "no finished VAE" in not_drawn["VAE rate / distortion (reconstruction against KL)"]
 
 
