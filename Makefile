@@ -8,7 +8,7 @@ PYTHON ?= python3
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
 RUN := $(UV) run --no-sync
 
-.PHONY: quickstart test benchmark setup browser clean
+.PHONY: quickstart test cluster-demo benchmark setup browser clean
 
 QUICKSTART := quickstart-$(shell date +%Y%m%d-%H%M%S)
 
@@ -18,6 +18,11 @@ quickstart: setup
 
 test: setup browser
 	$(RUN) pytest
+
+# the cluster of cluster/README.md rehearsed on 127.0.0.1: Ray head + worker node (token auth), MLflow
+# server (basic auth, proxied artifacts), the quickstart search through `ray job submit`, its report
+cluster-demo: setup
+	$(RUN) python cluster/rehearsal.py
 
 benchmark: setup
 	$(RUN) python benchmarks/trainer_speed.py --rounds 5
@@ -34,7 +39,7 @@ browser:
 
 .tools/bin/uv:
 	$(PYTHON) -m venv .tools
-	.tools/bin/python -m pip install --quiet uv
+	.tools/bin/python -m pip install --quiet uv==0.13.9  # the version that wrote uv.lock (and builds cluster/Dockerfile)
 
 clean:
 	rm -rf .venv .tools runs .pytest_cache

@@ -480,7 +480,7 @@ def leaderboard_csv(report: Report) -> str:
     table = table.sort_values(["rank", "number"], na_position="last", kind="stable")
     table["reproduce"] = [reproduce_command(report.record.experiment, r, report.record.uri) for r in table["run_id"]]
     first = ["rank", "name", "family", "state", "outcome", "epochs", "objective"]
-    table = table[first + [c for c in table.columns if c not in first]]
+    table = table[first + [c for c in table.columns if c not in first and c != metric]]  # the metric once
     return table.rename(columns={"objective": metric}).to_csv(index=False)
 
 

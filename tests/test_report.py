@@ -209,6 +209,8 @@ def test_a_report_folder_holds_a_self_contained_page_markdown_whose_pictures_exi
     for path in linked:
         assert (out / path).is_file(), path
         assert matplotlib.image.imread(out / path).ndim == 3
+    header = (out / "leaderboard.csv").read_text().splitlines()[0].split(",")
+    assert len(header) == len(set(header)) and "val/recon_mse" in header  # the objective's metric once
     board = pd.read_csv(out / "leaderboard.csv")
     assert list(board["name"][:4]) == ["conv-#1", "dense-#2", "vae-#5", "dense-#3"]
     assert list(board["rank"][:4]) == [1, 2, 3, 4] and board["rank"][4:].isna().all()
