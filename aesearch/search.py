@@ -189,24 +189,52 @@ def experiment_folder(options: SearchOptions) -> str:
     return f"{options.storage.rstrip('/')}/{options.name}"
 
 
+class SearchFolder:
+    """The search's folder in its storage, a local folder or a URI (s3://, gs://, file://) alike:
+    read and written through the filesystem Ray Tune itself writes it with (pyarrow's)."""
+
+    def __init__(self, options: SearchOptions):
+        from ray.train._internal.storage import get_fs_and_path
+
+        self.uri = experiment_folder(options)
+        self.fs, self.path = get_fs_and_path(self.uri, None)
+
+    def exists(self, name: str = "") -> bool:
+        from pyarrow.fs import FileType
+
+        return self.fs.get_file_info(f"{self.path}/{name}".rstrip("/")).type != FileType.NotFound
+
+    def read(self, name: str) -> str:
+        with self.fs.open_input_stream(f"{self.path}/{name}") as stream:
+            return stream.readall().decode("utf-8")
+
+    def write(self, name: str, text: str) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+        with self.fs.open_output_stream(f"{self.path}/{name}") as stream:
+            stream.write(text.encode("utf-8"))
+
+
 def check_can_start(space: SearchSpace, options: SearchOptions) -> None:
     """Refuse, before anything is written, a search that would clobber or mismatch another."""
-    if "://" in options.storage:
-        return  # remote storage: Ray checks it when the search starts
-    folder = Path(experiment_folder(options))
-    existing = next(parent for parent in folder.parents if parent.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise UserError(f"--storage {options.storage}: cannot write there ({existing} is not a writable folder)")
-    launched = folder / "space.yaml"
+    if "://" not in options.storage:
+        folder = Path(experiment_folder(options))
+        existing = next(parent for parent in folder.parents if parent.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK):
+            raise UserError(f"--storage {options.storage}: cannot write there ({existing} is not a writable folder)")
+    try:
+        folder = SearchFolder(options)
+        exists, launched = folder.exists(), folder.exists("space.yaml")
+    except (OSError, ValueError) as error:  # an unknown scheme, a bucket it may not read, no credentials
+        raise UserError(f"--storage {options.storage}: cannot read it ({error})") from None
     if options.resume:
-        if not folder.is_dir() or not launched.is_file():
+        if not launched:
             raise UserError(f"--resume: no search named {options.name!r} under {options.storage}")
-        if yaml.safe_load(launched.read_text(encoding="utf-8")) != space.model_dump(mode="json"):
+        if yaml.safe_load(folder.read("space.yaml")) != space.model_dump(mode="json"):
             raise UserError(
                 f"--resume: the search space differs from the one search {options.name!r} was "
-                f"launched with ({launched}); resume with that space or start a new --name"
+                f"launched with ({folder.uri}/space.yaml); resume with that space or start a new --name"
             )
-    elif folder.exists():
+    elif exists:
         raise UserError(
             f"a search named {options.name!r} already exists under {options.storage}; continue it "
             "with --resume or start another with --name"
@@ -241,8 +269,7 @@ def search(space: SearchSpace, options: SearchOptions) -> pd.DataFrame:
         runs.finish("KILLED", None)
         raise SearchInterrupted(options.name)
     board = leaderboard(results, space)
-    if "://" not in options.storage:
-        board.to_csv(Path(experiment_folder(options)) / "leaderboard.csv", index=False)
+    SearchFolder(options).write("leaderboard.csv", board.to_csv(index=False))
     finite = board[board[space.objective.metric].map(lambda v: isinstance(v, float) and math.isfinite(v))]
     if len(finite):
         best = finite.iloc[0]
@@ -253,9 +280,9 @@ def search(space: SearchSpace, options: SearchOptions) -> pd.DataFrame:
 
 def check_tracking(options: SearchOptions, uri: str) -> None:
     """A resumed search logs where it started: refuse another tracking store."""
-    recorded = Path(experiment_folder(options)) / TRACKING_FILE
-    if options.resume and "://" not in options.storage and recorded.is_file():
-        started_with = recorded.read_text(encoding="utf-8").strip()
+    folder = SearchFolder(options)
+    if options.resume and folder.exists(TRACKING_FILE):
+        started_with = folder.read(TRACKING_FILE).strip()
         if started_with != uri:
             raise UserError(
                 f"--tracking-uri {uri}: search {options.name!r} was started with tracking store "
@@ -391,10 +418,9 @@ def _fit(space: SearchSpace, options: SearchOptions, data: Data, tracking: Track
                 verbose=0,
             ),
         )
-        if "://" not in options.storage:
-            Path(path).mkdir(parents=True, exist_ok=True)
-            (Path(path) / "space.yaml").write_text(space_document(space), encoding="utf-8")
-            (Path(path) / TRACKING_FILE).write_text(tracking.uri + "\n", encoding="utf-8")
+        folder = SearchFolder(options)
+        folder.write("space.yaml", space_document(space))
+        folder.write(TRACKING_FILE, tracking.uri + "\n")
     results = tuner.fit()
     prune_checkpoints(experiment_folder(options))  # the final state save has reached storage now
     return results

@@ -32,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -104,6 +105,7 @@ class LocalCluster:
         self.tracking_uri = f"http://{LOOPBACK}:{self.mlflow_port}"
         self.gcs_address = f"{LOOPBACK}:{self.gcs_port}"
         self.dashboard = f"http://{LOOPBACK}:{self.dashboard_port}"
+        self.storage = (self.workdir / "shared-storage").as_uri()
         # Ray's session folders (and its `ray_current_cluster` file) go here, not into /tmp/ray, where
         # a later plain `ray.init()` would find this cluster. Short: Ray's socket paths must fit 107 bytes.
         self.ray_temp = Path(tempfile.mkdtemp(prefix="aesearch-ray-"))
@@ -129,6 +131,9 @@ class LocalCluster:
         env.update({
             "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray's address detection answers 127.0.0.1
+            # Under `make` (`uv run`), Ray would run each job in a copy of its working directory with its own
+            # `uv run`; the nodes of a real cluster run the image's environment, as these run this one.
+            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
             "MLFLOW_TRACKING_USERNAME": "admin",
             "MLFLOW_TRACKING_PASSWORD": self.mlflow_password,
             "PYTHONUNBUFFERED": "1",
@@ -228,19 +233,33 @@ class LocalCluster:
         credentials = b64encode(f"admin:{self.mlflow_password}".encode()).decode()
         return {"Authorization": f"Basic {credentials}"}
 
-    def submit(self, entrypoint: list[str], folder: Path, *, ray_token: bool = True,
+    def submit(self, entrypoint: list[str], folder: Path, *, ray_token: bool = True, echo: bool = False,
                timeout: float = 1800) -> subprocess.CompletedProcess:
-        """`ray job submit` from FOLDER, waiting for the job: its output, exit status 0 if it succeeded."""
+        """`ray job submit` from FOLDER, waiting for the job: its output (shown as it comes with echo),
+        exit status 0 if the job succeeded."""
         command = [str(BIN / "ray"), "job", "submit", "--address", self.dashboard, "--", *entrypoint]
-        return subprocess.run(command, env=self.env(ray_token=ray_token), cwd=folder, capture_output=True,
-                              text=True, timeout=timeout)
+        lines = []
+        with subprocess.Popen(command, env=self.env(ray_token=ray_token), cwd=folder, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) as job:
+            watchdog = threading.Timer(timeout, job.kill)
+            watchdog.start()
+            try:
+                for line in job.stdout:
+                    lines.append(line)
+                    if echo:
+                        sys.stdout.write(line)
+                        sys.stdout.flush()
+            finally:
+                watchdog.cancel()
+        return subprocess.CompletedProcess(command, job.returncode, "".join(lines), "")
 
 
 def search_entrypoint(cluster: LocalCluster, space: Path, name: str, extra: list[str]) -> list[str]:
-    """The job: `aesearch search` on the cluster, logging to the tracking server, storing trials in the
-    shared storage (a folder here: every node of this machine sees it, as every pod sees S3)."""
+    """The job: `aesearch search` on the cluster, logging to the tracking server, keeping trial results
+    and checkpoints in shared storage given as a URI, as s3://BUCKET/PREFIX is on a cluster (file:// here:
+    every node of this machine sees the folder; both are read and written through pyarrow's filesystems)."""
     return ["aesearch", "search", str(space.absolute()), "--name", name,
-            "--storage", str(cluster.workdir / "shared-storage"), "--tracking-uri", cluster.tracking_uri, *extra]
+            "--storage", cluster.storage, "--tracking-uri", cluster.tracking_uri, *extra]
 
 
 def say(message: str) -> None:
@@ -252,14 +271,14 @@ def rehearse(cluster: LocalCluster, space: Path, name: str, report: Path, search
     submit_from = cluster.workdir / "submit"  # where `ray job submit` runs: it must stay empty
     submit_from.mkdir(parents=True, exist_ok=True)
     say(f"ray job submit --address {cluster.dashboard} -- aesearch search {space} --name {name} ...")
-    job = cluster.submit(search_entrypoint(cluster, space, name, search_flags), submit_from)
-    sys.stdout.write(job.stdout)
+    job = cluster.submit(search_entrypoint(cluster, space, name, search_flags), submit_from, echo=True)
+    (cluster.workdir / "logs" / "job.log").write_text(job.stdout)
     summary = {"name": name, "job_exit_status": job.returncode, "report_exit_status": None,
                "tracking_uri": cluster.tracking_uri, "mlflow_store": str(cluster.workdir / "mlflow"),
-               "storage": str(cluster.workdir / "shared-storage"), "submitted_from": str(submit_from),
+               "storage": cluster.storage, "submitted_from": str(submit_from),
                "report": str(report), "logs": str(cluster.workdir / "logs")}
     if job.returncode != 0:
-        say(f"the job failed (exit status {job.returncode}):\n{job.stderr[-3000:]}")
+        say(f"the job failed (exit status {job.returncode}); its output: {cluster.workdir / 'logs' / 'job.log'}")
         return summary
     say(f"aesearch report {name} --tracking-uri {cluster.tracking_uri} --out {report}")
     reported = subprocess.run([str(BIN / "aesearch"), "report", name, "--tracking-uri", cluster.tracking_uri,

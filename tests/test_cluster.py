@@ -5,7 +5,6 @@ authentication, an MLflow server with basic auth and proxied artifacts, a search
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tomllib
@@ -13,14 +12,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import matplotlib.image
 import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
+from aesearch.checkpoints import load_checkpoint
 from tests.conftest import REPO
-from tests.searching import write_space
+from tests.searching import search_command, write_space
 
 sys.path.insert(0, str(REPO / "cluster"))
 from rehearsal import LocalCluster, rehearse  # noqa: E402
@@ -64,7 +65,7 @@ def job_log(summary: dict) -> str:
 
 
 def test_the_submitted_search_ran_its_trials_on_both_nodes_and_logged_everything_to_the_server(
-    rehearsal, as_mlflow_admin
+    rehearsal, as_mlflow_admin, tmp_path
 ):
     cluster, summary, _ = rehearsal
     assert summary["job_exit_status"] == 0, job_log(summary)
@@ -76,6 +77,14 @@ def test_the_submitted_search_ran_its_trials_on_both_nodes_and_logged_everything
     assert len(trials) == 4 and {run.info.status for run in trials} == {"FINISHED"}
     assert len({run.data.tags["node"] for run in trials}) == 2  # the head and the worker both trained trials
 
+    for run in trials:  # each epoch once, the pictures and checkpoint readable through the server
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/recon_mse")] == [1, 2]
+        picture = client.download_artifacts(run.info.run_id, "images/reconstructions.png", str(tmp_path))
+        assert matplotlib.image.imread(picture).ndim == 3
+        checkpoint = client.download_artifacts(run.info.run_id, "checkpoints/best.pt", str(tmp_path))
+        assert load_checkpoint(checkpoint)["config"]["data"]["name"] == "digits"
+    assert client.search_model_versions("name='cluster-demo'")  # the best model, registered
+
     # Every trial's artifacts are in the server's artifact store (its folder here, a bucket on a cluster).
     artifacts = Path(summary["mlflow_store"]) / "artifacts"
     for run in trials:
@@ -84,6 +93,10 @@ def test_the_submitted_search_ran_its_trials_on_both_nodes_and_logged_everything
     # ... and nowhere else: not in the folder the job was submitted from, not where the servers run.
     assert list(Path(summary["submitted_from"]).iterdir()) == []
     assert {p.name for p in cluster.workdir.iterdir()} == {"secrets", "mlflow", "logs", "shared-storage", "submit"}
+    # The shared storage, given as a URI (as s3:// is on a cluster), holds the search's own files too.
+    search = cluster.workdir / "shared-storage" / "cluster-demo"
+    assert summary["storage"].startswith("file://") and len(pd.read_csv(search / "leaderboard.csv")) == 4
+    assert (search / "tracking_uri").read_text().strip() == cluster.tracking_uri and (search / "space.yaml").is_file()
 
 
 def test_the_report_was_built_from_the_server(rehearsal, as_mlflow_admin):
@@ -95,7 +108,9 @@ def test_the_report_was_built_from_the_server(rehearsal, as_mlflow_admin):
     best = client.search_runs([experiment.experiment_id], filter_string="tags.`aesearch.role` = 'trial'",
                               order_by=["metrics.`val/recon_mse` ASC"], max_results=1)[0]
     assert board.loc[board["rank"] == 1, "run_id"].item() == best.info.run_id
-    assert (Path(summary["report"]) / "index.html").stat().st_size > 10_000
+    assert board["reproduce"][0].endswith(f"--tracking-uri {rehearsal[0].tracking_uri}")
+    pictures = list((Path(summary["report"]) / "images").glob("*-reconstructions.png"))
+    assert len(pictures) == 4  # every trial's, downloaded through the server
 
 
 def test_the_best_trial_reproduces_on_this_machine_from_the_server(rehearsal, as_mlflow_admin, tmp_path, capsys,
@@ -104,8 +119,22 @@ def test_the_best_trial_reproduces_on_this_machine_from_the_server(rehearsal, as
 
     cluster = rehearsal[0]
     monkeypatch.chdir(tmp_path)
+    default_store = os.environ.get("MLFLOW_TRACKING_URI")
     assert main(["reproduce", "cluster-demo", "--tracking-uri", cluster.tracking_uri, "--from-checkpoint"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reproduced"]
+    assert os.environ.get("MLFLOW_TRACKING_URI") == default_store  # not left pointing at the server
+
+
+def test_a_driver_without_the_token_is_refused_in_one_line(rehearsal, tmp_path, capsys, monkeypatch):
+    cluster = rehearsal[0]
+    space = write_space(tmp_path, "intruder", trials=2, epochs=1, grace=1)
+    env = {**cluster.env(ray_token=False), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}  # a wrong token
+    done = subprocess.run(search_command(space, tmp_path / "results", "--address", cluster.gcs_address),
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 2
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"aesearch: error: --address {cluster.gcs_address}: cannot connect to the Ray cluster")
+    assert not (tmp_path / "results").exists() and "0" * 64 not in done.stderr
 
 
 def test_a_job_without_the_ray_token_or_with_a_wrong_one_is_refused(rehearsal, tmp_path):

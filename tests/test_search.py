@@ -8,10 +8,8 @@ import json
 import math
 import os
 import re
-import secrets
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +17,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO
 from tests.searching import (
     run,
     search_command,
@@ -166,45 +163,6 @@ def test_resume_after_a_killed_driver_finishes_without_repeating_trials(tmp_path
         assert sorted(steps) == list(range(1, 49)), trial_run.data.tags["aesearch.trial_id"]
 
 
-@pytest.fixture
-def two_node_cluster(ray_env):
-    """A 2-node Ray cluster on 127.0.0.1 (tests/ray_cluster.py), stopped through its handle."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tests.ray_cluster", "2"], env=ray_env, cwd=REPO, start_new_session=True,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
-    try:
-        address = process.stdout.readline().strip()
-        assert address.startswith("127.0.0.1:"), f"the cluster did not start (exit status {process.poll()})"
-        yield address
-    finally:
-        process.stdin.close()  # the helper shuts its nodes down
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # its own process group: only what it started
-            process.wait()
-
-
-def test_search_spreads_trials_over_a_two_node_cluster(tmp_path, ray_env, two_node_cluster):
-    space = write_space(tmp_path, "cluster", trials=6, epochs=2, grace=2)
-    done = run(search_command(space, tmp_path / "results", "--address", two_node_cluster), ray_env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    board = pd.read_csv(tmp_path / "results" / "cluster" / "leaderboard.csv")
-    assert len(board) == 6 and board["node"].nunique() == 2
-
-
-def test_a_driver_without_the_token_is_refused(tmp_path, ray_env, two_node_cluster):
-    space = write_space(tmp_path, "intruder", trials=2, epochs=1, grace=1)
-    env = {**ray_env, "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # a wrong token
-    env.pop("RAY_AUTH_TOKEN_PATH")
-    done = run(search_command(space, tmp_path / "results", "--address", two_node_cluster), env)
-    assert done.returncode == 2
-    message = done.stderr.strip().splitlines()[-1]
-    assert message.startswith(f"aesearch: error: --address {two_node_cluster}: cannot connect to the Ray cluster")
-    assert not (tmp_path / "results").exists()
-
-
 def test_storage_that_is_not_a_writable_folder_is_refused_before_ray_starts(tmp_path, ray_env):
     space = write_space(tmp_path, "nowhere", trials=2, epochs=1, grace=1)
     (tmp_path / "a_file").write_text("keep")
@@ -214,6 +172,24 @@ def test_storage_that_is_not_a_writable_folder_is_refused_before_ray_starts(tmp_
         f"aesearch: error: --storage {tmp_path / 'a_file'}: cannot write there ({tmp_path / 'a_file'} is not a writable folder)"
     ]
     assert (tmp_path / "a_file").read_text() == "keep"
+
+
+def test_storage_given_as_a_uri_is_checked_like_a_folder(small_search, tmp_path, capsys):
+    """A URI (s3://, gs://, file://) is read through the filesystem Ray writes it with: the same refusals."""
+    from aesearch.cli import main
+
+    experiment, _ = small_search
+    space = experiment.parent.parent / "small.yaml"
+    storage = experiment.parent.as_uri()  # file:///...: the shared search's storage, as a URI
+    store = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    assert main(["search", str(space), "--storage", storage, *store]) == 2
+    assert "a search named 'small' already exists" in capsys.readouterr().err
+    other = write_space(tmp_path, "small", trials=3, epochs=3, grace=1)  # not the space it was launched with
+    assert main(["search", str(other), "--storage", storage, "--resume", *store]) == 2
+    assert f"launched with ({storage}/small/space.yaml)" in capsys.readouterr().err
+    assert main(["search", str(space), "--storage", "nosuchscheme://bucket/x", *store]) == 2
+    assert "--storage nosuchscheme://bucket/x: cannot read it" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_a_trial_bigger_than_this_machine_is_refused(tmp_path, ray_env):

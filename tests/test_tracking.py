@@ -1,5 +1,6 @@
-"""MLflow tracking against real stores: the embedded SQLite store of the shared small search, a real
-`mlflow server` over HTTP (artifacts proxied) started here, and MLflow's UI in headless Chromium.
+"""MLflow tracking against real stores: the embedded SQLite store of the shared small search, and
+MLflow's UI in headless Chromium. (A real `mlflow server` over HTTP, artifacts proxied and basic auth
+on, is tests/test_cluster.py's.)
 
 Servers bind to 127.0.0.1 and are stopped through their own process group.
 """
@@ -20,11 +21,9 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from aesearch.checkpoints import load_checkpoint
 from aesearch.config import flatten
 from aesearch.errors import UserError
 from aesearch.tracking import fluent_api_on, image_epochs, resolve_tracking_uri, run_name
-from tests import searching
 from tests.browser import open_page
 from tests.conftest import make_config
 from tests.searching import search_command, trial_reports, write_space
@@ -270,65 +269,6 @@ def serve(command: list[str], port: int, log: Path):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-
-
-@pytest.fixture(scope="module")
-def tracking_server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-               "--artifacts-destination", str(folder / "artifacts")]
-    yield from serve(command, port, folder / "server.log")
-
-
-@pytest.fixture(scope="module")
-def served_search(tracking_server, ray_env, tmp_path_factory) -> Path:
-    """A small search that logs to the tracking server: its folder."""
-    folder = tmp_path_factory.mktemp("served")
-    space = write_space(folder, "served", trials=3, epochs=2, grace=2)
-    command = search_command(space, folder / "results")
-    command[command.index("--tracking-uri") + 1] = tracking_server
-    done = searching.run(command, ray_env, cwd=folder)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return folder
-
-
-def test_a_search_logs_through_a_tracking_server_with_proxied_artifacts(served_search, tracking_server, tmp_path):
-    assert not (served_search / "mlflow.db").exists() and not (served_search / "mlartifacts").exists()
-
-    client = MlflowClient(tracking_server)
-    experiment = client.get_experiment_by_name("served")
-    assert experiment.artifact_location.startswith("mlflow-artifacts:")  # through the server, no shared disk
-    runs = child_runs(client, experiment.experiment_id)
-    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
-    for trial_run in runs:
-        run_id = trial_run.info.run_id
-        assert [m.step for m in client.get_metric_history(run_id, "val/recon_mse")] == [1, 2]
-        png_shape(client.download_artifacts(run_id, "images/reconstructions.png", str(tmp_path)))
-        checkpoint = client.download_artifacts(run_id, "checkpoints/best.pt", str(tmp_path))
-        assert load_checkpoint(checkpoint)["config"]["data"]["name"] == "digits"
-    assert client.search_model_versions("name='served'")
-
-
-def test_a_report_and_a_reproduction_read_their_search_through_the_tracking_server(
-    served_search, tracking_server, tmp_path, capsys, monkeypatch
-):
-    from aesearch.cli import main
-
-    monkeypatch.chdir(tmp_path)
-    default_store = os.environ.get("MLFLOW_TRACKING_URI")
-    assert main(["report", "served", "--tracking-uri", tracking_server]) == 0
-    assert os.environ.get("MLFLOW_TRACKING_URI") == default_store  # not left pointing at the server
-    report = tmp_path / "reports" / "served"
-    pictures = list((report / "images").iterdir())  # downloaded through the server
-    assert len([p for p in pictures if p.name.endswith("-reconstructions.png")]) == 3  # all 3 trials
-    assert all(png_shape(str(p)) for p in pictures)
-    board = pd.read_csv(report / "leaderboard.csv")
-    assert board["reproduce"][0].endswith(f"--tracking-uri {tracking_server}")
-    capsys.readouterr()
-    assert main(["reproduce", "served", "--tracking-uri", tracking_server, "--from-checkpoint"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reproduced"]
 
 
 # --- the UI, in a browser -----------------------------------------------------------------------------
