@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import parse_qs, urlsplit
 
 # Set before Ray is imported and started (its workers inherit them). Ray's own terminal output,
 # loggers and working-directory changes, off: aesearch prints its own progress, writes its own
@@ -214,8 +215,20 @@ class SearchFolder:
             stream.write(text.encode("utf-8"))
 
 
+def check_storage_has_no_credentials(storage: str) -> None:
+    """Storage URIs are printed, logged as tags and saved with the search: credentials go elsewhere."""
+    parts = urlsplit(storage)
+    secret_params = {"access_key", "secret_key", "session_token"} & set(parse_qs(parts.query))
+    if "://" in storage and (parts.username or parts.password or secret_params):
+        raise UserError(
+            f"--storage {parts.scheme}://***@{parts.hostname}{parts.path}: credentials in the URI are refused; "
+            "give every node its own (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in its environment, or a role)"
+        )
+
+
 def check_can_start(space: SearchSpace, options: SearchOptions) -> None:
     """Refuse, before anything is written, a search that would clobber or mismatch another."""
+    check_storage_has_no_credentials(options.storage)
     if "://" not in options.storage:
         folder = Path(experiment_folder(options))
         existing = next(parent for parent in folder.parents if parent.exists())

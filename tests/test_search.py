@@ -189,6 +189,10 @@ def test_storage_given_as_a_uri_is_checked_like_a_folder(small_search, tmp_path,
     assert f"launched with ({storage}/small/space.yaml)" in capsys.readouterr().err
     assert main(["search", str(space), "--storage", "nosuchscheme://bucket/x", *store]) == 2
     assert "--storage nosuchscheme://bucket/x: cannot read it" in capsys.readouterr().err
+    for secret in ("s3://AKIAEXAMPLE:s3cr3t@bucket/x", "s3://bucket/x?access_key=AKIAEXAMPLE&secret_key=s3cr3t"):
+        assert main(["search", str(space), "--storage", secret, *store]) == 2
+        err = capsys.readouterr().err
+        assert "credentials in the URI are refused" in err and "s3cr3t" not in err and "AKIAEXAMPLE" not in err
     assert not (tmp_path / "mlflow.db").exists()
 
 
