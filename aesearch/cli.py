@@ -36,6 +36,15 @@ EXIT_USER_ERROR = 2
 TRACKING_HELP = "MLflow tracking store (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)"
 
 
+def one_line(message: object) -> str:
+    """A message on one line whatever it quotes: control characters (a newline in a value) escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))
+
+
+def say_error(error: object) -> None:
+    print(f"aesearch: error: {one_line(error)}", file=sys.stderr)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line (and exit status 2) like every other mistake."""
 
@@ -245,7 +254,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 config = load_config(path)
                 print(f"{path}: ok ({variant_family(config)}, {config.model.architecture}, {config.data.name})")
         except UserError as error:
-            print(f"aesearch: error: {error}", file=sys.stderr)
+            say_error(error)
             failed += 1
     return EXIT_USER_ERROR if failed else 0
 
@@ -280,10 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.handler(args)
     except UserError as error:
-        print(f"aesearch: error: {error}", file=sys.stderr)
+        say_error(error)
         return EXIT_USER_ERROR
     except DivergedError as error:
-        print(f"aesearch: {error}", file=sys.stderr)
+        print(f"aesearch: {one_line(error)}", file=sys.stderr)
         return EXIT_DIVERGED
     except KeyboardInterrupt:
         print("aesearch: interrupted", file=sys.stderr)

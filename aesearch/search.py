@@ -260,12 +260,17 @@ def search(space: SearchSpace, options: SearchOptions) -> pd.DataFrame:
     uri = resolve_tracking_uri(options.tracking_uri)
     check_tracking(options, uri)
     check_store_reachable(uri)
+    if options.address:
+        check_reachable(options.address)  # seconds, not a dataset download later
     data = load_data(space.data, options.data_dir, options.download)
-    runs = SearchRun(uri, options.name)  # opening an embedded store creates it: after every check of input
-    if not options.resume:
-        runs.check_new()
-    connect(options.address)
+    if options.address:
+        connect(options.address)  # a cluster may refuse us (no answer, a wrong token): before anything is written
     try:
+        runs = SearchRun(uri, options.name)  # opening an embedded store creates it: after every check of input
+        if not options.resume:
+            runs.check_new()
+        if not options.address:
+            connect(None)  # a local Ray instance: started once the search is known to be new
         check_resources(space, local=options.address is None)
         if options.address and is_local_store(uri):
             print(f"aesearch: warning: trials on other nodes log to {uri} only if they see this path; "

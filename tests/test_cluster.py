@@ -5,6 +5,7 @@ authentication, an MLflow server with basic auth and proxied artifacts, a search
 import json
 import os
 import re
+import secrets
 import subprocess
 import sys
 import tomllib
@@ -28,6 +29,7 @@ from rehearsal import LocalCluster, rehearse  # noqa: E402
 
 CLUSTER = REPO / "cluster"
 SCHEMAS = Path(__file__).parent / "schemas"
+CANARY = "AESEARCH_TEST_CANARY"
 
 # --- the rehearsal ----------------------------------------------------------------------------------
 
@@ -38,12 +40,14 @@ def rehearsal(tmp_path_factory):
     for this module's tests; stopping it must end every process it started (checked at teardown)."""
     folder = tmp_path_factory.mktemp("cluster-demo")
     space = write_space(folder, "cluster-demo", trials=4, epochs=2, grace=2)
+    os.environ[CANARY] = secrets.token_hex(16)  # an environment variable every node and trial inherits
     with LocalCluster(folder / "work", workers=1) as cluster:
         pids = [service.process.pid for service in cluster.services]
         groups = {os.getpgid(pid) for pid in pids}
         assert len(groups) == 2  # the tracking server and the Ray nodes, each in a process group of its own
         summary = rehearse(cluster, space, "cluster-demo", folder / "report", [])
         yield cluster, summary, pids
+    os.environ.pop(CANARY)
     for group in groups:
         with pytest.raises(ProcessLookupError):
             os.killpg(group, 0)  # nothing of what it started is left
@@ -134,7 +138,8 @@ def test_a_driver_without_the_token_is_refused_in_one_line(rehearsal, tmp_path, 
     assert done.returncode == 2
     message = done.stderr.strip().splitlines()[-1]
     assert message.startswith(f"aesearch: error: --address {cluster.gcs_address}: cannot connect to the Ray cluster")
-    assert not (tmp_path / "results").exists() and "0" * 64 not in done.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()  # nothing written
+    assert "0" * 64 not in done.stderr
 
 
 def test_a_job_without_the_ray_token_or_with_a_wrong_one_is_refused(rehearsal, tmp_path):
@@ -165,20 +170,27 @@ def test_the_tracking_server_refuses_a_client_without_the_password(rehearsal):
         assert json.load(ok)["experiment"]["name"] == "cluster-demo"
 
 
-def test_no_secret_reaches_a_log_a_param_or_a_command_line(rehearsal, as_mlflow_admin):
+def test_no_secret_reaches_a_log_a_param_a_tag_an_artifact_or_a_command_line(rehearsal, as_mlflow_admin):
     cluster, summary, pids = rehearsal
-    secrets = [cluster.ray_token.read_text().strip(), cluster.mlflow_password]
+    hidden = [cluster.ray_token.read_text().strip(), cluster.mlflow_password, os.environ[CANARY]]
     for log in Path(summary["logs"]).glob("*.log"):
         text = log.read_text(errors="replace")
-        assert not any(secret in text for secret in secrets), log
+        assert not any(secret in text for secret in hidden), log
     for pid in pids:  # the processes it started: their command lines are visible to every user
         command_line = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        assert not any(secret in command_line for secret in secrets)
+        assert not any(secret in command_line for secret in hidden)
     client = as_mlflow_admin
     experiment = client.get_experiment_by_name("cluster-demo")
     for run in client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL):
         recorded = json.dumps({**run.data.params, **run.data.tags})
-        assert not any(secret in recorded for secret in secrets), run.info.run_id
+        assert not any(secret in recorded for secret in hidden), run.info.run_id
+    artifacts = [p for p in (Path(summary["mlflow_store"]) / "artifacts").rglob("*") if p.is_file()]
+    assert len(artifacts) > 20
+    for artifact in artifacts:  # configs, the space, the leaderboard, checkpoints, pictures
+        content = artifact.read_bytes()
+        assert not any(secret.encode() in content for secret in hidden), artifact
+    for report in Path(summary["report"]).rglob("*"):
+        assert report.is_dir() or not any(secret.encode() in report.read_bytes() for secret in hidden), report
     assert (cluster.secrets / "ray_token").stat().st_mode & 0o077 == 0  # the owner's alone
 
 
