@@ -431,7 +431,7 @@ def _fit(space: SearchSpace, options: SearchOptions, data: Data, tracking: Track
                 # names (see CheckpointPruner); the pruner keeps the disk bounded instead.
                 callbacks=[
                     JsonLoggerCallback(), Progress(space), CheckpointPruner(experiment_folder(options)),
-                    RunCloser(tracking),
+                    RunCloser(tracking), BestCheckpointsKeeper(space, tracking),
                 ],
                 verbose=0,
             ),
@@ -537,6 +537,49 @@ class RunCloser(Callback):
         self.runs.close_trial(trial.trial_id, "errored", (trial.last_result or {}).get("mlflow_run_id"))
 
 
+class BestCheckpointsKeeper(Callback):
+    """Keeps checkpoints for the best `budget.keep_checkpoints` finished trials only, in trial storage and in
+    MLflow: each time a trial ends, the finished trials that are not (or no longer) among the best K lose
+    theirs. Errored trials keep theirs (a resumed search retries them from it). Runs after RunCloser, which
+    logs a stopped trial's best checkpoint first. Pickled with the search; re-ranks from Tune's trials."""
+
+    def __init__(self, space: SearchSpace, tracking: Tracking):
+        self.metric, self.mode, self.keep = space.objective.metric, space.objective.mode, space.budget.keep_checkpoints
+        self.tracking = tracking
+
+    def setup(self, **info):
+        self.runs = SearchRun(self.tracking.uri, tracking=self.tracking)
+        self.removed: set[str] = set()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        finished = [t for t in trials if t.status == "TERMINATED" or t is trial]
+        ranked = [t for t in finished if _finite((t.last_result or {}).get(self.metric))]
+        ranked.sort(key=lambda t: t.last_result[self.metric], reverse=self.mode == "max")
+        best = {t.trial_id for t in ranked[: self.keep]}
+        for dropped in finished:
+            if dropped.trial_id in best or dropped.trial_id in self.removed:
+                continue
+            remove_stored_checkpoints(dropped.storage.storage_filesystem, dropped.storage.trial_fs_path)
+            if (dropped.last_result or {}).get("mlflow_run_id"):
+                self.runs.remove_checkpoints(dropped.last_result["mlflow_run_id"])
+            self.removed.add(dropped.trial_id)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def remove_stored_checkpoints(fs, trial_dir: str, before: str | None = None) -> None:
+    """Deletes a trial's checkpoint folders in its storage (only those older than `before`, if given)."""
+    from pyarrow.fs import FileSelector, FileType
+
+    for info in fs.get_file_info(FileSelector(trial_dir, allow_not_found=True)):
+        if info.type == FileType.Directory and info.base_name.startswith("checkpoint_") and (
+            before is None or info.base_name < before
+        ):
+            fs.delete_dir(info.path)
+
+
 class CheckpointPruner(Callback):
     """Prunes superseded trial checkpoints at each save of the search state (Tune's `get_state` hook).
 
@@ -560,15 +603,8 @@ def prune_checkpoints(experiment_path: str) -> None:
     The stored state only ever moves forward, so a checkpoint older than the one it names now is
     never needed again: not by `--resume`, not by the leaderboard (which reads the newest).
     """
-    from pyarrow.fs import FileSelector, FileType
-
     for fs, trial_dir, restorable in stored_checkpoints(experiment_path):
-        selector = FileSelector(trial_dir, allow_not_found=True)
-        for info in fs.get_file_info(selector):
-            if info.type == FileType.Directory and info.base_name.startswith("checkpoint_") and (
-                info.base_name < restorable
-            ):
-                fs.delete_dir(info.path)
+        remove_stored_checkpoints(fs, trial_dir, before=restorable)
 
 
 def stored_checkpoints(experiment_path: str) -> list[tuple[Any, str, str]]:

@@ -138,6 +138,9 @@ class Budget(Section):
     reduction_factor: Float = Field(3.0, gt=1.0)  # ASHA: keep the best 1/reduction_factor per rung
     time_budget_s: Float | None = Field(None, gt=0)
     max_failures: Int = Field(1, ge=0)  # retries of a trial that raised, from its last checkpoint
+    # Checkpoints (in trial storage and in MLflow) of the best K finished trials only: the others'
+    # are removed as better trials end, so that a 1,000-trial search does not fill a disk.
+    keep_checkpoints: PositiveInt = Field(10, le=100_000)
 
     @model_validator(mode="after")
     def _grace_within_budget(self) -> Budget:

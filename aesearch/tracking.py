@@ -475,6 +475,15 @@ class SearchRun:
             if best.is_file():
                 self.client.log_artifact(run_id, str(best), Path(BEST_CHECKPOINT).parent.as_posix())
 
+    def remove_checkpoints(self, run_id: str) -> None:
+        """A trial's checkpoints leave its run (once it is out of the search's best K)."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        run = self.client.get_run(run_id)
+        if any(a.path == Path(BEST_CHECKPOINT).parent.as_posix() for a in self.client.list_artifacts(run_id)):
+            get_artifact_repository(run.info.artifact_uri).delete_artifacts(Path(BEST_CHECKPOINT).parent.as_posix())
+        self.client.set_tag(run_id, "checkpoints", "removed: not among the search's best budget.keep_checkpoints")
+
     def finish(self, status: str, leaderboard_csv: str | None = None, trial_ids: set[str] | None = None) -> None:
         """End the search run with `status`. Trial runs Tune left unfinished become KILLED; runs of
         trials Tune no longer knows (started after a killed driver last saved its state, and so

@@ -18,6 +18,8 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 # clone. The project never needs them at run time; tests copy them into a temporary data dir.
 SHARED_DATASETS = Path(os.environ.get("AESEARCH_TEST_DATASETS", REPO.parent / "shared" / "datasets"))
 
+KEPT_CHECKPOINTS = 5  # the small search keeps the checkpoints of its best 5 trials (of 8)
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -61,12 +63,13 @@ def ray_env(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def small_search(tmp_path_factory, ray_env):
-    """One small search (8 trials: completed, stopped early, diverged) run as `make quickstart`
-    runs it, logged to an embedded MLflow store: (experiment folder, the finished process)."""
+    """One small search (8 trials: completed, stopped early, diverged; checkpoints kept for the best 5)
+    run as `make quickstart` runs it, logged to an embedded MLflow store: (experiment folder, the
+    finished process)."""
     from tests.searching import DIVERGING_START, run, uv_run_command, write_space
 
     folder = tmp_path_factory.mktemp("search")
-    space = write_space(folder, "small", trials=8, epochs=3, grace=1, extra=DIVERGING_START)
+    space = write_space(folder, "small", trials=8, epochs=3, grace=1, extra=DIVERGING_START, keep=KEPT_CHECKPOINTS)
     done = run(uv_run_command(space, folder / "results"), ray_env, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     return folder / "results" / "small", done

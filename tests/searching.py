@@ -25,7 +25,7 @@ space:
   objective.kl.beta: {{type: float, low: 0.5, high: 4, log: true, when: {{model.latent: gaussian}}}}
   optimizer.lr: {{type: float, low: 0.00001, high: 1.0, log: true}}
 objective: {{metric: val/recon_mse, mode: min}}
-budget: {{num_samples: {trials}, max_epochs: {epochs}, grace_period: {grace}, reduction_factor: 2}}
+budget: {{num_samples: {trials}, max_epochs: {epochs}, grace_period: {grace}, reduction_factor: 2, keep_checkpoints: {keep}}}
 resources: {{cpu: 1}}
 max_concurrent: 2
 seed: 0
@@ -35,9 +35,9 @@ seed: 0
 DIVERGING_START = "start_with: [{model.latent: gaussian, model.latent_dim: 16, optimizer.lr: 1.0}]"
 
 
-def write_space(folder: Path, name: str, trials: int, epochs: int, grace: int, extra: str = "") -> Path:
+def write_space(folder: Path, name: str, trials: int, epochs: int, grace: int, extra: str = "", keep: int = 10) -> Path:
     path = folder / f"{name}.yaml"
-    path.write_text(SEARCH_SPACE.format(name=name, trials=trials, epochs=epochs, grace=grace, extra=extra))
+    path.write_text(SEARCH_SPACE.format(name=name, trials=trials, epochs=epochs, grace=grace, extra=extra, keep=keep))
     return path
 
 

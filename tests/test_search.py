@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.conftest import KEPT_CHECKPOINTS
 from tests.searching import (
     run,
     search_command,
@@ -87,13 +88,16 @@ def checkpoints_kept(experiment: Path) -> dict[str, list[str]]:
     return kept
 
 
-def test_a_finished_search_keeps_only_each_trials_newest_checkpoint(small_search):
+def test_a_finished_search_keeps_the_newest_checkpoint_of_its_best_trials_only(small_search):
     experiment, _ = small_search
     reports = trial_reports(experiment)
-    for trial, kept in checkpoints_kept(experiment).items():
+    board = pd.read_csv(experiment / "leaderboard.csv", dtype={"trial": str})
+    best = set(board.dropna(subset=["val/recon_mse"])["trial"][:KEPT_CHECKPOINTS])
+    kept = checkpoints_kept(experiment)
+    assert len(kept) == 8 and len(best) == KEPT_CHECKPOINTS
+    for trial, checkpoints in kept.items():
         epochs = len(reports[trial])  # every epoch reports a checkpoint, numbered from 0
-        diverged = not math.isfinite(reports[trial][-1]["val/recon_mse"])  # nothing worth keeping
-        assert kept == ([] if diverged else [f"checkpoint_{epochs - 1:06d}"]), trial
+        assert checkpoints == ([f"checkpoint_{epochs - 1:06d}"] if trial in best else []), trial
 
 
 def test_a_second_search_of_the_same_name_is_refused(small_search, ray_env):

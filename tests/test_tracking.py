@@ -6,6 +6,7 @@ Servers bind to 127.0.0.1 and are stopped through their own process group.
 """
 
 import json
+import math
 import os
 import signal
 import socket
@@ -25,7 +26,7 @@ from aesearch.config import flatten
 from aesearch.errors import UserError
 from aesearch.tracking import fluent_api_on, image_epochs, resolve_tracking_uri, run_name
 from tests.browser import open_page
-from tests.conftest import make_config
+from tests.conftest import KEPT_CHECKPOINTS, make_config
 from tests.searching import search_command, trial_reports, write_space
 
 # --- where, and names ---------------------------------------------------------------------------
@@ -180,9 +181,17 @@ def test_the_best_checkpoint_reloads_and_reproduces_its_logged_test_metric(track
     assert done.returncode == 0, done.stderr
     measured = json.loads(done.stdout)
     assert measured["test/recon_mse"] == pytest.approx(best.data.metrics["test/recon_mse"], rel=1e-5)
-    stopped = [run for run in runs if run.data.tags["outcome"].startswith("stopped early")]
-    for run in stopped:  # stopped between epochs: its best checkpoint still reaches its run
-        assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/best.pt"]
+    finite = board[board["val/recon_mse"].map(math.isfinite)]
+    best = set(finite["trial"][:KEPT_CHECKPOINTS])
+    removed = 0
+    for run in runs:  # the best trials' checkpoints, and only theirs, stay (budget.keep_checkpoints)
+        kept = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+        if run.data.tags["aesearch.trial_id"] in best:
+            assert kept == ["checkpoints/best.pt"]  # a trial ASHA stopped between epochs too
+        else:
+            assert kept == [] and run.data.tags["checkpoints"].startswith("removed")
+            removed += run.data.tags["aesearch.trial_id"] in set(finite["trial"])
+    assert removed == len(finite) - KEPT_CHECKPOINTS > 0
 
 
 def test_the_search_run_describes_the_search_and_registers_the_best_model(tracked, digits):
