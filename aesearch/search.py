@@ -559,10 +559,14 @@ class BestCheckpointsKeeper(Callback):
         for dropped in finished:
             if dropped.trial_id in best or dropped.trial_id in self.removed:
                 continue
-            remove_stored_checkpoints(dropped.storage.storage_filesystem, dropped.storage.trial_fs_path)
-            if (dropped.last_result or {}).get("mlflow_run_id"):
-                self.runs.remove_checkpoints(dropped.last_result["mlflow_run_id"])
             self.removed.add(dropped.trial_id)
+            try:  # a callback that raises would make Tune treat the ended trial as failed and retry it
+                remove_stored_checkpoints(dropped.storage.storage_filesystem, dropped.storage.trial_fs_path)
+                if (dropped.last_result or {}).get("mlflow_run_id"):
+                    self.runs.remove_checkpoints(dropped.last_result["mlflow_run_id"])
+            except Exception as error:  # noqa: BLE001 - disk space is not worth a search
+                print(f"aesearch: warning: could not remove the checkpoints of trial {dropped.trial_id}: "
+                      f"{str(error).splitlines()[0][:300]}", file=sys.stderr)
 
 
 def _finite(value: Any) -> bool:

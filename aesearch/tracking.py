@@ -481,7 +481,9 @@ class SearchRun:
 
         run = self.client.get_run(run_id)
         if any(a.path == Path(BEST_CHECKPOINT).parent.as_posix() for a in self.client.list_artifacts(run_id)):
-            get_artifact_repository(run.info.artifact_uri).delete_artifacts(Path(BEST_CHECKPOINT).parent.as_posix())
+            # With the store's URI: an `mlflow-artifacts:` location is reached through that server.
+            repository = get_artifact_repository(run.info.artifact_uri, tracking_uri=self.uri)
+            repository.delete_artifacts(Path(BEST_CHECKPOINT).parent.as_posix())
         self.client.set_tag(run_id, "checkpoints", "removed: not among the search's best budget.keep_checkpoints")
 
     def finish(self, status: str, leaderboard_csv: str | None = None, trial_ids: set[str] | None = None) -> None:

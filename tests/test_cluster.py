@@ -30,6 +30,7 @@ from rehearsal import LocalCluster, rehearse  # noqa: E402
 CLUSTER = REPO / "cluster"
 SCHEMAS = Path(__file__).parent / "schemas"
 CANARY = "AESEARCH_TEST_CANARY"
+KEPT = 2  # budget.keep_checkpoints of the rehearsal's 4 trials: the others' are removed through the server
 
 # --- the rehearsal ----------------------------------------------------------------------------------
 
@@ -39,7 +40,7 @@ def rehearsal(tmp_path_factory):
     """`make cluster-demo` on a smaller search: (cluster, summary, pids it started). The cluster stays up
     for this module's tests; stopping it must end every process it started (checked at teardown)."""
     folder = tmp_path_factory.mktemp("cluster-demo")
-    space = write_space(folder, "cluster-demo", trials=4, epochs=2, grace=2)
+    space = write_space(folder, "cluster-demo", trials=4, epochs=2, grace=2, keep=KEPT)
     os.environ[CANARY] = secrets.token_hex(16)  # an environment variable every node and trial inherits
     with LocalCluster(folder / "work", workers=1) as cluster:
         pids = [service.process.pid for service in cluster.services]
@@ -81,20 +82,24 @@ def test_the_submitted_search_ran_its_trials_on_both_nodes_and_logged_everything
     assert len(trials) == 4 and {run.info.status for run in trials} == {"FINISHED"}
     assert len({run.data.tags["node"] for run in trials}) == 2  # the head and the worker both trained trials
 
-    for run in trials:  # each epoch once, the pictures and checkpoint readable through the server
+    ranked = sorted(trials, key=lambda run: run.data.metrics["val/recon_mse"])
+    artifacts = Path(summary["mlflow_store"]) / "artifacts"
+    for rank, run in enumerate(ranked, 1):  # each epoch once, the pictures and checkpoints through the server
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val/recon_mse")] == [1, 2]
         picture = client.download_artifacts(run.info.run_id, "images/reconstructions.png", str(tmp_path))
         assert matplotlib.image.imread(picture).ndim == 3
-        checkpoint = client.download_artifacts(run.info.run_id, "checkpoints/best.pt", str(tmp_path))
-        assert load_checkpoint(checkpoint)["config"]["data"]["name"] == "digits"
-    assert client.search_model_versions("name='cluster-demo'")  # the best model, registered
-
-    # Every trial's artifacts are in the server's artifact store (its folder here, a bucket on a cluster).
-    artifacts = Path(summary["mlflow_store"]) / "artifacts"
-    for run in trials:
+        # Every trial's files are in the server's artifact store (its folder here, a bucket on a cluster)...
         stored = {p.name for p in artifacts.rglob("*") if run.info.run_id in p.parts}
-        assert {"config.yaml", "best.pt", "reconstructions.png"} <= stored, stored
-    # ... and nowhere else: not in the folder the job was submitted from, not where the servers run.
+        assert {"config.yaml", "reconstructions.png"} <= stored, stored
+        if rank <= KEPT:  # ... the best trials' checkpoints too; the others' were removed through the server
+            checkpoint = client.download_artifacts(run.info.run_id, "checkpoints/best.pt", str(tmp_path))
+            assert load_checkpoint(checkpoint)["config"]["data"]["name"] == "digits"
+        else:
+            assert "best.pt" not in stored and run.data.tags["checkpoints"].startswith("removed")
+    assert client.search_model_versions("name='cluster-demo'")  # the best model, registered
+    assert "could not remove the checkpoints" not in Path(summary["logs"], "job.log").read_text()
+
+    # Nothing is in the folder the job was submitted from, nor where the servers run.
     assert list(Path(summary["submitted_from"]).iterdir()) == []
     assert {p.name for p in cluster.workdir.iterdir()} == {"secrets", "mlflow", "logs", "shared-storage", "submit"}
     # The shared storage, given as a URI (as s3:// is on a cluster), holds the search's own files too.
