@@ -106,8 +106,8 @@ class LocalCluster:
         self.gcs_address = f"{LOOPBACK}:{self.gcs_port}"
         self.dashboard = f"http://{LOOPBACK}:{self.dashboard_port}"
         self.storage = (self.workdir / "shared-storage").as_uri()
-        # Ray's session folders (and its `ray_current_cluster` file) go here, not into /tmp/ray, where
-        # a later plain `ray.init()` would find this cluster. Short: Ray's socket paths must fit 107 bytes.
+        # Ray's session folders (logs, sockets) for this rehearsal only, removed when it stops; a short
+        # path, because Ray's socket paths must fit in 107 bytes.
         self.ray_temp = Path(tempfile.mkdtemp(prefix="aesearch-ray-"))
 
     # --- the environment every node, the driver and the trials see -----------------------------
