@@ -7,6 +7,7 @@ and bound to 127.0.0.1, and is stopped by its own handle or process group.
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -148,6 +149,13 @@ def test_resume_after_a_killed_driver_finishes_without_repeating_trials(tmp_path
     for trial, lines in finished.items():  # finished before the kill: not one more report
         assert after[trial] == lines, f"finished trial {trial} ran again"
     assert all(len(kept) == 1 for kept in checkpoints_kept(experiment).values())  # the killed run's too
+
+    # Optuna: the resumed study (Tune's saved searcher) holds each of the 8 trials once, each COMPLETE.
+    searcher = pickle.loads(max(experiment.glob("searcher-state-*.pkl")).read_bytes())
+    study = searcher["_ot_study"]
+    assert sorted(searcher["_ot_trials"]) == sorted(board["trial"])
+    assert len(study.trials) == 8 and {t.state.name for t in study.trials} == {"COMPLETE"}
+    assert len({t.number for t in study.trials}) == 8
 
     # MLflow: a restored trial went on in its own run; every epoch logged once; all runs ended.
     from mlflow import MlflowClient
