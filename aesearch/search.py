@@ -288,7 +288,7 @@ def search(space: SearchSpace, options: SearchOptions) -> pd.DataFrame:
         raise SearchInterrupted(options.name)
     board = leaderboard(results, space)
     SearchFolder(options).write("leaderboard.csv", board.to_csv(index=False))
-    finite = board[board[space.objective.metric].map(lambda v: isinstance(v, float) and math.isfinite(v))]
+    finite = board[board[space.objective.metric].map(is_finite_number)]
     if len(finite):
         best = finite.iloc[0]
         runs.register_best(best["trial"], {k: best[k] for k in LEADERBOARD_METRICS if pd.notna(best.get(k))})
@@ -362,7 +362,6 @@ def connect(address: str | None) -> None:
     if not address:
         ray.init(include_dashboard=False, **quiet)
         return
-    check_reachable(address)
     # An explicit address does not turn Ray's token authentication on by itself: keep it on.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
@@ -447,6 +446,11 @@ def _fit(space: SearchSpace, options: SearchOptions, data: Data, tracking: Track
 # --- what the user sees -----------------------------------------------------------------------
 
 
+def is_finite_number(value: Any) -> bool:
+    """A real objective value: not missing, not NaN or inf (a diverged or invalid trial)."""
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
 def outcome_kind(outcome: str) -> str:
     """'stopped early at epoch 5' -> 'stopped early': the outcome without its epoch."""
     return outcome.split(" at epoch")[0]
@@ -486,7 +490,7 @@ class Progress(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric)
-        if isinstance(value, int | float) and math.isfinite(value):
+        if is_finite_number(value):
             better = self.best is None or (value < self.best[0] if self.mode == "min" else value > self.best[0])
             if better:
                 self.best = (value, trial.trial_id, result.get("family", "?"))
@@ -553,7 +557,7 @@ class BestCheckpointsKeeper(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         finished = [t for t in trials if t.status == "TERMINATED" or t is trial]
-        ranked = [t for t in finished if _finite((t.last_result or {}).get(self.metric))]
+        ranked = [t for t in finished if is_finite_number((t.last_result or {}).get(self.metric))]
         ranked.sort(key=lambda t: t.last_result[self.metric], reverse=self.mode == "max")
         best = {t.trial_id for t in ranked[: self.keep]}
         for dropped in finished:
@@ -567,10 +571,6 @@ class BestCheckpointsKeeper(Callback):
             except Exception as error:  # noqa: BLE001 - disk space is not worth a search
                 print(f"aesearch: warning: could not remove the checkpoints of trial {dropped.trial_id}: "
                       f"{str(error).splitlines()[0][:300]}", file=sys.stderr)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
 
 
 def remove_stored_checkpoints(fs, trial_dir: str, before: str | None = None) -> None:
