@@ -365,8 +365,10 @@ def describe_validation_error(error: ValidationError) -> str:
             phrases.append(f"{field}: required")
         elif item["type"] == "rule":  # a cross-field rule: the message names its fields itself
             phrases.append(message)
-        else:
+        elif field:
             phrases.append(f"{field}={_SHORT.repr(item['input'])}: {message}")
+        else:  # the document as a whole (not JSON, not a list)
+            phrases.append(message)
     return "; ".join(phrases)
 
 

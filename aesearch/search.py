@@ -43,7 +43,15 @@ RAY_SETTINGS = {
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     "RAY_DEDUP_LOGS": "0",
 }
-for _key, _value in RAY_SETTINGS.items():
+# MLflow's client retries a failed request for about four minutes, and a trial would stop training
+# meanwhile: a search's processes give up on a request in seconds and retry on their own terms
+# (a trial's records wait in its outbox, see aesearch.tracking.Outbox).
+MLFLOW_RETRY_SETTINGS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+for _key, _value in (RAY_SETTINGS | MLFLOW_RETRY_SETTINGS).items():
     os.environ.setdefault(_key, _value)
 
 import optuna  # noqa: E402
@@ -60,6 +68,7 @@ from aesearch.checkpoints import load_checkpoint  # noqa: E402
 from aesearch.config import variant_family  # noqa: E402
 from aesearch.data import Data, load_data  # noqa: E402
 from aesearch.errors import ConfigError, DivergedError, UserError  # noqa: E402
+from aesearch.faults import Fault, fire, read_faults  # noqa: E402
 from aesearch.space import (  # noqa: E402
     DefineByRun,
     SearchSpace,
@@ -68,14 +77,18 @@ from aesearch.space import (  # noqa: E402
     trial_config,
 )
 from aesearch.tracking import (  # noqa: E402
+    Outbox,
     SearchRun,
     Tracking,
     TrialRun,
     check_store_reachable,
+    describe_error,
     git_commit,
     is_local_store,
+    is_unreachable,
     log_invalid_trial,
     package_versions,
+    patiently,
     resolve_tracking_uri,
 )
 from aesearch.train import EpochEnd, train  # noqa: E402
@@ -83,6 +96,7 @@ from aesearch.train import EpochEnd, train  # noqa: E402
 CHECKPOINT_FILE = "checkpoint.pt"  # the run at the epoch reported
 BEST_FILE = "best.pt"  # the run at its best epoch so far
 TRACKING_FILE = "tracking_uri"  # where the search logs, so --resume logs there too
+UNDELIVERED = "tracking/undelivered"  # a trial's report: what never reached the tracking server ('' if all did)
 
 @dataclass
 class SearchOptions:
@@ -142,7 +156,8 @@ def trial_number(trial_dir: str, trial_id: str) -> str:
     return found.group(1) if found else trial_id
 
 
-def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: Tracking) -> None:
+def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: Tracking,
+              faults: list[Fault]) -> None:
     """The Ray Tune trainable: one trial of the search, trained by the one trainer, logged to MLflow."""
     worst = math.inf if space.objective.mode == "min" else -math.inf
     context = tune.get_context()
@@ -169,13 +184,25 @@ def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: 
             resume_state = load_checkpoint(Path(folder) / CHECKPOINT_FILE)
             if (Path(folder) / BEST_FILE).is_file():
                 shutil.copyfile(Path(folder) / BEST_FILE, reporter.best_file)
+        run.set_tag("restored", f"attempt {run.attempt} went on from epoch {resume_state['epoch']} on node {node}")
+
+    def on_epoch(end: EpochEnd) -> None:
+        fire(faults, number, end.epoch, run.attempt)  # AESEARCH_FAULTS: a rehearsed failure, before the report
+        reporter(end)
+
     try:
-        result = train(config, data, reporter, resume_from=resume_state)
+        result = train(config, data, on_epoch, resume_from=resume_state)
     except DivergedError as error:
-        reporter.report({"epoch": float(error.epoch), space.objective.metric: worst, "outcome/diverged": 1.0})
+        reporter.report({"epoch": float(error.epoch), space.objective.metric: worst, "outcome/diverged": 1.0,
+                         UNDELIVERED: run.wait_for_server()})
         return
-    run.finish(result, reporter.best_file)  # before the last report: the driver closes the run on it
-    final = {**result.history[-1], **result.metrics, "outcome/completed": 1.0, "time/tracking_seconds": run.seconds}
+    except SystemExit:  # Tune stopped the trial (ASHA) inside a report: what waits may still reach the server
+        run.wait_for_server()
+        raise
+    # Before the last report: the driver closes the run on it.
+    undelivered = run.finish(result, reporter.best_file)
+    final = {**result.history[-1], **result.metrics, "outcome/completed": 1.0, "time/tracking_seconds": run.seconds,
+             UNDELIVERED: undelivered}
     if reporter.held is None:  # resumed after the last epoch: nothing left to train
         reporter.report(final)
         return
@@ -257,6 +284,7 @@ def check_can_start(space: SearchSpace, options: SearchOptions) -> None:
 def search(space: SearchSpace, options: SearchOptions) -> pd.DataFrame:
     """Run (or resume) the search, tracked in MLflow; returns the leaderboard of every trial."""
     check_can_start(space, options)
+    faults = read_faults()
     uri = resolve_tracking_uri(options.tracking_uri)
     check_tracking(options, uri)
     check_store_reachable(uri)
@@ -275,9 +303,10 @@ def search(space: SearchSpace, options: SearchOptions) -> pd.DataFrame:
         if options.address and is_local_store(uri):
             print(f"aesearch: warning: trials on other nodes log to {uri} only if they see this path; "
                   "give a tracking server with --tracking-uri http://HOST:PORT", file=sys.stderr)
-        tracking = runs.start(options.resume, describe(space, options, data), space_document(space))
+        tracking = runs.start(options.resume, describe(space, options, data), space_document(space),
+                              space.budget.tracking_patience_s)
         try:
-            results = _fit(space, options, data, tracking)
+            results = _fit(space, options, data, tracking, faults)
         except BaseException:
             runs.finish("FAILED", None)
             raise
@@ -287,12 +316,22 @@ def search(space: SearchSpace, options: SearchOptions) -> pd.DataFrame:
         runs.finish("KILLED", None)
         raise SearchInterrupted(options.name)
     board = leaderboard(results, space)
-    SearchFolder(options).write("leaderboard.csv", board.to_csv(index=False))
-    finite = board[board[space.objective.metric].map(is_finite_number)]
-    if len(finite):
-        best = finite.iloc[0]
-        runs.register_best(best["trial"], {k: best[k] for k in LEADERBOARD_METRICS if pd.notna(best.get(k))})
-    runs.finish("FINISHED", board.to_csv(index=False), set(board["trial"]))
+    folder = SearchFolder(options)
+    folder.write("leaderboard.csv", board.to_csv(index=False))
+    try:  # a tracking server that is down now is waited for, up to the patience
+        patience = space.budget.tracking_patience_s
+        finite = board[board[space.objective.metric].map(is_finite_number)]
+        if len(finite):
+            best = finite.iloc[0]
+            metrics = {k: best[k] for k in LEADERBOARD_METRICS if pd.notna(best.get(k))}
+            patiently(lambda: runs.register_best(best["trial"], metrics), patience)
+        patiently(lambda: runs.finish("FINISHED", board.to_csv(index=False), set(board["trial"])), patience)
+    except Exception as error:
+        if not is_unreachable(error):
+            raise
+        print(f"aesearch: warning: the tracking server {uri} did not answer for {patience:g} s: the search run is "
+              f"not closed and its best model not registered; the leaderboard is in {folder.uri}/leaderboard.csv",
+              file=sys.stderr)
     return board
 
 
@@ -387,9 +426,9 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise UserError(f"--address {address}: no Ray cluster answers there ({error.strerror or error})") from None
 
 
-def _fit(space: SearchSpace, options: SearchOptions, data: Data, tracking: Tracking):
+def _fit(space: SearchSpace, options: SearchOptions, data: Data, tracking: Tracking, faults: list[Fault]):
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, data=data, space=space, tracking=tracking),
+        tune.with_parameters(run_trial, data=data, space=space, tracking=tracking, faults=faults),
         {"cpu": space.resources.cpu, "gpu": space.resources.gpu},
     )
     path = experiment_folder(options)
@@ -521,7 +560,10 @@ class Progress(Callback):
 
 class RunCloser(Callback):
     """Gives each trial's MLflow run its outcome and terminal status as soon as Tune is done with it
-    (the trial itself cannot: ASHA stops it between two epochs). Pickled with the search: it holds
+    (the trial itself cannot: ASHA stops it between two epochs), and what went wrong: each failed
+    attempt's traceback, and epochs whose records never reached the server. While the tracking
+    server does not answer, these wait in an outbox, tried again at each later event and, at the
+    end of the search, for up to `budget.tracking_patience_s`. Pickled with the search: it holds
     only where to log, and opens its client when the search (re)starts."""
 
     def __init__(self, tracking: Tracking):
@@ -529,16 +571,54 @@ class RunCloser(Callback):
 
     def setup(self, **info):
         self.runs = SearchRun(self.tracking.uri, tracking=self.tracking)
+        self.outbox = Outbox(on_error=self.warn)
+
+    @staticmethod
+    def warn(what: str, error: Exception) -> None:  # a callback that raises would end the search
+        print(f"aesearch: warning: {what}: {describe_error(error)}", file=sys.stderr)
+
+    def send(self, what: str, deliver: Callable[[], None]) -> None:
+        self.outbox.send(what, deliver)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.outbox.flush()  # what waits for the server, if anything (at most every few seconds)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
-        ended = outcome(last, None)
-        if outcome_kind(ended) == "stopped early" and last.get("mlflow_run_id") and trial.checkpoint:
-            self.runs.log_best_checkpoint(last["mlflow_run_id"], trial.checkpoint)
-        self.runs.close_trial(trial.trial_id, ended, last.get("mlflow_run_id"))
+        ended, run_id = outcome(last, None), last.get("mlflow_run_id")
+        if outcome_kind(ended) == "stopped early" and run_id and trial.checkpoint:
+            checkpoint = trial.checkpoint
+            self.send(f"the best checkpoint of trial {trial.trial_id}",
+                      lambda: self.runs.log_best_checkpoint(run_id, checkpoint))
+        # A diverged trial's last epoch has no metrics by design: its loss was not a number.
+        epochs = int(last.get("epoch", 0)) - (1 if outcome_kind(ended) == "diverged" else 0)
+        self.send(f"the outcome of trial {trial.trial_id}", lambda: self.runs.close_trial(
+            trial.trial_id, ended, run_id, epochs, last.get(UNDELIVERED, "")))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._log_errors(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.runs.close_trial(trial.trial_id, "errored", (trial.last_result or {}).get("mlflow_run_id"))
+        tracebacks = self._log_errors(trial)
+        raised = next((line for line in reversed(tracebacks.splitlines()) if line.strip()), "")
+        ended = f"errored after {trial.num_failures} attempts: {raised.strip()[:300]}"
+        self.send(f"the outcome of trial {trial.trial_id}", lambda: self.runs.close_trial(
+            trial.trial_id, ended, (trial.last_result or {}).get("mlflow_run_id")))
+
+    def _log_errors(self, trial) -> str:
+        """Tune's error file of the trial (every failed attempt so far), logged to its run."""
+        local = trial.error_file  # written on this machine just now; storage may not have it yet
+        tracebacks = Path(local).read_text() if local and Path(local).is_file() else trial.get_error() or ""
+        run_id, attempts = (trial.last_result or {}).get("mlflow_run_id"), trial.num_failures
+        if run_id and tracebacks:
+            self.send(f"the tracebacks of trial {trial.trial_id}",
+                      lambda: self.runs.log_errors(run_id, tracebacks, attempts))
+        return tracebacks
+
+    def on_experiment_end(self, trials, **info):
+        if not self.outbox.deliver(self.tracking.patience_s):
+            print(f"aesearch: warning: the tracking server {self.tracking.uri} did not take "
+                  f"{self.outbox.undelivered()}", file=sys.stderr)
 
 
 class BestCheckpointsKeeper(Callback):
@@ -563,14 +643,16 @@ class BestCheckpointsKeeper(Callback):
         for dropped in finished:
             if dropped.trial_id in best or dropped.trial_id in self.removed:
                 continue
-            self.removed.add(dropped.trial_id)
             try:  # a callback that raises would make Tune treat the ended trial as failed and retry it
                 remove_stored_checkpoints(dropped.storage.storage_filesystem, dropped.storage.trial_fs_path)
                 if (dropped.last_result or {}).get("mlflow_run_id"):
                     self.runs.remove_checkpoints(dropped.last_result["mlflow_run_id"])
+                self.removed.add(dropped.trial_id)
             except Exception as error:  # noqa: BLE001 - disk space is not worth a search
-                print(f"aesearch: warning: could not remove the checkpoints of trial {dropped.trial_id}: "
-                      f"{str(error).splitlines()[0][:300]}", file=sys.stderr)
+                if not is_unreachable(error):  # else: tried again when the next trial ends
+                    self.removed.add(dropped.trial_id)
+                    print(f"aesearch: warning: could not remove the checkpoints of trial {dropped.trial_id}: "
+                          f"{describe_error(error)}", file=sys.stderr)
 
 
 def remove_stored_checkpoints(fs, trial_dir: str, before: str | None = None) -> None:

@@ -141,6 +141,10 @@ class Budget(Section):
     # Checkpoints (in trial storage and in MLflow) of the best K finished trials only: the others'
     # are removed as better trials end, so that a 1,000-trial search does not fill a disk.
     keep_checkpoints: PositiveInt = Field(10, le=100_000)
+    # How long a trial (at its start and end) and the driver (closing runs) wait for a tracking server
+    # that does not answer; in between, trials train on and their records wait. What never arrives is
+    # named on the run (tag `tracking`) and in the search's output.
+    tracking_patience_s: Float = Field(600.0, gt=0, le=86_400)
 
     @model_validator(mode="after")
     def _grace_within_budget(self) -> Budget:

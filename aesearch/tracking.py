@@ -65,6 +65,8 @@ TRIAL_NUMBER_TAG = "aesearch.trial_number"  # the trial's ordinal in its search,
 ROLE_TAG = "aesearch.role"  # "search" (the parent run), "trial" or "reproduction"
 REPRODUCES_TAG = "aesearch.reproduces"  # a reproduction's original run
 OUTCOME_TAG = "outcome"
+ATTEMPT_TAG = "aesearch.attempt"  # 1 for a trial's first run, +1 for each retry or resume
+INCOMPLETE_TAG = "tracking"  # set when records of the run never reached the server
 BEST_CHECKPOINT = "checkpoints/best.pt"
 MLFLOW_BATCH = 100  # MLflow takes at most 100 params (and 1000 metrics) per log_batch call
 
@@ -170,6 +172,7 @@ class Tracking:
     uri: str
     experiment_id: str
     parent_run_id: str
+    patience_s: float  # budget.tracking_patience_s: how long an unreachable server is waited for
 
 
 # --- names and tags ---------------------------------------------------------------------------
@@ -216,6 +219,110 @@ def as_param(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
+# --- when the tracking server does not answer -------------------------------------------------
+
+
+def is_unreachable(error: BaseException) -> bool:
+    """The tracking server did not answer (down, restarting, overloaded): worth trying again later.
+    MLflow wraps the HTTP client's error in an MlflowException; its cause or context names it."""
+    import requests
+
+    transient = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.RetryError,
+                 ConnectionError, TimeoutError)
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, transient) or "Max retries exceeded" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def describe_error(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+class Outbox:
+    """What is sent to the tracking server, delivered in order. While the server does not answer,
+    everything is kept (files copied aside) and training goes on; each later send tries again (at
+    most every `retry_every_s`), and `deliver` waits for it, up to a patience, at the end. What could
+    not be delivered is named by `undelivered`, never dropped in silence."""
+
+    def __init__(self, retry_every_s: float = 5.0, on_error: Any = None):
+        self.pending: list[tuple[str, Any]] = []  # (what, a call that delivers it)
+        self.on_error = on_error  # given: other errors are handed to it (and the item dropped), not raised
+        self.spool = tempfile.TemporaryDirectory(prefix="aesearch-outbox-")
+        self.retry_every_s = retry_every_s
+        self.failed_at: float | None = None  # when the server last did not answer
+        self.last_error = ""
+        self.delivered_late = 0  # items delivered after an outage (the tests read it)
+
+    def send(self, what: str, deliver: Any) -> None:
+        self.pending.append((what, deliver))
+        self.flush()
+
+    def send_file(self, path: Path | str, artifact_path: str, client: MlflowClient, run_id: str) -> None:
+        """An artifact: a copy waits in the spool until the server has it."""
+        import shutil
+
+        kept = Path(tempfile.mkdtemp(dir=self.spool.name)) / Path(path).name
+        shutil.copyfile(path, kept)
+
+        def deliver() -> None:
+            client.log_artifact(run_id, str(kept), artifact_path)
+            shutil.rmtree(kept.parent, ignore_errors=True)
+
+        self.send(f"{artifact_path}/{kept.name}", deliver)
+
+    def flush(self, force: bool = False) -> bool:
+        """Deliver what waits, in order; False if the server still does not answer."""
+        if not force and self.failed_at is not None and time.monotonic() - self.failed_at < self.retry_every_s:
+            return False
+        while self.pending:
+            try:
+                self.pending[0][1]()
+            except Exception as error:
+                if is_unreachable(error):
+                    self.failed_at, self.last_error = time.monotonic(), describe_error(error)
+                    return False
+                if self.on_error is None:
+                    raise
+                self.on_error(self.pending[0][0], error)
+            self.pending.pop(0)
+            if self.failed_at is not None:
+                self.delivered_late += 1
+        self.failed_at = None
+        return True
+
+    def deliver(self, patience_s: float) -> bool:
+        """Wait (up to `patience_s`) until everything is delivered."""
+        deadline = time.monotonic() + patience_s
+        while not self.flush(force=True):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(self.retry_every_s, max(0.0, deadline - time.monotonic())))
+        return True
+
+    def undelivered(self) -> str:
+        """'' when everything arrived, else what did not and why."""
+        if not self.pending:
+            return ""
+        names = ", ".join(what for what, _ in self.pending[:5]) + (", ..." if len(self.pending) > 5 else "")
+        return f"{len(self.pending)} records not delivered ({names}): {self.last_error}"
+
+
+def patiently(call: Any, patience_s: float, retry_every_s: float = 5.0) -> Any:
+    """`call()`, tried again while the tracking server does not answer, up to `patience_s`."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return call()
+        except Exception as error:
+            if not is_unreachable(error) or time.monotonic() >= deadline:
+                raise
+            time.sleep(min(retry_every_s, max(0.0, deadline - time.monotonic())))
+
+
 # --- inside a trial ---------------------------------------------------------------------------
 
 
@@ -257,39 +364,50 @@ def create_run(mlflow: MlflowClient, experiment_id: str, name: str, tags: dict[s
 class TrialRun:
     """The MLflow run of one training: per-epoch metrics, images, the test suite, the best
     checkpoint. A search trial writes it from inside the trial (`for_trial`, which a restored
-    trial continues); a local reproduction writes one the same way."""
+    trial continues); a local reproduction writes one the same way. Everything goes through an
+    `Outbox`: a tracking server that stops answering delays the records, not the training."""
 
-    def __init__(self, mlflow: MlflowClient, run_id: str, config: TrainConfig, data: Data, logged_through: int = 0):
+    def __init__(self, mlflow: MlflowClient, run_id: str, config: TrainConfig, data: Data, logged_through: int = 0,
+                 attempt: int = 1, patience_s: float = 60.0):
         self.client, self.run_id, self.config, self.data = mlflow, run_id, config, data
         self.logged_through = logged_through  # epochs already in the run (a restored trial)
+        self.attempt = attempt  # 1, then 2, 3... each time the trial is retried or resumed
+        self.patience_s = patience_s  # how long `finish` waits for an unreachable server
         self.draw_at = image_epochs(config.epochs)
+        self.outbox = Outbox()
         self.seconds = 0.0  # time spent tracking (benchmarks/ reads it)
 
     @classmethod
     def for_trial(
         cls, tracking: Tracking, trial_id: str, number: str, config: TrainConfig, data: Data, node: str
     ) -> TrialRun:
-        """The run of a Ray trial: found again by its trial id (a retry or a resumed search), else new."""
+        """The run of a Ray trial: found again by its trial id (a retry or a resumed search), else new.
+        A trial that starts while the server does not answer waits for it (up to the patience)."""
         started = time.perf_counter()
+        run = patiently(lambda: cls._open(tracking, trial_id, number, config, data, node), tracking.patience_s)
+        run.patience_s = tracking.patience_s
+        run.seconds = time.perf_counter() - started
+        return run
+
+    @classmethod
+    def _open(cls, tracking: Tracking, trial_id: str, number: str, config: TrainConfig, data: Data, node: str) -> TrialRun:
         mlflow = client(tracking.uri)
         tags = {"node": node, **training_tags(config, data)}
         existing = find_trial_run(mlflow, tracking.experiment_id, trial_id)
-        if existing is not None:
-            run_id = existing.info.run_id
-            mlflow.update_run(run_id, status="RUNNING")
-            logged = mlflow.get_metric_history(run_id, "val/recon_mse")
-            for key, value in tags.items():
-                mlflow.set_tag(run_id, key, value)
-            run = cls(mlflow, run_id, config, data, logged_through=max((m.step for m in logged), default=0))
-        else:
+        if existing is None:
             from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
             tags |= {MLFLOW_PARENT_RUN_ID: tracking.parent_run_id, ROLE_TAG: "trial", TRIAL_ID_TAG: trial_id,
-                     TRIAL_NUMBER_TAG: number, **trial_tags(config)}
+                     TRIAL_NUMBER_TAG: number, ATTEMPT_TAG: "1", **trial_tags(config)}
             run_id = create_run(mlflow, tracking.experiment_id, run_name(config, number), tags, config)
-            run = cls(mlflow, run_id, config, data)
-        run.seconds = time.perf_counter() - started
-        return run
+            return cls(mlflow, run_id, config, data)
+        run_id = existing.info.run_id
+        attempt = int(existing.data.tags.get(ATTEMPT_TAG, "1")) + 1
+        mlflow.update_run(run_id, status="RUNNING")
+        logged = mlflow.get_metric_history(run_id, "val/recon_mse")
+        for key, value in {**tags, ATTEMPT_TAG: str(attempt)}.items():
+            mlflow.set_tag(run_id, key, value)
+        return cls(mlflow, run_id, config, data, logged_through=max((m.step for m in logged), default=0), attempt=attempt)
 
     @contextlib.contextmanager
     def _timed(self) -> Iterator[None]:
@@ -298,6 +416,9 @@ class TrialRun:
             yield
         finally:
             self.seconds += time.perf_counter() - started
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.outbox.send(f"tag {key}", lambda: self.client.set_tag(self.run_id, key, value))
 
     def log_epoch(self, end: EpochEnd) -> None:
         """One batch of metrics per epoch (step = epoch); reconstructions at a few epochs."""
@@ -313,37 +434,46 @@ class TrialRun:
             with tempfile.TemporaryDirectory() as folder:
                 picture = Path(folder) / f"epoch_{end.epoch:04d}.png"
                 self._draw(end.model, self.data.val_x, picture)
-                self.client.log_artifact(self.run_id, str(picture), "images/reconstructions")
+                self.outbox.send_file(picture, "images/reconstructions", self.client, self.run_id)
             end.model.train(training)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Timestamped now: metrics that wait out an outage arrive with the time they were measured."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
         for start in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000], synchronous=True)
+            part = batch[start : start + 1000]
+            self.outbox.send(f"metrics of step {step}",
+                             lambda part=part: self.client.log_batch(self.run_id, metrics=part, synchronous=True))
 
-    def finish(self, result: TrainResult, best_checkpoint: Path | None, drawn: Path | None = None) -> None:
-        """The test suite, the final pictures, the best checkpoint. The driver closes the run.
+    def finish(self, result: TrainResult, best_checkpoint: Path | None, drawn: Path | None = None) -> str:
+        """The test suite, the final pictures, the best checkpoint; then waits (up to the patience)
+        until the server has everything. Returns what it could not deliver ('' if nothing).
         `drawn`: a local run folder whose pictures are already drawn (they are logged as they are)."""
         with self._timed():
             self._finish(result, best_checkpoint, drawn)
+        return self.wait_for_server()
+
+    def wait_for_server(self) -> str:
+        """Deliver what waits (up to the patience); returns what could not be delivered ('' if nothing)."""
+        with self._timed():
+            self.outbox.deliver(self.patience_s)
+        return self.outbox.undelivered()
 
     def _finish(self, result: TrainResult, best_checkpoint: Path | None, drawn: Path | None) -> None:
         from aesearch.images import save_images
 
         self.log_metrics(result.metrics, len(result.history))
-        if drawn is not None:
-            for picture in sorted(Path(drawn).glob("*.png")):
-                self.client.log_artifact(self.run_id, str(picture), "images")
-        else:
-            with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory() as folder:
+            if drawn is None:
                 device = next(result.model.parameters()).device
                 save_images(result.model, self.data.test_x.to(device), self.config, folder, self.data.test_y)
-                self.client.log_artifacts(self.run_id, folder, "images")
+            for picture in sorted(Path(drawn or folder).glob("*.png")):
+                self.outbox.send_file(picture, "images", self.client, self.run_id)
         if best_checkpoint is not None and best_checkpoint.is_file():
-            self.client.log_artifact(self.run_id, str(best_checkpoint), Path(BEST_CHECKPOINT).parent.as_posix())
+            self.outbox.send_file(best_checkpoint, Path(BEST_CHECKPOINT).parent.as_posix(), self.client, self.run_id)
 
     def _draw(self, model: Any, x: torch.Tensor, path: Path) -> None:
         from torchvision.utils import save_image
@@ -418,7 +548,7 @@ class SearchRun:
                 "with runs; pick another --name, or --resume that search"
             )
 
-    def start(self, resume: bool, describe: dict[str, Any], space_yaml: str) -> Tracking:
+    def start(self, resume: bool, describe: dict[str, Any], space_yaml: str, patience_s: float) -> Tracking:
         experiment = self.client.get_experiment_by_name(self.name)
         if experiment is None:
             location = embedded_artifacts(self.uri, self.name)
@@ -439,7 +569,7 @@ class SearchRun:
             params = [Param(k, as_param(v)) for k, v in describe["params"].items()]
             self.client.log_batch(run_id, params=params, synchronous=True)
             self.client.log_text(run_id, space_yaml, "space.yaml")
-        self.tracking = Tracking(self.uri, experiment_id, run_id)
+        self.tracking = Tracking(self.uri, experiment_id, run_id, patience_s)
         return self.tracking
 
     def trial_runs(self) -> dict[str, Any]:
@@ -458,15 +588,29 @@ class SearchRun:
             if not token:
                 return found
 
-    def close_trial(self, trial_id: str, outcome: str, run_id: str | None = None) -> None:
-        """Give a trial's run its outcome and a terminal status (FINISHED, or FAILED if it errored)."""
+    def close_trial(self, trial_id: str, outcome: str, run_id: str | None = None, epochs: int = 0,
+                    undelivered: str = "") -> None:
+        """Give a trial's run its outcome and a terminal status (FINISHED, or FAILED if it errored), and
+        say so on the run (tag `tracking`) if records of its `epochs` never reached the server."""
         if run_id is None:  # it errored before its first report
             run = self.trial_runs().get(trial_id)
             if run is None:  # ... or before it could open its run
                 return
             run_id = run.info.run_id
+        logged = {m.step for m in self.client.get_metric_history(run_id, "epoch")}
+        missing = sorted(set(range(1, epochs + 1)) - logged)
+        gaps = [undelivered] if undelivered else []
+        if missing:
+            gaps.append(f"no metrics for epoch(s) {', '.join(map(str, missing))}")
+        if gaps:
+            self.client.set_tag(run_id, INCOMPLETE_TAG, "incomplete: " + "; ".join(gaps))
         self.client.set_tag(run_id, OUTCOME_TAG, outcome)
-        self.client.set_terminated(run_id, status="FAILED" if outcome == "errored" else "FINISHED")
+        self.client.set_terminated(run_id, status="FAILED" if outcome.startswith("errored") else "FINISHED")
+
+    def log_errors(self, run_id: str, tracebacks: str, attempts: int) -> None:
+        """What a failed trial raised, each failed attempt's traceback (Tune's error file), as an artifact."""
+        self.client.log_text(run_id, tracebacks, "errors/tracebacks.txt")
+        self.client.set_tag(run_id, "failed_attempts", str(attempts))
 
     def log_best_checkpoint(self, run_id: str, checkpoint: Any) -> None:
         """For a trial ASHA stopped between epochs: its best checkpoint, from its last Tune checkpoint."""

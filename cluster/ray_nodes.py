@@ -2,6 +2,10 @@
 each with its own raylet and object store, as `ray start` starts them on separate machines.
 
     python cluster/ray_nodes.py NODES --port GCS_PORT --dashboard-port PORT [--cpus-per-node N] [--temp-dir DIR]
+                                [--describe FILE]
+
+With --describe, FILE gets a JSON list of the nodes: node id, head or not, the raylet's pid (what
+tests/test_faults.py kills to take a node down the hard way).
 
 Serves until SIGTERM (or SIGINT), then shuts every node down through its own handles.
 
@@ -13,6 +17,7 @@ Token authentication is on when RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH name
 """
 
 import argparse
+import json
 import signal
 import threading
 
@@ -26,6 +31,7 @@ def main() -> None:
     parser.add_argument("--dashboard-port", type=int, required=True)
     parser.add_argument("--cpus-per-node", type=int, default=1)
     parser.add_argument("--temp-dir", help="Ray's session folders (default: Ray's, /tmp/ray)")
+    parser.add_argument("--describe", help="write the nodes (id, head, raylet pid) to this JSON file")
     args = parser.parse_args()
 
     stop = threading.Event()
@@ -40,6 +46,11 @@ def main() -> None:
         for _ in range(args.nodes - 1):
             cluster.add_node(num_cpus=args.cpus_per_node, **where)
         cluster.wait_for_nodes()
+        if args.describe:
+            nodes = [cluster.head_node, *cluster.worker_nodes]
+            with open(args.describe, "w") as file:
+                json.dump([{"node_id": node.node_id, "head": node is cluster.head_node,
+                            "raylet_pid": node.all_processes["raylet"][0].process.pid} for node in nodes], file)
         print(f"{args.nodes} Ray nodes, head at {cluster.address}", flush=True)
         stop.wait()
     finally:

@@ -109,6 +109,10 @@ class LocalCluster:
         # Ray's session folders (logs, sockets) for this rehearsal only, removed when it stops; a short
         # path, because Ray's socket paths must fit in 107 bytes.
         self.ray_temp = Path(tempfile.mkdtemp(prefix="aesearch-ray-"))
+        self.nodes_file = self.workdir / "logs" / "nodes.json"  # node ids and raylet pids
+
+    def nodes(self) -> list[dict]:
+        return json.loads(self.nodes_file.read_text())
 
     # --- the environment every node, the driver and the trials see -----------------------------
 
@@ -173,7 +177,14 @@ class LocalCluster:
         self.services.clear()
         shutil.rmtree(self.ray_temp, ignore_errors=True)
 
+    def stop_mlflow(self, grace: float = 30) -> None:
+        """Take the tracking server down (tests/test_faults.py: a server restarted during a search)."""
+        server = next(service for service in self.services if service.name == "mlflow-server")
+        server.stop(grace)
+        self.services.remove(server)
+
     def start_mlflow(self) -> None:
+        """The tracking server, on the same port and store each time it is started."""
         store = self.workdir / "mlflow"
         store.mkdir(parents=True, exist_ok=True)
         env = {**self.env(), "MLFLOW_AUTH_CONFIG_PATH": str(self.auth_config),
@@ -193,9 +204,10 @@ class LocalCluster:
             sys.executable, str(Path(__file__).with_name("ray_nodes.py")), str(1 + self.workers),
             "--port", str(self.gcs_port), "--dashboard-port", str(self.dashboard_port),
             "--cpus-per-node", str(self.cpus_per_node), "--temp-dir", str(self.ray_temp),
+            "--describe", str(self.nodes_file),
         ], self.env())
-        self.wait(lambda: self.alive_nodes() == 1 + self.workers, f"the Ray head and {self.workers} worker node(s)",
-                  nodes)
+        self.wait(lambda: self.alive_nodes() == 1 + self.workers and self.nodes_file.is_file(),
+                  f"the Ray head and {self.workers} worker node(s)", nodes)
 
     def wait(self, ready, what: str, service: Service, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
