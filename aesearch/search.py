@@ -403,6 +403,8 @@ def connect(address: str | None) -> None:
         return
     # An explicit address does not turn Ray's token authentication on by itself: keep it on.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # A cluster that refuses us (a wrong token) is otherwise retried for ~20 s, once a second.
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "3")
     try:
         ray.init(address=address, **quiet)
     except (ConnectionError, RuntimeError, ray.exceptions.RayError) as error:

@@ -54,6 +54,7 @@ MLFLOW_SETTINGS = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # a line per closed run on a server; aesearch says where
 }
 for _key, _value in MLFLOW_SETTINGS.items():
     os.environ.setdefault(_key, _value)
