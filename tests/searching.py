@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,15 @@ def trial_reports(experiment: Path) -> dict[str, list[dict]]:
         if lines:
             reports[lines[0]["trial_id"]] = lines
     return reports
+
+
+def wait_until(condition, what: str, process: subprocess.Popen | None = None, timeout: float = 240, every: float = 0.5):
+    """Poll `condition` until it returns something true (which is returned); fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(every)
+    status = f" (search exit status: {process.poll()})" if process is not None else ""
+    pytest.fail(f"{what} did not happen within {timeout} s{status}")

@@ -8,6 +8,7 @@ import re
 import secrets
 import subprocess
 import sys
+import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -138,9 +139,11 @@ def test_a_driver_without_the_token_is_refused_in_one_line(rehearsal, tmp_path, 
     cluster = rehearsal[0]
     space = write_space(tmp_path, "intruder", trials=2, epochs=1, grace=1)
     env = {**cluster.env(ray_token=False), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}  # a wrong token
+    started = time.monotonic()
     done = subprocess.run(search_command(space, tmp_path / "results", "--address", cluster.gcs_address),
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert done.returncode == 2
+    assert time.monotonic() - started < 25  # seconds (imports included), not Ray's 20 retries of a refusal
     message = done.stderr.strip().splitlines()[-1]
     assert message.startswith(f"aesearch: error: --address {cluster.gcs_address}: cannot connect to the Ray cluster")
     assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()  # nothing written

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from aesearch.errors import UserError
 from aesearch.faults import read_faults
 from tests.conftest import REPO
-from tests.searching import DIVERGING_START, write_space
+from tests.searching import DIVERGING_START, wait_until, write_space
 
 sys.path.insert(0, str(REPO / "cluster"))
 from rehearsal import LocalCluster  # noqa: E402
@@ -90,16 +90,6 @@ def artifact_text(client: MlflowClient, run_id: str, path: str, folder: Path) ->
     return Path(client.download_artifacts(run_id, path, str(folder))).read_text()
 
 
-def wait_for(condition, what: str, timeout: float = 240):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(0.5)
-    pytest.fail(f"{what}: not within {timeout} s")
-
-
 def kill_node(raylet_pid: int) -> None:
     """A node gone the hard way: its raylet and every process it started (its workers), SIGKILL."""
     children: dict[int, list[int]] = {}
@@ -166,11 +156,11 @@ def test_a_search_through_node_death_failing_trials_divergence_and_a_server_outa
                 return number, run.data.tags["node"], epochs
         return None
 
-    killed_trial, killed_node, epochs_before = wait_for(lambda: training(workers, 3, EPOCHS - 5),
+    killed_trial, killed_node, epochs_before = wait_until(lambda: training(workers, 3, EPOCHS - 5),
                                                          "a trial 3 epochs into training on a worker node")
     kill_node(workers[killed_node])
     alive = {node["node_id"] for node in cluster.nodes()} - {killed_node}
-    wait_for(lambda: training(alive, 1, EPOCHS // 2, besides=killed_trial), "another trial in its first epochs")
+    wait_until(lambda: training(alive, 1, EPOCHS // 2, besides=killed_trial), "another trial in its first epochs")
     cluster.stop_mlflow(grace=0)  # and the tracking server crashes: no time to finish a request
     down_since_ms = int(time.time() * 1000)
     time.sleep(8)  # the other trials train on meanwhile; the killed one is retried

@@ -10,7 +10,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from contextlib import closing
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from mlflow.entities import ViewType
 
 from aesearch.cli import main
 from aesearch.reproduce import OTHER_DEVICE_TYPE, SAME_DEVICE_TYPE, compare
-from tests.searching import search_command
+from tests.searching import search_command, wait_until
 
 # --- the comparison -------------------------------------------------------------------------------
 
@@ -184,16 +183,6 @@ def mnist_search(tmp_path_factory, ray_env, mnist_dir):
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-
-
-def wait_until(condition, what: str, process, timeout: float = 240):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(1)
-    pytest.fail(f"{what} did not happen within {timeout} s (search exit status: {process.poll()})")
 
 
 FINISHED_TRIALS = """
