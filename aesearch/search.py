@@ -318,8 +318,8 @@ def search(space: SearchSpace, options: SearchOptions) -> pd.DataFrame:
     board = leaderboard(results, space)
     folder = SearchFolder(options)
     folder.write("leaderboard.csv", board.to_csv(index=False))
+    patience = space.budget.tracking_patience_s
     try:  # a tracking server that is down now is waited for, up to the patience
-        patience = space.budget.tracking_patience_s
         finite = board[board[space.objective.metric].map(is_finite_number)]
         if len(finite):
             best = finite.iloc[0]
@@ -579,9 +579,6 @@ class RunCloser(Callback):
     def warn(what: str, error: Exception) -> None:  # a callback that raises would end the search
         print(f"aesearch: warning: {what}: {describe_error(error)}", file=sys.stderr)
 
-    def send(self, what: str, deliver: Callable[[], None]) -> None:
-        self.outbox.send(what, deliver)
-
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.outbox.flush()  # what waits for the server, if anything (at most every few seconds)
 
@@ -590,11 +587,11 @@ class RunCloser(Callback):
         ended, run_id = outcome(last, None), last.get("mlflow_run_id")
         if outcome_kind(ended) == "stopped early" and run_id and trial.checkpoint:
             checkpoint = trial.checkpoint
-            self.send(f"the best checkpoint of trial {trial.trial_id}",
+            self.outbox.send(f"the best checkpoint of trial {trial.trial_id}",
                       lambda: self.runs.log_best_checkpoint(run_id, checkpoint))
         # A diverged trial's last epoch has no metrics by design: its loss was not a number.
         epochs = int(last.get("epoch", 0)) - (1 if outcome_kind(ended) == "diverged" else 0)
-        self.send(f"the outcome of trial {trial.trial_id}", lambda: self.runs.close_trial(
+        self.outbox.send(f"the outcome of trial {trial.trial_id}", lambda: self.runs.close_trial(
             trial.trial_id, ended, run_id, epochs, last.get(UNDELIVERED, "")))
 
     def on_trial_recover(self, iteration, trials, trial, **info):
@@ -604,7 +601,7 @@ class RunCloser(Callback):
         tracebacks = self._log_errors(trial)
         raised = next((line for line in reversed(tracebacks.splitlines()) if line.strip()), "")
         ended = f"errored after {trial.num_failures} attempts: {raised.strip()[:300]}"
-        self.send(f"the outcome of trial {trial.trial_id}", lambda: self.runs.close_trial(
+        self.outbox.send(f"the outcome of trial {trial.trial_id}", lambda: self.runs.close_trial(
             trial.trial_id, ended, (trial.last_result or {}).get("mlflow_run_id")))
 
     def _log_errors(self, trial) -> str:
@@ -613,7 +610,7 @@ class RunCloser(Callback):
         tracebacks = Path(local).read_text() if local and Path(local).is_file() else trial.get_error() or ""
         run_id, attempts = (trial.last_result or {}).get("mlflow_run_id"), trial.num_failures
         if run_id and tracebacks:
-            self.send(f"the tracebacks of trial {trial.trial_id}",
+            self.outbox.send(f"the tracebacks of trial {trial.trial_id}",
                       lambda: self.runs.log_errors(run_id, tracebacks, attempts))
         return tracebacks
 

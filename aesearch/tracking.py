@@ -256,7 +256,6 @@ class Outbox:
         self.retry_every_s = retry_every_s
         self.failed_at: float | None = None  # when the server last did not answer
         self.last_error = ""
-        self.delivered_late = 0  # items delivered after an outage (the tests read it)
 
     def send(self, what: str, deliver: Any) -> None:
         self.pending.append((what, deliver))
@@ -290,8 +289,6 @@ class Outbox:
                     raise
                 self.on_error(self.pending[0][0], error)
             self.pending.pop(0)
-            if self.failed_at is not None:
-                self.delivered_late += 1
         self.failed_at = None
         return True
 
@@ -373,7 +370,7 @@ class TrialRun:
         self.client, self.run_id, self.config, self.data = mlflow, run_id, config, data
         self.logged_through = logged_through  # epochs already in the run (a restored trial)
         self.attempt = attempt  # 1, then 2, 3... each time the trial is retried or resumed
-        self.patience_s = patience_s  # how long `finish` waits for an unreachable server
+        self.patience_s = patience_s  # how long `finish` waits for an unreachable server (a search: its budget's)
         self.draw_at = image_epochs(config.epochs)
         self.outbox = Outbox()
         self.seconds = 0.0  # time spent tracking (benchmarks/ reads it)
@@ -386,7 +383,6 @@ class TrialRun:
         A trial that starts while the server does not answer waits for it (up to the patience)."""
         started = time.perf_counter()
         run = patiently(lambda: cls._open(tracking, trial_id, number, config, data, node), tracking.patience_s)
-        run.patience_s = tracking.patience_s
         run.seconds = time.perf_counter() - started
         return run
 
@@ -401,14 +397,15 @@ class TrialRun:
             tags |= {MLFLOW_PARENT_RUN_ID: tracking.parent_run_id, ROLE_TAG: "trial", TRIAL_ID_TAG: trial_id,
                      TRIAL_NUMBER_TAG: number, ATTEMPT_TAG: "1", **trial_tags(config)}
             run_id = create_run(mlflow, tracking.experiment_id, run_name(config, number), tags, config)
-            return cls(mlflow, run_id, config, data)
+            return cls(mlflow, run_id, config, data, patience_s=tracking.patience_s)
         run_id = existing.info.run_id
         attempt = int(existing.data.tags.get(ATTEMPT_TAG, "1")) + 1
         mlflow.update_run(run_id, status="RUNNING")
         logged = mlflow.get_metric_history(run_id, "val/recon_mse")
         for key, value in {**tags, ATTEMPT_TAG: str(attempt)}.items():
             mlflow.set_tag(run_id, key, value)
-        return cls(mlflow, run_id, config, data, logged_through=max((m.step for m in logged), default=0), attempt=attempt)
+        return cls(mlflow, run_id, config, data, logged_through=max((m.step for m in logged), default=0),
+                   attempt=attempt, patience_s=tracking.patience_s)
 
     @contextlib.contextmanager
     def _timed(self) -> Iterator[None]:
