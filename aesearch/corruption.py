@@ -1,7 +1,7 @@
 """Input corruption for denoising autoencoders.
 
-Each corruption maps a clean batch x to a corrupted x~ on the same device, drawing from torch's
-global RNG (seeded by the trainer and saved in checkpoints). Only the encoder's input is
+Each corruption maps a clean batch x to a corrupted x~ on the same device, drawing from the
+given generator (the trainer's own, saved in checkpoints; None: torch's global RNG). Only the encoder's input is
 corrupted: the objective always compares the reconstruction with the clean x.
 
 `level` is the one knob of each kind: sigma (gaussian), p (salt_pepper, masking), a (uniform).
@@ -20,7 +20,7 @@ V_MIN, V_MAX = 0.0, 1.0
 
 @dataclass(frozen=True)
 class Corruption:
-    apply: Callable[[torch.Tensor, float], torch.Tensor]
+    apply: Callable[[torch.Tensor, float, torch.Generator | None], torch.Tensor]
     level_name: str | None  # what `level` means for this kind; None: takes no level
     level_rule: Callable[[float], bool] = lambda level: True
     rule_text: str = ""
@@ -37,31 +37,36 @@ def _is_positive(v: float) -> bool:
     return v > 0.0
 
 
-def identity(x: torch.Tensor, level: float | None) -> torch.Tensor:
+def _rand(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+
+
+def identity(x: torch.Tensor, level: float | None, generator: torch.Generator | None = None) -> torch.Tensor:
     """No corruption: a plain (non-denoising) autoencoder."""
     return x
 
 
-def gaussian(x: torch.Tensor, sigma: float) -> torch.Tensor:
+def gaussian(x: torch.Tensor, sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """x + N(0, sigma^2), clipped to the image range."""
-    return (x + sigma * torch.randn_like(x)).clamp_(V_MIN, V_MAX)
+    noise = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+    return (x + sigma * noise).clamp_(V_MIN, V_MAX)
 
 
-def salt_pepper(x: torch.Tensor, p: float) -> torch.Tensor:
+def salt_pepper(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Each value becomes v_min with probability p/2, v_max with p/2, else stays."""
-    u = torch.rand_like(x)
+    u = _rand(x, generator)
     out = torch.where(u < p / 2, torch.full_like(x, V_MIN), x)
     return torch.where((u >= p / 2) & (u < p), torch.full_like(x, V_MAX), out)
 
 
-def masking(x: torch.Tensor, p: float) -> torch.Tensor:
+def masking(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """x * m with m ~ Bernoulli(1 - p): each value is zeroed with probability p."""
-    return x * (torch.rand_like(x) >= p).to(x.dtype)
+    return x * (_rand(x, generator) >= p).to(x.dtype)
 
 
-def uniform(x: torch.Tensor, a: float) -> torch.Tensor:
+def uniform(x: torch.Tensor, a: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """x + U(-a, a), clipped to the image range."""
-    return (x + (2 * torch.rand_like(x) - 1) * a).clamp_(V_MIN, V_MAX)
+    return (x + (2 * _rand(x, generator) - 1) * a).clamp_(V_MIN, V_MAX)
 
 
 CORRUPTIONS.add("none", Corruption(identity, None))
@@ -71,6 +76,6 @@ CORRUPTIONS.add("masking", Corruption(masking, "p", _is_probability, "p must be 
 CORRUPTIONS.add("uniform", Corruption(uniform, "a", _is_positive, "a must be > 0"))
 
 
-def corrupt(x: torch.Tensor, kind: str, level: float | None) -> torch.Tensor:
+def corrupt(x: torch.Tensor, kind: str, level: float | None, generator: torch.Generator | None = None) -> torch.Tensor:
     """The encoder's input for a batch."""
-    return CORRUPTIONS[kind].apply(x, level)
+    return CORRUPTIONS[kind].apply(x, level, generator)

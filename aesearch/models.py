@@ -86,15 +86,16 @@ class Autoencoder(nn.Module):
     def latent_dim(self) -> int:
         return self.latent.latent_dim
 
-    def encode(self, x: torch.Tensor, sample: bool | None = None) -> LatentOutput:
-        """Sample a gaussian latent when `sample` (default: in training mode), else use its mean."""
-        return self.latent(self.encoder(x), self.training if sample is None else sample)
+    def encode(self, x: torch.Tensor, sample: bool | None = None, noise: torch.Tensor | None = None) -> LatentOutput:
+        """Sample a gaussian latent when `sample` (default: in training mode), else use its mean.
+        `noise`: the standard normal draw to sample with, (batch, latent_dim); None draws one."""
+        return self.latent(self.encoder(x), self.training if sample is None else sample, noise)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, sample: bool | None = None) -> Output:
-        latent = self.encode(x, sample)
+    def forward(self, x: torch.Tensor, sample: bool | None = None, noise: torch.Tensor | None = None) -> Output:
+        latent = self.encode(x, sample, noise)
         return Output(self.decode(latent.z), latent)
 
     def exact_jacobian_norm(self, latent: LatentOutput) -> torch.Tensor | None:
@@ -131,7 +132,7 @@ class DeterministicLatent(nn.Module):
         self.linear = nn.Linear(in_features, config.latent_dim)
         self.activation = CODE_ACTIVATIONS[config.code_activation]
 
-    def forward(self, features: torch.Tensor, sample: bool) -> LatentOutput:
+    def forward(self, features: torch.Tensor, sample: bool, noise: torch.Tensor | None = None) -> LatentOutput:
         pre = self.linear(features)
         code = self.activation.forward(pre)
         return LatentOutput(z=code, code=code, pre_activation=pre)
@@ -153,9 +154,11 @@ class GaussianLatent(nn.Module):
         self.latent_dim = config.latent_dim
         self.linear = nn.Linear(in_features, 2 * config.latent_dim)
 
-    def forward(self, features: torch.Tensor, sample: bool) -> LatentOutput:
+    def forward(self, features: torch.Tensor, sample: bool, noise: torch.Tensor | None = None) -> LatentOutput:
         mu, logvar = self.linear(features).chunk(2, dim=-1)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
+        if sample:
+            noise = torch.randn_like(mu) if noise is None else noise.to(mu.dtype)
+        z = mu + noise * torch.exp(0.5 * logvar) if sample else mu
         return LatentOutput(z=z, code=mu, mu=mu, logvar=logvar)
 
     def jacobian_norm(self, latent: LatentOutput) -> torch.Tensor:
@@ -337,9 +340,12 @@ class AttentionDecoder(nn.Module):
 class Architecture:
     encoder: Callable[[ModelConfig, Shape], nn.Module]  # has .out_features
     decoder: Callable[[ModelConfig, Shape], nn.Module]
+    # Whether trials of this shape gain from packing (`aesearch.packing`): torch.func.vmap has no
+    # batching rule for the fused attention kernels, so packed attention models would run one by one.
+    packs: bool = True
 
 
 ARCHITECTURES: Registry[Architecture] = Registry("architecture")
 ARCHITECTURES.add("dense", Architecture(DenseEncoder, DenseDecoder))
 ARCHITECTURES.add("conv", Architecture(ConvEncoder, ConvDecoder))
-ARCHITECTURES.add("attention", Architecture(AttentionEncoder, AttentionDecoder))
+ARCHITECTURES.add("attention", Architecture(AttentionEncoder, AttentionDecoder, packs=False))

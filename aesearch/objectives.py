@@ -160,26 +160,44 @@ class Objective:
         """The contractive estimator differentiates the code with respect to the input."""
         return self.uses_contractive and not getattr(model.encoder, "is_identity", False)
 
-    def __call__(
-        self, model: Autoencoder, x: torch.Tensor, x_in: torch.Tensor, output: Output, beta: float
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(loss, terms) for clean x, the encoder's input x_in and the model's output on x_in."""
+    def weights(self, beta: float) -> dict[str, float]:
+        """Each term's weight in the loss, with the KL weight `beta` in effect."""
         cfg = self.config
-        logits = output.logits.float()
-        terms = {"recon": self.reconstruction(logits, x).mean()}
-        loss = terms["recon"]
+        return {"recon": 1.0, "kl": beta, "sparsity": cfg.sparsity.weight, "contractive": cfg.contractive_weight}
+
+    def terms(
+        self, model: Autoencoder, x: torch.Tensor, x_in: torch.Tensor, output: Output, rho: float | torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The unweighted terms (batch means) for clean x, the encoder's input x_in and the
+        model's output on x_in. `rho`: the sparsity target, when not the config's (a packed
+        step passes each member's as a tensor)."""
+        cfg = self.config
+        terms = {"recon": self.reconstruction(output.logits.float(), x).mean()}
         if self.uses_kl:
             terms["kl"] = gaussian_kl(output.latent.mu.float(), output.latent.logvar.float()).mean()
-            loss = loss + beta * terms["kl"]
         if self.sparsity:
-            terms["sparsity"] = self.sparsity(output.latent.code.float(), cfg.sparsity.rho)
-            loss = loss + cfg.sparsity.weight * terms["sparsity"]
+            terms["sparsity"] = self.sparsity(output.latent.code.float(), cfg.sparsity.rho if rho is None else rho)
         if self.uses_contractive:
             terms["contractive"] = contractive_penalty(
                 model, x_in, output, cfg.contractive_projections, create_graph=model.training
             ).float()
-            loss = loss + cfg.contractive_weight * terms["contractive"]
-        return loss, terms
+        return terms
+
+    def __call__(
+        self, model: Autoencoder, x: torch.Tensor, x_in: torch.Tensor, output: Output, beta: float
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, terms): the terms weighted and summed, in the order they are named."""
+        terms = self.terms(model, x, x_in, output)
+        return weighted_sum(terms, self.weights(beta)), terms
+
+
+def weighted_sum(terms: dict[str, torch.Tensor], weights: dict[str, float | torch.Tensor]) -> torch.Tensor:
+    """recon + beta * kl + ...; a packed step passes per-member weights and stacked terms."""
+    names = iter(terms)
+    loss = terms[next(names)]
+    for name in names:
+        loss = loss + weights[name] * terms[name]
+    return loss
 
 
 def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

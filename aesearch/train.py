@@ -140,7 +140,11 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # the initial weights
+        # Every draw of training (data order, corruption, latent samples) comes from the run's own
+        # generator: what else runs in the process cannot shift it, and a packed step can keep
+        # each member's draws exactly those of its unpacked run.
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.data = data.to(self.device)
         self.model = build_model(config.model, data.spec.shape).to(self.device)
         self.channels_last = (
@@ -165,6 +169,11 @@ class Trainer:
     def run_epoch(self) -> EpochEnd:
         started = time.perf_counter()
         train, mean_beta = self._train_pass()
+        return self.finish_epoch(train, mean_beta, started)
+
+    def finish_epoch(self, train: dict[str, float], mean_beta: float, started: float) -> EpochEnd:
+        """Validate, record the epoch and keep the best weights, after a training pass (this
+        trainer's own, or a packed one that trained this model with others)."""
         val = self.validate()
         self.epoch += 1
         metrics = {"epoch": float(self.epoch), **train, **val}
@@ -181,14 +190,17 @@ class Trainer:
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return EpochEnd(self.epoch, metrics, is_best, self.save, self.model)
 
-    def _batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(clean x, the encoder's input) for a batch."""
+    def _batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(clean x, the encoder's input, the latent's sampling noise or None) for a batch."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x_in = corrupt(x, self.config.corruption.kind, self.config.corruption.level)
+        x_in = corrupt(x, self.config.corruption.kind, self.config.corruption.level, self.generator)
         if self.input_grad:
             x_in = x_in.detach().requires_grad_(True)
-        return x, x_in
+        noise = None
+        if self.model.stochastic:
+            noise = torch.randn(len(x), self.model.latent_dim, device=x.device, generator=self.generator)
+        return x, x_in, noise
 
     def _forward_context(self) -> contextlib.ExitStack:
         """bf16 autocast on CUDA; the math attention kernel when the loss differentiates twice
@@ -206,16 +218,16 @@ class Trainer:
         model.train()
         images, batch_size = self.data.train_x, self.config.optimizer.batch_size
         steps = math.ceil(len(images) / batch_size)
-        order = torch.randperm(len(images), device=self.device)
+        order = self.shuffled_order()
         sums = torch.zeros(1 + len(objective.term_names), device=self.device)
         beta_sum = 0.0
         for step in range(steps):
             beta = objective.beta(self.epoch + step / steps)  # plain Python arithmetic: no sync
             beta_sum += beta
             start = step * batch_size
-            x, x_in = self._batch(images[order[start : start + batch_size]])
+            x, x_in, noise = self._batch(images[order[start : start + batch_size]])
             with self._forward_context():
-                output = model(x_in)
+                output = model(x_in, noise=noise)
                 loss, terms = objective(model, x, x_in, output, beta)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -223,6 +235,10 @@ class Trainer:
             sums.add_(torch.stack([loss.detach(), *(t.detach() for t in terms.values())]), alpha=len(x))
         values = (sums / len(images)).tolist()  # the one host sync of the pass
         return dict(zip(["train/loss", *(f"train/{n}" for n in objective.term_names)], values)), beta_sum / steps
+
+    def shuffled_order(self) -> torch.Tensor:
+        """This epoch's order of the training images."""
+        return torch.randperm(len(self.data.train_x), device=self.device, generator=self.generator)
 
     def validate(self) -> dict[str, float]:
         """The objective on validation data (corrupted and sampled as in training, at the full
@@ -233,9 +249,9 @@ class Trainer:
         images, batch_size = self.data.val_x, self.config.evaluation.batch_size
         sums = torch.zeros(2 + len(objective.term_names), device=self.device)
         for start in range(0, len(images), batch_size):
-            x, x_in = self._batch(images[start : start + batch_size])
+            x, x_in, noise = self._batch(images[start : start + batch_size])
             with torch.set_grad_enabled(self.input_grad), self._forward_context():
-                output = model(x_in, sample=True)
+                output = model(x_in, sample=True, noise=noise)
                 loss, terms = objective(model, x, x_in, output, beta)
                 with torch.no_grad():
                     clean = output if (x_in is x and not model.stochastic) else model(x, sample=False)
@@ -254,16 +270,13 @@ class Trainer:
         return self.model.eval()
 
     def state(self) -> dict[str, Any]:
-        rng = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
             "config": self.config.model_dump(mode="json"),
             "fingerprint": self.data.fingerprint,
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "rng": rng,
+            "rng": {"generator": self.generator.get_state()},
             "history": self.history,
             "best": {"epoch": self.best_epoch, "value": self.best_value, "model": self.best_state},
         }
@@ -281,6 +294,6 @@ class Trainer:
         best = state["best"]
         self.best_epoch, self.best_value = best["epoch"], best["value"]
         self.best_state = None if best["model"] is None else {k: v.to(self.device) for k, v in best["model"].items()}
-        torch.set_rng_state(state["rng"]["cpu"])
-        if self.device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        if "generator" not in state["rng"]:
+            raise CheckpointError("checkpoint has no training generator state (made by an older aesearch): train it again")
+        self.generator.set_state(state["rng"]["generator"])

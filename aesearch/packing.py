@@ -1,0 +1,243 @@
+"""Packed training: trials that share a model shape, trained together in one fused step.
+
+A small autoencoder leaves most of a GPU idle: its step is a handful of small kernels, and the
+GPU waits on their launches. Packing (HFTA, Wang et al., MLSys 2021) stacks the weights of M
+models of the same shape and runs their M forward and backward passes as one: `torch.func.vmap`
+over the stacked weights turns M small matrix products into one batched product, and one
+optimiser update covers all M.
+
+Each member stays an ordinary `Trainer`, with its own config (seed, learning rate, weight decay,
+noise level, KL and sparsity settings, epochs), its own data order and random draws (its
+generator), its own history, best weights and checkpoint. `train_packed_epoch(trainers)` trains
+one epoch of each: it stacks their weights and optimiser state, runs the epoch's steps fused,
+writes weights and state back into each trainer, and lets each finish its epoch (validation,
+best weights) as it would alone. So a member's epoch is the epoch it would have trained alone, up
+to float rounding, and the pack keeps nothing between epochs: members join (a new trial, a
+restored checkpoint) and leave (an early stop, a divergence) at any epoch boundary.
+
+Members must agree on everything but MEMBER_FIELDS: `pack_key` says which trainers can share a
+pack, `why_not_packable` why a config cannot be packed at all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from aesearch.config import TrainConfig, flatten
+from aesearch.errors import DivergedError
+from aesearch.models import ARCHITECTURES, Autoencoder
+from aesearch.objectives import Objective, weighted_sum
+from aesearch.train import EpochEnd, Trainer
+
+# What may differ between the members of one pack: per-member numbers of the step (tensors with
+# one entry per member), host-side schedules, and what is not training at all.
+MEMBER_FIELDS = {
+    "name", "seed", "epochs",
+    "optimizer.lr", "optimizer.weight_decay",
+    "corruption.level",
+    "objective.kl.beta", "objective.kl.schedule", "objective.kl.warmup_epochs", "objective.kl.cycles",
+    "objective.kl.ramp_fraction",
+    "objective.sparsity.weight", "objective.sparsity.rho", "objective.contractive_weight",
+}  # fmt: skip
+MEMBER_SECTIONS = ("evaluation.",)
+
+
+def why_not_packable(config: TrainConfig) -> str | None:
+    """Why trials of this config cannot be packed, or None."""
+    model = config.model
+    if not ARCHITECTURES[model.architecture].packs:
+        return f"model.architecture={model.architecture!r} does not pack (vmap runs fused attention one member at a time)"
+    if config.objective.contractive_weight > 0 and not (model.architecture == "dense" and not model.hidden_dims):
+        return (
+            "the contractive penalty's estimator differentiates the code with respect to the input, "
+            "which a packed step does not; only the closed form (a dense model without hidden layers) packs"
+        )
+    return None
+
+
+def pack_key(config: TrainConfig) -> str | None:
+    """Trainers whose configs have the same key can train in one pack; None: never packs."""
+    if why_not_packable(config) is not None:
+        return None
+    flat = flatten(config.model_dump(mode="json"))
+    shared = {
+        name: value
+        for name, value in flat.items()
+        if name not in MEMBER_FIELDS and not name.startswith(MEMBER_SECTIONS)
+    }
+    shared["objective.contractive"] = config.objective.contractive_weight > 0  # which terms exist
+    return json.dumps(shared, sort_keys=True)
+
+
+class MemberTerms(nn.Module):
+    """One member's forward pass and loss terms: the function a packed step maps over members.
+    A module, so that `functional_call` swaps in a member's weights for the objective too (the
+    contractive closed form reads the latent's weight)."""
+
+    def __init__(self, model: Autoencoder, objective: Objective):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, x, x_in, noise, rho) -> dict[str, torch.Tensor]:
+        output = self.model(x_in, sample=True, noise=noise)
+        return self.objective.terms(self.model, x, x_in, output, rho)
+
+
+class PackedAdam:
+    """Adam or AdamW over stacked weights, each member with its own learning rate, weight decay
+    and step count: the arithmetic of torch's fused Adam, one set of elementwise kernels for all."""
+
+    def __init__(self, params: dict[str, torch.Tensor], trainers: list[Trainer]):
+        self.params = params
+        groups = [t.optimizer.param_groups[0] for t in trainers]
+        self.beta1, self.beta2 = groups[0]["betas"]
+        self.eps = groups[0]["eps"]
+        self.decoupled = isinstance(trainers[0].optimizer, torch.optim.AdamW)
+        device = next(iter(params.values())).device
+        self.lr = torch.tensor([g["lr"] for g in groups], device=device)
+        self.weight_decay = torch.tensor([g["weight_decay"] for g in groups], device=device)
+        self.exp_avg, self.exp_avg_sq = {}, {}
+        member_params = [dict(t.model.named_parameters()) for t in trainers]
+        steps = []
+        for name, stacked in params.items():
+            states = [t.optimizer.state.get(mp[name], {}) for t, mp in zip(trainers, member_params)]
+            self.exp_avg[name] = torch.stack([s.get("exp_avg", torch.zeros_like(stacked[0])) for s in states])
+            self.exp_avg_sq[name] = torch.stack([s.get("exp_avg_sq", torch.zeros_like(stacked[0])) for s in states])
+            steps.append([float(s["step"]) if "step" in s else 0.0 for s in states])
+        self.steps = torch.tensor(steps[0], device=device, dtype=torch.float64)
+
+    def _per_member(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return values.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        bias_correction1 = 1 - self.beta1**self.steps
+        bias_correction2_sqrt = (1 - self.beta2**self.steps).sqrt()
+        step_size = self.lr.double() / bias_correction1
+        for name, param in self.params.items():
+            grad = param.grad
+            lr, wd = self._per_member(self.lr, param), self._per_member(self.weight_decay, param)
+            if self.decoupled:
+                param.mul_(1 - lr * wd)
+            else:
+                grad = grad.add(param * wd)
+            exp_avg, exp_avg_sq = self.exp_avg[name], self.exp_avg_sq[name]
+            exp_avg.lerp_(grad, 1 - self.beta1)
+            exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+            denom = (exp_avg_sq.sqrt() / self._per_member(bias_correction2_sqrt, param)).add_(self.eps)
+            param.sub_(self._per_member(step_size, param) * exp_avg / denom)
+
+    def write_back(self, trainers: list[Trainer]) -> None:
+        """Each member's slice of the state into its own optimiser, as torch's Adam keeps it."""
+        for i, trainer in enumerate(trainers):
+            group = trainer.optimizer.param_groups[0]
+            on_device = group.get("fused") or group.get("capturable")
+            for name, param in trainer.model.named_parameters():
+                trainer.optimizer.state[param] = {
+                    "step": torch.tensor(
+                        float(self.steps[i]), dtype=torch.float32, device=param.device if on_device else "cpu"
+                    ),
+                    "exp_avg": self.exp_avg[name][i].clone(),
+                    "exp_avg_sq": self.exp_avg_sq[name][i].clone(),
+                }
+
+
+def check_packable(trainers: list[Trainer]) -> None:
+    """Refuse a pack whose members could not share a step."""
+    first = trainers[0]
+    for trainer in trainers:
+        reason = why_not_packable(trainer.config)
+        if reason:
+            raise ValueError(f"trial {trainer.config.name!r} cannot be packed: {reason}")
+        if pack_key(trainer.config) != pack_key(first.config):
+            raise ValueError(
+                f"trials {first.config.name!r} and {trainer.config.name!r} differ in more than "
+                "per-member settings; they cannot share a pack"
+            )
+        if trainer.device != first.device or trainer.data.fingerprint != first.data.fingerprint:
+            raise ValueError(f"trial {trainer.config.name!r} is on other data or another device than the pack")
+        if type(trainer.optimizer) is not type(first.optimizer):
+            raise ValueError(f"trial {trainer.config.name!r} uses another optimiser than the pack")
+
+
+def train_packed_epoch(trainers: list[Trainer]) -> list[EpochEnd | DivergedError]:
+    """One epoch of every trainer, trained in one fused step per batch. Each member's result
+    is its EpochEnd, or the DivergedError that ends that member alone."""
+    check_packable(trainers)
+    started = time.perf_counter()
+    passes = _packed_train_pass(trainers)
+    results: list[EpochEnd | DivergedError] = []
+    for trainer, (train, mean_beta) in zip(trainers, passes):
+        try:
+            results.append(trainer.finish_epoch(train, mean_beta, started))
+        except DivergedError as error:
+            results.append(error)
+    return results
+
+
+def _packed_train_pass(trainers: list[Trainer]) -> list[tuple[dict[str, float], float]]:
+    """The training pass of `Trainer._train_pass`, for all members at once."""
+    first, count = trainers[0], len(trainers)
+    device, objective = first.device, first.objective
+    for trainer in trainers:
+        trainer.model.train()
+    params, buffers = stack_module_state([t.model for t in trainers])
+    optimizer = PackedAdam(params, trainers)
+    member_terms = MemberTerms(first.model, objective)
+
+    def terms_of_one(params, buffers, x, x_in, noise, rho):
+        state = {f"model.{name}": value for name, value in (params | buffers).items()}
+        return functional_call(member_terms, state, (x, x_in, noise, rho))
+
+    images, batch_size = first.data.train_x, first.config.optimizer.batch_size
+    steps = math.ceil(len(images) / batch_size)
+    orders = torch.stack([t.shuffled_order() for t in trainers])  # (members, images)
+    # Per-member weights: the KL weight moves every step (each member on its own schedule and
+    # epoch), so the epoch's betas are computed up front and sent to the device once.
+    host_betas = [[t.objective.beta(t.epoch + step / steps) for step in range(steps)] for t in trainers]
+    betas = torch.tensor(host_betas, device=device)
+    weights = {
+        name: torch.tensor([t.objective.weights(0.0)[name] for t in trainers], device=device)
+        for name in ("sparsity", "contractive")
+    }
+    rho = torch.tensor([t.config.objective.sparsity.rho for t in trainers], device=device)
+    stochastic = first.model.stochastic
+    mapped = vmap(terms_of_one, in_dims=(0, 0, 0, 0, 0 if stochastic else None, 0), randomness="error")
+
+    sums = torch.zeros(count, 1 + len(objective.term_names), device=device)
+    for step in range(steps):
+        start = step * batch_size
+        batch = images[orders[:, start : start + batch_size]]  # (members, batch, C, H, W)
+        # Each member's corruption and latent noise from its own generator, in its own order.
+        drawn = [t._batch(batch[i]) for i, t in enumerate(trainers)]
+        x = torch.stack([d[0] for d in drawn])
+        x_in = torch.stack([d[1] for d in drawn])
+        noise = torch.stack([d[2] for d in drawn]) if stochastic else None
+        with first._forward_context():
+            terms = mapped(params, buffers, x, x_in, noise, rho)
+            losses = weighted_sum(terms, {"kl": betas[:, step], **weights})  # (members,)
+        for param in params.values():
+            param.grad = None
+        losses.sum().backward()  # members are independent: each gets the gradient of its own loss
+        optimizer.step()
+        per_member = torch.stack([losses.detach(), *(terms[n].detach() for n in objective.term_names)], dim=1)
+        sums.add_(per_member, alpha=x.shape[1])
+
+    with torch.no_grad():
+        for i, trainer in enumerate(trainers):
+            for name, param in trainer.model.named_parameters():
+                param.copy_(params[name][i])
+            for name, buffer in trainer.model.named_buffers():
+                buffer.copy_(buffers[name][i])
+    optimizer.write_back(trainers)
+
+    values = (sums / len(images)).tolist()  # the one host sync of the pass
+    names = ["train/loss", *(f"train/{n}" for n in objective.term_names)]
+    return [(dict(zip(names, row)), sum(member) / steps) for row, member in zip(values, host_betas)]

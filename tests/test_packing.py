@@ -1,0 +1,149 @@
+"""Packed training (aesearch.packing) gives each member the epochs it would have trained alone."""
+
+import math
+
+import pytest
+
+from aesearch.checkpoints import load_checkpoint
+from aesearch.errors import DivergedError
+from aesearch.packing import pack_key, train_packed_epoch, why_not_packable
+from aesearch.train import Trainer, train
+from tests.conftest import make_config
+
+VAE = dict(
+    model={"latent": "gaussian", "hidden_dims": [32], "latent_dim": 4},
+    objective={"reconstruction": "bce", "kl": {"schedule": "linear", "warmup_epochs": 2}},
+    corruption={"kind": "masking", "level": 0.2},
+    evaluation={"iwae_samples": 10, "kmeans_restarts": 1},
+)
+
+
+def member(base: dict, **changes) -> dict:
+    """`base` with per-member settings changed (sections merged one level deep)."""
+    merged = dict(base)
+    for section, value in changes.items():
+        merged[section] = {**merged.get(section, {}), **value} if isinstance(value, dict) else value
+    return merged
+
+
+# Groups of members that share a pack: each member differs only in per-member settings.
+PACKS = {
+    "vae_masking_adam": [
+        member(VAE, epochs=3),
+        member(VAE, epochs=3, seed=1, optimizer={"lr": 3e-3}, corruption={"level": 0.4},
+               objective={"kl": {"beta": 4.0, "schedule": "cyclical", "cycles": 2}}),
+    ],
+    "sparse_kl_adamw": [
+        dict(epochs=3, model={"hidden_dims": [32], "latent_dim": 8}, objective={"sparsity": {"kind": "kl", "rho": 0.05, "weight": 0.1}},
+             optimizer={"name": "adamw", "weight_decay": 1e-2}, corruption={"kind": "gaussian", "level": 0.2}),
+        dict(epochs=3, seed=3, model={"hidden_dims": [32], "latent_dim": 8}, objective={"sparsity": {"kind": "kl", "rho": 0.2, "weight": 1.0}},
+             optimizer={"name": "adamw", "weight_decay": 1e-4, "lr": 2e-3}, corruption={"kind": "gaussian", "level": 0.4}),
+    ],
+    "contractive_closed_form": [
+        dict(epochs=3, model={"hidden_dims": [], "latent_dim": 8, "code_activation": "sigmoid"}, objective={"contractive_weight": 0.1}),
+        dict(epochs=3, seed=2, model={"hidden_dims": [], "latent_dim": 8, "code_activation": "sigmoid"},
+             objective={"contractive_weight": 0.01}, optimizer={"weight_decay": 1e-3, "lr": 3e-3}),
+    ],
+    "conv_salt_pepper": [
+        dict(epochs=2, model={"architecture": "conv", "conv_channels": [8, 16], "latent_dim": 6},
+             corruption={"kind": "salt_pepper", "level": 0.1}),
+        dict(epochs=2, seed=5, model={"architecture": "conv", "conv_channels": [8, 16], "latent_dim": 6},
+             corruption={"kind": "salt_pepper", "level": 0.3}, optimizer={"lr": 5e-4}),
+    ],
+}
+
+COMPARED = ("train/loss", "val/loss", "val/recon_mse")
+
+
+def assert_same_epochs(packed: list[dict], alone: list[dict], rel: float = 1e-4) -> None:
+    assert [m["epoch"] for m in packed] == [m["epoch"] for m in alone]
+    for got, expected in zip(packed, alone):
+        assert set(got) == set(expected)
+        for name, value in expected.items():
+            if not name.startswith("time/"):
+                assert got[name] == pytest.approx(value, rel=rel, abs=1e-7), (got["epoch"], name)
+
+
+def train_alone(config, data) -> list[dict]:
+    return train(config, data, run_evaluation=False).history
+
+
+@pytest.mark.parametrize("name", sorted(PACKS))
+def test_packed_members_train_as_they_would_alone(name, digits):
+    configs = [make_config(**sections) for sections in PACKS[name]]
+    assert pack_key(configs[0]) is not None and pack_key(configs[0]) == pack_key(configs[1])
+    trainers = [Trainer(config, digits) for config in configs]
+    for _ in range(configs[0].epochs):
+        ends = train_packed_epoch(trainers)
+        assert all(not isinstance(end, Exception) for end in ends)
+    for trainer, config in zip(trainers, configs):
+        alone = train_alone(config, digits)
+        assert_same_epochs(trainer.history, alone)
+        assert trainer.history[0]["train/loss"] != trainer.history[-1]["train/loss"]  # it trained
+    # the members are not one model twice: their own settings gave them their own results
+    assert trainers[0].history[-1]["val/loss"] != pytest.approx(trainers[1].history[-1]["val/loss"], rel=1e-3)
+
+
+def test_members_join_and_leave_at_epoch_boundaries_and_keep_their_own_checkpoints(digits, tmp_path):
+    first = make_config(**member(VAE, epochs=4))
+    second = make_config(**member(VAE, epochs=4, seed=7, optimizer={"lr": 2e-3}))
+    early, late = Trainer(first, digits), Trainer(second, digits)
+    train_packed_epoch([early])  # alone in its pack for one epoch
+    train_packed_epoch([early, late])  # the second joins at its epoch 1, the first's epoch 2
+    ends = train_packed_epoch([late, early])  # any order
+    ends[1].save_checkpoint(tmp_path / "early.pt")  # the first leaves after 3 epochs (an early stop)
+    train_packed_epoch([late])
+    assert [m["epoch"] for m in early.history] == [1, 2, 3] and [m["epoch"] for m in late.history] == [1, 2, 3]
+
+    assert_same_epochs(early.history, train_alone(first, digits)[:3])
+    assert_same_epochs(late.history, train_alone(second, digits)[:3])
+    # the member's checkpoint is an ordinary one: training resumes from it, alone, as if never packed
+    resumed = train(first, digits, resume_from=tmp_path / "early.pt", run_evaluation=False)
+    assert_same_epochs(resumed.history, train_alone(first, digits))
+    state = load_checkpoint(tmp_path / "early.pt")
+    assert state["epoch"] == 3 and state["optimizer"]["state"]  # Adam's moments went back to the member
+
+
+def test_a_diverging_member_ends_alone(digits):
+    steady = make_config(**member(VAE, epochs=2))
+    wild = make_config(**member(VAE, epochs=2, seed=1, optimizer={"lr": 10.0}))  # the VAE's variance overflows
+    trainers = [Trainer(steady, digits), Trainer(wild, digits)]
+    ends = train_packed_epoch(trainers)
+    assert isinstance(ends[1], DivergedError) and not isinstance(ends[0], Exception)
+    train_packed_epoch(trainers[:1])  # the pack goes on without it
+    assert_same_epochs(trainers[0].history, train_alone(steady, digits))
+
+
+def test_pack_key_separates_what_cannot_share_a_step():
+    base = make_config(model={"hidden_dims": [64, 32], "latent_dim": 8}, corruption={"kind": "gaussian", "level": 0.1})
+    same = make_config(
+        name="other", seed=9, epochs=50, model={"hidden_dims": [64, 32], "latent_dim": 8},
+        corruption={"kind": "gaussian", "level": 0.5}, optimizer={"lr": 0.01, "weight_decay": 0.1},
+        evaluation={"iwae_samples": 3},
+    )
+    assert pack_key(base) == pack_key(same)
+    for different in [
+        dict(model={"hidden_dims": [64, 16], "latent_dim": 8}, corruption={"kind": "gaussian", "level": 0.1}),
+        dict(model={"hidden_dims": [64, 32], "latent_dim": 9}, corruption={"kind": "gaussian", "level": 0.1}),
+        dict(model={"hidden_dims": [64, 32], "latent_dim": 8, "activation": "gelu"}, corruption={"kind": "gaussian", "level": 0.1}),
+        dict(model={"hidden_dims": [64, 32], "latent_dim": 8}, corruption={"kind": "uniform", "level": 0.1}),
+        dict(model={"hidden_dims": [64, 32], "latent_dim": 8}, corruption={"kind": "gaussian", "level": 0.1}, optimizer={"batch_size": 64}),
+        dict(model={"hidden_dims": [64, 32], "latent_dim": 8}, corruption={"kind": "gaussian", "level": 0.1}, optimizer={"name": "adamw"}),
+        dict(model={"hidden_dims": [64, 32], "latent_dim": 8}, corruption={"kind": "gaussian", "level": 0.1}, data={"split_seed": 1}),
+        dict(model={"hidden_dims": [64, 32], "latent_dim": 8}, corruption={"kind": "gaussian", "level": 0.1}, objective={"reconstruction": "bce"}),
+    ]:
+        assert pack_key(make_config(**different)) != pack_key(base), different
+
+    attention = make_config(model={"architecture": "attention", "patch_size": 4})
+    estimated = make_config(model={"hidden_dims": [32]}, objective={"contractive_weight": 0.1})
+    assert pack_key(attention) is None and "attention" in why_not_packable(attention)
+    assert pack_key(estimated) is None and "contractive" in why_not_packable(estimated)
+    assert why_not_packable(base) is None
+
+
+def test_a_pack_refuses_members_that_cannot_share_a_step(digits):
+    one = Trainer(make_config(model={"hidden_dims": [32]}), digits)
+    other = Trainer(make_config(name="wider", model={"hidden_dims": [48]}), digits)
+    with pytest.raises(ValueError, match="'autoencoder' and 'wider' differ"):
+        train_packed_epoch([one, other])
+    assert one.epoch == 0 and other.epoch == 0 and math.isinf(one.best_value)
