@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--max-concurrent", type=int, help="trials at once (max_concurrent)")
     search.add_argument("--cpus-per-trial", type=float, help="resources.cpu")
     search.add_argument("--gpus-per-trial", type=float, help="resources.gpu (a fraction shares one GPU)")
+    search.add_argument("--pack", type=int,
+                        help="resources.pack: train up to N trials of one model shape together, in one fused step")
     search.add_argument("--seed", type=int, help="seed of the TPE sampler and of every trial")
     search.add_argument("--resume", action="store_true", help="continue an interrupted search of this name")
     search.add_argument("--tracking-uri", help=TRACKING_HELP)
@@ -161,6 +163,7 @@ SEARCH_FLAGS = {  # command-line flag -> search space field
     "max_concurrent": "max_concurrent",
     "cpus_per_trial": "resources.cpu",
     "gpus_per_trial": "resources.gpu",
+    "pack": "resources.pack",
     "seed": "seed",
 }
 

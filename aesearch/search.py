@@ -69,6 +69,15 @@ from aesearch.config import variant_family  # noqa: E402
 from aesearch.data import Data, load_data  # noqa: E402
 from aesearch.errors import ConfigError, DivergedError, UserError  # noqa: E402
 from aesearch.faults import Fault, fire, read_faults  # noqa: E402
+from aesearch.pack_server import (  # noqa: E402
+    MEMBER_CPU,
+    choose_server,
+    gpu_memory_cap,
+    server_count,
+    start_servers,
+    stop_servers,
+    train_in_pack,
+)
 from aesearch.space import (  # noqa: E402
     DefineByRun,
     SearchSpace,
@@ -157,8 +166,9 @@ def trial_number(trial_dir: str, trial_id: str) -> str:
 
 
 def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: Tracking,
-              faults: list[Fault]) -> None:
-    """The Ray Tune trainable: one trial of the search, trained by the one trainer, logged to MLflow."""
+              faults: list[Fault], servers: list[Any] | None = None) -> None:
+    """The Ray Tune trainable: one trial of the search, trained by the one trainer (here, or by a
+    pack server when `servers` are given), logged to MLflow."""
     worst = math.inf if space.objective.mode == "min" else -math.inf
     context = tune.get_context()
     trial_id, node = context.get_trial_id(), ray.get_runtime_context().get_node_id()
@@ -170,10 +180,16 @@ def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: 
         tune.report({"epoch": 0.0, space.objective.metric: worst, "outcome/invalid": 1.0, "error": str(error)[:500],
                      "mlflow_run_id": run_id})
         return
-    if config.runtime.device == "auto":
+    server = choose_server(servers, config, space.resources.pack) if servers else None
+    if server is not None:  # the server's device trains it
+        device = ray.get(server.describe.remote())["device"]
+        config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"device": device})})
+    elif config.runtime.device == "auto":
         # Ray hides no GPU from a trial that asked for none: use one only if it was given one.
         device = "cuda" if ray.get_gpu_ids() else "cpu"
         config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"device": device})})
+    if server is None and config.runtime.device.startswith("cuda"):
+        gpu_memory_cap(space.resources.gpu)  # trials sharing a GPU each keep to their share
     run = TrialRun.for_trial(tracking, trial_id, number, config, data, node)
     extra = {"family": variant_family(config), "node": node, "mlflow_run_id": run.run_id}
     reporter = TuneReporter(extra, config.epochs, run.log_epoch)
@@ -191,7 +207,10 @@ def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: 
         reporter(end)
 
     try:
-        result = train(config, data, on_epoch, resume_from=resume_state)
+        if server is not None:
+            result = train_in_pack(server, trial_id, config, data, on_epoch, resume_from=resume_state)
+        else:
+            result = train(config, data, on_epoch, resume_from=resume_state)
     except DivergedError as error:
         reporter.report({"epoch": float(error.epoch), space.objective.metric: worst, "outcome/diverged": 1.0,
                          UNDELIVERED: run.wait_for_server()})
@@ -360,7 +379,8 @@ def describe(space: SearchSpace, options: SearchOptions, data: Data) -> dict[str
         "budget.num_samples": space.budget.num_samples, "budget.max_epochs": space.budget.max_epochs,
         "budget.grace_period": space.budget.grace_period, "budget.reduction_factor": space.budget.reduction_factor,
         "max_concurrent": space.max_concurrent, "resources.cpu": space.resources.cpu,
-        "resources.gpu": space.resources.gpu, "searched": ", ".join(space.space),
+        "resources.gpu": space.resources.gpu, "resources.pack": space.resources.pack,
+        "searched": ", ".join(space.space),
     }
     tags = {
         **{f"version.{name}": version for name, version in package_versions().items()},
@@ -429,9 +449,25 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 def _fit(space: SearchSpace, options: SearchOptions, data: Data, tracking: Tracking, faults: list[Fault]):
+    resources, max_concurrent, servers = space.resources, space.max_concurrent, None
+    trial_resources = {"cpu": resources.cpu, "gpu": resources.gpu}
+    if resources.pack > 1:  # trials become members of pack servers, which hold the CPUs and GPUs
+        count = server_count(resources.cpu, resources.gpu, resources.pack, space.budget.num_samples, max_concurrent)
+        servers = start_servers(data, resources.cpu, resources.gpu, resources.pack, count)
+        trial_resources = {"cpu": MEMBER_CPU, "gpu": 0}
+        max_concurrent = min(max_concurrent or math.inf, count * resources.pack)
+    try:
+        return _fit_trials(space, options, data, tracking, faults, servers, trial_resources, max_concurrent)
+    finally:
+        if servers:
+            stop_servers(servers)
+
+
+def _fit_trials(space: SearchSpace, options: SearchOptions, data: Data, tracking: Tracking, faults: list[Fault],
+                servers: list[Any] | None, trial_resources: dict[str, float], max_concurrent: int | None):
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, data=data, space=space, tracking=tracking, faults=faults),
-        {"cpu": space.resources.cpu, "gpu": space.resources.gpu},
+        tune.with_parameters(run_trial, data=data, space=space, tracking=tracking, faults=faults, servers=servers),
+        trial_resources,
     )
     path = experiment_folder(options)
     if options.resume:  # the searcher's state, the trials and their checkpoints come back
@@ -459,7 +495,7 @@ def _fit(space: SearchSpace, options: SearchOptions, data: Data, tracking: Track
                 search_alg=searcher,
                 scheduler=scheduler,
                 num_samples=budget.num_samples,
-                max_concurrent_trials=space.max_concurrent,
+                max_concurrent_trials=max_concurrent,
                 time_budget_s=budget.time_budget_s,
                 reuse_actors=options.reuse_actors,
             ),

@@ -155,6 +155,9 @@ class Budget(Section):
 class Resources(Section):
     cpu: Float = Field(1.0, gt=0, le=256)
     gpu: Float = Field(0.0, ge=0, le=1)  # a fraction of one GPU: several trials may share it
+    # > 1: trials train in pack servers, each holding `cpu` and `gpu` and training up to `pack`
+    # trials of one model shape in one fused step (see aesearch.pack_server).
+    pack: PositiveInt = Field(1, le=256)
 
 
 ParameterName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]  # no '/': Ray would nest it

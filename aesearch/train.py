@@ -93,20 +93,7 @@ def train(
         end = trainer.run_epoch()
         if reporter is not None:
             reporter(end)
-    train_seconds = time.perf_counter() - started
-
-    model = trainer.best_model()
-    metrics = evaluate(model, trainer.data, config.evaluation) if run_evaluation else {}
-    best_epoch = trainer.history[trainer.best_epoch - 1]
-    metrics.update(
-        {
-            "best/epoch": float(trainer.best_epoch),
-            **{f"best/{name}": best_epoch[name] for name in ("val/loss", "val/recon_mse")},
-            "model/parameters": float(parameter_count(model)),
-            "time/train_seconds": train_seconds,
-        }
-    )
-    return TrainResult(config, trainer.history, metrics, trainer.best_epoch, model, data.fingerprint)
+    return trainer.result(time.perf_counter() - started, run_evaluation)
 
 
 RESUMABLE_CHANGES = {"name", "epochs", "runtime", "evaluation"}  # what a resumed run may set differently
@@ -263,6 +250,21 @@ class Trainer:
         return dict(zip(names, values))
 
     # --- best weights, checkpoints -----------------------------------------------------------
+
+    def result(self, train_seconds: float, run_evaluation: bool = True) -> TrainResult:
+        """The run's result: the best weights, evaluated on the test split."""
+        model = self.best_model()
+        metrics = evaluate(model, self.data, self.config.evaluation) if run_evaluation else {}
+        best_epoch = self.history[self.best_epoch - 1]
+        metrics.update(
+            {
+                "best/epoch": float(self.best_epoch),
+                **{f"best/{name}": best_epoch[name] for name in ("val/loss", "val/recon_mse")},
+                "model/parameters": float(parameter_count(model)),
+                "time/train_seconds": train_seconds,
+            }
+        )
+        return TrainResult(self.config, self.history, metrics, self.best_epoch, model, self.data.fingerprint)
 
     def best_model(self) -> Autoencoder:
         if self.best_state is not None:

@@ -55,13 +55,18 @@ PACKS = {
 COMPARED = ("train/loss", "val/loss", "val/recon_mse")
 
 
-def assert_same_epochs(packed: list[dict], alone: list[dict], rel: float = 1e-4) -> None:
+def assert_same_epochs(packed: list[dict], alone: list[dict], rel: float = 1e-4, keys: tuple[str, ...] | None = None) -> None:
+    """The same epochs with the same metrics (all but timings, or `keys`), within float rounding."""
     assert [m["epoch"] for m in packed] == [m["epoch"] for m in alone]
     for got, expected in zip(packed, alone):
-        assert set(got) == set(expected)
-        for name, value in expected.items():
-            if not name.startswith("time/"):
-                assert got[name] == pytest.approx(value, rel=rel, abs=1e-7), (got["epoch"], name)
+        if keys is None:
+            assert set(got) == set(expected)
+        for name in keys or [name for name in expected if not name.startswith("time/")]:
+            assert got[name] == pytest.approx(expected[name], rel=rel, abs=1e-7), (got["epoch"], name)
+
+
+def report_epoch(report: dict) -> dict:
+    return {"epoch": float(report["epoch"]), **{name: report[name] for name in COMPARED}}
 
 
 def train_alone(config, data) -> list[dict]:
@@ -147,3 +152,62 @@ def test_a_pack_refuses_members_that_cannot_share_a_step(digits):
     with pytest.raises(ValueError, match="'autoencoder' and 'wider' differ"):
         train_packed_epoch([one, other])
     assert one.epoch == 0 and other.epoch == 0 and math.isinf(one.best_value)
+
+
+PACKED_SPACE = """
+name: packed
+data: {name: digits}
+base:
+  model: {hidden_dims: [32], latent_dim: 8}
+  optimizer: {batch_size: 64}
+  evaluation: {iwae_samples: 5, kmeans_restarts: 1}
+space:
+  corruption.kind: {type: categorical, choices: [none, gaussian]}
+  sigma: {path: corruption.level, type: float, low: 0.05, high: 0.5, when: {corruption.kind: gaussian}}
+  optimizer.lr: {type: float, low: 0.0001, high: 0.01, log: true}
+objective: {metric: val/recon_mse, mode: min}
+budget: {num_samples: 8, max_epochs: 6, grace_period: 2, reduction_factor: 2}
+resources: {cpu: 1}
+seed: 0
+"""
+
+
+def test_a_packed_search_keeps_every_trial_its_own_and_trains_each_as_alone(tmp_path, ray_env, digits):
+    """`--pack 4`: trials train in a pack server, fused when they share a shape; each is still its
+    own Tune trial (ASHA stops it alone) and its own MLflow run, and its epochs are those it
+    would have trained alone, though members joined and left the pack as the search went."""
+    from mlflow import MlflowClient
+
+    from tests.searching import run, search_command, trial_reports, tracking_uri
+
+    space = tmp_path / "packed.yaml"
+    space.write_text(PACKED_SPACE)
+    storage = tmp_path / "results"
+    done = run(search_command(space, storage, "--pack", "4"), ray_env, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    reports = trial_reports(storage / "packed")
+    assert len(reports) == 8
+    fused = [r for lines in reports.values() for r in lines if r.get("pack/members", 0) >= 2]
+    assert fused, "no epoch was trained fused with another trial"
+    epochs = {trial: int(lines[-1]["epoch"]) for trial, lines in reports.items()}
+    assert 6 in epochs.values() and min(epochs.values()) < 6  # ASHA stopped some trials alone
+
+    client = MlflowClient(tracking_uri(storage))
+    experiment_id = client.get_experiment_by_name("packed").experiment_id
+    runs = client.search_runs([experiment_id], filter_string="tags.`aesearch.role` = 'trial'")
+    assert sorted(r.data.tags["aesearch.trial_id"] for r in runs) == sorted(reports)
+    for trial_run in runs:
+        trial = trial_run.data.tags["aesearch.trial_id"]
+        assert trial_run.info.status == "FINISHED"
+        steps = sorted(m.step for m in client.get_metric_history(trial_run.info.run_id, "val/recon_mse"))
+        assert steps == list(range(1, epochs[trial] + 1)), trial
+        if epochs[trial] < 6:
+            continue
+        # A completed trial's own checkpoint: its config, trained alone here, gives the same epochs.
+        best = client.download_artifacts(trial_run.info.run_id, "checkpoints/best.pt", str(tmp_path / trial))
+        state = load_checkpoint(best)
+        assert state["fingerprint"] == digits.fingerprint
+        config = make_config(**{**state["config"], "runtime": {"device": "cpu"}})
+        alone = train_alone(config, digits)
+        assert_same_epochs([report_epoch(r) for r in reports[trial]], alone, keys=COMPARED)
