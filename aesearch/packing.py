@@ -28,6 +28,8 @@ import time
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
+from torch.optim.adam import adam
+from torch.optim.adamw import adamw
 
 from aesearch.config import TrainConfig, flatten
 from aesearch.errors import DivergedError
@@ -39,8 +41,8 @@ from aesearch.train import EpochEnd, Trainer
 # one entry per member), host-side schedules, and what is not training at all.
 MEMBER_FIELDS = {
     "name", "seed", "epochs",
-    "optimizer.lr", "optimizer.weight_decay",
-    "corruption.level",
+    "optimizer.name", "optimizer.lr", "optimizer.weight_decay",
+    "corruption.kind", "corruption.level",  # the encoder's input is made per member, outside the fused step
     "objective.kl.beta", "objective.kl.schedule", "objective.kl.warmup_epochs", "objective.kl.cycles",
     "objective.kl.ramp_fraction",
     "objective.sparsity.weight", "objective.sparsity.rho", "objective.contractive_weight",
@@ -89,61 +91,61 @@ class MemberTerms(nn.Module):
         return self.objective.terms(self.model, x, x_in, output, rho)
 
 
+ADAM_STEPS = {False: adam, True: adamw}  # decoupled weight decay?
+
+
 class PackedAdam:
-    """Adam or AdamW over stacked weights, each member with its own learning rate, weight decay
-    and step count: the arithmetic of torch's fused Adam, one set of elementwise kernels for all."""
+    """Each member's own Adam or AdamW (its settings, its moments, its step count), run on its
+    slice of the stacked weights and gradients by torch's own functional optimiser, with the
+    kernel the member's optimiser uses alone (fused on CPU and CUDA): the update is exactly the
+    one it would make alone, in one launch per member."""
 
     def __init__(self, params: dict[str, torch.Tensor], trainers: list[Trainer]):
-        self.params = params
-        groups = [t.optimizer.param_groups[0] for t in trainers]
-        self.beta1, self.beta2 = groups[0]["betas"]
-        self.eps = groups[0]["eps"]
-        self.decoupled = isinstance(trainers[0].optimizer, torch.optim.AdamW)
-        device = next(iter(params.values())).device
-        self.lr = torch.tensor([g["lr"] for g in groups], device=device)
-        self.weight_decay = torch.tensor([g["weight_decay"] for g in groups], device=device)
-        self.exp_avg, self.exp_avg_sq = {}, {}
-        member_params = [dict(t.model.named_parameters()) for t in trainers]
-        steps = []
+        self.params, self.trainers = params, trainers
+        self.exp_avg, self.exp_avg_sq, self.steps = {}, {}, []
         for name, stacked in params.items():
-            states = [t.optimizer.state.get(mp[name], {}) for t, mp in zip(trainers, member_params)]
-            self.exp_avg[name] = torch.stack([s.get("exp_avg", torch.zeros_like(stacked[0])) for s in states])
-            self.exp_avg_sq[name] = torch.stack([s.get("exp_avg_sq", torch.zeros_like(stacked[0])) for s in states])
-            steps.append([float(s["step"]) if "step" in s else 0.0 for s in states])
-        self.steps = torch.tensor(steps[0], device=device, dtype=torch.float64)
-
-    def _per_member(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return values.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+            self.exp_avg[name] = torch.zeros_like(stacked)
+            self.exp_avg_sq[name] = torch.zeros_like(stacked)
+        for i, trainer in enumerate(trainers):
+            group = trainer.optimizer.param_groups[0]
+            scalar_device = stacked.device if (group.get("fused") or group.get("capturable")) else "cpu"
+            steps = []
+            for name, param in trainer.model.named_parameters():
+                state = trainer.optimizer.state.get(param, {})
+                if state:
+                    self.exp_avg[name][i].copy_(state["exp_avg"])
+                    self.exp_avg_sq[name][i].copy_(state["exp_avg_sq"])
+                steps.append(torch.tensor(float(state.get("step", 0.0)), dtype=torch.float32, device=scalar_device))
+            self.steps.append(steps)
 
     @torch.no_grad()
     def step(self) -> None:
-        self.steps += 1
-        bias_correction1 = 1 - self.beta1**self.steps
-        bias_correction2_sqrt = (1 - self.beta2**self.steps).sqrt()
-        step_size = self.lr.double() / bias_correction1
-        for name, param in self.params.items():
-            grad = param.grad
-            lr, wd = self._per_member(self.lr, param), self._per_member(self.weight_decay, param)
-            if self.decoupled:
-                param.mul_(1 - lr * wd)
-            else:
-                grad = grad.add(param * wd)
-            exp_avg, exp_avg_sq = self.exp_avg[name], self.exp_avg_sq[name]
-            exp_avg.lerp_(grad, 1 - self.beta1)
-            exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-            denom = (exp_avg_sq.sqrt() / self._per_member(bias_correction2_sqrt, param)).add_(self.eps)
-            param.sub_(self._per_member(step_size, param) * exp_avg / denom)
-
-    def write_back(self, trainers: list[Trainer]) -> None:
-        """Each member's slice of the state into its own optimiser, as torch's Adam keeps it."""
-        for i, trainer in enumerate(trainers):
+        for i, trainer in enumerate(self.trainers):
             group = trainer.optimizer.param_groups[0]
-            on_device = group.get("fused") or group.get("capturable")
-            for name, param in trainer.model.named_parameters():
+            ADAM_STEPS[isinstance(trainer.optimizer, torch.optim.AdamW)](
+                [p[i] for p in self.params.values()],
+                [p.grad[i] for p in self.params.values()],
+                [m[i] for m in self.exp_avg.values()],
+                [v[i] for v in self.exp_avg_sq.values()],
+                [],
+                self.steps[i],
+                foreach=group["foreach"],
+                fused=group["fused"],
+                amsgrad=False,
+                beta1=group["betas"][0],
+                beta2=group["betas"][1],
+                lr=group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=False,
+            )
+
+    def write_back(self) -> None:
+        """Each member's slice of the state into its own optimiser, as torch's Adam keeps it."""
+        for i, trainer in enumerate(self.trainers):
+            for (name, param), step in zip(trainer.model.named_parameters(), self.steps[i]):
                 trainer.optimizer.state[param] = {
-                    "step": torch.tensor(
-                        float(self.steps[i]), dtype=torch.float32, device=param.device if on_device else "cpu"
-                    ),
+                    "step": step.clone(),
                     "exp_avg": self.exp_avg[name][i].clone(),
                     "exp_avg_sq": self.exp_avg_sq[name][i].clone(),
                 }
@@ -163,8 +165,6 @@ def check_packable(trainers: list[Trainer]) -> None:
             )
         if trainer.device != first.device or trainer.data.fingerprint != first.data.fingerprint:
             raise ValueError(f"trial {trainer.config.name!r} is on other data or another device than the pack")
-        if type(trainer.optimizer) is not type(first.optimizer):
-            raise ValueError(f"trial {trainer.config.name!r} uses another optimiser than the pack")
 
 
 def train_packed_epoch(trainers: list[Trainer]) -> list[EpochEnd | DivergedError]:
@@ -236,7 +236,7 @@ def _packed_train_pass(trainers: list[Trainer]) -> list[tuple[dict[str, float], 
                 param.copy_(params[name][i])
             for name, buffer in trainer.model.named_buffers():
                 buffer.copy_(buffers[name][i])
-    optimizer.write_back(trainers)
+    optimizer.write_back()
 
     values = (sums / len(images)).tolist()  # the one host sync of the pass
     names = ["train/loss", *(f"train/{n}" for n in objective.term_names)]
