@@ -27,6 +27,9 @@ cluster-demo: setup
 benchmark: setup
 	$(RUN) python benchmarks/trainer_speed.py --rounds 5
 	$(RUN) python benchmarks/search_overhead.py
+	$(RUN) python benchmarks/packing_speed.py --trials 8 --epochs 2
+	$(RUN) python benchmarks/packing_speed.py --trials 8 --epochs 2 --device cuda
+	$(RUN) python benchmarks/search_efficiency.py
 
 setup: | $(UV)
 	$(UV) sync --locked --extra test

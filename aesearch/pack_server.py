@@ -29,7 +29,7 @@ import torch
 from aesearch.checkpoints import save_checkpoint
 from aesearch.config import TrainConfig, parse_config
 from aesearch.data import Data
-from aesearch.errors import DivergedError, UserError
+from aesearch.errors import DivergedError
 from aesearch.models import build_model
 from aesearch.packing import pack_key, train_packed_epoch
 from aesearch.train import EpochEnd, Reporter, Trainer, TrainResult
@@ -198,19 +198,17 @@ def server_count(cpu: float, gpu: float, pack: int, trials: int, max_concurrent:
     if gpu > 0:
         fits = min(fits, math.floor(available.get("GPU", 0) / gpu + 1e-9))
     wanted = math.ceil(min(trials, max_concurrent or trials) / pack)
-    if fits < 1:
-        raise UserError(
-            f"resources.pack={pack}: a pack server needs {cpu:g} CPUs"
-            + (f" and {gpu:g} GPUs" if gpu else "")
-            + f" plus {MEMBER_CPU:g} CPUs per member; the Ray cluster has {available.get('CPU', 0):g} CPUs"
-            + (f" and {available.get('GPU', 0):g} GPUs" if gpu else "")
-        )
-    return max(1, min(fits, wanted))
+    return max(1, min(fits, wanted))  # at least one: a cluster that lacks room may grow (check_resources warned)
 
 
 def start_servers(data: Data, cpu: float, gpu: float, pack: int, count: int) -> list[Any]:
     data_ref = ray.put(data)
-    return [PackServer.options(num_cpus=cpu, num_gpus=gpu).remote(data_ref, pack, gpu) for _ in range(count)]
+    # A server that dies (its node lost) is started again, empty: its members fail, and Tune's
+    # retries join it again from their checkpoints.
+    return [
+        PackServer.options(num_cpus=cpu, num_gpus=gpu, max_restarts=-1).remote(data_ref, pack, gpu)
+        for _ in range(count)
+    ]
 
 
 def stop_servers(servers: list[Any]) -> None:

@@ -216,11 +216,11 @@ def _packed_train_pass(trainers: list[Trainer]) -> list[tuple[dict[str, float], 
         start = step * batch_size
         batch = images[orders[:, start : start + batch_size]]  # (members, batch, C, H, W)
         # Each member's corruption and latent noise from its own generator, in its own order.
-        drawn = [t._batch(batch[i]) for i, t in enumerate(trainers)]
+        drawn = [t.inputs(batch[i]) for i, t in enumerate(trainers)]
         x = torch.stack([d[0] for d in drawn])
         x_in = torch.stack([d[1] for d in drawn])
         noise = torch.stack([d[2] for d in drawn]) if stochastic else None
-        with first._forward_context():
+        with first.forward_context():
             terms = mapped(params, buffers, x, x_in, noise, rho)
             losses = weighted_sum(terms, {"kl": betas[:, step], **weights})  # (members,)
         for param in params.values():

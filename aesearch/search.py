@@ -61,7 +61,7 @@ import yaml  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune import Callback  # noqa: E402
 from ray.tune.logger import JsonLoggerCallback  # noqa: E402
-from ray.tune.schedulers import ASHAScheduler  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from aesearch.checkpoints import load_checkpoint  # noqa: E402
@@ -380,6 +380,7 @@ def describe(space: SearchSpace, options: SearchOptions, data: Data) -> dict[str
         "budget.grace_period": space.budget.grace_period, "budget.reduction_factor": space.budget.reduction_factor,
         "max_concurrent": space.max_concurrent, "resources.cpu": space.resources.cpu,
         "resources.gpu": space.resources.gpu, "resources.pack": space.resources.pack,
+        "sampler": space.sampler, "early_stopping": space.early_stopping,
         "searched": ", ".join(space.space),
     }
     tags = {
@@ -448,6 +449,17 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise UserError(f"--address {address}: no Ray cluster answers there ({error.strerror or error})") from None
 
 
+SAMPLERS = {  # space.sampler -> Optuna's sampler for a seed
+    "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
+    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+}
+SCHEDULERS = {  # space.early_stopping -> Tune's trial scheduler for the budget
+    "asha": lambda budget: ASHAScheduler(time_attr="epoch", max_t=budget.max_epochs, grace_period=budget.grace_period,
+                                         reduction_factor=budget.reduction_factor),
+    "none": lambda budget: FIFOScheduler(),
+}
+
+
 def _fit(space: SearchSpace, options: SearchOptions, data: Data, tracking: Tracking, faults: list[Fault]):
     resources, max_concurrent, servers = space.resources, space.max_concurrent, None
     trial_resources = {"cpu": resources.cpu, "gpu": resources.gpu}
@@ -477,16 +489,11 @@ def _fit_trials(space: SearchSpace, options: SearchOptions, data: Data, tracking
             DefineByRun(space),
             metric=space.objective.metric,
             mode=space.objective.mode,
-            sampler=optuna.samplers.TPESampler(seed=space.seed),
+            sampler=SAMPLERS[space.sampler](space.seed),
             points_to_evaluate=start_points(space) or None,
         )
         budget = space.budget
-        scheduler = ASHAScheduler(
-            time_attr="epoch",
-            max_t=budget.max_epochs,
-            grace_period=budget.grace_period,
-            reduction_factor=budget.reduction_factor,
-        )
+        scheduler = SCHEDULERS[space.early_stopping](budget)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(

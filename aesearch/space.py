@@ -174,6 +174,10 @@ class SearchSpace(Section):
     resources: Resources = Field(default_factory=Resources)
     max_concurrent: PositiveInt | None = None
     seed: Int = Field(0, ge=0)
+    # How configs are proposed and weak trials stopped; random / none are the baselines that
+    # benchmarks/search_efficiency.py measures TPE + ASHA against.
+    sampler: Literal["tpe", "random"] = "tpe"
+    early_stopping: Literal["asha", "none"] = "asha"
 
     @model_validator(mode="after")
     def _parameters_fit(self) -> SearchSpace:

@@ -177,7 +177,7 @@ class Trainer:
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return EpochEnd(self.epoch, metrics, is_best, self.save, self.model)
 
-    def _batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(clean x, the encoder's input, the latent's sampling noise or None) for a batch."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -189,7 +189,7 @@ class Trainer:
             noise = torch.randn(len(x), self.model.latent_dim, device=x.device, generator=self.generator)
         return x, x_in, noise
 
-    def _forward_context(self) -> contextlib.ExitStack:
+    def forward_context(self) -> contextlib.ExitStack:
         """bf16 autocast on CUDA; the math attention kernel when the loss differentiates twice
         (the fused attention kernels have no double backward)."""
         stack = contextlib.ExitStack()
@@ -212,8 +212,8 @@ class Trainer:
             beta = objective.beta(self.epoch + step / steps)  # plain Python arithmetic: no sync
             beta_sum += beta
             start = step * batch_size
-            x, x_in, noise = self._batch(images[order[start : start + batch_size]])
-            with self._forward_context():
+            x, x_in, noise = self.inputs(images[order[start : start + batch_size]])
+            with self.forward_context():
                 output = model(x_in, noise=noise)
                 loss, terms = objective(model, x, x_in, output, beta)
             optimizer.zero_grad(set_to_none=True)
@@ -236,8 +236,8 @@ class Trainer:
         images, batch_size = self.data.val_x, self.config.evaluation.batch_size
         sums = torch.zeros(2 + len(objective.term_names), device=self.device)
         for start in range(0, len(images), batch_size):
-            x, x_in, noise = self._batch(images[start : start + batch_size])
-            with torch.set_grad_enabled(self.input_grad), self._forward_context():
+            x, x_in, noise = self.inputs(images[start : start + batch_size])
+            with torch.set_grad_enabled(self.input_grad), self.forward_context():
                 output = model(x_in, sample=True, noise=noise)
                 loss, terms = objective(model, x, x_in, output, beta)
                 with torch.no_grad():

@@ -32,7 +32,6 @@ says that it skips and why.
 from __future__ import annotations
 
 import argparse
-import copy
 import platform
 import sys
 import time
@@ -43,9 +42,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from subspaces import dense_subspace as dense_document  # noqa: E402
 from trainer_speed import mnist_dir  # noqa: E402
 
-from aesearch.config import load_yaml  # noqa: E402
 from aesearch.data import load_data  # noqa: E402
 from aesearch.errors import ConfigError, DivergedError  # noqa: E402
 from aesearch.optimizers import OPTIMIZERS  # noqa: E402
@@ -53,7 +52,6 @@ from aesearch.packing import pack_key, train_packed_epoch  # noqa: E402
 from aesearch.space import DefineByRun, SearchSpace, decode_params, trial_config  # noqa: E402
 from aesearch.train import Trainer  # noqa: E402
 
-SPACE_FILE = HERE.parent / "search_spaces" / "mnist_variants.yaml"
 SHARED_SHAPE = {"architecture": "dense", "hidden_dims": [512, 256, 128], "latent_dim": 32, "activation": "relu",
                 "latent": "deterministic"}
 SHAPE_PARAMETERS = ("model.architecture", "model.hidden_dims", "model.activation", "model.latent", "model.latent_dim",
@@ -61,8 +59,7 @@ SHAPE_PARAMETERS = ("model.architecture", "model.hidden_dims", "model.activation
 
 
 def dense_subspace(kind: str) -> SearchSpace:
-    document = copy.deepcopy(load_yaml(SPACE_FILE))
-    document["space"]["model.architecture"]["choices"] = ["dense"]
+    document = dense_document()
     if kind == "shared":
         for name in SHAPE_PARAMETERS:
             del document["space"][name]
