@@ -256,6 +256,7 @@ class Outbox:
         self.retry_every_s = retry_every_s
         self.failed_at: float | None = None  # when the server last did not answer
         self.last_error = ""
+        self.seconds = 0.0  # time spent delivering (and waiting for the server)
 
     def send(self, what: str, deliver: Any) -> None:
         self.pending.append((what, deliver))
@@ -278,6 +279,13 @@ class Outbox:
         """Deliver what waits, in order; False if the server still does not answer."""
         if not force and self.failed_at is not None and time.monotonic() - self.failed_at < self.retry_every_s:
             return False
+        started = time.perf_counter()
+        try:
+            return self._deliver_pending()
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _deliver_pending(self) -> bool:
         while self.pending:
             try:
                 self.pending[0][1]()
@@ -298,7 +306,9 @@ class Outbox:
         while not self.flush(force=True):
             if time.monotonic() >= deadline:
                 return False
-            time.sleep(min(self.retry_every_s, max(0.0, deadline - time.monotonic())))
+            pause = min(self.retry_every_s, max(0.0, deadline - time.monotonic()))
+            time.sleep(pause)
+            self.seconds += pause
         return True
 
     def undelivered(self) -> str:
@@ -373,7 +383,12 @@ class TrialRun:
         self.patience_s = patience_s  # how long `finish` waits for an unreachable server (a search: its budget's)
         self.draw_at = image_epochs(config.epochs)
         self.outbox = Outbox()
-        self.seconds = 0.0  # time spent tracking (benchmarks/ reads it)
+        self.open_seconds = 0.0  # finding or creating the run
+
+    @property
+    def seconds(self) -> float:
+        """Time spent on the tracking server (not drawing pictures): benchmarks/ reads it."""
+        return self.open_seconds + self.outbox.seconds
 
     @classmethod
     def for_trial(
@@ -383,7 +398,7 @@ class TrialRun:
         A trial that starts while the server does not answer waits for it (up to the patience)."""
         started = time.perf_counter()
         run = patiently(lambda: cls._open(tracking, trial_id, number, config, data, node), tracking.patience_s)
-        run.seconds = time.perf_counter() - started
+        run.open_seconds = time.perf_counter() - started
         return run
 
     @classmethod
@@ -407,23 +422,11 @@ class TrialRun:
         return cls(mlflow, run_id, config, data, logged_through=max((m.step for m in logged), default=0),
                    attempt=attempt, patience_s=tracking.patience_s)
 
-    @contextlib.contextmanager
-    def _timed(self) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds += time.perf_counter() - started
-
     def set_tag(self, key: str, value: str) -> None:
         self.outbox.send(f"tag {key}", lambda: self.client.set_tag(self.run_id, key, value))
 
     def log_epoch(self, end: EpochEnd) -> None:
         """One batch of metrics per epoch (step = epoch); reconstructions at a few epochs."""
-        with self._timed():
-            self._log_epoch(end)
-
-    def _log_epoch(self, end: EpochEnd) -> None:
         if end.epoch <= self.logged_through:  # logged before the trial was restored
             return
         self.log_metrics(end.metrics, end.epoch)
@@ -450,17 +453,6 @@ class TrialRun:
         """The test suite, the final pictures, the best checkpoint; then waits (up to the patience)
         until the server has everything. Returns what it could not deliver ('' if nothing).
         `drawn`: a local run folder whose pictures are already drawn (they are logged as they are)."""
-        with self._timed():
-            self._finish(result, best_checkpoint, drawn)
-        return self.wait_for_server()
-
-    def wait_for_server(self) -> str:
-        """Deliver what waits (up to the patience); returns what could not be delivered ('' if nothing)."""
-        with self._timed():
-            self.outbox.deliver(self.patience_s)
-        return self.outbox.undelivered()
-
-    def _finish(self, result: TrainResult, best_checkpoint: Path | None, drawn: Path | None) -> None:
         from aesearch.images import save_images
 
         self.log_metrics(result.metrics, len(result.history))
@@ -472,6 +464,12 @@ class TrialRun:
                 self.outbox.send_file(picture, "images", self.client, self.run_id)
         if best_checkpoint is not None and best_checkpoint.is_file():
             self.outbox.send_file(best_checkpoint, Path(BEST_CHECKPOINT).parent.as_posix(), self.client, self.run_id)
+        return self.wait_for_server()
+
+    def wait_for_server(self) -> str:
+        """Deliver what waits (up to the patience); returns what could not be delivered ('' if nothing)."""
+        self.outbox.deliver(self.patience_s)
+        return self.outbox.undelivered()
 
     def _draw(self, model: Any, x: torch.Tensor, path: Path) -> None:
         from torchvision.utils import save_image
