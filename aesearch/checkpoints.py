@@ -1,7 +1,7 @@
 """Checkpoint files: plain tensors and plain data, read back only with `weights_only=True`.
 
-A checkpoint holds everything that continues a run exactly (model, optimiser, epoch, RNG
-states, history, best weights so far) and everything that explains it (the resolved config and
+A checkpoint holds everything that continues a run exactly (model, optimiser, epoch, the
+state of the run's random generator, history, best weights so far) and everything that explains it (the resolved config and
 the dataset fingerprint). Nothing in it is a pickled object, so loading it runs no code.
 """
 

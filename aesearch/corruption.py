@@ -1,8 +1,8 @@
 """Input corruption for denoising autoencoders.
 
 Each corruption maps a clean batch x to a corrupted x~ on the same device, drawing from the
-given generator (the trainer's own, saved in checkpoints; None: torch's global RNG). Only the encoder's input is
-corrupted: the objective always compares the reconstruction with the clean x.
+given generator (the trainer's own, saved in checkpoints; None: torch's global RNG). Only the
+encoder's input is corrupted: the objective always compares the reconstruction with the clean x.
 
 `level` is the one knob of each kind: sigma (gaussian), p (salt_pepper, masking), a (uniform).
 Images live in [0, 1]; additive noises are clipped back to that range.

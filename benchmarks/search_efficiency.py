@@ -1,7 +1,7 @@
 """Search efficiency: TPE + ASHA against random search without early stopping, side by side.
 
     uv run python benchmarks/search_efficiency.py [--trials 24] [--epochs 10] [--train-samples 12000]
-                                                  [--concurrent 2] [--seeds 1] [--data-dir DIR]
+                                                  [--concurrent 2] [--seeds 1] [--first-seed 0] [--data-dir DIR]
 
 Two searches of the dense subspace of search_spaces/mnist_variants.yaml on MNIST (the first
 --train-samples training images; validation and test as usual), same trials, same epochs per
@@ -14,9 +14,9 @@ Target: the best val/recon_mse the full-budget random search finds, within 1% (x
 each search it prints the epochs trained (all trials together, in the order they were reported)
 and the wall time until some trial first reported a val/recon_mse at or below the target, and
 the epochs and wall time of the whole search, then the ratios; with --seeds N, N pairs (seeds
-0..N-1) and the medians of the ratios. Note that Optuna's TPE starts with random trials (its
-first 10), which with the same seed are the baseline's first 10: a baseline that finds its best
-among them is met by aesearch at about the same epoch. The issue's target: >= 3x fewer epochs.
+S..S+N-1, S = --first-seed) and the medians of the ratios. Optuna's TPE starts with random
+trials (its first 10), which with the same seed are the baseline's first 10: a baseline that
+finds its best among them is met by aesearch at about the same epoch. The issue's target: >= 3x fewer epochs.
 """
 
 from __future__ import annotations
@@ -118,14 +118,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--train-samples", type=int, default=12_000)
     parser.add_argument("--concurrent", type=int, default=2)
-    parser.add_argument("--seeds", type=int, default=1, help="pairs of searches, seeds 0..N-1")
+    parser.add_argument("--seeds", type=int, default=1, help="pairs of searches, seeds S..S+N-1")
+    parser.add_argument("--first-seed", type=int, default=0, help="S")
     parser.add_argument("--data-dir", type=Path)
     args = parser.parse_args()
     data_dir = mnist_dir(args.data_dir)
     print(f"{args.trials} trials x up to {args.epochs} epochs, dense subspace of mnist_variants.yaml, MNIST "
           f"({args.train_samples} training images), {args.concurrent} at a time; {platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    all_ratios = [compare(args, seed, data_dir) for seed in range(args.seeds)]
+    all_ratios = [compare(args, seed, data_dir) for seed in range(args.first_seed, args.first_seed + args.seeds)]
     if args.seeds > 1:
         for key in ("target_epochs", "target_wall", "whole_epochs", "whole_wall"):
             values = [r[key] for r in all_ratios if key in r]

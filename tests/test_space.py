@@ -128,6 +128,9 @@ def test_two_parameters_may_set_one_field_under_exclusive_conditions():
         ({"space": {"model.patch_size": {"type": "categorical", "choices": [3]}}, "base": {"model": {"architecture": "attention"}}}, r"the trial \{model\.patch_size=3\} is not a valid config: model\.patch_size=3 must divide"),
         ({"base": {"model": {"latent_dim": 0}}, "space": {"seed": {"type": "int", "low": 0, "high": 2}}}, r"model\.latent_dim=0"),
         ({"name": "a b"}, r"name='a b': String should match pattern"),
+        ({"sampler": "grid"}, r"sampler='grid': Input should be 'tpe' or 'random'"),
+        ({"early_stopping": "hyperband"}, r"early_stopping='hyperband': Input should be 'asha' or 'none'"),
+        ({"resources": {"pack": 0}}, r"resources\.pack=0: Input should be greater than or equal to 1"),
     ],
 )
 def test_malformed_space_names_the_field(change, expected):
@@ -157,3 +160,18 @@ def test_space_overrides_from_the_command_line(tmp_path):
     assert space.budget.num_samples == 3 and space.resources.cpu == 0.5
     with pytest.raises(ConfigError, match=r"budget\.max_epochs=0"):
         load_space(path, {"budget.max_epochs": 0})
+
+
+def test_every_sampler_and_early_stopping_the_schema_accepts_has_a_maker():
+    import typing
+
+    from aesearch.search import SAMPLERS, SCHEDULERS
+    from aesearch.space import SearchSpace
+
+    fields = SearchSpace.model_fields
+    assert set(typing.get_args(fields["sampler"].annotation)) == set(SAMPLERS)
+    assert set(typing.get_args(fields["early_stopping"].annotation)) == set(SCHEDULERS)
+    budget = parse_space({**MINIMAL, "budget": {"max_epochs": 7, "grace_period": 2}}).budget
+    asha, fifo = SCHEDULERS["asha"](budget), SCHEDULERS["none"](budget)
+    assert (asha._max_t, asha._grace_period) == (7, 2) and type(fifo).__name__ == "FIFOScheduler"
+    assert type(SAMPLERS["random"](3)).__name__ == "RandomSampler" and type(SAMPLERS["tpe"](3)).__name__ == "TPESampler"
