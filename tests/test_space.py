@@ -173,5 +173,5 @@ def test_every_sampler_and_early_stopping_the_schema_accepts_has_a_maker():
     assert set(typing.get_args(fields["early_stopping"].annotation)) == set(SCHEDULERS)
     budget = parse_space({**MINIMAL, "budget": {"max_epochs": 7, "grace_period": 2}}).budget
     asha, fifo = SCHEDULERS["asha"](budget), SCHEDULERS["none"](budget)
-    assert (asha._max_t, asha._grace_period) == (7, 2) and type(fifo).__name__ == "FIFOScheduler"
+    assert (asha._max_t, asha._time_attr) == (7, "epoch") and type(fifo).__name__ == "FIFOScheduler"
     assert type(SAMPLERS["random"](3)).__name__ == "RandomSampler" and type(SAMPLERS["tpe"](3)).__name__ == "TPESampler"
