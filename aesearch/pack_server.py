@@ -31,7 +31,7 @@ from aesearch.config import TrainConfig, parse_config
 from aesearch.data import Data
 from aesearch.errors import DivergedError
 from aesearch.models import build_model
-from aesearch.packing import pack_key, train_packed_epoch
+from aesearch.packing import pack_groups, pack_key, train_group_epoch
 from aesearch.train import EpochEnd, Reporter, Trainer, TrainResult
 
 MEMBER_CPU = 0.05  # what a member trial holds: it only reports, logs and writes checkpoints
@@ -156,27 +156,10 @@ class PackServer:
                         ready[member].set_result(reply)
 
     def _groups(self, members: list[str]) -> list[list[str]]:
-        """Members of one pack key together, at most `pack` to a group; the unpackable alone."""
-        by_key: dict[str, list[str]] = {}
-        groups = []
-        for member in members:
-            key = pack_key(self.members[member].config)
-            if key is None:
-                groups.append([member])
-            else:
-                by_key.setdefault(key, []).append(member)
-        for same in by_key.values():
-            groups += [same[i : i + self.pack] for i in range(0, len(same), self.pack)]
-        return groups
+        return pack_groups({member: self.members[member].config for member in members}, self.pack)
 
     def _train(self, trainers: list[Trainer]) -> list[EpochReply]:
-        if len(trainers) == 1:  # alone: the trainer's own epoch (any architecture)
-            try:
-                ends: list[EpochEnd | DivergedError] = [trainers[0].run_epoch()]
-            except DivergedError as error:
-                ends = [error]
-        else:
-            ends = train_packed_epoch(trainers)
+        ends = train_group_epoch(trainers)
         self.group_sizes[len(trainers)] += len(trainers)
         replies = []
         for trainer, end in zip(trainers, ends):

@@ -167,6 +167,33 @@ def check_packable(trainers: list[Trainer]) -> None:
             raise ValueError(f"trial {trainer.config.name!r} is on other data or another device than the pack")
 
 
+def pack_groups(configs: dict[str, TrainConfig], pack: int) -> list[list[str]]:
+    """The ids of `configs` grouped for training: one pack key together, at most `pack` to a
+    group; a config that cannot be packed alone."""
+    by_key: dict[str, list[str]] = {}
+    groups = []
+    for name, config in configs.items():
+        key = pack_key(config)
+        if key is None:
+            groups.append([name])
+        else:
+            by_key.setdefault(key, []).append(name)
+    for same in by_key.values():
+        groups += [same[i : i + pack] for i in range(0, len(same), pack)]
+    return groups
+
+
+def train_group_epoch(trainers: list[Trainer]) -> list[EpochEnd | DivergedError]:
+    """One epoch of each trainer of a group: fused, or the trainer's own epoch when it is alone
+    (any architecture)."""
+    if len(trainers) > 1:
+        return train_packed_epoch(trainers)
+    try:
+        return [trainers[0].run_epoch()]
+    except DivergedError as error:
+        return [error]
+
+
 def train_packed_epoch(trainers: list[Trainer]) -> list[EpochEnd | DivergedError]:
     """One epoch of every trainer, trained in one fused step per batch. Each member's result
     is its EpochEnd, or the DivergedError that ends that member alone."""
@@ -217,7 +244,7 @@ def _packed_train_pass(trainers: list[Trainer]) -> list[tuple[dict[str, float], 
         batch = images[orders[:, start : start + batch_size]]  # (members, batch, C, H, W)
         # Each member's corruption and latent noise from its own generator, in its own order.
         drawn = [t.inputs(batch[i]) for i, t in enumerate(trainers)]
-        x = torch.stack([d[0] for d in drawn])
+        x = batch
         x_in = torch.stack([d[1] for d in drawn])
         noise = torch.stack([d[2] for d in drawn]) if stochastic else None
         with first.forward_context():

@@ -48,7 +48,7 @@ from trainer_speed import mnist_dir  # noqa: E402
 from aesearch.data import load_data  # noqa: E402
 from aesearch.errors import ConfigError, DivergedError  # noqa: E402
 from aesearch.optimizers import OPTIMIZERS  # noqa: E402
-from aesearch.packing import pack_key, train_packed_epoch  # noqa: E402
+from aesearch.packing import pack_groups, train_group_epoch  # noqa: E402
 from aesearch.space import DefineByRun, SearchSpace, decode_params, trial_config  # noqa: E402
 from aesearch.train import Trainer  # noqa: E402
 
@@ -121,28 +121,17 @@ def alone(configs, data, device: str, unfused_adam: bool = False) -> tuple[float
 def packed(configs, data, device: str, pack: int) -> tuple[float, list[list[float]], list[int]]:
     sync(device)
     started = time.perf_counter()
-    by_key: dict[str, list[int]] = {}
-    for i, config in enumerate(configs):
-        by_key.setdefault(pack_key(config) or f"alone-{i}", []).append(i)
-    groups = [same[i : i + pack] for same in by_key.values() for i in range(0, len(same), pack)]
+    groups = pack_groups(dict(enumerate(configs)), pack)
     curves: list[list[float]] = [[] for _ in configs]
     for group in groups:
         trainers = {i: Trainer(configs[i], data) for i in group}
-        for _ in range(configs[group[0]].epochs):
-            if len(trainers) == 1:
-                (i, trainer), = trainers.items()
-                try:
-                    ends = [trainer.run_epoch()]
-                except DivergedError as error:
-                    ends = [error]
-            else:
-                ends = train_packed_epoch(list(trainers.values()))
+        while trainers:
+            ends = train_group_epoch(list(trainers.values()))
             for i, end in zip(list(trainers), ends):
-                curves[i].append(float("nan") if isinstance(end, DivergedError) else end.metrics["val/recon_mse"])
-                if isinstance(end, DivergedError):
+                diverged = isinstance(end, DivergedError)
+                curves[i].append(float("nan") if diverged else end.metrics["val/recon_mse"])
+                if diverged or trainers[i].epoch == configs[i].epochs:
                     del trainers[i]
-            if not trainers:
-                break
     sync(device)
     return time.perf_counter() - started, curves, [len(g) for g in groups]
 

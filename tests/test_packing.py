@@ -209,3 +209,14 @@ def test_a_packed_search_keeps_every_trial_its_own_and_trains_each_as_alone(tmp_
         config = make_config(**{**state["config"], "runtime": {"device": "cpu"}})
         alone = train_alone(config, digits)
         assert_same_epochs([report_epoch(r) for r in reports[trial]], alone, keys=COMPARED)
+
+
+def test_pack_groups_put_one_shape_together_up_to_the_pack_size_and_the_unpackable_alone():
+    from aesearch.packing import pack_groups
+
+    small = [make_config(seed=i, model={"hidden_dims": [32]}) for i in range(5)]
+    wide = make_config(model={"hidden_dims": [64]})
+    attention = make_config(model={"architecture": "attention", "patch_size": 4})
+    configs = {"a": small[0], "w": wide, "b": small[1], "t": attention, "c": small[2], "d": small[3], "e": small[4]}
+    assert sorted(pack_groups(configs, pack=2)) == sorted([["a", "b"], ["c", "d"], ["e"], ["w"], ["t"]])
+    assert sorted(pack_groups(configs, pack=8)) == sorted([["a", "b", "c", "d", "e"], ["w"], ["t"]])
