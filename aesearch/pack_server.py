@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -79,14 +78,13 @@ class PackServer:
         self.waiting: dict[str, asyncio.Future] = {}
         self.worker = ThreadPoolExecutor(1)  # device work one piece at a time, off the event loop
         self.rounds: asyncio.Task | None = None
-        self.group_sizes: Counter[int] = Counter()  # member-epochs trained in fused groups of each size
 
     async def _on_device(self, work, *args):
         return await asyncio.get_running_loop().run_in_executor(self.worker, work, *args)
 
-    async def describe(self) -> dict[str, Any]:
-        """Where it trains, whom, and how fused its epochs were."""
-        return {"device": str(self.device), "members": len(self.members), "group_sizes": dict(self.group_sizes)}
+    async def training_device(self) -> str:
+        """Where it trains: its members' runtime.device."""
+        return str(self.device)
 
     async def load(self, key: str | None) -> tuple[int, int]:
         """(members of this pack key, all members): for a new member choosing a server."""
@@ -160,7 +158,6 @@ class PackServer:
 
     def _train(self, trainers: list[Trainer]) -> list[EpochReply]:
         ends = train_group_epoch(trainers)
-        self.group_sizes[len(trainers)] += len(trainers)
         replies = []
         for trainer, end in zip(trainers, ends):
             if isinstance(end, DivergedError):

@@ -181,14 +181,13 @@ def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: 
                      "mlflow_run_id": run_id})
         return
     server = choose_server(servers, config, space.resources.pack) if servers else None
+    device = config.runtime.device
     if server is not None:  # the server's device trains it
-        device = ray.get(server.describe.remote())["device"]
-        config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"device": device})})
-    elif config.runtime.device == "auto":
-        # Ray hides no GPU from a trial that asked for none: use one only if it was given one.
+        device = ray.get(server.training_device.remote())
+    elif device == "auto":  # Ray hides no GPU from a trial that asked for none: use one only if given one
         device = "cuda" if ray.get_gpu_ids() else "cpu"
-        config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"device": device})})
-    if server is None and config.runtime.device.startswith("cuda"):
+    config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"device": device})})
+    if server is None and device.startswith("cuda"):
         gpu_memory_cap(space.resources.gpu)  # trials sharing a GPU each keep to their share
     run = TrialRun.for_trial(tracking, trial_id, number, config, data, node)
     extra = {"family": variant_family(config), "node": node, "mlflow_run_id": run.run_id}
