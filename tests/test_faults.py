@@ -161,8 +161,8 @@ def test_a_search_through_node_death_failing_trials_divergence_and_a_server_outa
     kill_node(workers[killed_node])
     alive = {node["node_id"] for node in cluster.nodes()} - {killed_node}
     wait_until(lambda: training(alive, 1, EPOCHS // 2, besides=killed_trial), "another trial in its first epochs")
+    down_since_ms = int(time.time() * 1000)  # from the kill: stopping takes seconds here (zombies reaped)
     cluster.stop_mlflow(grace=0)  # and the tracking server crashes: no time to finish a request
-    down_since_ms = int(time.time() * 1000)
     time.sleep(8)  # the other trials train on meanwhile; the killed one is retried
     back_at_ms = int(time.time() * 1000)
     cluster.start_mlflow()
