@@ -78,48 +78,61 @@ def cyclical(progress: float, epochs: int, kl: KLConfig) -> float:
     return min(1.0, position / kl.ramp_fraction)
 
 
-# --- sparsity penalties: (code, rho) -> batch-level penalty -------------------------------------
+# --- sparsity penalties: (code, rho, units) -> batch-level penalty ------------------------------
+# `units`: None, or 1 for the code units that exist and 0 for padding (a packed step pads the codes
+# of its members to one width, see aesearch.packing); padded units add nothing.
 
-SPARSITY_PENALTIES: Registry[Callable[[torch.Tensor, float], torch.Tensor]] = Registry("sparsity penalty")
+SPARSITY_PENALTIES: Registry[Callable[..., torch.Tensor]] = Registry("sparsity penalty")
 
 
 @SPARSITY_PENALTIES.register("l1")
-def l1_sparsity(code: torch.Tensor, rho: float) -> torch.Tensor:
+def l1_sparsity(code: torch.Tensor, rho: float, units: torch.Tensor | None = None) -> torch.Tensor:
     """sum_j |h_j| per sample, averaged over the batch (rho is not used)."""
-    return code.abs().sum(1).mean()
+    magnitude = code.abs() if units is None else code.abs() * units
+    return magnitude.sum(1).mean()
 
 
 @SPARSITY_PENALTIES.register("kl")
-def kl_sparsity(code: torch.Tensor, rho: float) -> torch.Tensor:
+def kl_sparsity(code: torch.Tensor, rho: float | torch.Tensor, units: torch.Tensor | None = None) -> torch.Tensor:
     """sum_j KL(rho || rho_hat_j), rho_hat_j the mean activation of unit j over the batch."""
     rho_hat = code.mean(0).clamp(1e-6, 1 - 1e-6)
-    return (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+    per_unit = rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))
+    return (per_unit if units is None else per_unit * units).sum()
 
 
 # --- contractive: ||d code / d x||_F^2 -----------------------------------------------------------
 
 
-def jacobian_norm_estimate(code: torch.Tensor, x: torch.Tensor, projections: int, create_graph: bool) -> torch.Tensor:
-    """Unbiased estimate of ||J||_F^2 per sample, J = d code / d x: E_v ||J^T v||^2 for random
-    signs v (Rademacher: E[v v^T] = I, with less variance than gaussian v).
+def random_directions(
+    projections: int, code_shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | None = None
+) -> torch.Tensor:
+    """(projections, *code_shape) random signs for the estimator below (Rademacher: E[v v^T] = I,
+    with less variance than gaussian v); drawn by the caller, from the run's generator."""
+    return torch.randint(0, 2, (projections, *code_shape), generator=generator, device=device).float() * 2 - 1
+
+
+def jacobian_norm_estimate(code: torch.Tensor, x: torch.Tensor, directions: torch.Tensor, create_graph: bool) -> torch.Tensor:
+    """Unbiased estimate of ||J||_F^2 per sample, J = d code / d x: the mean of ||J^T v||^2 over
+    the random sign vectors v in `directions` (see random_directions).
 
     One vector-Jacobian product per projection (a backward pass), instead of one per code unit.
     `x` must require grad and `code` must have been computed from it.
     """
     total = torch.zeros(code.shape[0], device=code.device, dtype=code.dtype)
-    for _ in range(projections):
-        v = torch.randint_like(code, 2) * 2 - 1
-        (vjp,) = torch.autograd.grad(code, x, v, create_graph=create_graph, retain_graph=True)
+    for v in directions:
+        (vjp,) = torch.autograd.grad(code, x, v.to(code.dtype), create_graph=create_graph, retain_graph=True)
         total = total + vjp.pow(2).flatten(1).sum(1)
-    return total / projections
+    return total / len(directions)
 
 
 def contractive_penalty(
-    model: Autoencoder, x_in: torch.Tensor, output: Output, projections: int, create_graph: bool
+    model: Autoencoder, x_in: torch.Tensor, output: Output, directions: torch.Tensor | None, create_graph: bool
 ) -> torch.Tensor:
+    """The batch mean of ||d code / d x||_F^2: in closed form where there is one, else estimated
+    along `directions`."""
     exact = model.exact_jacobian_norm(output.latent)
     if exact is None:
-        exact = jacobian_norm_estimate(output.latent.code, x_in, projections, create_graph)
+        exact = jacobian_norm_estimate(output.latent.code, x_in, directions, create_graph)
     return exact.mean()
 
 
@@ -166,28 +179,28 @@ class Objective:
         return {"recon": 1.0, "kl": beta, "sparsity": cfg.sparsity.weight, "contractive": cfg.contractive_weight}
 
     def terms(
-        self, model: Autoencoder, x: torch.Tensor, x_in: torch.Tensor, output: Output, rho: float | torch.Tensor | None = None
+        self, model: Autoencoder, x: torch.Tensor, x_in: torch.Tensor, output: Output, directions: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """The unweighted terms (batch means) for clean x, the encoder's input x_in and the
-        model's output on x_in. `rho`: the sparsity target, when not the config's (a packed
-        step passes each member's as a tensor)."""
+        model's output on x_in; `directions`: the contractive estimator's (needs_input_grad)."""
         cfg = self.config
         terms = {"recon": self.reconstruction(output.logits.float(), x).mean()}
         if self.uses_kl:
             terms["kl"] = gaussian_kl(output.latent.mu.float(), output.latent.logvar.float()).mean()
         if self.sparsity:
-            terms["sparsity"] = self.sparsity(output.latent.code.float(), cfg.sparsity.rho if rho is None else rho)
+            terms["sparsity"] = self.sparsity(output.latent.code.float(), cfg.sparsity.rho)
         if self.uses_contractive:
             terms["contractive"] = contractive_penalty(
-                model, x_in, output, cfg.contractive_projections, create_graph=model.training
+                model, x_in, output, directions, create_graph=model.training
             ).float()
         return terms
 
     def __call__(
-        self, model: Autoencoder, x: torch.Tensor, x_in: torch.Tensor, output: Output, beta: float
+        self, model: Autoencoder, x: torch.Tensor, x_in: torch.Tensor, output: Output, beta: float,
+        directions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, terms): the terms weighted and summed, in the order they are named."""
-        terms = self.terms(model, x, x_in, output)
+        terms = self.terms(model, x, x_in, output, directions)
         return weighted_sum(terms, self.weights(beta)), terms
 
 

@@ -16,7 +16,11 @@ to float rounding, and the pack keeps nothing between epochs: members join (a ne
 restored checkpoint) and leave (an early stop, a divergence) at any epoch boundary.
 
 Members must agree on everything but MEMBER_FIELDS: `pack_key` says which trainers can share a
-pack, `why_not_packable` why a config cannot be packed at all.
+pack, `why_not_packable` why a config cannot be packed at all. Latent widths may differ: the pack
+pads each member's weights to the widest code with zeros and masks the padded code units, so
+they stay zero, get no gradient and add nothing to any term. Reconstruction losses and sparsity
+penalties may differ too: the pack computes each kind its members use and weighs it per member
+with 1 or 0 (exact in floats).
 """
 
 from __future__ import annotations
@@ -27,20 +31,28 @@ import time
 
 import torch
 from torch import nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import functional_call, vmap
 from torch.optim.adam import adam
 from torch.optim.adamw import adamw
 
 from aesearch.config import TrainConfig, flatten
 from aesearch.errors import DivergedError
-from aesearch.models import ARCHITECTURES, Autoencoder
-from aesearch.objectives import Objective, weighted_sum
+from aesearch.models import ARCHITECTURES, Autoencoder, LatentOutput, Output, build_model
+from aesearch.objectives import (
+    RECONSTRUCTIONS,
+    SPARSITY_PENALTIES,
+    contractive_penalty,
+    gaussian_kl,
+    weighted_sum,
+)
 from aesearch.train import EpochEnd, Trainer
 
 # What may differ between the members of one pack: per-member numbers of the step (tensors with
 # one entry per member), host-side schedules, and what is not training at all.
 MEMBER_FIELDS = {
     "name", "seed", "epochs",
+    "model.latent_dim",  # padded to the widest member's (PaddedStack)
+    "objective.reconstruction", "objective.sparsity.kind",  # every kind in the pack computed, weighed per member
     "optimizer.name", "optimizer.lr", "optimizer.weight_decay",
     "corruption.kind", "corruption.level",  # the encoder's input is made per member, outside the fused step
     "objective.kl.beta", "objective.kl.schedule", "objective.kl.warmup_epochs", "objective.kl.cycles",
@@ -55,11 +67,6 @@ def why_not_packable(config: TrainConfig) -> str | None:
     model = config.model
     if not ARCHITECTURES[model.architecture].packs:
         return f"model.architecture={model.architecture!r} does not pack (vmap runs fused attention one member at a time)"
-    if config.objective.contractive_weight > 0 and not (model.architecture == "dense" and not model.hidden_dims):
-        return (
-            "the contractive penalty's estimator differentiates the code with respect to the input, "
-            "which a packed step does not; only the closed form (a dense model without hidden layers) packs"
-        )
     return None
 
 
@@ -77,18 +84,121 @@ def pack_key(config: TrainConfig) -> str | None:
     return json.dumps(shared, sort_keys=True)
 
 
-class MemberTerms(nn.Module):
+class PackTerms(nn.Module):
     """One member's forward pass and loss terms: the function a packed step maps over members.
     A module, so that `functional_call` swaps in a member's weights for the objective too (the
-    contractive closed form reads the latent's weight)."""
+    contractive closed form reads the latent's weight). It computes the union of the members'
+    terms; `choices` (per member) say which reconstruction loss and sparsity penalty are the
+    member's, `units` which code units exist."""
 
-    def __init__(self, model: Autoencoder, objective: Objective):
+    def __init__(self, model: Autoencoder, trainers: list[Trainer]):
         super().__init__()
-        self.model, self.objective = model, objective
+        self.model = model
+        objectives = [t.config.objective for t in trainers]
+        self.reconstructions = sorted({o.reconstruction for o in objectives})
+        self.sparsities = sorted({o.sparsity.kind for o in objectives} - {"none"})
+        self.uses_contractive = trainers[0].objective.uses_contractive  # the same in a pack (pack_key)
+        self.estimates_contractive = trainers[0].input_grad  # no closed form: d code / d x along directions
+        self.term_names = [
+            "recon", *(["kl"] if model.stochastic else []), *(["sparsity"] if self.sparsities else []),
+            *(["contractive"] if self.uses_contractive else []),
+        ]
 
-    def forward(self, x, x_in, noise, rho) -> dict[str, torch.Tensor]:
-        output = self.model(x_in, sample=True, noise=noise)
-        return self.objective.terms(self.model, x, x_in, output, rho)
+    def member_inputs(self, trainers: list[Trainer], width: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Per-member tensors (one row each): the one-hot choices, the sparsity target, the code units."""
+        objectives = [t.config.objective for t in trainers]
+        return {
+            "reconstruction": one_hot([o.reconstruction for o in objectives], self.reconstructions, device),
+            "sparsity": one_hot([o.sparsity.kind for o in objectives], self.sparsities, device),
+            "rho": torch.tensor([o.sparsity.rho for o in objectives], device=device),
+            "units": torch.stack([torch.arange(width, device=device) < t.model.latent_dim for t in trainers]).float(),
+        }
+
+    def forward(self, x, x_in, noise, directions, member) -> dict[str, torch.Tensor]:
+        units = member["units"]
+
+        def encode(x_in):
+            latent = self.model.encode(x_in, sample=True, noise=noise)
+            latent.z, latent.code = latent.z * units, latent.code * units  # padded units: 0, and no gradient
+            return latent.code, {name: value for name, value in vars(latent).items() if value is not None}
+
+        if self.estimates_contractive:  # torch.func's vector-Jacobian product: autograd.grad does not run in vmap
+            _, pullback, fields = torch.func.vjp(encode, x_in, has_aux=True)
+        else:
+            _, fields = encode(x_in)
+        latent = LatentOutput(**fields)
+        output = Output(self.model.decode(latent.z), latent)
+        logits, code = output.logits.float(), latent.code.float()
+        terms = {"recon": sum(member["reconstruction"][k] * RECONSTRUCTIONS[kind](logits, x).mean()
+                              for k, kind in enumerate(self.reconstructions))}
+        if self.model.stochastic:
+            terms["kl"] = gaussian_kl(latent.mu.float(), latent.logvar.float()).mean()
+        if self.sparsities:
+            terms["sparsity"] = sum(member["sparsity"][k] * SPARSITY_PENALTIES[kind](code, member["rho"], units)
+                                    for k, kind in enumerate(self.sparsities))
+        if self.estimates_contractive:  # as objectives.jacobian_norm_estimate
+            norms = sum(pullback(v.to(code.dtype))[0].pow(2).flatten(1).sum(1) for v in directions) / len(directions)
+            terms["contractive"] = norms.mean().float()
+        elif self.uses_contractive:
+            terms["contractive"] = contractive_penalty(self.model, x_in, output, None, create_graph=True).float()
+        return terms
+
+
+def one_hot(chosen: list[str], kinds: list[str], device: torch.device) -> torch.Tensor:
+    """(members, kinds): 1 where the member chose that kind; a member choosing none has a row of 0."""
+    return torch.tensor([[float(c == kind) for kind in kinds] for c in chosen], device=device).reshape(len(chosen), -1)
+
+
+class PaddedStack:
+    """The members' weights stacked along a new first dimension, each padded with zeros to the
+    widest member's latent width: along a dimension that scales with the width (k * latent_dim:
+    the latent's output, 2 chunks for a gaussian's mean and log-variance; the decoder's input), a
+    member's k chunks of d sit at 0, D, 2D... of the padded k * D. `template` is a model of the
+    padded shape: the skeleton that `functional_call` fills with each member's weights."""
+
+    def __init__(self, models: list[Autoencoder], template: Autoencoder):
+        self.models, self.width = models, template.latent_dim
+        self.params = {name: self._stack(name, [dict(m.named_parameters())[name] for m in models], param)
+                       for name, param in template.named_parameters()}
+        for stacked in self.params.values():
+            stacked.requires_grad_(True)
+        self.buffers = {name: self._stack(name, [dict(m.named_buffers())[name] for m in models], buffer)
+                        for name, buffer in template.named_buffers()}
+
+    def where(self, member: torch.Tensor, padded_shape: torch.Size, latent_dim: int) -> tuple:
+        """The index of a member's tensor inside its padded slice."""
+        if member.shape == padded_shape:
+            return (...,)
+        axes = []
+        for size, padded in zip(member.shape, padded_shape):
+            chunks = padded // self.width
+            if size == padded:
+                axes.append(torch.arange(size))
+            elif size == chunks * latent_dim and padded == chunks * self.width:
+                axes.append(torch.cat([torch.arange(latent_dim) + c * self.width for c in range(chunks)]))
+            else:
+                raise ValueError(f"a member's weight of shape {tuple(member.shape)} does not fit {tuple(padded_shape)}")
+        return torch.meshgrid(*axes, indexing="ij")
+
+    @torch.no_grad()
+    def _stack(self, name: str, members: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+        stacked = torch.zeros((len(members), *like.shape), dtype=members[0].dtype, device=members[0].device)
+        for i, (tensor, model) in enumerate(zip(members, self.models)):
+            stacked[i][self.where(tensor, like.shape, model.latent_dim)] = tensor
+        return stacked
+
+    def padded(self, i: int, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A member's tensor (a weight or its optimiser state) padded to the stack's shape."""
+        out = torch.zeros_like(self.params[name][i])
+        out[self.where(tensor, out.shape, self.models[i].latent_dim)] = tensor
+        return out
+
+    def unpadded(self, i: int, name: str, stacked: torch.Tensor) -> torch.Tensor:
+        """Member i's part of a stacked tensor (weights, or optimiser state of the same shape)."""
+        member = dict(self.models[i].named_parameters()).get(name)
+        if member is None:
+            member = dict(self.models[i].named_buffers())[name]
+        return stacked[i][self.where(member, stacked.shape[1:], self.models[i].latent_dim)]
 
 
 ADAM_STEPS = {False: adam, True: adamw}  # decoupled weight decay?
@@ -100,10 +210,10 @@ class PackedAdam:
     kernel the member's optimiser uses alone (fused on CPU and CUDA): the update is exactly the
     one it would make alone, in one launch per member."""
 
-    def __init__(self, params: dict[str, torch.Tensor], trainers: list[Trainer]):
-        self.params, self.trainers = params, trainers
+    def __init__(self, stack: PaddedStack, trainers: list[Trainer]):
+        self.stack, self.params, self.trainers = stack, stack.params, trainers
         self.exp_avg, self.exp_avg_sq, self.steps = {}, {}, []
-        for name, stacked in params.items():
+        for name, stacked in self.params.items():
             self.exp_avg[name] = torch.zeros_like(stacked)
             self.exp_avg_sq[name] = torch.zeros_like(stacked)
         for i, trainer in enumerate(trainers):
@@ -113,8 +223,8 @@ class PackedAdam:
             for name, param in trainer.model.named_parameters():
                 state = trainer.optimizer.state.get(param, {})
                 if state:
-                    self.exp_avg[name][i].copy_(state["exp_avg"])
-                    self.exp_avg_sq[name][i].copy_(state["exp_avg_sq"])
+                    self.exp_avg[name][i].copy_(stack.padded(i, name, state["exp_avg"]))
+                    self.exp_avg_sq[name][i].copy_(stack.padded(i, name, state["exp_avg_sq"]))
                 steps.append(torch.tensor(float(state.get("step", 0.0)), dtype=torch.float32, device=scalar_device))
             self.steps.append(steps)
 
@@ -146,8 +256,8 @@ class PackedAdam:
             for (name, param), step in zip(trainer.model.named_parameters(), self.steps[i]):
                 trainer.optimizer.state[param] = {
                     "step": step.clone(),
-                    "exp_avg": self.exp_avg[name][i].clone(),
-                    "exp_avg_sq": self.exp_avg_sq[name][i].clone(),
+                    "exp_avg": self.stack.unpadded(i, name, self.exp_avg[name]),
+                    "exp_avg_sq": self.stack.unpadded(i, name, self.exp_avg_sq[name]),
                 }
 
 
@@ -212,16 +322,21 @@ def train_packed_epoch(trainers: list[Trainer]) -> list[EpochEnd | DivergedError
 def _packed_train_pass(trainers: list[Trainer]) -> list[tuple[dict[str, float], float]]:
     """The training pass of `Trainer._train_pass`, for all members at once."""
     first, count = trainers[0], len(trainers)
-    device, objective = first.device, first.objective
+    device = first.device
     for trainer in trainers:
         trainer.model.train()
-    params, buffers = stack_module_state([t.model for t in trainers])
-    optimizer = PackedAdam(params, trainers)
-    member_terms = MemberTerms(first.model, objective)
+    width = max(t.model.latent_dim for t in trainers)
+    with torch.device("meta"):  # shapes only (functional_call supplies the weights), and no draw from torch's RNG
+        template = build_model(first.config.model.model_copy(update={"latent_dim": width}), first.data.spec.shape)
+    stack = PaddedStack([t.model for t in trainers], template)
+    params, buffers = stack.params, stack.buffers
+    optimizer = PackedAdam(stack, trainers)
+    pack_terms = PackTerms(template.train(), trainers)
+    member = pack_terms.member_inputs(trainers, width, device)
 
-    def terms_of_one(params, buffers, x, x_in, noise, rho):
+    def terms_of_one(params, buffers, x, x_in, noise, directions, member):
         state = {f"model.{name}": value for name, value in (params | buffers).items()}
-        return functional_call(member_terms, state, (x, x_in, noise, rho))
+        return functional_call(pack_terms, state, (x, x_in, noise, directions, member))
 
     images, batch_size = first.data.train_x, first.config.optimizer.batch_size
     steps = math.ceil(len(images) / batch_size)
@@ -234,37 +349,46 @@ def _packed_train_pass(trainers: list[Trainer]) -> list[tuple[dict[str, float], 
         name: torch.tensor([t.objective.weights(0.0)[name] for t in trainers], device=device)
         for name in ("sparsity", "contractive")
     }
-    rho = torch.tensor([t.config.objective.sparsity.rho for t in trainers], device=device)
-    stochastic = first.model.stochastic
-    mapped = vmap(terms_of_one, in_dims=(0, 0, 0, 0, 0 if stochastic else None, 0), randomness="error")
+    stochastic, estimates = first.model.stochastic, pack_terms.estimates_contractive
+    mapped = vmap(terms_of_one, in_dims=(0, 0, 0, 0, 0 if stochastic else None, 0 if estimates else None, 0),
+                  randomness="error")
 
-    sums = torch.zeros(count, 1 + len(objective.term_names), device=device)
+    def widened(draws: list[torch.Tensor]) -> torch.Tensor:
+        """The members' draws over code units, stacked, padded to the pack's code width."""
+        return torch.stack([nn.functional.pad(d, (0, width - d.shape[-1])) for d in draws])
+
+    sums = torch.zeros(count, 1 + len(pack_terms.term_names), device=device)
     for step in range(steps):
         start = step * batch_size
         batch = images[orders[:, start : start + batch_size]]  # (members, batch, C, H, W)
-        # Each member's corruption and latent noise from its own generator, in its own order.
+        # Each member's corruption, latent noise and directions from its own generator, in its own order.
         drawn = [t.inputs(batch[i]) for i, t in enumerate(trainers)]
         x = batch
-        x_in = torch.stack([d[1] for d in drawn])
-        noise = torch.stack([d[2] for d in drawn]) if stochastic else None
+        x_in = torch.stack([d.x_in.detach() for d in drawn])
+        noise = widened([d.noise for d in drawn]) if stochastic else None
+        directions = widened([d.directions for d in drawn]) if estimates else None
         with first.forward_context():
-            terms = mapped(params, buffers, x, x_in, noise, rho)
+            terms = mapped(params, buffers, x, x_in, noise, directions, member)
             losses = weighted_sum(terms, {"kl": betas[:, step], **weights})  # (members,)
         for param in params.values():
             param.grad = None
         losses.sum().backward()  # members are independent: each gets the gradient of its own loss
         optimizer.step()
-        per_member = torch.stack([losses.detach(), *(terms[n].detach() for n in objective.term_names)], dim=1)
+        per_member = torch.stack([losses.detach(), *(terms[n].detach() for n in pack_terms.term_names)], dim=1)
         sums.add_(per_member, alpha=x.shape[1])
 
     with torch.no_grad():
         for i, trainer in enumerate(trainers):
             for name, param in trainer.model.named_parameters():
-                param.copy_(params[name][i])
+                param.copy_(stack.unpadded(i, name, params[name]))
             for name, buffer in trainer.model.named_buffers():
-                buffer.copy_(buffers[name][i])
+                buffer.copy_(stack.unpadded(i, name, buffers[name]))
     optimizer.write_back()
 
     values = (sums / len(images)).tolist()  # the one host sync of the pass
-    names = ["train/loss", *(f"train/{n}" for n in objective.term_names)]
-    return [(dict(zip(names, row)), sum(member) / steps) for row, member in zip(values, host_betas)]
+    names = ["loss", *pack_terms.term_names]
+    return [
+        ({f"train/{n}": v for n, v in zip(names, row) if n == "loss" or n in trainer.objective.term_names},
+         sum(betas_of_member) / steps)
+        for row, trainer, betas_of_member in zip(values, trainers, host_betas)
+    ]

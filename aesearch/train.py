@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -28,7 +28,7 @@ from aesearch.data import Data
 from aesearch.errors import CheckpointError, ConfigError, DivergedError
 from aesearch.evaluate import evaluate
 from aesearch.models import Autoencoder, build_model, parameter_count
-from aesearch.objectives import Objective
+from aesearch.objectives import Objective, random_directions
 from aesearch.optimizers import OPTIMIZERS
 
 # The best epoch's weights are the ones evaluated and kept: the lowest validation objective
@@ -48,6 +48,15 @@ class EpochEnd:
 
 
 Reporter = Callable[[EpochEnd], None]
+
+
+class Inputs(NamedTuple):
+    """A batch as one step sees it; every random draw in it comes from the run's generator."""
+
+    x: torch.Tensor  # clean: what the reconstruction is compared with
+    x_in: torch.Tensor  # what the encoder is fed (corrupted, for a denoising AE)
+    noise: torch.Tensor | None  # (batch, latent_dim) standard normal: a gaussian latent's sample
+    directions: torch.Tensor | None  # (projections, batch, latent_dim) signs: the contractive estimator's
 
 
 @dataclass
@@ -177,17 +186,20 @@ class Trainer:
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return EpochEnd(self.epoch, metrics, is_best, self.save, self.model)
 
-    def inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(clean x, the encoder's input, the latent's sampling noise or None) for a batch."""
+    def inputs(self, x: torch.Tensor) -> Inputs:
+        """A batch and every random draw of its step, from the run's generator."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x_in = corrupt(x, self.config.corruption.kind, self.config.corruption.level, self.generator)
+        code_shape = (len(x), self.model.latent_dim)
+        noise = directions = None
+        if self.model.stochastic:
+            noise = torch.randn(code_shape, device=x.device, generator=self.generator)
         if self.input_grad:
             x_in = x_in.detach().requires_grad_(True)
-        noise = None
-        if self.model.stochastic:
-            noise = torch.randn(len(x), self.model.latent_dim, device=x.device, generator=self.generator)
-        return x, x_in, noise
+            directions = random_directions(self.config.objective.contractive_projections, code_shape, self.generator,
+                                           x.device)
+        return Inputs(x, x_in, noise, directions)
 
     def forward_context(self) -> contextlib.ExitStack:
         """bf16 autocast on CUDA; the math attention kernel when the loss differentiates twice
@@ -212,10 +224,10 @@ class Trainer:
             beta = objective.beta(self.epoch + step / steps)  # plain Python arithmetic: no sync
             beta_sum += beta
             start = step * batch_size
-            x, x_in, noise = self.inputs(images[order[start : start + batch_size]])
+            x, x_in, noise, directions = self.inputs(images[order[start : start + batch_size]])
             with self.forward_context():
                 output = model(x_in, noise=noise)
-                loss, terms = objective(model, x, x_in, output, beta)
+                loss, terms = objective(model, x, x_in, output, beta, directions)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -236,10 +248,10 @@ class Trainer:
         images, batch_size = self.data.val_x, self.config.evaluation.batch_size
         sums = torch.zeros(2 + len(objective.term_names), device=self.device)
         for start in range(0, len(images), batch_size):
-            x, x_in, noise = self.inputs(images[start : start + batch_size])
+            x, x_in, noise, directions = self.inputs(images[start : start + batch_size])
             with torch.set_grad_enabled(self.input_grad), self.forward_context():
                 output = model(x_in, sample=True, noise=noise)
-                loss, terms = objective(model, x, x_in, output, beta)
+                loss, terms = objective(model, x, x_in, output, beta, directions)
                 with torch.no_grad():
                     clean = output if (x_in is x and not model.stochastic) else model(x, sample=False)
                     squared_error = (clean.x_hat.float() - x).pow(2).mean(dim=(1, 2, 3)).sum()

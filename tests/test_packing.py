@@ -44,11 +44,33 @@ PACKS = {
         dict(epochs=3, seed=2, model={"hidden_dims": [], "latent_dim": 8, "code_activation": "sigmoid"},
              objective={"contractive_weight": 0.01}, optimizer={"weight_decay": 1e-3, "lr": 3e-3}),
     ],
-    "conv_salt_pepper": [
+    "contractive_estimator": [  # hidden layers: no closed form; d code / d x along each member's directions
+        dict(epochs=2, model={"hidden_dims": [32], "latent_dim": 6}, objective={"contractive_weight": 0.1,
+             "contractive_projections": 2}),
+        dict(epochs=2, seed=8, model={"hidden_dims": [32], "latent_dim": 4}, objective={"contractive_weight": 1.0,
+             "contractive_projections": 2, "reconstruction": "bce"}, corruption={"kind": "gaussian", "level": 0.2}),
+    ],
+    "conv_salt_pepper_other_widths": [
         dict(epochs=2, model={"architecture": "conv", "conv_channels": [8, 16], "latent_dim": 6},
              corruption={"kind": "salt_pepper", "level": 0.1}),
-        dict(epochs=2, seed=5, model={"architecture": "conv", "conv_channels": [8, 16], "latent_dim": 6},
+        dict(epochs=2, seed=5, model={"architecture": "conv", "conv_channels": [8, 16], "latent_dim": 3},
              corruption={"kind": "salt_pepper", "level": 0.3}, optimizer={"lr": 5e-4}),
+    ],
+    # Members of other latent widths (padded to the widest), reconstruction losses and sparsity penalties.
+    "dense_widths_losses_penalties": [
+        dict(epochs=3, model={"hidden_dims": [32], "latent_dim": 8}),
+        dict(epochs=3, seed=1, model={"hidden_dims": [32], "latent_dim": 3}, objective={"reconstruction": "bce"},
+             optimizer={"name": "adamw", "weight_decay": 1e-2}),
+        dict(epochs=3, seed=2, model={"hidden_dims": [32], "latent_dim": 5}, objective={"reconstruction": "l1",
+             "sparsity": {"kind": "l1", "weight": 0.05}}, corruption={"kind": "masking", "level": 0.3}),
+    ],
+    "vae_widths_losses": [
+        member(VAE, epochs=2),
+        member(VAE, epochs=2, seed=4, model={"latent_dim": 9}, objective={"reconstruction": "mse", "kl": {"beta": 0.5}}),
+    ],
+    "sparse_kl_widths": [  # sigmoid codes: a padded unit would be 0.5 and its rho_hat far from rho, but is masked
+        dict(epochs=2, model={"hidden_dims": [32], "latent_dim": 8}, objective={"sparsity": {"kind": "kl", "rho": 0.05}}),
+        dict(epochs=2, seed=6, model={"hidden_dims": [32], "latent_dim": 2}, objective={"sparsity": {"kind": "kl", "rho": 0.2}}),
     ],
 }
 
@@ -76,7 +98,7 @@ def train_alone(config, data) -> list[dict]:
 @pytest.mark.parametrize("name", sorted(PACKS))
 def test_packed_members_train_as_they_would_alone(name, digits):
     configs = [make_config(**sections) for sections in PACKS[name]]
-    assert pack_key(configs[0]) is not None and pack_key(configs[0]) == pack_key(configs[1])
+    assert pack_key(configs[0]) is not None and len({pack_key(config) for config in configs}) == 1
     trainers = [Trainer(config, digits) for config in configs]
     for _ in range(configs[0].epochs):
         ends = train_packed_epoch(trainers)
@@ -122,26 +144,32 @@ def test_a_diverging_member_ends_alone(digits):
 def test_pack_key_separates_what_cannot_share_a_step():
     base = make_config(model={"hidden_dims": [64, 32], "latent_dim": 8}, corruption={"kind": "gaussian", "level": 0.1})
     same = make_config(
-        name="other", seed=9, epochs=50, model={"hidden_dims": [64, 32], "latent_dim": 8},
+        name="other", seed=9, epochs=50, model={"hidden_dims": [64, 32], "latent_dim": 3},
         corruption={"kind": "masking", "level": 0.5}, optimizer={"name": "adamw", "lr": 0.01, "weight_decay": 0.1},
-        evaluation={"iwae_samples": 3},
+        evaluation={"iwae_samples": 3}, objective={"reconstruction": "bce", "sparsity": {"kind": "l1"}},
     )
     assert pack_key(base) == pack_key(same)
     for different in [
         dict(model={"hidden_dims": [64, 16], "latent_dim": 8}, corruption={"kind": "gaussian", "level": 0.1}),
-        dict(model={"hidden_dims": [64, 32], "latent_dim": 9}, corruption={"kind": "gaussian", "level": 0.1}),
+        dict(model={"hidden_dims": [64, 32], "latent_dim": 8, "latent": "gaussian"}, corruption={"kind": "gaussian", "level": 0.1}),
+        dict(model={"hidden_dims": [64, 32], "latent_dim": 8, "code_activation": "sigmoid"}, corruption={"kind": "gaussian", "level": 0.1}),
         dict(model={"hidden_dims": [64, 32], "latent_dim": 8, "activation": "gelu"}, corruption={"kind": "gaussian", "level": 0.1}),
         dict(model={"hidden_dims": [64, 32], "latent_dim": 8}, corruption={"kind": "gaussian", "level": 0.1}, optimizer={"batch_size": 64}),
         dict(model={"hidden_dims": [64, 32], "latent_dim": 8}, corruption={"kind": "gaussian", "level": 0.1}, data={"split_seed": 1}),
-        dict(model={"hidden_dims": [64, 32], "latent_dim": 8}, corruption={"kind": "gaussian", "level": 0.1}, objective={"reconstruction": "bce"}),
     ]:
         assert pack_key(make_config(**different)) != pack_key(base), different
 
+    # A contractive term is per member in weight, but whether it exists and how it is estimated is shared.
+    contractive = dict(model={"hidden_dims": [64, 32], "latent_dim": 8}, corruption={"kind": "gaussian", "level": 0.1})
+    weighted = make_config(**contractive, objective={"contractive_weight": 0.1})
+    assert pack_key(weighted) == pack_key(make_config(**contractive, objective={"contractive_weight": 1.0}))
+    assert pack_key(weighted) != pack_key(base)
+    assert pack_key(weighted) != pack_key(make_config(**contractive, objective={"contractive_weight": 0.1,
+                                                                                  "contractive_projections": 2}))
+
     attention = make_config(model={"architecture": "attention", "patch_size": 4})
-    estimated = make_config(model={"hidden_dims": [32]}, objective={"contractive_weight": 0.1})
     assert pack_key(attention) is None and "attention" in why_not_packable(attention)
-    assert pack_key(estimated) is None and "contractive" in why_not_packable(estimated)
-    assert why_not_packable(base) is None
+    assert why_not_packable(base) is None and why_not_packable(weighted) is None
 
 
 def test_a_pack_refuses_members_that_cannot_share_a_step(digits):
@@ -156,10 +184,12 @@ PACKED_SPACE = """
 name: packed
 data: {name: digits}
 base:
-  model: {hidden_dims: [32], latent_dim: 8}
+  model: {hidden_dims: [32]}
   optimizer: {batch_size: 64}
   evaluation: {iwae_samples: 5, kmeans_restarts: 1}
 space:
+  model.latent_dim: {type: int, low: 2, high: 12}
+  objective.reconstruction: {type: categorical, choices: [mse, bce]}
   corruption.kind: {type: categorical, choices: [none, gaussian]}
   sigma: {path: corruption.level, type: float, low: 0.05, high: 0.5, when: {corruption.kind: gaussian}}
   optimizer.lr: {type: float, low: 0.0001, high: 0.01, log: true}
