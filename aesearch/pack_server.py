@@ -35,6 +35,9 @@ from aesearch.train import EpochEnd, Reporter, Trainer, TrainResult
 
 MEMBER_CPU = 0.05  # what a member trial holds: it only reports, logs and writes checkpoints
 GATHER_S = 2.0  # how long a round waits for members still reporting their previous epoch
+# A member that has not asked for its next epoch this long after its last one (its trial process
+# died without leaving: a lost node, a kill) is dropped: rounds stop waiting for it, its memory is freed.
+SILENT_S = 300.0
 PACK_METRIC = "pack/members"  # reported each epoch: how many trials trained fused with this one
 
 
@@ -69,13 +72,15 @@ def gpu_memory_cap(fraction: float) -> None:
 
 @ray.remote
 class PackServer:
-    def __init__(self, data: Data, pack: int, gpu_fraction: float):
+    def __init__(self, data: Data, pack: int, gpu_fraction: float, silent_s: float = SILENT_S):
         self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
         gpu_memory_cap(gpu_fraction if self.device.type == "cuda" else 0)
         self.data = data.to(self.device)  # one copy on the device, shared by every member
         self.pack = pack
         self.members: dict[str, Trainer] = {}
         self.waiting: dict[str, asyncio.Future] = {}
+        self.silent_s = silent_s
+        self.answered: dict[str, float] = {}  # member -> when it joined or last got an epoch
         self.worker = ThreadPoolExecutor(1)  # device work one piece at a time, off the event loop
         self.rounds: asyncio.Task | None = None
 
@@ -103,8 +108,12 @@ class PackServer:
             return trainer
 
         self.members[member] = await self._on_device(make)
+        self.answered[member] = time.monotonic()
 
     async def next_epoch(self, member: str) -> EpochReply:
+        if member not in self.members:  # dropped as silent, or this server was restarted empty
+            raise LookupError(f"trial {member} is no longer a member of this pack server (silent for over "
+                              f"{self.silent_s:.0f} s, or the server restarted): its retry joins again")
         future = asyncio.get_running_loop().create_future()
         self.waiting[member] = future
         if self.rounds is None or self.rounds.done():
@@ -114,6 +123,7 @@ class PackServer:
     async def finish(self, member: str, train_seconds: float) -> TrainResult:
         """The member's result (its best weights evaluated here), on the CPU; it leaves."""
         trainer = self.members.pop(member)
+        self.answered.pop(member, None)
 
         def evaluate() -> TrainResult:
             result = trainer.result(train_seconds)
@@ -125,6 +135,7 @@ class PackServer:
     async def leave(self, member: str) -> None:
         """A member that ends early (ASHA stopped it, it failed) frees its place."""
         self.members.pop(member, None)
+        self.answered.pop(member, None)
         waiting = self.waiting.pop(member, None)
         if waiting is not None and not waiting.done():
             waiting.cancel()
@@ -132,7 +143,7 @@ class PackServer:
     async def _run_rounds(self) -> None:
         while self.waiting:
             gathering_until = time.monotonic() + GATHER_S
-            while not self.waiting.keys() >= self.members.keys() and time.monotonic() < gathering_until:
+            while not self.waiting.keys() >= self._expected() and time.monotonic() < gathering_until:
                 await asyncio.sleep(0.01)
             ready, self.waiting = self.waiting, {}  # who asks from now on waits for the next round
             for group in self._groups([m for m in ready if m in self.members]):
@@ -148,10 +159,19 @@ class PackServer:
                             ready[member].set_exception(error)
                     continue
                 for member, reply in zip(group, replies):
+                    self.answered[member] = time.monotonic()
                     if reply.diverged:
                         self.members.pop(member, None)
                     if not ready[member].done():
                         ready[member].set_result(reply)
+
+    def _expected(self) -> set[str]:
+        """The members a round waits for; drops those silent for longer than `silent_s`."""
+        now = time.monotonic()
+        for member in [m for m in self.members if m not in self.waiting and now - self.answered[m] > self.silent_s]:
+            print(f"pack server: dropped member {member}, silent for {now - self.answered.pop(member):.0f} s")
+            self.members.pop(member)
+        return set(self.members)
 
     def _groups(self, members: list[str]) -> list[list[str]]:
         return pack_groups({member: self.members[member].config for member in members}, self.pack)

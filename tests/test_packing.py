@@ -1,6 +1,7 @@
 """Packed training (aesearch.packing) gives each member the epochs it would have trained alone."""
 
 import math
+import sys
 
 import pytest
 
@@ -8,7 +9,8 @@ from aesearch.checkpoints import load_checkpoint
 from aesearch.errors import DivergedError
 from aesearch.packing import pack_key, train_packed_epoch, why_not_packable
 from aesearch.train import Trainer, train
-from tests.conftest import make_config
+from tests.conftest import REPO, make_config
+from tests.searching import run
 
 VAE = dict(
     model={"latent": "gaussian", "hidden_dims": [32], "latent_dim": 4},
@@ -206,7 +208,7 @@ def test_a_packed_search_keeps_every_trial_its_own_and_trains_each_as_alone(tmp_
     would have trained alone, though members joined and left the pack as the search went."""
     from mlflow import MlflowClient
 
-    from tests.searching import run, search_command, trial_reports, tracking_uri
+    from tests.searching import search_command, trial_reports, tracking_uri
 
     space = tmp_path / "packed.yaml"
     space.write_text(PACKED_SPACE)
@@ -250,3 +252,39 @@ def test_pack_groups_put_one_shape_together_up_to_the_pack_size_and_the_unpackab
     configs = {"a": small[0], "w": wide, "b": small[1], "t": attention, "c": small[2], "d": small[3], "e": small[4]}
     assert sorted(pack_groups(configs, pack=2)) == sorted([["a", "b"], ["c", "d"], ["e"], ["w"], ["t"]])
     assert sorted(pack_groups(configs, pack=8)) == sorted([["a", "b", "c", "d", "e"], ["w"], ["t"]])
+
+
+SILENT_MEMBER = """
+import ray
+from aesearch.data import load_data
+from aesearch.pack_server import PackServer
+from tests.conftest import make_config
+from tests.test_packing import VAE, member
+
+ray.init(num_cpus=1, include_dashboard=False)
+data = load_data(make_config().data)
+server = PackServer.remote(data, 2, 0.0, silent_s=0.5)
+config = make_config(**member(VAE, epochs=3)).model_dump(mode="json")
+ray.get([server.join.remote(name, config, None) for name in ("steady", "lost")])
+replies = [ray.get(server.next_epoch.remote("steady")) for _ in range(3)]  # "lost" never asks
+print("epochs", [reply.epoch for reply in replies], "members", replies[-1].metrics["pack/members"])
+for name in ("lost", "never joined"):
+    try:
+        ray.get(server.next_epoch.remote(name), timeout=60)
+        print(name, "answered")
+    except ray.exceptions.RayTaskError as error:
+        print(name, "refused:", str(error).strip().splitlines()[-1])
+ray.shutdown()
+"""
+
+
+def test_a_pack_server_drops_a_silent_member_and_says_so_when_it_comes_back(ray_env):
+    """A member whose trial process died without leaving stops holding up the rounds of the others;
+    asking again after it was dropped fails with a clear error (its retry joins again), never hangs."""
+    done = run([sys.executable, "-c", SILENT_MEMBER], ray_env, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert "epochs [1, 2, 3] members 1.0" in lines  # it trained on, without the silent member
+    for name in ("lost", "never joined"):
+        line = next(line for line in lines if line.startswith(name))
+        assert "refused:" in line and f"trial {name} is no longer a member of this pack server" in line, line
