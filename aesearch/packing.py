@@ -88,8 +88,8 @@ class PackTerms(nn.Module):
     """One member's forward pass and loss terms: the function a packed step maps over members.
     A module, so that `functional_call` swaps in a member's weights for the objective too (the
     contractive closed form reads the latent's weight). It computes the union of the members'
-    terms; `choices` (per member) say which reconstruction loss and sparsity penalty are the
-    member's, `units` which code units exist."""
+    terms; `member` (its tensors from member_inputs) says which reconstruction loss and sparsity
+    penalty are the member's, its sparsity target and which code units exist."""
 
     def __init__(self, model: Autoencoder, trainers: list[Trainer]):
         super().__init__()
@@ -158,11 +158,11 @@ class PaddedStack:
 
     def __init__(self, models: list[Autoencoder], template: Autoencoder):
         self.models, self.width = models, template.latent_dim
-        self.params = {name: self._stack(name, [dict(m.named_parameters())[name] for m in models], param)
+        self.params = {name: self._stack([dict(m.named_parameters())[name] for m in models], param)
                        for name, param in template.named_parameters()}
         for stacked in self.params.values():
             stacked.requires_grad_(True)
-        self.buffers = {name: self._stack(name, [dict(m.named_buffers())[name] for m in models], buffer)
+        self.buffers = {name: self._stack([dict(m.named_buffers())[name] for m in models], buffer)
                         for name, buffer in template.named_buffers()}
 
     def where(self, member: torch.Tensor, padded_shape: torch.Size, latent_dim: int) -> tuple:
@@ -181,7 +181,7 @@ class PaddedStack:
         return torch.meshgrid(*axes, indexing="ij")
 
     @torch.no_grad()
-    def _stack(self, name: str, members: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    def _stack(self, members: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         stacked = torch.zeros((len(members), *like.shape), dtype=members[0].dtype, device=members[0].device)
         for i, (tensor, model) in enumerate(zip(members, self.models)):
             stacked[i][self.where(tensor, like.shape, model.latent_dim)] = tensor
