@@ -111,18 +111,14 @@ def random_directions(
     return torch.randint(0, 2, (projections, *code_shape), generator=generator, device=device).float() * 2 - 1
 
 
-def jacobian_norm_estimate(code: torch.Tensor, x: torch.Tensor, directions: torch.Tensor, create_graph: bool) -> torch.Tensor:
+def jacobian_norm_estimate(pullback: Callable[[torch.Tensor], torch.Tensor], directions: torch.Tensor) -> torch.Tensor:
     """Unbiased estimate of ||J||_F^2 per sample, J = d code / d x: the mean of ||J^T v||^2 over
-    the random sign vectors v in `directions` (see random_directions).
+    the random sign vectors v in `directions` (see random_directions). `pullback(v)` is J^T v,
+    per sample: autograd's vector-Jacobian product here, torch.func's in a packed step.
 
     One vector-Jacobian product per projection (a backward pass), instead of one per code unit.
-    `x` must require grad and `code` must have been computed from it.
     """
-    total = torch.zeros(code.shape[0], device=code.device, dtype=code.dtype)
-    for v in directions:
-        (vjp,) = torch.autograd.grad(code, x, v.to(code.dtype), create_graph=create_graph, retain_graph=True)
-        total = total + vjp.pow(2).flatten(1).sum(1)
-    return total / len(directions)
+    return sum(pullback(v).pow(2).flatten(1).sum(1) for v in directions) / len(directions)
 
 
 def contractive_penalty(
@@ -131,8 +127,13 @@ def contractive_penalty(
     """The batch mean of ||d code / d x||_F^2: in closed form where there is one, else estimated
     along `directions`."""
     exact = model.exact_jacobian_norm(output.latent)
-    if exact is None:
-        exact = jacobian_norm_estimate(output.latent.code, x_in, directions, create_graph)
+    if exact is None:  # x_in requires grad, and the code was computed from it
+        code = output.latent.code
+
+        def pullback(v: torch.Tensor) -> torch.Tensor:
+            return torch.autograd.grad(code, x_in, v.to(code.dtype), create_graph=create_graph, retain_graph=True)[0]
+
+        exact = jacobian_norm_estimate(pullback, directions)
     return exact.mean()
 
 

@@ -43,6 +43,7 @@ from aesearch.objectives import (
     SPARSITY_PENALTIES,
     contractive_penalty,
     gaussian_kl,
+    jacobian_norm_estimate,
     weighted_sum,
 )
 from aesearch.train import EpochEnd, Trainer
@@ -136,8 +137,8 @@ class PackTerms(nn.Module):
         if self.sparsities:
             terms["sparsity"] = sum(member["sparsity"][k] * SPARSITY_PENALTIES[kind](code, member["rho"], units)
                                     for k, kind in enumerate(self.sparsities))
-        if self.estimates_contractive:  # as objectives.jacobian_norm_estimate
-            norms = sum(pullback(v.to(code.dtype))[0].pow(2).flatten(1).sum(1) for v in directions) / len(directions)
+        if self.estimates_contractive:
+            norms = jacobian_norm_estimate(lambda v: pullback(v.to(latent.code.dtype))[0], directions)
             terms["contractive"] = norms.mean().float()
         elif self.uses_contractive:
             terms["contractive"] = contractive_penalty(self.model, x_in, output, None, create_graph=True).float()
@@ -146,7 +147,7 @@ class PackTerms(nn.Module):
 
 def one_hot(chosen: list[str], kinds: list[str], device: torch.device) -> torch.Tensor:
     """(members, kinds): 1 where the member chose that kind; a member choosing none has a row of 0."""
-    return torch.tensor([[float(c == kind) for kind in kinds] for c in chosen], device=device).reshape(len(chosen), -1)
+    return torch.tensor([[float(c == kind) for kind in kinds] for c in chosen], device=device)
 
 
 class PaddedStack:
@@ -158,47 +159,47 @@ class PaddedStack:
 
     def __init__(self, models: list[Autoencoder], template: Autoencoder):
         self.models, self.width = models, template.latent_dim
-        self.params = {name: self._stack([dict(m.named_parameters())[name] for m in models], param)
+        self.shapes = [{name: tensor.shape for name, tensor in [*m.named_parameters(), *m.named_buffers()]}
+                       for m in models]  # each member's own, by name
+        self.params = {name: self._stack(name, [dict(m.named_parameters())[name] for m in models], param)
                        for name, param in template.named_parameters()}
         for stacked in self.params.values():
             stacked.requires_grad_(True)
-        self.buffers = {name: self._stack([dict(m.named_buffers())[name] for m in models], buffer)
+        self.buffers = {name: self._stack(name, [dict(m.named_buffers())[name] for m in models], buffer)
                         for name, buffer in template.named_buffers()}
 
-    def where(self, member: torch.Tensor, padded_shape: torch.Size, latent_dim: int) -> tuple:
-        """The index of a member's tensor inside its padded slice."""
-        if member.shape == padded_shape:
+    def where(self, i: int, name: str, padded_shape: torch.Size) -> tuple:
+        """The index of member i's tensor `name` inside its padded slice."""
+        shape, latent_dim = self.shapes[i][name], self.models[i].latent_dim
+        if shape == padded_shape:
             return (...,)
         axes = []
-        for size, padded in zip(member.shape, padded_shape):
+        for size, padded in zip(shape, padded_shape):
             chunks = padded // self.width
             if size == padded:
                 axes.append(torch.arange(size))
             elif size == chunks * latent_dim and padded == chunks * self.width:
                 axes.append(torch.cat([torch.arange(latent_dim) + c * self.width for c in range(chunks)]))
             else:
-                raise ValueError(f"a member's weight of shape {tuple(member.shape)} does not fit {tuple(padded_shape)}")
+                raise ValueError(f"{name} of shape {tuple(shape)} does not fit {tuple(padded_shape)}")
         return torch.meshgrid(*axes, indexing="ij")
 
     @torch.no_grad()
-    def _stack(self, members: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    def _stack(self, name: str, members: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         stacked = torch.zeros((len(members), *like.shape), dtype=members[0].dtype, device=members[0].device)
-        for i, (tensor, model) in enumerate(zip(members, self.models)):
-            stacked[i][self.where(tensor, like.shape, model.latent_dim)] = tensor
+        for i, tensor in enumerate(members):
+            stacked[i][self.where(i, name, like.shape)] = tensor
         return stacked
 
     def padded(self, i: int, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """A member's tensor (a weight or its optimiser state) padded to the stack's shape."""
         out = torch.zeros_like(self.params[name][i])
-        out[self.where(tensor, out.shape, self.models[i].latent_dim)] = tensor
+        out[self.where(i, name, out.shape)] = tensor
         return out
 
     def unpadded(self, i: int, name: str, stacked: torch.Tensor) -> torch.Tensor:
         """Member i's part of a stacked tensor (weights, or optimiser state of the same shape)."""
-        member = dict(self.models[i].named_parameters()).get(name)
-        if member is None:
-            member = dict(self.models[i].named_buffers())[name]
-        return stacked[i][self.where(member, stacked.shape[1:], self.models[i].latent_dim)]
+        return stacked[i][self.where(i, name, stacked.shape[1:])]
 
 
 ADAM_STEPS = {False: adam, True: adamw}  # decoupled weight decay?
