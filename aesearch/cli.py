@@ -29,6 +29,7 @@ from pathlib import Path
 from aesearch.errors import DivergedError, UserError
 
 EXIT_DIVERGED = 1
+EXIT_NOTHING_RAN = 1  # a search whose every trial errored or never started
 EXIT_NOT_REPRODUCED = 1
 EXIT_USER_ERROR = 2
 
@@ -176,6 +177,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
         raise UserError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit")
     from aesearch.search import (
+        NothingRan,
         SearchInterrupted,
         SearchOptions,
         experiment_folder,
@@ -197,6 +199,10 @@ def cmd_search(args: argparse.Namespace) -> int:
               f"{args.space} --name {options.name} --storage {options.storage} --resume"
               + (f" --tracking-uri {options.tracking_uri}" if args.tracking_uri else ""), file=sys.stderr)
         return 130
+    except NothingRan as failure:
+        print(format_leaderboard(failure.board, space, where=experiment_folder(options)))
+        say_error(failure)
+        return EXIT_NOTHING_RAN
     print(format_leaderboard(board, space, where=experiment_folder(options)))
     ui = "aesearch ui" + (f" --tracking-uri {options.tracking_uri}" if args.tracking_uri else "")
     print(f"mlflow:  experiment {options.name!r} in {options.tracking_uri} (browse it: {ui})")

@@ -14,12 +14,10 @@ so a trial pays neither a process start nor `import torch`.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -78,6 +76,7 @@ from aesearch.pack_server import (  # noqa: E402
     stop_servers,
     train_in_pack,
 )
+from aesearch.ray_cluster import check_reachable, connect  # noqa: E402
 from aesearch.space import (  # noqa: E402
     DefineByRun,
     SearchSpace,
@@ -336,6 +335,7 @@ def search(space: SearchSpace, options: SearchOptions) -> pd.DataFrame:
     board = leaderboard(results, space)
     folder = SearchFolder(options)
     folder.write("leaderboard.csv", board.to_csv(index=False))
+    failed = nothing_ran(board)
     patience = space.budget.tracking_patience_s
     try:  # a tracking server that is down now is waited for, up to the patience
         finite = board[board[space.objective.metric].map(is_finite_number)]
@@ -343,14 +343,33 @@ def search(space: SearchSpace, options: SearchOptions) -> pd.DataFrame:
             best = finite.iloc[0]
             metrics = {k: best[k] for k in LEADERBOARD_METRICS if pd.notna(best.get(k))}
             patiently(lambda: runs.register_best(best["trial"], metrics), patience)
-        patiently(lambda: runs.finish("FINISHED", board.to_csv(index=False), set(board["trial"])), patience)
+        closing = "FAILED" if failed else "FINISHED"
+        patiently(lambda: runs.finish(closing, board.to_csv(index=False), set(board.get("trial", []))), patience)
     except Exception as error:
         if not is_unreachable(error):
             raise
         print(f"aesearch: warning: the tracking server {uri} did not answer for {patience:g} s: the search run is "
               f"not closed and its best model not registered; the leaderboard is in {folder.uri}/leaderboard.csv",
               file=sys.stderr)
+    if failed:
+        raise NothingRan(options.name, board, f"{folder.uri}/leaderboard.csv")
     return board
+
+
+class NothingRan(Exception):
+    """Every trial of the search errored or never started: it found nothing, and says so."""
+
+    def __init__(self, name: str, board: pd.DataFrame, where: str):
+        self.board = board
+        counts = Counter(outcome_kind(state) for state in board.get("outcome", []))
+        states = ", ".join(f"{n} {state}" for state, n in counts.most_common()) or "no trial started"
+        super().__init__(f"search {name!r}: no trial ran to an end ({states}); each trial's error is in its "
+                         f"MLflow run (errors/tracebacks.txt) and the leaderboard, {where}")
+
+
+def nothing_ran(board: pd.DataFrame) -> bool:
+    """No trial trained to an outcome of its own: each errored, or none started."""
+    return board.empty or bool(board["outcome"].map(outcome_kind).isin({"errored", "not started"}).all())
 
 
 def check_tracking(options: SearchOptions, uri: str) -> None:
@@ -414,38 +433,6 @@ def check_resources(space: SearchSpace, local: bool) -> None:
             if local:
                 raise UserError(message)
             print(f"aesearch: warning: {message}; trials wait until the cluster grows", file=sys.stderr)
-
-
-def connect(address: str | None) -> None:
-    quiet = {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": True}
-    if not address:
-        ray.init(include_dashboard=False, **quiet)
-        return
-    # An explicit address does not turn Ray's token authentication on by itself: keep it on.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    # A cluster that refuses us (a wrong token) is otherwise retried for ~20 s, once a second.
-    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "3")
-    try:
-        ray.init(address=address, **quiet)
-    except (ConnectionError, RuntimeError, ray.exceptions.RayError) as error:
-        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-        raise UserError(
-            f"--address {address}: cannot connect to the Ray cluster (is it running, and does this "
-            f"machine have its token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token?): {reason}"
-        ) from None
-
-
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds, not minutes, when nothing listens at a cluster address (Ray retries)."""
-    if address == "auto":
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"--address {address}: expected HOST:PORT (or ray://HOST:PORT, or auto)")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as error:
-        raise UserError(f"--address {address}: no Ray cluster answers there ({error.strerror or error})") from None
 
 
 SAMPLERS = {  # space.sampler -> Optuna's sampler for a seed

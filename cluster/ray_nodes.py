@@ -14,12 +14,18 @@ Why not `ray start` once per node: on one machine a worker node cannot join 127.
 loopback address with the machine's outward one. Ray's own `cluster_utils.Cluster` starts the same
 processes (GCS, raylets, dashboard) and keeps them on 127.0.0.1 when RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0.
 Token authentication is on when RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH name it.
+
+With --temp-dir, everything Ray writes stays in DIR: `Cluster` also writes the head's address into
+`<Ray's default temp folder>/ray_current_cluster` (/tmp/ray/ unless RAY_TMPDIR says otherwise), a
+folder that exists only where an earlier Ray run made it; RAY_TMPDIR=DIR points it into DIR/ray/.
 """
 
 import argparse
 import json
+import os
 import signal
 import threading
+from pathlib import Path
 
 from ray.cluster_utils import Cluster
 
@@ -37,7 +43,11 @@ def main() -> None:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    where = {"temp_dir": args.temp_dir} if args.temp_dir else {}
+    where = {}
+    if args.temp_dir:
+        where = {"temp_dir": args.temp_dir}
+        os.environ["RAY_TMPDIR"] = args.temp_dir  # read when Cluster writes ray_current_cluster
+        Path(args.temp_dir, "ray").mkdir(parents=True, exist_ok=True)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": args.cpus_per_node, "gcs_server_port": args.port, "include_dashboard": True,
         "dashboard_host": "127.0.0.1", "dashboard_port": args.dashboard_port, **where,

@@ -1,0 +1,158 @@
+"""A search against a Ray cluster that aesearch did not start, as a new user meets one: clusters
+started by cluster/ray_nodes.py on a machine where Ray never ran (an empty TMPDIR, no /tmp/ray
+for Ray to find), one with token authentication and one without, and drivers on both settings.
+
+The driver follows the cluster's authentication unless RAY_AUTH_MODE is set in its environment;
+a cluster that cannot run the driver's work is one line and exit status 2 before anything is
+written; a search whose every trial errored exits 1.
+"""
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO
+from tests.searching import run, search_command, write_space
+
+sys.path.insert(0, str(REPO / "cluster"))
+from rehearsal import BIN, Service, free_port, write_secret  # noqa: E402
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This machine's environment without any Ray authentication or temp-folder setting."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH_", "RAY_TMPDIR"))}
+    env.update({"PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "PYTHONUNBUFFERED": "1", **extra})
+    return env
+
+
+class Nodes:
+    """Two Ray nodes (1 CPU each) started by cluster/ray_nodes.py, as a user starts their cluster."""
+
+    def __init__(self, folder: Path, env: dict[str, str]):
+        self.fresh_tmp = folder / "tmp"  # the machine's TMPDIR: empty, as where Ray never ran
+        self.fresh_tmp.mkdir(parents=True)
+        # Ray's socket paths must fit in 107 bytes: a short folder of its own
+        self.temp_dir = Path(subprocess.check_output(["mktemp", "-d", "/tmp/aesearch-auth-XXXXXX"], text=True).strip())
+        self.address = f"127.0.0.1:{free_port()}"
+        log = folder / "ray-nodes.log"
+        command = [sys.executable, str(REPO / "cluster" / "ray_nodes.py"), "2", "--port", self.address.split(":")[1],
+                   "--dashboard-port", str(free_port()), "--temp-dir", str(self.temp_dir)]
+        with open(log, "w") as output:
+            process = subprocess.Popen(command, env={**env, "TMPDIR": str(self.fresh_tmp)}, start_new_session=True,
+                                       stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
+        self.service = Service("ray-nodes", process, log)
+        deadline = time.monotonic() + 180
+        while "Ray nodes, head at" not in log.read_text():
+            if not self.service.alive() or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"cluster/ray_nodes.py did not start its nodes:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.service.stop()
+        subprocess.run(["rm", "-rf", str(self.temp_dir)], check=False)
+
+
+@pytest.fixture(scope="module")
+def token(tmp_path_factory) -> Path:
+    return write_secret(tmp_path_factory.mktemp("token") / "ray_token", secrets.token_hex(32))
+
+
+@pytest.fixture(scope="module")
+def open_cluster(tmp_path_factory):
+    """Ray's defaults: no RAY_AUTH_MODE on the nodes, so no token authentication."""
+    nodes = Nodes(tmp_path_factory.mktemp("open-cluster"), clean_env())
+    yield nodes
+    nodes.stop()
+
+
+@pytest.fixture(scope="module")
+def token_cluster(tmp_path_factory, token):
+    nodes = Nodes(tmp_path_factory.mktemp("token-cluster"),
+                  clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token)))
+    yield nodes
+    nodes.stop()
+
+
+def search(folder: Path, nodes: Nodes, env: dict[str, str], trials: int = 2, **space_options):
+    space = write_space(folder, "first-contact", trials=trials, epochs=1, grace=1)
+    for key, value in space_options.items():  # a budget setting of the test's own
+        space.write_text(space.read_text().replace("keep_checkpoints: 10", f"keep_checkpoints: 10, {key}: {value}"))
+    return run(search_command(space, folder / "results", "--address", nodes.address), env, cwd=folder, timeout=400)
+
+
+def finished_trials(folder: Path) -> pd.DataFrame:
+    return pd.read_csv(folder / "results" / "first-contact" / "leaderboard.csv")
+
+
+def test_ray_nodes_start_where_ray_never_ran_and_write_only_into_their_own_folder(open_cluster):
+    assert (open_cluster.temp_dir / "ray" / "ray_current_cluster").read_text() == open_cluster.address
+    assert not (open_cluster.fresh_tmp / "ray").exists()  # Ray's default folder neither needed nor made
+
+
+def test_a_driver_follows_a_cluster_without_authentication(open_cluster, token, tmp_path):
+    # A token is at hand (as on a machine that also uses token clusters), RAY_AUTH_MODE not set.
+    done = search(tmp_path, open_cluster, clean_env(RAY_AUTH_TOKEN_PATH=str(token)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"aesearch: Ray cluster at {open_cluster.address}, no authentication" in done.stderr
+    board = finished_trials(tmp_path)
+    assert len(board) == 2 and (board["outcome"] == "completed").all()
+
+
+def test_a_driver_follows_a_cluster_with_token_authentication(token_cluster, token, tmp_path):
+    done = search(tmp_path, token_cluster, clean_env(RAY_AUTH_TOKEN_PATH=str(token)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (f"aesearch: Ray cluster at {token_cluster.address}, token authentication (the token from "
+            f"RAY_AUTH_TOKEN_PATH={token})") in done.stderr
+    assert token.read_text() not in done.stderr + done.stdout
+    board = finished_trials(tmp_path)
+    assert len(board) == 2 and (board["outcome"] == "completed").all()
+
+
+def assert_refused_in_one_line(done: subprocess.CompletedProcess, folder: Path, starts: str) -> str:
+    assert done.returncode == 2, done.stderr[-3000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith(starts), line
+    assert not (folder / "results").exists() and not (folder / "mlflow.db").exists()  # nothing written
+    return line
+
+
+def test_a_driver_set_to_token_on_a_cluster_without_it_is_refused_before_anything_is_written(
+        open_cluster, token, tmp_path):
+    # The failure a user met: the driver connects, but Ray cancels every trial's actor.
+    env = clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    started = time.monotonic()
+    done = search(tmp_path, open_cluster, env)
+    line = assert_refused_in_one_line(
+        done, tmp_path, f"aesearch: error: --address {open_cluster.address}: the Ray cluster accepted this driver "
+                        "but cannot run its trials")
+    assert "RAY_AUTH_MODE=token set here" in line and "unset RAY_AUTH_MODE here" in line
+    assert time.monotonic() - started < 60  # the probe answers in seconds (imports included)
+
+
+def test_a_driver_without_the_clusters_token_is_refused_in_one_line(token_cluster, tmp_path):
+    other = write_secret(tmp_path / "other_token", secrets.token_hex(32))
+    for env in (clean_env(RAY_AUTH_TOKEN_PATH=str(other)),  # another token: the cluster's mode followed
+                clean_env(RAY_AUTH_MODE="disabled")):  # no token, and told not to use one
+        done = search(tmp_path, token_cluster, env)
+        assert_refused_in_one_line(
+            done, tmp_path, f"aesearch: error: --address {token_cluster.address}: cannot connect to the Ray cluster")
+        assert other.read_text() not in done.stderr
+
+
+def test_a_search_whose_every_trial_errored_exits_1_with_a_one_line_summary(token_cluster, token, tmp_path):
+    env = clean_env(RAY_AUTH_TOKEN_PATH=str(token),
+                    AESEARCH_FAULTS='[{"trial": 1, "epoch": 1}, {"trial": 2, "epoch": 1}]')
+    done = search(tmp_path, token_cluster, env, max_failures=0)
+    assert done.returncode == 1, done.stderr[-3000:]
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith("aesearch: error: search 'first-contact': no trial ran to an end (2 errored)"), line
+    board = finished_trials(tmp_path)  # the leaderboard is still written: it names each trial's fate
+    assert (board["outcome"] == "errored").all() and len(board) == 2
