@@ -184,6 +184,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         format_leaderboard,
         search,
     )
+    from aesearch.phases import Phases
     from aesearch.tracking import resolve_tracking_uri
 
     storage = args.storage if "://" in args.storage else str(Path(args.storage).absolute())
@@ -192,8 +193,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, download=args.download, resume=args.resume,
         tracking_uri=resolve_tracking_uri(args.tracking_uri),
     )
+    phases = Phases()
     try:
-        board = search(space, options)
+        board = search(space, options, phases)
     except SearchInterrupted:
         print(f"aesearch: search {options.name!r} interrupted; continue it with: aesearch search "
               f"{args.space} --name {options.name} --storage {options.storage} --resume"
@@ -206,6 +208,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(format_leaderboard(board, space, where=experiment_folder(options)))
     ui = "aesearch ui" + (f" --tracking-uri {options.tracking_uri}" if args.tracking_uri else "")
     print(f"mlflow:  experiment {options.name!r} in {options.tracking_uri} (browse it: {ui})")
+    print(f"aesearch: time: {phases.line()}", file=sys.stderr)
     return 0
 
 
@@ -224,6 +227,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from aesearch.report import is_partial, make_report, status_line
+    from aesearch.phases import Phases
     from aesearch.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -237,6 +241,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from aesearch.reproduce import print_reproduction, reproduce
+    from aesearch.phases import Phases
     from aesearch.tracking import resolve_tracking_uri
 
     reproduction = reproduce(
@@ -294,19 +299,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; `argv` None means this process's own command line, which it then ends (see `leave`)."""
     try:
         args = build_parser().parse_args(argv)
-        return args.handler(args)
+        status = args.handler(args)
     except UserError as error:
         say_error(error)
-        return EXIT_USER_ERROR
+        status = EXIT_USER_ERROR
     except DivergedError as error:
         print(f"aesearch: {one_line(error)}", file=sys.stderr)
-        return EXIT_DIVERGED
+        status = EXIT_DIVERGED
     except KeyboardInterrupt:
         print("aesearch: interrupted", file=sys.stderr)
-        return 130
+        status = 130
+    if argv is None:
+        leave(status)
+    return status
+
+
+def leave(status: int) -> None:
+    """End the process now. Python's own ending tears down every module and collects a heap that holds
+    torch, Ray and MLflow: seconds after the work is done. The exit handlers (Ray's, MLflow's,
+    logging's) still run first; only that teardown is skipped."""
+    import atexit
+    import logging
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

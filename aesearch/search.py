@@ -40,6 +40,9 @@ RAY_SETTINGS = {
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     "RAY_DEDUP_LOGS": "0",
+    # A local raylet would start idle workers at once, which Tune never uses (its trial actors ask for
+    # a runtime env of their own): on a small machine they only slow the start of the real ones.
+    "RAY_enable_worker_prestart": "0",
 }
 # MLflow's client retries a failed request for about four minutes, and a trial would stop training
 # meanwhile: a search's processes give up on a request in seconds and retry on their own terms
@@ -67,6 +70,7 @@ from aesearch.config import variant_family  # noqa: E402
 from aesearch.data import Data, load_data  # noqa: E402
 from aesearch.errors import ConfigError, DivergedError, UserError  # noqa: E402
 from aesearch.faults import Fault, fire, read_faults  # noqa: E402
+from aesearch.phases import Phases  # noqa: E402
 from aesearch.pack_server import (  # noqa: E402
     MEMBER_CPU,
     choose_server,
@@ -298,8 +302,10 @@ def check_can_start(space: SearchSpace, options: SearchOptions) -> None:
         )
 
 
-def search(space: SearchSpace, options: SearchOptions) -> pd.DataFrame:
-    """Run (or resume) the search, tracked in MLflow; returns the leaderboard of every trial."""
+def search(space: SearchSpace, options: SearchOptions, phases: Phases | None = None) -> pd.DataFrame:
+    """Run (or resume) the search, tracked in MLflow; returns the leaderboard of every trial.
+    `phases` (if given) gets a mark at the end of each stage, for `aesearch: time: ...`."""
+    phases = phases or Phases()
     check_can_start(space, options)
     faults = read_faults()
     uri = resolve_tracking_uri(options.tracking_uri)
@@ -308,6 +314,7 @@ def search(space: SearchSpace, options: SearchOptions) -> pd.DataFrame:
     if options.address:
         check_reachable(options.address)  # seconds, not a dataset download later
     data = load_data(space.data, options.data_dir, options.download)
+    phases.mark("start (imports, checks, data)")
     if options.address:
         connect(options.address)  # a cluster may refuse us (no answer, a wrong token): before anything is written
     try:
@@ -322,11 +329,14 @@ def search(space: SearchSpace, options: SearchOptions) -> pd.DataFrame:
                   "give a tracking server with --tracking-uri http://HOST:PORT", file=sys.stderr)
         tracking = runs.start(options.resume, describe(space, options, data), space_document(space),
                               space.budget.tracking_patience_s)
+        phases.mark("Ray and the MLflow run")
+        runs.prepare_model_export()  # in the background, while the trials run
         try:
-            results = _fit(space, options, data, tracking, faults)
+            results = _fit(space, options, data, tracking, faults, phases)
         except BaseException:
             runs.finish("FAILED", None)
             raise
+        phases.mark("trials")
     finally:
         ray.shutdown()
     if interrupted(space, options):
@@ -351,6 +361,7 @@ def search(space: SearchSpace, options: SearchOptions) -> pd.DataFrame:
         print(f"aesearch: warning: the tracking server {uri} did not answer for {patience:g} s: the search run is "
               f"not closed and its best model not registered; the leaderboard is in {folder.uri}/leaderboard.csv",
               file=sys.stderr)
+    phases.mark("closing (leaderboard, best model, runs)")
     if failed:
         raise NothingRan(options.name, board, f"{folder.uri}/leaderboard.csv")
     return board
@@ -446,7 +457,8 @@ SCHEDULERS = {  # space.early_stopping -> Tune's trial scheduler for the budget
 }
 
 
-def _fit(space: SearchSpace, options: SearchOptions, data: Data, tracking: Tracking, faults: list[Fault]):
+def _fit(space: SearchSpace, options: SearchOptions, data: Data, tracking: Tracking, faults: list[Fault],
+         phases: Phases):
     resources, max_concurrent, servers = space.resources, space.max_concurrent, None
     trial_resources = {"cpu": resources.cpu, "gpu": resources.gpu}
     if resources.pack > 1:  # trials become members of pack servers, which hold the CPUs and GPUs
@@ -455,14 +467,15 @@ def _fit(space: SearchSpace, options: SearchOptions, data: Data, tracking: Track
         trial_resources = {"cpu": MEMBER_CPU, "gpu": 0}
         max_concurrent = min(max_concurrent or math.inf, count * resources.pack)
     try:
-        return _fit_trials(space, options, data, tracking, faults, servers, trial_resources, max_concurrent)
+        return _fit_trials(space, options, data, tracking, faults, servers, trial_resources, max_concurrent, phases)
     finally:
         if servers:
             stop_servers(servers)
 
 
 def _fit_trials(space: SearchSpace, options: SearchOptions, data: Data, tracking: Tracking, faults: list[Fault],
-                servers: list[Any] | None, trial_resources: dict[str, float], max_concurrent: int | None):
+                servers: list[Any] | None, trial_resources: dict[str, float], max_concurrent: int | None,
+                phases: Phases):
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=data, space=space, tracking=tracking, faults=faults, servers=servers),
         trial_resources,
@@ -500,7 +513,7 @@ def _fit_trials(space: SearchSpace, options: SearchOptions, data: Data, tracking
                 # names (see CheckpointPruner); the pruner keeps the disk bounded instead.
                 callbacks=[
                     JsonLoggerCallback(), Progress(space), CheckpointPruner(experiment_folder(options)),
-                    RunCloser(tracking), BestCheckpointsKeeper(space, tracking),
+                    RunCloser(tracking), BestCheckpointsKeeper(space, tracking), FirstReport(phases),
                 ],
                 verbose=0,
             ),
@@ -539,6 +552,18 @@ def outcome(last: dict[str, Any], error: Exception | None) -> str:
     if "epoch" not in last:
         return "not started"
     return f"stopped early at epoch {int(last['epoch'])}"
+
+
+class FirstReport(Callback):
+    """Marks the end of the wait for the first trial's first report (workers started, imports done)."""
+
+    def __init__(self, phases: Phases):
+        self.phases, self.seen = phases, False
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if not self.seen:
+            self.seen = True
+            self.phases.mark("to the first trial report")
 
 
 class Progress(Callback):

@@ -28,6 +28,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -528,6 +529,22 @@ class SearchRun:
     def __init__(self, uri: str, name: str = "", tracking: Tracking | None = None):
         self.uri, self.name, self.client = uri, name, client(uri)
         self.tracking = tracking  # set by `start`
+        self.export_warmup: threading.Thread | None = None
+
+    def prepare_model_export(self) -> None:
+        """Load, in the background while the trials run, what `register_best` needs: MLflow's PyTorch
+        flavour and torch.export (torch._dynamo and friends take seconds to import and to export a
+        first model), so that the search's end does not wait for them."""
+
+        def warm_up() -> None:
+            import mlflow.pytorch  # noqa: F401
+            import torch.export
+
+            with contextlib.suppress(Exception):  # register_best then pays for it itself
+                torch.export.export(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sigmoid()), (torch.zeros(1, 2),))
+
+        self.export_warmup = threading.Thread(target=warm_up, name="aesearch-export-warmup", daemon=True)
+        self.export_warmup.start()
 
     def check_new(self) -> None:
         """Refuse a second search of the same name in one tracking store (before anything starts)."""
@@ -654,6 +671,8 @@ class SearchRun:
         run = self.trial_runs().get(trial_id)
         if run is None:
             return None
+        if self.export_warmup is not None:  # one torch.export at a time
+            self.export_warmup.join()
         with tempfile.TemporaryDirectory() as folder:
             try:
                 path = self.client.download_artifacts(run.info.run_id, BEST_CHECKPOINT, folder)
