@@ -15,12 +15,25 @@ dense autoencoders on digits, 2 at a time (this machine has 2 cores):
 - aesearch:   actors reused across trials (a trial pays no process start and no `import torch`);
 - no reuse:   Ray Tune's default, a fresh worker process per trial.
 
+    uv run python benchmarks/search_overhead.py --view command [--rounds 3]
+
+The whole command as a user meets it: `aesearch search search_spaces/quickstart.yaml --num-samples 8
+--max-epochs 1` (a new process: imports, data, Ray, MLflow, 8 one-epoch trials 2 at a time, the best
+model registered, exit), its wall time and the phases it prints (`aesearch: time: ...`), side by
+side, round by round, with the same 8 trials run by plain Optuna in one new process: the same
+configs (the space's first `start_with` points, enqueued), the same trainer and evaluation, one
+at a time, no Ray, no MLflow. Their ratio is the platform's tax on a small search.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import re
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +42,10 @@ import torch
 
 from aesearch.search import SearchOptions, search
 from aesearch.space import parse_space
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "search_spaces" / "quickstart.yaml"
+COMMAND_TRIALS = 8
 
 SPACE = {
     "name": "overhead",
@@ -63,11 +80,84 @@ def measure(trials: int, concurrent: int, reuse_actors: bool, storage: Path) -> 
     }
 
 
+def timed_command(command: list[str], env: dict[str, str]) -> tuple[float, str]:
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:5])} ... failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return wall, done.stdout + done.stderr
+
+
+def cli_search(folder: Path, name: str) -> dict[str, float]:
+    """The 8-trial quickstart search from the command line: wall time and its printed phases."""
+    wall, output = timed_command([
+        str(Path(sys.executable).with_name("aesearch")), "search", str(QUICKSTART), "--num-samples",
+        str(COMMAND_TRIALS), "--max-epochs", "1", "--name", name, "--storage", str(folder / "results"),
+        "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}"], os.environ.copy())
+    assert f"{COMMAND_TRIALS} trials: {COMMAND_TRIALS} completed" in output, output[-3000:]
+    timing = re.search(r"aesearch: time: (.*) = ", output).group(1)
+    phases = {name.strip(): float(seconds) for name, seconds in re.findall(r"([^|]+?) ([\d.]+) s(?: \||$)", timing)}
+    # what is left: the interpreter's start before Python could read the clock, and the exit
+    return {"wall": wall, **phases, "exit": max(0.0, wall - sum(phases.values()))}
+
+
+def plain_optuna() -> None:
+    """The same trials, the same trainer: Optuna's TPE in this one process, no Ray, no MLflow."""
+    import optuna
+
+    from aesearch.data import load_data
+    from aesearch.space import DefineByRun, decode_params, load_space, start_points, trial_config
+    from aesearch.train import train
+
+    space = load_space(QUICKSTART, {"budget.num_samples": COMMAND_TRIALS, "budget.max_epochs": 1})
+    data = load_data(space.data)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize" if space.objective.mode == "min" else "maximize",
+                                sampler=optuna.samplers.TPESampler(seed=space.seed))
+    for point in start_points(space)[:COMMAND_TRIALS]:
+        study.enqueue_trial(point)
+    suggest = DefineByRun(space)
+
+    def objective(trial: optuna.Trial) -> float:
+        suggest(trial)
+        result = train(trial_config(space, decode_params(space, trial.params)), data)
+        return result.history[-1][space.objective.metric]
+
+    study.optimize(objective, n_trials=COMMAND_TRIALS)
+    print(f"{len(study.trials)} trials, best {space.objective.metric} {study.best_value:.4g}")
+
+
+def whole_command(rounds: int) -> None:
+    cli, plain = [], []
+    with tempfile.TemporaryDirectory() as folder:
+        for round_ in range(rounds):  # interleaved, so that drift on the machine hits both alike
+            cli.append(cli_search(Path(folder) / f"round{round_}", f"overhead-cli-{round_}"))
+            plain.append(timed_command([sys.executable, __file__, "--view", "plain-optuna"], os.environ.copy())[0])
+    print(f"{COMMAND_TRIALS}-trial quickstart search, 1 epoch each, {rounds} rounds (medians); {platform.machine()}, "
+          f"{os.cpu_count()} cores, torch {torch.__version__}")
+    phases = [name for name in cli[0] if name != "wall"]
+    walls = [r["wall"] for r in cli]
+    print(f"  aesearch CLI  wall {statistics.median(walls):5.1f} s  (all: {', '.join(f'{w:.1f}' for w in walls)})")
+    for name in phases:
+        print(f"      {name:<42} {statistics.median(r[name] for r in cli):5.1f} s")
+    print(f"  plain Optuna  wall {statistics.median(plain):5.1f} s  (all: {', '.join(f'{w:.1f}' for w in plain)}; "
+          "one process: imports, data, the same 8 trials one at a time)")
+    tax = statistics.median(wall / alone for wall, alone in zip(walls, plain))
+    print(f"platform tax: aesearch CLI / plain Optuna = {tax:.2f}x (median of the rounds' ratios)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--view", choices=["per-trial", "command", "plain-optuna"], default="per-trial")
     parser.add_argument("--trials", type=int, default=32)
     parser.add_argument("--concurrent", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.view == "command":
+        return whole_command(args.rounds)
+    if args.view == "plain-optuna":
+        return plain_optuna()
     with tempfile.TemporaryDirectory() as folder:
         results = {
             "aesearch": measure(args.trials, args.concurrent, True, Path(folder)),

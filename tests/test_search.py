@@ -80,6 +80,20 @@ def test_progress_is_shown_live(small_search):
     assert progress and "best val/recon_mse" in progress[-1]
 
 
+def test_the_search_ends_by_saying_where_its_time_went(small_search):
+    _, done = small_search
+    last = done.stderr.strip().splitlines()[-1]
+    found = re.fullmatch(r"aesearch: time: (.+) = ([\d.]+) s", last)
+    assert found, last
+    phases = dict(part.rsplit(" ", 2)[:2] for part in found.group(1).split(" | "))
+    assert list(phases) == [
+        "start (imports, checks, data)", "Ray and the MLflow run", "to the first trial report", "trials",
+        "closing (leaderboard, best model, runs)"]
+    seconds = [float(value) for value in phases.values()]
+    assert all(value >= 0 for value in seconds) and sum(seconds) == pytest.approx(float(found.group(2)), abs=0.3)
+    assert seconds[3] > 0.5  # 8 trials of 3 epochs train for seconds, not nothing
+
+
 def checkpoints_kept(experiment: Path) -> dict[str, list[str]]:
     """Trial id -> names of the checkpoint folders left in its trial folder."""
     kept = {}
