@@ -227,7 +227,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from aesearch.report import is_partial, make_report, status_line
-    from aesearch.phases import Phases
     from aesearch.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -241,7 +240,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from aesearch.reproduce import print_reproduction, reproduce
-    from aesearch.phases import Phases
     from aesearch.tracking import resolve_tracking_uri
 
     reproduction = reproduce(

@@ -70,7 +70,6 @@ from aesearch.config import variant_family  # noqa: E402
 from aesearch.data import Data, load_data  # noqa: E402
 from aesearch.errors import ConfigError, DivergedError, UserError  # noqa: E402
 from aesearch.faults import Fault, fire, read_faults  # noqa: E402
-from aesearch.phases import Phases  # noqa: E402
 from aesearch.pack_server import (  # noqa: E402
     MEMBER_CPU,
     choose_server,
@@ -80,6 +79,7 @@ from aesearch.pack_server import (  # noqa: E402
     stop_servers,
     train_in_pack,
 )
+from aesearch.phases import Phases  # noqa: E402
 from aesearch.ray_cluster import check_reachable, connect  # noqa: E402
 from aesearch.space import (  # noqa: E402
     DefineByRun,
