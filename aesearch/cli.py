@@ -23,10 +23,13 @@ import json
 import os
 import re
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
 from aesearch.errors import DivergedError, UserError
+
+STARTED = time.time()  # the command's start, for `aesearch: time: ...` (torch, Ray and MLflow load later)
 
 EXIT_DIVERGED = 1
 EXIT_NOTHING_RAN = 1  # a search whose every trial errored or never started
@@ -193,7 +196,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, download=args.download, resume=args.resume,
         tracking_uri=resolve_tracking_uri(args.tracking_uri),
     )
-    phases = Phases()
+    phases = Phases(started=STARTED)
     try:
         board = search(space, options, phases)
     except SearchInterrupted:

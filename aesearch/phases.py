@@ -1,4 +1,4 @@
-"""Where a command's time goes: named phases from the process's start to now.
+"""Where a command's time goes: named phases from its start to now.
 
 `aesearch search` prints them on its last line (`aesearch: time: ...`), so a user who waits
 sees what for, and benchmarks/search_overhead.py reads them.
@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import time
 
-import psutil
-
 
 class Phases:
-    """Marks in order; each phase runs from the previous mark (the first, from the process's start)."""
+    """Marks in order; each phase runs from the previous mark (the first, from `started`: for the
+    command line, when `aesearch.cli` was imported, before any of the heavy imports)."""
 
-    def __init__(self) -> None:
-        self.marks: list[tuple[str, float]] = [("process start", psutil.Process().create_time())]
+    def __init__(self, started: float | None = None) -> None:
+        self.marks: list[tuple[str, float]] = [("start", time.time() if started is None else started)]
 
     def mark(self, phase: str) -> None:
         """`phase` ends now."""
