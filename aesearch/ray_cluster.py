@@ -22,6 +22,9 @@ from aesearch.errors import UserError
 
 AUTH_MODE = "RAY_AUTH_MODE"  # "token" or "disabled": Ray reads it from the environment only
 PROBE_TIMEOUT_S = 60.0  # a worker's start on a busy 2-core node takes a few seconds
+# The runtime env Ray Tune gives every trial actor (ray/tune/execution/class_cache.py): env vars, so a
+# worker of its own, set up by the node's runtime-env agent. The probe asks for the same.
+TRIAL_RUNTIME_ENV = {"env_vars": {"PL_DISABLE_FORK": "1"}}
 QUIET = {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": True}
 
 
@@ -108,15 +111,15 @@ def connect(address: str | None) -> None:
 
 @ray.remote(num_cpus=0)
 class Probe:
-    """The smallest work a trial needs of the cluster: a worker process started for this driver that
-    imports aesearch and answers it."""
+    """The smallest work a trial needs of the cluster: a worker process started for this driver, with
+    the trials' runtime env, that imports aesearch and answers it."""
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
 
 def check_cluster_runs_our_work(address: str, explicit_auth: bool, timeout_s: float = PROBE_TIMEOUT_S) -> None:
-    probe = Probe.remote()
+    probe = Probe.options(runtime_env=TRIAL_RUNTIME_ENV).remote()
     try:
         ray.get(probe.node.remote(), timeout=timeout_s)
     except (ray.exceptions.RayError, TimeoutError) as error:
