@@ -127,12 +127,13 @@ def check_cluster_runs_our_work(address: str, explicit_auth: bool, timeout_s: fl
             what = f"no worker answered within {timeout_s:g} s"
         else:
             what = type(error).__name__ + (", it never started" if "never ran" in str(error) else "")
-        mode = os.environ.get(AUTH_MODE, "disabled")
-        cause = (f"the driver ({AUTH_MODE}={mode} set here) and the cluster's nodes disagree on token authentication: "
-                 f"unset {AUTH_MODE} here so that aesearch follows the cluster, or give every node and this driver "
-                 f"{AUTH_MODE}=token and the same token (RAY_AUTH_TOKEN_PATH)") if explicit_auth else (
-                 "the cluster's nodes cannot start workers for this driver (do they run the same aesearch, Ray and "
-                 "Python as this machine?)")
+        if explicit_auth:  # the mode was ours to choose, not the cluster's: the usual suspect
+            cause = (f"the driver ({AUTH_MODE}={os.environ[AUTH_MODE]} set here) and the cluster's nodes disagree on "
+                     f"token authentication: unset {AUTH_MODE} here so that aesearch follows the cluster, or give "
+                     f"every node and this driver {AUTH_MODE}=token and the same token (RAY_AUTH_TOKEN_PATH)")
+        else:
+            cause = ("the cluster's nodes cannot start workers for this driver (do they run the same aesearch, Ray "
+                     "and Python as this machine?)")
         raise UserError(f"--address {address}: the Ray cluster accepted this driver but cannot run its trials "
                         f"(a test actor: {what}); likely cause: {cause}") from None
     finally:
