@@ -27,6 +27,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from aesearch import settings
 from aesearch.errors import DivergedError, UserError
 
 STARTED = time.time()  # the command's start, for `aesearch: time: ...` (torch, Ray and MLflow load later)
@@ -133,11 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from aesearch.checkpoints import load_checkpoint
     from aesearch.config import load_config
-    from aesearch.data import load_data
-    from aesearch.local import check_run_folder, run_in_folder
-    from aesearch.train import check_resumable, resolve_device
+    from aesearch.parts.data import load_data
+    from aesearch.training.checkpoints import load_checkpoint
+    from aesearch.training.run_folder import check_run_folder, run_in_folder
+    from aesearch.training.trainer import check_resumable, resolve_device
 
     overrides = list(args.overrides)
     if args.epochs is not None:
@@ -173,22 +174,16 @@ SEARCH_FLAGS = {  # command-line flag -> search space field
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from aesearch.space import load_space
+    from aesearch.search.space import load_space
 
     overrides = {field: getattr(args, flag) for flag, field in SEARCH_FLAGS.items() if getattr(args, flag) is not None}
     space = load_space(args.space, overrides)
     if args.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
         raise UserError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit")
-    from aesearch.search import (
-        NothingRan,
-        SearchInterrupted,
-        SearchOptions,
-        experiment_folder,
-        format_leaderboard,
-        search,
-    )
-    from aesearch.phases import Phases
-    from aesearch.tracking import resolve_tracking_uri
+    from aesearch.search.driver import SearchInterrupted, SearchOptions, search
+    from aesearch.search.leaderboard import NothingRan, format_leaderboard
+    from aesearch.search.phases import Phases
+    from aesearch.tracking.store import resolve_tracking_uri
 
     storage = args.storage if "://" in args.storage else str(Path(args.storage).absolute())
     options = SearchOptions(
@@ -205,10 +200,10 @@ def cmd_search(args: argparse.Namespace) -> int:
               + (f" --tracking-uri {options.tracking_uri}" if args.tracking_uri else ""), file=sys.stderr)
         return 130
     except NothingRan as failure:
-        print(format_leaderboard(failure.board, space, where=experiment_folder(options)))
+        print(format_leaderboard(failure.board, space, where=options.experiment_folder))
         say_error(failure)
         return EXIT_NOTHING_RAN
-    print(format_leaderboard(board, space, where=experiment_folder(options)))
+    print(format_leaderboard(board, space, where=options.experiment_folder))
     ui = "aesearch ui" + (f" --tracking-uri {options.tracking_uri}" if args.tracking_uri else "")
     print(f"mlflow:  experiment {options.name!r} in {options.tracking_uri} (browse it: {ui})")
     print(f"aesearch: time: {phases.line()}", file=sys.stderr)
@@ -219,7 +214,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     """MLflow's own UI, bound to 127.0.0.1; for the embedded store it serves the artifacts too."""
     import subprocess
 
-    from aesearch.tracking import ui_command
+    from aesearch.tracking.store import ui_command
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: must be between 1 and 65535")
@@ -229,8 +224,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from aesearch.report import is_partial, make_report, status_line
-    from aesearch.tracking import resolve_tracking_uri
+    from aesearch.results.report import is_partial, make_report, status_line
+    from aesearch.tracking.store import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     out = args.out or Path("reports") / args.experiment
@@ -242,8 +237,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from aesearch.reproduce import print_reproduction, reproduce
-    from aesearch.tracking import resolve_tracking_uri
+    from aesearch.results.reproduce import print_reproduction, reproduce
+    from aesearch.tracking.store import resolve_tracking_uri
 
     reproduction = reproduce(
         resolve_tracking_uri(args.tracking_uri), args.experiment, rank=args.rank, run_id=args.run_id,
@@ -255,8 +250,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from aesearch.config import load_config, load_yaml, variant_family
-    from aesearch.space import is_search_space, load_space
+    from aesearch.config import load_config, variant_family
+    from aesearch.schema import load_yaml
+    from aesearch.search.space import is_search_space, load_space
 
     failed = 0
     for path in args.files:
@@ -275,12 +271,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from aesearch.checkpoints import load_checkpoint
-    from aesearch.config import apply_overrides, parse_config
-    from aesearch.data import load_data
-    from aesearch.evaluate import evaluate
-    from aesearch.models import build_model
-    from aesearch.train import resolve_device
+    from aesearch.config import parse_config
+    from aesearch.parts.data import load_data
+    from aesearch.parts.models import build_model
+    from aesearch.schema import apply_overrides
+    from aesearch.training.checkpoints import load_checkpoint
+    from aesearch.training.evaluate import evaluate
+    from aesearch.training.trainer import resolve_device
 
     state = load_checkpoint(args.checkpoint)
     device = [f"runtime.device={args.device}"] if args.device is not None else []
@@ -301,6 +298,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The command; `argv` None means this process's own command line, which it then ends (see `leave`)."""
+    settings.apply()  # before Ray or MLflow is imported: their worker processes inherit it
     try:
         args = build_parser().parse_args(argv)
         status = args.handler(args)

@@ -18,7 +18,7 @@ Each set of trials is trained two ways, on one device, one after the other:
 
 - alone:  one trial after another, each with the device to itself (one trial per GPU);
 - packed: the trials grouped by pack key, up to --pack to a group, each group in one fused
-          step per batch (`aesearch.packing.train_packed_epoch`); a group of one trains alone.
+          step per batch (`aesearch.packing.fused.train_packed_epoch`); a group of one trains alone.
 
 It prints trials per hour of each (wall time of all epochs, validation included, evaluation
 not), their ratio, and the largest relative difference of any trial's per-epoch val/recon_mse
@@ -45,12 +45,12 @@ sys.path.insert(0, str(HERE))
 from subspaces import dense_subspace as dense_document  # noqa: E402
 from trainer_speed import mnist_dir  # noqa: E402
 
-from aesearch.data import load_data  # noqa: E402
 from aesearch.errors import ConfigError, DivergedError  # noqa: E402
-from aesearch.optimizers import OPTIMIZERS  # noqa: E402
-from aesearch.packing import pack_groups, train_group_epoch  # noqa: E402
-from aesearch.space import DefineByRun, SearchSpace, decode_params, trial_config  # noqa: E402
-from aesearch.train import Trainer  # noqa: E402
+from aesearch.packing.fused import pack_groups, train_group_epoch  # noqa: E402
+from aesearch.parts.data import load_data  # noqa: E402
+from aesearch.parts.optimizers import OPTIMIZERS  # noqa: E402
+from aesearch.search.space import DefineByRun, SearchSpace, decode_params, trial_config  # noqa: E402
+from aesearch.training.trainer import Trainer  # noqa: E402
 
 SHARED_SHAPE = {"architecture": "dense", "hidden_dims": [512, 256, 128], "latent_dim": 32, "activation": "relu",
                 "latent": "deterministic"}

@@ -6,7 +6,7 @@
 
 Two searches of the dense subspace of search_spaces/mnist_variants.yaml on MNIST (the first
 --train-samples training images; validation and test as usual), same trials, same epochs per
-trial, same seed, run one after the other by `aesearch.search.search()`:
+trial, same seed, run one after the other by `aesearch.search.driver.search()`:
 
 - baseline: Optuna's random sampler, every trial trained for all its epochs (no early stopping);
 - aesearch: TPE (define-by-run, conditional parameters) and ASHA (grace 1 epoch, reduction 3).
@@ -39,12 +39,11 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from subspaces import dense_subspace  # noqa: E402
 from trainer_speed import mnist_dir  # noqa: E402
 
-from subspaces import dense_subspace  # noqa: E402
-
-from aesearch.search import SearchOptions, search  # noqa: E402
-from aesearch.space import parse_space  # noqa: E402
+from aesearch.search.driver import SearchOptions, search  # noqa: E402
+from aesearch.search.space import parse_space  # noqa: E402
 
 METRIC = "val/recon_mse"
 
@@ -123,10 +122,10 @@ def use_tpe_settings(startup_trials: int | None, group: bool) -> None:
     this driver process, so replacing the factory here is enough)."""
     import optuna
 
-    import aesearch.search
+    import aesearch.search.driver
 
     options = {"group": group} | ({"n_startup_trials": startup_trials} if startup_trials is not None else {})
-    aesearch.search.SAMPLERS["tpe"] = lambda seed: optuna.samplers.TPESampler(seed=seed, **options)
+    aesearch.search.driver.SAMPLERS["tpe"] = lambda seed: optuna.samplers.TPESampler(seed=seed, **options)
     print(f"aesearch's sampler: TPESampler({', '.join(f'{k}={v}' for k, v in options.items())})")
 
 

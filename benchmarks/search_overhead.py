@@ -5,7 +5,7 @@
 Overhead per trial = (search wall time - sum of the trials' own time) / trials, where a trial's
 own time is what `run_trial` spends from its start to its last report (training, evaluation,
 reporting, checkpoints) less what it spends on MLflow tracking, which counts as overhead. The
-wall time is that of `aesearch.search.search()`: data loading, starting a local Ray instance,
+wall time is that of `aesearch.search.driver.search()`: data loading, starting a local Ray instance,
 the MLflow search run, scheduling, the searcher, result handling, registering the best model,
 shutting Ray down. Tracking goes to an embedded SQLite store in a temporary folder.
 
@@ -40,8 +40,8 @@ from pathlib import Path
 
 import torch
 
-from aesearch.search import SearchOptions, search
-from aesearch.space import parse_space
+from aesearch.search.driver import SearchOptions, search
+from aesearch.search.space import parse_space
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "search_spaces" / "quickstart.yaml"
@@ -106,9 +106,9 @@ def plain_optuna() -> None:
     """The same trials, the same trainer: Optuna's TPE in this one process, no Ray, no MLflow."""
     import optuna
 
-    from aesearch.data import load_data
-    from aesearch.space import DefineByRun, decode_params, load_space, start_points, trial_config
-    from aesearch.train import train
+    from aesearch.parts.data import load_data
+    from aesearch.search.space import DefineByRun, decode_params, load_space, start_points, trial_config
+    from aesearch.training.trainer import train
 
     space = load_space(QUICKSTART, {"budget.num_samples": COMMAND_TRIALS, "budget.max_epochs": 1})
     data = load_data(space.data)

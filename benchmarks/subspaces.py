@@ -6,7 +6,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from aesearch.config import load_yaml
+from aesearch.schema import load_yaml
 
 SPACE_FILE = Path(__file__).resolve().parent.parent / "search_spaces" / "mnist_variants.yaml"
 

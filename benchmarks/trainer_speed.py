@@ -101,8 +101,8 @@ class BareLoop:
 class AesearchTrainer:
     def __init__(self, data_dir: Path, device: torch.device):
         from aesearch.config import load_config
-        from aesearch.data import load_data
-        from aesearch.train import Trainer
+        from aesearch.parts.data import load_data
+        from aesearch.training.trainer import Trainer
 
         config = load_config(
             HERE.parent / "configs" / "dense.yaml",

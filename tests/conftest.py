@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from aesearch import settings
 from aesearch.config import parse_config
-from aesearch.data import load_data
+from aesearch.parts.data import load_data
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -20,6 +21,7 @@ SHARED_DATASETS = Path(os.environ.get("AESEARCH_TEST_DATASETS", REPO.parent / "s
 
 KEPT_CHECKPOINTS = 5  # the small search keeps the checkpoints of its best 5 trials (of 8)
 
+settings.apply()  # as the entry points do, for the tests that call the search's parts directly
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from aesearch.checkpoints import load_checkpoint
 from aesearch.cli import main
+from aesearch.training.checkpoints import load_checkpoint
 from tests.conftest import CONFIGS, REPO
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

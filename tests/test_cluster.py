@@ -21,7 +21,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
-from aesearch.checkpoints import load_checkpoint
+from aesearch.training.checkpoints import load_checkpoint
 from tests.conftest import REPO
 from tests.searching import search_command, write_space
 

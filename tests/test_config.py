@@ -1,13 +1,8 @@
 import pytest
 
-from aesearch.config import (
-    TrainConfig,
-    apply_overrides,
-    load_config,
-    parse_config,
-    variant_family,
-)
+from aesearch.config import TrainConfig, load_config, parse_config, variant_family
 from aesearch.errors import ConfigError
+from aesearch.schema import apply_overrides
 
 
 def test_defaults_are_a_valid_plain_autoencoder():
@@ -159,7 +154,9 @@ def test_non_finite_boolean_and_oversized_values_are_refused(document, expected)
 
 
 def test_validation_leaves_the_callers_sections_untouched():
-    from aesearch.config import ModelConfig, ObjectiveConfig, TrainConfig
+    from aesearch.config import TrainConfig
+    from aesearch.parts.models import ModelConfig
+    from aesearch.parts.objectives import ObjectiveConfig
 
     model = ModelConfig()
     config = TrainConfig(model=model, objective=ObjectiveConfig(sparsity={"kind": "kl"}))
@@ -185,7 +182,7 @@ def test_deeply_nested_yaml_is_a_clean_error(tmp_path):
 
 
 def test_flatten_names_every_field_once():
-    from aesearch.config import flatten
+    from aesearch.schema import flatten
 
     flat = flatten(TrainConfig().model_dump(mode="json"))
     assert flat["model.latent_dim"] == 16 and flat["objective.kl.beta"] == 1.0

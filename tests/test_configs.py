@@ -3,7 +3,7 @@
 import pytest
 
 from aesearch.config import load_config, variant_family
-from aesearch.train import Trainer
+from aesearch.training.trainer import Trainer
 from tests.conftest import CONFIGS
 
 NAMED_VARIANTS = {

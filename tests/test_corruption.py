@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from aesearch.corruption import CORRUPTIONS, corrupt
+from aesearch.parts.corruption import CORRUPTIONS, corrupt
 
 
 @pytest.fixture

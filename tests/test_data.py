@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from aesearch.config import DataConfig
-from aesearch.data import DATASETS, default_data_dir, load_data
 from aesearch.errors import DataError
+from aesearch.parts.data import DATASETS, DataConfig, default_data_dir, load_data
 
 
 def test_digits_splits_are_disjoint_and_cover_the_training_part(digits):
@@ -114,7 +113,7 @@ def test_dataset_specs_match_the_loaded_shapes(digits):
 def test_colour_images_become_channels_first():
     from types import SimpleNamespace
 
-    from aesearch.data import _as_tensors
+    from aesearch.parts.data import _as_tensors
 
     rng = np.random.default_rng(0)
     hwc = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)  # CIFAR-10 stores (N, H, W, C)

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from aesearch.config import EvaluationConfig
-from aesearch.evaluate import (
+from aesearch.parts.models import build_model
+from aesearch.training.evaluate import (
     anomaly_metrics,
     evaluate,
     gaussian_latent_metrics,
@@ -11,8 +12,7 @@ from aesearch.evaluate import (
     reconstruct,
     sparsity_metrics,
 )
-from aesearch.models import build_model
-from aesearch.train import train
+from aesearch.training.trainer import train
 from tests.conftest import make_config
 
 VAE = dict(
@@ -106,7 +106,7 @@ def test_suite_names_every_metric_under_test(digits, trained_vae):
 
 
 def test_anomaly_metric_appears_when_a_class_is_held_out(digits):
-    from aesearch.data import load_data
+    from aesearch.parts.data import load_data
 
     config = make_config(epochs=2, data={"anomaly_class": 0}, model={"hidden_dims": [32]}, evaluation={"kmeans_restarts": 1})
     result = train(config, load_data(config.data))

@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from aesearch.errors import UserError
-from aesearch.faults import read_faults
+from aesearch.search.faults import read_faults
 from tests.conftest import REPO
 from tests.searching import DIVERGING_START, wait_until, write_space
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from aesearch.models import build_model, parameter_count
+from aesearch.parts.models import build_model, parameter_count
 from tests.conftest import make_config
 
 SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}

@@ -3,17 +3,17 @@ import math
 import pytest
 import torch
 
-from aesearch.config import KLConfig
-from aesearch.models import build_model
-from aesearch.objectives import (
+from aesearch.parts.models import build_model
+from aesearch.parts.objectives import (
+    KLConfig,
     Objective,
     cyclical,
     gaussian_kl,
     jacobian_norm_estimate,
-    random_directions,
     kl_sparsity,
     l1_sparsity,
     linear_warmup,
+    random_directions,
 )
 from tests.conftest import make_config
 

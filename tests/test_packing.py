@@ -1,14 +1,14 @@
-"""Packed training (aesearch.packing) gives each member the epochs it would have trained alone."""
+"""Packed training (aesearch.packing.fused) gives each member the epochs it would have trained alone."""
 
 import math
 import sys
 
 import pytest
 
-from aesearch.checkpoints import load_checkpoint
 from aesearch.errors import DivergedError
-from aesearch.packing import pack_key, train_packed_epoch, why_not_packable
-from aesearch.train import Trainer, train
+from aesearch.packing.fused import pack_key, train_packed_epoch, why_not_packable
+from aesearch.training.checkpoints import load_checkpoint
+from aesearch.training.trainer import Trainer, train
 from tests.conftest import REPO, make_config
 from tests.searching import run
 
@@ -208,7 +208,7 @@ def test_a_packed_search_keeps_every_trial_its_own_and_trains_each_as_alone(tmp_
     would have trained alone, though members joined and left the pack as the search went."""
     from mlflow import MlflowClient
 
-    from tests.searching import search_command, trial_reports, tracking_uri
+    from tests.searching import search_command, tracking_uri, trial_reports
 
     space = tmp_path / "packed.yaml"
     space.write_text(PACKED_SPACE)
@@ -244,7 +244,7 @@ def test_a_packed_search_keeps_every_trial_its_own_and_trains_each_as_alone(tmp_
 
 
 def test_pack_groups_put_one_shape_together_up_to_the_pack_size_and_the_unpackable_alone():
-    from aesearch.packing import pack_groups
+    from aesearch.packing.fused import pack_groups
 
     small = [make_config(seed=i, model={"hidden_dims": [32]}) for i in range(5)]
     wide = make_config(model={"hidden_dims": [64]})
@@ -256,8 +256,8 @@ def test_pack_groups_put_one_shape_together_up_to_the_pack_size_and_the_unpackab
 
 SILENT_MEMBER = """
 import ray
-from aesearch.data import load_data
-from aesearch.pack_server import PackServer
+from aesearch.parts.data import load_data
+from aesearch.packing.server import PackServer
 from tests.conftest import make_config
 from tests.test_packing import VAE, member
 

@@ -1,7 +1,7 @@
 import pytest
 
 from aesearch.errors import ConfigError
-from aesearch.models import ARCHITECTURES, LATENTS
+from aesearch.parts.models import ARCHITECTURES, LATENTS
 from aesearch.registry import Registry
 
 

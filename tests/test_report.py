@@ -15,9 +15,9 @@ import pytest
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
 
-from aesearch import plots
 from aesearch.errors import UserError
-from aesearch.report import (
+from aesearch.results import plots
+from aesearch.results.report import (
     SearchRecord,
     asha_summary,
     best_per_family,
@@ -30,8 +30,8 @@ from aesearch.report import (
     trial_table,
     write_report,
 )
-from aesearch.space import SearchSpace
-from aesearch.tracking import as_param
+from aesearch.search.space import SearchSpace
+from aesearch.tracking.runs import as_param
 from tests.browser import open_page
 
 # --- a search's runs, as mlflow.search_runs returns them ----------------------------------------

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from aesearch.cli import main
-from aesearch.reproduce import OTHER_DEVICE_TYPE, SAME_DEVICE_TYPE, compare
+from aesearch.results.reproduce import OTHER_DEVICE_TYPE, SAME_DEVICE_TYPE, compare
 from tests.searching import search_command, wait_until
 
 # --- the comparison -------------------------------------------------------------------------------

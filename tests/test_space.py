@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from aesearch.config import variant_family
 from aesearch.errors import ConfigError
-from aesearch.space import (
+from aesearch.search.space import (
     DefineByRun,
     load_space,
     parse_space,
@@ -147,7 +147,7 @@ def test_grace_period_is_capped_by_the_epoch_budget():
 def test_start_point_may_leave_parameters_to_the_searcher():
     space = load_space(REPO / "search_spaces" / "quickstart.yaml")
     partial = parse_space({**space.model_dump(mode="json"), "start_with": [{"corruption.kind": "gaussian"}]})
-    from aesearch.space import start_trials
+    from aesearch.search.space import start_trials
 
     (trial,) = start_trials(partial)
     assert trial["corruption.kind"] == "gaussian" and 0.05 <= trial["sigma"] <= 0.5
@@ -165,8 +165,8 @@ def test_space_overrides_from_the_command_line(tmp_path):
 def test_every_sampler_and_early_stopping_the_schema_accepts_has_a_maker():
     import typing
 
-    from aesearch.search import SAMPLERS, SCHEDULERS
-    from aesearch.space import SearchSpace
+    from aesearch.search.driver import SAMPLERS, SCHEDULERS
+    from aesearch.search.space import SearchSpace
 
     fields = SearchSpace.model_fields
     assert set(typing.get_args(fields["sampler"].annotation)) == set(SAMPLERS)

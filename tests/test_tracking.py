@@ -22,9 +22,10 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from aesearch.config import flatten
 from aesearch.errors import UserError
-from aesearch.tracking import fluent_api_on, image_epochs, resolve_tracking_uri, run_name
+from aesearch.schema import flatten
+from aesearch.tracking.runs import image_epochs, run_name
+from aesearch.tracking.store import fluent_api_on, resolve_tracking_uri
 from tests.browser import open_page
 from tests.conftest import KEPT_CHECKPOINTS, make_config
 from tests.searching import search_command, trial_reports, write_space

@@ -4,9 +4,9 @@ import pickle
 import pytest
 import torch
 
-from aesearch.checkpoints import load_checkpoint, save_checkpoint
 from aesearch.errors import CheckpointError, DivergedError
-from aesearch.train import train
+from aesearch.training.checkpoints import load_checkpoint, save_checkpoint
+from aesearch.training.trainer import train
 from tests.conftest import make_config
 
 # A VAE fed masked inputs: sampling, corruption and shuffling all draw from the RNG, so resume

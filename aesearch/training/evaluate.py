@@ -22,13 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aesearch.corruption import corrupt
-from aesearch.objectives import gaussian_kl, log_normal
+from aesearch.parts.corruption import corrupt
+from aesearch.parts.objectives import gaussian_kl, log_normal
 
 if TYPE_CHECKING:
     from aesearch.config import EvaluationConfig
-    from aesearch.data import Data
-    from aesearch.models import Autoencoder
+    from aesearch.parts.data import Data
+    from aesearch.parts.models import Autoencoder
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016)
 EVALUATION_SEED = 0  # the noise of the denoising metrics and the IWAE samples

@@ -14,15 +14,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
 from aesearch.registry import Registry
-
-if TYPE_CHECKING:
-    from aesearch.config import ModelConfig
+from aesearch.schema import Bounded, Named, Section, broken_rule
 
 Shape = tuple[int, int, int]  # (channels, height, width)
 
@@ -340,7 +338,7 @@ class AttentionDecoder(nn.Module):
 class Architecture:
     encoder: Callable[[ModelConfig, Shape], nn.Module]  # has .out_features
     decoder: Callable[[ModelConfig, Shape], nn.Module]
-    # Whether trials of this shape gain from packing (`aesearch.packing`): torch.func.vmap has no
+    # Whether trials of this shape gain from packing (`aesearch.packing.fused`): torch.func.vmap has no
     # batching rule for the fused attention kernels, so packed attention models would run one by one.
     packs: bool = True
 
@@ -349,3 +347,39 @@ ARCHITECTURES: Registry[Architecture] = Registry("architecture")
 ARCHITECTURES.add("dense", Architecture(DenseEncoder, DenseDecoder))
 ARCHITECTURES.add("conv", Architecture(ConvEncoder, ConvDecoder))
 ARCHITECTURES.add("attention", Architecture(AttentionEncoder, AttentionDecoder, packs=False))
+
+
+# --- this part's section of the config --------------------------------------------------------
+
+
+class ModelConfig(Section):
+    """Encoder + latent + decoder. Architecture-specific fields are ignored by the others."""
+
+    architecture: Named(ARCHITECTURES) = "dense"
+    latent: Named(LATENTS) = "deterministic"
+    latent_dim: Bounded(4096) = 16
+    activation: Named(ACTIVATIONS) = "relu"
+    # "auto": sigmoid when the KL sparsity penalty needs units in (0, 1), otherwise none.
+    code_activation: Named(CODE_ACTIVATIONS, "auto") = "auto"
+    # dense: widths of the hidden layers from the input side; the decoder mirrors them.
+    hidden_dims: list[Bounded(16384)] = Field(default_factory=lambda: [256, 128], max_length=8)
+    # conv: output channels of the stride-2 convolutions; the decoder mirrors them.
+    conv_channels: list[Bounded(2048)] = Field(default_factory=lambda: [32, 64], min_length=1, max_length=6)
+    # attention: square patches, transformer width, heads, blocks (encoder and decoder each).
+    patch_size: Bounded(64) = 4
+    embed_dim: Bounded(2048) = 64
+    heads: Bounded(64) = 4
+    depth: Bounded(24) = 2
+    mlp_ratio: Bounded(8) = 2
+
+
+
+
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.architecture == "attention" and self.embed_dim % self.heads:
+            raise broken_rule(
+                f"model.embed_dim={self.embed_dim} must be divisible by model.heads={self.heads}"
+            )
+        return self

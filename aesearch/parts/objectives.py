@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from aesearch.registry import Registry
+from aesearch.schema import Bounded, Float, Named, Section
 
 if TYPE_CHECKING:
-    from aesearch.config import KLConfig, ObjectiveConfig
-    from aesearch.models import Autoencoder, Output
+    from aesearch.parts.models import Autoencoder, Output
 
 # --- reconstruction: (logits, x) -> per-sample loss -------------------------------------------
 
@@ -80,7 +81,7 @@ def cyclical(progress: float, epochs: int, kl: KLConfig) -> float:
 
 # --- sparsity penalties: (code, rho, units) -> batch-level penalty ------------------------------
 # `units`: None, or 1 for the code units that exist and 0 for padding (a packed step pads the codes
-# of its members to one width, see aesearch.packing); padded units add nothing.
+# of its members to one width, see aesearch.packing.fused); padded units add nothing.
 
 SPARSITY_PENALTIES: Registry[Callable[..., torch.Tensor]] = Registry("sparsity penalty")
 
@@ -217,3 +218,36 @@ def weighted_sum(terms: dict[str, torch.Tensor], weights: dict[str, float | torc
 def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """log N(z; mu, diag(exp(logvar))) summed over the last dimension."""
     return -0.5 * (math.log(2 * math.pi) + logvar + (z - mu).pow(2) / logvar.exp()).sum(-1)
+
+
+# --- this part's section of the config --------------------------------------------------------
+
+
+class KLConfig(Section):
+    """KL(q(z|x) || N(0, I)) weighted by beta (>1 for beta-VAE), annealed per epoch."""
+
+    beta: Float = Field(1.0, ge=0.0)
+    schedule: Named(BETA_SCHEDULES) = "constant"
+    warmup_epochs: Bounded(100_000) = 10  # linear: beta reaches its full value after this many epochs
+    cycles: Bounded(10_000) = 4  # cyclical: number of ramps over the whole run
+    ramp_fraction: Float = Field(0.5, gt=0.0, le=1.0)  # cyclical: share of each cycle spent ramping
+
+
+
+class SparsityConfig(Section):
+    """A sparsity penalty on the code: `l1` (sum |h_j|) or `kl` (sum_j KL(rho || rho_hat_j))."""
+
+    kind: Named(SPARSITY_PENALTIES, "none") = "none"
+    weight: Float = Field(1.0, ge=0.0)
+    rho: Float = Field(0.05, gt=0.0, lt=1.0)
+
+
+
+class ObjectiveConfig(Section):
+    """Reconstruction loss (summed over pixels, averaged over the batch) + weighted terms."""
+
+    reconstruction: Named(RECONSTRUCTIONS) = "mse"
+    kl: KLConfig = Field(default_factory=KLConfig)
+    sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
+    contractive_weight: Float = Field(0.0, ge=0.0)
+    contractive_projections: Bounded(64) = 1  # random projections when no closed form exists

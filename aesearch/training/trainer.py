@@ -21,15 +21,16 @@ from typing import Any, NamedTuple
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from aesearch.checkpoints import load_checkpoint, save_checkpoint
-from aesearch.config import TrainConfig, flatten, parse_config
-from aesearch.corruption import corrupt
-from aesearch.data import Data
+from aesearch.config import TrainConfig, parse_config
 from aesearch.errors import CheckpointError, ConfigError, DivergedError
-from aesearch.evaluate import evaluate
-from aesearch.models import Autoencoder, build_model, parameter_count
-from aesearch.objectives import Objective, random_directions
-from aesearch.optimizers import OPTIMIZERS
+from aesearch.parts.corruption import corrupt
+from aesearch.parts.data import Data
+from aesearch.parts.models import Autoencoder, build_model, parameter_count
+from aesearch.parts.objectives import Objective, random_directions
+from aesearch.parts.optimizers import OPTIMIZERS
+from aesearch.schema import flatten
+from aesearch.training.checkpoints import load_checkpoint, save_checkpoint
+from aesearch.training.evaluate import evaluate
 
 # The best epoch's weights are the ones evaluated and kept: the lowest validation objective
 # (at the full beta, so annealing epochs with a smaller KL weight do not look better than they are).

@@ -8,12 +8,16 @@ encoder's input is corrupted: the objective always compares the reconstruction w
 Images live in [0, 1]; additive noises are clipped back to that range.
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from pydantic import model_validator
 
 from aesearch.registry import Registry
+from aesearch.schema import Float, Named, Section, broken_rule
 
 V_MIN, V_MAX = 0.0, 1.0
 
@@ -79,3 +83,33 @@ CORRUPTIONS.add("uniform", Corruption(uniform, "a", _is_positive, "a must be > 0
 def corrupt(x: torch.Tensor, kind: str, level: float | None, generator: torch.Generator | None = None) -> torch.Tensor:
     """The encoder's input for a batch."""
     return CORRUPTIONS[kind].apply(x, level, generator)
+
+
+# --- this part's section of the config --------------------------------------------------------
+
+
+class CorruptionConfig(Section):
+    """Denoising: corrupt the encoder's input; `level` is sigma, p or a depending on `kind`."""
+
+    kind: Named(CORRUPTIONS) = "none"
+    level: Float | None = None
+
+
+    @model_validator(mode="after")
+    def _level_fits_kind(self) -> CorruptionConfig:
+        problem = corruption_level_problem(self.kind, self.level, field="corruption.level")
+        if problem:
+            raise broken_rule(problem)
+        return self
+
+
+def corruption_level_problem(kind: str, level: float | None, field: str) -> str | None:
+    """What is wrong with `level` for a corruption of this kind, or None."""
+    corruption = CORRUPTIONS[kind]
+    if corruption.level_name is None:
+        return f"{field}={level} given, but corruption {kind!r} takes no level" if level is not None else None
+    if level is None:
+        return f"{field} is required for corruption {kind!r} (its {corruption.level_name}; {corruption.rule_text})"
+    if not corruption.level_rule(level):
+        return f"{field}={level}: for {kind} the level is {corruption.level_name}, and {corruption.rule_text}"
+    return None

@@ -17,16 +17,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from aesearch.errors import DataError
 from aesearch.registry import Registry
-
-if TYPE_CHECKING:
-    from aesearch.config import DataConfig
+from aesearch.schema import Float, Int, Named, PositiveInt, Section
 
 Arrays = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # train x, y, test x, y
 Loader = Callable[[Path, bool], Arrays]
@@ -200,3 +198,16 @@ DATASETS.add("mnist", DatasetSpec("mnist", (1, 28, 28), 10, _torchvision_loader(
 DATASETS.add("fashion_mnist", DatasetSpec("fashion_mnist", (1, 28, 28), 10, _torchvision_loader("FashionMNIST")))
 DATASETS.add("kmnist", DatasetSpec("kmnist", (1, 28, 28), 10, _torchvision_loader("KMNIST")))
 DATASETS.add("cifar10", DatasetSpec("cifar10", (3, 32, 32), 10, _torchvision_loader("CIFAR10")))
+
+
+# --- this part's section of the config --------------------------------------------------------
+
+
+class DataConfig(Section):
+    """Which dataset and how it is split. Where the files live is a runtime option, not config."""
+
+    name: Named(DATASETS) = "digits"
+    val_fraction: Float = Field(0.1, gt=0.0, le=0.5)
+    split_seed: Int = Field(0, ge=0)
+    anomaly_class: Int | None = Field(None, ge=0, description="class held out of training as the anomaly")
+    max_train_samples: PositiveInt | None = None

@@ -1,4 +1,4 @@
-"""The report's figures: pure functions from the leaderboard (`aesearch.report.leaderboard`: the
+"""The report's figures: pure functions from the leaderboard (`aesearch.results.report.leaderboard`: the
 finished trials with an objective, best first) to matplotlib Figures. They use matplotlib's
 object API (no pyplot, no global state), and a figure
 that has nothing to show says why by raising `NotApplicable`.

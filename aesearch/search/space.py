@@ -27,20 +27,19 @@ from typing import Annotated, Any, Literal
 import optuna
 from pydantic import Field, ValidationError, model_validator
 
-from aesearch.config import (
+from aesearch.config import TrainConfig, parse_config
+from aesearch.errors import ConfigError
+from aesearch.parts.data import DataConfig
+from aesearch.schema import (
     Bool,
-    ConfigError,
-    DataConfig,
     Float,
     Int,
     PositiveInt,
     Section,
-    TrainConfig,
     broken_rule,
     describe_validation_error,
     flatten,
     load_yaml,
-    parse_config,
     set_path,
 )
 
@@ -156,7 +155,7 @@ class Resources(Section):
     cpu: Float = Field(1.0, gt=0, le=256)
     gpu: Float = Field(0.0, ge=0, le=1)  # a fraction of one GPU: several trials may share it
     # > 1: trials train in pack servers, each holding `cpu` and `gpu` and training up to `pack`
-    # trials of one model shape in one fused step (see aesearch.pack_server).
+    # trials of one model shape in one fused step (see aesearch.packing.server).
     pack: PositiveInt = Field(1, le=256)
 
 

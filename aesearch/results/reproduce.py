@@ -120,8 +120,8 @@ class Trial:
 def find_trial(uri: str, experiment: str, rank: int | None, run_id: str | None) -> Trial:
     """The trial at `rank` in the report's leaderboard (default 1), or the trial run `run_id`."""
     from aesearch.config import parse_config
-    from aesearch.report import leaderboard, read_trials, search_objective, trial_table
-    from aesearch.tracking import client
+    from aesearch.results.report import leaderboard, read_trials, search_objective, trial_table
+    from aesearch.tracking.store import client
 
     experiment_id, search, runs = read_trials(uri, experiment)
     metric, mode = search_objective(search)
@@ -162,7 +162,7 @@ def find_trial(uri: str, experiment: str, rank: int | None, run_id: str | None) 
 
 def recorded_history(uri: str, run_id: str, names: list[str], upto: int) -> dict[str, float]:
     """The trial's per-epoch metrics for epochs 1..upto, named as `epoch_metrics` names them."""
-    from aesearch.tracking import client
+    from aesearch.tracking.store import client
 
     store = client(uri)
     values = {}
@@ -203,7 +203,7 @@ class Reproduction:
 
 def choose_device(flag: str | None, trial: Trial) -> str:
     """--device, else the trial's device type when this machine has it, else what is here."""
-    from aesearch.train import resolve_device
+    from aesearch.training.trainer import resolve_device
 
     if flag is not None:
         return str(resolve_device(flag))
@@ -218,8 +218,8 @@ def reproduce(
     out: Path | None = None,
 ) -> Reproduction:
     """Reproduce a trial; refuses (UserError) before writing anything when it cannot be done."""
-    from aesearch.data import load_data
-    from aesearch.tracking import training_tags
+    from aesearch.parts.data import load_data
+    from aesearch.tracking.runs import training_tags
 
     trial = find_trial(uri, experiment, rank, run_id)
     if epochs is not None and not 1 <= epochs <= trial.epochs:
@@ -251,8 +251,8 @@ def reproduce(
 
 
 def _retrain(uri, trial: Trial, config, data, tolerance: Tolerance, tags, upto: int, out: Path | None) -> Reproduction:
-    from aesearch.local import check_run_folder, run_in_folder
-    from aesearch.tracking import BEST_CHECKPOINT, TrialRun
+    from aesearch.tracking.runs import BEST_CHECKPOINT, TrialRun
+    from aesearch.training.run_folder import check_run_folder, run_in_folder
 
     folder = out or Path("runs") / f"reproduce-{trial.name.replace('#', '')}-{datetime.now():%Y%m%d-%H%M%S}"
     check_run_folder(folder, resuming_from=None)
@@ -281,10 +281,11 @@ def _end_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def _from_checkpoint(uri, trial: Trial, config, data, tolerance: Tolerance, tags) -> Reproduction:
-    from aesearch.checkpoints import load_checkpoint
-    from aesearch.evaluate import evaluate
-    from aesearch.tracking import BEST_CHECKPOINT, TrialRun, client
-    from aesearch.train import Trainer
+    from aesearch.tracking.runs import BEST_CHECKPOINT, TrialRun
+    from aesearch.tracking.store import client
+    from aesearch.training.checkpoints import load_checkpoint
+    from aesearch.training.evaluate import evaluate
+    from aesearch.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as folder:
         try:
@@ -335,7 +336,8 @@ class _OpenRun:
 def _open_run(uri: str, trial: Trial, config, tags: dict[str, str]) -> _OpenRun:
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    from aesearch.tracking import REPRODUCES_TAG, ROLE_TAG, client, create_run, trial_tags
+    from aesearch.tracking.runs import REPRODUCES_TAG, ROLE_TAG, create_run, trial_tags
+    from aesearch.tracking.store import client
 
     store = client(uri)
     tags = {ROLE_TAG: "reproduction", REPRODUCES_TAG: trial.run_id, MLFLOW_PARENT_RUN_ID: trial.run_id,

@@ -7,7 +7,7 @@
 `read_search` is the only part that talks to MLflow: it turns a search into a `SearchRecord`
 (the runs as `mlflow.search_runs` gives them, as a DataFrame, plus a few curves and images).
 Everything else is a pure function of that record: tables (`trial_table`, `leaderboard`,
-`best_per_metric`, ...), figures (`aesearch.plots`), and their rendering as HTML and Markdown.
+`best_per_metric`, ...), figures (`aesearch.results.plots`), and their rendering as HTML and Markdown.
 A search that is still running gives a partial report of what has been logged so far.
 """
 
@@ -31,15 +31,8 @@ import numpy as np
 import pandas as pd
 
 from aesearch.errors import UserError
-from aesearch.tracking import (
-    REPRODUCES_TAG,
-    ROLE_TAG,
-    TRIAL_NUMBER_TAG,
-    check_store_exists,
-    client,
-    fluent_api_on,
-    resolve_tracking_uri,
-)
+from aesearch.tracking.runs import REPRODUCES_TAG, ROLE_TAG, TRIAL_NUMBER_TAG
+from aesearch.tracking.store import check_store_exists, client, fluent_api_on, resolve_tracking_uri
 
 # Evaluation metrics the report ranks trials on: name -> (what it is, which way is better).
 # Denoising PSNRs (one per corruption kind, `test/denoise_psnr_<kind>`) are added as found.
@@ -145,7 +138,7 @@ def _launched_space(store, search: dict[str, Any]):
     """The search space as launched (its `space.yaml`), or None if it cannot be read."""
     import yaml
 
-    from aesearch.space import SearchSpace
+    from aesearch.search.space import SearchSpace
 
     if not search:
         return None
@@ -338,7 +331,7 @@ def importances(board: pd.DataFrame, space: Any, mode: str) -> pd.DataFrame:
     function. Parameters that exist only under a condition are left out (not in every trial)."""
     import optuna
 
-    from aesearch.space import DefineByRun, encode_point
+    from aesearch.search.space import DefineByRun, encode_point
 
     if space is None or len(board) < 3:
         return pd.DataFrame(columns=["parameter", "fanova", "ped_anova"])

@@ -18,8 +18,8 @@ import os
 
 from pydantic import BaseModel, ConfigDict, PositiveInt, TypeAdapter, ValidationError
 
-from aesearch.config import describe_validation_error
 from aesearch.errors import UserError
+from aesearch.schema import describe_validation_error
 
 VARIABLE = "AESEARCH_FAULTS"
 

@@ -2,13 +2,13 @@
 
 With `resources.pack: N`, a search starts pack servers, each holding `resources.cpu` and
 `resources.gpu`, and each of its trials becomes a light member (MEMBER_CPU) that hands its
-training to a server through `train_in_pack`, a drop-in for `aesearch.train.train`. The trial is
+training to a server through `train_in_pack`, a drop-in for `aesearch.training.trainer.train`. The trial is
 still its own Tune trial and its own MLflow run: it reports every epoch to Tune (so ASHA stops
 it alone), logs its metrics and pictures, keeps its checkpoints, and a retry or a resumed search
 joins a server again from its checkpoint.
 
 A server trains in rounds: each round, every member that asked for its next epoch gets it;
-members that share a pack key (one model shape, see `aesearch.packing`) train fused, up to N at
+members that share a pack key (one model shape, see `aesearch.packing.fused`) train fused, up to N at
 a time, the others one group after another. One process and one CUDA context serve them all, and
 its memory is capped at the fraction of the GPU the server holds.
 """
@@ -25,13 +25,13 @@ from typing import Any
 import ray
 import torch
 
-from aesearch.checkpoints import save_checkpoint
 from aesearch.config import TrainConfig, parse_config
-from aesearch.data import Data
 from aesearch.errors import DivergedError
-from aesearch.models import build_model
-from aesearch.packing import pack_groups, pack_key, train_group_epoch
-from aesearch.train import EpochEnd, Reporter, Trainer, TrainResult
+from aesearch.packing.fused import pack_groups, pack_key, train_group_epoch
+from aesearch.parts.data import Data
+from aesearch.parts.models import build_model
+from aesearch.training.checkpoints import save_checkpoint
+from aesearch.training.trainer import EpochEnd, Reporter, Trainer, TrainResult
 
 MEMBER_CPU = 0.05  # what a member trial holds: it only reports, logs and writes checkpoints
 GATHER_S = 2.0  # how long a round waits for members still reporting their previous epoch
@@ -229,7 +229,7 @@ def choose_server(servers: list[Any], config: TrainConfig, pack: int) -> Any:
 
 def train_in_pack(server: Any, member: str, config: TrainConfig, data: Data, reporter: Reporter | None = None,
                   resume_from: dict[str, Any] | None = None) -> TrainResult:
-    """`aesearch.train.train`, with the training done by a pack server: the reporter receives each
+    """`aesearch.training.trainer.train`, with the training done by a pack server: the reporter receives each
     epoch (with a CPU copy of the model, and its checkpoint) as if trained here."""
     started = time.perf_counter()
     ray.get(server.join.remote(member, config.model_dump(mode="json"), resume_from))

@@ -23,10 +23,10 @@ from typing import Any, TextIO
 import yaml
 
 from aesearch.config import TrainConfig, variant_family
-from aesearch.data import Data
 from aesearch.errors import UserError
-from aesearch.images import save_images
-from aesearch.train import EpochEnd, Reporter, TrainResult, train
+from aesearch.parts.data import Data
+from aesearch.training.images import save_images
+from aesearch.training.trainer import EpochEnd, Reporter, TrainResult, train
 
 
 @dataclass

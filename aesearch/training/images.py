@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from aesearch.corruption import corrupt
+from aesearch.parts.corruption import corrupt
 
 if TYPE_CHECKING:
     from aesearch.config import TrainConfig
-    from aesearch.models import Autoencoder
+    from aesearch.parts.models import Autoencoder
 
 
 def _grid(images: torch.Tensor, per_row: int) -> torch.Tensor:

@@ -35,10 +35,10 @@ from torch.func import functional_call, vmap
 from torch.optim.adam import adam
 from torch.optim.adamw import adamw
 
-from aesearch.config import TrainConfig, flatten
+from aesearch.config import TrainConfig
 from aesearch.errors import DivergedError
-from aesearch.models import ARCHITECTURES, Autoencoder, LatentOutput, Output, build_model
-from aesearch.objectives import (
+from aesearch.parts.models import ARCHITECTURES, Autoencoder, LatentOutput, Output, build_model
+from aesearch.parts.objectives import (
     RECONSTRUCTIONS,
     SPARSITY_PENALTIES,
     contractive_penalty,
@@ -46,7 +46,8 @@ from aesearch.objectives import (
     jacobian_norm_estimate,
     weighted_sum,
 )
-from aesearch.train import EpochEnd, Trainer
+from aesearch.schema import flatten
+from aesearch.training.trainer import EpochEnd, Trainer
 
 # What may differ between the members of one pack: per-member numbers of the step (tensors with
 # one entry per member), host-side schedules, and what is not training at all.

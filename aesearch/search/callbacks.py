@@ -1,0 +1,197 @@
+"""Ray Tune callbacks of the driver: progress on the terminal, each trial's run closed in MLflow,
+checkpoints kept for the best trials only, superseded checkpoints pruned, the first report timed.
+
+Tune pickles them with the search and restores them on --resume: they hold only settings, and open
+what they need in `setup`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from ray.tune import Callback
+
+from aesearch.search.phases import Phases
+from aesearch.search.space import (
+    SearchSpace,
+)
+from aesearch.search.storage import prune_checkpoints, remove_stored_checkpoints
+from aesearch.search.trial import UNDELIVERED
+from aesearch.tracking.outbox import Outbox, describe_error, is_unreachable
+from aesearch.tracking.outcomes import is_finite_number, outcome, outcome_kind
+from aesearch.tracking.search_run import SearchRun
+from aesearch.tracking.store import Tracking
+
+
+class FirstReport(Callback):
+    """Marks the end of the wait for the first trial's first report (workers started, imports done)."""
+
+    def __init__(self, phases: Phases):
+        self.phases, self.seen = phases, False
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if not self.seen:
+            self.seen = True
+            self.phases.mark("to the first trial report")
+
+
+class Progress(Callback):
+    """Live progress on the terminal: trials by state, and the best so far.
+
+    It is saved with the search (Ray pickles the run's callbacks) and restored on --resume,
+    so it holds no open stream and starts its counts afresh in `setup`.
+    """
+
+    def __init__(self, space: SearchSpace):
+        self.metric, self.mode = space.objective.metric, space.objective.mode
+        self.max_epochs = space.budget.max_epochs
+
+    def setup(self, **info):
+        self.started = time.monotonic()
+        self.ended: dict[str, str] = {}
+        self.best: tuple[float, str, str] | None = None
+        self.last_line = 0.0
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        if is_finite_number(value):
+            better = self.best is None or (value < self.best[0] if self.mode == "min" else value > self.best[0])
+            if better:
+                self.best = (value, trial.trial_id, result.get("family", "?"))
+        if time.monotonic() - self.last_line > 10:
+            self._line(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended[trial.trial_id] = outcome(trial.last_result or {}, None)
+        self._line(trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.ended[trial.trial_id] = "errored"
+        self._line(trials)
+
+    def _line(self, trials) -> None:
+        self.last_line = time.monotonic()
+        states = Counter(trial.status for trial in trials)
+        ended = Counter(outcome_kind(state) for state in self.ended.values())
+        best = f"best {self.metric} {self.best[0]:.4g} ({self.best[2]}, {self.best[1]})" if self.best else "no result yet"
+        sys.stderr.write(
+            f"[{time.monotonic() - self.started:6.0f}s] {states.get('RUNNING', 0)} running, "
+            f"{states.get('PENDING', 0)} pending, {ended.get('completed', 0)} completed, "
+            f"{ended.get('stopped early', 0)} stopped early, {ended.get('diverged', 0)} diverged, "
+            f"{ended.get('errored', 0)} errored | {best}\n"
+        )
+        sys.stderr.flush()
+
+
+class RunCloser(Callback):
+    """Gives each trial's MLflow run its outcome and terminal status as soon as Tune is done with it
+    (the trial itself cannot: ASHA stops it between two epochs), and what went wrong: each failed
+    attempt's traceback, and epochs whose records never reached the server. While the tracking
+    server does not answer, these wait in an outbox, tried again at each later event and, at the
+    end of the search, for up to `budget.tracking_patience_s`. Pickled with the search: it holds
+    only where to log, and opens its client when the search (re)starts."""
+
+    def __init__(self, tracking: Tracking):
+        self.tracking = tracking
+
+    def setup(self, **info):
+        self.runs = SearchRun(self.tracking.uri, tracking=self.tracking)
+        self.outbox = Outbox(on_error=self.warn)
+
+    @staticmethod
+    def warn(what: str, error: Exception) -> None:  # a callback that raises would end the search
+        print(f"aesearch: warning: {what}: {describe_error(error)}", file=sys.stderr)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.outbox.flush()  # what waits for the server, if anything (at most every few seconds)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        ended, run_id = outcome(last, None), last.get("mlflow_run_id")
+        if outcome_kind(ended) == "stopped early" and run_id and trial.checkpoint:
+            checkpoint = trial.checkpoint
+            self.outbox.send(f"the best checkpoint of trial {trial.trial_id}",
+                      lambda: self.runs.log_best_checkpoint(run_id, checkpoint))
+        # A diverged trial's last epoch has no metrics by design: its loss was not a number.
+        epochs = int(last.get("epoch", 0)) - (1 if outcome_kind(ended) == "diverged" else 0)
+        self.outbox.send(f"the outcome of trial {trial.trial_id}", lambda: self.runs.close_trial(
+            trial.trial_id, ended, run_id, epochs, last.get(UNDELIVERED, "")))
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._log_errors(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        tracebacks = self._log_errors(trial)
+        raised = next((line for line in reversed(tracebacks.splitlines()) if line.strip()), "")
+        ended = f"errored after {trial.num_failures} attempts: {raised.strip()[:300]}"
+        self.outbox.send(f"the outcome of trial {trial.trial_id}", lambda: self.runs.close_trial(
+            trial.trial_id, ended, (trial.last_result or {}).get("mlflow_run_id")))
+
+    def _log_errors(self, trial) -> str:
+        """Tune's error file of the trial (every failed attempt so far), logged to its run."""
+        local = trial.error_file  # written on this machine just now; storage may not have it yet
+        tracebacks = Path(local).read_text() if local and Path(local).is_file() else trial.get_error() or ""
+        run_id, attempts = (trial.last_result or {}).get("mlflow_run_id"), trial.num_failures
+        if run_id and tracebacks:
+            self.outbox.send(f"the tracebacks of trial {trial.trial_id}",
+                      lambda: self.runs.log_errors(run_id, tracebacks, attempts))
+        return tracebacks
+
+    def on_experiment_end(self, trials, **info):
+        if not self.outbox.deliver(self.tracking.patience_s):
+            print(f"aesearch: warning: the tracking server {self.tracking.uri} did not take "
+                  f"{self.outbox.undelivered()}", file=sys.stderr)
+
+
+class BestCheckpointsKeeper(Callback):
+    """Keeps checkpoints for the best `budget.keep_checkpoints` finished trials only, in trial storage and in
+    MLflow: each time a trial ends, the finished trials that are not (or no longer) among the best K lose
+    theirs. Errored trials keep theirs (a resumed search retries them from it). Runs after RunCloser, which
+    logs a stopped trial's best checkpoint first. Pickled with the search; re-ranks from Tune's trials."""
+
+    def __init__(self, space: SearchSpace, tracking: Tracking):
+        self.metric, self.mode, self.keep = space.objective.metric, space.objective.mode, space.budget.keep_checkpoints
+        self.tracking = tracking
+
+    def setup(self, **info):
+        self.runs = SearchRun(self.tracking.uri, tracking=self.tracking)
+        self.removed: set[str] = set()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        finished = [t for t in trials if t.status == "TERMINATED" or t is trial]
+        ranked = [t for t in finished if is_finite_number((t.last_result or {}).get(self.metric))]
+        ranked.sort(key=lambda t: t.last_result[self.metric], reverse=self.mode == "max")
+        best = {t.trial_id for t in ranked[: self.keep]}
+        for dropped in finished:
+            if dropped.trial_id in best or dropped.trial_id in self.removed:
+                continue
+            try:  # a callback that raises would make Tune treat the ended trial as failed and retry it
+                remove_stored_checkpoints(dropped.storage.storage_filesystem, dropped.storage.trial_fs_path)
+                if (dropped.last_result or {}).get("mlflow_run_id"):
+                    self.runs.remove_checkpoints(dropped.last_result["mlflow_run_id"])
+                self.removed.add(dropped.trial_id)
+            except Exception as error:  # noqa: BLE001 - disk space is not worth a search
+                if not is_unreachable(error):  # else: tried again when the next trial ends
+                    self.removed.add(dropped.trial_id)
+                    print(f"aesearch: warning: could not remove the checkpoints of trial {dropped.trial_id}: "
+                          f"{describe_error(error)}", file=sys.stderr)
+
+
+class CheckpointPruner(Callback):
+    """Prunes superseded trial checkpoints at each save of the search state (Tune's `get_state` hook).
+
+    Ray's own `CheckpointConfig(num_to_keep)` deletes a checkpoint the moment a newer one is
+    reported, before the search state naming the newer one has reached storage (that upload runs
+    in the background and is skipped while an earlier one still runs): a driver killed in between
+    leaves trials that `--resume` cannot restore. See `prune_checkpoints` for the safe rule.
+    """
+
+    def __init__(self, experiment_path: str):
+        self.experiment_path = experiment_path
+
+    def get_state(self) -> None:
+        prune_checkpoints(self.experiment_path)
+        return None  # the pruner keeps no state of its own

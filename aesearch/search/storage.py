@@ -1,0 +1,97 @@
+"""The search's folder in its storage (a local folder or s3://, gs://, file://), and its checkpoints.
+
+Ray Tune writes the experiment there; aesearch adds the space as launched, the tracking store it
+logs to and the leaderboard, and prunes trial checkpoints no resume can need.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from aesearch.errors import UserError
+
+TRACKING_FILE = "tracking_uri"  # where the search logs, so --resume logs there too
+
+
+class SearchFolder:
+    """The search's folder in its storage, a local folder or a URI (s3://, gs://, file://) alike:
+    read and written through the filesystem Ray Tune itself writes it with (pyarrow's)."""
+
+    def __init__(self, uri: str):
+        from ray.train._internal.storage import get_fs_and_path
+
+        self.uri = uri
+        self.fs, self.path = get_fs_and_path(self.uri, None)
+
+    def exists(self, name: str = "") -> bool:
+        from pyarrow.fs import FileType
+
+        return self.fs.get_file_info(f"{self.path}/{name}".rstrip("/")).type != FileType.NotFound
+
+    def read(self, name: str) -> str:
+        with self.fs.open_input_stream(f"{self.path}/{name}") as stream:
+            return stream.readall().decode("utf-8")
+
+    def write(self, name: str, text: str) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+        with self.fs.open_output_stream(f"{self.path}/{name}") as stream:
+            stream.write(text.encode("utf-8"))
+
+
+def check_storage_has_no_credentials(storage: str) -> None:
+    """Storage URIs are printed, logged as tags and saved with the search: credentials go elsewhere."""
+    parts = urlsplit(storage)
+    secret_params = {"access_key", "secret_key", "session_token"} & set(parse_qs(parts.query))
+    if "://" in storage and (parts.username or parts.password or secret_params):
+        raise UserError(
+            f"--storage {parts.scheme}://***@{parts.hostname}{parts.path}: credentials in the URI are refused; "
+            "give every node its own (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in its environment, or a role)"
+        )
+
+
+def remove_stored_checkpoints(fs, trial_dir: str, before: str | None = None) -> None:
+    """Deletes a trial's checkpoint folders in its storage (only those older than `before`, if given)."""
+    from pyarrow.fs import FileSelector, FileType
+
+    for info in fs.get_file_info(FileSelector(trial_dir, allow_not_found=True)):
+        if info.type == FileType.Directory and info.base_name.startswith("checkpoint_") and (
+            before is None or info.base_name < before
+        ):
+            fs.delete_dir(info.path)
+
+
+def prune_checkpoints(experiment_path: str) -> None:
+    """Deletes each trial's checkpoints older than the one its stored search state would restore.
+
+    The stored state only ever moves forward, so a checkpoint older than the one it names now is
+    never needed again: not by `--resume`, not by the leaderboard (which reads the newest).
+    """
+    for fs, trial_dir, restorable in stored_checkpoints(experiment_path):
+        remove_stored_checkpoints(fs, trial_dir, before=restorable)
+
+
+def stored_checkpoints(experiment_path: str) -> list[tuple[Any, str, str]]:
+    """(filesystem, trial folder, checkpoint name) that resuming from the stored state would restore."""
+    from ray.train._internal.storage import get_fs_and_path
+    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    try:
+        state_file = _find_newest_experiment_checkpoint(experiment_path)
+        if state_file is None:
+            return []
+        fs, fs_path = get_fs_and_path(state_file)
+        with fs.open_input_stream(fs_path) as stream:
+            state = json.loads(stream.readall())
+    except (OSError, ValueError):
+        return []  # not written yet, or caught mid-upload: keep everything until the next save
+    restorable = []
+    for _, run_metadata_json in state["trial_data"]:
+        manager = _TrainingRunMetadata.from_json_state(run_metadata_json).checkpoint_manager
+        latest = manager.latest_checkpoint_result if manager else None
+        if latest is not None and latest.checkpoint is not None:
+            trial_dir, name = latest.checkpoint.path.rstrip("/").rsplit("/", 1)
+            restorable.append((latest.checkpoint.filesystem, trial_dir, name))
+    return restorable
