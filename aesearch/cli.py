@@ -36,8 +36,6 @@ EXIT_DIVERGED = 1
 EXIT_NOTHING_RAN = 1  # a search whose every trial errored or never started
 EXIT_NOT_REPRODUCED = 1
 EXIT_USER_ERROR = 2
-
-
 TRACKING_HELP = "MLflow tracking store (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)"
 
 
@@ -134,11 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from aesearch.config import load_config
+    from aesearch.config import load_config, resolve_device
     from aesearch.parts.data import load_data
     from aesearch.training.checkpoints import load_checkpoint
     from aesearch.training.run_folder import check_run_folder, run_in_folder
-    from aesearch.training.trainer import check_resumable, resolve_device
+    from aesearch.training.trainer import check_resumable
 
     overrides = list(args.overrides)
     if args.epochs is not None:
@@ -224,7 +222,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from aesearch.results.report import is_partial, make_report, status_line
+    from aesearch.results.render import make_report
+    from aesearch.results.report import is_partial, status_line
     from aesearch.tracking.store import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -271,28 +270,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from aesearch.config import parse_config
+    from aesearch.config import on_device, parse_config, resolve_device
     from aesearch.parts.data import load_data
-    from aesearch.parts.models import build_model
-    from aesearch.schema import apply_overrides
-    from aesearch.training.checkpoints import load_checkpoint
+    from aesearch.training.checkpoints import load_checkpoint, load_trained_model
     from aesearch.training.evaluate import evaluate
-    from aesearch.training.trainer import resolve_device
 
     state = load_checkpoint(args.checkpoint)
-    device = [f"runtime.device={args.device}"] if args.device is not None else []
-    config = parse_config(apply_overrides(state["config"], device), source=f"{args.checkpoint} (config)")
-    device = resolve_device(config.runtime.device)
+    config = on_device(parse_config(state["config"], source=f"{args.checkpoint} (config)"), args.device)
+    device = resolve_device(config.runtime.device)  # before the data: a device that is not here fails at once
     data = load_data(config.data, args.data_dir, args.download)
-    if data.fingerprint != state["fingerprint"]:
-        raise UserError(
-            f"{args.checkpoint}: trained on dataset fingerprint {state['fingerprint']}, but "
-            f"{config.data.name} under the data directory now has fingerprint {data.fingerprint}"
-        )
-    model = build_model(config.model, data.spec.shape).to(device)
-    model.load_state_dict(state["model"])
+    trained = load_trained_model(state, data, device=config.runtime.device, where=str(args.checkpoint))
     print(json.dumps({"checkpoint": str(args.checkpoint), "epoch": state["epoch"],
-                      **evaluate(model, data.to(device), config.evaluation)}))
+                      **evaluate(trained.model, data.to(device), config.evaluation)}))
     return 0
 
 

@@ -14,7 +14,7 @@ Configs are validated at the edge (`load_config`, `parse_config`): every problem
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -37,6 +37,9 @@ from aesearch.schema import (
     load_yaml,
     named,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 
 class EvaluationConfig(Section):
@@ -149,7 +152,6 @@ def load_config(path: Path | str, overrides: list[str] | None = None) -> TrainCo
     return parse_config(document, source=str(path))
 
 
-
 # --- what a config is -----------------------------------------------------------------------
 
 
@@ -167,3 +169,24 @@ def variant_family(config: TrainConfig) -> str:
     if model.architecture == "dense":
         return "stacked" if len(model.hidden_dims) >= 2 else "dense"
     return model.architecture
+
+
+def on_device(config: TrainConfig, device: str | None) -> TrainConfig:
+    """The config with `runtime.device` set (validated); None keeps the config's own."""
+    if device is None:
+        return config
+    return parse_config(config.model_copy(update={"runtime": config.runtime.model_copy(
+        update={"device": device})}).model_dump(), source="--device")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`runtime.device` as a torch device: 'auto' is CUDA where there is one; CUDA where there is none
+    is a ConfigError."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"runtime.device={name!r}: CUDA is not available on this machine")
+    return device

@@ -60,7 +60,6 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
-
 # --- reading documents, overrides, error messages ---------------------------------------------
 
 
@@ -137,7 +136,6 @@ def describe_validation_error(error: ValidationError) -> str:
     return "; ".join(phrases)
 
 
-
 def flatten(document: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'model': {'latent_dim': 16}} -> {'model.latent_dim': 16}: one stable name per field."""
     flat: dict[str, Any] = {}
@@ -147,5 +145,3 @@ def flatten(document: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-

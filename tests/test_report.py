@@ -17,18 +17,18 @@ from mlflow import MlflowClient
 
 from aesearch.errors import UserError
 from aesearch.results import plots
-from aesearch.results.report import (
-    SearchRecord,
+from aesearch.results.read import SearchRecord
+from aesearch.results.render import write_report
+from aesearch.results.report import build_report
+from aesearch.results.tables import (
     asha_summary,
     best_per_family,
     best_per_metric,
-    build_report,
     importances,
     leaderboard,
     parse_param,
     seed_summary,
     trial_table,
-    write_report,
 )
 from aesearch.search.space import SearchSpace
 from aesearch.tracking.runs import as_param

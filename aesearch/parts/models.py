@@ -373,9 +373,6 @@ class ModelConfig(Section):
     mlp_ratio: Bounded(8) = 2
 
 
-
-
-
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
         if self.architecture == "attention" and self.embed_dim % self.heads:

@@ -233,14 +233,12 @@ class KLConfig(Section):
     ramp_fraction: Float = Field(0.5, gt=0.0, le=1.0)  # cyclical: share of each cycle spent ramping
 
 
-
 class SparsityConfig(Section):
     """A sparsity penalty on the code: `l1` (sum |h_j|) or `kl` (sum_j KL(rho || rho_hat_j))."""
 
     kind: Named(SPARSITY_PENALTIES, "none") = "none"
     weight: Float = Field(1.0, ge=0.0)
     rho: Float = Field(0.05, gt=0.0, lt=1.0)
-
 
 
 class ObjectiveConfig(Section):

@@ -120,7 +120,8 @@ class Trial:
 def find_trial(uri: str, experiment: str, rank: int | None, run_id: str | None) -> Trial:
     """The trial at `rank` in the report's leaderboard (default 1), or the trial run `run_id`."""
     from aesearch.config import parse_config
-    from aesearch.results.report import leaderboard, read_trials, search_objective, trial_table
+    from aesearch.results.read import read_trials, search_objective
+    from aesearch.results.tables import leaderboard, trial_table
     from aesearch.tracking.store import client
 
     experiment_id, search, runs = read_trials(uri, experiment)
@@ -203,7 +204,7 @@ class Reproduction:
 
 def choose_device(flag: str | None, trial: Trial) -> str:
     """--device, else the trial's device type when this machine has it, else what is here."""
-    from aesearch.training.trainer import resolve_device
+    from aesearch.config import resolve_device
 
     if flag is not None:
         return str(resolve_device(flag))
@@ -251,7 +252,8 @@ def reproduce(
 
 
 def _retrain(uri, trial: Trial, config, data, tolerance: Tolerance, tags, upto: int, out: Path | None) -> Reproduction:
-    from aesearch.tracking.runs import BEST_CHECKPOINT, TrialRun
+    from aesearch.tracking.runs import TrialRun
+    from aesearch.training.checkpoints import BEST_CHECKPOINT
     from aesearch.training.run_folder import check_run_folder, run_in_folder
 
     folder = out or Path("runs") / f"reproduce-{trial.name.replace('#', '')}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -281,9 +283,9 @@ def _end_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def _from_checkpoint(uri, trial: Trial, config, data, tolerance: Tolerance, tags) -> Reproduction:
-    from aesearch.tracking.runs import BEST_CHECKPOINT, TrialRun
+    from aesearch.tracking.runs import TrialRun
     from aesearch.tracking.store import client
-    from aesearch.training.checkpoints import load_checkpoint
+    from aesearch.training.checkpoints import BEST_CHECKPOINT, load_checkpoint, load_trained_model
     from aesearch.training.evaluate import evaluate
     from aesearch.training.trainer import Trainer
 
@@ -293,9 +295,7 @@ def _from_checkpoint(uri, trial: Trial, config, data, tolerance: Tolerance, tags
         except Exception:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
             raise UserError(f"--from-checkpoint: run {trial.run_id} ({trial.name}) has no {BEST_CHECKPOINT}") from None
         state = load_checkpoint(path)  # weights_only: a checkpoint that holds code is refused
-    if state["fingerprint"] != data.fingerprint:
-        raise UserError(f"--from-checkpoint: the checkpoint was made on dataset fingerprint {state['fingerprint']}, "
-                        f"the data here has {data.fingerprint}")
+    load_trained_model(state, data, where=f"--from-checkpoint: {BEST_CHECKPOINT} of run {trial.run_id}")
     trainer = Trainer(config, data)
     trainer.model.load_state_dict(state["model"])
     epoch = state["epoch"]

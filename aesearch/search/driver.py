@@ -73,22 +73,7 @@ class SearchOptions:
         return f"{self.storage.rstrip('/')}/{self.name}"
 
 
-# --- inside a trial ---------------------------------------------------------------------------
-
-
-
-
-
-
-
-
 # --- the driver -------------------------------------------------------------------------------
-
-
-
-
-
-
 
 
 def check_can_start(space: SearchSpace, options: SearchOptions) -> None:
@@ -183,10 +168,6 @@ def search(space: SearchSpace, options: SearchOptions, phases: Phases | None = N
     if failed:
         raise NothingRan(options.name, board, f"{folder.uri}/leaderboard.csv")
     return board
-
-
-
-
 
 
 def check_tracking(options: SearchOptions, uri: str) -> None:
@@ -330,34 +311,3 @@ def _fit_trials(space: SearchSpace, options: SearchOptions, data: Data, tracking
     results = tuner.fit()
     prune_checkpoints(options.experiment_folder)  # the final state save has reached storage now
     return results
-
-
-# --- what the user sees -----------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

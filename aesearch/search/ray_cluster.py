@@ -19,6 +19,7 @@ import sys
 import ray
 
 from aesearch.errors import UserError
+from aesearch.search import ray_api
 
 AUTH_MODE = "RAY_AUTH_MODE"  # "token" or "disabled": Ray reads it from the environment only
 PROBE_TIMEOUT_S = 60.0  # a worker's start on a busy 2-core node takes a few seconds
@@ -45,18 +46,12 @@ def cluster_auth_mode(address: str, timeout_s: float = 5.0) -> str:
     """'token' or 'disabled': what the cluster's GCS at HOST:PORT asks of a client, learnt by asking
     it something without a token (a cluster with token authentication refuses)."""
     import grpc
-    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
-    request = gcs_service_pb2.InternalKVGetRequest(key=b"session_name", namespace=b"session")
-    with grpc.insecure_channel(address) as channel:
-        try:
-            gcs_service_pb2_grpc.InternalKVGcsServiceStub(channel).InternalKVGet(request, timeout=timeout_s)
-        except grpc.RpcError as error:
-            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
-                return "token"
-            raise UserError(f"--address {address}: the Ray cluster's GCS does not answer "
-                            f"({error.code().name}: {error.details()})") from None
-    return "disabled"
+    try:
+        return "token" if ray_api.gcs_needs_token(address, timeout_s) else "disabled"
+    except grpc.RpcError as error:
+        raise UserError(f"--address {address}: the Ray cluster's GCS does not answer "
+                        f"({error.code().name}: {error.details()})") from None
 
 
 def auth_in_force() -> str:
@@ -74,10 +69,8 @@ def auth_in_force() -> str:
 
 def use_auth_mode(mode: str) -> None:
     """This process's authentication mode, for Ray's C++ core too (it caches its config)."""
-    from ray._raylet import Config
-
     os.environ[AUTH_MODE] = mode
-    Config.initialize("")
+    ray_api.reload_core_config()
 
 
 def connect(address: str | None) -> None:

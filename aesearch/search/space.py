@@ -327,4 +327,3 @@ def load_space(path: Path | str, overrides: dict[str, Any] | None = None) -> Sea
         for dotted, value in (overrides or {}).items():
             set_path(document, dotted, value)
     return parse_space(document, source=str(path))
-

@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from aesearch.errors import UserError
+from aesearch.search import ray_api
 
 TRACKING_FILE = "tracking_uri"  # where the search logs, so --resume logs there too
 
@@ -20,10 +21,8 @@ class SearchFolder:
     read and written through the filesystem Ray Tune itself writes it with (pyarrow's)."""
 
     def __init__(self, uri: str):
-        from ray.train._internal.storage import get_fs_and_path
-
         self.uri = uri
-        self.fs, self.path = get_fs_and_path(self.uri, None)
+        self.fs, self.path = ray_api.filesystem_and_path(uri)
 
     def exists(self, name: str = "") -> bool:
         from pyarrow.fs import FileType
@@ -74,24 +73,19 @@ def prune_checkpoints(experiment_path: str) -> None:
 
 def stored_checkpoints(experiment_path: str) -> list[tuple[Any, str, str]]:
     """(filesystem, trial folder, checkpoint name) that resuming from the stored state would restore."""
-    from ray.train._internal.storage import get_fs_and_path
-    from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
-    from ray.tune.trainable.metadata import _TrainingRunMetadata
-
     try:
-        state_file = _find_newest_experiment_checkpoint(experiment_path)
+        state_file = ray_api.newest_experiment_state(experiment_path)
         if state_file is None:
             return []
-        fs, fs_path = get_fs_and_path(state_file)
+        fs, fs_path = ray_api.filesystem_and_path(state_file)
         with fs.open_input_stream(fs_path) as stream:
             state = json.loads(stream.readall())
     except (OSError, ValueError):
         return []  # not written yet, or caught mid-upload: keep everything until the next save
     restorable = []
     for _, run_metadata_json in state["trial_data"]:
-        manager = _TrainingRunMetadata.from_json_state(run_metadata_json).checkpoint_manager
-        latest = manager.latest_checkpoint_result if manager else None
-        if latest is not None and latest.checkpoint is not None:
-            trial_dir, name = latest.checkpoint.path.rstrip("/").rsplit("/", 1)
-            restorable.append((latest.checkpoint.filesystem, trial_dir, name))
+        checkpoint = ray_api.latest_checkpoint(run_metadata_json)
+        if checkpoint is not None:
+            trial_dir, name = checkpoint.path.rstrip("/").rsplit("/", 1)
+            restorable.append((checkpoint.filesystem, trial_dir, name))
     return restorable

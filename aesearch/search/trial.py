@@ -34,15 +34,10 @@ from aesearch.search.space import (
 )
 from aesearch.tracking.runs import TrialRun, log_invalid_trial
 from aesearch.tracking.store import Tracking
-from aesearch.training.checkpoints import load_checkpoint
+from aesearch.training.checkpoints import BEST_FILE, load_checkpoint
 from aesearch.training.trainer import EpochEnd, train
 
 CHECKPOINT_FILE = "checkpoint.pt"  # the run at the epoch reported
-
-
-BEST_FILE = "best.pt"  # the run at its best epoch so far
-
-
 UNDELIVERED = "tracking/undelivered"  # a trial's report: what never reached the tracking server ('' if all did)
 
 

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from aesearch.tracking.runs import BEST_CHECKPOINT, TRIAL_ID_TAG
+from aesearch.tracking.runs import TRIAL_ID_TAG
 from aesearch.tracking.store import fluent_api_on
+from aesearch.training.checkpoints import BEST_CHECKPOINT
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -55,21 +56,17 @@ def register_best_model(client: MlflowClient, uri: str, parent_run_id: str, name
     import mlflow
     from mlflow.models import infer_signature
 
-    from aesearch.config import parse_config
     from aesearch.parts.data import DATASETS
-    from aesearch.parts.models import build_model
-    from aesearch.training.checkpoints import load_checkpoint
+    from aesearch.training.checkpoints import load_trained_model
 
     with tempfile.TemporaryDirectory() as folder:
         try:
             path = client.download_artifacts(run.info.run_id, BEST_CHECKPOINT, folder)
         except Exception:  # noqa: BLE001 - a trial that ended before its first best epoch
             return None
-        state = load_checkpoint(path)
-    config = parse_config(state["config"], source=f"{BEST_CHECKPOINT} of run {run.info.run_id}")
-    shape = DATASETS[config.data.name].shape
-    model = Reconstruction(build_model(config.model, shape))
-    model.autoencoder.load_state_dict(state["model"])
+        trained = load_trained_model(path, where=f"{BEST_CHECKPOINT} of run {run.info.run_id}")
+    shape = DATASETS[trained.config.data.name].shape
+    model = Reconstruction(trained.model)
     example = torch.rand(2, *shape)
     with torch.no_grad():
         signature = infer_signature(example.numpy(), model(example).numpy())
@@ -86,4 +83,3 @@ def register_best_model(client: MlflowClient, uri: str, parent_run_id: str, name
         mlflow.set_tag("best_trial_run", run.info.run_id)
         mlflow.log_metrics({f"best/{k}": float(v) for k, v in metrics.items()})
     return info.model_uri
-

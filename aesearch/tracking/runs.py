@@ -34,6 +34,7 @@ from aesearch.config import TrainConfig, variant_family
 from aesearch.schema import flatten
 from aesearch.tracking.outbox import Outbox, patiently
 from aesearch.tracking.store import MLFLOW_BATCH, Tracking, client
+from aesearch.training.checkpoints import BEST_CHECKPOINT
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -48,25 +49,6 @@ REPRODUCES_TAG = "aesearch.reproduces"  # a reproduction's original run
 OUTCOME_TAG = "outcome"
 ATTEMPT_TAG = "aesearch.attempt"  # 1 for a trial's first run, +1 for each retry or resume
 INCOMPLETE_TAG = "tracking"  # set when records of the run never reached the server
-BEST_CHECKPOINT = "checkpoints/best.pt"
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # --- names and tags ---------------------------------------------------------------------------
@@ -113,17 +95,6 @@ def as_param(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-# --- when the tracking server does not answer -------------------------------------------------
-
-
-
-
-
-
-
-
-
-
 # --- inside a trial ---------------------------------------------------------------------------
 
 
@@ -141,7 +112,7 @@ def find_trial_run(mlflow: MlflowClient, experiment_id: str, trial_id: str) -> A
 def training_tags(config: TrainConfig, data: Data) -> dict[str, str]:
     """What a reproduction must match: the dataset's fingerprint and how the arithmetic ran
     (on the CPU, the thread count changes the order of float sums, and so the results)."""
-    from aesearch.training.trainer import resolve_device
+    from aesearch.config import resolve_device
 
     device = resolve_device(config.runtime.device)
     described = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
@@ -286,14 +257,3 @@ def log_invalid_trial(tracking: Tracking, trial_id: str, number: str, params: di
     run_id = mlflow.create_run(tracking.experiment_id, run_name=f"invalid-#{number}", tags=tags).info.run_id
     mlflow.log_batch(run_id, params=[Param(k, as_param(v)) for k, v in params.items()], synchronous=True)
     return run_id
-
-
-# --- the driver -------------------------------------------------------------------------------
-
-
-
-
-
-
-
-

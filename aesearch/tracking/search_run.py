@@ -15,8 +15,9 @@ from typing import Any
 
 from aesearch.errors import UserError
 from aesearch.tracking.model_registry import register_best_model, start_export_warmup
-from aesearch.tracking.runs import BEST_CHECKPOINT, INCOMPLETE_TAG, OUTCOME_TAG, ROLE_TAG, TRIAL_ID_TAG, as_param
+from aesearch.tracking.runs import INCOMPLETE_TAG, OUTCOME_TAG, ROLE_TAG, TRIAL_ID_TAG, as_param
 from aesearch.tracking.store import Tracking, client, embedded_artifacts
+from aesearch.training.checkpoints import BEST_CHECKPOINT
 
 
 def package_versions() -> dict[str, str]:

@@ -22,11 +22,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 EMBEDDED_DB = "mlflow.db"
-
-
 EMBEDDED_ARTIFACTS = "mlartifacts"
-
-
 MLFLOW_BATCH = 100  # MLflow takes at most 100 params (and 1000 metrics) per log_batch call
 
 

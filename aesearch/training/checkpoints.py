@@ -12,14 +12,23 @@ import pickle
 import re
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from aesearch.config import TrainConfig, on_device, parse_config, resolve_device
 from aesearch.errors import CheckpointError
+from aesearch.parts.data import DATASETS
+from aesearch.parts.models import Autoencoder, build_model
+
+if TYPE_CHECKING:
+    from aesearch.parts.data import Data
 
 FORMAT = "aesearch-checkpoint/1"
+BEST_FILE = "best.pt"  # a run's best epoch so far: in its run folder, its Tune checkpoints, ...
+BEST_CHECKPOINT = f"checkpoints/{BEST_FILE}"  # ... and its MLflow run's artifacts
 REQUIRED_KEYS = {"format", "config", "fingerprint", "epoch", "model", "optimizer", "rng", "history", "best"}
 
 
@@ -57,3 +66,29 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != FORMAT or not REQUIRED_KEYS <= state.keys():
         raise CheckpointError(f"{path}: not an aesearch checkpoint (expected format {FORMAT!r})")
     return state
+
+
+@dataclass
+class TrainedModel:
+    """A model as a checkpoint left it: the autoencoder (in eval mode), its config, the whole state."""
+
+    model: Autoencoder
+    config: TrainConfig
+    state: dict[str, Any]
+
+
+def load_trained_model(source: Path | str | dict[str, Any], data: Data | None = None, device: str | None = None,
+                       where: str | None = None) -> TrainedModel:
+    """The model a checkpoint (a path, or its loaded state) holds, on `device` (default: the config's, or
+    the CPU). With `data`, refuse a checkpoint made on other data (its fingerprint differs)."""
+    state = source if isinstance(source, dict) else load_checkpoint(source)
+    where = where or str(source if not isinstance(source, dict) else "checkpoint")
+    config = on_device(parse_config(state["config"], source=f"{where} (config)"), device)
+    if data is not None and data.fingerprint != state["fingerprint"]:
+        raise CheckpointError(
+            f"{where}: trained on dataset fingerprint {state['fingerprint']}, but {config.data.name} here has "
+            f"fingerprint {data.fingerprint}: the data (or its files under the data directory) changed"
+        )
+    model = build_model(config.model, DATASETS[config.data.name].shape)
+    model.load_state_dict(state["model"])
+    return TrainedModel(model.to(resolve_device(config.runtime.device) if device else "cpu").eval(), config, state)

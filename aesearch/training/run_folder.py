@@ -25,6 +25,7 @@ import yaml
 from aesearch.config import TrainConfig, variant_family
 from aesearch.errors import UserError
 from aesearch.parts.data import Data
+from aesearch.training.checkpoints import BEST_FILE
 from aesearch.training.images import save_images
 from aesearch.training.trainer import EpochEnd, Reporter, TrainResult, train
 
@@ -56,7 +57,7 @@ class FolderReporter:
             log.write(json.dumps(end.metrics) + "\n")
         end.save_checkpoint(self.folder / "last.pt")
         if end.is_best:
-            end.save_checkpoint(self.folder / "best.pt")
+            end.save_checkpoint(self.folder / BEST_FILE)
         self._draw(end)
 
     def _draw(self, end: EpochEnd) -> None:

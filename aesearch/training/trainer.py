@@ -21,8 +21,8 @@ from typing import Any, NamedTuple
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from aesearch.config import TrainConfig, parse_config
-from aesearch.errors import CheckpointError, ConfigError, DivergedError
+from aesearch.config import TrainConfig, parse_config, resolve_device
+from aesearch.errors import CheckpointError, DivergedError
 from aesearch.parts.corruption import corrupt
 from aesearch.parts.data import Data
 from aesearch.parts.models import Autoencoder, build_model, parameter_count
@@ -68,15 +68,6 @@ class TrainResult:
     best_epoch: int
     model: Autoencoder  # holding the best weights, in eval mode
     fingerprint: str
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"runtime.device={name!r}: CUDA is not available on this machine")
-    return device
 
 
 def train(

@@ -1,0 +1,96 @@
+"""aesearch from Python: what a notebook calls, each a thin layer over the part that does the work.
+
+    import aesearch
+
+    space = aesearch.load_space("search_spaces/quickstart.yaml", {"budget.num_samples": 8})
+    board = aesearch.run_search(space, name="notebook", storage="results")   # the leaderboard
+    report = aesearch.make_report("notebook", out="reports/notebook")
+    trained = aesearch.load_model("runs/x/best.pt")                          # .model, .config
+    check = aesearch.reproduce("notebook", rank=1)                           # .verdict
+
+The command line (`aesearch.cli`) calls these same parts. Tracking URIs default as on the command
+line: MLFLOW_TRACKING_URI, else the embedded store `sqlite:///./mlflow.db`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aesearch import settings
+from aesearch.config import TrainConfig, load_config, on_device, parse_config
+from aesearch.search.space import SearchSpace, load_space, parse_space
+from aesearch.training.checkpoints import TrainedModel, load_trained_model
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from aesearch.results.report import Report
+    from aesearch.results.reproduce import Reproduction
+    from aesearch.training.trainer import Reporter, TrainResult
+
+__all__ = [
+    "SearchSpace", "TrainConfig", "TrainedModel", "load_config", "load_model", "load_space", "make_report",
+    "parse_config", "parse_space", "reproduce", "run_search", "train",
+]
+
+
+def train(config: TrainConfig, data_dir: Path | str | None = None, download: bool = False, device: str | None = None,
+          out: Path | str | None = None, reporter: Reporter | None = None) -> TrainResult:
+    """Train one config (its best weights evaluated on the test split), as `aesearch train` does;
+    with `out`, everything is also written into that run folder (checkpoints, metrics, pictures)."""
+    from aesearch.parts.data import load_data
+    from aesearch.training.run_folder import check_run_folder, run_in_folder
+    from aesearch.training.trainer import train as train_config
+
+    config = on_device(config, device)
+    data = load_data(config.data, data_dir, download)
+    if out is None:
+        return train_config(config, data, reporter)
+    check_run_folder(Path(out), resuming_from=None)
+    result, _ = run_in_folder(config, data, out, also=reporter)
+    return result
+
+
+def run_search(space: SearchSpace, name: str | None = None, storage: Path | str = "results",
+               tracking_uri: str | None = None, address: str | None = None, data_dir: Path | str | None = None,
+               download: bool = False, resume: bool = False) -> pd.DataFrame:
+    """Run (or resume) a search, tracked in MLflow, as `aesearch search` does; returns its leaderboard
+    (one row per trial, best first). Ray starts on this machine unless `address` names a cluster."""
+    settings.apply()
+    from aesearch.search.driver import SearchOptions, search
+    from aesearch.tracking.store import resolve_tracking_uri
+
+    storage = str(storage) if "://" in str(storage) else str(Path(storage).absolute())
+    options = SearchOptions(name=name or space.name, storage=storage, address=address,
+                            data_dir=Path(data_dir) if data_dir else None, download=download, resume=resume,
+                            tracking_uri=resolve_tracking_uri(tracking_uri))
+    return search(space, options)
+
+
+def make_report(experiment: str, tracking_uri: str | None = None, out: Path | str | None = None) -> Report:
+    """Write the report of a search (HTML, Markdown, leaderboard.csv) into `out` (default
+    reports/EXPERIMENT) and return it: `.board`, `.families`, `.best_metrics`, `.figures`, ..."""
+    settings.apply()
+    from aesearch.results.render import make_report as write
+    from aesearch.tracking.store import resolve_tracking_uri
+
+    return write(experiment, resolve_tracking_uri(tracking_uri), Path(out or Path("reports") / experiment))
+
+
+def reproduce(experiment: str, rank: int | None = None, run_id: str | None = None, tracking_uri: str | None = None,
+              **options: Any) -> Reproduction:
+    """Retrain (or, with from_checkpoint=True, re-evaluate) one trial of a search and compare it with
+    what the trial recorded, as `aesearch reproduce` does. `options`: device, epochs, from_checkpoint,
+    data_dir, download, out."""
+    settings.apply()
+    from aesearch.results.reproduce import reproduce as reproduce_trial
+    from aesearch.tracking.store import resolve_tracking_uri
+
+    return reproduce_trial(resolve_tracking_uri(tracking_uri), experiment, rank, run_id, **options)
+
+
+def load_model(checkpoint: Path | str, device: str | None = None) -> TrainedModel:
+    """The autoencoder a checkpoint holds (eval mode; on the CPU unless `device`), with its config:
+    `trained.model(x).x_hat` reconstructs x, `trained.model.encode(x).code` gives its codes."""
+    return load_trained_model(checkpoint, device=device)

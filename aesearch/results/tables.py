@@ -1,0 +1,235 @@
+"""The report's tables: pure functions of a search's runs (no MLflow, no rendering).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from aesearch.tracking.runs import TRIAL_NUMBER_TAG
+from aesearch.tracking.store import resolve_tracking_uri
+
+# Evaluation metrics the report ranks trials on: name -> (what it is, which way is better).
+# Denoising PSNRs (one per corruption kind, `test/denoise_psnr_<kind>`) are added as found.
+RANKED_METRICS = {
+    "test/recon_mse": ("reconstruction MSE (clean test images)", "min"),
+    "test/psnr": ("PSNR, dB", "max"),
+    "test/nll": ("NLL, nats (VAEs, IWAE bound)", "min"),
+    "test/probe_accuracy": ("linear-probe accuracy of the codes", "max"),
+    "test/knn_accuracy": ("kNN accuracy of the codes", "max"),
+    "test/kmeans_ari": ("KMeans ARI of the codes", "max"),
+    "test/kmeans_nmi": ("KMeans NMI of the codes", "max"),
+    "test/anomaly_auroc": ("anomaly AUROC (held-out class)", "max"),
+    "test/active_units": ("active latent units (VAEs)", "max"),
+    "model/parameters": ("parameters", "min"),
+    "time/train_seconds": ("training time, s", "min"),
+}
+
+
+DENOISE_PREFIX = "test/denoise_psnr_"
+
+
+# How a trial ended, from its outcome tag; only finished trials are ranked.
+RANKED_STATES = ("completed", "stopped")
+
+
+def parse_param(text: Any) -> Any:
+    """An MLflow param (always text) back to its config value: '16' -> 16, '[256, 128]' -> [256, 128]."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return {"True": True, "False": False, "None": None}.get(text, text)
+
+
+def state_of(outcome: str, status: str) -> str:
+    """completed / stopped / diverged / errored / invalid / running / killed, from the outcome tag
+    (else from the run's status)."""
+    if outcome:
+        for prefix, state in (("completed", "completed"), ("stopped early", "stopped"), ("diverged", "diverged"),
+                              ("errored", "errored"), ("invalid", "invalid"), ("lost", "lost")):
+            if outcome.startswith(prefix):
+                return state
+    return {"RUNNING": "running", "SCHEDULED": "running", "KILLED": "killed", "FAILED": "errored"}.get(status, "unknown")
+
+
+def trial_table(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per trial run: what it was (family, shape, key parameters), how it ended, its
+    objective and every metric it logged (latest values, named as logged)."""
+    rows = []
+    for _, run in runs.iterrows():
+        config = {k[len("params."):]: parse_param(v) for k, v in run.items() if k.startswith("params.")}
+        metrics = {k[len("metrics."):]: v for k, v in run.items() if k.startswith("metrics.") and pd.notna(v)}
+        outcome = _tag(run, "outcome") or ""
+        state = state_of(outcome, run.get("status", ""))
+        stopped_at = re.search(r"at epoch (\d+)", outcome)
+        epochs = metrics.get("epoch", int(stopped_at.group(1)) if stopped_at else 0)
+        value = metrics.get(metric, math.nan)
+        if state in ("diverged", "errored", "invalid") or not np.isfinite(value):
+            value = math.nan  # a trial that broke has no objective worth ranking
+        name = _tag(run, "mlflow.runName") or run["run_id"][:8]
+        rows.append({
+            "run_id": run["run_id"], "name": name, "number": _trial_number(_tag(run, TRIAL_NUMBER_TAG), name),
+            "family": _tag(run, "family") or "?",
+            "architecture": _tag(run, "architecture") or config.get("model.architecture"),
+            "latent": _tag(run, "latent") or config.get("model.latent"), "objective_formula": _tag(run, "objective") or "",
+            "latent_dim": config.get("model.latent_dim"), "beta": config.get("objective.kl.beta"),
+            "schedule": config.get("objective.kl.schedule"), "noise": config.get("corruption.kind") or "none",
+            "noise_level": config.get("corruption.level"), "sparsity": config.get("objective.sparsity.kind"),
+            "lr": config.get("optimizer.lr"), "seed": config.get("seed"),
+            "status": run.get("status", ""), "outcome": outcome or state, "state": state, "epochs": int(epochs),
+            "objective": value, **{k: v for k, v in metrics.items() if k != "epoch"},
+            "started": run.get("start_time"), "config": config,
+        })
+    table = pd.DataFrame(rows)
+    order = table["number"].fillna(table["started"].rank(method="first")).astype(int)
+    return table.assign(number=order).sort_values("number", kind="stable").reset_index(drop=True)
+
+
+def _tag(run: pd.Series, name: str) -> str | None:
+    """A run's tag, or None where it has none (pandas gives NaN)."""
+    value = run.get(f"tags.{name}")
+    return value if isinstance(value, str) and value else None
+
+
+def _trial_number(tagged: str | None, name: str) -> float:
+    if tagged is not None and tagged.isdigit():
+        return float(tagged)
+    found = re.search(r"#(\d+)$", name)
+    return float(found.group(1)) if found else math.nan
+
+
+def leaderboard(trials: pd.DataFrame, mode: str) -> pd.DataFrame:
+    """Finished trials with an objective, best first, ranked from 1 (`aesearch reproduce --rank K`)."""
+    ranked = trials[trials["state"].isin(RANKED_STATES) & trials["objective"].notna()]
+    ranked = ranked.sort_values(["objective", "number"], ascending=[mode == "min", True], kind="stable")
+    return ranked.reset_index(drop=True).assign(rank=lambda t: t.index + 1)
+
+
+def best_per_family(board: pd.DataFrame) -> pd.DataFrame:
+    """The best trial of each variant family, and how far it is from the overall winner."""
+    best = board.groupby("family", sort=False).head(1).copy()
+    if best.empty:
+        return best
+    winner = best["objective"].iloc[0]
+    best["vs winner"] = [relative_gap(winner, value) for value in best["objective"]]
+    return best.reset_index(drop=True)
+
+
+def relative_gap(winner: float, other: float) -> float:
+    """`other` against the winner, as a signed fraction of the winner's value (0.75: 75% higher)."""
+    return (other - winner) / abs(winner) if winner else math.inf
+
+
+def ranked_metrics(trials: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    """The evaluation metrics present in these trials, with their labels and directions."""
+    found = {name: how for name, how in RANKED_METRICS.items() if name in trials}
+    for name in sorted(c for c in trials.columns if c.startswith(DENOISE_PREFIX)):
+        found[name] = (f"denoising PSNR, dB ({name[len(DENOISE_PREFIX):]} noise at the standard level)", "max")
+    return found
+
+
+def best_per_metric(trials: pd.DataFrame) -> pd.DataFrame:
+    """For every evaluation metric, the best finished trial on it."""
+    finished = trials[trials["state"].isin(RANKED_STATES)]
+    rows = []
+    for name, (label, better) in ranked_metrics(finished).items():
+        values = finished[name].dropna()
+        if values.empty:
+            continue
+        best = finished.loc[values.idxmin() if better == "min" else values.idxmax()]
+        rows.append({"metric": name, "what": label, "better": better, "value": best[name],
+                     "trial": best["name"], "family": best["family"], "run_id": best["run_id"]})
+    return pd.DataFrame(rows, columns=["metric", "what", "better", "value", "trial", "family", "run_id"])
+
+
+IDENTITY_EXCLUDED = ("seed", "name", "runtime.", "evaluation.")  # fields that do not make a configuration
+
+
+def seed_summary(trials: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Mean ± std over seeds, for every configuration that was trained with more than one seed."""
+    finished = trials[trials["state"].isin(RANKED_STATES)]
+    keys = finished["config"].map(
+        lambda config: json.dumps({k: v for k, v in config.items() if not k.startswith(IDENTITY_EXCLUDED)}, sort_keys=True)
+    )
+    rows = []
+    for _, group in finished.groupby(keys, sort=False):
+        if group["seed"].nunique() < 2:
+            continue
+        row = {"configuration": group["name"].iloc[0], "family": group["family"].iloc[0],
+               "seeds": ", ".join(str(s) for s in sorted(group["seed"].unique())), "trials": len(group)}
+        for name in metrics:
+            values = group[name].dropna() if name in group else pd.Series(dtype=float)
+            row[name] = f"{values.mean():.4g} ± {values.std(ddof=1):.2g}" if len(values) >= 2 else "-"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def asha_summary(trials: pd.DataFrame, search_params: dict[str, str]) -> dict[str, Any]:
+    """How early stopping spent the budget: trials stopped at each rung, and the epochs trained
+    against training every trial to the full budget."""
+    max_epochs = int(float(search_params.get("budget.max_epochs", trials["epochs"].max() or 1)))
+    ended = trials[trials["state"].isin(("completed", "stopped", "diverged"))]
+    stops = ended[ended["state"] == "stopped"]["epochs"].value_counts().sort_index()
+    trained = int(trials["epochs"].sum())
+    full = len(trials) * max_epochs
+    return {
+        "max_epochs": max_epochs,
+        "grace_period": search_params.get("budget.grace_period", "?"),
+        "reduction_factor": search_params.get("budget.reduction_factor", "?"),
+        "stopped_at": {int(epoch): int(count) for epoch, count in stops.items()},
+        "completed": int((ended["state"] == "completed").sum()),
+        "diverged": int((ended["state"] == "diverged").sum()),
+        "epochs_trained": trained,
+        "epochs_full_budget": full,
+        "saved": 1 - trained / full if full else 0.0,
+    }
+
+
+def importances(board: pd.DataFrame, space: Any, mode: str) -> pd.DataFrame:
+    """Hyperparameter importance of the objective by Optuna's evaluators (fANOVA, PED-ANOVA), over
+    the leaderboard's trials replayed into an Optuna study through the space's define-by-run
+    function. Parameters that exist only under a condition are left out (not in every trial)."""
+    import optuna
+
+    from aesearch.search.space import DefineByRun, encode_point
+
+    if space is None or len(board) < 3:
+        return pd.DataFrame(columns=["parameter", "fanova", "ped_anova"])
+    study = optuna.create_study(direction="minimize" if mode == "min" else "maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    define = DefineByRun(space)
+    for _, trial in board.iterrows():
+        point = {name: trial["config"].get(parameter.path or name) for name, parameter in space.space.items()}
+        study.enqueue_trial(encode_point(space, point))
+        asked = study.ask()
+        define(asked)
+        study.tell(asked, float(trial["objective"]))
+    in_every_trial = sorted(set.intersection(*(set(t.params) for t in study.trials)))
+    evaluators = {"fanova": optuna.importance.FanovaImportanceEvaluator(seed=0),
+                  "ped_anova": optuna.importance.PedAnovaImportanceEvaluator()}
+    columns: dict[str, dict[str, float]] = {}
+    for label, evaluator in evaluators.items():
+        try:
+            with warnings.catch_warnings():  # PED-ANOVA warns of thin regions on small searches
+                warnings.simplefilter("ignore")
+                columns[label] = optuna.importance.get_param_importances(study, evaluator=evaluator, params=in_every_trial)
+        except (RuntimeError, ValueError):  # too few trials, or no parameter varies
+            columns[label] = {}
+    table = pd.DataFrame(columns).rename_axis("parameter").reset_index()
+    if table.empty:
+        return pd.DataFrame(columns=["parameter", "fanova", "ped_anova"])
+    return table.sort_values("fanova" if "fanova" in table else table.columns[1], ascending=False, na_position="last")
+
+
+def reproduce_command(experiment: str, run_id: str, uri: str) -> str:
+    """The command that reproduces a trial; the store is named unless it is the default here."""
+    command = f"aesearch reproduce {experiment} --run-id {run_id}"
+    return command if uri == resolve_tracking_uri(None) else f"{command} --tracking-uri {uri}"
