@@ -31,13 +31,14 @@ from aesearch.results.tables import (
     trial_table,
 )
 from aesearch.search.space import SearchSpace
+from aesearch.tracking.outcomes import Outcome
 from aesearch.tracking.runs import as_param
 from tests.browser import open_page
 
 # --- a search's runs, as mlflow.search_runs returns them ----------------------------------------
 
 
-def run_row(number: int, family: str, outcome: str, objective: float | None, epochs: int, *, latent="deterministic",
+def run_row(number: int, family: str, outcome: Outcome | None, objective: float | None, epochs: int, *, latent="deterministic",
             status="FINISHED", seed=0, lr=0.001, latent_dim=16, beta=None, noise="none", level=None, **metrics):
     row = {
         "run_id": f"run{number:03d}", "status": status, "start_time": pd.Timestamp(2026, 1, 1) + pd.Timedelta(minutes=number),
@@ -49,8 +50,8 @@ def run_row(number: int, family: str, outcome: str, objective: float | None, epo
         "params.objective.kl.schedule": "linear", "params.corruption.kind": noise, "params.corruption.level": as_param(level),
         "metrics.epoch": float(epochs),
     }
-    if outcome:
-        row["tags.outcome"] = outcome
+    if outcome is not None:
+        row |= {f"tags.{name}": value for name, value in outcome.tags().items()}
     if objective is not None:
         row["metrics.val/recon_mse"] = objective
     row.update({f"metrics.{name.replace('__', '/')}": value for name, value in metrics.items()})
@@ -69,14 +70,14 @@ SEARCH = {"run_id": "parent", "status": "FINISHED",
 
 def a_search() -> pd.DataFrame:
     return runs_frame(
-        run_row(1, "conv", "completed", 0.010, 8, test__recon_mse=0.011, test__psnr=20.0, test__nll=np.nan,
+        run_row(1, "conv", Outcome("completed"), 0.010, 8, test__recon_mse=0.011, test__psnr=20.0, test__nll=np.nan,
                 test__denoise_psnr_gaussian=15.0, model__parameters=5000.0),
-        run_row(2, "dense", "completed", 0.020, 8, latent_dim=32, test__recon_mse=0.021, test__psnr=22.0,
+        run_row(2, "dense", Outcome("completed"), 0.020, 8, latent_dim=32, test__recon_mse=0.021, test__psnr=22.0,
                 test__denoise_psnr_gaussian=17.0, model__parameters=2000.0),
-        run_row(3, "dense", "stopped early at epoch 2", 0.050, 2),
-        run_row(4, "vae", "diverged at epoch 3", 0.001, 3, latent="gaussian", beta=4.0),  # broke: never ranked
-        run_row(5, "vae", "stopped early at epoch 4", 0.030, 4, latent="gaussian", beta=2.0, val__kl=3.0),
-        run_row(6, "denoising", "", 0.005, 5, status="RUNNING", noise="gaussian", level=0.3),
+        run_row(3, "dense", Outcome("stopped", 2), 0.050, 2),
+        run_row(4, "vae", Outcome("diverged", 3), 0.001, 3, latent="gaussian", beta=4.0),  # broke: never ranked
+        run_row(5, "vae", Outcome("stopped", 4), 0.030, 4, latent="gaussian", beta=2.0, val__kl=3.0),
+        run_row(6, "denoising", None, 0.005, 5, status="RUNNING", noise="gaussian", level=0.3),
     )
 
 
@@ -115,9 +116,9 @@ def test_the_best_trial_on_each_metric_follows_that_metrics_direction():
 
 def test_configurations_trained_with_several_seeds_get_mean_and_std():
     runs = runs_frame(
-        run_row(1, "dense", "completed", 1.0, 8, seed=0),
-        run_row(2, "dense", "completed", 3.0, 8, seed=1),
-        run_row(3, "dense", "completed", 9.0, 8, seed=0, lr=0.01),  # another configuration, one seed
+        run_row(1, "dense", Outcome("completed"), 1.0, 8, seed=0),
+        run_row(2, "dense", Outcome("completed"), 3.0, 8, seed=1),
+        run_row(3, "dense", Outcome("completed"), 9.0, 8, seed=0, lr=0.01),  # another configuration, one seed
     )
     table = seed_summary(trial_table(runs, "val/recon_mse"), ["objective"])
     assert len(table) == 1
@@ -153,7 +154,7 @@ def test_importance_replays_the_trials_through_the_spaces_define_by_run_function
     rows = []
     for i in range(24):
         lr = float(10 ** rng.uniform(-4, -1))
-        row = run_row(i + 1, "dense", "completed", objective=-np.log10(lr) + 0.01 * rng.normal(), epochs=4, lr=lr,
+        row = run_row(i + 1, "dense", Outcome("completed"), objective=-np.log10(lr) + 0.01 * rng.normal(), epochs=4, lr=lr,
                       latent_dim=int(rng.choice([8, 16])))
         row["params.model.hidden_dims"] = as_param([32] if i % 2 else [64, 32])
         rows.append(row)

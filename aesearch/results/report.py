@@ -20,9 +20,9 @@ from typing import Any
 
 import pandas as pd
 
+from aesearch.metrics import CATALOGUE
 from aesearch.results.read import SearchRecord
 from aesearch.results.tables import (
-    RANKED_METRICS,
     asha_summary,
     best_per_family,
     best_per_metric,
@@ -89,7 +89,7 @@ def headline(report: Report) -> list[str]:
         gap = relative_gap(winner["objective"], runner["objective"])
         lines.append(f"The best other family, {runner['family']} ({runner['name']}), reaches {runner['objective']:.4g}, "
                      f"{100 * abs(gap):.1f}% {'higher' if gap > 0 else 'lower'} than the winner.")
-    tested = [f"{RANKED_METRICS[m][0]} {winner[m]:.4g}" for m in ("test/recon_mse", "test/psnr", "test/probe_accuracy",
+    tested = [f"{CATALOGUE[m].description} {winner[m]:.4g}" for m in ("test/recon_mse", "test/psnr", "test/probe_accuracy",
                                                                   "test/nll") if m in winner and pd.notna(winner[m])]
     if tested:
         lines.append("On the test split: " + "; ".join(tested) + ".")

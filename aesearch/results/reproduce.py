@@ -28,6 +28,8 @@ import torch
 import yaml
 
 from aesearch.errors import DivergedError, UserError
+from aesearch.metrics import CONTINUOUS, COUNT, EXACT, SCORE, TIME, lookup
+from aesearch.tracking.outcomes import RANKED
 
 
 @dataclass(frozen=True)
@@ -46,33 +48,29 @@ class Tolerance:
 SAME_DEVICE_TYPE = Tolerance(rtol=1e-3, score_atol=0.01, count_atol=1)
 OTHER_DEVICE_TYPE = Tolerance(rtol=5e-2, score_atol=0.05, count_atol=2)
 
-SCORES = {"test/probe_accuracy", "test/knn_accuracy", "test/kmeans_ari", "test/kmeans_nmi", "test/anomaly_auroc",
-          "test/active_fraction"}
-COUNTS = {"test/active_units", "test/dead_units", "best/epoch"}
-EXACT = {"model/parameters"}
-NOT_COMPARED = ("time/", "epoch")  # wall-clock times and the epoch counter itself
+NOT_COMPARED = {"epoch", "beta"}  # the epoch counter, and beta (it follows its schedule, not the data)
+
+
+def scale(name: str) -> str:
+    """How the catalogue says a metric compares (a name it does not know: a continuous value)."""
+    metric = lookup(name)
+    return metric.scale if metric is not None else CONTINUOUS
 
 
 def compared(name: str) -> bool:
-    return not name.startswith(NOT_COMPARED) and name != "beta"  # beta follows the schedule, not the data
+    return name not in NOT_COMPARED and scale(name) != TIME  # wall-clock times differ run to run
 
 
 def difference(name: str, recorded: float, reproduced: float) -> float:
     """Relative difference for continuous metrics, absolute for scores, counts and exact ones."""
-    if name in SCORES or name in COUNTS or name in EXACT:
+    if scale(name) != CONTINUOUS:
         return abs(recorded - reproduced)
-    scale = max(abs(recorded), abs(reproduced))
-    return abs(recorded - reproduced) / scale if scale else 0.0
+    largest = max(abs(recorded), abs(reproduced))
+    return abs(recorded - reproduced) / largest if largest else 0.0
 
 
 def allowed(name: str, tolerance: Tolerance) -> float:
-    if name in EXACT:
-        return 0.0
-    if name in SCORES:
-        return tolerance.score_atol
-    if name in COUNTS:
-        return tolerance.count_atol
-    return tolerance.rtol
+    return {EXACT: 0.0, SCORE: tolerance.score_atol, COUNT: tolerance.count_atol}.get(scale(name), tolerance.rtol)
 
 
 def compare(recorded: dict[str, float], reproduced: dict[str, float], tolerance: Tolerance) -> pd.DataFrame:
@@ -132,7 +130,7 @@ def find_trial(uri: str, experiment: str, rank: int | None, run_id: str | None) 
         if chosen.empty:
             raise UserError(f"--run-id {run_id}: not a trial run of experiment {experiment!r} in {uri}")
         row = chosen.iloc[0]
-        if row["state"] not in ("completed", "stopped"):
+        if row["state"] not in RANKED:
             raise UserError(f"--run-id {run_id}: trial {row['name']} ended as '{row['outcome']}'; only trials that "
                             "completed or were stopped early can be reproduced")
     else:

@@ -12,31 +12,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from aesearch.metrics import ranked_metrics
+from aesearch.search.leaderboard import rank
+from aesearch.tracking.outcomes import RANKED, Outcome
 from aesearch.tracking.runs import TRIAL_NUMBER_TAG
 from aesearch.tracking.store import resolve_tracking_uri
 
 # Evaluation metrics the report ranks trials on: name -> (what it is, which way is better).
 # Denoising PSNRs (one per corruption kind, `test/denoise_psnr_<kind>`) are added as found.
-RANKED_METRICS = {
-    "test/recon_mse": ("reconstruction MSE (clean test images)", "min"),
-    "test/psnr": ("PSNR, dB", "max"),
-    "test/nll": ("NLL, nats (VAEs, IWAE bound)", "min"),
-    "test/probe_accuracy": ("linear-probe accuracy of the codes", "max"),
-    "test/knn_accuracy": ("kNN accuracy of the codes", "max"),
-    "test/kmeans_ari": ("KMeans ARI of the codes", "max"),
-    "test/kmeans_nmi": ("KMeans NMI of the codes", "max"),
-    "test/anomaly_auroc": ("anomaly AUROC (held-out class)", "max"),
-    "test/active_units": ("active latent units (VAEs)", "max"),
-    "model/parameters": ("parameters", "min"),
-    "time/train_seconds": ("training time, s", "min"),
-}
-
-
-DENOISE_PREFIX = "test/denoise_psnr_"
-
-
-# How a trial ended, from its outcome tag; only finished trials are ranked.
-RANKED_STATES = ("completed", "stopped")
+RANKED_STATES = RANKED  # only trials that trained to an end of their own are ranked
 
 
 def parse_param(text: Any) -> Any:
@@ -49,15 +33,17 @@ def parse_param(text: Any) -> Any:
         return {"True": True, "False": False, "None": None}.get(text, text)
 
 
-def state_of(outcome: str, status: str) -> str:
-    """completed / stopped / diverged / errored / invalid / running / killed, from the outcome tag
-    (else from the run's status)."""
-    if outcome:
-        for prefix, state in (("completed", "completed"), ("stopped early", "stopped"), ("diverged", "diverged"),
-                              ("errored", "errored"), ("invalid", "invalid"), ("lost", "lost")):
-            if outcome.startswith(prefix):
-                return state
-    return {"RUNNING": "running", "SCHEDULED": "running", "KILLED": "killed", "FAILED": "errored"}.get(status, "unknown")
+RUN_STATUS_STATES = {"RUNNING": "running", "SCHEDULED": "running", "KILLED": "killed", "FAILED": "errored"}
+
+
+def run_outcome(run: pd.Series) -> tuple[str, str, int | None]:
+    """(state, words, epoch) of a trial run: its outcome tags, else (a run still going, or killed
+    before the search closed it) what its MLflow status says."""
+    ended = Outcome.from_tags({name[len("tags."):]: value for name, value in run.items() if name.startswith("tags.")})
+    if ended is None:
+        state = RUN_STATUS_STATES.get(run.get("status", ""), "unknown")
+        return state, state, None
+    return ended.kind, ended.words(), ended.epoch
 
 
 def trial_table(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -67,10 +53,8 @@ def trial_table(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     for _, run in runs.iterrows():
         config = {k[len("params."):]: parse_param(v) for k, v in run.items() if k.startswith("params.")}
         metrics = {k[len("metrics."):]: v for k, v in run.items() if k.startswith("metrics.") and pd.notna(v)}
-        outcome = _tag(run, "outcome") or ""
-        state = state_of(outcome, run.get("status", ""))
-        stopped_at = re.search(r"at epoch (\d+)", outcome)
-        epochs = metrics.get("epoch", int(stopped_at.group(1)) if stopped_at else 0)
+        state, outcome, ended_at = run_outcome(run)
+        epochs = metrics.get("epoch", ended_at or 0)
         value = metrics.get(metric, math.nan)
         if state in ("diverged", "errored", "invalid") or not np.isfinite(value):
             value = math.nan  # a trial that broke has no objective worth ranking
@@ -84,7 +68,7 @@ def trial_table(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
             "schedule": config.get("objective.kl.schedule"), "noise": config.get("corruption.kind") or "none",
             "noise_level": config.get("corruption.level"), "sparsity": config.get("objective.sparsity.kind"),
             "lr": config.get("optimizer.lr"), "seed": config.get("seed"),
-            "status": run.get("status", ""), "outcome": outcome or state, "state": state, "epochs": int(epochs),
+            "status": run.get("status", ""), "outcome": outcome, "state": state, "epochs": int(epochs),
             "objective": value, **{k: v for k, v in metrics.items() if k != "epoch"},
             "started": run.get("start_time"), "config": config,
         })
@@ -108,9 +92,8 @@ def _trial_number(tagged: str | None, name: str) -> float:
 
 def leaderboard(trials: pd.DataFrame, mode: str) -> pd.DataFrame:
     """Finished trials with an objective, best first, ranked from 1 (`aesearch reproduce --rank K`)."""
-    ranked = trials[trials["state"].isin(RANKED_STATES) & trials["objective"].notna()]
-    ranked = ranked.sort_values(["objective", "number"], ascending=[mode == "min", True], kind="stable")
-    return ranked.reset_index(drop=True).assign(rank=lambda t: t.index + 1)
+    board = rank(trials, "objective", mode, tiebreak="number")
+    return board[board["rank"].notna()].astype({"rank": int})
 
 
 def best_per_family(board: pd.DataFrame) -> pd.DataFrame:
@@ -128,19 +111,12 @@ def relative_gap(winner: float, other: float) -> float:
     return (other - winner) / abs(winner) if winner else math.inf
 
 
-def ranked_metrics(trials: pd.DataFrame) -> dict[str, tuple[str, str]]:
-    """The evaluation metrics present in these trials, with their labels and directions."""
-    found = {name: how for name, how in RANKED_METRICS.items() if name in trials}
-    for name in sorted(c for c in trials.columns if c.startswith(DENOISE_PREFIX)):
-        found[name] = (f"denoising PSNR, dB ({name[len(DENOISE_PREFIX):]} noise at the standard level)", "max")
-    return found
-
-
 def best_per_metric(trials: pd.DataFrame) -> pd.DataFrame:
     """For every evaluation metric, the best finished trial on it."""
-    finished = trials[trials["state"].isin(RANKED_STATES)]
+    finished = trials[trials["state"].isin(RANKED)]
     rows = []
-    for name, (label, better) in ranked_metrics(finished).items():
+    for name, metric in ranked_metrics(list(finished.columns)).items():
+        label, better = metric.description, metric.mode
         values = finished[name].dropna()
         if values.empty:
             continue
@@ -155,7 +131,7 @@ IDENTITY_EXCLUDED = ("seed", "name", "runtime.", "evaluation.")  # fields that d
 
 def seed_summary(trials: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     """Mean ± std over seeds, for every configuration that was trained with more than one seed."""
-    finished = trials[trials["state"].isin(RANKED_STATES)]
+    finished = trials[trials["state"].isin(RANKED)]
     keys = finished["config"].map(
         lambda config: json.dumps({k: v for k, v in config.items() if not k.startswith(IDENTITY_EXCLUDED)}, sort_keys=True)
     )

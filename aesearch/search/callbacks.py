@@ -21,7 +21,7 @@ from aesearch.search.space import (
 from aesearch.search.storage import prune_checkpoints, remove_stored_checkpoints
 from aesearch.search.trial import UNDELIVERED
 from aesearch.tracking.outbox import Outbox, describe_error, is_unreachable
-from aesearch.tracking.outcomes import is_finite_number, outcome, outcome_kind
+from aesearch.tracking.outcomes import Outcome, is_finite_number
 from aesearch.tracking.search_run import SearchRun
 from aesearch.tracking.store import Tracking
 
@@ -51,7 +51,7 @@ class Progress(Callback):
 
     def setup(self, **info):
         self.started = time.monotonic()
-        self.ended: dict[str, str] = {}
+        self.ended: dict[str, str] = {}  # trial id -> its outcome's kind
         self.best: tuple[float, str, str] | None = None
         self.last_line = 0.0
 
@@ -65,7 +65,7 @@ class Progress(Callback):
             self._line(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.ended[trial.trial_id] = outcome(trial.last_result or {}, None)
+        self.ended[trial.trial_id] = Outcome.from_report(trial.last_result or {}).kind
         self._line(trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -75,12 +75,12 @@ class Progress(Callback):
     def _line(self, trials) -> None:
         self.last_line = time.monotonic()
         states = Counter(trial.status for trial in trials)
-        ended = Counter(outcome_kind(state) for state in self.ended.values())
+        ended = Counter(self.ended.values())
         best = f"best {self.metric} {self.best[0]:.4g} ({self.best[2]}, {self.best[1]})" if self.best else "no result yet"
         sys.stderr.write(
             f"[{time.monotonic() - self.started:6.0f}s] {states.get('RUNNING', 0)} running, "
             f"{states.get('PENDING', 0)} pending, {ended.get('completed', 0)} completed, "
-            f"{ended.get('stopped early', 0)} stopped early, {ended.get('diverged', 0)} diverged, "
+            f"{ended.get('stopped', 0)} stopped early, {ended.get('diverged', 0)} diverged, "
             f"{ended.get('errored', 0)} errored | {best}\n"
         )
         sys.stderr.flush()
@@ -110,13 +110,13 @@ class RunCloser(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
-        ended, run_id = outcome(last, None), last.get("mlflow_run_id")
-        if outcome_kind(ended) == "stopped early" and run_id and trial.checkpoint:
+        ended, run_id = Outcome.from_report(last), last.get("mlflow_run_id")
+        if ended.kind == "stopped" and run_id and trial.checkpoint:
             checkpoint = trial.checkpoint
             self.outbox.send(f"the best checkpoint of trial {trial.trial_id}",
                       lambda: self.runs.log_best_checkpoint(run_id, checkpoint))
         # A diverged trial's last epoch has no metrics by design: its loss was not a number.
-        epochs = int(last.get("epoch", 0)) - (1 if outcome_kind(ended) == "diverged" else 0)
+        epochs = int(last.get("epoch", 0)) - (1 if ended.kind == "diverged" else 0)
         self.outbox.send(f"the outcome of trial {trial.trial_id}", lambda: self.runs.close_trial(
             trial.trial_id, ended, run_id, epochs, last.get(UNDELIVERED, "")))
 
@@ -126,7 +126,7 @@ class RunCloser(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         tracebacks = self._log_errors(trial)
         raised = next((line for line in reversed(tracebacks.splitlines()) if line.strip()), "")
-        ended = f"errored after {trial.num_failures} attempts: {raised.strip()[:300]}"
+        ended = Outcome("errored", detail=f"after {trial.num_failures} attempts: {raised.strip()[:300]}")
         self.outbox.send(f"the outcome of trial {trial.trial_id}", lambda: self.runs.close_trial(
             trial.trial_id, ended, (trial.last_result or {}).get("mlflow_run_id")))
 

@@ -51,7 +51,6 @@ from aesearch.search.space import (
 from aesearch.search.storage import TRACKING_FILE, SearchFolder, check_storage_has_no_credentials, prune_checkpoints
 from aesearch.search.trial import run_trial
 from aesearch.tracking.outbox import is_unreachable, patiently
-from aesearch.tracking.outcomes import is_finite_number
 from aesearch.tracking.search_run import SearchRun, git_commit, package_versions
 from aesearch.tracking.store import Tracking, check_store_reachable, is_local_store, resolve_tracking_uri
 
@@ -151,9 +150,8 @@ def search(space: SearchSpace, options: SearchOptions, phases: Phases | None = N
     failed = nothing_ran(board)
     patience = space.budget.tracking_patience_s
     try:  # a tracking server that is down now is waited for, up to the patience
-        finite = board[board[space.objective.metric].map(is_finite_number)]
-        if len(finite):
-            best = finite.iloc[0]
+        if (board["rank"] == 1).any():
+            best = board[board["rank"] == 1].iloc[0]
             metrics = {k: best[k] for k in LEADERBOARD_METRICS if pd.notna(best.get(k))}
             patiently(lambda: runs.register_best(best["trial"], metrics), patience)
         closing = "FAILED" if failed else "FINISHED"

@@ -1,4 +1,5 @@
-"""The search's leaderboard: one row per trial, best first, from Tune's results.
+"""The leaderboard: every trial, best first. `rank` is the one ranking of aesearch: the search's
+leaderboard (from Tune's results), the report's (from MLflow's runs) and `reproduce --rank` use it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from aesearch.search.space import (
     SearchSpace,
     decode_params,
 )
-from aesearch.tracking.outcomes import outcome, outcome_kind
+from aesearch.tracking.outcomes import RANKED, Outcome, is_finite_number
 
 
 class NothingRan(Exception):
@@ -21,7 +22,7 @@ class NothingRan(Exception):
 
     def __init__(self, name: str, board: pd.DataFrame, where: str):
         self.board = board
-        counts = Counter(outcome_kind(state) for state in board.get("outcome", []))
+        counts = Counter(board.get("state", []))
         states = ", ".join(f"{n} {state}" for state, n in counts.most_common()) or "no trial started"
         super().__init__(f"search {name!r}: no trial ran to an end ({states}); each trial's error is in its "
                          f"MLflow run (errors/tracebacks.txt) and the leaderboard, {where}")
@@ -29,7 +30,20 @@ class NothingRan(Exception):
 
 def nothing_ran(board: pd.DataFrame) -> bool:
     """No trial trained to an outcome of its own: each errored, or none started."""
-    return board.empty or bool(board["outcome"].map(outcome_kind).isin({"errored", "not started"}).all())
+    return board.empty or bool(board["state"].isin({"errored", "not started"}).all())
+
+
+def rank(trials: pd.DataFrame, column: str, mode: str, tiebreak: str | None = None) -> pd.DataFrame:
+    """Every trial, best first: those that trained to an end of their own (a RANKED outcome) with a
+    finite `column` are ranked 1..n on it (ties broken by `tiebreak`, then by the order given); the
+    others follow, unranked (rank NaN), in the order given."""
+    if trials.empty:
+        return trials.assign(rank=pd.Series(dtype=float))
+    rankable = trials["state"].isin(RANKED) & trials[column].map(is_finite_number)
+    keys = [column, *([tiebreak] if tiebreak else [])]
+    ranked = trials[rankable].sort_values(keys, ascending=[mode == "min"] + [True] * (len(keys) - 1), kind="stable")
+    ranked = ranked.assign(rank=range(1, len(ranked) + 1))
+    return pd.concat([ranked, trials[~rankable].assign(rank=math.nan)], ignore_index=True)
 
 
 LEADERBOARD_METRICS = [
@@ -45,11 +59,13 @@ def leaderboard(results, space: SearchSpace) -> pd.DataFrame:
     for result in results:
         last = result.metrics or {}
         params = decode_params(space, (result.config or {}))
+        ended = Outcome.from_report(last, result.error)
         rows.append(
             {
                 "trial": last.get("trial_id", Path(result.path).name),
                 "family": last.get("family", "?"),
-                "outcome": outcome(last, result.error),
+                "outcome": ended.words(),
+                "state": ended.kind,
                 "epochs": int(last.get("epoch", 0)),
                 metric: last.get(metric, math.nan),
                 **{name: last.get(name, math.nan) for name in LEADERBOARD_METRICS},
@@ -58,11 +74,7 @@ def leaderboard(results, space: SearchSpace) -> pd.DataFrame:
                 "params": ", ".join(f"{k}={v}" for k, v in params.items()),
             }
         )
-    board = pd.DataFrame(rows)
-    if board.empty:
-        return board
-    board = board.sort_values(metric, ascending=(mode == "min"), na_position="last", kind="stable")
-    return board.reset_index(drop=True)
+    return rank(pd.DataFrame(rows), metric, mode)
 
 
 def format_leaderboard(board: pd.DataFrame, space: SearchSpace, where: str, top: int = 10) -> str:
@@ -72,7 +84,7 @@ def format_leaderboard(board: pd.DataFrame, space: SearchSpace, where: str, top:
     columns = ["trial", "family", "outcome", "epochs", metric, "test/recon_mse", "test/psnr", "test/probe_accuracy"]
     overall = board.head(top)[columns]
     per_family = board.dropna(subset=[metric]).groupby("family", sort=False).head(1)[columns]
-    counts = Counter(outcome_kind(state) for state in board["outcome"])
+    counts = Counter(board["state"])
     summary = ", ".join(f"{n} {state}" for state, n in counts.most_common())
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         return (

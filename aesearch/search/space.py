@@ -29,6 +29,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from aesearch.config import TrainConfig, parse_config
 from aesearch.errors import ConfigError
+from aesearch.metrics import EPOCH_OBJECTIVES
 from aesearch.parts.data import DataConfig
 from aesearch.schema import (
     Bool,
@@ -121,12 +122,11 @@ class Parameter(Section):
 
 
 # What ASHA and TPE may rank on: metrics that every variant reports after every epoch.
-EPOCH_METRICS = ("val/recon_mse", "val/loss", "val/recon", "train/loss", "train/recon")
 
 
 class Objective(Section):
     # The clean-input reconstruction MSE: the yardstick that is fair across variants.
-    metric: Literal[EPOCH_METRICS] = "val/recon_mse"
+    metric: Literal[EPOCH_OBJECTIVES] = "val/recon_mse"
     mode: Literal["min", "max"] = "min"
 
 

@@ -32,6 +32,7 @@ from aesearch.search.space import (
     decode_params,
     trial_config,
 )
+from aesearch.tracking.outcomes import REPORTED
 from aesearch.tracking.runs import TrialRun, log_invalid_trial
 from aesearch.tracking.store import Tracking
 from aesearch.training.checkpoints import BEST_FILE, load_checkpoint
@@ -96,7 +97,7 @@ def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: 
         config = trial_config(space, decode_params(space, params))
     except ConfigError as error:  # conditions that overlap: not worth retrying
         run_id = log_invalid_trial(tracking, trial_id, number, params, str(error))
-        tune.report({"epoch": 0.0, space.objective.metric: worst, "outcome/invalid": 1.0, "error": str(error)[:500],
+        tune.report({"epoch": 0.0, space.objective.metric: worst, REPORTED["invalid"]: 1.0, "error": str(error)[:500],
                      "mlflow_run_id": run_id})
         return
     server = choose_server(servers, config, space.resources.pack) if servers else None
@@ -130,7 +131,7 @@ def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: 
         else:
             result = train(config, data, on_epoch, resume_from=resume_state)
     except DivergedError as error:
-        reporter.report({"epoch": float(error.epoch), space.objective.metric: worst, "outcome/diverged": 1.0,
+        reporter.report({"epoch": float(error.epoch), space.objective.metric: worst, REPORTED["diverged"]: 1.0,
                          UNDELIVERED: run.wait_for_server()})
         return
     except SystemExit:  # Tune stopped the trial (ASHA) inside a report: what waits may still reach the server
@@ -138,7 +139,7 @@ def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: 
         raise
     # Before the last report: the driver closes the run on it.
     undelivered = run.finish(result, reporter.best_file)
-    final = {**result.history[-1], **result.metrics, "outcome/completed": 1.0, "time/tracking_seconds": run.seconds,
+    final = {**result.history[-1], **result.metrics, REPORTED["completed"]: 1.0, "time/tracking_seconds": run.seconds,
              UNDELIVERED: undelivered}
     if reporter.held is None:  # resumed after the last epoch: nothing left to train
         reporter.report(final)

@@ -46,7 +46,6 @@ TRIAL_ID_TAG = "aesearch.trial_id"
 TRIAL_NUMBER_TAG = "aesearch.trial_number"  # the trial's ordinal in its search, from 1
 ROLE_TAG = "aesearch.role"  # "search" (the parent run), "trial" or "reproduction"
 REPRODUCES_TAG = "aesearch.reproduces"  # a reproduction's original run
-OUTCOME_TAG = "outcome"
 ATTEMPT_TAG = "aesearch.attempt"  # 1 for a trial's first run, +1 for each retry or resume
 INCOMPLETE_TAG = "tracking"  # set when records of the run never reached the server
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from aesearch.errors import UserError
 from aesearch.tracking.model_registry import register_best_model, start_export_warmup
-from aesearch.tracking.runs import INCOMPLETE_TAG, OUTCOME_TAG, ROLE_TAG, TRIAL_ID_TAG, as_param
+from aesearch.tracking.outcomes import Outcome
+from aesearch.tracking.runs import INCOMPLETE_TAG, ROLE_TAG, TRIAL_ID_TAG, as_param
 from aesearch.tracking.store import Tracking, client, embedded_artifacts
 from aesearch.training.checkpoints import BEST_CHECKPOINT
 
@@ -111,7 +112,7 @@ class SearchRun:
             if not token:
                 return found
 
-    def close_trial(self, trial_id: str, outcome: str, run_id: str | None = None, epochs: int = 0,
+    def close_trial(self, trial_id: str, outcome: Outcome, run_id: str | None = None, epochs: int = 0,
                     undelivered: str = "") -> None:
         """Give a trial's run its outcome and a terminal status (FINISHED, or FAILED if it errored), and
         say so on the run (tag `tracking`) if records of its `epochs` never reached the server."""
@@ -127,8 +128,13 @@ class SearchRun:
             gaps.append(f"no metrics for epoch(s) {', '.join(map(str, missing))}")
         if gaps:
             self.client.set_tag(run_id, INCOMPLETE_TAG, "incomplete: " + "; ".join(gaps))
-        self.client.set_tag(run_id, OUTCOME_TAG, outcome)
-        self.client.set_terminated(run_id, status="FAILED" if outcome.startswith("errored") else "FINISHED")
+        self.set_outcome(run_id, outcome)
+        self.client.set_terminated(run_id, status="FAILED" if outcome.kind == "errored" else "FINISHED")
+
+    def set_outcome(self, run_id: str, outcome: Outcome) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in outcome.tags().items()], synchronous=True)
 
     def log_errors(self, run_id: str, tracebacks: str, attempts: int) -> None:
         """What a failed trial raised, each failed attempt's traceback (Tune's error file), as an artifact."""
@@ -159,7 +165,8 @@ class SearchRun:
         sampled afresh by the resumed search) are closed and deleted (soft: MLflow can restore them)."""
         for trial_id, run in self.trial_runs().items():
             if trial_ids is not None and trial_id not in trial_ids:
-                self.client.set_tag(run.info.run_id, OUTCOME_TAG, "lost: the search state was saved before this trial began")
+                lost = Outcome("lost", detail="the search state was saved before this trial began")
+                self.set_outcome(run.info.run_id, lost)
                 self.client.set_terminated(run.info.run_id, status="KILLED")
                 self.client.delete_run(run.info.run_id)
             elif run.info.status == "RUNNING":

@@ -1,0 +1,93 @@
+"""The metric catalogue: every metric aesearch logs, with its direction, meaning and when it applies.
+
+One definition of each: the trainer and the evaluation suite log these names, the search ranks on
+them, the report labels and ranks by them, `aesearch reproduce` compares them with the tolerance
+their scale calls for. Per-epoch metrics are `train/<term>` and `val/<term>`; the evaluation suite
+writes `test/<name>` once, on the best weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# How a reproduction compares a metric (see aesearch.results.reproduce.Tolerance).
+CONTINUOUS, SCORE, COUNT, EXACT, TIME = "continuous", "score", "count", "exact", "time"
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    mode: str  # "min" or "max": which way is better
+    description: str
+    scale: str = CONTINUOUS  # CONTINUOUS (relative tolerance), SCORE (in [0, 1]), COUNT, EXACT, TIME (not compared)
+    applies: str = "always"  # when a trial has it: "gaussian latent", "class labels", "anomaly class", ...
+    ranked: bool = False  # the report's table of the best trial per metric shows it
+
+    @property
+    def better(self) -> str:
+        return "lower is better" if self.mode == "min" else "higher is better"
+
+
+CATALOGUE: dict[str, Metric] = {metric.name: metric for metric in [
+    # per epoch, on the validation split (what a search can optimise: see EPOCH_OBJECTIVES)
+    Metric("val/recon_mse", "min", "reconstruction MSE of clean validation images (fair across variants)"),
+    Metric("val/loss", "min", "the training objective on the validation split (reconstruction + weighted terms)"),
+    Metric("val/recon", "min", "the objective's reconstruction term on the validation split"),
+    Metric("train/loss", "min", "the training objective, averaged over the epoch's batches"),
+    Metric("train/recon", "min", "the objective's reconstruction term on the training batches"),
+    # the evaluation suite, on the test split with the best weights
+    Metric("test/recon_mse", "min", "reconstruction MSE (clean test images)", ranked=True),
+    Metric("test/recon_l1", "min", "reconstruction mean absolute error (clean test images)"),
+    Metric("test/recon_bce", "min", "reconstruction binary cross-entropy per pixel (clean test images)"),
+    Metric("test/psnr", "max", "PSNR, dB", ranked=True),
+    Metric("test/nll", "min", "NLL, nats (VAEs, IWAE bound)", applies="gaussian latent", ranked=True),
+    Metric("test/elbo", "max", "ELBO, nats", applies="gaussian latent"),
+    Metric("test/kl", "min", "KL(q(z|x) || p(z)), nats", applies="gaussian latent"),
+    Metric("test/active_units", "max", "active latent units (VAEs)", COUNT, "gaussian latent", ranked=True),
+    Metric("test/probe_accuracy", "max", "linear-probe accuracy of the codes", SCORE, "class labels", ranked=True),
+    Metric("test/knn_accuracy", "max", "kNN accuracy of the codes", SCORE, "class labels", ranked=True),
+    Metric("test/kmeans_ari", "max", "KMeans ARI of the codes", SCORE, "class labels", ranked=True),
+    Metric("test/kmeans_nmi", "max", "KMeans NMI of the codes", SCORE, "class labels", ranked=True),
+    Metric("test/anomaly_auroc", "max", "anomaly AUROC (held-out class)", SCORE, "anomaly class", ranked=True),
+    Metric("test/mean_activation", "min", "mean |code unit| (sparsity)", applies="deterministic latent"),
+    Metric("test/active_fraction", "min", "share of code units above the activation threshold", SCORE,
+           "deterministic latent"),
+    Metric("test/dead_units", "min", "code units never active on the test set", COUNT, "deterministic latent"),
+    # the run
+    Metric("model/parameters", "min", "parameters", EXACT, ranked=True),
+    Metric("best/epoch", "min", "the epoch with the lowest val/loss", COUNT),
+    Metric("time/train_seconds", "min", "training time, s", TIME, ranked=True),
+]}
+
+# Families of metrics, one per corruption kind measured (`evaluation.denoise_levels`).
+FAMILIES = {
+    "test/denoise_psnr_": Metric("test/denoise_psnr_<kind>", "max", "denoising PSNR, dB ({kind} noise at the "
+                                 "standard level)", ranked=True),
+    "test/noisy_psnr_": Metric("test/noisy_psnr_<kind>", "max", "PSNR of the corrupted test images themselves "
+                               "({kind}), dB: the baseline of denoising"),
+    "time/": Metric("time/<what>", "min", "wall-clock seconds", TIME),
+}
+
+# What a search may rank trials on: known after every epoch, so ASHA can stop on it.
+EPOCH_OBJECTIVES = ("val/recon_mse", "val/loss", "val/recon", "train/loss", "train/recon")
+
+
+def lookup(name: str) -> Metric | None:
+    """The catalogue's entry for a logged metric name, or None for a name it does not know."""
+    if name in CATALOGUE:
+        return CATALOGUE[name]
+    for prefix, family in FAMILIES.items():
+        if name.startswith(prefix):
+            kind = name[len(prefix):]
+            return Metric(name, family.mode, family.description.replace("{kind}", kind), family.scale,
+                          family.applies, family.ranked)
+    return None
+
+
+def ranked_metrics(names: list[str]) -> dict[str, Metric]:
+    """Of these logged names, those the report ranks trials on, in the catalogue's order."""
+    known = {name: lookup(name) for name in names}
+    ranked = {name: metric for name, metric in known.items() if metric is not None and metric.ranked}
+    order = list(CATALOGUE)
+    return dict(sorted(ranked.items(), key=lambda item: (order.index(item[0]) if item[0] in order else len(order),
+                                                         item[0])))
