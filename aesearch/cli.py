@@ -222,13 +222,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from aesearch.results.render import make_report
+    from aesearch.api import make_report
     from aesearch.results.report import is_partial, status_line
-    from aesearch.tracking.store import resolve_tracking_uri
 
-    uri = resolve_tracking_uri(args.tracking_uri)
     out = args.out or Path("reports") / args.experiment
-    report = make_report(args.experiment, uri, out)
+    report = make_report(args.experiment, args.tracking_uri, out)
     partial = " (partial: the search is still running)" if is_partial(report) else ""
     print(f"report of {args.experiment!r}{partial}: {status_line(report)}", file=sys.stderr)
     print(out / "index.html")
@@ -236,13 +234,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from aesearch.results.reproduce import print_reproduction, reproduce
-    from aesearch.tracking.store import resolve_tracking_uri
+    from aesearch.api import reproduce
+    from aesearch.results.reproduce import print_reproduction
 
     reproduction = reproduce(
-        resolve_tracking_uri(args.tracking_uri), args.experiment, rank=args.rank, run_id=args.run_id,
-        device=args.device, epochs=args.epochs, from_checkpoint=args.from_checkpoint, data_dir=args.data_dir,
-        download=args.download, out=args.out,
+        args.experiment, rank=args.rank, run_id=args.run_id, tracking_uri=args.tracking_uri, device=args.device,
+        epochs=args.epochs, from_checkpoint=args.from_checkpoint, data_dir=args.data_dir, download=args.download,
+        out=args.out,
     )
     print_reproduction(reproduction)
     return 0 if reproduction.reproduced else EXIT_NOT_REPRODUCED
