@@ -1,10 +1,14 @@
 """Rendering a report: HTML (one self-contained page) and Markdown (pictures in files beside it).
+
+This module decides what the report says: which tables, under which captions, in which order, and
+how a value is shown. How that is spelled lives elsewhere, so the two stay apart: the page skeleton,
+its styling and the Markdown layout are Jinja templates in templates/ (report.html, report.css,
+report.md), and HTML tables are pandas' own (Styler, which escapes cells and headers).
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import math
 import re
 import shutil
@@ -12,17 +16,22 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 import pandas as pd
+from markupsafe import Markup
+from pandas.io.formats.style import Styler
 
 from aesearch.errors import UserError
 from aesearch.results.read import TOP, read_search
 from aesearch.results.report import Report, build_report, headline, is_partial, status_line
-from aesearch.results.tables import RANKED_STATES, reproduce_command
+from aesearch.results.tables import reproduce_command
+from aesearch.tracking.outcomes import RANKED
 from aesearch.tracking.runs import REPRODUCES_TAG
 
 BOARD_COLUMNS = ["rank", "name", "family", "outcome", "epochs", "objective", "test/recon_mse", "test/psnr",
                  "test/probe_accuracy", "test/nll", "model/parameters"]
+CODE_COLUMNS = ("reproduce", "run_id")  # shown as code: commands to paste, ids to look up
 
 
 def board_view(report: Report, rows: pd.DataFrame, extra: tuple[str, ...] = ()) -> pd.DataFrame:
@@ -64,7 +73,7 @@ def _tables(report: Report) -> list[tuple[str, str, pd.DataFrame]]:
         families["vs winner"] = [("winner" if i == 0 else f"{100 * g:+.1f}%") for i, g in enumerate(families["vs winner"])]
     best = report.best_metrics.copy()
     best["reproduce"] = [reproduce_command(report.record.experiment, r, report.record.uri) for r in best["run_id"]]
-    broken = report.trials[~report.trials["state"].isin(RANKED_STATES)][["name", "family", "state", "outcome", "epochs",
+    broken = report.trials[~report.trials["state"].isin(RANKED)][["name", "family", "state", "outcome", "epochs",
                                                                           "run_id"]]
     tables = [
         ("families", f"Best trial per variant family (on {metric}, {mode})", families),
@@ -121,74 +130,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
 
-STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1400px;color:#1b1b1b;
-padding:0 1rem}h1{margin-bottom:.2rem}.meta{color:#555;font-size:.9rem}.banner{background:#fff3cd;border:1px solid
-#e0c36c;padding:.6rem 1rem;border-radius:6px}.headline{background:#eef5ff;border-left:4px solid #3b6fd8;padding:.6rem
-1rem}table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0 1.5rem}th,td{border:1px solid #ccc;padding:.25rem
-.5rem;text-align:left;vertical-align:top;white-space:nowrap}th{background:#f3f3f3}td code{font-size:.75rem;white-space:nowrap}
-.scroll{overflow-x:auto}.figures{display:grid;
-grid-template-columns:repeat(auto-fill,minmax(480px,1fr));gap:1rem}figure{margin:0}figure img{max-width:100%;
-border:1px solid #ddd}.pictures{display:flex;flex-wrap:wrap;gap:1rem}.pictures img{image-rendering:pixelated;
-width:260px;border:1px solid #ddd}
-""".replace("\n", "")
-
-
-def render_html(report: Report) -> str:
-    """The report as one self-contained page: figures and pictures embedded as data URIs."""
-    record = report.record
-    esc = html.escape
-
-    def data_uri(png: bytes) -> str:
-        return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-    def table(frame: pd.DataFrame) -> str:
-        head = "".join(f"<th>{esc(str(c))}</th>" for c in frame.columns)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{_cell(c, v)}</td>" for c, v in row.items()) + "</tr>" for _, row in frame.iterrows()
-        )
-        return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
-
-    def _cell(column: str, value: Any) -> str:
-        text = esc(_format(value))
-        return f"<code>{text}</code>" if column in ("reproduce", "run_id") else text
-
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>aesearch report: {esc(record.experiment)}"
-             f"</title><style>{STYLE}</style></head><body>",
-             f"<h1>Search <code>{esc(record.experiment)}</code></h1>",
-             f"<p class='meta'>{esc(_meta(report))}</p>"]
-    if is_partial(report):
-        parts.append(f"<p class='banner'>Partial report: the search is still running ({esc(status_line(report))}). "
-                     "Run <code>aesearch report</code> again for the rest (if its driver was killed, "
-                     "<code>aesearch search ... --resume</code> finishes it).</p>")
-    parts.append("<div class='headline'>" + "".join(f"<p>{_bold(esc(line))}</p>" for line in headline(report)) + "</div>")
-    if len(report.board):
-        command = reproduce_command(record.experiment, report.board.iloc[0]["run_id"], record.uri)
-        parts.append(f"<p>Reproduce the winner on this machine: <code>{esc(command)}</code></p>")
-    for anchor, title, frame in _tables(report):
-        parts.append(f"<h2 id='{anchor}'>{esc(title)}</h2>{table(frame)}")
-    parts.append(f"<h2 id='asha'>Early stopping</h2><p>{esc(asha_text(report.asha))}</p>")
-    parts.append("<h2 id='figures'>Figures</h2><div class='figures'>")
-    for stem, (caption, png) in report.figures.items():
-        parts.append(f"<figure id='fig-{stem}'><img alt='{esc(caption)}' src='{data_uri(png)}'>"
-                     f"<figcaption>{esc(caption)}</figcaption></figure>")
-    parts.append("</div>")
-    if report.not_drawn:
-        parts.append("<p class='meta'>Not drawn: " + "; ".join(f"{esc(c)} ({esc(w)})" for c, w in report.not_drawn.items())
-                     + "</p>")
-    for _, title, pictures in _picture_rows(report):
-        parts.append(f"<h2>{esc(title)}</h2><div class='pictures'>")
-        parts += [f"<figure><img alt='{esc(c)}' src='{data_uri(png)}'><figcaption>{esc(c)}</figcaption></figure>"
-                  for c, png in pictures]
-        parts.append("</div>")
-    parts.append(f"<p class='meta'>Generated by aesearch report on {esc(report.generated)}.</p></body></html>")
-    return "\n".join(parts)
-
-
-def _bold(escaped: str) -> str:
-    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escaped)
-
-
 def _meta(report: Report) -> str:
     record = report.record
     params, tags = record.search.get("params", {}), record.search.get("tags", {})
@@ -198,38 +139,67 @@ def _meta(report: Report) -> str:
             f"{record.uri}")
 
 
+def _contents(report: Report) -> dict[str, Any]:
+    """What both renderings say, in their order; table cells as shown (`_format`ed strings)."""
+    record = report.record
+    winner = (reproduce_command(record.experiment, report.board.iloc[0]["run_id"], record.uri)
+              if len(report.board) else None)
+    return {
+        "experiment": record.experiment, "meta": _meta(report),
+        "partial": status_line(report) if is_partial(report) else None,
+        "headline": headline(report), "winner": winner,
+        "tables": [(anchor, title, frame.map(_format)) for anchor, title, frame in _tables(report)],
+        "code_columns": CODE_COLUMNS, "asha": asha_text(report.asha),
+        "not_drawn": list(report.not_drawn.items()), "generated": report.generated,
+    }
+
+
+# --- rendering: the page skeleton, styling and table markup are in templates/ ----------------------
+
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("aesearch.results", "templates"),
+    autoescape=jinja2.select_autoescape(["html"]),  # report.html; never report.md
+    undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+)
+_TEMPLATES.filters["data_uri"] = lambda png: "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _html_table(shown: pd.DataFrame, anchor: str) -> Markup:
+    """A table by pandas' Styler: cells and headers escaped, commands and run ids in class `code`."""
+    shown = shown.reset_index(drop=True)
+    code = pd.DataFrame([["code" if c in CODE_COLUMNS else "" for c in shown.columns]] * len(shown),
+                        columns=shown.columns)
+    styler = Styler(shown, uuid=anchor, cell_ids=False).hide(axis="index").set_td_classes(code)
+    return Markup(styler.format(escape="html").format_index(escape="html", axis="columns").to_html())
+
+
+def _emphasis(line: str) -> list[tuple[str, bool]]:
+    """A headline's **bold** spans as (text, bold) pieces."""
+    return [(text, i % 2 == 1) for i, text in enumerate(re.split(r"\*\*(.+?)\*\*", line)) if text]
+
+
+def render_html(report: Report) -> str:
+    """The report as one self-contained page: figures and pictures embedded as data URIs."""
+    contents = _contents(report)
+    return _TEMPLATES.get_template("report.html").render(
+        contents,
+        headline=[_emphasis(line) for line in contents["headline"]],
+        tables=[(anchor, title, _html_table(shown, anchor)) for anchor, title, shown in contents["tables"]],
+        figures=[(stem, caption, png) for stem, (caption, png) in report.figures.items()],
+        pictures=_picture_rows(report),
+    )
+
+
 def render_markdown(report: Report, pictures: dict[Any, str]) -> str:
     """The report in Markdown; `pictures` maps each figure stem, and each (kind, caption) of a
     picture, to its file."""
-    record = report.record
-
-    def table(frame: pd.DataFrame) -> str:
-        def cell(column: str, value: Any) -> str:
-            text = _format(value).replace("|", "\\|")
-            return f"`{text}`" if column in ("reproduce", "run_id") else text
-
-        lines = ["| " + " | ".join(str(c) for c in frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-        lines += ["| " + " | ".join(cell(c, v) for c, v in row.items()) + " |" for _, row in frame.iterrows()]
-        return "\n".join(lines)
-
-    out = [f"# Search `{record.experiment}`", "", _meta(report), ""]
-    if is_partial(report):
-        out += [f"> **Partial report**: the search is still running ({status_line(report)}).", ""]
-    out += [line + "\n" for line in headline(report)]
-    if len(report.board):
-        out += [f"Reproduce the winner: `{reproduce_command(record.experiment, report.board.iloc[0]['run_id'], record.uri)}`",
-                ""]
-    for _, title, frame in _tables(report):
-        out += [f"## {title}", "", table(frame), ""]
-    out += ["## Early stopping", "", asha_text(report.asha), "", "## Figures", ""]
-    for stem, (caption, _) in report.figures.items():
-        out += [f"![{caption}]({pictures[stem]})", "", f"*{caption}*", ""]
-    if report.not_drawn:
-        out += ["Not drawn: " + "; ".join(f"{c} ({w})" for c, w in report.not_drawn.items()), ""]
-    for kind, title, shown in _picture_rows(report):
-        out += [f"## {title}", "", " ".join(f"![{c}]({pictures[kind, c]})" for c, _ in shown), "",
-                " · ".join(c for c, _ in shown), ""]
-    return "\n".join(out)
+    contents = _contents(report)
+    return _TEMPLATES.get_template("report.md").render(
+        contents,
+        tables=[(title, shown) for _, title, shown in contents["tables"]],
+        figures=[(caption, pictures[stem]) for stem, (caption, _) in report.figures.items()],
+        pictures=[(title, [(c, pictures[kind, c]) for c, _ in shown]) for kind, title, shown in _picture_rows(report)],
+    )
 
 
 def write_report(report: Report, out: Path) -> Path:

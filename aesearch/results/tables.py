@@ -20,7 +20,6 @@ from aesearch.tracking.store import resolve_tracking_uri
 
 # Evaluation metrics the report ranks trials on: name -> (what it is, which way is better).
 # Denoising PSNRs (one per corruption kind, `test/denoise_psnr_<kind>`) are added as found.
-RANKED_STATES = RANKED  # only trials that trained to an end of their own are ranked
 
 
 def parse_param(text: Any) -> Any:
