@@ -1,1 +1,2 @@
-
+"""What a search left, read back: the report (read, tables, figures, rendering) and reproduce.
+"""

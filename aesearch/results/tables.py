@@ -1,5 +1,4 @@
-"""The report's tables: pure functions of a search's runs (no MLflow, no rendering).
-"""
+"""The report's tables: pure functions of a search's runs (no MLflow, no rendering)."""
 
 from __future__ import annotations
 

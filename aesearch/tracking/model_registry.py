@@ -1,5 +1,4 @@
-"""The search's best model, logged with a signature and registered in MLflow's model registry.
-"""
+"""The search's best model, logged with a signature and registered in MLflow's model registry."""
 
 from __future__ import annotations
 

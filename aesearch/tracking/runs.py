@@ -9,13 +9,10 @@
 
 A trial logs its own run from inside the trial (`TrialRun`), the only thing that writes it; a
 trial restored from a checkpoint finds its run again by its Ray trial id and goes on in it. The
-driver (`SearchRun`) owns the parent run and gives every child run its outcome and terminal
-status when Tune is done with the trial, so no run is left "running" after a search.
-
-Where: `--tracking-uri`, else MLFLOW_TRACKING_URI, else an embedded SQLite store in the working
-directory (`mlflow.db`, artifacts in `mlartifacts/`). An `mlflow server` over HTTP with proxied
-artifacts lets trials on any node log without shared disk. Credentials go in MLflow's own
-variables (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME/PASSWORD), never in the URI.
+driver (`search_run.SearchRun`) owns the parent run and gives every child run its outcome and
+terminal status when Tune is done with the trial, so no run is left "running" after a search.
+This module holds the trial's side and the names and tags every run shares; where the store is,
+see `store`.
 """
 
 from __future__ import annotations
