@@ -172,12 +172,13 @@ SEARCH_FLAGS = {  # command-line flag -> search space field
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from aesearch.schema import NAME_PATTERN, NAME_RULE
     from aesearch.search.space import load_space
 
     overrides = {field: getattr(args, flag) for flag, field in SEARCH_FLAGS.items() if getattr(args, flag) is not None}
     space = load_space(args.space, overrides)
-    if args.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.name):
-        raise UserError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit")
+    if args.name is not None and not re.fullmatch(NAME_PATTERN, args.name):
+        raise UserError(f"--name {args.name!r}: {NAME_RULE}")
     from aesearch.search.driver import SearchInterrupted, SearchOptions, search
     from aesearch.search.leaderboard import NothingRan, format_leaderboard
     from aesearch.search.phases import Phases

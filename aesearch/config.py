@@ -29,6 +29,7 @@ from aesearch.schema import (
     Bounded,
     Float,
     Int,
+    Name,
     PositiveInt,
     Section,
     apply_overrides,
@@ -78,8 +79,7 @@ class RuntimeConfig(Section):
 class TrainConfig(Section):
     """Everything that defines one training run (one trial of a search)."""
 
-    # Names folders and runs, so: letters, digits, '.', '_' and '-', starting with a letter or digit.
-    name: str = Field("autoencoder", max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: Name = "autoencoder"
     seed: Int = Field(0, ge=0)
     epochs: PositiveInt = Field(10, le=100_000)
     data: DataConfig = Field(default_factory=DataConfig)

@@ -34,6 +34,12 @@ Float = Annotated[float, BeforeValidator(_not_a_bool)]
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 
 
+# A name that names folders and runs: letters, digits, '.', '_' and '-', starting with a letter or digit.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+NAME_RULE = "use letters, digits, '.', '_' and '-', starting with a letter or digit"
+Name = Annotated[str, Field(max_length=100, pattern=NAME_PATTERN)]
+
+
 def Bounded(high: int) -> type[int]:
     """A positive int with an upper bound that keeps models and batches within reason."""
     return Annotated[int, Field(strict=True, ge=1, le=high)]

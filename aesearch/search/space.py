@@ -35,6 +35,7 @@ from aesearch.schema import (
     Bool,
     Float,
     Int,
+    Name,
     PositiveInt,
     Section,
     broken_rule,
@@ -163,7 +164,7 @@ ParameterName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]  # no '/': R
 
 
 class SearchSpace(Section):
-    name: str = Field(max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: Name
     data: DataConfig = Field(default_factory=DataConfig)
     base: dict[str, Any] = Field(default_factory=dict)
     space: dict[ParameterName, Parameter] = Field(min_length=1)
