@@ -10,7 +10,7 @@ from ray.tune import Result
 from aesearch.metrics import CATALOGUE, EPOCH_OBJECTIVES, lookup, ranked_metrics
 from aesearch.results.reproduce import OTHER_DEVICE_TYPE, allowed, compared
 from aesearch.results.tables import leaderboard as report_leaderboard
-from aesearch.search.leaderboard import leaderboard, nothing_ran, rank
+from aesearch.search.leaderboard import leaderboard, nothing_ran, outside_the_best, rank
 from aesearch.search.space import parse_space
 from aesearch.tracking.outcomes import KINDS, REPORTED, Outcome
 
@@ -97,3 +97,12 @@ def test_the_catalogue_knows_every_metric_a_search_ranks_on_and_how_to_compare_t
     assert allowed("test/active_units", OTHER_DEVICE_TYPE) == OTHER_DEVICE_TYPE.count_atol
     assert allowed("val/kl", OTHER_DEVICE_TYPE) == OTHER_DEVICE_TYPE.rtol
     assert not compared("time/train_seconds") and not compared("epoch") and compared("test/nll")
+
+
+def test_only_the_best_ended_trials_keep_their_checkpoints():
+    ended = {"a": {"epoch": 4.0, "loss": 0.3, REPORTED["completed"]: 1.0}, "b": {"epoch": 2.0, "loss": 0.1},
+             "c": {"epoch": 1.0, "loss": math.inf, REPORTED["diverged"]: 1.0}, "d": {"epoch": 4.0, "loss": 0.2,
+                                                                                  REPORTED["completed"]: 1.0}}
+    assert sorted(outside_the_best(ended, "loss", "min", keep=2)) == ["a", "c"]
+    assert sorted(outside_the_best(ended, "loss", "max", keep=1)) == ["b", "c", "d"]
+    assert outside_the_best({}, "loss", "min", keep=2) == []

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from aesearch.search.leaderboard import outside_the_best
 from aesearch.search.phases import Phases
 from aesearch.search.space import (
     SearchSpace,
@@ -161,12 +162,11 @@ class BestCheckpointsKeeper(Callback):
         self.removed: set[str] = set()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        finished = [t for t in trials if t.status == "TERMINATED" or t is trial]
-        ranked = [t for t in finished if is_finite_number((t.last_result or {}).get(self.metric))]
-        ranked.sort(key=lambda t: t.last_result[self.metric], reverse=self.mode == "max")
-        best = {t.trial_id for t in ranked[: self.keep]}
-        for dropped in finished:
-            if dropped.trial_id in best or dropped.trial_id in self.removed:
+        finished = {t.trial_id: t for t in trials if t.status == "TERMINATED" or t is trial}
+        last_results = {trial_id: t.last_result or {} for trial_id, t in finished.items()}
+        for trial_id in outside_the_best(last_results, self.metric, self.mode, self.keep):
+            dropped = finished[trial_id]
+            if trial_id in self.removed:
                 continue
             try:  # a callback that raises would make Tune treat the ended trial as failed and retry it
                 remove_stored_checkpoints(dropped.storage.storage_filesystem, dropped.storage.trial_fs_path)

@@ -46,6 +46,15 @@ def rank(trials: pd.DataFrame, column: str, mode: str, tiebreak: str | None = No
     return pd.concat([ranked, trials[~rankable].assign(rank=math.nan)], ignore_index=True)
 
 
+def outside_the_best(last_results: dict[str, dict], metric: str, mode: str, keep: int) -> list[str]:
+    """Of these ended trials (trial id -> its last report), those not among the best `keep` by `rank`:
+    the trials whose checkpoints a search need not keep."""
+    table = pd.DataFrame([{"trial": trial, "state": Outcome.from_report(last).kind, metric: last.get(metric, math.nan)}
+                          for trial, last in last_results.items()], columns=["trial", "state", metric])
+    board = rank(table, metric, mode)
+    return board.loc[~(board["rank"] <= keep), "trial"].tolist()
+
+
 LEADERBOARD_METRICS = [
     "test/recon_mse", "test/psnr", "test/probe_accuracy", "test/nll", "model/parameters", "time/trial_seconds",
     "time/tracking_seconds",
