@@ -1,5 +1,6 @@
 """The `aesearch` command end to end: real files, real datasets, real exit statuses."""
 
+import io
 import json
 import subprocess
 import sys
@@ -9,7 +10,9 @@ import torch
 
 from aesearch.cli import main
 from aesearch.training.checkpoints import load_checkpoint
-from tests.conftest import CONFIGS, REPO
+from aesearch.training.run_folder import FolderReporter
+from aesearch.training.trainer import EpochEnd
+from tests.conftest import CONFIGS, REPO, make_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FAST_EVAL = ["evaluation.iwae_samples=5", "evaluation.kmeans_restarts=1", "evaluation.probe_max_samples=2000"]
@@ -37,6 +40,21 @@ def test_train_prints_final_metrics_as_json_on_the_last_line(trained_run):
     assert 0 < summary["test/recon_mse"] < 0.2
     assert summary["fingerprint"] == load_checkpoint(folder / "best.pt")["fingerprint"]
     assert "epoch 3/3" in done.stderr  # the progress bar
+
+
+def test_progress_in_a_log_is_not_a_line_per_epoch(tmp_path):
+    log = io.StringIO()  # not a terminal, as a pipe or a log file
+    earlier = [{"epoch": 1.0}]  # resumed after epoch 1
+    reporter = FolderReporter(tmp_path / "run", make_config(epochs=4), earlier, stream=log)
+    for epoch in (2, 3, 4):
+        metrics = {"epoch": float(epoch), "train/loss": 0.5, "val/loss": 0.25, "val/recon_mse": 0.125}
+        reporter(EpochEnd(epoch, metrics, epoch == 3, save_checkpoint=lambda path: None, model=None))
+    text = log.getvalue()
+    assert "epoch 1/4" in text and "epoch 4/4" in text  # where it starts, and the end
+    assert "epoch 2/4" not in text and "epoch 3/4" not in text  # a fast run: nothing in between
+    assert text.endswith("val/recon_mse 0.125]\n")  # the last epoch's metrics (it was not the best)
+    reporter.close()  # as run_in_folder does after training: nothing more to write
+    assert log.getvalue() == text
 
 
 def test_train_writes_a_complete_run_folder(trained_run):

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from aesearch.errors import CheckpointError, DivergedError
+from aesearch.parts.models import build_model
 from aesearch.training.checkpoints import load_checkpoint, save_checkpoint
-from aesearch.training.trainer import train
+from aesearch.training.trainer import Trainer, train
 from tests.conftest import make_config
 
 # A VAE fed masked inputs: sampling, corruption and shuffling all draw from the RNG, so resume
@@ -48,6 +49,32 @@ def test_same_seed_gives_the_same_metrics(digits):
     assert _without_timing(first.metrics) == _without_timing(second.metrics)
     other = train(make_config(**{**NOISY_VAE, "seed": 1}), digits, run_evaluation=False)
     assert other.history[-1]["train/loss"] != first.history[-1]["train/loss"]
+
+
+def test_initial_weights_are_a_function_of_the_seed_alone(digits):
+    config = make_config(**NOISY_VAE)
+    torch.manual_seed(5)
+    first = Trainer(config, digits).model.state_dict()
+    torch.rand(1000)  # whatever the caller drew before does not move them
+    second = Trainer(config, digits).model.state_dict()
+    torch.manual_seed(config.seed)
+    seeded = build_model(config.model, digits.spec.shape).state_dict()  # as a global seed would give them
+    other = Trainer(make_config(**{**NOISY_VAE, "seed": 1}), digits).model.state_dict()
+    for name, tensor in first.items():
+        assert torch.equal(tensor, second[name]) and torch.equal(tensor, seeded[name]), name
+    assert not all(torch.equal(tensor, other[name]) for name, tensor in first.items())
+
+
+def test_training_leaves_the_callers_random_state_and_backend_flags_alone(digits):
+    cudnn = torch.backends.cudnn
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    flags = cudnn.benchmark, cudnn.deterministic
+    trainer = Trainer(make_config(**NOISY_VAE), digits)
+    trainer.run_epoch()
+    trainer.result(train_seconds=0.0)  # with the evaluation suite
+    assert torch.equal(torch.get_rng_state(), before)
+    assert (cudnn.benchmark, cudnn.deterministic) == flags
 
 
 def test_resumed_run_equals_uninterrupted_run(digits, tmp_path):

@@ -38,25 +38,18 @@ EVALUATION_SEED = 0  # the noise of the denoising metrics and the IWAE samples
 def evaluate(model: Autoencoder, data: Data, settings: EvaluationConfig) -> dict[str, float]:
     """Run the whole suite on data.test_x / test_y; returns {'test/<metric>': value}.
 
-    Its randomness (corruptions, importance samples) comes from a fixed seed, on a fork of the
-    caller's random state: the metrics depend on the weights and data alone, so a stored
-    checkpoint evaluates to what its trial logged, and training randomness is left untouched.
+    Its randomness (corruptions, importance samples) comes from a generator of its own with a
+    fixed seed: the metrics depend on the weights and data alone, so a stored checkpoint
+    evaluates to what its trial logged, and the caller's random state is left untouched.
     """
-    device = data.test_x.device
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(EVALUATION_SEED)
-        return _evaluate(model, data, settings)
-
-
-def _evaluate(model: Autoencoder, data: Data, settings: EvaluationConfig) -> dict[str, float]:
     model.eval()
     x, batch = data.test_x, settings.batch_size
+    generator = torch.Generator(x.device).manual_seed(EVALUATION_SEED)
     x_hat = reconstruct(model, x, batch)  # once: the reconstruction and anomaly metrics share it
     metrics = reconstruction_metrics(x_hat, x)
-    metrics |= denoising_metrics(model, x, settings.denoise_levels, batch)
+    metrics |= denoising_metrics(model, x, settings.denoise_levels, batch, generator)
     if model.stochastic:
-        metrics |= gaussian_latent_metrics(model, x, settings.iwae_samples, batch)
+        metrics |= gaussian_latent_metrics(model, x, settings.iwae_samples, batch, generator)
     train_codes = encode(model, data.train_x[: settings.probe_max_samples], batch)
     test_codes = encode(model, x, batch)
     metrics |= latent_quality(
@@ -102,19 +95,23 @@ def reconstruction_metrics(x_hat: torch.Tensor, x: torch.Tensor) -> dict[str, fl
     }
 
 
-def denoising_metrics(model: Autoencoder, x: torch.Tensor, levels: dict[str, float], batch: int) -> dict[str, float]:
+def denoising_metrics(
+    model: Autoencoder, x: torch.Tensor, levels: dict[str, float], batch: int, generator: torch.Generator
+) -> dict[str, float]:
     metrics = {}
     for kind, level in levels.items():
-        noisy = corrupt(x, kind, level)
+        noisy = corrupt(x, kind, level, generator)
         metrics[f"denoise_psnr_{kind}"] = psnr(reconstruct(model, noisy, batch), x).mean().item()
         metrics[f"noisy_psnr_{kind}"] = psnr(noisy, x).mean().item()
     return metrics
 
 
-def gaussian_latent_metrics(model: Autoencoder, x: torch.Tensor, k: int, batch: int) -> dict[str, float]:
+def gaussian_latent_metrics(
+    model: Autoencoder, x: torch.Tensor, k: int, batch: int, generator: torch.Generator
+) -> dict[str, float]:
     """ELBO and IWAE_k bound (nats per image) under the Bernoulli decoder on binarised inputs,
     the usual benchmark protocol, comparable across VAEs whatever their training loss; KL and
-    active units on the inputs as given.
+    active units on the inputs as given. The samples z_i are drawn from `generator`.
 
     log p(x) >= IWAE_k = E[log 1/k sum_i p(x, z_i) / q(z_i|x)] >= ELBO, z_i ~ q(z|x).
     """
@@ -123,7 +120,8 @@ def gaussian_latent_metrics(model: Autoencoder, x: torch.Tensor, k: int, batch: 
     for xb in _batches(binary, max(1, 10 * batch // k)):  # about 10 * batch decodes at once
         latent = model.encode(xb, sample=False)
         mu, logvar = latent.mu.float(), latent.logvar.float()
-        z = mu + torch.randn((k, *mu.shape), device=mu.device) * torch.exp(0.5 * logvar)  # (k, B, d)
+        noise = torch.randn((k, *mu.shape), device=mu.device, generator=generator)
+        z = mu + noise * torch.exp(0.5 * logvar)  # (k, B, d)
         logits = model.decode(z.reshape(-1, mu.shape[1]).to(latent.mu.dtype)).float()
         targets = xb.expand(k, *xb.shape).reshape(-1, *xb.shape[1:])
         log_px_z = -F.binary_cross_entropy_with_logits(logits, targets, reduction="none").flatten(1).sum(1)

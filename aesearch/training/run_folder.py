@@ -16,11 +16,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
+from tqdm.auto import tqdm
 
 from aesearch.config import TrainConfig, variant_family
 from aesearch.errors import UserError
@@ -32,13 +34,32 @@ from aesearch.training.trainer import EpochEnd, Reporter, TrainResult, train
 
 @dataclass
 class FolderReporter:
-    """Writes metrics and checkpoints into a run folder and draws a progress bar."""
+    """Writes metrics and checkpoints into a run folder and shows the progress (call `close`
+    when training ends)."""
 
     folder: Path
     config: TrainConfig
     earlier_epochs: list[dict[str, float]] = field(default_factory=list)  # from a resumed checkpoint
     stream: TextIO = field(default_factory=lambda: sys.stderr)
     opened: bool = False
+    last_epoch: int | None = None  # where training ends when before config.epochs (see `train`'s stop_after)
+    progress: tqdm = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # A terminal gets a bar redrawn each epoch. A pipe or log file gets it too (the final
+        # line says how the run ended), but at most every 30 s, so a fast run does not fill the
+        # log with a line per epoch; the metrics of every epoch are in metrics.jsonl.
+        terminal = self.stream.isatty()
+        self.progress = tqdm(
+            total=self.last_epoch or self.config.epochs,
+            initial=len(self.earlier_epochs),
+            file=self.stream,
+            unit="epoch",
+            bar_format="epoch {n_fmt}/{total_fmt} |{bar}| [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
+            dynamic_ncols=True,
+            mininterval=0.1 if terminal else 30.0,
+            miniters=1,  # fixed: tqdm would otherwise force a redraw every 10 s in a log too
+        )
 
     def open(self) -> None:
         """Create the folder with the config and the metrics of epochs already trained."""
@@ -58,23 +79,19 @@ class FolderReporter:
         end.save_checkpoint(self.folder / "last.pt")
         if end.is_best:
             end.save_checkpoint(self.folder / BEST_FILE)
-        self._draw(end)
-
-    def _draw(self, end: EpochEnd) -> None:
-        epochs, width = self.config.epochs, 20
-        filled = round(width * end.epoch / epochs)
         m = end.metrics
-        line = (
-            f"epoch {end.epoch:>{len(str(epochs))}}/{epochs} [{'#' * filled}{'.' * (width - filled)}] "
+        self.progress.set_postfix_str(
             f"train/loss {m['train/loss']:.4g}  val/loss {m['val/loss']:.4g}  "
-            f"val/recon_mse {m['val/recon_mse']:.4g}  {m['time/epoch_seconds']:.2f}s/epoch"
-            f"{'  *' if end.is_best else ''}"
+            f"val/recon_mse {m['val/recon_mse']:.4g}{'  *' if end.is_best else ''}",  # *: the best epoch so far
+            refresh=False,
         )
-        if self.stream.isatty():
-            self.stream.write("\r" + line + ("\n" if end.epoch == epochs else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        self.progress.update()
+        if self.progress.n == self.progress.total:
+            self.close()  # now: the evaluation that follows is no part of the epochs' time
+
+    def close(self) -> None:
+        """End the progress line as it stands (training may have ended early, or failed)."""
+        self.progress.close()
 
 
 def run_in_folder(
@@ -91,14 +108,16 @@ def run_in_folder(
     has it (a reproduction logs it to MLflow).
     """
     earlier = list(resume_state["history"]) if resume_state else []
-    folder_reporter = FolderReporter(Path(folder), config, earlier)
+    last_epoch = config.epochs if stop_after is None else min(stop_after, config.epochs)
+    folder_reporter = FolderReporter(Path(folder), config, earlier, last_epoch=last_epoch)
 
     def reporter(end: EpochEnd) -> None:
         folder_reporter(end)
         if also is not None:
             also(end)
 
-    result = train(config, data, reporter, resume_from=resume_state, stop_after=stop_after)
+    with closing(folder_reporter):
+        result = train(config, data, reporter, resume_from=resume_state, stop_after=stop_after)
     folder_reporter.open()  # in case no epoch was left to train
     device = next(result.model.parameters()).device
     save_images(result.model, data.test_x.to(device), config, folder_reporter.folder, data.test_y)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -119,22 +119,51 @@ def check_resumable(state: dict[str, Any], config: TrainConfig, data: Data) -> N
         )
 
 
+def initial_model(config: TrainConfig, image_shape: tuple[int, int, int]) -> Autoencoder:
+    """The model with its initial weights, a function of `config.seed` alone.
+
+    torch's layers draw their initial weights from the global CPU generator and take no
+    generator of their own: it is seeded on a fork, so the caller's random state is as it was.
+    """
+    with torch.random.fork_rng(devices=[]):  # the CPU generator only: the model is built there
+        torch.default_generator.manual_seed(config.seed)  # torch.manual_seed would reseed CUDA's too
+        return build_model(config.model, image_shape)
+
+
+@contextlib.contextmanager
+def deterministic_cudnn(device: torch.device) -> Iterator[None]:
+    """cuDNN's deterministic kernels, for this block only, on CUDA.
+
+    Some of its convolution backward kernels add with atomics, in no fixed order: with them a
+    run would not repeat bit for bit (same seed, or resumed from a checkpoint). The flags are
+    process-wide, so they are set around the passes that differentiate (training, and validation
+    of a contractive objective) and put back as the caller had them. Forward-only passes (the
+    evaluation suite) need none: cuDNN's forward kernels are deterministic.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = cudnn.benchmark, cudnn.deterministic
+    cudnn.benchmark, cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = saved
+
+
 class Trainer:
     """The state of one training run and the epoch it knows how to run next."""
 
     def __init__(self, config: TrainConfig, data: Data):
         self.config = config
         self.device = resolve_device(config.runtime.device)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
-        torch.manual_seed(config.seed)  # the initial weights
         # Every draw of training (data order, corruption, latent samples) comes from the run's own
         # generator: what else runs in the process cannot shift it, and a packed step can keep
         # each member's draws exactly those of its unpacked run.
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
         self.data = data.to(self.device)
-        self.model = build_model(config.model, data.spec.shape).to(self.device)
+        self.model = initial_model(config, data.spec.shape).to(self.device)
         self.channels_last = (
             self.device.type == "cuda" and config.runtime.channels_last and config.model.architecture == "conv"
         )
@@ -212,18 +241,19 @@ class Trainer:
         order = self.shuffled_order()
         sums = torch.zeros(1 + len(objective.term_names), device=self.device)
         beta_sum = 0.0
-        for step in range(steps):
-            beta = objective.beta(self.epoch + step / steps)  # plain Python arithmetic: no sync
-            beta_sum += beta
-            start = step * batch_size
-            x, x_in, noise, directions = self.inputs(images[order[start : start + batch_size]])
-            with self.forward_context():
-                output = model(x_in, noise=noise)
-                loss, terms = objective(model, x, x_in, output, beta, directions)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums.add_(torch.stack([loss.detach(), *(t.detach() for t in terms.values())]), alpha=len(x))
+        with deterministic_cudnn(self.device):
+            for step in range(steps):
+                beta = objective.beta(self.epoch + step / steps)  # plain Python arithmetic: no sync
+                beta_sum += beta
+                start = step * batch_size
+                x, x_in, noise, directions = self.inputs(images[order[start : start + batch_size]])
+                with self.forward_context():
+                    output = model(x_in, noise=noise)
+                    loss, terms = objective(model, x, x_in, output, beta, directions)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                sums.add_(torch.stack([loss.detach(), *(t.detach() for t in terms.values())]), alpha=len(x))
         values = (sums / len(images)).tolist()  # the one host sync of the pass
         return dict(zip(["train/loss", *(f"train/{n}" for n in objective.term_names)], values)), beta_sum / steps
 
@@ -241,7 +271,7 @@ class Trainer:
         sums = torch.zeros(2 + len(objective.term_names), device=self.device)
         for start in range(0, len(images), batch_size):
             x, x_in, noise, directions = self.inputs(images[start : start + batch_size])
-            with torch.set_grad_enabled(self.input_grad), self.forward_context():
+            with deterministic_cudnn(self.device), torch.set_grad_enabled(self.input_grad), self.forward_context():
                 output = model(x_in, sample=True, noise=noise)
                 loss, terms = objective(model, x, x_in, output, beta, directions)
                 with torch.no_grad():
