@@ -188,3 +188,17 @@ def test_stopping_after_an_epoch_gives_exactly_the_first_epochs_of_the_full_run(
     shortened = train(make_config(**{**NOISY_VAE, "epochs": 2, "objective": config.objective.model_dump()}), digits,
                       run_evaluation=False)
     assert shortened.history[1]["beta"] != full.history[1]["beta"]  # a shorter run is not the same thing
+
+
+def test_pictures_leave_the_callers_randomness_alone_and_repeat(digits):
+    from aesearch.training.images import image_grids
+
+    config = make_config(model={"latent": "gaussian", "hidden_dims": [16]}, corruption={"kind": "gaussian", "level": 0.3})
+    model = build_model(config.model, digits.spec.shape)
+    before = torch.get_rng_state()
+    first = image_grids(model, digits.test_x[:8], config)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.rand(5)  # the caller draws in between: the pictures do not change
+    again = image_grids(model, digits.test_x[:8], config)
+    assert set(first) == {"reconstructions.png", "prior_samples.png"}
+    assert all(torch.equal(first[name], again[name]) for name in first)

@@ -21,6 +21,13 @@ if TYPE_CHECKING:
     from aesearch.parts.models import Autoencoder
 
 
+PICTURES_SEED = 0  # the noise and prior samples of the pictures: never torch's global random state
+
+
+def pictures_generator(device: torch.device) -> torch.Generator:
+    return torch.Generator(device).manual_seed(PICTURES_SEED)
+
+
 def _grid(images: torch.Tensor, per_row: int) -> torch.Tensor:
     # Imported here, not at the top: importing torchvision costs seconds (it loads torch._dynamo).
     from torchvision.utils import make_grid
@@ -30,9 +37,10 @@ def _grid(images: torch.Tensor, per_row: int) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruction_grid(model: Autoencoder, x: torch.Tensor, kind: str, level: float | None) -> torch.Tensor:
-    """Three rows: originals, the encoder's (corrupted) inputs, reconstructions from them."""
+    """Three rows: originals, the encoder's (corrupted) inputs, reconstructions from them. The same
+    noise at every epoch (drawn from a generator of its own), so that epochs compare."""
     model.eval()
-    noisy = corrupt(x, kind, level)
+    noisy = corrupt(x, kind, level, generator=pictures_generator(x.device))
     x_hat = model(noisy, sample=False).x_hat
     return _grid(torch.cat([x, noisy, x_hat.to(x.dtype)]), len(x))
 
@@ -41,7 +49,8 @@ def reconstruction_grid(model: Autoencoder, x: torch.Tensor, kind: str, level: f
 def prior_sample_grid(model: Autoencoder, count: int) -> torch.Tensor:
     """Decodes of z ~ N(0, I): what the generative model has learnt."""
     model.eval()
-    z = torch.randn(count, model.latent_dim, device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    z = torch.randn(count, model.latent_dim, device=device, generator=pictures_generator(device))
     return _grid(torch.sigmoid(model.decode(z)), max(1, round(count**0.5)))
 
 
