@@ -21,7 +21,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from aesearch.errors import ConfigError
 from aesearch.parts.corruption import CORRUPTIONS, CorruptionConfig, corruption_level_problem
 from aesearch.parts.data import DATASETS, DataConfig
-from aesearch.parts.models import ModelConfig
+from aesearch.parts.models import ModelConfig, shape_problem
 from aesearch.parts.objectives import KLConfig, ObjectiveConfig
 from aesearch.parts.optimizers import OptimizerConfig
 from aesearch.schema import (
@@ -115,17 +115,9 @@ class TrainConfig(Section):
                 f"model.code_activation={model.code_activation!r}: a gaussian latent's code is its "
                 "mean and takes no activation; use 'none' (or 'auto')"
             )
-        _, height, width = spec.shape
-        if model.architecture == "attention" and (height % model.patch_size or width % model.patch_size):
-            raise broken_rule(
-                f"model.patch_size={model.patch_size} must divide the {height}x{width} images of "
-                f"{spec.name}"
-            )
-        if self.data.anomaly_class is not None and self.data.anomaly_class >= spec.num_classes:
-            raise broken_rule(
-                f"data.anomaly_class={self.data.anomaly_class} must be a class of {spec.name} "
-                f"(0..{spec.num_classes - 1})"
-            )
+        problem = shape_problem(model, spec.shape, spec.name)  # the architecture says what images it takes
+        if problem:
+            raise broken_rule(problem)
         return self
 
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from aesearch.errors import DataError
 from aesearch.registry import Registry
-from aesearch.schema import Float, Int, Named, PositiveInt, Section
+from aesearch.schema import Float, Int, Named, PositiveInt, Section, broken_rule
 
 Arrays = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # train x, y, test x, y
 Loader = Callable[[Path, bool], Arrays]
@@ -211,3 +211,11 @@ class DataConfig(Section):
     split_seed: Int = Field(0, ge=0)
     anomaly_class: Int | None = Field(None, ge=0, description="class held out of training as the anomaly")
     max_train_samples: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _anomaly_is_a_class(self) -> DataConfig:
+        spec = DATASETS[self.name]
+        if self.anomaly_class is not None and self.anomaly_class >= spec.num_classes:
+            raise broken_rule(f"data.anomaly_class={self.anomaly_class} must be a class of {spec.name} "
+                              f"(0..{spec.num_classes - 1})")
+        return self

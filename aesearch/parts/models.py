@@ -341,12 +341,27 @@ class Architecture:
     # Whether trials of this shape gain from packing (`aesearch.packing.fused`): torch.func.vmap has no
     # batching rule for the fused attention kernels, so packed attention models would run one by one.
     packs: bool = True
+    # What is wrong with these images for this architecture (config, shape, dataset name), or None.
+    shape_problem: Callable[[ModelConfig, Shape, str], str | None] = lambda config, shape, dataset: None
+
+
+def patches_problem(config: ModelConfig, shape: Shape, dataset: str) -> str | None:
+    _, height, width = shape
+    if height % config.patch_size or width % config.patch_size:
+        return f"model.patch_size={config.patch_size} must divide the {height}x{width} images of {dataset}"
+    return None
+
+
+def shape_problem(config: ModelConfig, shape: Shape, dataset: str) -> str | None:
+    """What is wrong with images of `shape` for this model, asked of its architecture; or None."""
+    return ARCHITECTURES[config.architecture].shape_problem(config, shape, dataset)
 
 
 ARCHITECTURES: Registry[Architecture] = Registry("architecture")
 ARCHITECTURES.add("dense", Architecture(DenseEncoder, DenseDecoder))
 ARCHITECTURES.add("conv", Architecture(ConvEncoder, ConvDecoder))
-ARCHITECTURES.add("attention", Architecture(AttentionEncoder, AttentionDecoder, packs=False))
+ARCHITECTURES.add("attention", Architecture(AttentionEncoder, AttentionDecoder, packs=False,
+                                             shape_problem=patches_problem))
 
 
 # --- this part's section of the config --------------------------------------------------------
