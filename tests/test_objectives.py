@@ -5,6 +5,7 @@ import torch
 
 from aesearch.parts.models import build_model
 from aesearch.parts.objectives import (
+    Choice,
     KLConfig,
     Objective,
     cyclical,
@@ -170,3 +171,23 @@ def test_vae_objective_is_negative_elbo_with_bce_and_beta_one():
     log_px_z = bernoulli.log_prob(x).flatten(1).sum(1)
     kl = gaussian_kl(output.latent.mu, output.latent.logvar)
     assert loss.item() == pytest.approx((-(log_px_z - kl)).mean().item(), rel=1e-5)
+
+
+def test_stacked_choices_give_each_member_its_own_terms():
+    """A packed step maps one objective's terms over its members' stacked choices (Choice.stack):
+    every kind any member chose is computed, and each member's terms are exactly its own."""
+    sections = [{"reconstruction": "bce", "sparsity": {"kind": "l1"}},
+                {"reconstruction": "mse", "sparsity": {"kind": "kl", "rho": 0.2}}, {"reconstruction": "l1"}]
+    configs = [make_config(model={"hidden_dims": [8], "code_activation": "sigmoid"}, objective=o) for o in sections]
+    objectives = [Objective(c.objective, gaussian_latent=False, epochs=1) for c in configs]
+    model = build_model(configs[0].model, (1, 8, 8))
+    x = torch.rand(4, 1, 8, 8)
+    output = model(x)
+    choice = Choice.stack([o.choice for o in objectives], units=torch.ones(3, configs[0].model.latent_dim))
+    assert sorted(choice.reconstruction) == ["bce", "l1", "mse"] and sorted(choice.sparsity) == ["kl", "l1"]
+    stacked = torch.func.vmap(lambda member: objectives[0].terms_with(model, x, output, member))(choice)
+    assert list(stacked) == objectives[0].names(choice) == ["recon", "sparsity"]
+    for i, objective in enumerate(objectives):
+        own = objective.terms(model, x, x, output)
+        assert torch.allclose(stacked["recon"][i], own["recon"], rtol=1e-6)
+        assert torch.allclose(stacked["sparsity"][i], own.get("sparsity", torch.tensor(0.0)), rtol=1e-6)

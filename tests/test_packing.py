@@ -4,9 +4,12 @@ import math
 import sys
 
 import pytest
+import torch
 
 from aesearch.errors import DivergedError
-from aesearch.packing.fused import pack_key, train_packed_epoch, why_not_packable
+from aesearch.packing.fused import pack_groups, pack_key, train_group_epoch, train_packed_epoch, why_not_packable
+from aesearch.parts.objectives import Objective
+from aesearch.parts.optimizers import OPTIMIZERS, Optimizer
 from aesearch.training.checkpoints import load_checkpoint
 from aesearch.training.trainer import Trainer, train
 from tests.conftest import REPO, make_config
@@ -182,6 +185,50 @@ def test_a_pack_refuses_members_that_cannot_share_a_step(digits):
     assert one.epoch == 0 and other.epoch == 0 and math.isinf(one.best_value)
 
 
+def test_a_term_added_to_the_objective_is_in_the_packed_loss(digits, monkeypatch):
+    """The packed step has no loss of its own: a term that Objective gains (here the code's
+    squared norm, weighed 0.5) is trained and reported by packed members exactly as alone."""
+    configs = [make_config(epochs=2, model={"hidden_dims": [32], "latent_dim": 6}),
+               make_config(epochs=2, seed=1, model={"hidden_dims": [32], "latent_dim": 3},
+                           objective={"reconstruction": "bce", "sparsity": {"kind": "l1", "weight": 0.1}})]
+    without = train_alone(configs[0], digits)
+    names, terms_with, weights = Objective.names, Objective.terms_with, Objective.weights
+
+    def with_code_norm(self, model, x, output, *rest):
+        return {**terms_with(self, model, x, output, *rest), "code_norm": output.latent.code.float().pow(2).sum(1).mean()}
+
+    monkeypatch.setattr(Objective, "names", lambda self, choice: [*names(self, choice), "code_norm"])
+    monkeypatch.setattr(Objective, "terms_with", with_code_norm)
+    monkeypatch.setattr(Objective, "weights", lambda self, beta: {**weights(self, beta), "code_norm": 0.5})
+    trainers = [Trainer(config, digits) for config in configs]
+    for _ in range(2):
+        assert all(not isinstance(end, Exception) for end in train_packed_epoch(trainers))
+    for trainer, config in zip(trainers, configs):
+        assert_same_epochs(trainer.history, train_alone(config, digits))
+        assert trainer.history[-1]["train/code_norm"] > 0
+    assert trainers[0].history[-1]["train/loss"] != pytest.approx(without[-1]["train/loss"], rel=1e-3)  # it counted
+
+
+def test_an_optimizer_without_a_packed_update_trains_alone_and_is_named(digits, monkeypatch):
+    """Whether an optimiser packs is the registry's to say (Optimizer.packed); one that cannot is
+    refused by name, and its trials train alone."""
+    def sgd(params, lr, weight_decay, fused):
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+
+    monkeypatch.setitem(OPTIMIZERS._parts, "sgd", Optimizer(sgd))
+    configs = {name: make_config(name=name, optimizer={"name": "sgd"}) for name in ("a", "b")}
+    reason = why_not_packable(configs["a"])
+    assert reason is not None and "optimizer.name='sgd'" in reason
+    assert pack_key(configs["a"]) is None
+    assert sorted(pack_groups(configs, pack=4)) == [["a"], ["b"]]
+    trainers = [Trainer(config, digits) for config in configs.values()]
+    with pytest.raises(ValueError, match="trial 'a' cannot be packed: optimizer.name='sgd'"):
+        train_packed_epoch(trainers)
+    assert all(trainer.epoch == 0 for trainer in trainers)
+    assert train_group_epoch(trainers[:1])[0].epoch == 1  # its group of one: the trainer's own epoch
+    assert why_not_packable(make_config(optimizer={"name": "adamw"})) is None  # the registered ones pack
+
+
 PACKED_SPACE = """
 name: packed
 data: {name: digits}
@@ -244,8 +291,6 @@ def test_a_packed_search_keeps_every_trial_its_own_and_trains_each_as_alone(tmp_
 
 
 def test_pack_groups_put_one_shape_together_up_to_the_pack_size_and_the_unpackable_alone():
-    from aesearch.packing.fused import pack_groups
-
     small = [make_config(seed=i, model={"hidden_dims": [32]}) for i in range(5)]
     wide = make_config(model={"hidden_dims": [64]})
     attention = make_config(model={"architecture": "attention", "patch_size": 4})

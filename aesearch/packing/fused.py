@@ -20,7 +20,9 @@ pack, `why_not_packable` why a config cannot be packed at all. Latent widths may
 pads each member's weights to the widest code with zeros and masks the padded code units, so
 they stay zero, get no gradient and add nothing to any term. Reconstruction losses and sparsity
 penalties may differ too: the pack computes each kind its members use and weighs it per member
-with 1 or 0 (exact in floats).
+with 1 or 0 (exact in floats). The terms are the objective's own (`Objective.terms_with`, mapped
+over the members), and each member's update its optimiser's own, in the functional form that the
+optimiser registry gives (`aesearch.parts.optimizers`): the pack has no loss or optimiser of its own.
 """
 
 from __future__ import annotations
@@ -32,22 +34,14 @@ import time
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
-from torch.optim.adam import adam
-from torch.optim.adamw import adamw
 
 from aesearch.config import TrainConfig
 from aesearch.errors import DivergedError
 from aesearch.parts.models import ARCHITECTURES, Autoencoder, LatentOutput, Output, build_model
-from aesearch.parts.objectives import (
-    RECONSTRUCTIONS,
-    SPARSITY_PENALTIES,
-    contractive_penalty,
-    gaussian_kl,
-    jacobian_norm_estimate,
-    weighted_sum,
-)
+from aesearch.parts.objectives import Choice, Objective, weighted_sum
+from aesearch.parts.optimizers import OPTIMIZERS
 from aesearch.schema import flatten
-from aesearch.training.trainer import EpochEnd, Trainer
+from aesearch.training.trainer import EpochEnd, Trainer, deterministic_cudnn
 
 # What may differ between the members of one pack: per-member numbers of the step (tensors with
 # one entry per member), host-side schedules, and what is not training at all.
@@ -69,6 +63,9 @@ def why_not_packable(config: TrainConfig) -> str | None:
     model = config.model
     if not ARCHITECTURES[model.architecture].packs:
         return f"model.architecture={model.architecture!r} does not pack (vmap runs fused attention one member at a time)"
+    name = config.optimizer.name
+    if OPTIMIZERS[name].packed is None:
+        return f"optimizer.name={name!r} does not pack (it has no functional update in aesearch.parts.optimizers)"
     return None
 
 
@@ -86,69 +83,34 @@ def pack_key(config: TrainConfig) -> str | None:
     return json.dumps(shared, sort_keys=True)
 
 
-class PackTerms(nn.Module):
+class MemberPass(nn.Module):
     """One member's forward pass and loss terms: the function a packed step maps over members.
     A module, so that `functional_call` swaps in a member's weights for the objective too (the
-    contractive closed form reads the latent's weight). It computes the union of the members'
-    terms; `member` (its tensors from member_inputs) says which reconstruction loss and sparsity
-    penalty are the member's, its sparsity target and which code units exist."""
+    contractive closed form reads the latent's weight). The terms are the objective's own
+    (`Objective.terms_with`), with the members' choices of kinds stacked (`Choice.stack`)."""
 
-    def __init__(self, model: Autoencoder, trainers: list[Trainer]):
+    def __init__(self, model: Autoencoder, objective: Objective, estimates_contractive: bool):
         super().__init__()
-        self.model = model
-        objectives = [t.config.objective for t in trainers]
-        self.reconstructions = sorted({o.reconstruction for o in objectives})
-        self.sparsities = sorted({o.sparsity.kind for o in objectives} - {"none"})
-        self.uses_contractive = trainers[0].objective.uses_contractive  # the same in a pack (pack_key)
-        self.estimates_contractive = trainers[0].input_grad  # no closed form: d code / d x along directions
-        self.term_names = [
-            "recon", *(["kl"] if model.stochastic else []), *(["sparsity"] if self.sparsities else []),
-            *(["contractive"] if self.uses_contractive else []),
-        ]
+        self.model, self.objective = model, objective
+        self.estimates_contractive = estimates_contractive  # no closed form: d code / d x along directions
 
-    def member_inputs(self, trainers: list[Trainer], width: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """Per-member tensors (one row each): the one-hot choices, the sparsity target, the code units."""
-        objectives = [t.config.objective for t in trainers]
-        return {
-            "reconstruction": one_hot([o.reconstruction for o in objectives], self.reconstructions, device),
-            "sparsity": one_hot([o.sparsity.kind for o in objectives], self.sparsities, device),
-            "rho": torch.tensor([o.sparsity.rho for o in objectives], device=device),
-            "units": torch.stack([torch.arange(width, device=device) < t.model.latent_dim for t in trainers]).float(),
-        }
-
-    def forward(self, x, x_in, noise, directions, member) -> dict[str, torch.Tensor]:
-        units = member["units"]
-
+    def forward(self, x, x_in, noise, directions, choice: Choice) -> dict[str, torch.Tensor]:
         def encode(x_in):
             latent = self.model.encode(x_in, sample=True, noise=noise)
-            latent.z, latent.code = latent.z * units, latent.code * units  # padded units: 0, and no gradient
+            latent.z, latent.code = latent.z * choice.units, latent.code * choice.units  # padded units: 0, no gradient
             return latent.code, {name: value for name, value in vars(latent).items() if value is not None}
 
+        pullback = None
         if self.estimates_contractive:  # torch.func's vector-Jacobian product: autograd.grad does not run in vmap
-            _, pullback, fields = torch.func.vjp(encode, x_in, has_aux=True)
+            _, vjp, fields = torch.func.vjp(encode, x_in, has_aux=True)
+
+            def pullback(v: torch.Tensor) -> torch.Tensor:
+                return vjp(v)[0]
         else:
             _, fields = encode(x_in)
         latent = LatentOutput(**fields)
         output = Output(self.model.decode(latent.z), latent)
-        logits, code = output.logits.float(), latent.code.float()
-        terms = {"recon": sum(member["reconstruction"][k] * RECONSTRUCTIONS[kind](logits, x).mean()
-                              for k, kind in enumerate(self.reconstructions))}
-        if self.model.stochastic:
-            terms["kl"] = gaussian_kl(latent.mu.float(), latent.logvar.float()).mean()
-        if self.sparsities:
-            terms["sparsity"] = sum(member["sparsity"][k] * SPARSITY_PENALTIES[kind](code, member["rho"], units)
-                                    for k, kind in enumerate(self.sparsities))
-        if self.estimates_contractive:
-            norms = jacobian_norm_estimate(lambda v: pullback(v.to(latent.code.dtype))[0], directions)
-            terms["contractive"] = norms.mean().float()
-        elif self.uses_contractive:
-            terms["contractive"] = contractive_penalty(self.model, x_in, output, None, create_graph=True).float()
-        return terms
-
-
-def one_hot(chosen: list[str], kinds: list[str], device: torch.device) -> torch.Tensor:
-    """(members, kinds): 1 where the member chose that kind; a member choosing none has a row of 0."""
-    return torch.tensor([[float(c == kind) for kind in kinds] for c in chosen], device=device)
+        return self.objective.terms_with(self.model, x, output, choice, pullback, directions)
 
 
 class PaddedStack:
@@ -198,68 +160,47 @@ class PaddedStack:
         out[self.where(i, name, out.shape)] = tensor
         return out
 
-    def unpadded(self, i: int, name: str, stacked: torch.Tensor) -> torch.Tensor:
-        """Member i's part of a stacked tensor (weights, or optimiser state of the same shape)."""
-        return stacked[i][self.where(i, name, stacked.shape[1:])]
+    def unpadded(self, i: int, name: str, padded: torch.Tensor) -> torch.Tensor:
+        """Member i's tensor inside its padded one (a weight or its optimiser state)."""
+        return padded[self.where(i, name, padded.shape)]
 
 
-ADAM_STEPS = {False: adam, True: adamw}  # decoupled weight decay?
-
-
-class PackedAdam:
-    """Each member's own Adam or AdamW (its settings, its moments, its step count), run on its
-    slice of the stacked weights and gradients by torch's own functional optimiser, with the
-    kernel the member's optimiser uses alone (fused on CPU and CUDA): the update is exactly the
-    one it would make alone, in one launch per member."""
+class PackedOptimizer:
+    """Each member's own optimiser (its settings, its state, its step counts), run on its slice of
+    the stacked weights and gradients by the functional update that the optimiser registry gives
+    (`OPTIMIZERS[name].packed`): the update it would make alone, in one launch per member."""
 
     def __init__(self, stack: PaddedStack, trainers: list[Trainer]):
-        self.stack, self.params, self.trainers = stack, stack.params, trainers
-        self.exp_avg, self.exp_avg_sq, self.steps = {}, {}, []
-        for name, stacked in self.params.items():
-            self.exp_avg[name] = torch.zeros_like(stacked)
-            self.exp_avg_sq[name] = torch.zeros_like(stacked)
-        for i, trainer in enumerate(trainers):
-            group = trainer.optimizer.param_groups[0]
-            scalar_device = stacked.device if (group.get("fused") or group.get("capturable")) else "cpu"
-            steps = []
-            for name, param in trainer.model.named_parameters():
-                state = trainer.optimizer.state.get(param, {})
-                if state:
-                    self.exp_avg[name][i].copy_(stack.padded(i, name, state["exp_avg"]))
-                    self.exp_avg_sq[name][i].copy_(stack.padded(i, name, state["exp_avg_sq"]))
-                steps.append(torch.tensor(float(state.get("step", 0.0)), dtype=torch.float32, device=scalar_device))
-            self.steps.append(steps)
+        self.stack, self.trainers = stack, trainers
+        self.updates = [OPTIMIZERS[t.config.optimizer.name].packed for t in trainers]
+        self.states: list[dict[str, list[torch.Tensor]]] = []  # per member: each state's tensors, padded
+        self.steps: list[list[torch.Tensor]] = []  # per member: each parameter's step count
+        for i, (trainer, update) in enumerate(zip(trainers, self.updates)):
+            group, params = trainer.optimizer.param_groups[0], dict(trainer.model.named_parameters())
+            saved = {name: trainer.optimizer.state.get(params[name], {}) for name in stack.params}
+            self.states.append({
+                key: [stack.padded(i, name, state[key]) if state else torch.zeros_like(stack.params[name][i])
+                      for name, state in saved.items()]
+                for key in update.state_names
+            })  # fmt: skip
+            self.steps.append([update.step_count(state, group, stack.params[name].device)
+                               for name, state in saved.items()])
 
     @torch.no_grad()
     def step(self) -> None:
-        for i, trainer in enumerate(self.trainers):
-            group = trainer.optimizer.param_groups[0]
-            ADAM_STEPS[isinstance(trainer.optimizer, torch.optim.AdamW)](
-                [p[i] for p in self.params.values()],
-                [p.grad[i] for p in self.params.values()],
-                [m[i] for m in self.exp_avg.values()],
-                [v[i] for v in self.exp_avg_sq.values()],
-                [],
-                self.steps[i],
-                foreach=group["foreach"],
-                fused=group["fused"],
-                amsgrad=False,
-                beta1=group["betas"][0],
-                beta2=group["betas"][1],
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                maximize=False,
-            )
+        params = self.stack.params.values()
+        for i, (trainer, update) in enumerate(zip(self.trainers, self.updates)):
+            update([p[i] for p in params], [p.grad[i] for p in params], self.states[i], self.steps[i],
+                   trainer.optimizer.param_groups[0])
 
     def write_back(self) -> None:
-        """Each member's slice of the state into its own optimiser, as torch's Adam keeps it."""
+        """Each member's part of its state into its own optimiser, as torch keeps it."""
         for i, trainer in enumerate(self.trainers):
-            for (name, param), step in zip(trainer.model.named_parameters(), self.steps[i]):
-                trainer.optimizer.state[param] = {
-                    "step": step.clone(),
-                    "exp_avg": self.stack.unpadded(i, name, self.exp_avg[name]),
-                    "exp_avg_sq": self.stack.unpadded(i, name, self.exp_avg_sq[name]),
+            params = dict(trainer.model.named_parameters())
+            for j, name in enumerate(self.stack.params):
+                trainer.optimizer.state[params[name]] = {
+                    "step": self.steps[i][j].clone(),
+                    **{key: self.stack.unpadded(i, name, tensors[j]) for key, tensors in self.states[i].items()},
                 }
 
 
@@ -332,26 +273,27 @@ def _packed_train_pass(trainers: list[Trainer]) -> list[tuple[dict[str, float], 
         template = build_model(first.config.model.model_copy(update={"latent_dim": width}), first.data.spec.shape)
     stack = PaddedStack([t.model for t in trainers], template)
     params, buffers = stack.params, stack.buffers
-    optimizer = PackedAdam(stack, trainers)
-    pack_terms = PackTerms(template.train(), trainers)
-    member = pack_terms.member_inputs(trainers, width, device)
+    optimizer = PackedOptimizer(stack, trainers)
+    objective = first.objective  # whether it has a KL and a contractive term: the pack's (pack_key)
+    member_pass = MemberPass(template.train(), objective, first.input_grad)
+    units = torch.stack([torch.arange(width, device=device) < t.model.latent_dim for t in trainers]).float()
+    choice = Choice.stack([t.objective.choice for t in trainers], units)
+    term_names = objective.names(choice)
 
-    def terms_of_one(params, buffers, x, x_in, noise, directions, member):
+    def terms_of_one(params, buffers, x, x_in, noise, directions, choice):
         state = {f"model.{name}": value for name, value in (params | buffers).items()}
-        return functional_call(pack_terms, state, (x, x_in, noise, directions, member))
+        return functional_call(member_pass, state, (x, x_in, noise, directions, choice))
 
     images, batch_size = first.data.train_x, first.config.optimizer.batch_size
     steps = math.ceil(len(images) / batch_size)
     orders = torch.stack([t.shuffled_order() for t in trainers])  # (members, images)
-    # Per-member weights: the KL weight moves every step (each member on its own schedule and
-    # epoch), so the epoch's betas are computed up front and sent to the device once.
+    # Per-member weights of the terms: the KL weight moves every step (each member on its own
+    # schedule and epoch), so the epoch's weights are computed up front and sent to the device once.
     host_betas = [[t.objective.beta(t.epoch + step / steps) for step in range(steps)] for t in trainers]
-    betas = torch.tensor(host_betas, device=device)
-    weights = {
-        name: torch.tensor([t.objective.weights(0.0)[name] for t in trainers], device=device)
-        for name in ("sparsity", "contractive")
-    }
-    stochastic, estimates = first.model.stochastic, pack_terms.estimates_contractive
+    host_weights = [[t.objective.weights(beta) for t, beta in zip(trainers, betas)] for betas in zip(*host_betas)]
+    weights = {name: torch.tensor([[w[name] for w in members] for members in host_weights], device=device)
+               for name in host_weights[0][0]}  # name -> (steps, members)
+    stochastic, estimates = first.model.stochastic, member_pass.estimates_contractive
     mapped = vmap(terms_of_one, in_dims=(0, 0, 0, 0, 0 if stochastic else None, 0 if estimates else None, 0),
                   randomness="error")
 
@@ -359,36 +301,37 @@ def _packed_train_pass(trainers: list[Trainer]) -> list[tuple[dict[str, float], 
         """The members' draws over code units, stacked, padded to the pack's code width."""
         return torch.stack([nn.functional.pad(d, (0, width - d.shape[-1])) for d in draws])
 
-    sums = torch.zeros(count, 1 + len(pack_terms.term_names), device=device)
-    for step in range(steps):
-        start = step * batch_size
-        batch = images[orders[:, start : start + batch_size]]  # (members, batch, C, H, W)
-        # Each member's corruption, latent noise and directions from its own generator, in its own order.
-        drawn = [t.inputs(batch[i]) for i, t in enumerate(trainers)]
-        x = batch
-        x_in = torch.stack([d.x_in.detach() for d in drawn])
-        noise = widened([d.noise for d in drawn]) if stochastic else None
-        directions = widened([d.directions for d in drawn]) if estimates else None
-        with first.forward_context():
-            terms = mapped(params, buffers, x, x_in, noise, directions, member)
-            losses = weighted_sum(terms, {"kl": betas[:, step], **weights})  # (members,)
-        for param in params.values():
-            param.grad = None
-        losses.sum().backward()  # members are independent: each gets the gradient of its own loss
-        optimizer.step()
-        per_member = torch.stack([losses.detach(), *(terms[n].detach() for n in pack_terms.term_names)], dim=1)
-        sums.add_(per_member, alpha=x.shape[1])
+    sums = torch.zeros(count, 1 + len(term_names), device=device)
+    with deterministic_cudnn(device):  # as the trainer's own pass: bit-for-bit repeatable on CUDA
+        for step in range(steps):
+            start = step * batch_size
+            batch = images[orders[:, start : start + batch_size]]  # (members, batch, C, H, W)
+            # Each member's corruption, latent noise and directions from its own generator, in its own order.
+            drawn = [t.inputs(batch[i]) for i, t in enumerate(trainers)]
+            x = batch
+            x_in = torch.stack([d.x_in.detach() for d in drawn])
+            noise = widened([d.noise for d in drawn]) if stochastic else None
+            directions = widened([d.directions for d in drawn]) if estimates else None
+            with first.forward_context():
+                terms = mapped(params, buffers, x, x_in, noise, directions, choice)
+                losses = weighted_sum(terms, {name: w[step] for name, w in weights.items()})  # (members,)
+            for param in params.values():
+                param.grad = None
+            losses.sum().backward()  # members are independent: each gets the gradient of its own loss
+            optimizer.step()
+            per_member = torch.stack([losses.detach(), *(t.detach() for t in terms.values())], dim=1)
+            sums.add_(per_member, alpha=x.shape[1])
 
     with torch.no_grad():
         for i, trainer in enumerate(trainers):
             for name, param in trainer.model.named_parameters():
-                param.copy_(stack.unpadded(i, name, params[name]))
+                param.copy_(stack.unpadded(i, name, params[name][i]))
             for name, buffer in trainer.model.named_buffers():
-                buffer.copy_(stack.unpadded(i, name, buffers[name]))
+                buffer.copy_(stack.unpadded(i, name, buffers[name][i]))
     optimizer.write_back()
 
     values = (sums / len(images)).tolist()  # the one host sync of the pass
-    names = ["loss", *pack_terms.term_names]
+    names = ["loss", *term_names]
     return [
         ({f"train/{n}": v for n, v in zip(names, row) if n == "loss" or n in trainer.objective.term_names},
          sum(betas_of_member) / steps)

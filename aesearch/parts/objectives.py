@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -80,8 +80,8 @@ def cyclical(progress: float, epochs: int, kl: KLConfig) -> float:
 
 
 # --- sparsity penalties: (code, rho, units) -> batch-level penalty ------------------------------
-# `units`: None, or 1 for the code units that exist and 0 for padding (a packed step pads the codes
-# of its members to one width, see aesearch.packing.fused); padded units add nothing.
+# `units`: None, or 1 for the code units that exist and 0 for padding (see Choice); padded units
+# add nothing.
 
 SPARSITY_PENALTIES: Registry[Callable[..., torch.Tensor]] = Registry("sparsity penalty")
 
@@ -123,22 +123,47 @@ def jacobian_norm_estimate(pullback: Callable[[torch.Tensor], torch.Tensor], dir
 
 
 def contractive_penalty(
-    model: Autoencoder, x_in: torch.Tensor, output: Output, directions: torch.Tensor | None, create_graph: bool
+    model: Autoencoder, output: Output, pullback: Callable[[torch.Tensor], torch.Tensor] | None,
+    directions: torch.Tensor | None,
 ) -> torch.Tensor:
     """The batch mean of ||d code / d x||_F^2: in closed form where there is one, else estimated
-    along `directions`."""
+    along `directions` with `pullback(v)` = J^T v (autograd's for one run, torch.func's in a
+    packed step, where autograd.grad does not run)."""
     exact = model.exact_jacobian_norm(output.latent)
-    if exact is None:  # x_in requires grad, and the code was computed from it
-        code = output.latent.code
-
-        def pullback(v: torch.Tensor) -> torch.Tensor:
-            return torch.autograd.grad(code, x_in, v.to(code.dtype), create_graph=create_graph, retain_graph=True)[0]
-
-        exact = jacobian_norm_estimate(pullback, directions)
+    if exact is None:
+        dtype = output.latent.code.dtype
+        exact = jacobian_norm_estimate(lambda v: pullback(v.to(dtype)), directions)
     return exact.mean()
 
 
 # --- the objective ------------------------------------------------------------------------------
+
+
+class Choice(NamedTuple):
+    """Which reconstruction loss and sparsity penalty a loss uses, as a weight per kind: 1 for the
+    kind chosen. One run's weights are floats. A packed step stacks its members' (`stack`) into
+    tensors with one entry per member and maps over them, so that members that chose differently
+    share one step: every kind any member chose is computed, and weighed 1 or 0 (exact in floats).
+    `units`: None, or 1 for the code units that exist and 0 for padding (a packed step pads the
+    codes of its members to one width, see aesearch.packing.fused)."""
+
+    reconstruction: dict[str, float | torch.Tensor]
+    sparsity: dict[str, float | torch.Tensor]  # empty: no sparsity term
+    rho: float | torch.Tensor
+    units: torch.Tensor | None = None
+
+    @staticmethod
+    def stack(choices: list[Choice], units: torch.Tensor) -> Choice:
+        """The members' choices as one, each weight and rho a tensor with one entry per member; a
+        member weighs 0 the kinds it did not choose."""
+
+        def per_member(weights: list[dict[str, float]]) -> dict[str, torch.Tensor]:
+            kinds = sorted({kind for chosen in weights for kind in chosen})
+            return {kind: torch.tensor([w.get(kind, 0.0) for w in weights], device=units.device) for kind in kinds}
+
+        rho = torch.tensor([c.rho for c in choices], device=units.device)
+        return Choice(per_member([c.reconstruction for c in choices]), per_member([c.sparsity for c in choices]), rho,
+                      units)
 
 
 class Objective:
@@ -147,17 +172,22 @@ class Objective:
     def __init__(self, config: ObjectiveConfig, gaussian_latent: bool, epochs: int):
         self.config = config
         self.epochs = epochs
-        self.reconstruction = RECONSTRUCTIONS[config.reconstruction]
         self.uses_kl = gaussian_latent
-        self.sparsity = None if config.sparsity.kind == "none" else SPARSITY_PENALTIES[config.sparsity.kind]
+        sparsity = config.sparsity
+        self.choice = Choice({config.reconstruction: 1.0}, {} if sparsity.kind == "none" else {sparsity.kind: 1.0},
+                             sparsity.rho)
         self.uses_contractive = config.contractive_weight > 0
 
     @property
     def term_names(self) -> list[str]:
+        return self.names(self.choice)
+
+    def names(self, choice: Choice) -> list[str]:
+        """The names of the terms `terms_with(choice)` computes, in its order."""
         return [
             "recon",
             *(["kl"] if self.uses_kl else []),
-            *(["sparsity"] if self.sparsity else []),
+            *(["sparsity"] if choice.sparsity else []),
             *(["contractive"] if self.uses_contractive else []),
         ]
 
@@ -185,16 +215,29 @@ class Objective:
     ) -> dict[str, torch.Tensor]:
         """The unweighted terms (batch means) for clean x, the encoder's input x_in and the
         model's output on x_in; `directions`: the contractive estimator's (needs_input_grad)."""
-        cfg = self.config
-        terms = {"recon": self.reconstruction(output.logits.float(), x).mean()}
+        code = output.latent.code
+
+        def pullback(v: torch.Tensor) -> torch.Tensor:  # x_in requires grad, and the code was computed from it
+            return torch.autograd.grad(code, x_in, v, create_graph=model.training, retain_graph=True)[0]
+
+        return self.terms_with(model, x, output, self.choice, pullback, directions)
+
+    def terms_with(
+        self, model: Autoencoder, x: torch.Tensor, output: Output, choice: Choice,
+        pullback: Callable[[torch.Tensor], torch.Tensor] | None = None, directions: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The unweighted terms with the kinds weighed by `choice`: this objective's own (terms),
+        or a packed step's for each of its members, so that both train on the same terms.
+        `pullback(v)`: J^T v, J = d code / d x, for the contractive estimator (contractive_penalty)."""
+        logits, code = output.logits.float(), output.latent.code.float()
+        terms = {"recon": sum(w * RECONSTRUCTIONS[kind](logits, x).mean() for kind, w in choice.reconstruction.items())}
         if self.uses_kl:
             terms["kl"] = gaussian_kl(output.latent.mu.float(), output.latent.logvar.float()).mean()
-        if self.sparsity:
-            terms["sparsity"] = self.sparsity(output.latent.code.float(), cfg.sparsity.rho)
+        if choice.sparsity:
+            terms["sparsity"] = sum(w * SPARSITY_PENALTIES[kind](code, choice.rho, choice.units)
+                                    for kind, w in choice.sparsity.items())
         if self.uses_contractive:
-            terms["contractive"] = contractive_penalty(
-                model, x_in, output, directions, create_graph=model.training
-            ).float()
+            terms["contractive"] = contractive_penalty(model, output, pullback, directions).float()
         return terms
 
     def __call__(
