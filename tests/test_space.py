@@ -175,3 +175,12 @@ def test_every_sampler_and_early_stopping_the_schema_accepts_has_a_maker():
     asha, fifo = SCHEDULERS["asha"](budget), SCHEDULERS["none"](budget)
     assert (asha._max_t, asha._time_attr) == (7, "epoch") and type(fifo).__name__ == "FIFOScheduler"
     assert type(SAMPLERS["random"](3)).__name__ == "RandomSampler" and type(SAMPLERS["tpe"](3)).__name__ == "TPESampler"
+
+
+def test_the_objectives_mode_is_the_direction_the_metric_catalogue_gives():
+    document = {"name": "s", "space": {"model.latent_dim": {"type": "categorical", "choices": [8]}},
+                "objective": {"metric": "val/loss", "mode": "max"}}
+    with pytest.raises(ConfigError, match=r"objective.mode='max': for val/loss lower is better, so the mode is 'min'"):
+        parse_space(document)
+    document["objective"]["mode"] = "min"
+    assert parse_space(document).objective.mode == "min"

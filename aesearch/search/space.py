@@ -29,7 +29,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from aesearch.config import TrainConfig, parse_config
 from aesearch.errors import ConfigError
-from aesearch.metrics import EPOCH_OBJECTIVES
+from aesearch.metrics import CATALOGUE, EPOCH_OBJECTIVES
 from aesearch.parts.data import DataConfig
 from aesearch.schema import (
     Bool,
@@ -128,7 +128,15 @@ class Parameter(Section):
 class Objective(Section):
     # The clean-input reconstruction MSE: the yardstick that is fair across variants.
     metric: Literal[EPOCH_OBJECTIVES] = "val/recon_mse"
-    mode: Literal["min", "max"] = "min"
+    mode: Literal["min", "max"] = "min"  # must be the metric's own direction (the metric catalogue's)
+
+    @model_validator(mode="after")
+    def _mode_is_the_metrics(self) -> Objective:
+        direction = CATALOGUE[self.metric].mode
+        if self.mode != direction:
+            raise broken_rule(f"objective.mode={self.mode!r}: for {self.metric} {CATALOGUE[self.metric].better}, "
+                              f"so the mode is {direction!r}")
+        return self
 
 
 class Budget(Section):
