@@ -25,7 +25,7 @@ from typing import Any
 import ray
 import torch
 
-from aesearch.config import TrainConfig, parse_config
+from aesearch.config import TrainConfig, on_device, parse_config
 from aesearch.errors import DivergedError
 from aesearch.packing.fused import pack_groups, pack_key, train_group_epoch
 from aesearch.parts.data import Data
@@ -98,11 +98,10 @@ class PackServer:
 
     async def join(self, member: str, config: dict[str, Any], state: dict[str, Any] | None) -> None:
         """Start (or, from a checkpoint `state`, continue) a member's training here."""
-        parsed = parse_config(config, source="pack member config")
-        device = parsed.runtime.model_copy(update={"device": str(self.device)})
+        parsed = on_device(parse_config(config, source="pack member config"), str(self.device))
 
         def make() -> Trainer:
-            trainer = Trainer(parsed.model_copy(update={"runtime": device}), self.data)
+            trainer = Trainer(parsed, self.data)
             if state is not None:
                 trainer.restore(state)
             return trainer

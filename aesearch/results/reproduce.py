@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 import yaml
 
+from aesearch.config import on_device
 from aesearch.errors import DivergedError, UserError
 from aesearch.metrics import CONTINUOUS, COUNT, EXACT, SCORE, TIME, lookup
 from aesearch.tracking.outcomes import RANKED
@@ -227,7 +228,7 @@ def reproduce(
     if epochs is not None and from_checkpoint:
         raise UserError("--epochs: not with --from-checkpoint (the checkpoint is evaluated, not trained)")
     chosen = choose_device(device, trial)
-    config = trial.config.model_copy(update={"runtime": trial.config.runtime.model_copy(update={"device": chosen})})
+    config = on_device(trial.config, chosen)
     data = load_data(config.data, data_dir, download)
     if trial.fingerprint is not None and data.fingerprint != trial.fingerprint:
         raise UserError(

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import ray
 from ray import tune
 
-from aesearch.config import variant_family
+from aesearch.config import on_device, variant_family
 from aesearch.errors import ConfigError, DivergedError
 from aesearch.packing.server import (
     choose_server,
@@ -106,7 +106,7 @@ def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: 
         device = ray.get(server.training_device.remote())
     elif device == "auto":  # Ray hides no GPU from a trial that asked for none: use one only if given one
         device = "cuda" if ray.get_gpu_ids() else "cpu"
-    config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"device": device})})
+    config = on_device(config, device)
     if server is None and device.startswith("cuda"):
         gpu_memory_cap(space.resources.gpu)  # trials sharing a GPU each keep to their share
     run = TrialRun.for_trial(tracking, trial_id, number, config, data, node)
