@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # How a reproduction compares a metric (see aesearch.results.reproduce.Tolerance).
+# TIME: not a property of the model (wall-clock times, counters, schedules): never compared.
 CONTINUOUS, SCORE, COUNT, EXACT, TIME = "continuous", "score", "count", "exact", "time"
 
 
@@ -35,6 +36,9 @@ CATALOGUE: dict[str, Metric] = {metric.name: metric for metric in [
     Metric("val/recon", "min", "the objective's reconstruction term on the validation split"),
     Metric("train/loss", "min", "the training objective, averaged over the epoch's batches"),
     Metric("train/recon", "min", "the objective's reconstruction term on the training batches"),
+    Metric("beta", "min", "the KL weight in effect (its schedule's mean over the epoch's steps)", TIME),
+    Metric("epoch", "max", "the epoch counter", TIME),
+    Metric("pack/members", "max", "trials that trained fused with this one in its last epoch", TIME),
     # the evaluation suite, on the test split with the best weights
     Metric("test/recon_mse", "min", "reconstruction MSE (clean test images)", ranked=True),
     Metric("test/recon_l1", "min", "reconstruction mean absolute error (clean test images)"),
@@ -66,6 +70,9 @@ FAMILIES = {
     "test/noisy_psnr_": Metric("test/noisy_psnr_<kind>", "max", "PSNR of the corrupted test images themselves "
                                "({kind}), dB: the baseline of denoising"),
     "time/": Metric("time/<what>", "min", "wall-clock seconds", TIME),
+    "train/": Metric("train/<term>", "min", "the objective's {kind} term on the training batches"),
+    "val/": Metric("val/<term>", "min", "the objective's {kind} term on the validation split"),
+    "best/": Metric("best/<metric>", "min", "{kind} at the best epoch"),
 }
 
 # What a search may rank trials on: known after every epoch, so ASHA can stop on it.
