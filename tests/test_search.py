@@ -134,7 +134,8 @@ def saved_statuses(experiment: Path) -> dict[str, str]:
 
 
 def test_resume_after_a_killed_driver_finishes_without_repeating_trials(tmp_path, ray_env):
-    space = write_space(tmp_path, "killed", trials=8, epochs=48, grace=48)  # long enough to kill mid-search
+    epochs = 24  # long enough to kill mid-search
+    space = write_space(tmp_path, "killed", trials=8, epochs=epochs, grace=epochs)
     storage = tmp_path / "results"
     experiment = storage / "killed"
     frequent_saves = {**ray_env, "TUNE_GLOBAL_CHECKPOINT_S": "0.5"}  # many saves, many prunes: many chances to race
@@ -186,7 +187,7 @@ def test_resume_after_a_killed_driver_finishes_without_repeating_trials(tmp_path
     for trial_run in runs:
         assert trial_run.info.status == "FINISHED" and trial_run.data.tags["outcome"] == "completed"
         steps = [m.step for m in client.get_metric_history(trial_run.info.run_id, "val/recon_mse")]
-        assert sorted(steps) == list(range(1, 49)), trial_run.data.tags["aesearch.trial_id"]
+        assert sorted(steps) == list(range(1, epochs + 1)), trial_run.data.tags["aesearch.trial_id"]
 
 
 def test_storage_that_is_not_a_writable_folder_is_refused_before_ray_starts(tmp_path, ray_env):
@@ -231,7 +232,7 @@ def test_a_trial_bigger_than_this_machine_is_refused(tmp_path, ray_env):
 
 
 def test_ctrl_c_stops_the_search_and_says_how_to_resume(tmp_path, ray_env):
-    space = write_space(tmp_path, "interrupted", trials=8, epochs=60, grace=60)  # long enough to interrupt
+    space = write_space(tmp_path, "interrupted", trials=8, epochs=20, grace=20)  # 6 trials not begun at the interrupt
     storage = tmp_path / "results"
     driver = subprocess.Popen(search_command(space, storage), env=ray_env, start_new_session=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
