@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from aesearch.results.report import Report
     from aesearch.results.reproduce import Reproduction
+    from aesearch.search.phases import Phases
     from aesearch.training.trainer import Reporter, TrainResult
 
 __all__ = [
@@ -54,9 +55,10 @@ def train(config: TrainConfig, data_dir: Path | str | None = None, download: boo
 
 def run_search(space: SearchSpace, name: str | None = None, storage: Path | str = "results",
                tracking_uri: str | None = None, address: str | None = None, data_dir: Path | str | None = None,
-               download: bool = False, resume: bool = False) -> pd.DataFrame:
+               download: bool = False, resume: bool = False, phases: Phases | None = None) -> pd.DataFrame:
     """Run (or resume) a search, tracked in MLflow, as `aesearch search` does; returns its leaderboard
-    (one row per trial, best first). Ray starts on this machine unless `address` names a cluster."""
+    (one row per trial, best first). Ray starts on this machine unless `address` names a cluster.
+    `phases`, if given, gets a mark at the end of each stage (the command line's `aesearch: time:`)."""
     settings.apply()
     from aesearch.search.driver import SearchOptions, search
     from aesearch.tracking.store import resolve_tracking_uri
@@ -65,7 +67,7 @@ def run_search(space: SearchSpace, name: str | None = None, storage: Path | str 
     options = SearchOptions(name=name or space.name, storage=storage, address=address,
                             data_dir=Path(data_dir) if data_dir else None, download=download, resume=resume,
                             tracking_uri=resolve_tracking_uri(tracking_uri))
-    return search(space, options)
+    return search(space, options, phases)
 
 
 def make_report(experiment: str, tracking_uri: str | None = None, out: Path | str | None = None) -> Report:

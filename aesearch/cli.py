@@ -179,32 +179,31 @@ def cmd_search(args: argparse.Namespace) -> int:
     space = load_space(args.space, overrides)
     if args.name is not None and not re.fullmatch(NAME_PATTERN, args.name):
         raise UserError(f"--name {args.name!r}: {NAME_RULE}")
-    from aesearch.search.driver import SearchInterrupted, SearchOptions, search
+    from aesearch.api import run_search
+    from aesearch.search.driver import SearchInterrupted, SearchOptions
     from aesearch.search.leaderboard import NothingRan, format_leaderboard
     from aesearch.search.phases import Phases
     from aesearch.tracking.store import resolve_tracking_uri
 
+    name, uri = args.name or space.name, resolve_tracking_uri(args.tracking_uri)
     storage = args.storage if "://" in args.storage else str(Path(args.storage).absolute())
-    options = SearchOptions(
-        name=args.name or space.name, storage=storage, address=args.address,
-        data_dir=args.data_dir, download=args.download, resume=args.resume,
-        tracking_uri=resolve_tracking_uri(args.tracking_uri),
-    )
+    where = SearchOptions(name, storage).experiment_folder  # the search's folder: its leaderboard, Tune's state
     phases = Phases(started=STARTED)
     try:
-        board = search(space, options, phases)
+        board = run_search(space, name=name, storage=storage, tracking_uri=uri, address=args.address,
+                           data_dir=args.data_dir, download=args.download, resume=args.resume, phases=phases)
     except SearchInterrupted:
-        print(f"aesearch: search {options.name!r} interrupted; continue it with: aesearch search "
-              f"{args.space} --name {options.name} --storage {options.storage} --resume"
-              + (f" --tracking-uri {options.tracking_uri}" if args.tracking_uri else ""), file=sys.stderr)
+        print(f"aesearch: search {name!r} interrupted; continue it with: aesearch search "
+              f"{args.space} --name {name} --storage {storage} --resume"
+              + (f" --tracking-uri {uri}" if args.tracking_uri else ""), file=sys.stderr)
         return 130
     except NothingRan as failure:
-        print(format_leaderboard(failure.board, space, where=options.experiment_folder))
+        print(format_leaderboard(failure.board, space, where=where))
         say_error(failure)
         return EXIT_NOTHING_RAN
-    print(format_leaderboard(board, space, where=options.experiment_folder))
-    ui = "aesearch ui" + (f" --tracking-uri {options.tracking_uri}" if args.tracking_uri else "")
-    print(f"mlflow:  experiment {options.name!r} in {options.tracking_uri} (browse it: {ui})")
+    print(format_leaderboard(board, space, where=where))
+    ui = "aesearch ui" + (f" --tracking-uri {uri}" if args.tracking_uri else "")
+    print(f"mlflow:  experiment {name!r} in {uri} (browse it: {ui})")
     print(f"aesearch: time: {phases.line()}", file=sys.stderr)
     return 0
 
