@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
-    "SearchSpace", "TrainConfig", "TrainedModel", "load_config", "load_model", "load_space", "make_report",
-    "parse_config", "parse_space", "reproduce", "run_search", "train",
+    "SearchSpace", "TrainConfig", "TrainedModel", "encode", "load_config", "load_model", "load_space", "make_report",
+    "parse_config", "parse_space", "reproduce", "run_search", "score", "train",
 ]
 
 

@@ -7,6 +7,7 @@
     report = aesearch.make_report("notebook", out="reports/notebook")
     trained = aesearch.load_model("runs/x/best.pt")                          # .model, .config
     check = aesearch.reproduce("notebook", rank=1)                           # .verdict
+    scores = aesearch.score("notebook", "new_rows.csv")                      # a DataFrame, one row per input
 
 The command line (`aesearch.cli`) calls these same parts. Tracking URIs default as on the command
 line: MLFLOW_TRACKING_URI, else the embedded store `sqlite:///./mlflow.db`.
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aesearch import settings
-from aesearch.config import TrainConfig, load_config, on_device, parse_config
+from aesearch.config import TrainConfig, check_data, load_config, on_device, parse_config
 from aesearch.search.space import SearchSpace, load_space, parse_space
 from aesearch.training.checkpoints import TrainedModel, load_trained_model
 
@@ -31,8 +32,8 @@ if TYPE_CHECKING:
     from aesearch.training.trainer import Reporter, TrainResult
 
 __all__ = [
-    "SearchSpace", "TrainConfig", "TrainedModel", "load_config", "load_model", "load_space", "make_report",
-    "parse_config", "parse_space", "reproduce", "run_search", "train",
+    "SearchSpace", "TrainConfig", "TrainedModel", "encode", "load_config", "load_model", "load_space", "make_report",
+    "parse_config", "parse_space", "reproduce", "run_search", "score", "train",
 ]
 
 
@@ -46,6 +47,7 @@ def train(config: TrainConfig, data_dir: Path | str | None = None, download: boo
 
     config = on_device(config, device)
     data = load_data(config.data, data_dir, download)
+    check_data(config, data.spec)
     if out is None:
         return train_config(config, data, reporter)
     check_run_folder(Path(out), resuming_from=None)
@@ -96,3 +98,29 @@ def load_model(checkpoint: Path | str, device: str | None = None) -> TrainedMode
     """The autoencoder a checkpoint holds (eval mode; on the CPU unless `device`), with its config:
     `trained.model(x).x_hat` reconstructs x, `trained.model.encode(x).code` gives its codes."""
     return load_trained_model(checkpoint, device=device)
+
+
+def encode(model: str, input: str, out: Path | str | None = None, rank: int | None = None, run_id: str | None = None,
+           tracking_uri: str | None = None, device: str | None = None) -> pd.DataFrame:
+    """The codes of new data (a table, an array or an image folder, encoded as the training data was)
+    under a found model: a checkpoint file, or a search's trial (`rank`, default 1, or `run_id`).
+    With `out` (.csv, .parquet, .npy), also written there."""
+    return _use("codes", model, input, out, rank, run_id, tracking_uri, device)
+
+
+def score(model: str, input: str, out: Path | str | None = None, rank: int | None = None, run_id: str | None = None,
+          tracking_uri: str | None = None, device: str | None = None) -> pd.DataFrame:
+    """The anomaly score of each row (image) of new data, and for tables each column's error; as `encode`."""
+    return _use("scores", model, input, out, rank, run_id, tracking_uri, device)
+
+
+def _use(what: str, model: str, input: str, out, rank, run_id, tracking_uri, device) -> pd.DataFrame:
+    settings.apply()
+    from aesearch.results import apply
+
+    out = apply.check_output(out) if out is not None else None
+    trained = apply.trained_model(str(model), tracking_uri, rank, run_id, device)
+    table = getattr(apply, what)(trained, str(input))
+    if out is not None:
+        apply.write(table, out)
+    return table

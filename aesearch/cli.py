@@ -9,6 +9,9 @@
     aesearch report EXPERIMENT [--tracking-uri URI] [--out DIR]
     aesearch reproduce EXPERIMENT [--rank K | --run-id ID] [--tracking-uri URI] [--device D]
                    [--epochs N] [--from-checkpoint] [--data-dir DIR] [--download] [--out DIR]
+    aesearch encode MODEL --input FILE --out FILE [--rank K | --run-id ID] [--tracking-uri URI] [--device D]
+    aesearch score MODEL --input FILE --out FILE [...as encode]   (MODEL: a search's name or a checkpoint)
+    aesearch example wine|digits-images [--out DIR]   (offline example datasets, as user files)
     aesearch validate FILE...            (training configs and search spaces)
     aesearch evaluate CHECKPOINT [--data-dir DIR] [--download] [--device D]
 
@@ -120,6 +123,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(reproduce)
     reproduce.set_defaults(handler=cmd_reproduce)
 
+    for name, what in (("encode", "the codes"), ("score", "anomaly scores (and each column's error, for tables)")):
+        use = commands.add_parser(name, help=f"write {what} of new data under a found model")
+        use.add_argument("model", help="a search's name (its MLflow experiment), or a checkpoint file")
+        use.add_argument("--input", required=True, help="a table (.csv, .parquet), an array (.npy, .npz) or an image folder")
+        use.add_argument("--out", required=True, type=Path, help="the output file: .csv, .parquet or .npy")
+        which = use.add_mutually_exclusive_group()
+        which.add_argument("--rank", type=int, help="the trial at this rank of the search's leaderboard (default: 1)")
+        which.add_argument("--run-id", help="the trial's MLflow run id")
+        use.add_argument("--tracking-uri", help=TRACKING_HELP)
+        use.add_argument("--device", help="auto | cpu | cuda[:N] (default: cpu)")
+        use.set_defaults(handler=cmd_use, use=name)
+
+    example = commands.add_parser("example", help="write an offline example dataset (wine.csv, digits_images/)")
+    example.add_argument("example", choices=["wine", "digits-images"])
+    example.add_argument("--out", type=Path, default=Path("data"), help="folder to write into (default: data)")
+    example.set_defaults(handler=cmd_example)
+
     validate = commands.add_parser("validate", help="check training configs and search spaces")
     validate.add_argument("files", type=Path, nargs="+")
     validate.set_defaults(handler=cmd_validate)
@@ -132,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from aesearch.config import load_config, resolve_device
+    from aesearch.config import check_data, load_config, resolve_device
     from aesearch.parts.data import load_data
     from aesearch.training.checkpoints import load_checkpoint
     from aesearch.training.run_folder import check_run_folder, run_in_folder
@@ -146,6 +166,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides)
     resolve_device(config.runtime.device)
     data = load_data(config.data, args.data_dir, args.download)
+    check_data(config, data.spec)
     resume_state = None
     if args.resume is not None:
         resume_state = load_checkpoint(args.resume)
@@ -153,7 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     folder = args.out or Path("runs") / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
     check_run_folder(folder, resuming_from=args.resume)
 
-    print(f"training {config.name} on {config.data.name} ({len(data.train_x)} train / "
+    print(f"training {config.name} on {config.data.dataset} ({data.spec.describe()}; {len(data.train_x)} train / "
           f"{len(data.val_x)} val / {len(data.test_x)} test) -> {folder}", file=sys.stderr)
     _, summary = run_in_folder(config, data, folder, resume_state)
     print(json.dumps(summary))
@@ -208,6 +229,25 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_use(args: argparse.Namespace) -> int:
+    """`aesearch encode` and `aesearch score`: one output row per input row, in the input's order."""
+    from aesearch import api
+
+    table = getattr(api, args.use)(args.model, args.input, args.out, rank=args.rank, run_id=args.run_id,
+                                   tracking_uri=args.tracking_uri, device=args.device)
+    print(f"aesearch: {args.use}: {len(table)} rows -> {args.out}", file=sys.stderr)
+    print(args.out)
+    return 0
+
+
+def cmd_example(args: argparse.Namespace) -> int:
+    from aesearch.examples import EXAMPLES
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(EXAMPLES[args.example](args.out))
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     """MLflow's own UI, bound to 127.0.0.1; for the embedded store it serves the artifacts too."""
     import subprocess
@@ -257,10 +297,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
             if is_search_space(load_yaml(path)):
                 space = load_space(path)
                 print(f"{path}: ok (search space {space.name}: {len(space.space)} parameters, "
-                      f"{space.budget.num_samples} trials on {space.data.name})")
+                      f"{space.budget.num_samples} trials on {space.data.dataset})")
             else:
                 config = load_config(path)
-                print(f"{path}: ok ({variant_family(config)}, {config.model.architecture}, {config.data.name})")
+                print(f"{path}: ok ({variant_family(config)}, {config.model.architecture}, {config.data.dataset})")
         except UserError as error:
             say_error(error)
             failed += 1

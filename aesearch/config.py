@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from aesearch.errors import ConfigError
-from aesearch.parts.corruption import CORRUPTIONS, CorruptionConfig, corruption_level_problem
-from aesearch.parts.data import DATASETS, DataConfig
-from aesearch.parts.models import ModelConfig, shape_problem
-from aesearch.parts.objectives import KLConfig, ObjectiveConfig
+from aesearch.parts.corruption import CORRUPTIONS, CorruptionConfig, corruption_level_problem, corruption_problem
+from aesearch.parts.data import DATASETS, DataConfig, DataSpec
+from aesearch.parts.models import ModelConfig, input_problem
+from aesearch.parts.objectives import KLConfig, ObjectiveConfig, reconstruction_problem
 from aesearch.parts.optimizers import OptimizerConfig
 from aesearch.schema import (
     Bool,
@@ -92,7 +92,7 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _parts_fit_together(self) -> TrainConfig:
-        model, objective, spec = self.model, self.objective, DATASETS[self.data.name]
+        model, objective = self.model, self.objective
         gaussian = model.latent == "gaussian"
         if not gaussian and objective.kl != KLConfig():
             raise broken_rule(f"objective.kl applies only to model.latent='gaussian', got {model.latent!r}")
@@ -115,10 +115,26 @@ class TrainConfig(Section):
                 f"model.code_activation={model.code_activation!r}: a gaussian latent's code is its "
                 "mean and takes no activation; use 'none' (or 'auto')"
             )
-        problem = shape_problem(model, spec.shape, spec.name)  # the architecture says what images it takes
-        if problem:
-            raise broken_rule(problem)
+        if self.data.path is None:  # a built-in dataset is known before loading: check now, not in a trial
+            problem = data_problem(self, DATASETS[self.data.name].spec)
+            if problem:
+                raise broken_rule(problem)
         return self
+
+
+def data_problem(config: TrainConfig, spec: DataSpec) -> str | None:
+    """What is wrong with this config for this data, asked of each part (does the architecture take
+    these inputs, the reconstruction loss and the corruption these values), or None. The user's
+    data is known once loaded: `check_data` asks then."""
+    return (input_problem(config.model, spec) or reconstruction_problem(config.objective.reconstruction, spec)
+            or corruption_problem(config.corruption.kind, spec))
+
+
+def check_data(config: TrainConfig, spec: DataSpec) -> None:
+    """Raise a ConfigError if the config does not fit the loaded data (see data_problem)."""
+    problem = data_problem(config, spec)
+    if problem:
+        raise ConfigError(problem)
 
 
 # --- loading ------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ class Metric:
     mode: str  # "min" or "max": which way is better
     description: str
     scale: str = CONTINUOUS  # CONTINUOUS (relative tolerance), SCORE (in [0, 1]), COUNT, EXACT, TIME (not compared)
-    applies: str = "always"  # when a trial has it: "gaussian latent", "class labels", "anomaly class", ...
+    applies: str = "always"  # when a trial has it: "gaussian latent", "class labels", "values in [0, 1]", ...
     ranked: bool = False  # the report's table of the best trial per metric shows it
 
     @property
@@ -31,7 +31,7 @@ class Metric:
 
 CATALOGUE: dict[str, Metric] = {metric.name: metric for metric in [
     # per epoch, on the validation split (what a search can optimise: see EPOCH_OBJECTIVES)
-    Metric("val/recon_mse", "min", "reconstruction MSE of clean validation images (fair across variants)"),
+    Metric("val/recon_mse", "min", "reconstruction MSE of clean validation inputs (fair across variants)"),
     Metric("val/loss", "min", "the training objective on the validation split (reconstruction + weighted terms)"),
     Metric("val/recon", "min", "the objective's reconstruction term on the validation split"),
     Metric("train/loss", "min", "the training objective, averaged over the epoch's batches"),
@@ -40,19 +40,30 @@ CATALOGUE: dict[str, Metric] = {metric.name: metric for metric in [
     Metric("epoch", "max", "the epoch counter", TIME),
     Metric("pack/members", "max", "trials that trained fused with this one in its last epoch", TIME),
     # the evaluation suite, on the test split with the best weights
-    Metric("test/recon_mse", "min", "reconstruction MSE (clean test images)", ranked=True),
-    Metric("test/recon_l1", "min", "reconstruction mean absolute error (clean test images)"),
-    Metric("test/recon_bce", "min", "reconstruction binary cross-entropy per pixel (clean test images)"),
-    Metric("test/psnr", "max", "PSNR, dB", ranked=True),
-    Metric("test/nll", "min", "NLL, nats (VAEs, IWAE bound)", applies="gaussian latent", ranked=True),
-    Metric("test/elbo", "max", "ELBO, nats", applies="gaussian latent"),
+    Metric("test/recon_mse", "min", "reconstruction MSE per value (clean test inputs, in the model's units: "
+           "scaled, for tables)", ranked=True),
+    Metric("test/recon_l1", "min", "reconstruction mean absolute error per value (clean test inputs, the model's "
+           "units)"),
+    Metric("test/recon_bce", "min", "reconstruction binary cross-entropy per value (clean test inputs)",
+           applies="values in [0, 1]"),
+    Metric("test/psnr", "max", "PSNR, dB", applies="values in [0, 1]", ranked=True),
+    Metric("test/recon_mse_original", "min", "reconstruction MSE of the numeric columns in their original units",
+           applies="tables with numeric columns", ranked=True),
+    Metric("test/nll", "min", "NLL, nats per sample (VAEs, IWAE bound): a Bernoulli decoder on the inputs "
+           "binarised at 0.5 for data in [0, 1], else a unit-variance Gaussian per numeric value and a "
+           "categorical per one-hot group on the inputs as given", applies="gaussian latent", ranked=True),
+    Metric("test/elbo", "max", "ELBO, nats per sample, under the decoder test/nll uses (Bernoulli on binarised "
+           "inputs for data in [0, 1], else Gaussian/categorical)", applies="gaussian latent"),
     Metric("test/kl", "min", "KL(q(z|x) || p(z)), nats", applies="gaussian latent"),
     Metric("test/active_units", "max", "active latent units (VAEs)", COUNT, "gaussian latent", ranked=True),
     Metric("test/probe_accuracy", "max", "linear-probe accuracy of the codes", SCORE, "class labels", ranked=True),
     Metric("test/knn_accuracy", "max", "kNN accuracy of the codes", SCORE, "class labels", ranked=True),
     Metric("test/kmeans_ari", "max", "KMeans ARI of the codes", SCORE, "class labels", ranked=True),
     Metric("test/kmeans_nmi", "max", "KMeans NMI of the codes", SCORE, "class labels", ranked=True),
-    Metric("test/anomaly_auroc", "max", "anomaly AUROC (held-out class)", SCORE, "anomaly class", ranked=True),
+    Metric("test/anomaly_auroc", "max", "AUROC of the per-sample reconstruction error as a score for the "
+           "anomaly classes (data.anomaly)", SCORE, "labelled anomalies", ranked=True),
+    Metric("test/anomaly_ap", "max", "average precision of the per-sample reconstruction error as a score for "
+           "the anomaly classes (data.anomaly)", SCORE, "labelled anomalies", ranked=True),
     Metric("test/mean_activation", "min", "mean |code unit| (sparsity)", applies="deterministic latent"),
     Metric("test/active_fraction", "min", "share of code units above the activation threshold", SCORE,
            "deterministic latent"),
@@ -66,9 +77,13 @@ CATALOGUE: dict[str, Metric] = {metric.name: metric for metric in [
 # Families of metrics, one per corruption kind measured (`evaluation.denoise_levels`).
 FAMILIES = {
     "test/denoise_psnr_": Metric("test/denoise_psnr_<kind>", "max", "denoising PSNR, dB ({kind} noise at the "
-                                 "standard level)", ranked=True),
+                                 "standard level)", applies="values in [0, 1]", ranked=True),
     "test/noisy_psnr_": Metric("test/noisy_psnr_<kind>", "max", "PSNR of the corrupted test images themselves "
-                               "({kind}), dB: the baseline of denoising"),
+                               "({kind}), dB: the baseline of denoising", applies="values in [0, 1]"),
+    "test/denoise_mse_": Metric("test/denoise_mse_<kind>", "min", "denoising MSE per value ({kind} noise at the "
+                                "standard level)", applies="real-valued data", ranked=True),
+    "test/noisy_mse_": Metric("test/noisy_mse_<kind>", "min", "MSE per value of the corrupted test inputs "
+                              "themselves ({kind}): the baseline of denoising", applies="real-valued data"),
     "time/": Metric("time/<what>", "min", "wall-clock seconds", TIME),
     "train/": Metric("train/<term>", "min", "the objective's {kind} term on the training batches"),
     "val/": Metric("val/<term>", "min", "the objective's {kind} term on the validation split"),

@@ -125,7 +125,7 @@ def test_validate_accepts_every_shipped_config(capsys):
         (["train", "configs/vae.yaml", "--set", "data.name=fashion_mnist"], "--download"),
         (["train", "configs/vae.yaml", "--resume", "README.md"], "README.md: not a readable checkpoint"),
         (["trian", "configs/vae.yaml"], "invalid choice: 'trian'"),
-        (["train", "configs/vae.yaml", "--set", "data.max_train_samples=1"], "training split of digits has 1 images"),
+        (["train", "configs/vae.yaml", "--set", "data.max_train_samples=1"], "training split of digits has 1 rows"),
         (["train", "configs/vae.yaml", "--set", "name=a/b"], "name='a/b': String should match pattern"),
         (["evaluate", "README.md", "--device", "cpu"], "README.md: not a readable checkpoint"),
     ],

@@ -43,7 +43,7 @@ def test_resolved_config_round_trips():
         ({"model": {"code_activation": "relu"}, "objective": {"sparsity": {"kind": "kl"}}}, r"model\.code_activation='relu': .*must be 'sigmoid'"),
         ({"model": {"architecture": "attention", "patch_size": 3}}, r"model\.patch_size=3 must divide the 8x8 images of digits"),
         ({"model": {"architecture": "attention", "embed_dim": 30, "heads": 4}}, r"model\.embed_dim=30 must be divisible by model\.heads=4"),
-        ({"data": {"anomaly_class": 10}}, r"data\.anomaly_class=10 must be a class of digits \(0\.\.9\)"),
+        ({"data": {"anomaly": [10]}}, r"data\.anomaly: 10 is not a class of digits \(0\.\.9\)"),
         ({"data": {"name": "imagenet"}}, r"data\.name='imagenet': unknown dataset; valid names: cifar10, digits"),
         ({"data": {"val_fraction": 0}}, r"data\.val_fraction=0: Input should be greater than 0"),
         ({"optimizer": {"lr": 0}}, r"optimizer\.lr=0: Input should be greater than 0"),

@@ -34,11 +34,12 @@ def test_fingerprint_changes_when_the_data_changes():
     assert load_data(DataConfig(val_fraction=0.2)).fingerprint != a.fingerprint
 
 
-def test_anomaly_class_is_held_out_of_training_but_kept_in_test():
-    data = load_data(DataConfig(anomaly_class=3))
-    assert (data.train_y != 3).all() and (data.val_y != 3).all()
-    assert (data.test_y == 3).any()
-    assert data.anomaly_class == 3
+def test_an_anomaly_class_is_held_out_of_training_but_kept_in_validation_and_test():
+    data = load_data(DataConfig(anomaly=[3]))
+    assert (data.train_y != 3).all()
+    assert (data.val_y == 3).any() and (data.test_y == 3).any()
+    assert data.spec.anomalies == ("3",) and data.spec.anomaly_codes == [3]
+    assert len(data.normal_val_x) == int((data.val_y != 3).sum()) < len(data.val_x)
 
 
 def test_max_train_samples_limits_training_only(digits):
@@ -107,13 +108,13 @@ def test_default_data_dir_follows_the_environment(monkeypatch, tmp_path):
 
 
 def test_dataset_specs_match_the_loaded_shapes(digits):
-    assert DATASETS["digits"].shape == tuple(digits.train_x.shape[1:])
+    assert DATASETS["digits"].spec.shape == tuple(digits.train_x.shape[1:])
 
 
 def test_colour_images_become_channels_first():
     from types import SimpleNamespace
 
-    from aesearch.parts.data import _as_tensors
+    from aesearch.parts.data.builtin import _as_tensors
 
     rng = np.random.default_rng(0)
     hwc = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)  # CIFAR-10 stores (N, H, W, C)
@@ -124,8 +125,8 @@ def test_colour_images_become_channels_first():
 
 
 @pytest.mark.parametrize(
-    "config", [DataConfig(max_train_samples=1), DataConfig(val_fraction=0.0001, anomaly_class=7)]
+    "config", [DataConfig(max_train_samples=1), DataConfig(val_fraction=0.0001, anomaly=[7])]
 )
 def test_a_split_too_small_to_train_on_is_a_clear_error(config):
-    with pytest.raises(DataError, match=r"split of digits has [01] images .* it needs at least 2"):
+    with pytest.raises(DataError, match=r"split of digits has [01] rows .* each split needs at least 2"):
         load_data(config)

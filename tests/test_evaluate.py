@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from aesearch.training.evaluate import (
     latent_quality,
     psnr,
     reconstruct,
+    sample_errors,
     sparsity_metrics,
 )
 from aesearch.training.trainer import train
@@ -33,25 +36,25 @@ def _generator() -> torch.Generator:
 
 
 def test_iwae_bound_is_at_least_the_elbo(trained_vae, digits):
-    metrics = gaussian_latent_metrics(trained_vae, digits.test_x, k=100, batch=1000, generator=_generator())
+    metrics = gaussian_latent_metrics(trained_vae, digits.test_x, 100, 1000, _generator(), digits.spec)
     assert -metrics["nll"] >= metrics["elbo"]
     assert metrics["nll"] > 0 and metrics["kl"] > 0
 
 
 def test_iwae_with_one_sample_is_an_elbo_estimate(trained_vae, digits):
-    one = gaussian_latent_metrics(trained_vae, digits.test_x, k=1, batch=1000, generator=_generator())
-    many = gaussian_latent_metrics(trained_vae, digits.test_x, k=200, batch=1000, generator=_generator())
+    one = gaussian_latent_metrics(trained_vae, digits.test_x, 1, 1000, _generator(), digits.spec)
+    many = gaussian_latent_metrics(trained_vae, digits.test_x, 200, 1000, _generator(), digits.spec)
     assert -one["nll"] == pytest.approx(one["elbo"], rel=0.02)
     assert many["nll"] < one["nll"]  # the bound tightens with k
 
 
 def test_active_units_count_only_units_that_vary_with_the_input(trained_vae, digits):
-    metrics = gaussian_latent_metrics(trained_vae, digits.test_x, k=2, batch=1000, generator=_generator())
+    metrics = gaussian_latent_metrics(trained_vae, digits.test_x, 2, 1000, _generator(), digits.spec)
     assert 1 <= metrics["active_units"] <= 8
-    collapsed = build_model(make_config(**VAE).model, (1, 8, 8))
+    collapsed = build_model(make_config(**VAE).model, digits.spec)
     with torch.no_grad():
         collapsed.latent.linear.weight.zero_()  # mu no longer depends on x: every unit inactive
-    assert gaussian_latent_metrics(collapsed, digits.test_x, k=2, batch=1000, generator=_generator())["active_units"] == 0
+    assert gaussian_latent_metrics(collapsed, digits.test_x, 2, 1000, _generator(), digits.spec)["active_units"] == 0
 
 
 def test_psnr_of_a_known_error():
@@ -80,16 +83,17 @@ def test_latent_quality_separates_informative_from_random_codes():
     assert bad["probe_accuracy"] < 0.5 and bad["kmeans_ari"] < 0.2
 
 
-def test_anomaly_auroc_ranks_badly_reconstructed_class_first():
-    model = build_model(make_config(model={"hidden_dims": [4]}).model, (1, 8, 8)).eval()
+def test_anomaly_auroc_ranks_badly_reconstructed_class_first(digits):
+    spec = replace(digits.spec, anomalies=("7",))
+    model = build_model(make_config(model={"hidden_dims": [4]}).model, spec).eval()
     with torch.no_grad():
         model.decoder.layers[-2].bias.fill_(-20.0)  # reconstructs everything as black
         model.decoder.layers[-2].weight.zero_()
     normal, anomalous = torch.rand(30, 1, 8, 8) * 0.2, torch.ones(10, 1, 8, 8) * 0.9
     x = torch.cat([normal, anomalous])
     labels = torch.tensor([0] * 30 + [7] * 10)
-    errors = (reconstruct(model, x, batch=16) - x).pow(2).flatten(1).mean(1)
-    assert anomaly_metrics(errors, labels, anomaly_class=7)["anomaly_auroc"] == 1.0
+    errors = sample_errors(reconstruct(model, x, 16), x)
+    assert anomaly_metrics(errors, labels, spec) == {"anomaly_auroc": 1.0, "anomaly_ap": 1.0}
 
 
 def test_suite_names_every_metric_under_test(digits, trained_vae):
@@ -107,12 +111,12 @@ def test_suite_names_every_metric_under_test(digits, trained_vae):
     assert 0 < metrics["test/recon_mse"] < 0.2 and metrics["test/psnr"] > 7
 
 
-def test_anomaly_metric_appears_when_a_class_is_held_out(digits):
-    from aesearch.parts.data import load_data
-
-    config = make_config(epochs=2, data={"anomaly_class": 0}, model={"hidden_dims": [32]}, evaluation={"kmeans_restarts": 1})
+def test_anomaly_metrics_appear_when_a_class_is_held_out(digits):
+    config = make_config(epochs=2, data={"anomaly": [0]}, model={"hidden_dims": [32]},
+                         evaluation={"kmeans_restarts": 1})
     result = train(config, load_data(config.data))
     assert 0.0 <= result.metrics["test/anomaly_auroc"] <= 1.0
+    assert 0.0 <= result.metrics["test/anomaly_ap"] <= 1.0
 
 
 def test_the_suite_depends_on_the_weights_alone_and_leaves_the_callers_randomness_alone(trained_vae, digits):
@@ -132,7 +136,7 @@ def test_the_suite_depends_on_the_weights_alone_and_leaves_the_callers_randomnes
 
 @pytest.mark.parametrize("sections", [
     {"model": {"latent": "gaussian", "hidden_dims": [16]}, "objective": {"kl": {"schedule": "linear"}},
-     "data": {"anomaly_class": 0}},
+     "data": {"anomaly": [0]}},
     {"model": {"hidden_dims": [16]}, "objective": {"sparsity": {"kind": "kl"}, "contractive_weight": 0.1},
      "corruption": {"kind": "masking", "level": 0.2}},
 ], ids=["vae", "sparse-contractive-denoising"])
@@ -140,9 +144,44 @@ def test_every_metric_a_run_logs_is_in_the_catalogue(digits, sections):
     from aesearch.metrics import lookup
 
     config = make_config(epochs=1, evaluation={"iwae_samples": 2, "kmeans_restarts": 1}, **sections)
-    data = load_data(config.data) if config.data.anomaly_class is not None else digits
+    data = load_data(config.data) if config.data.anomaly else digits
     result = train(config, data)
     logged = {*result.history[-1], *result.metrics}
     unknown = sorted(name for name in logged if lookup(name) is None)
     assert not unknown, f"metrics logged but missing from aesearch/metrics.py: {unknown}"
-    assert {"test/nll", "test/anomaly_auroc"} <= logged or {"test/dead_units", "val/contractive"} <= logged
+    expected = ({"test/nll", "test/anomaly_auroc", "test/anomaly_ap"}, {"test/dead_units", "val/contractive"})
+    assert any(names <= logged for names in expected)
+
+
+def _write_table(path, rows=300):
+    """alcohol, colour (categorical), acidity, and a label `kind`: every tenth row an anomaly."""
+    generator = torch.Generator().manual_seed(0)
+    lines = ["alcohol,colour,acidity,kind"]
+    for i in range(rows):
+        kind = "ok" if i % 10 else ("fraud", "attack")[(i // 10) % 2]
+        alcohol, acidity = (torch.randn(2, generator=generator) + torch.tensor([13.0, 3.0])).tolist()
+        lines.append(f"{alcohol:.3f},{('red', 'white', 'rose')[i % 3]},{acidity + 3 * (kind != 'ok'):.3f},{kind}")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("labels", [
+    {"label": "kind", "anomaly": ["fraud", "attack"]},
+    {"features": ["alcohol", "colour", "acidity"]},  # the label column left out: unlabelled
+], ids=["labelled-anomalies", "unlabelled"])
+def test_a_real_valued_table_logs_the_metrics_that_apply_all_in_the_catalogue(tmp_path, labels):
+    from aesearch.metrics import lookup
+
+    config = make_config(
+        epochs=2, data={"path": _write_table(tmp_path / "wine.csv"), **labels},
+        model={"latent": "gaussian", "hidden_dims": [16], "latent_dim": 4}, objective={"reconstruction": "mixed"},
+        corruption={"kind": "swap", "level": 0.1}, evaluation={"iwae_samples": 2, "kmeans_restarts": 1},
+    )
+    result = train(config, load_data(config.data))
+    logged = {*result.history[-1], *result.metrics}
+    assert not sorted(name for name in logged if lookup(name) is None)
+    names = {name.removeprefix("test/") for name in result.metrics if name.startswith("test/")}
+    assert {"recon_mse", "recon_l1", "recon_mse_original", "nll", "elbo", "denoise_mse_gaussian"} <= names
+    assert not names & {"psnr", "recon_bce", "denoise_psnr_gaussian", "denoise_mse_salt_pepper"}
+    labelled = {"kmeans_ari", "kmeans_nmi", "anomaly_auroc", "anomaly_ap"}
+    assert labelled <= names if "label" in labels else not names & {*labelled, "probe_accuracy", "knn_accuracy"}

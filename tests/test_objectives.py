@@ -1,10 +1,14 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from aesearch.errors import ConfigError
+from aesearch.parts.data.spec import CATEGORICAL, IMAGE, NUMERIC, VECTOR, Column, DataSpec
 from aesearch.parts.models import build_model
 from aesearch.parts.objectives import (
+    RECONSTRUCTIONS,
     Choice,
     KLConfig,
     Objective,
@@ -15,8 +19,25 @@ from aesearch.parts.objectives import (
     l1_sparsity,
     linear_warmup,
     random_directions,
+    reconstruction_problem,
 )
 from tests.conftest import make_config
+
+# A table as the model sees it: alcohol (numeric), colour (one-hot over 3 levels), acidity (numeric).
+TABLE = DataSpec("wine.csv", VECTOR, (5,), unit_range=False, columns=(
+    Column("alcohol", NUMERIC, 0, center=13.0, scale=0.8),
+    Column("colour", CATEGORICAL, 1, levels=("red", "white", "rose")),
+    Column("acidity", NUMERIC, 4, center=3.0, scale=0.5),
+))
+REAL_VECTORS = DataSpec("features.npy", VECTOR, (4,), unit_range=False)
+
+
+def images(shape=(1, 8, 8)) -> DataSpec:
+    return DataSpec("digits", IMAGE, shape, unit_range=True, classes=tuple("0123456789"))
+
+
+def _model(model_config, shape=(1, 8, 8)):
+    return build_model(model_config, images(shape))
 
 
 def test_kl_of_standard_normal_to_itself_is_zero():
@@ -72,7 +93,7 @@ def test_cyclical_schedule_anneals_within_an_epoch_when_cycles_are_short():
 
 def test_objective_beta_in_effect_scales_schedule():
     config = make_config(model={"latent": "gaussian"}, objective={"kl": {"beta": 4.0, "schedule": "linear", "warmup_epochs": 2}})
-    objective = Objective(config.objective, gaussian_latent=True, epochs=5)
+    objective = Objective(config.objective, gaussian_latent=True, epochs=5, spec=images())
     assert [objective.beta(e) for e in (0, 1, 1.5, 2, 3)] == [0.0, 2.0, 3.0, 4.0, 4.0]
     assert objective.full_beta == 4.0
 
@@ -80,7 +101,7 @@ def test_objective_beta_in_effect_scales_schedule():
 def _contractive_model(hidden_dims, code_activation="sigmoid", latent="deterministic"):
     config = make_config(model={"hidden_dims": hidden_dims, "latent_dim": 5, "code_activation": code_activation, "latent": latent})
     torch.manual_seed(0)
-    return build_model(config.model, (1, 3, 4))
+    return _model(config.model, (1, 3, 4))
 
 
 def _autograd_jacobian_norm(model, x):
@@ -122,8 +143,8 @@ def test_deep_encoder_has_no_closed_form_and_the_estimator_is_unbiased():
 
 def test_contractive_term_is_differentiable_for_training():
     config = make_config(model={"hidden_dims": [8]}, objective={"contractive_weight": 1.0})
-    model = build_model(config.model, (1, 8, 8)).train()
-    objective = Objective(config.objective, gaussian_latent=False, epochs=1)
+    model = _model(config.model).train()
+    objective = Objective(config.objective, gaussian_latent=False, epochs=1, spec=images())
     x = torch.rand(4, 1, 8, 8)
     x_in = x.clone().requires_grad_(objective.needs_input_grad(model))
     directions = random_directions(2, (4, config.model.latent_dim))
@@ -135,8 +156,8 @@ def test_contractive_term_is_differentiable_for_training():
 
 def test_reconstruction_compares_with_the_clean_input():
     config = make_config(corruption={"kind": "masking", "level": 0.5})
-    model = build_model(config.model, (1, 8, 8))
-    objective = Objective(config.objective, gaussian_latent=False, epochs=1)
+    model = _model(config.model)
+    objective = Objective(config.objective, gaussian_latent=False, epochs=1, spec=images())
     x = torch.rand(4, 1, 8, 8)
     x_in = torch.zeros_like(x)
     output = model(x_in)
@@ -150,8 +171,8 @@ def test_objective_total_is_the_weighted_sum_of_its_terms():
         model={"hidden_dims": [8]},
         objective={"reconstruction": "bce", "sparsity": {"kind": "kl", "weight": 0.7, "rho": 0.1}, "contractive_weight": 0.3},
     )
-    model = build_model(config.model, (1, 8, 8)).train()
-    objective = Objective(config.objective, gaussian_latent=False, epochs=1)
+    model = _model(config.model).train()
+    objective = Objective(config.objective, gaussian_latent=False, epochs=1, spec=images())
     x = torch.rand(4, 1, 8, 8)
     x_in = x.clone().requires_grad_(True)
     loss, terms = objective(model, x, x_in, model(x_in), beta=1.0, directions=random_directions(1, (4, 16)))
@@ -162,8 +183,8 @@ def test_objective_total_is_the_weighted_sum_of_its_terms():
 
 def test_vae_objective_is_negative_elbo_with_bce_and_beta_one():
     config = make_config(model={"latent": "gaussian", "hidden_dims": [8]}, objective={"reconstruction": "bce"})
-    model = build_model(config.model, (1, 8, 8))
-    objective = Objective(config.objective, gaussian_latent=True, epochs=1)
+    model = _model(config.model)
+    objective = Objective(config.objective, gaussian_latent=True, epochs=1, spec=images())
     x = (torch.rand(4, 1, 8, 8) > 0.5).float()
     output = model(x, sample=True)
     loss, terms = objective(model, x, x, output, beta=1.0)
@@ -179,8 +200,8 @@ def test_stacked_choices_give_each_member_its_own_terms():
     sections = [{"reconstruction": "bce", "sparsity": {"kind": "l1"}},
                 {"reconstruction": "mse", "sparsity": {"kind": "kl", "rho": 0.2}}, {"reconstruction": "l1"}]
     configs = [make_config(model={"hidden_dims": [8], "code_activation": "sigmoid"}, objective=o) for o in sections]
-    objectives = [Objective(c.objective, gaussian_latent=False, epochs=1) for c in configs]
-    model = build_model(configs[0].model, (1, 8, 8))
+    objectives = [Objective(c.objective, gaussian_latent=False, epochs=1, spec=images()) for c in configs]
+    model = _model(configs[0].model)
     x = torch.rand(4, 1, 8, 8)
     output = model(x)
     choice = Choice.stack([o.choice for o in objectives], units=torch.ones(3, configs[0].model.latent_dim))
@@ -191,3 +212,67 @@ def test_stacked_choices_give_each_member_its_own_terms():
         own = objective.terms(model, x, x, output)
         assert torch.allclose(stacked["recon"][i], own["recon"], rtol=1e-6)
         assert torch.allclose(stacked["sparsity"][i], own.get("sparsity", torch.tensor(0.0)), rtol=1e-6)
+
+
+# --- reconstruction losses know the data ---------------------------------------------------------
+
+
+def test_mixed_loss_is_the_gaussian_and_categorical_nll_in_nats():
+    logits = torch.tensor([[0.5, 2.0, 0.0, -1.0, -0.3], [1.0, -1.0, 1.0, 0.0, 2.5]])
+    x = torch.tensor([[1.5, 0.0, 1.0, 0.0, 0.2], [-1.0, 0.0, 0.0, 1.0, 2.5]])
+
+    def row_nll(lg, target, level):
+        gaussian = sum(0.5 * (lg[i] - target[i]) ** 2 + 0.5 * math.log(2 * math.pi) for i in (0, 4))
+        group = lg[1:4]
+        log_normaliser = math.log(sum(math.exp(v) for v in group))
+        return gaussian + log_normaliser - group[level]
+
+    expected = [row_nll(logits[0].tolist(), x[0].tolist(), 1), row_nll(logits[1].tolist(), x[1].tolist(), 2)]
+    assert RECONSTRUCTIONS["mixed"](logits, x, TABLE).tolist() == pytest.approx(expected, rel=1e-6)
+
+
+def test_mixed_loss_on_plain_vectors_is_a_unit_gaussian_on_every_value():
+    logits, x = torch.tensor([[0.0, 1.0, 2.0, 3.0]]), torch.tensor([[1.0, 1.0, 0.0, 3.0]])
+    expected = 0.5 * (1 + 0 + 4 + 0) + 4 * 0.5 * math.log(2 * math.pi)
+    assert RECONSTRUCTIONS["mixed"](logits, x, REAL_VECTORS).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_bce_is_refused_on_real_valued_data_with_one_line_and_allowed_on_unit_range():
+    problem = reconstruction_problem("bce", TABLE)
+    assert problem == ("objective.reconstruction='bce' needs values in [0, 1], but wine.csv is real-valued; "
+                       "use 'l1', 'mixed' or 'mse'")
+    assert reconstruction_problem("bce", images()) is None
+    assert all(reconstruction_problem(kind, TABLE) is None for kind in ("mse", "l1", "mixed"))
+    config = make_config(objective={"reconstruction": "bce"})
+    with pytest.raises(ConfigError, match="needs values in"):
+        Objective(config.objective, gaussian_latent=False, epochs=1, spec=TABLE)
+
+
+@pytest.mark.parametrize("kind", ["mse", "l1"])
+def test_errors_on_real_valued_data_compare_the_logits_themselves(kind):
+    logits = x = torch.tensor([[3.0, -2.5, 7.0, 0.25]])
+    assert RECONSTRUCTIONS[kind](logits, x, REAL_VECTORS).item() == 0.0  # no sigmoid: 3.0 is reachable
+    unit_range = DataSpec("unit.npy", VECTOR, (4,), unit_range=True)
+    assert RECONSTRUCTIONS[kind](logits, x, unit_range).item() > 1  # a sigmoid cannot reach 3.0
+
+
+def test_errors_on_tables_compare_categorical_groups_as_probabilities():
+    logits = torch.tensor([[1.0, 0.0, 0.0, 0.0, 2.0]])
+    x = torch.tensor([[1.0, 1.0, 0.0, 0.0, 2.0]])
+    p = 1 / 3  # softmax of equal logits
+    assert RECONSTRUCTIONS["mse"](logits, x, TABLE).item() == pytest.approx((1 - p) ** 2 + 2 * p**2, rel=1e-6)
+
+
+def test_errors_on_unit_range_data_go_through_a_sigmoid_as_before():
+    logits, x = torch.randn(3, 1, 2, 2), torch.rand(3, 1, 2, 2)
+    expected = (torch.sigmoid(logits) - x).pow(2).flatten(1).sum(1)
+    assert torch.allclose(RECONSTRUCTIONS["mse"](logits, x, images((1, 2, 2))), expected)
+
+
+def test_the_objective_uses_its_own_spec_in_its_terms():
+    config = make_config(objective={"reconstruction": "mixed"})
+    objective = Objective(config.objective, gaussian_latent=False, epochs=1, spec=TABLE)
+    logits, x = torch.randn(6, 5), torch.randn(6, 5)
+    output = SimpleNamespace(logits=logits, latent=SimpleNamespace(code=torch.randn(6, 2)))
+    terms = objective.terms_with(None, x, output, objective.choice)
+    assert terms["recon"].item() == pytest.approx(RECONSTRUCTIONS["mixed"](logits, x, TABLE).mean().item(), rel=1e-6)

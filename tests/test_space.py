@@ -26,6 +26,7 @@ MINIMAL = {"name": "s", "space": {"model.latent_dim": {"type": "int", "low": 2, 
 def test_the_shipped_spaces_are_the_documented_ones():
     assert {p.stem for p in SPACES} == {
         "quickstart", "mnist_variants", "mnist_vae_beta", "fashion_mnist_denoising", "cifar10_conv",
+        "wine_anomaly", "digits_images",
     }
 
 

@@ -58,7 +58,7 @@ def test_initial_weights_are_a_function_of_the_seed_alone(digits):
     torch.rand(1000)  # whatever the caller drew before does not move them
     second = Trainer(config, digits).model.state_dict()
     torch.manual_seed(config.seed)
-    seeded = build_model(config.model, digits.spec.shape).state_dict()  # as a global seed would give them
+    seeded = build_model(config.model, digits.spec).state_dict()  # as a global seed would give them
     other = Trainer(make_config(**{**NOISY_VAE, "seed": 1}), digits).model.state_dict()
     for name, tensor in first.items():
         assert torch.equal(tensor, second[name]) and torch.equal(tensor, seeded[name]), name
@@ -194,7 +194,7 @@ def test_pictures_leave_the_callers_randomness_alone_and_repeat(digits):
     from aesearch.training.images import image_grids
 
     config = make_config(model={"latent": "gaussian", "hidden_dims": [16]}, corruption={"kind": "gaussian", "level": 0.3})
-    model = build_model(config.model, digits.spec.shape)
+    model = build_model(config.model, digits.spec)
     before = torch.get_rng_state()
     first = image_grids(model, digits.test_x[:8], config)
     assert torch.equal(torch.get_rng_state(), before)

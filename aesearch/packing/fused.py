@@ -109,7 +109,7 @@ class MemberPass(nn.Module):
         else:
             _, fields = encode(x_in)
         latent = LatentOutput(**fields)
-        output = Output(self.model.decode(latent.z), latent)
+        output = Output(self.model.decode(latent.z), latent, self.model.spec)
         return self.objective.terms_with(self.model, x, output, choice, pullback, directions)
 
 
@@ -270,7 +270,7 @@ def _packed_train_pass(trainers: list[Trainer]) -> list[tuple[dict[str, float], 
         trainer.model.train()
     width = max(t.model.latent_dim for t in trainers)
     with torch.device("meta"):  # shapes only (functional_call supplies the weights), and no draw from torch's RNG
-        template = build_model(first.config.model.model_copy(update={"latent_dim": width}), first.data.spec.shape)
+        template = build_model(first.config.model.model_copy(update={"latent_dim": width}), first.data.spec)
     stack = PaddedStack([t.model for t in trainers], template)
     params, buffers = stack.params, stack.buffers
     optimizer = PackedOptimizer(stack, trainers)

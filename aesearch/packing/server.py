@@ -232,7 +232,7 @@ def train_in_pack(server: Any, member: str, config: TrainConfig, data: Data, rep
     epoch (with a CPU copy of the model, and its checkpoint) as if trained here."""
     started = time.perf_counter()
     ray.get(server.join.remote(member, config.model_dump(mode="json"), resume_from))
-    model = build_model(config.model, data.spec.shape)  # the member's weights, for its pictures
+    model = build_model(config.model, data.spec)  # the member's weights, for its pictures
     epoch = resume_from["epoch"] if resume_from is not None else 0
     try:
         while epoch < config.epochs:

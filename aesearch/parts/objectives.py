@@ -1,11 +1,13 @@
 """Objective = reconstruction loss + weighted terms.
 
-    loss = recon(x_hat, x) + beta_t * KL(q(z|x) || N(0, I)) + lambda_s * sparsity(h)
+    loss = recon(logits, x) + beta_t * KL(q(z|x) || N(0, I)) + lambda_s * sparsity(h)
            + lambda_c * ||dh/dx||_F^2
 
-Every per-sample quantity is summed over its dimensions (pixels, latent units) and averaged over
-the batch, so beta = 1 with `bce` is exactly the negative ELBO of a Bernoulli decoder. The
-reconstruction always compares with the clean input x, whatever the encoder was fed.
+Every per-sample quantity is summed over its dimensions (values, latent units) and averaged over
+the batch, so beta = 1 with `bce` (data in [0, 1]) or `mixed` (any data) is exactly the negative
+ELBO of the decoder's likelihood. The reconstruction always compares with the clean input x,
+whatever the encoder was fed, and knows the data (`DataSpec`): what the decoder's logits mean
+(`spec.values`), which outputs are categorical groups, whether values lie in [0, 1].
 Terms that a config does not use are not computed, and not reported.
 """
 
@@ -19,31 +21,60 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from aesearch.errors import ConfigError
 from aesearch.registry import Registry
 from aesearch.schema import Bounded, Float, Named, Section
 
 if TYPE_CHECKING:
+    from aesearch.parts.data.spec import DataSpec
     from aesearch.parts.models import Autoencoder, Output
 
-# --- reconstruction: (logits, x) -> per-sample loss -------------------------------------------
+# --- reconstruction: (logits, x, spec) -> per-sample loss, summed over values -------------------
 
-RECONSTRUCTIONS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("reconstruction loss")
+Reconstruction = Callable[[torch.Tensor, torch.Tensor, "DataSpec"], torch.Tensor]
+RECONSTRUCTIONS: Registry[Reconstruction] = Registry("reconstruction loss")
+UNIT_RANGE_ONLY = frozenset({"bce"})  # losses that are a likelihood only for values in [0, 1]
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 @RECONSTRUCTIONS.register("mse")
-def squared_error(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return (torch.sigmoid(logits) - x).pow(2).flatten(1).sum(1)
+def squared_error(logits: torch.Tensor, x: torch.Tensor, spec: DataSpec) -> torch.Tensor:
+    return (spec.values(logits) - x).pow(2).flatten(1).sum(1)
 
 
 @RECONSTRUCTIONS.register("bce")
-def binary_cross_entropy(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """-log p(x|z) of a Bernoulli decoder (x may be grey levels in [0, 1])."""
+def binary_cross_entropy(logits: torch.Tensor, x: torch.Tensor, spec: DataSpec) -> torch.Tensor:
+    """-log p(x|z) of a Bernoulli decoder (x may be grey levels in [0, 1]; only for such data)."""
     return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
 
 
 @RECONSTRUCTIONS.register("l1")
-def absolute_error(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return (torch.sigmoid(logits) - x).abs().flatten(1).sum(1)
+def absolute_error(logits: torch.Tensor, x: torch.Tensor, spec: DataSpec) -> torch.Tensor:
+    return (spec.values(logits) - x).abs().flatten(1).sum(1)
+
+
+@RECONSTRUCTIONS.register("mixed")
+def mixed_likelihood(logits: torch.Tensor, x: torch.Tensor, spec: DataSpec) -> torch.Tensor:
+    """-log p(x|z) in nats of a decoder that suits tables: a unit-variance Gaussian around each
+    numeric value (`spec.values`: the logit itself for real-valued data) and a categorical
+    (softmax) over each one-hot group. For images, every value is numeric."""
+    x = x.flatten(1)
+    numeric = spec.numeric_positions
+    error = spec.values(logits).flatten(1)[:, numeric] - x[:, numeric]
+    nll = (0.5 * error.pow(2) + HALF_LOG_2PI).sum(1)
+    flat = logits.float().flatten(1)
+    for group in spec.categorical_groups:
+        nll = nll - (x[:, group] * F.log_softmax(flat[:, group], dim=1)).sum(1)
+    return nll
+
+
+def reconstruction_problem(kind: str, spec: DataSpec) -> str | None:
+    """Why objective.reconstruction=kind does not suit this data, in one line, or None."""
+    if kind not in UNIT_RANGE_ONLY or spec.unit_range:
+        return None
+    fitting = [repr(name) for name in RECONSTRUCTIONS.names() if name not in UNIT_RANGE_ONLY]
+    return (f"objective.reconstruction={kind!r} needs values in [0, 1], but {spec.name} is real-valued; "
+            f"use {', '.join(fitting[:-1])} or {fitting[-1]}")
 
 
 # --- KL to the prior, and how beta is annealed --------------------------------------------------
@@ -169,8 +200,12 @@ class Choice(NamedTuple):
 class Objective:
     """Computes the loss and its named terms for one batch; knows beta for each epoch."""
 
-    def __init__(self, config: ObjectiveConfig, gaussian_latent: bool, epochs: int):
+    def __init__(self, config: ObjectiveConfig, gaussian_latent: bool, epochs: int, spec: DataSpec):
+        problem = reconstruction_problem(config.reconstruction, spec)
+        if problem:
+            raise ConfigError(problem)
         self.config = config
+        self.spec = spec  # what the reconstruction losses compare in (see RECONSTRUCTIONS)
         self.epochs = epochs
         self.uses_kl = gaussian_latent
         sparsity = config.sparsity
@@ -230,7 +265,8 @@ class Objective:
         or a packed step's for each of its members, so that both train on the same terms.
         `pullback(v)`: J^T v, J = d code / d x, for the contractive estimator (contractive_penalty)."""
         logits, code = output.logits.float(), output.latent.code.float()
-        terms = {"recon": sum(w * RECONSTRUCTIONS[kind](logits, x).mean() for kind, w in choice.reconstruction.items())}
+        terms = {"recon": sum(w * RECONSTRUCTIONS[kind](logits, x, self.spec).mean()
+                              for kind, w in choice.reconstruction.items())}
         if self.uses_kl:
             terms["kl"] = gaussian_kl(output.latent.mu.float(), output.latent.logvar.float()).mean()
         if choice.sparsity:
@@ -285,9 +321,9 @@ class SparsityConfig(Section):
 
 
 class ObjectiveConfig(Section):
-    """Reconstruction loss (summed over pixels, averaged over the batch) + weighted terms."""
+    """Reconstruction loss (summed over values, averaged over the batch) + weighted terms."""
 
-    reconstruction: Named(RECONSTRUCTIONS) = "mse"
+    reconstruction: Named(RECONSTRUCTIONS) = "mse"  # mse, l1, bce (values in [0, 1]), mixed (Gaussian/categorical NLL)
     kl: KLConfig = Field(default_factory=KLConfig)
     sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
     contractive_weight: Float = Field(0.0, ge=0.0)

@@ -229,9 +229,10 @@ def reproduce(
     data = load_data(config.data, data_dir, download)
     if trial.fingerprint is not None and data.fingerprint != trial.fingerprint:
         raise UserError(
-            f"dataset {config.data.name}: its fingerprint here is {data.fingerprint}, but trial {trial.name} was "
-            f"trained on {trial.fingerprint}: the data (or its files under the data directory) changed, so the "
-            "results cannot be compared; point --data-dir at the data the search used"
+            f"dataset {config.data.dataset}: its fingerprint here is {data.fingerprint}, but trial {trial.name} was "
+            f"trained on {trial.fingerprint}: the data changed, so the results cannot be compared; "
+            + (f"data.path={config.data.path!r} must be the file the search read" if config.data.path else
+               "point --data-dir at the data the search used")
         )
     threads = torch.get_num_threads()
     if chosen == "cpu" and trial.threads:

@@ -43,11 +43,7 @@ from aesearch.search.faults import Fault, read_faults
 from aesearch.search.leaderboard import LEADERBOARD_METRICS, NothingRan, leaderboard, nothing_ran
 from aesearch.search.phases import Phases
 from aesearch.search.ray_cluster import check_reachable, connect
-from aesearch.search.space import (
-    DefineByRun,
-    SearchSpace,
-    start_points,
-)
+from aesearch.search.space import DefineByRun, SearchSpace, check_trials, start_points
 from aesearch.search.storage import TRACKING_FILE, SearchFolder, check_storage_has_no_credentials, prune_checkpoints
 from aesearch.search.trial import run_trial
 from aesearch.tracking.outbox import is_unreachable, patiently
@@ -116,6 +112,7 @@ def search(space: SearchSpace, options: SearchOptions, phases: Phases | None = N
     if options.address:
         check_reachable(options.address)  # seconds, not a dataset download later
     data = load_data(space.data, options.data_dir, options.download)
+    check_trials(space, data.spec)
     phases.mark("start (imports, checks, data)")
     if options.address:
         connect(options.address)  # a cluster may refuse us (no answer, a wrong token): before anything is written
@@ -130,7 +127,7 @@ def search(space: SearchSpace, options: SearchOptions, phases: Phases | None = N
             print(f"aesearch: warning: trials on other nodes log to {uri} only if they see this path; "
                   "give a tracking server with --tracking-uri http://HOST:PORT", file=sys.stderr)
         tracking = runs.start(options.resume, describe(space, options, data), space_document(space),
-                              space.budget.tracking_patience_s)
+                              space.budget.tracking_patience_s, data)
         phases.mark("Ray and the MLflow run")
         runs.prepare_model_export()  # in the background, while the trials run
         try:
@@ -188,7 +185,7 @@ def describe(space: SearchSpace, options: SearchOptions, data: Data) -> dict[str
     """The search run's params (what was searched, on what) and tags (with what, where)."""
     resources = ray.cluster_resources()
     params = {
-        "seed": space.seed, "dataset": space.data.name, "dataset_fingerprint": data.fingerprint,
+        "seed": space.seed, "dataset": space.data.dataset, "dataset_fingerprint": data.fingerprint,
         "objective.metric": space.objective.metric, "objective.mode": space.objective.mode,
         "budget.num_samples": space.budget.num_samples, "budget.max_epochs": space.budget.max_epochs,
         "budget.grace_period": space.budget.grace_period, "budget.reduction_factor": space.budget.reduction_factor,

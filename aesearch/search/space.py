@@ -27,10 +27,10 @@ from typing import Annotated, Any, Literal
 import optuna
 from pydantic import Field, ValidationError, model_validator
 
-from aesearch.config import TrainConfig, parse_config
+from aesearch.config import TrainConfig, check_data, parse_config
 from aesearch.errors import ConfigError
 from aesearch.metrics import CATALOGUE, EPOCH_OBJECTIVES
-from aesearch.parts.data import DataConfig
+from aesearch.parts.data import DataConfig, DataSpec
 from aesearch.schema import (
     Bool,
     Float,
@@ -299,11 +299,14 @@ def start_trials(space: SearchSpace) -> list[dict[str, Any]]:
     return trials
 
 
-def check_trials(space: SearchSpace, count: int = 64) -> None:
-    """Every start trial and every sampled trial must be a valid config, or the space is wrong."""
+def check_trials(space: SearchSpace, spec: DataSpec | None = None, count: int = 64) -> None:
+    """Every start trial and every sampled trial must be a valid config (for the loaded data, given
+    its spec: the user's data is known only once loaded), or the space is wrong."""
     for params in [*start_trials(space), *sample_params(space, count, seed=space.seed)]:
         try:
-            trial_config(space, params)
+            config = trial_config(space, params)
+            if spec is not None:
+                check_data(config, spec)
         except ConfigError as error:
             shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
             raise ConfigError(f"space {space.name}: the trial {{{shown}}} is not a valid config: {error}") from None

@@ -55,7 +55,6 @@ def register_best_model(client: MlflowClient, uri: str, parent_run_id: str, name
     import mlflow
     from mlflow.models import infer_signature
 
-    from aesearch.parts.data import DATASETS
     from aesearch.training.checkpoints import load_trained_model
 
     with tempfile.TemporaryDirectory() as folder:
@@ -64,7 +63,7 @@ def register_best_model(client: MlflowClient, uri: str, parent_run_id: str, name
         except Exception:  # noqa: BLE001 - a trial that ended before its first best epoch
             return None
         trained = load_trained_model(path, where=f"{BEST_CHECKPOINT} of run {run.info.run_id}")
-    shape = DATASETS[trained.config.data.name].shape
+    shape = trained.model.spec.shape
     model = Reconstruction(trained.model)
     example = torch.rand(2, *shape)
     with torch.no_grad():

@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from aesearch.config import TrainConfig, variant_family
+from aesearch.parts.data import IMAGE
 from aesearch.schema import flatten
 from aesearch.tracking.outbox import Outbox, patiently
 from aesearch.tracking.store import MLFLOW_BATCH, Tracking, client
@@ -83,7 +84,7 @@ def trial_tags(config: TrainConfig) -> dict[str, str]:
         "latent": config.model.latent,
         "noise": noise if noise == "none" else f"{noise}:{config.corruption.level:g}",
         "objective": objective_summary(config),
-        "dataset": config.data.name,
+        "dataset": config.data.dataset,
     }
 
 
@@ -116,6 +117,28 @@ def training_tags(config: TrainConfig, data: Data) -> dict[str, str]:
             "torch_threads": str(torch.get_num_threads())}
 
 
+def dataset_input(data: Data, context: str) -> Any:
+    """The data as an MLflow dataset input: its source, digest (the fingerprint) and schema (the
+    columns, or the image shape), so the UI shows which data every run saw."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    spec = data.spec
+    if spec.columns:
+        schema = {"mlflow_colspec": [{"name": c.name, "type": "double" if c.kind == "numeric" else "string"}
+                                     for c in spec.columns]}
+    else:
+        schema = {"mlflow_tensorspec": {"features": json.dumps([{"type": "tensor", "tensor-spec": {
+            "dtype": "float32", "shape": [-1, *spec.shape]}}])}}
+    source = {"uri": spec.source} if spec.source else {"uri": f"aesearch:builtin/{spec.name}"}
+    profile = {"train": len(data.train_x), "validation": len(data.val_x), "test": len(data.test_x),
+               "description": spec.describe()}
+    dataset = Dataset(name=spec.name, digest=data.fingerprint, source_type="local" if spec.source else "aesearch",
+                      source=json.dumps(source), schema=json.dumps(schema), profile=json.dumps(profile))
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
+
+
 def create_run(mlflow: MlflowClient, experiment_id: str, name: str, tags: dict[str, str], config: TrainConfig) -> str:
     """A new run holding the resolved config: as flattened params (the same names for every
     variant) and as `config.yaml`."""
@@ -141,7 +164,8 @@ class TrialRun:
         self.logged_through = logged_through  # epochs already in the run (a restored trial)
         self.attempt = attempt  # 1, then 2, 3... each time the trial is retried or resumed
         self.patience_s = patience_s  # how long `finish` waits for an unreachable server (a search: its budget's)
-        self.draw_at = image_epochs(config.epochs)
+        # reconstructions drawn during training: images only (a vector's figures come at the end)
+        self.draw_at = image_epochs(config.epochs) if data.spec.modality == IMAGE else set()
         self.outbox = Outbox()
         self.open_seconds = 0.0  # finding or creating the run
 
@@ -172,6 +196,7 @@ class TrialRun:
             tags |= {MLFLOW_PARENT_RUN_ID: tracking.parent_run_id, ROLE_TAG: "trial", TRIAL_ID_TAG: trial_id,
                      TRIAL_NUMBER_TAG: number, ATTEMPT_TAG: "1", **trial_tags(config)}
             run_id = create_run(mlflow, tracking.experiment_id, run_name(config, number), tags, config)
+            mlflow.log_inputs(run_id, [dataset_input(data, "training")])
             return cls(mlflow, run_id, config, data, patience_s=tracking.patience_s)
         run_id = existing.info.run_id
         attempt = int(existing.data.tags.get(ATTEMPT_TAG, "1")) + 1
@@ -213,13 +238,12 @@ class TrialRun:
         """The test suite, the final pictures, the best checkpoint; then waits (up to the patience)
         until the server has everything. Returns what it could not deliver ('' if nothing).
         `drawn`: a local run folder whose pictures are already drawn (they are logged as they are)."""
-        from aesearch.training.images import save_images
+        from aesearch.training.images import save_pictures
 
         self.log_metrics(result.metrics, len(result.history))
         with tempfile.TemporaryDirectory() as folder:
             if drawn is None:
-                device = next(result.model.parameters()).device
-                save_images(result.model, self.data.test_x.to(device), self.config, folder, self.data.test_y)
+                save_pictures(result.model, self.data, self.config, folder)
             for picture in sorted(Path(drawn or folder).glob("*.png")):
                 self.outbox.send_file(picture, "images", self.client, self.run_id)
         if best_checkpoint is not None and best_checkpoint.is_file():

@@ -11,14 +11,17 @@ import subprocess
 import threading
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aesearch.errors import UserError
 from aesearch.tracking.model_registry import register_best_model, start_export_warmup
 from aesearch.tracking.outcomes import Outcome
-from aesearch.tracking.runs import INCOMPLETE_TAG, ROLE_TAG, TRIAL_ID_TAG, as_param
+from aesearch.tracking.runs import INCOMPLETE_TAG, ROLE_TAG, TRIAL_ID_TAG, as_param, dataset_input
 from aesearch.tracking.store import Tracking, client, embedded_artifacts
 from aesearch.training.checkpoints import BEST_CHECKPOINT
+
+if TYPE_CHECKING:
+    from aesearch.parts.data import Data
 
 
 def package_versions() -> dict[str, str]:
@@ -72,7 +75,8 @@ class SearchRun:
                 "with runs; pick another --name, or --resume that search"
             )
 
-    def start(self, resume: bool, describe: dict[str, Any], space_yaml: str, patience_s: float) -> Tracking:
+    def start(self, resume: bool, describe: dict[str, Any], space_yaml: str, patience_s: float,
+              data: Data | None = None) -> Tracking:
         experiment = self.client.get_experiment_by_name(self.name)
         if experiment is None:
             location = embedded_artifacts(self.uri, self.name)
@@ -93,6 +97,8 @@ class SearchRun:
             params = [Param(k, as_param(v)) for k, v in describe["params"].items()]
             self.client.log_batch(run_id, params=params, synchronous=True)
             self.client.log_text(run_id, space_yaml, "space.yaml")
+            if data is not None:
+                self.client.log_inputs(run_id, [dataset_input(data, "search")])
         self.tracking = Tracking(self.uri, experiment_id, run_id, patience_s)
         return self.tracking
 

@@ -1,8 +1,9 @@
 """Checkpoint files: plain tensors and plain data, read back only with `weights_only=True`.
 
 A checkpoint holds everything that continues a run exactly (model, optimiser, epoch, the
-state of the run's random generator, history, best weights so far) and everything that explains it (the resolved config and
-the dataset fingerprint). Nothing in it is a pickled object, so loading it runs no code.
+state of the run's random generator, history, best weights so far) and everything that explains
+it (the resolved config, the dataset fingerprint, and the data's spec: its shape, its columns and
+their scaling, so that the model can be rebuilt and fed new inputs without the training data). Nothing in it is a pickled object, so loading it runs no code.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from aesearch.config import TrainConfig, on_device, parse_config, resolve_device
 from aesearch.errors import CheckpointError
-from aesearch.parts.data import DATASETS
+from aesearch.parts.data import DATASETS, DataSpec
 from aesearch.parts.models import Autoencoder, build_model
 
 if TYPE_CHECKING:
@@ -86,9 +87,17 @@ def load_trained_model(source: Path | str | dict[str, Any], data: Data | None = 
     config = on_device(parse_config(state["config"], source=f"{where} (config)"), device)
     if data is not None and data.fingerprint != state["fingerprint"]:
         raise CheckpointError(
-            f"{where}: trained on dataset fingerprint {state['fingerprint']}, but {config.data.name} here has "
+            f"{where}: trained on dataset fingerprint {state['fingerprint']}, but {config.data.dataset} here has "
             f"fingerprint {data.fingerprint}: the data (or its files under the data directory) changed"
         )
-    model = build_model(config.model, DATASETS[config.data.name].shape)
+    model = build_model(config.model, checkpoint_spec(state, config))
     model.load_state_dict(state["model"])
     return TrainedModel(model.to(resolve_device(config.runtime.device) if device else "cpu").eval(), config, state)
+
+
+def checkpoint_spec(state: dict[str, Any], config: TrainConfig) -> DataSpec:
+    """The spec of the data a checkpoint was trained on; checkpoints made before specs were saved
+    were all trained on built-in datasets."""
+    if "data_spec" in state:
+        return DataSpec.from_dict(state["data_spec"])
+    return DATASETS[config.data.name].spec

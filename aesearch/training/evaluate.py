@@ -1,16 +1,27 @@
 """The evaluation suite: what a trained autoencoder is worth, on the test split.
 
 Every metric is named `test/...` and computed the same way for every variant, so a search can
-rank VAEs against sparse or denoising AEs on common ground:
+rank VAEs against sparse or denoising AEs on common ground. What applies depends on the data
+(`data.spec`): images and [0, 1] tables, real-valued vectors, labelled or not.
 
-- reconstruction of clean inputs: recon_mse, recon_bce, recon_l1 (per value), psnr (per image);
-- denoising: PSNR of reconstructions from corrupted inputs against the clean ones, for each
-  corruption at a standard level (and the corrupted input's own PSNR, for scale);
-- gaussian latents: ELBO, KL, the NLL by importance sampling (IWAE bound, nats, binarised
-  inputs) and the active units (Burda et al.: Cov_x(E_q[z_u|x]) > 0.01);
-- latent quality: linear-probe and kNN accuracy (train codes -> test), KMeans ARI and NMI;
+- reconstruction of clean inputs: recon_mse and recon_l1 per value, in the model's input units
+  (scaled, for tables); for data in [0, 1] also recon_bce and psnr (per image); for tables with
+  numeric columns recon_mse_original, the numeric columns' error in their original units;
+- denoising: for each corruption of `evaluation.denoise_levels` that suits the data, the
+  reconstruction from corrupted inputs against the clean ones, and the corrupted input's own
+  error for scale: PSNR for data in [0, 1], MSE otherwise;
+- gaussian latents: ELBO, KL, the NLL by importance sampling (IWAE bound, nats) and the active
+  units (Burda et al.: Cov_x(E_q[z_u|x]) > 0.01). The likelihood: for data in [0, 1] a
+  Bernoulli decoder on the inputs binarised at 0.5 (the usual benchmark protocol); otherwise the
+  `mixed` decoder (unit-variance Gaussian per numeric value, categorical per one-hot group) on
+  the inputs as given;
+- latent quality, for labelled data only: linear-probe and kNN accuracy (train codes -> test),
+  KMeans ARI and NMI;
 - sparsity of the code: mean |h|, fraction of active values, dead units;
-- anomaly detection: AUROC of the reconstruction error when a class was held out of training.
+- anomaly detection, when the data names anomaly classes and the test split has labels: AUROC
+  and average precision of the per-sample reconstruction error.
+
+A metric that does not apply is absent, never zero.
 """
 
 from __future__ import annotations
@@ -22,12 +33,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aesearch.parts.corruption import corrupt
-from aesearch.parts.objectives import gaussian_kl, log_normal
+from aesearch.parts.corruption import corrupt, corruption_problem
+from aesearch.parts.data.spec import CATEGORICAL, NUMERIC
+from aesearch.parts.objectives import RECONSTRUCTIONS, gaussian_kl, log_normal
 
 if TYPE_CHECKING:
     from aesearch.config import EvaluationConfig
     from aesearch.parts.data import Data
+    from aesearch.parts.data.spec import DataSpec
     from aesearch.parts.models import Autoencoder
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2016)
@@ -43,21 +56,21 @@ def evaluate(model: Autoencoder, data: Data, settings: EvaluationConfig) -> dict
     evaluates to what its trial logged, and the caller's random state is left untouched.
     """
     model.eval()
-    x, batch = data.test_x, settings.batch_size
+    spec, x, batch = data.spec, data.test_x, settings.batch_size
     generator = torch.Generator(x.device).manual_seed(EVALUATION_SEED)
     x_hat = reconstruct(model, x, batch)  # once: the reconstruction and anomaly metrics share it
-    metrics = reconstruction_metrics(x_hat, x)
-    metrics |= denoising_metrics(model, x, settings.denoise_levels, batch, generator)
+    metrics = reconstruction_metrics(x_hat, x, spec)
+    metrics |= denoising_metrics(model, x, settings.denoise_levels, batch, generator, spec)
     if model.stochastic:
-        metrics |= gaussian_latent_metrics(model, x, settings.iwae_samples, batch, generator)
-    train_codes = encode(model, data.train_x[: settings.probe_max_samples], batch)
+        metrics |= gaussian_latent_metrics(model, x, settings.iwae_samples, batch, generator, spec)
     test_codes = encode(model, x, batch)
-    metrics |= latent_quality(
-        train_codes, data.train_y[: settings.probe_max_samples], test_codes, data.test_y, settings
-    )
+    if spec.classes and data.test_y is not None:
+        train_labels = None if data.train_y is None else data.train_y[: settings.probe_max_samples]
+        train_codes = encode(model, data.train_x[: settings.probe_max_samples], batch)
+        metrics |= latent_quality(train_codes, train_labels, test_codes, data.test_y, settings)
     metrics |= sparsity_metrics(test_codes, settings.activation_threshold)
-    if data.anomaly_class is not None:
-        metrics |= anomaly_metrics((x_hat - x).pow(2).flatten(1).mean(1), data.test_y, data.anomaly_class)
+    if spec.anomalies and data.test_y is not None:
+        metrics |= anomaly_metrics(sample_errors(x_hat, x), data.test_y, spec)
     return {f"test/{name}": float(value) for name, value in metrics.items()}
 
 
@@ -75,7 +88,7 @@ def encode(model: Autoencoder, x: torch.Tensor, batch: int) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruct(model: Autoencoder, x: torch.Tensor, batch: int) -> torch.Tensor:
-    """x_hat through the latent mean (no sampling)."""
+    """x_hat through the latent mean (no sampling), in the data's space (the model's spec.values)."""
     model.eval()
     return torch.cat([model(chunk, sample=False).x_hat.float() for chunk in _batches(x, batch)])
 
@@ -86,46 +99,100 @@ def psnr(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse)
 
 
-def reconstruction_metrics(x_hat: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
-    return {
-        "recon_mse": (x_hat - x).pow(2).mean().item(),
-        "recon_l1": (x_hat - x).abs().mean().item(),
-        "recon_bce": F.binary_cross_entropy(x_hat.clamp(1e-6, 1 - 1e-6), x).item(),
-        "psnr": psnr(x_hat, x).mean().item(),
-    }
-
-
-def denoising_metrics(
-    model: Autoencoder, x: torch.Tensor, levels: dict[str, float], batch: int, generator: torch.Generator
-) -> dict[str, float]:
-    metrics = {}
-    for kind, level in levels.items():
-        noisy = corrupt(x, kind, level, generator)
-        metrics[f"denoise_psnr_{kind}"] = psnr(reconstruct(model, noisy, batch), x).mean().item()
-        metrics[f"noisy_psnr_{kind}"] = psnr(noisy, x).mean().item()
+def reconstruction_metrics(x_hat: torch.Tensor, x: torch.Tensor, spec: DataSpec) -> dict[str, float]:
+    """Errors per value in the model's units; BCE and PSNR where values are in [0, 1]; the
+    numeric columns' MSE in their original units (error times each column's scale)."""
+    error = x_hat - x
+    metrics = {"recon_mse": error.pow(2).mean().item(), "recon_l1": error.abs().mean().item()}
+    if spec.unit_range:
+        metrics["recon_bce"] = F.binary_cross_entropy(x_hat.clamp(1e-6, 1 - 1e-6), x).item()
+        metrics["psnr"] = psnr(x_hat, x).mean().item()
+    numeric = [column for column in spec.columns if column.kind == NUMERIC]
+    if numeric:
+        positions = [column.start for column in numeric]
+        scales = torch.tensor([column.scale for column in numeric], device=x.device)
+        metrics["recon_mse_original"] = (error.flatten(1)[:, positions] * scales).pow(2).mean().item()
     return metrics
 
 
-def gaussian_latent_metrics(
-    model: Autoencoder, x: torch.Tensor, k: int, batch: int, generator: torch.Generator
+def sample_errors(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The mean squared error of each sample, in the model's units: the anomaly score."""
+    return (x_hat - x).pow(2).flatten(1).mean(1)
+
+
+def column_errors(x_hat: torch.Tensor, x: torch.Tensor, spec: DataSpec) -> dict[str, torch.Tensor]:
+    """Each sample's error in each column, by column name: the squared error of a numeric column,
+    in the model's input units (scaled, so that columns compare), and 1 where a categorical
+    column is misread (x_hat's most likely level is not x's), else 0. Data without columns
+    (images, plain vectors): the squared error of each position, named by its flat index."""
+    x_hat, x = x_hat.flatten(1), x.flatten(1)
+    if not spec.columns:
+        return {str(i): error for i, error in enumerate((x_hat - x).pow(2).unbind(1))}
+    errors = {}
+    for column in spec.columns:
+        group = column.positions
+        if column.kind == CATEGORICAL:
+            errors[column.name] = (x_hat[:, group].argmax(1) != x[:, group].argmax(1)).float()
+        else:
+            errors[column.name] = (x_hat[:, group] - x[:, group]).pow(2).sum(1)
+    return errors
+
+
+def feature_errors(x_hat: torch.Tensor, x: torch.Tensor, spec: DataSpec) -> dict[str, float]:
+    """How well each column is reconstructed, by column name (see column_errors): the mean squared
+    error of a numeric column, the misclassification rate of a categorical one."""
+    return {name: errors.mean().item() for name, errors in column_errors(x_hat, x, spec).items()}
+
+
+def denoising_metrics(
+    model: Autoencoder, x: torch.Tensor, levels: dict[str, float], batch: int, generator: torch.Generator,
+    spec: DataSpec,
 ) -> dict[str, float]:
-    """ELBO and IWAE_k bound (nats per image) under the Bernoulli decoder on binarised inputs,
-    the usual benchmark protocol, comparable across VAEs whatever their training loss; KL and
+    """For each corruption kind that suits the data: how close the reconstruction of corrupted
+    inputs comes to the clean ones, and the corrupted inputs themselves (the baseline). PSNR for
+    data in [0, 1], MSE per value otherwise."""
+    if spec.unit_range:
+        name, score = "psnr", lambda y: psnr(y, x).mean()
+    else:
+        name, score = "mse", lambda y: (y - x).pow(2).mean()
+    metrics = {}
+    for kind, level in levels.items():
+        if corruption_problem(kind, spec):
+            continue
+        noisy = corrupt(x, kind, level, generator, spec)
+        metrics[f"denoise_{name}_{kind}"] = score(reconstruct(model, noisy, batch)).item()
+        metrics[f"noisy_{name}_{kind}"] = score(noisy).item()
+    return metrics
+
+
+def likelihood(spec: DataSpec) -> tuple[str, bool]:
+    """The decoder the NLL and ELBO are measured under: (reconstruction loss = -log p(x|z), whether
+    the inputs are binarised at 0.5). Bernoulli on binarised inputs for data in [0, 1], the usual
+    benchmark protocol, comparable across VAEs whatever their training loss; otherwise the
+    Gaussian/categorical `mixed` decoder on the inputs as given."""
+    return ("bce", True) if spec.unit_range else ("mixed", False)
+
+
+def gaussian_latent_metrics(
+    model: Autoencoder, x: torch.Tensor, k: int, batch: int, generator: torch.Generator, spec: DataSpec
+) -> dict[str, float]:
+    """ELBO and IWAE_k bound (nats per sample) under the decoder `likelihood(spec)` names; KL and
     active units on the inputs as given. The samples z_i are drawn from `generator`.
 
     log p(x) >= IWAE_k = E[log 1/k sum_i p(x, z_i) / q(z_i|x)] >= ELBO, z_i ~ q(z|x).
     """
-    binary = (x > 0.5).float()
+    loss, binarise = likelihood(spec)
+    negative_log_likelihood = RECONSTRUCTIONS[loss]
+    targets_all = (x > 0.5).float() if binarise else x.float()
     elbo, iwae = [], []
-    for xb in _batches(binary, max(1, 10 * batch // k)):  # about 10 * batch decodes at once
+    for xb in _batches(targets_all, max(1, 10 * batch // k)):  # about 10 * batch decodes at once
         latent = model.encode(xb, sample=False)
         mu, logvar = latent.mu.float(), latent.logvar.float()
         noise = torch.randn((k, *mu.shape), device=mu.device, generator=generator)
         z = mu + noise * torch.exp(0.5 * logvar)  # (k, B, d)
         logits = model.decode(z.reshape(-1, mu.shape[1]).to(latent.mu.dtype)).float()
         targets = xb.expand(k, *xb.shape).reshape(-1, *xb.shape[1:])
-        log_px_z = -F.binary_cross_entropy_with_logits(logits, targets, reduction="none").flatten(1).sum(1)
-        log_px_z = log_px_z.view(k, -1)
+        log_px_z = -negative_log_likelihood(logits, targets, spec).view(k, -1)
         log_w = log_px_z + log_normal(z, torch.zeros_like(z), torch.zeros_like(z)) - log_normal(z, mu, logvar)
         iwae.append(torch.logsumexp(log_w, dim=0) - math.log(k))
         elbo.append(log_px_z.mean(0) - gaussian_kl(mu, logvar))
@@ -142,12 +209,13 @@ def gaussian_latent_metrics(
 
 def latent_quality(
     train_codes: torch.Tensor,
-    train_labels: torch.Tensor,
+    train_labels: torch.Tensor | None,
     test_codes: torch.Tensor,
     test_labels: torch.Tensor,
     settings: EvaluationConfig,
 ) -> dict[str, float]:
-    """How much class structure the codes carry, without labels in training."""
+    """How much class structure the codes carry, without labels in training. KMeans needs the
+    test labels only; the probe and kNN learn from the training codes' labels, when there are."""
     from sklearn.cluster import KMeans
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
@@ -156,7 +224,7 @@ def latent_quality(
     from sklearn.preprocessing import StandardScaler
 
     x_train, x_test = train_codes.numpy().astype(np.float64), test_codes.numpy().astype(np.float64)
-    y_train, y_test = train_labels.cpu().numpy(), test_labels.cpu().numpy()
+    y_test = test_labels.cpu().numpy()
     clusters = KMeans(
         n_clusters=min(len(np.unique(y_test)), len(x_test)), n_init=settings.kmeans_restarts, random_state=0
     ).fit_predict(x_test)
@@ -164,7 +232,8 @@ def latent_quality(
         "kmeans_ari": adjusted_rand_score(y_test, clusters),
         "kmeans_nmi": normalized_mutual_info_score(y_test, clusters),
     }
-    if len(np.unique(y_train)) >= 2:  # a classifier needs two classes to learn from
+    y_train = None if train_labels is None else train_labels.cpu().numpy()
+    if y_train is not None and len(np.unique(y_train)) >= 2:  # a classifier needs two classes to learn from
         probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x_train, y_train)
         knn = KNeighborsClassifier(n_neighbors=min(settings.knn_neighbors, len(x_train))).fit(x_train, y_train)
         metrics |= {"probe_accuracy": probe.score(x_test, y_test), "knn_accuracy": knn.score(x_test, y_test)}
@@ -181,10 +250,14 @@ def sparsity_metrics(codes: torch.Tensor, threshold: float) -> dict[str, float]:
     }
 
 
-def anomaly_metrics(errors: torch.Tensor, labels: torch.Tensor, anomaly_class: int) -> dict[str, float]:
-    """AUROC of the per-image reconstruction error as a score for 'is the held-out class'."""
-    from sklearn.metrics import roc_auc_score
+def anomaly_metrics(errors: torch.Tensor, labels: torch.Tensor, spec: DataSpec) -> dict[str, float]:
+    """AUROC and average precision of the per-sample reconstruction error as a score for 'is one
+    of spec.anomalies'; absent when the test labels hold only normal samples or only anomalies."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
 
-    scores = errors.cpu().numpy()
-    is_anomaly = (labels == anomaly_class).cpu().numpy()
-    return {"anomaly_auroc": roc_auc_score(is_anomaly, scores)}
+    scores = errors.float().cpu().numpy()
+    is_anomaly = spec.is_anomaly(labels).cpu().numpy()
+    if is_anomaly.all() or not is_anomaly.any():
+        return {}
+    return {"anomaly_auroc": roc_auc_score(is_anomaly, scores),
+            "anomaly_ap": average_precision_score(is_anomaly, scores)}

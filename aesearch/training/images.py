@@ -3,7 +3,7 @@
 - reconstructions: rows of originals | corrupted inputs | reconstructions;
 - prior samples: decodes of z ~ N(0, I), for gaussian latents;
 - attention: for attention encoders, each image above the map of where its code was read from;
-- latent plot: the test set's codes in 2-D (PCA when the code is wider), coloured by class.
+- and the figures of `figures` (latent map, per-feature errors, anomaly scores), for vectors too.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from aesearch.parts.corruption import corrupt
 
 if TYPE_CHECKING:
     from aesearch.config import TrainConfig
+    from aesearch.parts.data import Data
     from aesearch.parts.models import Autoencoder
 
 
@@ -40,7 +41,7 @@ def reconstruction_grid(model: Autoencoder, x: torch.Tensor, kind: str, level: f
     """Three rows: originals, the encoder's (corrupted) inputs, reconstructions from them. The same
     noise at every epoch (drawn from a generator of its own), so that epochs compare."""
     model.eval()
-    noisy = corrupt(x, kind, level, generator=pictures_generator(x.device))
+    noisy = corrupt(x, kind, level, pictures_generator(x.device), model.spec)
     x_hat = model(noisy, sample=False).x_hat
     return _grid(torch.cat([x, noisy, x_hat.to(x.dtype)]), len(x))
 
@@ -51,7 +52,7 @@ def prior_sample_grid(model: Autoencoder, count: int) -> torch.Tensor:
     model.eval()
     device = next(model.parameters()).device
     z = torch.randn(count, model.latent_dim, device=device, generator=pictures_generator(device))
-    return _grid(torch.sigmoid(model.decode(z)), max(1, round(count**0.5)))
+    return _grid(model.spec.values(model.decode(z)), max(1, round(count**0.5)))
 
 
 @torch.no_grad()
@@ -78,43 +79,21 @@ def image_grids(model: Autoencoder, x: torch.Tensor, config: TrainConfig) -> dic
     return grids
 
 
-@torch.no_grad()
-def latent_plot(model: Autoencoder, x: torch.Tensor, labels: torch.Tensor, path: Path | str, limit: int = 2000) -> None:
-    """Scatter the codes of (up to `limit`) images in 2-D, one colour per class, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    model.eval()
-    codes = model.encode(x[:limit], sample=False).code.float().cpu()
-    if codes.shape[1] > 2:  # the two directions of largest variance
-        centred = codes - codes.mean(0)
-        codes = centred @ torch.linalg.svd(centred, full_matrices=False).Vh[:2].T
-    elif codes.shape[1] == 1:
-        codes = torch.cat([codes, torch.zeros_like(codes)], 1)
-    figure, axes = plt.subplots(figsize=(5, 5), dpi=100)
-    points = axes.scatter(codes[:, 0], codes[:, 1], c=labels[:limit].cpu(), cmap="tab10", s=4)
-    figure.colorbar(points, ax=axes, label="class")
-    axes.set_title(f"latent codes ({model.latent_dim}-D{', PCA' if model.latent_dim > 2 else ''})")
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-
-
-def save_images(
-    model: Autoencoder, x: torch.Tensor, config: TrainConfig, folder: Path | str, labels: torch.Tensor | None = None
-) -> list[Path]:
-    """Write `image_grids` (and, given labels, the latent plot) as PNG files into `folder`."""
+def save_pictures(model: Autoencoder, data: Data, config: TrainConfig, folder: Path | str) -> list[Path]:
+    """Write the pictures of a trained model on the test split into `folder` as PNG files: the image
+    grids (for images) and the figures (`figures.save_figures`: latent map, errors, anomalies)."""
     from torchvision.utils import save_image
+
+    from aesearch.parts.data import IMAGE
+    from aesearch.training.figures import save_figures
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    data = data.to(device)
     paths = []
-    for name, grid in image_grids(model, x, config).items():
-        save_image(grid, folder / name)
-        paths.append(folder / name)
-    if labels is not None:
-        latent_plot(model, x, labels, folder / "latent.png")
-        paths.append(folder / "latent.png")
-    return paths
+    if data.spec.modality == IMAGE:
+        for name, grid in image_grids(model, data.test_x, config).items():
+            save_image(grid, folder / name)
+            paths.append(folder / name)
+    return paths + save_figures(model, data, folder, config.evaluation.batch_size)

@@ -28,7 +28,7 @@ from aesearch.config import TrainConfig, variant_family
 from aesearch.errors import UserError
 from aesearch.parts.data import Data
 from aesearch.training.checkpoints import BEST_FILE
-from aesearch.training.images import save_images
+from aesearch.training.images import save_pictures
 from aesearch.training.trainer import EpochEnd, Reporter, TrainResult, train
 
 
@@ -119,12 +119,11 @@ def run_in_folder(
     with closing(folder_reporter):
         result = train(config, data, reporter, resume_from=resume_state, stop_after=stop_after)
     folder_reporter.open()  # in case no epoch was left to train
-    device = next(result.model.parameters()).device
-    save_images(result.model, data.test_x.to(device), config, folder_reporter.folder, data.test_y)
+    save_pictures(result.model, data, config, folder_reporter.folder)
     summary = {
         "name": config.name,
         "variant": variant_family(config),
-        "dataset": config.data.name,
+        "dataset": config.data.dataset,
         "fingerprint": result.fingerprint,
         "epochs": len(result.history),
         **result.metrics,

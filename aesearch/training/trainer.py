@@ -21,10 +21,10 @@ from typing import Any, NamedTuple
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from aesearch.config import TrainConfig, parse_config, resolve_device
+from aesearch.config import TrainConfig, check_data, parse_config, resolve_device
 from aesearch.errors import CheckpointError, DivergedError
 from aesearch.parts.corruption import corrupt
-from aesearch.parts.data import Data
+from aesearch.parts.data import Data, DataSpec, check_fits
 from aesearch.parts.models import Autoencoder, build_model, parameter_count
 from aesearch.parts.objectives import Objective, random_directions
 from aesearch.parts.optimizers import OPTIMIZERS
@@ -119,7 +119,7 @@ def check_resumable(state: dict[str, Any], config: TrainConfig, data: Data) -> N
         )
 
 
-def initial_model(config: TrainConfig, image_shape: tuple[int, int, int]) -> Autoencoder:
+def initial_model(config: TrainConfig, spec: DataSpec) -> Autoencoder:
     """The model with its initial weights, a function of `config.seed` alone.
 
     torch's layers draw their initial weights from the global CPU generator and take no
@@ -127,7 +127,7 @@ def initial_model(config: TrainConfig, image_shape: tuple[int, int, int]) -> Aut
     """
     with torch.random.fork_rng(devices=[]):  # the CPU generator only: the model is built there
         torch.default_generator.manual_seed(config.seed)  # torch.manual_seed would reseed CUDA's too
-        return build_model(config.model, image_shape)
+        return build_model(config.model, spec)
 
 
 @contextlib.contextmanager
@@ -162,14 +162,18 @@ class Trainer:
         # generator: what else runs in the process cannot shift it, and a packed step can keep
         # each member's draws exactly those of its unpacked run.
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        check_data(config, data.spec)  # the user's data is known only now
+        if self.device.type == "cuda" and data.device != self.device:
+            check_fits(data.nbytes, f"{config.data.dataset} ({data.spec.describe()})", str(self.device))
         self.data = data.to(self.device)
-        self.model = initial_model(config, data.spec.shape).to(self.device)
+        self.validation_x = self.data.normal_val_x  # the validation loss: on normal rows only
+        self.model = initial_model(config, data.spec).to(self.device)
         self.channels_last = (
             self.device.type == "cuda" and config.runtime.channels_last and config.model.architecture == "conv"
         )
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.objective = Objective(config.objective, self.model.stochastic, config.epochs)
+        self.objective = Objective(config.objective, self.model.stochastic, config.epochs, data.spec)
         self.input_grad = self.objective.needs_input_grad(self.model)  # contractive estimator: d code / d x
         opt = config.optimizer
         self.optimizer = OPTIMIZERS[opt.name](
@@ -211,7 +215,7 @@ class Trainer:
         """A batch and every random draw of its step, from the run's generator."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x_in = corrupt(x, self.config.corruption.kind, self.config.corruption.level, self.generator)
+        x_in = corrupt(x, self.config.corruption.kind, self.config.corruption.level, self.generator, self.data.spec)
         code_shape = (len(x), self.model.latent_dim)
         noise = directions = None
         if self.model.stochastic:
@@ -267,7 +271,7 @@ class Trainer:
         yardstick shared by every variant."""
         model, objective, beta = self.model, self.objective, self.objective.full_beta
         model.eval()
-        images, batch_size = self.data.val_x, self.config.evaluation.batch_size
+        images, batch_size = self.validation_x, self.config.evaluation.batch_size
         sums = torch.zeros(2 + len(objective.term_names), device=self.device)
         for start in range(0, len(images), batch_size):
             x, x_in, noise, directions = self.inputs(images[start : start + batch_size])
@@ -276,7 +280,7 @@ class Trainer:
                 loss, terms = objective(model, x, x_in, output, beta, directions)
                 with torch.no_grad():
                     clean = output if (x_in is x and not model.stochastic) else model(x, sample=False)
-                    squared_error = (clean.x_hat.float() - x).pow(2).mean(dim=(1, 2, 3)).sum()
+                    squared_error = (clean.x_hat.float() - x).pow(2).flatten(1).mean(1).sum()
             batch = torch.stack([loss.detach(), *(t.detach() for t in terms.values()), squared_error / len(x)])
             sums.add_(batch, alpha=len(x))
         values = (sums / len(images)).tolist()
@@ -309,6 +313,7 @@ class Trainer:
         return {
             "config": self.config.model_dump(mode="json"),
             "fingerprint": self.data.fingerprint,
+            "data_spec": self.data.spec.to_dict(),
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),

@@ -1,0 +1,122 @@
+"""The `data:` section: a built-in dataset by `name`, or the user's own data by `path`.
+
+    data: {name: mnist}                                   # a built-in benchmark
+    data: {path: transactions.csv, label: Class, anomaly: [1]}
+    data: {path: scans/, image_size: 64, channels: 1}     # a folder of images (one sub-folder per class)
+
+The format of a path is its suffix (`.csv`, `.parquet`, `.npy`, `.npz`) or, for a folder, images.
+Relative paths are read from the current directory. Only what can be checked without reading the
+files is checked here; the files themselves are checked when they are loaded (`load.load_data`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from aesearch.parts.data.builtin import DATASETS
+from aesearch.schema import Bounded, Float, Int, Named, PositiveInt, Section, broken_rule
+
+# The formats of user data, by suffix; a folder holds images.
+TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+ARRAY_SUFFIXES = {".npy": "npy", ".npz": "npz"}
+FOLDER = "folder"
+FORMAT_RULE = "its format comes from the suffix: .csv, .parquet, .npy, .npz, or a folder of images"
+
+TABLE_FIELDS = ("label", "features", "categorical")
+IMAGE_FIELDS = ("image_size", "channels")
+
+
+def data_format(path: str) -> str | None:
+    """The format a path names: 'csv', 'parquet', 'npy', 'npz', 'folder', or None."""
+    suffix = Path(path).suffix.lower()
+    if suffix in TABLE_SUFFIXES:
+        return TABLE_SUFFIXES[suffix]
+    if suffix in ARRAY_SUFFIXES:
+        return ARRAY_SUFFIXES[suffix]
+    if not suffix or path.endswith(("/", "\\")) or Path(path).is_dir():
+        return FOLDER
+    return None
+
+
+class DataConfig(Section):
+    """Which data, how it is read, and how it is split. Where the built-in datasets' files live is
+    a runtime option (--data-dir), not config."""
+
+    name: Named(DATASETS) | None = Field(None, description="a built-in dataset (default digits when no path)")
+    path: str | None = Field(None, min_length=1, description="the user's data file or image folder")
+    test: str | None = Field(None, min_length=1, description="a separate test file or folder, same format")
+    # tables
+    label: str | None = None  # the label column (optional)
+    features: list[str] | None = Field(None, min_length=1)  # default: every column but the label
+    categorical: list[str] | None = None  # default: the non-numeric feature columns
+    scale: Literal["standard", "minmax", "none"] = "standard"  # numeric features, fitted on the training split
+    impute: Literal["none", "median"] = "none"  # missing values: refuse (none) or fill from the training split
+    # image folders
+    image_size: Bounded(8192) | None = None  # images resized to image_size x image_size (default: the first's)
+    channels: Literal[1, 3] | None = None  # 1 grey, 3 RGB (default: the first image's)
+    # labels and splits
+    anomaly: list[str | int] | None = Field(None, min_length=1, description="label values that are anomalies")
+    val_fraction: Float = Field(0.1, gt=0.0, le=0.5)
+    test_fraction: Float = Field(0.2, gt=0.0, le=0.5)  # user data without a `test` file
+    split_seed: Int = Field(0, ge=0)
+    max_train_samples: PositiveInt | None = None
+
+    @property
+    def dataset(self) -> str:
+        """What the data is called in messages and runs: the built-in name, or the file's name."""
+        return self.name or Path(self.path).name or self.path
+
+    @property
+    def format(self) -> str:
+        return "builtin" if self.path is None else data_format(self.path)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _digits_by_default(cls, document: object) -> object:
+        if isinstance(document, dict) and document.get("name") is None and document.get("path") is None:
+            return {**document, "name": "digits"}
+        return document
+
+    @model_validator(mode="after")
+    def _fields_fit_the_source(self) -> DataConfig:
+        if self.name is not None and self.path is not None:
+            raise broken_rule(f"data.name={self.name!r} and data.path={self.path!r}: give one of them, not both")
+        if self.path is None:
+            given = [f for f in (*TABLE_FIELDS, *IMAGE_FIELDS, "test") if getattr(self, f) is not None]
+            if given:
+                raise broken_rule(f"data.{given[0]} applies to data.path (your own data), not to the built-in "
+                                  f"dataset {self.name!r}")
+            return self._builtin_anomaly_is_a_class()
+        for path in (self.path, self.test):
+            if path is not None and data_format(path) is None:
+                field = "path" if path == self.path else "test"
+                raise broken_rule(f"data.{field}={path!r}: {FORMAT_RULE}")
+        if self.test is not None and data_format(self.test) != self.format:
+            raise broken_rule(f"data.test={self.test!r} must have the format of data.path={self.path!r} "
+                              f"({self.format})")
+        if self.format not in ("csv", "parquet"):
+            given = [f for f in TABLE_FIELDS if getattr(self, f) is not None]
+            if given:
+                raise broken_rule(f"data.{given[0]} applies to tables (.csv, .parquet), not to data.path={self.path!r}")
+        if self.format != FOLDER:
+            given = [f for f in IMAGE_FIELDS if getattr(self, f) is not None]
+            if given:
+                raise broken_rule(f"data.{given[0]} applies to image folders, not to data.path={self.path!r}")
+        overlap = sorted(set(self.features or ()) & {self.label})
+        if overlap:
+            raise broken_rule(f"data.features lists the label column {overlap[0]!r}: a label is not a feature")
+        unknown = sorted(set(self.categorical or ()) - set(self.features or self.categorical or ()))
+        if unknown:
+            raise broken_rule(f"data.categorical names {unknown[0]!r}, which is not in data.features")
+        return self
+
+    def _builtin_anomaly_is_a_class(self) -> DataConfig:
+        classes = DATASETS[self.name].spec.classes
+        for value in self.anomaly or ():
+            if str(value) not in classes:
+                raise broken_rule(f"data.anomaly: {value!r} is not a class of {self.name} "
+                                  f"({classes[0]}..{classes[-1]})")
+        return self

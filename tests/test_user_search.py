@@ -1,0 +1,214 @@
+"""The user's own data end to end, through the command line: a real Ray search on a CSV table
+with labelled anomalies and on a folder of images; training on Parquet, .npy, .npz and a flat
+folder; the found model applied to new rows (`encode`, `score`); bad input refused in one line."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from aesearch.cli import main
+from tests.conftest import REPO
+from tests.searching import run, search_command, tracking_uri
+from tests.test_bad_input import nothing_written, refused
+from tests.user_data import wine_table, write_digit_images
+
+WINE_SPACE = {
+    "name": "wine",
+    "data": {"label": "Class", "anomaly": [1]},
+    "base": {"optimizer": {"batch_size": 16}, "model": {"hidden_dims": [32]},
+             "evaluation": {"iwae_samples": 5, "kmeans_restarts": 1, "denoise_levels": {"swap": 0.2}}},
+    "space": {
+        "model.architecture": {"type": "categorical", "choices": ["dense", "attention"]},
+        "model.embed_dim": {"type": "categorical", "choices": [16], "when": {"model.architecture": "attention"}},
+        "model.latent": {"type": "categorical", "choices": ["deterministic", "gaussian"]},
+        "objective.reconstruction": {"type": "categorical", "choices": ["mse", "mixed"]},
+        "corruption.kind": {"type": "categorical", "choices": ["none", "swap"]},
+        "p": {"path": "corruption.level", "type": "float", "low": 0.05, "high": 0.2, "when": {"corruption.kind": "swap"}},
+    },
+    "start_with": [{"model.architecture": "dense", "model.latent": "deterministic", "objective.reconstruction": "mse",
+                    "corruption.kind": "none"}],
+    "objective": {"metric": "val/recon_mse", "mode": "min"},
+    "budget": {"num_samples": 3, "max_epochs": 12, "grace_period": 12},
+    "resources": {"cpu": 1},
+    "max_concurrent": 2,
+    "seed": 0,
+}
+
+
+def write_search(folder, name, data, **changes):
+    space = {**WINE_SPACE, "name": name, "data": data, **changes}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def wine_search(tmp_path_factory, ray_env):
+    """A real Ray search of 3 trials on wine.csv (anomalies labelled), logged to an embedded store."""
+    folder = tmp_path_factory.mktemp("wine")
+    table = folder / "wine.csv"
+    wine_table().to_csv(table, index=False)
+    space = write_search(folder, "wine", {"path": str(table), **WINE_SPACE["data"]})
+    done = run(search_command(space, folder / "results"), ray_env, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder, tracking_uri(folder / "results"), done
+
+
+def test_a_search_on_a_csv_table_measures_anomaly_detection_and_records_the_dataset(wine_search):
+    folder, uri, done = wine_search
+    store = MlflowClient(uri)
+    experiment = store.get_experiment_by_name("wine")
+    runs = store.search_runs([experiment.experiment_id])
+    trials = [r for r in runs if r.data.tags.get("aesearch.role") == "trial"]
+    search = next(r for r in runs if r.data.tags.get("aesearch.role") == "search")
+    assert len(trials) == 3
+    for trial in trials:
+        metrics = trial.data.metrics
+        assert 0 <= metrics["test/anomaly_auroc"] <= 1 and 0 <= metrics["test/anomaly_ap"] <= 1
+        assert "test/recon_mse_original" in metrics and "test/denoise_mse_swap" in metrics
+        assert "test/psnr" not in metrics  # real-valued data: no PSNR
+        dataset = trial.inputs.dataset_inputs[0].dataset
+        assert dataset.name == "wine.csv" and dataset.digest == trial.data.tags["dataset_fingerprint"]
+        assert json.loads(dataset.source)["uri"] == str(folder / "wine.csv")
+        assert "region" in [column["name"] for column in json.loads(dataset.schema)["mlflow_colspec"]]
+    assert search.inputs.dataset_inputs[0].dataset.digest == trials[0].data.tags["dataset_fingerprint"]
+    pictures = {f.path for f in store.list_artifacts(trials[0].info.run_id, "images")}
+    assert {"images/latent.png", "images/feature_errors.png", "images/anomaly_scores.png", "images/roc.png"} <= pictures
+    assert "images/reconstructions.png" not in pictures
+    # the best trial separates the held-out cultivar from the normal ones
+    best = max(trials, key=lambda r: r.data.metrics["test/anomaly_auroc"])
+    assert best.data.metrics["test/anomaly_auroc"] > 0.8
+
+
+def test_the_found_model_scores_and_encodes_new_rows(wine_search, monkeypatch, capsys):
+    folder, uri, _ = wine_search
+    monkeypatch.chdir(folder)
+    table = wine_table()
+    table.drop(columns=["Class"]).to_csv(folder / "new.csv", index=False)
+    assert main(["score", "wine", "--input", "new.csv", "--out", "scores.csv", "--tracking-uri", uri]) == 0
+    scores = pd.read_csv(folder / "scores.csv")
+    assert len(scores) == len(table)
+    assert {"score", "error_alcohol", "error_region"} <= set(scores.columns)
+    numeric = [c for c in scores.columns if c.startswith("error_") and c != "error_region"]
+    assert np.allclose(scores[numeric].mean(axis=1) * len(numeric) / (len(numeric) + 2), scores["score"], rtol=0.5)
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(table["Class"], scores["score"]) > 0.8  # anomalous rows score higher
+    assert main(["encode", "wine", "--input", "new.csv", "--out", "codes.npy", "--tracking-uri", uri]) == 0
+    codes = np.load(folder / "codes.npy")
+    assert codes.shape == (len(table), 16)
+
+
+def test_new_rows_that_do_not_match_are_refused_and_nothing_is_written(wine_search, monkeypatch, capsys):
+    folder, uri, _ = wine_search
+    work = folder / "refusals"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    wine_table().drop(columns=["ash"]).to_csv("fewer.csv", index=False)
+    line = refused(capsys, ["score", "wine", "--input", "fewer.csv", "--out", "s.csv", "--tracking-uri", uri])
+    assert "fewer.csv: no column 'ash', which the data was trained with" in line
+    (work / "taken.csv").write_text("mine\n")
+    line = refused(capsys, ["encode", "wine", "--input", "fewer.csv", "--out", "taken.csv", "--tracking-uri", uri])
+    assert "--out taken.csv: exists" in line and (work / "taken.csv").read_text() == "mine\n"
+    line = refused(capsys, ["score", "wine", "--input", "fewer.csv", "--out", "s.txt", "--tracking-uri", uri])
+    assert "--out s.txt: the format comes from the suffix" in line
+    nothing_written(work, "fewer.csv", "taken.csv")
+
+
+def test_a_reproduction_of_a_trial_on_user_data_matches(wine_search, capsys):
+    folder, uri, _ = wine_search
+    code = main(["reproduce", "wine", "--from-checkpoint", "--tracking-uri", uri])
+    out = capsys.readouterr().out
+    assert code == 0 and "REPRODUCED: every value within tolerance" in out, out
+    assert "test/anomaly_auroc" in out and "test/recon_mse_original" in out  # the user data's own metrics, compared
+
+
+def test_a_search_on_a_folder_of_images_with_classes(tmp_path, ray_env):
+    write_digit_images(tmp_path / "images", per_class=30, classes=(0, 1, 7))
+    space = write_search(tmp_path, "folder", {"path": str(tmp_path / "images"), "image_size": 8},
+                         base={"optimizer": {"batch_size": 16}, "evaluation": {"iwae_samples": 5, "kmeans_restarts": 1}},
+                         space={"model.architecture": {"type": "categorical", "choices": ["dense", "conv"]},
+                                "model.latent_dim": {"type": "categorical", "choices": [4, 8]}},
+                         start_with=[], budget={"num_samples": 2, "max_epochs": 2, "grace_period": 2})
+    done = run(search_command(space, tmp_path / "results"), ray_env, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    store = MlflowClient(tracking_uri(tmp_path / "results"))
+    experiment = store.get_experiment_by_name("folder")
+    trials = [r for r in store.search_runs([experiment.experiment_id]) if r.data.tags.get("aesearch.role") == "trial"]
+    assert len(trials) == 2
+    for trial in trials:
+        assert {"test/knn_accuracy", "test/kmeans_ari", "test/psnr"} <= set(trial.data.metrics)
+
+
+def write_sources(folder):
+    """The same kind of data in each of the other formats."""
+    rng = np.random.default_rng(0)
+    table = wine_table()
+    table.to_parquet(folder / "wine.parquet")
+    x = rng.normal(size=(120, 5)).astype(np.float32) @ rng.normal(size=(5, 12)).astype(np.float32)
+    np.save(folder / "vectors.npy", x)
+    np.savez(folder / "labelled.npz", x=x, y=np.repeat(["a", "b", "c"], 40))
+    write_digit_images(folder / "flat", per_class=15, classes=(3, 4), flat=True)
+
+
+@pytest.mark.parametrize("data, labelled", [
+    ({"path": "wine.parquet", "label": "Class", "anomaly": [1]}, True),
+    ({"path": "vectors.npy"}, False),
+    ({"path": "labelled.npz", "anomaly": ["c"]}, True),
+    ({"path": "flat", "channels": 1}, False),
+], ids=["parquet", "npy", "npz", "flat-folder"])
+def test_train_on_each_source(data, labelled, tmp_path, monkeypatch, capsys):
+    write_sources(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    config = {"data": data, "epochs": 2, "model": {"hidden_dims": [16], "latent_dim": 4},
+              "evaluation": {"iwae_samples": 5, "kmeans_restarts": 1}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", "config.yaml", "--out", "run"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["dataset"] == data["path"]
+    assert ("test/kmeans_ari" in summary) == labelled
+    assert ("test/anomaly_auroc" in summary) == ("anomaly" in data)
+    assert (tmp_path / "run" / "latent.png").is_file()
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"model": {"architecture": "conv"}}, "model.architecture='conv' takes images (channels x height x width); "
+                                          "wine.csv is a vector of 15 features: use 'dense' or 'attention'"),
+    ({"objective": {"reconstruction": "bce"}}, "objective.reconstruction='bce' needs values in [0, 1], but wine.csv"),
+    ({"corruption": {"kind": "salt_pepper", "level": 0.1}}, "corruption.kind='salt_pepper'"),
+])
+def test_a_config_that_does_not_fit_the_data_is_refused_before_anything_is_written(change, expected, tmp_path,
+                                                                                  monkeypatch, capsys):
+    wine_table().to_csv(tmp_path / "wine.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"data": {"path": "wine.csv", "label": "Class"}, **change}))
+    line = refused(capsys, ["train", "config.yaml", "--out", "run"])
+    assert expected in line
+    nothing_written(tmp_path, "wine.csv", "config.yaml")
+
+
+def test_a_search_space_that_does_not_fit_the_data_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys):
+    wine_table().to_csv(tmp_path / "wine.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+    space = write_search(tmp_path, "unfit", {"path": "wine.csv", "label": "Class"},
+                         space={"model.architecture": {"type": "categorical", "choices": ["dense", "conv"]}}, start_with=[])
+    line = refused(capsys, ["search", str(space), "--storage", "results", "--tracking-uri", "sqlite:///m.db"])
+    assert "is not a valid config: model.architecture='conv' takes images" in line
+    nothing_written(tmp_path, "wine.csv", "unfit.yaml")
+
+
+def test_example_writes_the_files_its_search_space_names(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["example", "wine"]) == 0
+    assert main(["example", "digits-images"]) == 0
+    from aesearch.parts.data import load_data
+    from aesearch.search.space import load_space
+
+    wine = load_data(load_space(REPO / "search_spaces" / "wine_anomaly.yaml").data)
+    assert wine.spec.anomalies == ("1",) and (wine.test_y == 1).any() and (wine.train_y == 0).all()
+    images = load_data(load_space(REPO / "search_spaces" / "digits_images.yaml").data)
+    assert images.spec.shape == (1, 8, 8) and len(images.spec.classes) == 10
