@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from aesearch.errors import DivergedError
+from aesearch.examples import wine_table
 from aesearch.packing.fused import pack_groups, pack_key, train_group_epoch, train_packed_epoch, why_not_packable
+from aesearch.parts.data import DataConfig, load_data
+from aesearch.parts.data.spec import IMAGE, VECTOR
+from aesearch.parts.models import ARCHITECTURES
 from aesearch.parts.objectives import Objective
 from aesearch.parts.optimizers import OPTIMIZERS, Optimizer
 from aesearch.training.checkpoints import load_checkpoint
@@ -115,6 +119,133 @@ def test_packed_members_train_as_they_would_alone(name, digits):
     # the members are not one model twice: their own settings gave them their own results
     assert trainers[0].history[-1]["val/loss"] != pytest.approx(trainers[1].history[-1]["val/loss"], rel=1e-3)
 
+
+
+# --- vectors: the rows of a real table, packed by the same rules as images ---------------------
+
+
+@pytest.fixture
+def wine(tmp_path):
+    """The wine table (13 numeric columns, a categorical `region`, anomalies in `Class`) written as
+    a CSV file and loaded as a vector dataset: (the data section that names it, the data)."""
+    path = tmp_path / "wine.csv"
+    wine_table().to_csv(path, index=False)
+    section = {"path": str(path), "label": "Class", "anomaly": [1]}
+    data = load_data(DataConfig(**section))
+    assert data.spec.modality == VECTOR and data.spec.shape == (15,)  # 13 numeric values + region's one-hot pair
+    assert data.spec.categorical_groups and not data.spec.unit_range  # standardised: real-valued
+    return section, data
+
+
+# ~90 normal training rows: batches of 32 give each epoch several steps, the last one short.
+VECTOR_VAE = dict(
+    model={"latent": "gaussian", "hidden_dims": [16], "latent_dim": 4},
+    objective={"reconstruction": "mixed", "kl": {"schedule": "linear", "warmup_epochs": 2}},
+    corruption={"kind": "swap", "level": 0.2},
+    optimizer={"batch_size": 32},
+)
+
+# Groups of vector members that share a pack, as PACKS: each differs only in per-member settings.
+VECTOR_PACKS = {
+    "vector_dense_lrs_widths_losses_noises": [
+        dict(epochs=4, model={"hidden_dims": [16], "latent_dim": 6}, optimizer={"batch_size": 32},
+             corruption={"kind": "swap", "level": 0.2}),  # mse
+        dict(epochs=4, seed=1, model={"hidden_dims": [16], "latent_dim": 3}, objective={"reconstruction": "mixed"},
+             optimizer={"batch_size": 32, "lr": 3e-3}, corruption={"kind": "masking", "level": 0.3}),
+        dict(epochs=4, seed=2, model={"hidden_dims": [16], "latent_dim": 4},
+             objective={"reconstruction": "mixed", "sparsity": {"kind": "l1", "weight": 0.05}},
+             optimizer={"name": "adamw", "batch_size": 32, "lr": 5e-3, "weight_decay": 1e-2}),  # no corruption
+    ],
+    "vector_vae_widths_losses_noises": [
+        member(VECTOR_VAE, epochs=3),
+        member(VECTOR_VAE, epochs=3, seed=1, model={"latent_dim": 7}, optimizer={"lr": 3e-3},
+               objective={"reconstruction": "mse", "kl": {"beta": 0.5, "schedule": "cyclical", "cycles": 2}},
+               corruption={"kind": "masking", "level": 0.3}),
+    ],
+    "vector_contractive_estimator": [  # hidden layers: d code / d x along each member's directions
+        dict(epochs=3, model={"hidden_dims": [16], "latent_dim": 5}, optimizer={"batch_size": 32},
+             objective={"contractive_weight": 0.1, "contractive_projections": 2}),
+        dict(epochs=3, seed=4, model={"hidden_dims": [16], "latent_dim": 2}, optimizer={"batch_size": 32, "lr": 3e-3},
+             objective={"contractive_weight": 1.0, "contractive_projections": 2, "reconstruction": "mixed"},
+             corruption={"kind": "swap", "level": 0.1}),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(VECTOR_PACKS))
+def test_packed_vector_members_train_as_they_would_alone(name, wine):
+    table, data = wine
+    configs = [make_config(**sections, data=table) for sections in VECTOR_PACKS[name]]
+    assert pack_key(configs[0]) is not None and len({pack_key(config) for config in configs}) == 1
+    trainers = [Trainer(config, data) for config in configs]
+    for _ in range(configs[0].epochs):
+        ends = train_packed_epoch(trainers)
+        assert all(not isinstance(end, Exception) for end in ends)
+    for trainer, config in zip(trainers, configs):
+        alone = train_alone(config, data)
+        assert_same_epochs(trainer.history, alone)
+        assert trainer.history[0]["train/loss"] != trainer.history[-1]["train/loss"]  # it trained
+    # the members are not one model twice: their own settings gave them their own results
+    assert trainers[0].history[-1]["val/loss"] != pytest.approx(trainers[1].history[-1]["val/loss"], rel=1e-3)
+
+
+def test_vector_and_image_models_never_share_a_pack_and_vectors_follow_the_image_rules(wine, digits):
+    table, data = wine
+    assert digits.spec.modality == IMAGE
+    model = {"hidden_dims": [32], "latent_dim": 4}
+    vector = make_config(name="vector", data=table, model=model)
+    image = make_config(name="image", model=model)  # the same model section, on digits' 8x8 images
+    assert None not in (pack_key(vector), pack_key(image)) and pack_key(vector) != pack_key(image)
+
+    # What differs per member for images differs per member for vectors ...
+    same = make_config(name="other", seed=9, epochs=50, data=table, model={**model, "latent_dim": 9},
+                       objective={"reconstruction": "mixed", "sparsity": {"kind": "l1"}},
+                       corruption={"kind": "swap", "level": 0.3}, optimizer={"name": "adamw", "lr": 0.01},
+                       evaluation={"iwae_samples": 3})
+    assert pack_key(same) == pack_key(vector)
+    # ... and what must be shared for images must be shared for vectors, the table read alike too.
+    for different in [
+        dict(model={"hidden_dims": [16], "latent_dim": 4}),
+        dict(model={**model, "latent": "gaussian"}),
+        dict(model={**model, "code_activation": "sigmoid"}),
+        dict(model={**model, "activation": "gelu"}),
+        dict(model=model, optimizer={"batch_size": 64}),
+        dict(model=model, objective={"contractive_weight": 0.1}),
+        dict(model=model, data={**table, "split_seed": 1}),
+        dict(model=model, data={**table, "scale": "minmax"}),
+        dict(model=model, data={**table, "features": ["alcohol", "ash", "region"]}),  # another input width
+    ]:
+        assert pack_key(make_config(**{"data": table, **different})) != pack_key(vector), different
+
+    configs = {"v1": vector, "i1": image, "v2": same, "i2": make_config(seed=1, model=model)}
+    assert sorted(pack_groups(configs, pack=4)) == sorted([["v1", "v2"], ["i1", "i2"]])
+    trainers = [Trainer(vector, data), Trainer(image, digits)]
+    with pytest.raises(ValueError, match="'vector' and 'image' differ"):
+        train_packed_epoch(trainers)
+    assert all(trainer.epoch == 0 and math.isinf(trainer.best_value) for trainer in trainers)
+
+
+def test_attention_on_vectors_is_not_packed_and_trains_alone(wine):
+    """The attention architecture reads a table one token per column; it says packs=False for
+    vectors as for images: its trials are never packed, and each trains its own epochs."""
+    table, data = wine
+    assert not ARCHITECTURES["attention"].packs
+    attention = {"architecture": "attention", "embed_dim": 16, "heads": 2, "depth": 1, "latent_dim": 4}
+    configs = {name: make_config(name=name, seed=seed, epochs=2, data=table, model=attention,
+                                 optimizer={"batch_size": 32}) for seed, name in enumerate("ab")}
+    for config in configs.values():
+        assert pack_key(config) is None and "model.architecture='attention'" in why_not_packable(config)
+    dense = {name: make_config(name=name, seed=seed, data=table, model={"hidden_dims": [16], "latent_dim": 4})
+             for seed, name in enumerate("cd")}
+    assert sorted(pack_groups({**configs, **dense}, pack=4)) == sorted([["a"], ["b"], ["c", "d"]])
+
+    trainers = [Trainer(config, data) for config in configs.values()]
+    with pytest.raises(ValueError, match="trial 'a' cannot be packed: model.architecture='attention'"):
+        train_packed_epoch(trainers)
+    assert all(trainer.epoch == 0 for trainer in trainers)
+    for _ in range(2):  # its group of one: the trainer's own epoch
+        assert train_group_epoch(trainers[:1])[0].epoch == trainers[0].epoch
+    assert_same_epochs(trainers[0].history, train_alone(configs["a"], data))
 
 def test_members_join_and_leave_at_epoch_boundaries_and_keep_their_own_checkpoints(digits, tmp_path):
     first = make_config(**member(VAE, epochs=4))

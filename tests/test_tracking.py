@@ -216,8 +216,10 @@ def test_the_search_run_describes_the_search_and_registers_the_best_model(tracke
     with fluent_api_on(client._tracking_client.tracking_uri):
         model = mlflow.pyfunc.load_model(f"models:/small/{versions[0].version}")
     images = digits.test_x[:5].numpy()
-    reconstructions = model.predict(images)
-    assert reconstructions.shape == images.shape
+    served = model.predict(images)  # raw images in: scores, codes, reconstructions out
+    reconstructions = served["reconstruction"]
+    assert reconstructions.shape == images.shape and served["score"].shape == (5,)
+    assert served["score"] == pytest.approx(((reconstructions - images) ** 2).reshape(5, -1).mean(1), rel=1e-4)
     assert ((reconstructions >= 0) & (reconstructions <= 1)).all()
     assert float(((reconstructions - images) ** 2).mean()) == pytest.approx(board.loc[0, "test/recon_mse"], abs=0.05)
 

@@ -3,6 +3,7 @@ with labelled anomalies and on a folder of images; training on Parquet, .npy, .n
 folder; the found model applied to new rows (`encode`, `score`); bad input refused in one line."""
 
 import json
+import sys
 
 import numpy as np
 import pandas as pd
@@ -101,6 +102,58 @@ def test_the_found_model_scores_and_encodes_new_rows(wine_search, monkeypatch, c
     assert main(["encode", "wine", "--input", "new.csv", "--out", "codes.npy", "--tracking-uri", uri]) == 0
     codes = np.load(folder / "codes.npy")
     assert codes.shape == (len(table), 16)
+
+
+def test_the_registered_model_takes_raw_rows_and_is_served_over_http(wine_search, ray_env):
+    """`mlflow models serve` (a real HTTP server on 127.0.0.1, in this environment) answers posted raw
+    rows — original units, categories as text — with scores, codes and reconstructions: the scaler
+    and the one-hot encoding travel inside the registered model."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    folder, uri, _ = wine_search
+    rows = wine_table().drop(columns=["Class"])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/wine/1", "-h", "127.0.0.1",
+               "-p", str(port), "--env-manager", "local"]
+    path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"  # its uvicorn, as `uv run` gives
+    server = subprocess.Popen(command, env={**ray_env, "MLFLOW_TRACKING_URI": uri, "PATH": path}, cwd=folder,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-3000:]
+                assert time.time() < deadline, "mlflow models serve did not answer in 120 s"
+                time.sleep(1)
+        body = json.dumps({"dataframe_split": json.loads(rows.to_json(orient="split", index=False))}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            predictions = pd.DataFrame(json.loads(answer.read())["predictions"])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert len(predictions) == len(rows)
+    assert {"score", "z0", "error_alcohol", "recon_alcohol", "recon_region"} <= set(predictions.columns)
+    assert set(predictions["recon_region"]) <= {"north", "south"}
+    # reconstructions in original units: close to the rows themselves, not to their standardised values
+    assert abs(predictions["recon_proline"].mean() - rows["proline"].mean()) < 0.3 * rows["proline"].std()
+    # the same scores as `aesearch score` gives for the best trial
+    from aesearch.api import score
+
+    scored = score("wine", str(folder / "wine.csv"), tracking_uri=uri)
+    assert np.allclose(predictions["score"], scored["score"], rtol=1e-4)
 
 
 def test_new_rows_that_do_not_match_are_refused_and_nothing_is_written(wine_search, monkeypatch, capsys):

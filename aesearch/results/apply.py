@@ -6,7 +6,7 @@ The model comes from a checkpoint file, or from a search: the trial at a rank of
 checkpoint carries the data's spec, so the input is encoded and scaled exactly as the training
 data was (`parts.data.read_inputs`), and refused, naming the difference, where it does not match.
 
-The anomaly score is the one the evaluation measures (`evaluate.sample_errors`: the mean squared
+The anomaly score is the one the evaluation measures (`training.inference`: the mean squared
 reconstruction error of the input, in the model's scaled units); for tables each column's own error
 is written beside it, so a high score can be traced to the columns that caused it.
 """
@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from aesearch.errors import UserError
 from aesearch.training.checkpoints import TrainedModel
+from aesearch.training.inference import Inference
 
 OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".npy": "npy"}
-BATCH = 4096
 
 
 def check_output(out: Path | str) -> Path:
@@ -61,32 +60,22 @@ def trained_model(source: str, uri: str | None = None, rank: int | None = None, 
         return load_trained_model(path, device=device, where=f"{BEST_CHECKPOINT} of run {trial.run_id}")
 
 
-def read(trained: TrainedModel, input: str) -> torch.Tensor:
+def apply(trained: TrainedModel, input: str) -> Inference:
+    """The model's codes, reconstructions and scores of the inputs in a file."""
     from aesearch.parts.data import read_inputs
+    from aesearch.training.inference import infer
 
-    x = read_inputs(input, trained.model.spec, trained.config.data.impute)
-    return torch.from_numpy(x).to(next(trained.model.parameters()).device)
+    return infer(trained.model, read_inputs(input, trained.model.spec, trained.config.data.impute))
 
 
 def codes(trained: TrainedModel, input: str) -> pd.DataFrame:
     """One row of codes (z0, z1, ...) per input; the mean of a gaussian latent."""
-    from aesearch.training.evaluate import encode
-
-    z = encode(trained.model, read(trained, input), BATCH).numpy()
-    return pd.DataFrame(z, columns=[f"z{i}" for i in range(z.shape[1])])
+    return apply(trained, input).code_table()
 
 
 def scores(trained: TrainedModel, input: str) -> pd.DataFrame:
     """The anomaly score of each input and, for tables, each column's reconstruction error."""
-    from aesearch.training.evaluate import column_errors, reconstruct, sample_errors
-
-    x = read(trained, input)
-    x_hat = reconstruct(trained.model, x, BATCH)
-    table = pd.DataFrame({"score": sample_errors(x_hat, x).cpu().numpy()})
-    if trained.model.spec.columns:
-        per_column = column_errors(x_hat, x, trained.model.spec)
-        table = table.join(pd.DataFrame({f"error_{name}": errors.cpu().numpy() for name, errors in per_column.items()}))
-    return table
+    return apply(trained, input).score_table()
 
 
 def write(table: pd.DataFrame, out: Path) -> Path:

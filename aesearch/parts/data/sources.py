@@ -67,9 +67,8 @@ def scale_numeric(x: np.ndarray, columns: list[Column]) -> np.ndarray:
 
 
 def read_inputs(path: str, spec: DataSpec, impute: str = "none") -> np.ndarray:
-    """New inputs for a trained model (`aesearch encode`, `score`), encoded and scaled as its training
-    data was: a table must have the training columns (extra ones are left out, with a note), arrays
-    and images the training shape. Returns float32 inputs of the model's shape."""
+    """New inputs for a trained model (`aesearch encode`, `score`) from a file, encoded and scaled as
+    its training data was (see encode_frame, encode_array). Returns float32 inputs of the model's shape."""
     file = Path(path).expanduser()
     if not file.exists():
         raise DataError(f"--input {path}: no such file or folder")
@@ -79,16 +78,45 @@ def read_inputs(path: str, spec: DataSpec, impute: str = "none") -> np.ndarray:
     if format not in known:
         raise DataError(f"--input {path}: the model takes {spec.describe()}; give it as "
                         + ", ".join(sorted("a folder of images" if k == FOLDER else f".{k}" for k in known)))
-    like = Raw(np.empty((0, *spec.shape), dtype=np.float32), None, spec.modality, list(spec.columns))
     if format in ("csv", "parquet"):
-        frame = _read_frame(file, format)
-        raw = encode_rows(frame, list(spec.columns), None, file, impute)  # refuses missing columns first
-        extra = [c for c in frame.columns if c not in {column.name for column in spec.columns}]
-        if extra:
-            note(f"{file.name}: columns {_names(extra)} were not features in training: left out")
-    else:
-        raw = READERS[format](file, None, like)
+        return encode_frame(_read_frame(file, format), spec, impute, file.name)
+    raw = READERS[format](file, None, _like(spec))
     return scale_numeric(raw.x, list(spec.columns)) if spec.modality == VECTOR else raw.x
+
+
+def encode_frame(frame: pd.DataFrame, spec: DataSpec, impute: str = "none", source: str = "input") -> np.ndarray:
+    """Raw rows of a table as the model's inputs: the training columns one-hot encoded and scaled as in
+    training. A missing column is refused, naming it; extra columns are left out, with a note."""
+    frame = frame.rename(columns=str)
+    raw = encode_rows(frame, list(spec.columns), None, source, impute)
+    extra = [c for c in frame.columns if c not in {column.name for column in spec.columns}]
+    if extra:
+        note(f"{source}: columns {_names(extra)} were not features in training: left out")
+    return scale_numeric(raw.x, list(spec.columns))
+
+
+def encode_array(x: np.ndarray, spec: DataSpec, source: str = "input") -> np.ndarray:
+    """An array of raw inputs (vectors, or images with 8-bit or [0, 1] pixels) as the model's inputs;
+    another shape than training's is refused, naming both."""
+    raw = _from_array(np.asarray(x), None, source, _like(spec))
+    return scale_numeric(raw.x, list(spec.columns)) if spec.modality == VECTOR else raw.x
+
+
+def decode_rows(values: np.ndarray, spec: DataSpec) -> pd.DataFrame:
+    """The model's outputs (in data space, see DataSpec.values) as table rows: numeric columns back in
+    their original units, each categorical column as its most likely level."""
+    decoded = {}
+    for column in spec.columns:
+        if column.kind == NUMERIC:
+            decoded[column.name] = values[:, column.start].astype(np.float64) * column.scale + column.center
+        else:
+            decoded[column.name] = np.asarray(column.levels, dtype=object)[values[:, column.positions].argmax(1)]
+    return pd.DataFrame(decoded)
+
+
+def _like(spec: DataSpec) -> Raw:
+    """The shape and columns new inputs must have, as an empty Raw (readers compare with it)."""
+    return Raw(np.empty((0, *spec.shape), dtype=np.float32), None, spec.modality, list(spec.columns))
 
 
 # --- tables ---------------------------------------------------------------------------------------
@@ -99,7 +127,7 @@ def read_inputs(path: str, spec: DataSpec, impute: str = "none") -> np.ndarray:
 def read_table(file: Path, config: DataConfig, like: Raw | None) -> Raw:
     frame = _read_frame(file, config.format)
     if like is not None:
-        return encode_rows(frame, like.columns, config.label, file, config.impute)
+        return encode_rows(frame, like.columns, config.label, file.name, config.impute)
     label = config.label
     if label is not None and label not in frame.columns:
         raise DataError(f"data.label={label!r}: no such column in {file.name} (columns: {_names(frame.columns)})")
@@ -120,7 +148,7 @@ def read_table(file: Path, config: DataConfig, like: Raw | None) -> Raw:
             example = frame[text[0]].dropna().iloc[0] if frame[text[0]].notna().any() else None
             raise DataError(f"data.features: column {text[0]!r} of {file.name} is not numeric (e.g. {example!r}); "
                             "list it in data.categorical to one-hot encode it")
-    _check_missing(frame, features, label, file, config.impute)
+    _check_missing(frame, features, label, file.name, config.impute)
     columns, start = [], 0
     for name in features:
         values = frame[name]
@@ -136,24 +164,24 @@ def read_table(file: Path, config: DataConfig, like: Raw | None) -> Raw:
         start += columns[-1].width
     if not columns:
         raise DataError(f"data.path={str(file)!r}: no feature column is left once constant columns are dropped")
-    return encode_rows(frame, columns, label, file, config.impute)
+    return encode_rows(frame, columns, label, file.name, config.impute)
 
 
-def encode_rows(frame: pd.DataFrame, columns: list[Column], label: str | None, file: Path, impute: str) -> Raw:
+def encode_rows(frame: pd.DataFrame, columns: list[Column], label: str | None, source: str, impute: str) -> Raw:
     """Rows of a table as the model's input: numeric columns as they are (NaN where missing, filled
     after the split), categorical ones one-hot over the known levels (an unknown level: all zeros)."""
     absent = [c.name for c in columns if c.name not in frame.columns] + ([label] if label and label not in frame else [])
     if absent:
-        raise DataError(f"{file.name}: no column {absent[0]!r}, which the data was trained with "
+        raise DataError(f"{source}: no column {absent[0]!r}, which the data was trained with "
                         f"(expected: {_names([c.name for c in columns])})")
-    _check_missing(frame, [c.name for c in columns], label, file, impute)
+    _check_missing(frame, [c.name for c in columns], label, source, impute)
     width = sum(c.width for c in columns)
     x = np.zeros((len(frame), width), dtype=np.float32)
     for column in columns:
         values = frame[column.name]
         if column.kind == NUMERIC:
             if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
-                raise DataError(f"{file.name}: column {column.name!r} is not numeric (e.g. {values.dropna().iloc[0]!r})")
+                raise DataError(f"{source}: column {column.name!r} is not numeric (e.g. {values.dropna().iloc[0]!r})")
             x[:, column.start] = values.to_numpy(dtype=np.float32, na_value=np.nan)
         else:
             text = values.astype("string").fillna(MISSING_LEVEL)
@@ -178,15 +206,15 @@ def _read_frame(file: Path, format: str) -> pd.DataFrame:
     return frame
 
 
-def _check_missing(frame: pd.DataFrame, features: list[str], label: str | None, file: Path, impute: str) -> None:
+def _check_missing(frame: pd.DataFrame, features: list[str], label: str | None, source: str, impute: str) -> None:
     if label is not None and frame[label].isna().any():
-        raise DataError(f"{file.name}: the label column {label!r} has {int(frame[label].isna().sum())} missing values; "
+        raise DataError(f"{source}: the label column {label!r} has {int(frame[label].isna().sum())} missing values; "
                         "drop those rows")
     counts = frame[features].isna().sum()
     counts = counts[counts > 0]
     if len(counts) and impute == "none":
         listed = ", ".join(f"{name!r} ({count} missing)" for name, count in counts.items())
-        raise DataError(f"{file.name}: missing values in {listed}; set data.impute: median (filled from the "
+        raise DataError(f"{source}: missing values in {listed}; set data.impute: median (filled from the "
                         "training split) or drop those rows")
 
 
@@ -200,7 +228,7 @@ def _names(names) -> str:
 
 @READERS.register("npy")
 def read_npy(file: Path, config: DataConfig, like: Raw | None) -> Raw:
-    return _from_array(_load_array(file, lambda: np.load(file, mmap_mode="r", allow_pickle=False)), None, file, like)
+    return _from_array(_load_array(file, lambda: np.load(file, mmap_mode="r", allow_pickle=False)), None, str(file), like)
 
 
 @READERS.register("npz")
@@ -217,7 +245,7 @@ def read_npz(file: Path, config: DataConfig, like: Raw | None) -> Raw:
         y = _load_array(file, lambda: archive["y"]) if "y" in archive.files else None
     if y is not None and (y.ndim != 1 or len(y) != len(x)):
         raise DataError(f"{file}: y has shape {y.shape}; it must hold one label per row of x ({len(x)})")
-    return _from_array(x, None if y is None else np.asarray(y).astype(str).astype(object), file, like)
+    return _from_array(x, None if y is None else np.asarray(y).astype(str).astype(object), str(file), like)
 
 
 def _load_array(file: Path, load) -> np.ndarray:
@@ -227,12 +255,12 @@ def _load_array(file: Path, load) -> np.ndarray:
         raise DataError(f"{file}: cannot read it as a NumPy array: {str(error).splitlines()[0]}") from None
 
 
-def _from_array(x: np.ndarray, labels: np.ndarray | None, file: Path, like: Raw | None) -> Raw:
+def _from_array(x: np.ndarray, labels: np.ndarray | None, source: str, like: Raw | None) -> Raw:
     if x.dtype.kind not in "fiub":
-        raise DataError(f"{file}: x has dtype {x.dtype}; it must hold numbers")
+        raise DataError(f"{source}: x has dtype {x.dtype}; it must hold numbers")
     if x.ndim not in (2, 3, 4) or len(x) == 0:
-        raise DataError(f"{file}: x has shape {x.shape}; expected vectors (N, D), or images (N, H, W) or (N, C, H, W)")
-    check_fits(tensor_bytes(x.shape), f"{file.name} ({'x'.join(map(str, x.shape))})")
+        raise DataError(f"{source}: x has shape {x.shape}; expected vectors (N, D), or images (N, H, W) or (N, C, H, W)")
+    check_fits(tensor_bytes(x.shape), f"{source} ({'x'.join(map(str, x.shape))})")
     modality = VECTOR if x.ndim == 2 else IMAGE
     values = np.asarray(x, dtype=np.float32)
     if x.dtype == np.uint8:
@@ -241,9 +269,9 @@ def _from_array(x: np.ndarray, labels: np.ndarray | None, file: Path, like: Raw 
         values = values[:, None]
     missing = int(np.isnan(values).sum())
     if missing:
-        raise DataError(f"{file}: x has {missing} missing (NaN) values; fill or drop them first")
+        raise DataError(f"{source}: x has {missing} missing (NaN) values; fill or drop them first")
     if like is not None and values.shape[1:] != like.x.shape[1:]:
-        raise DataError(f"{file}: inputs of shape {tuple(values.shape[1:])}, but the data has {tuple(like.x.shape[1:])}")
+        raise DataError(f"{source}: inputs of shape {tuple(values.shape[1:])}, but the data has {tuple(like.x.shape[1:])}")
     columns = [Column(f"x{i}", NUMERIC, i) for i in range(values.shape[1])] if modality == VECTOR else []
     return Raw(values, labels, modality, like.columns if like else columns, label_name="y")
 

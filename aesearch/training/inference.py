@@ -1,0 +1,55 @@
+"""A trained model applied to new inputs: its codes, reconstructions and anomaly scores, as
+`aesearch encode` / `aesearch score` write them and the registered MLflow model serves them.
+
+The inputs are already encoded and scaled as the training data was (`parts.data.encode_frame`,
+`encode_array`, `read_inputs`). The anomaly score is the evaluation's (`evaluate.sample_errors`),
+so a served score and a test metric measure the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+
+from aesearch.training.evaluate import column_errors, encode, reconstruct, sample_errors
+
+if TYPE_CHECKING:
+    from aesearch.parts.models import Autoencoder
+
+BATCH = 4096
+
+
+@dataclass(frozen=True)
+class Inference:
+    """What a model makes of each input, on the CPU: one row per input."""
+
+    codes: torch.Tensor  # (N, latent_dim): the code (the mean of a gaussian latent)
+    reconstructions: torch.Tensor  # (N, *shape), in the model's (scaled) units
+    scores: torch.Tensor  # (N,): the anomaly score, the mean squared reconstruction error
+    column_errors: dict[str, torch.Tensor]  # tables: each column's error, (N,) each; {} otherwise
+
+    def score_table(self) -> pd.DataFrame:
+        """`score`, and for tables `error_<column>` beside it: which columns made a row anomalous."""
+        table = pd.DataFrame({"score": self.scores.numpy()})
+        for name, errors in self.column_errors.items():
+            table[f"error_{name}"] = errors.numpy()
+        return table
+
+    def code_table(self) -> pd.DataFrame:
+        codes = self.codes.numpy()
+        return pd.DataFrame(codes, columns=[f"z{i}" for i in range(codes.shape[1])])
+
+
+@torch.no_grad()
+def infer(model: Autoencoder, x: np.ndarray | torch.Tensor) -> Inference:
+    """Codes, reconstructions and anomaly scores of inputs already encoded for this model."""
+    device = next(model.parameters()).device
+    x = torch.as_tensor(np.asarray(x, dtype=np.float32) if not isinstance(x, torch.Tensor) else x).to(device)
+    x_hat = reconstruct(model, x, BATCH)
+    per_column = column_errors(x_hat, x, model.spec) if model.spec.columns else {}
+    return Inference(encode(model, x, BATCH), x_hat.cpu(), sample_errors(x_hat, x).cpu(),
+                     {name: errors.cpu() for name, errors in per_column.items()})
