@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from aesearch.errors import ConfigError
-from aesearch.parts.data.spec import CATEGORICAL, IMAGE, NUMERIC, VECTOR, Column, DataSpec
+from aesearch.parts.data.spec import IMAGE, VECTOR, DataSpec
 from aesearch.parts.models import build_model
 from aesearch.parts.objectives import (
     RECONSTRUCTIONS,
@@ -22,13 +22,8 @@ from aesearch.parts.objectives import (
     reconstruction_problem,
 )
 from tests.conftest import make_config
+from tests.user_data import TABLE
 
-# A table as the model sees it: alcohol (numeric), colour (one-hot over 3 levels), acidity (numeric).
-TABLE = DataSpec("wine.csv", VECTOR, (5,), unit_range=False, columns=(
-    Column("alcohol", NUMERIC, 0, center=13.0, scale=0.8),
-    Column("colour", CATEGORICAL, 1, levels=("red", "white", "rose")),
-    Column("acidity", NUMERIC, 4, center=3.0, scale=0.5),
-))
 REAL_VECTORS = DataSpec("features.npy", VECTOR, (4,), unit_range=False)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from aesearch.config import EvaluationConfig
 from aesearch.metrics import lookup
-from aesearch.parts.data import CATEGORICAL, NUMERIC, VECTOR, Column, Data, DataSpec
+from aesearch.parts.data import VECTOR, Data, DataSpec
 from aesearch.parts.objectives import RECONSTRUCTIONS
 from aesearch.training.evaluate import (
     anomaly_metrics,
@@ -18,13 +18,8 @@ from aesearch.training.evaluate import (
     gaussian_latent_metrics,
     reconstruction_metrics,
 )
+from tests.user_data import TABLE
 
-# alcohol (numeric, scale 0.8), colour (one-hot over 3 levels), acidity (numeric, scale 0.5)
-TABLE = DataSpec("wine.csv", VECTOR, (5,), unit_range=False, columns=(
-    Column("alcohol", NUMERIC, 0, center=13.0, scale=0.8),
-    Column("colour", CATEGORICAL, 1, levels=("red", "white", "rose")),
-    Column("acidity", NUMERIC, 4, center=3.0, scale=0.5),
-))
 SETTINGS = EvaluationConfig(iwae_samples=4, kmeans_restarts=1, batch_size=16,
                             denoise_levels={"gaussian": 0.3, "salt_pepper": 0.2, "masking": 0.3, "swap": 0.2})
 

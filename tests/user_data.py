@@ -1,5 +1,14 @@
-"""Real files of user data for the tests, written by the product's own example writers."""
+"""User data for the tests: real files written by the product's own example writers, and a small
+hand-built table spec for the parts' arithmetic."""
 
 from aesearch.examples import wine_table, write_digit_images
+from aesearch.parts.data import CATEGORICAL, NUMERIC, VECTOR, Column, DataSpec
 
-__all__ = ["wine_table", "write_digit_images"]
+# A table as the model sees it: alcohol (numeric), colour (one-hot over 3 levels), acidity (numeric).
+TABLE = DataSpec("wine.csv", VECTOR, (5,), unit_range=False, columns=(
+    Column("alcohol", NUMERIC, 0, center=13.0, scale=0.8),
+    Column("colour", CATEGORICAL, 1, levels=("red", "white", "rose")),
+    Column("acidity", NUMERIC, 4, center=3.0, scale=0.5),
+))
+
+__all__ = ["TABLE", "wine_table", "write_digit_images"]
