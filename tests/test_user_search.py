@@ -173,6 +173,16 @@ def test_new_rows_that_do_not_match_are_refused_and_nothing_is_written(wine_sear
     nothing_written(work, "fewer.csv", "taken.csv")
 
 
+def test_the_report_of_a_table_search_shows_its_anomaly_scores_and_column_errors(wine_search, tmp_path, capsys):
+    _, uri, _ = wine_search
+    assert main(["report", "wine", "--tracking-uri", uri, "--out", str(tmp_path / "report")]) == 0
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "wine.csv (fingerprint" in markdown and "| test/anomaly_ap |" in markdown
+    assert "## Anomaly scores of normal and anomalous test inputs" in markdown
+    assert "## Reconstruction error per column" in markdown and "Reconstructions of the top" not in markdown
+    assert len(list((tmp_path / "report" / "images").glob("*-anomalies.png"))) == 3
+
+
 def test_a_reproduction_of_a_trial_on_user_data_matches(wine_search, capsys):
     folder, uri, _ = wine_search
     code = main(["reproduce", "wine", "--from-checkpoint", "--tracking-uri", uri])

@@ -114,8 +114,12 @@ def _launched_space(store, search: dict[str, Any]):
             return None
 
 
+FIGURES = ("feature_errors.png", "anomaly_scores.png")  # a trial's final figures the report shows, where drawn
+
+
 def _pictures(store, run_ids: list[str], vae_run_ids: list[str]) -> dict[str, dict[str, bytes]]:
-    """Final reconstructions (else the latest drawn during training) and, for VAEs, prior samples."""
+    """Final reconstructions (else the latest drawn during training), for VAEs prior samples, and for
+    tables and labelled anomalies the per-column errors and the anomaly scores (FIGURES)."""
     pictures: dict[str, dict[str, bytes]] = {}
     with tempfile.TemporaryDirectory() as folder:
         for run_id in dict.fromkeys(run_ids + vae_run_ids):
@@ -125,6 +129,7 @@ def _pictures(store, run_ids: list[str], vae_run_ids: list[str]) -> dict[str, di
                       else (drawn[-1] if drawn else None)}
             if run_id in vae_run_ids:
                 wanted["prior_samples.png"] = "images/prior_samples.png" if "images/prior_samples.png" in names else None
+            wanted |= {name: f"images/{name}" for name in FIGURES if f"images/{name}" in names}
             for name, path in wanted.items():
                 if path is not None:
                     local = store.download_artifacts(run_id, path, f"{folder}/{run_id}")
