@@ -68,6 +68,10 @@ def test_a_search_on_a_csv_table_measures_anomaly_detection_and_records_the_data
     trials = [r for r in runs if r.data.tags.get("aesearch.role") == "trial"]
     search = next(r for r in runs if r.data.tags.get("aesearch.role") == "search")
     assert len(trials) == 3
+    header = next(line for line in done.stdout.splitlines() if line.lstrip().startswith("trial"))
+    assert "test/anomaly_auroc" in header and "test/psnr" not in header  # the board shows what the data has
+    board = pd.read_csv(folder / "results" / "wine" / "leaderboard.csv")
+    assert board["test/anomaly_auroc"].notna().all()
     for trial in trials:
         metrics = trial.data.metrics
         assert 0 <= metrics["test/anomaly_auroc"] <= 1 and 0 <= metrics["test/anomaly_ap"] <= 1

@@ -56,9 +56,12 @@ def outside_the_best(last_results: dict[str, dict], metric: str, mode: str, keep
 
 
 LEADERBOARD_METRICS = [
-    "test/recon_mse", "test/psnr", "test/probe_accuracy", "test/nll", "model/parameters", "time/trial_seconds",
-    "time/tracking_seconds",
+    "test/recon_mse", "test/psnr", "test/probe_accuracy", "test/nll", "test/anomaly_auroc", "test/anomaly_ap",
+    "model/parameters", "time/trial_seconds", "time/tracking_seconds",
 ]
+# The test metrics the printed leaderboard shows, those the search's trials have (PSNR: data in [0, 1];
+# probe accuracy: class labels; AUROC: labelled anomalies).
+PRINTED_METRICS = ["test/recon_mse", "test/psnr", "test/probe_accuracy", "test/anomaly_auroc"]
 
 
 def leaderboard(results, space: SearchSpace) -> pd.DataFrame:
@@ -90,7 +93,8 @@ def format_leaderboard(board: pd.DataFrame, space: SearchSpace, where: str, top:
     metric = space.objective.metric
     if board.empty:
         return "no trials ran"
-    columns = ["trial", "family", "outcome", "epochs", metric, "test/recon_mse", "test/psnr", "test/probe_accuracy"]
+    shown = [name for name in PRINTED_METRICS if name in board and board[name].notna().any()]
+    columns = list(dict.fromkeys(["trial", "family", "outcome", "epochs", metric, *shown]))
     overall = board.head(top)[columns]
     per_family = board.dropna(subset=[metric]).groupby("family", sort=False).head(1)[columns]
     counts = Counter(board["state"])

@@ -8,6 +8,7 @@ import io
 import logging
 import tempfile
 import threading
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,7 +56,9 @@ def register_best_model(client: MlflowClient, uri: str, parent_run_id: str, name
         code = Path(folder) / "served_model.py"
         code.write_text(MODEL_CODE, encoding="utf-8")
         quiet = contextlib.redirect_stderr(io.StringIO())  # MLflow prints its own notes on the registry
-        with fluent_api_on(uri), mlflow.start_run(run_id=parent_run_id), quiet:
+        with fluent_api_on(uri), mlflow.start_run(run_id=parent_run_id), quiet, warnings.catch_warnings():
+            # The model's predict has no type hints on purpose (its signature is given): no advice wanted.
+            warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
             logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)  # pip version guessing
             info = mlflow.pyfunc.log_model(
                 name="best_model", python_model=str(code), artifacts={CHECKPOINT: path}, signature=signature,
