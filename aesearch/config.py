@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from aesearch.errors import ConfigError
+from aesearch.metrics import USE_FAMILIES, USE_METRICS, denoised_kind, is_epoch_objective, is_use_metric
 from aesearch.parts.corruption import CORRUPTIONS, CorruptionConfig, corruption_level_problem, corruption_problem
-from aesearch.parts.data import DATASETS, DataConfig, DataSpec
+from aesearch.parts.data import DataConfig, DataSpec
 from aesearch.parts.models import ModelConfig, input_problem
 from aesearch.parts.objectives import KLConfig, ObjectiveConfig, reconstruction_problem
 from aesearch.parts.optimizers import OptimizerConfig
@@ -56,6 +57,39 @@ class EvaluationConfig(Section):
     )
     image_count: Bounded(64) = 8
     batch_size: Bounded(65536) = 1000
+    # After every epoch, on a fixed subset of the validation split: metrics of what the model is for
+    # (aesearch.metrics.USE_METRICS, val/denoise_psnr_<kind>), so that a search can rank on them.
+    val_metrics: list[str] = Field(default_factory=list)
+    val_max_samples: Bounded(1_000_000) = 1000  # the subset's size: what these metrics cost per epoch
+    val_iwae_samples: Bounded(10_000) = 20  # k of val/nll's bound (test/nll uses iwae_samples)
+    # The epoch whose weights are kept, evaluated and checkpointed as best: best by this metric.
+    select_by: str = "val/loss"
+
+    @field_validator("val_metrics")
+    @classmethod
+    def _known_use_metrics(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not is_use_metric(name):
+                raise broken_rule(f"evaluation.val_metrics: {name!r} is not a metric measured on validation "
+                                  f"(one of {', '.join(USE_METRICS)}, val/denoise_psnr_<kind>, val/denoise_mse_<kind>)")
+        if len(set(names)) != len(names):
+            raise broken_rule(f"evaluation.val_metrics: {names} names a metric twice")
+        return names
+
+    @model_validator(mode="after")
+    def _selected_by_a_measured_metric(self) -> EvaluationConfig:
+        for measured in self.val_metrics:
+            kind = denoised_kind(measured)
+            if kind is not None and kind not in self.denoise_levels:
+                raise broken_rule(f"evaluation.val_metrics: {measured!r} needs the level of {kind!r} noise in "
+                                  f"evaluation.denoise_levels (it has {', '.join(self.denoise_levels) or 'none'})")
+        name = self.select_by
+        if name.startswith("model/") or not is_epoch_objective(name):
+            raise broken_rule(f"evaluation.select_by={name!r}: not a metric measured every epoch (e.g. val/loss, "
+                              "val/recon_mse, or one of evaluation.val_metrics)")
+        if is_use_metric(name) and name not in self.val_metrics:
+            raise broken_rule(f"evaluation.select_by={name!r}: add it to evaluation.val_metrics, so it is measured")
+        return self
 
     @field_validator("denoise_levels")
     @classmethod
@@ -116,7 +150,7 @@ class TrainConfig(Section):
                 "mean and takes no activation; use 'none' (or 'auto')"
             )
         if self.data.path is None:  # a built-in dataset is known before loading: check now, not in a trial
-            problem = data_problem(self, DATASETS[self.data.name].spec)
+            problem = data_problem(self, self.data.known_spec)
             if problem:
                 raise broken_rule(problem)
         return self
@@ -127,7 +161,36 @@ def data_problem(config: TrainConfig, spec: DataSpec) -> str | None:
     these inputs, the reconstruction loss and the corruption these values), or None. The user's
     data is known once loaded: `check_data` asks then."""
     return (input_problem(config.model, spec) or reconstruction_problem(config.objective.reconstruction, spec)
-            or corruption_problem(config.corruption.kind, spec))
+            or corruption_problem(config.corruption.kind, spec)
+            or next(filter(None, (metric_problem(name, config, spec) for name in measured_per_epoch(config))), None))
+
+
+def measured_per_epoch(config: TrainConfig) -> list[str]:
+    """The metrics that this config's run computes after each epoch besides its loss terms."""
+    return list(dict.fromkeys([*config.evaluation.val_metrics, config.evaluation.select_by]))
+
+
+def metric_problem(name: str, config: TrainConfig, spec: DataSpec) -> str | None:
+    """Why `name` cannot be measured for this config on this data (what it needs that they lack), or None."""
+    gaussian = config.model.latent == "gaussian"
+    if name in ("val/nll", "val/elbo", "val/kl") and not gaussian:
+        return (f"{name} applies to gaussian latents (VAEs) only, but this trial has model.latent="
+                f"{config.model.latent!r}: set model.latent: gaussian in base, or pick another objective")
+    if name.startswith("val/anomaly_") and not spec.anomalies:
+        return (f"{name} needs labelled anomalies in the validation split, and {config.data.dataset} names none: "
+                "set data.anomaly to the labels of the anomalous rows")
+    if name in ("val/kmeans_ari", "val/kmeans_nmi", "val/knn_accuracy") and not spec.classes:
+        return (f"{name} needs class labels, and {config.data.dataset} has none (give data.label, a y array, "
+                "or class folders)")
+    if name.startswith(USE_FAMILIES):
+        kind = denoised_kind(name)
+        wanted = "val/denoise_psnr_" if spec.unit_range else "val/denoise_mse_"
+        if not name.startswith(wanted):
+            return (f"{name}: {config.data.dataset} has {'values in [0, 1]' if spec.unit_range else 'real values'}, "
+                    f"so its denoising is measured as {wanted}{kind}")
+        problem = corruption_problem(kind, spec)
+        return f"{name}: {problem}" if problem else None
+    return None
 
 
 def check_data(config: TrainConfig, spec: DataSpec) -> None:

@@ -36,6 +36,24 @@ CATALOGUE: dict[str, Metric] = {metric.name: metric for metric in [
     Metric("val/recon", "min", "the objective's reconstruction term on the validation split"),
     Metric("train/loss", "min", "the training objective, averaged over the epoch's batches"),
     Metric("train/recon", "min", "the objective's reconstruction term on the training batches"),
+    Metric("val/kl", "min", "KL(q(z|x) || p(z)) on the validation split, nats: the rate of a VAE",
+           applies="gaussian latent"),
+    # per epoch, what the model is for (`evaluation.val_metrics`), on a fixed subset of the validation
+    # split of at most `evaluation.val_max_samples` rows (aesearch.training.validation)
+    Metric("val/anomaly_auroc", "max", "AUROC of the per-sample reconstruction error as a score for the "
+           "anomaly classes, on validation", SCORE, "labelled anomalies"),
+    Metric("val/anomaly_ap", "max", "average precision of the per-sample reconstruction error as a score for "
+           "the anomaly classes, on validation", SCORE, "labelled anomalies"),
+    Metric("val/kmeans_ari", "max", "KMeans ARI of the validation codes", SCORE, "class labels"),
+    Metric("val/kmeans_nmi", "max", "KMeans NMI of the validation codes", SCORE, "class labels"),
+    Metric("val/knn_accuracy", "max", "kNN accuracy of the validation codes (neighbours among training codes)",
+           SCORE, "class labels"),
+    Metric("val/nll", "min", "NLL on validation, nats per sample (IWAE bound with `evaluation.val_iwae_samples`; "
+           "the likelihood test/nll uses)", applies="gaussian latent"),
+    Metric("val/elbo", "max", "ELBO on validation, nats per sample (the likelihood test/nll uses)",
+           applies="gaussian latent"),
+    # per epoch, the model's size: the other side of a compression trade-off
+    Metric("model/latent_dim", "min", "code units: the size of the compressed representation", EXACT),
     Metric("beta", "min", "the KL weight in effect (its schedule's mean over the epoch's steps)", TIME),
     Metric("epoch", "max", "the epoch counter", TIME),
     Metric("pack/members", "max", "trials that trained fused with this one in its last epoch", TIME),
@@ -76,6 +94,10 @@ CATALOGUE: dict[str, Metric] = {metric.name: metric for metric in [
 
 # Families of metrics, one per corruption kind measured (`evaluation.denoise_levels`).
 FAMILIES = {
+    "val/denoise_psnr_": Metric("val/denoise_psnr_<kind>", "max", "denoising PSNR on validation, dB ({kind} noise "
+                                "at the evaluation level)", applies="values in [0, 1]"),
+    "val/denoise_mse_": Metric("val/denoise_mse_<kind>", "min", "denoising MSE per value on validation ({kind} "
+                               "noise at the evaluation level)", applies="real-valued data"),
     "test/denoise_psnr_": Metric("test/denoise_psnr_<kind>", "max", "denoising PSNR, dB ({kind} noise at the "
                                  "standard level)", applies="values in [0, 1]", ranked=True),
     "test/noisy_psnr_": Metric("test/noisy_psnr_<kind>", "max", "PSNR of the corrupted test images themselves "
@@ -90,8 +112,30 @@ FAMILIES = {
     "best/": Metric("best/<metric>", "min", "{kind} at the best epoch"),
 }
 
-# What a search may rank trials on: known after every epoch, so ASHA can stop on it.
-EPOCH_OBJECTIVES = ("val/recon_mse", "val/loss", "val/recon", "train/loss", "train/recon")
+# What a search may rank trials on: known after every epoch, so ASHA can stop on it. The first are
+# measured every epoch of every run; USE_METRICS (and the val/denoise_ families) only when
+# `evaluation.val_metrics` asks (a search asks for those its objectives name).
+ALWAYS_PER_EPOCH = ("val/recon_mse", "val/loss", "val/recon", "train/loss", "train/recon", "val/kl",
+                    "model/parameters", "model/latent_dim")
+USE_METRICS = ("val/anomaly_auroc", "val/anomaly_ap", "val/kmeans_ari", "val/kmeans_nmi", "val/knn_accuracy",
+               "val/nll", "val/elbo")
+USE_FAMILIES = ("val/denoise_psnr_", "val/denoise_mse_")
+
+
+def is_use_metric(name: str) -> bool:
+    """Is `name` a per-epoch metric of what the model is for (measured only when asked)?"""
+    return name in USE_METRICS or (name.startswith(USE_FAMILIES) and name not in USE_FAMILIES)
+
+
+def denoised_kind(name: str) -> str | None:
+    """The corruption kind a val/denoise_ metric measures ('salt_pepper' of val/denoise_psnr_salt_pepper)."""
+    family = next((family for family in USE_FAMILIES if name.startswith(family)), None)
+    return name.removeprefix(family) if family else None
+
+
+def is_epoch_objective(name: str) -> bool:
+    """Can a search rank (and ASHA stop) trials on `name`?"""
+    return name in ALWAYS_PER_EPOCH or is_use_metric(name)
 
 
 def lookup(name: str) -> Metric | None:

@@ -127,7 +127,7 @@ def describe_validation_error(error: ValidationError) -> str:
     """pydantic's errors as `field=value: rule` phrases joined on one line."""
     phrases = []
     for item in error.errors(include_url=False):
-        field = ".".join(str(part) for part in item["loc"])
+        field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in item["loc"]).lstrip(".")
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             phrases.append(f"{field}: unknown key")

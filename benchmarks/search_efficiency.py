@@ -1,27 +1,29 @@
-"""Search efficiency: TPE + ASHA against random search without early stopping, side by side.
+"""Search efficiency where early stopping matters: anytime curves of four searches side by side.
 
-    uv run python benchmarks/search_efficiency.py [--trials 24] [--epochs 10] [--train-samples 12000]
-                                                  [--concurrent 2] [--seeds 1] [--first-seed 0] [--data-dir DIR]
-                                                  [--tpe-startup-trials N] [--tpe-group] [--aesearch-trials N]
+    uv run python benchmarks/search_efficiency.py [--data digits|mnist] [--trials 100] [--epochs 30]
+        [--seeds 5] [--first-seed 0] [--concurrent 2] [--grace 1] [--reduction 3] [--out DIR]
+        [--methods random,random+asha,tpe,tpe+asha] [--multi-objective] [--data-dir DIR]
 
-Two searches of the dense subspace of search_spaces/mnist_variants.yaml on MNIST (the first
---train-samples training images; validation and test as usual), same trials, same epochs per
-trial, same seed, run one after the other by `aesearch.search.driver.search()`:
+The dense subspace of search_spaces/mnist_variants.yaml (every objective, noise and optimiser of
+the dense family), searched by `aesearch.search.driver.search()` on a real Ray instance, once per
+method and seed, with the same trials and epochs per trial:
 
-- baseline: Optuna's random sampler, every trial trained for all its epochs (no early stopping);
-- aesearch: TPE (define-by-run, conditional parameters) and ASHA (grace 1 epoch, reduction 3).
+- random: Optuna's random sampler, every trial trained for all its epochs;
+- random+asha: the same sampler, ASHA stopping weak trials (--grace, --reduction);
+- tpe: Optuna's TPE (define-by-run, conditional), every trial trained fully;
+- tpe+asha: aesearch's default, TPE and ASHA.
 
-Target: the best val/recon_mse the full-budget random search finds, within 1% (x 1.01). For
-each search it prints the epochs trained (all trials together, in the order they were reported)
-and the wall time until some trial first reported a val/recon_mse at or below the target, and
-the epochs and wall time of the whole search, then the ratios; with --seeds N, N pairs (seeds
-S..S+N-1, S = --first-seed) and the medians of the ratios. Optuna's TPE starts with random
-trials (its first 10), which with the same seed are the baseline's first 10: a baseline that
-finds its best among them is met by aesearch at about the same epoch. The issue's target: >= 3x fewer epochs.
+Every epoch report of every trial is a model the search has seen; the anytime curve is the best
+val/recon_mse seen against the epochs trained so far (all trials together, in the order reported).
+The figure is each method's median and its range over seeds; the table gives, per seed, the epochs
+each method needed to reach the random search's final best (and within 1% of it), and the median
+over seeds of random's epochs divided by each method's. The issue's target: >= 3x for tpe+asha.
 
---tpe-startup-trials / --tpe-group: aesearch's TPE with other settings than the shipped ones
-(Optuna's defaults), to compare samplers on the same seeds. --aesearch-trials: more trials for
-aesearch than the baseline's (ASHA stops most early: about the baseline's epochs for 2.5x its trials).
+--multi-objective: the `compression` use's two objectives, val/recon_mse and model/latent_dim,
+both minimised; the methods are random (full budget), tpe+asha-first (multi-objective TPE, ASHA on
+val/recon_mse alone) and tpe+moasha (multi-objective TPE, MO-ASHA), and the curve is the hypervolume
+of every vector seen so far, against the fixed reference point --reference (worse than any model
+worth keeping: the MSE of a model that outputs the mean image is about 0.06 on digits).
 """
 
 from __future__ import annotations
@@ -35,129 +37,153 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from subspaces import dense_subspace  # noqa: E402
-from trainer_speed import mnist_dir  # noqa: E402
 
+from aesearch.pareto import hypervolume  # noqa: E402
 from aesearch.search.driver import SearchOptions, search  # noqa: E402
 from aesearch.search.space import parse_space  # noqa: E402
 
 METRIC = "val/recon_mse"
+SIZE = "model/latent_dim"
+# method -> (sampler, early stopping); the multi-objective ones search both objectives
+METHODS = {"random": ("random", "none"), "random+asha": ("random", "asha"), "tpe": ("tpe", "none"),
+           "tpe+asha": ("tpe", "asha")}
+MO_METHODS = {"random": ("random", "none"), "tpe+asha-first": ("tpe", "asha_first_objective"),
+              "tpe+moasha": ("tpe", "asha")}
 
 
-def space_document(name: str, trials: int, epochs: int, train_samples: int, concurrent: int, baseline: bool) -> dict:
+def space_document(args: argparse.Namespace, name: str, method: tuple[str, str], seed: int) -> dict:
     document = dense_subspace()
-    document["name"] = name
-    document["data"] = {"name": "mnist", "max_train_samples": train_samples}
+    document.update(name=name, seed=seed, max_concurrent=args.concurrent)
+    document["data"] = {"name": args.data} | ({"max_train_samples": 12_000} if args.data == "mnist" else {})
     document["base"]["evaluation"] = {"iwae_samples": 10, "kmeans_restarts": 1, "probe_max_samples": 2000}
-    document["budget"] = {"num_samples": trials, "max_epochs": epochs, "grace_period": 1, "reduction_factor": 3,
-                          "max_failures": 0}
-    document["max_concurrent"] = concurrent
-    document["sampler"], document["early_stopping"] = ("random", "none") if baseline else ("tpe", "asha")
+    document["budget"] = {"num_samples": args.trials, "max_epochs": args.epochs, "grace_period": args.grace,
+                          "reduction_factor": args.reduction, "max_failures": 0, "keep_checkpoints": 3}
+    document["sampler"], document["early_stopping"] = method
+    if args.multi_objective:
+        document["objective"] = [{"metric": METRIC}, {"metric": SIZE}]
     return document
 
 
-def epoch_reports(experiment: Path) -> list[dict]:
-    """Every epoch report of every trial, in the order they were made."""
+def epoch_reports(experiment: Path, names: list[str]) -> list[tuple[float, ...]]:
+    """The objectives of every epoch report of every trial, in the order they were made."""
     reports = []
     for log in experiment.glob("*/result.json"):
         for line in log.read_text().splitlines():
-            if line.strip():
-                report = json.loads(line)
-                if report.get("epoch", 0) >= 1 and isinstance(report.get(METRIC), float):
-                    reports.append(report)
-    return sorted(reports, key=lambda r: (r["timestamp"], r["time_total_s"]))
+            report = json.loads(line) if line.strip() else {}
+            values = [report.get(name) for name in names]
+            if report.get("epoch", 0) >= 1 and all(isinstance(v, float) and np.isfinite(v) for v in values):
+                reports.append(((report["timestamp"], report["time_total_s"]), tuple(values)))
+    return [values for _, values in sorted(reports)]
 
 
-def run_search(document: dict, storage: Path, data_dir: Path) -> tuple[list[dict], float, float]:
-    options = SearchOptions(name=document["name"], storage=str(storage), data_dir=data_dir,
-                            tracking_uri=f"sqlite:///{storage / 'mlflow.db'}")
-    started_at, started = time.time(), time.perf_counter()
-    search(parse_space(document), options)
-    return epoch_reports(storage / document["name"]), started_at, time.perf_counter() - started
+def anytime(reports: list[tuple[float, ...]], args: argparse.Namespace) -> np.ndarray:
+    """Best val/recon_mse (or hypervolume) seen after each epoch trained."""
+    if not args.multi_objective:
+        return np.minimum.accumulate([values[0] for values in reports])
+    points, curve = np.empty((0, 2)), []
+    for values in reports:
+        points = np.vstack([points, values])
+        curve.append(hypervolume(points, ["min", "min"], args.reference))
+    return np.array(curve)
 
 
-def first_within(reports: list[dict], target: float, started_at: float) -> tuple[int, float] | None:
-    """(epochs trained, seconds since the search began) when a report first met the target."""
-    for count, report in enumerate(reports, start=1):
-        if report[METRIC] <= target:
-            return count, report["timestamp"] - started_at
-    return None
+def first_reaching(curve: np.ndarray, target: float, better: str) -> int | None:
+    """Epochs trained when the curve first reached the target (None: never)."""
+    reached = curve <= target if better == "min" else curve >= target
+    return int(np.argmax(reached)) + 1 if reached.any() else None
 
 
-def compare(args: argparse.Namespace, seed: int, data_dir: Path) -> dict[str, float]:
-    """One pair of searches with this seed; prints its figures, returns the ratios."""
-    results = {}
-    with tempfile.TemporaryDirectory() as folder:
-        for name, baseline in (("baseline", True), ("aesearch", False)):
-            trials = args.trials if baseline else args.aesearch_trials or args.trials
-            document = space_document(f"efficiency-{name}-{seed}", trials, args.epochs, args.train_samples,
-                                      args.concurrent, baseline)
-            document["seed"] = seed
-            results[name] = run_search(document, Path(folder) / name, data_dir)
-    target = 1.01 * min(r[METRIC] for r in results["baseline"][0])
-    print(f"seed {seed}: target {METRIC} <= {target:.5f} (the random search's best x 1.01)")
-    reached = {}
-    for name, (reports, started_at, wall) in results.items():
-        reached[name] = first_within(reports, target, started_at)
-        when = f"{reached[name][0]:4d} epochs, {reached[name][1]:5.0f} s" if reached[name] else "     not reached"
-        print(f"  {name:<9} to the target: {when}   whole search: {len(reports):4d} epochs, {wall:5.0f} s, "
-              f"best {METRIC} {min(r[METRIC] for r in reports):.5f}")
-    ratios = {
-        "whole_epochs": len(results["baseline"][0]) / len(results["aesearch"][0]),
-        "whole_wall": results["baseline"][2] / results["aesearch"][2],
-    }
-    if reached["aesearch"]:
-        (base_epochs, base_s), (ours_epochs, ours_s) = reached["baseline"], reached["aesearch"]
-        ratios |= {"target_epochs": base_epochs / ours_epochs, "target_wall": base_s / max(ours_s, 1)}
-    print("  baseline / aesearch: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
-    return ratios
+def run_method(args: argparse.Namespace, method: str, seed: int, folder: Path) -> tuple[np.ndarray, float]:
+    methods = MO_METHODS if args.multi_objective else METHODS
+    name = f"efficiency-{method.replace('+', '-')}-{seed}"
+    options = SearchOptions(name=name, storage=str(folder / name), data_dir=args.data_dir,
+                            tracking_uri=f"sqlite:///{folder / name / 'mlflow.db'}")
+    (folder / name).mkdir(parents=True)
+    started = time.perf_counter()
+    search(parse_space(space_document(args, name, methods[method], seed)), options)
+    wall = time.perf_counter() - started
+    names = [METRIC, SIZE] if args.multi_objective else [METRIC]
+    return anytime(epoch_reports(folder / name / name, names), args), wall
 
 
-def use_tpe_settings(startup_trials: int | None, group: bool) -> None:
-    """Make the search's `tpe` sampler Optuna's TPE with these settings (the searcher runs in
-    this driver process, so replacing the factory here is enough)."""
-    import optuna
+def draw(curves: dict[str, list[np.ndarray]], args: argparse.Namespace, path: Path) -> None:
+    from matplotlib.figure import Figure
 
-    import aesearch.search.driver
-
-    options = {"group": group} | ({"n_startup_trials": startup_trials} if startup_trials is not None else {})
-    aesearch.search.driver.SAMPLERS["tpe"] = lambda seed: optuna.samplers.TPESampler(seed=seed, **options)
-    print(f"aesearch's sampler: TPESampler({', '.join(f'{k}={v}' for k, v in options.items())})")
+    figure = Figure(figsize=(7, 4.2))
+    axes = figure.subplots()
+    for method, runs in curves.items():
+        length = min(len(c) for c in runs)
+        stacked = np.stack([c[:length] for c in runs])
+        epochs = np.arange(1, length + 1)
+        line, = axes.plot(epochs, np.median(stacked, 0), label=f"{method} (median of {len(runs)} seeds)")
+        axes.fill_between(epochs, stacked.min(0), stacked.max(0), color=line.get_color(), alpha=0.15)
+    label = f"hypervolume of ({METRIC}, {SIZE}), higher is better" if args.multi_objective else \
+        f"best {METRIC} so far, lower is better"
+    axes.set(xscale="log", xlabel="epochs trained (all trials together)", ylabel=label,
+             title=f"{args.data}: {args.trials} trials x up to {args.epochs} epochs")
+    if not args.multi_objective:
+        axes.set_yscale("log")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--trials", type=int, default=24)
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--train-samples", type=int, default=12_000)
+    parser.add_argument("--data", choices=["digits", "mnist"], default="digits")
+    parser.add_argument("--trials", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--concurrent", type=int, default=2)
-    parser.add_argument("--seeds", type=int, default=1, help="pairs of searches, seeds S..S+N-1")
-    parser.add_argument("--first-seed", type=int, default=0, help="S")
+    parser.add_argument("--grace", type=int, default=1)
+    parser.add_argument("--reduction", type=float, default=3.0)
+    parser.add_argument("--methods", help="comma-separated (default: all of the mode)")
+    parser.add_argument("--multi-objective", action="store_true")
+    parser.add_argument("--reference", type=float, nargs=2, default=[0.06, 129.0], metavar=("MSE", "LATENT_DIM"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--data-dir", type=Path)
-    parser.add_argument("--tpe-startup-trials", type=int, help="TPE's random start-up trials (Optuna's default: 10)")
-    parser.add_argument("--tpe-group", action="store_true", help="TPE's group decomposition of a conditional space")
-    parser.add_argument("--aesearch-trials", type=int, help="aesearch's trials (default: --trials)")
     args = parser.parse_args()
-    if args.tpe_startup_trials is not None or args.tpe_group:
-        use_tpe_settings(args.tpe_startup_trials, args.tpe_group)
-    data_dir = mnist_dir(args.data_dir)
-    aesearch_trials = f" (aesearch: {args.aesearch_trials})" if args.aesearch_trials else ""
-    print(f"{args.trials} trials{aesearch_trials} x up to {args.epochs} epochs, dense subspace of mnist_variants.yaml, MNIST "
-          f"({args.train_samples} training images), {args.concurrent} at a time; {platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    all_ratios = [compare(args, seed, data_dir) for seed in range(args.first_seed, args.first_seed + args.seeds)]
-    if args.seeds > 1:
-        for key in ("target_epochs", "target_wall", "whole_epochs", "whole_wall"):
-            values = [r[key] for r in all_ratios if key in r]
-            if values:
-                print(f"median over {len(values)} seeds, baseline / aesearch {key}: {statistics.median(values):.2f}x "
-                      f"(all: {', '.join(f'{v:.2f}' for v in values)})")
-            else:
-                print(f"{key}: aesearch never reached the target")
+    if args.data == "mnist" and args.data_dir is None:
+        from trainer_speed import mnist_dir
+
+        args.data_dir = mnist_dir(None)
+    methods = args.methods.split(",") if args.methods else list(MO_METHODS if args.multi_objective else METHODS)
+    better = "max" if args.multi_objective else "min"
+    kind = "multi-objective" if args.multi_objective else "single-objective"
+    print(f"{kind}: {args.trials} trials x up to {args.epochs} epochs, dense subspace of mnist_variants.yaml on "
+          f"{args.data}, {args.concurrent} at a time, ASHA grace {args.grace} reduction {args.reduction:g}; "
+          f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
+    curves: dict[str, list[np.ndarray]] = {method: [] for method in methods}
+    ratios: dict[str, list[float]] = {method: [] for method in methods}
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        with tempfile.TemporaryDirectory() as folder:
+            runs = {method: run_method(args, method, seed, Path(folder)) for method in methods}
+        final = runs["random"][0][-1]
+        print(f"seed {seed}: random's final {'hypervolume' if args.multi_objective else 'best'} {final:.5g}")
+        for method, (curve, wall) in runs.items():
+            curves[method].append(curve)
+            exact = first_reaching(curve, final, better)
+            near = first_reaching(curve, final * (0.99 if better == "max" else 1.01), better)
+            ratio = len(runs["random"][0]) / exact if exact else 0.0
+            ratios[method].append(ratio)
+            print(f"  {method:<15} {len(curve):5d} epochs, {wall:5.0f} s, final {curve[-1]:.5g}; reached random's "
+                  f"final at {exact or '-':>5} epochs (within 1%: {near or '-':>5}); random's epochs / these "
+                  f"{ratio:.2f}x", flush=True)
+    print(f"\nmedian over {args.seeds} seeds of random's epochs / each method's epochs to random's final "
+          f"{'hypervolume' if args.multi_objective else 'best'} (0: never reached):")
+    for method, values in ratios.items():
+        print(f"  {method:<15} {statistics.median(values):.2f}x  (seeds: {', '.join(f'{v:.2f}' for v in values)})")
+    args.out.mkdir(parents=True, exist_ok=True)
+    figure = args.out / f"search_efficiency_{args.data}_{'mo' if args.multi_objective else 'so'}.png"
+    draw(curves, args, figure)
+    print(f"figure: {figure}")
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ def plain_optuna() -> None:
     space = load_space(QUICKSTART, {"budget.num_samples": COMMAND_TRIALS, "budget.max_epochs": 1})
     data = load_data(space.data)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="minimize" if space.objective.mode == "min" else "maximize",
+    study = optuna.create_study(direction="minimize" if space.primary.mode == "min" else "maximize",
                                 sampler=optuna.samplers.TPESampler(seed=space.seed))
     for point in start_points(space)[:COMMAND_TRIALS]:
         study.enqueue_trial(point)
@@ -122,10 +122,10 @@ def plain_optuna() -> None:
     def objective(trial: optuna.Trial) -> float:
         suggest(trial)
         result = train(trial_config(space, decode_params(space, trial.params)), data)
-        return result.history[-1][space.objective.metric]
+        return result.history[-1][space.primary.metric]
 
     study.optimize(objective, n_trials=COMMAND_TRIALS)
-    print(f"{len(study.trials)} trials, best {space.objective.metric} {study.best_value:.4g}")
+    print(f"{len(study.trials)} trials, best {space.primary.metric} {study.best_value:.4g}")
 
 
 def whole_command(rounds: int) -> None:

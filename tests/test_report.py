@@ -91,16 +91,16 @@ def test_params_read_back_as_the_config_values_they_were_logged_from():
 
 def test_the_leaderboard_ranks_finished_trials_on_the_objective_and_leaves_broken_and_running_ones_out():
     trials = trial_table(a_search(), "val/recon_mse")
-    board = leaderboard(trials, "min")
+    board = leaderboard(trials, [("val/recon_mse", "min")])
     assert list(board["name"]) == ["conv-#1", "dense-#2", "vae-#5", "dense-#3"]
     assert list(board["rank"]) == [1, 2, 3, 4]
     states = dict(zip(trials["name"], trials["state"]))
     assert states["vae-#4"] == "diverged" and states["denoising-#6"] == "running" and states["dense-#3"] == "stopped"
-    assert list(leaderboard(trials, "max")["name"]) == ["dense-#3", "vae-#5", "dense-#2", "conv-#1"]
+    assert list(leaderboard(trials, [("val/recon_mse", "max")])["name"]) == ["dense-#3", "vae-#5", "dense-#2", "conv-#1"]
 
 
 def test_the_best_of_each_family_is_measured_against_the_winner():
-    families = best_per_family(leaderboard(trial_table(a_search(), "val/recon_mse"), "min"))
+    families = best_per_family(leaderboard(trial_table(a_search(), "val/recon_mse"), [("val/recon_mse", "min")]))
     assert list(families["family"]) == ["conv", "dense", "vae"]
     assert list(families["vs winner"]) == pytest.approx([0.0, 1.0, 2.0])  # 0.02 is 100% above 0.01
 
@@ -158,7 +158,7 @@ def test_importance_replays_the_trials_through_the_spaces_define_by_run_function
                       latent_dim=int(rng.choice([8, 16])))
         row["params.model.hidden_dims"] = as_param([32] if i % 2 else [64, 32])
         rows.append(row)
-    table = importances(leaderboard(trial_table(runs_frame(*rows), "val/recon_mse"), "min"), space, "min")
+    table = importances(leaderboard(trial_table(runs_frame(*rows), "val/recon_mse"), [("val/recon_mse", "min")]), space, "min")
     assert table.iloc[0]["parameter"] == "optimizer.lr"  # the objective depends on lr alone
     assert table.iloc[0]["fanova"] > 0.8
     assert set(table["parameter"]) == {"optimizer.lr", "model.latent_dim", "model.hidden_dims"}  # beta is conditional
@@ -191,7 +191,7 @@ def test_each_figure_is_drawn_when_the_search_has_its_data_and_says_why_not_othe
         assert png_bytes[:8] == b"\x89PNG\r\n\x1a\n", caption
     no_vaes = a_search()
     no_vaes = trial_table(no_vaes[no_vaes["tags.latent"] != "gaussian"], "val/recon_mse")
-    figures, not_drawn = plots.all_figures(leaderboard(no_vaes, "min"), pd.DataFrame(), pd.DataFrame(),
+    figures, not_drawn = plots.all_figures(leaderboard(no_vaes, [("val/recon_mse", "min")]), pd.DataFrame(), pd.DataFrame(),
                                            asha_summary(no_vaes, {}), "val/recon_mse", "min")
     assert "rate_distortion" not in figures and "no finished VAE" in not_drawn["VAE rate / distortion (reconstruction against KL)"]
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from ray.tune import Result
 
-from aesearch.metrics import CATALOGUE, EPOCH_OBJECTIVES, lookup, ranked_metrics
+from aesearch.metrics import ALWAYS_PER_EPOCH, USE_METRICS, is_epoch_objective, lookup, ranked_metrics
 from aesearch.results.reproduce import OTHER_DEVICE_TYPE, allowed, compared
 from aesearch.results.tables import leaderboard as report_leaderboard
 from aesearch.search.leaderboard import leaderboard, nothing_ran, outside_the_best, rank
@@ -53,16 +53,16 @@ def trials(*rows):
 def test_only_trials_that_trained_to_an_end_are_ranked_best_first():
     board = rank(trials(("a", "completed", 0.3), ("b", "errored", 0.01), ("c", "stopped", 0.2),
                         ("d", "diverged", math.inf), ("e", "completed", math.nan), ("f", "completed", 0.1)),
-                 "objective", "min", tiebreak="number")
+                 ["objective"], ["min"], tiebreak="number")
     assert board["name"].tolist() == ["f", "c", "a", "b", "d", "e"]
     assert board["rank"].tolist()[:3] == [1, 2, 3] and board["rank"][3:].isna().all()
-    best_first = rank(trials(("a", "completed", 0.3), ("f", "completed", 0.1)), "objective", "max")
+    best_first = rank(trials(("a", "completed", 0.3), ("f", "completed", 0.1)), ["objective"], ["max"])
     assert best_first["name"].tolist() == ["a", "f"]
 
 
 def test_the_report_ranks_as_the_search_does():
     table = trials(("a", "completed", 0.3), ("b", "errored", 0.01), ("c", "stopped", 0.2), ("d", "completed", 0.2))
-    board = report_leaderboard(table, "min")
+    board = report_leaderboard(table, [("val/recon_mse", "min")])
     assert board["name"].tolist() == ["c", "d", "a"] and board["rank"].tolist() == [1, 2, 3]  # ties: trial number
 
 
@@ -87,7 +87,12 @@ def test_the_search_leaderboard_from_tunes_results():
 
 
 def test_the_catalogue_knows_every_metric_a_search_ranks_on_and_how_to_compare_them():
-    assert all(CATALOGUE[name].mode == "min" for name in EPOCH_OBJECTIVES)
+    assert all(lookup(name) is not None and is_epoch_objective(name) for name in ALWAYS_PER_EPOCH + USE_METRICS)
+    assert [lookup(name).mode for name in ("val/anomaly_auroc", "val/kmeans_ari", "val/nll", "val/elbo")] == [
+        "max", "max", "min", "max"]
+    assert lookup("val/denoise_psnr_masking").mode == "max" and lookup("val/denoise_mse_swap").mode == "min"
+    assert is_epoch_objective("val/denoise_psnr_gaussian") and not is_epoch_objective("val/denoise_psnr_")
+    assert not is_epoch_objective("test/recon_mse") and not is_epoch_objective("val/whatever")
     assert lookup("test/denoise_psnr_gaussian").mode == "max" and "gaussian" in lookup("test/denoise_psnr_gaussian").description
     assert lookup("no/such") is None
     assert list(ranked_metrics(["test/psnr", "test/denoise_psnr_masking", "test/recon_mse", "val/loss"])) == [
@@ -103,6 +108,6 @@ def test_only_the_best_ended_trials_keep_their_checkpoints():
     ended = {"a": {"epoch": 4.0, "loss": 0.3, REPORTED["completed"]: 1.0}, "b": {"epoch": 2.0, "loss": 0.1},
              "c": {"epoch": 1.0, "loss": math.inf, REPORTED["diverged"]: 1.0}, "d": {"epoch": 4.0, "loss": 0.2,
                                                                                   REPORTED["completed"]: 1.0}}
-    assert sorted(outside_the_best(ended, "loss", "min", keep=2)) == ["a", "c"]
-    assert sorted(outside_the_best(ended, "loss", "max", keep=1)) == ["b", "c", "d"]
-    assert outside_the_best({}, "loss", "min", keep=2) == []
+    assert sorted(outside_the_best(ended, ["loss"], ["min"], keep=2)) == ["a", "c"]
+    assert sorted(outside_the_best(ended, ["loss"], ["max"], keep=1)) == ["b", "c", "d"]
+    assert outside_the_best({}, ["loss"], ["min"], keep=2) == []

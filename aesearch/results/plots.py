@@ -71,6 +71,28 @@ def _having(rows: pd.DataFrame, *needed: str) -> pd.DataFrame:
 # --- the figures ----------------------------------------------------------------------------------
 
 
+def objectives_front(board: pd.DataFrame, objectives: list[tuple[str, str]], **_) -> Figure:
+    """The first two objectives of a multi-objective search: every ranked (completed) trial, the
+    Pareto front (on all objectives) ringed and joined, each axis saying which way is better."""
+    if len(objectives) < 2 or "pareto_rank" not in board:
+        raise NotApplicable("the search has one objective")
+    (x, x_mode), (y, y_mode) = objectives[:2]
+    figure = Figure(figsize=FIGSIZE)
+    axes = figure.subplots()
+    _scatter_by_family(axes, board, x, y, family_colours(list(board["family"])))
+    front = board[board["pareto_rank"] == 1].sort_values(x)
+    axes.scatter(front[x], front[y], s=120, facecolors="none", edgecolors="black", linewidths=1.2, label="Pareto front")
+    if len(objectives) == 2 and len(front) >= 2:  # with two objectives the front is a staircase
+        axes.step(front[x], front[y], where="post" if x_mode == y_mode else "pre", color="black", linewidth=1,
+                  alpha=0.6)
+    better = {"min": "lower is better", "max": "higher is better"}
+    axes.set(xlabel=f"{x} ({better[x_mode]})", ylabel=f"{y} ({better[y_mode]})",
+             title="Pareto front" + (f" (on {len(objectives)} objectives; first two shown)" if len(objectives) > 2 else ""))
+    axes.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    return figure
+
+
 def search_progress(board: pd.DataFrame, metric: str, mode: str, **_) -> Figure:
     """The objective of each trial in the order they started, and the best so far."""
     if board.empty:
@@ -245,6 +267,7 @@ def asha_chart(asha: dict[str, Any], **_) -> Figure:
 
 # (file stem, caption, function) in the order the report shows them.
 FIGURES: list[tuple[str, str, Callable[..., Figure]]] = [
+    ("objectives_front", "Pareto front of the search's objectives", objectives_front),
     ("learning_curves", "Learning curves of the top trials", learning_curves),
     ("search_progress", "Objective against trial number (search progress)", search_progress),
     ("latent_size", "Pareto front: reconstruction against latent size", latent_size_front),
@@ -258,14 +281,15 @@ FIGURES: list[tuple[str, str, Callable[..., Figure]]] = [
 
 
 def all_figures(
-    board: pd.DataFrame, curves: pd.DataFrame, importance: pd.DataFrame, asha: dict[str, Any], metric: str, mode: str
+    board: pd.DataFrame, curves: pd.DataFrame, importance: pd.DataFrame, asha: dict[str, Any], metric: str, mode: str,
+    objectives: list[tuple[str, str]] | None = None,
 ) -> tuple[dict[str, tuple[str, Figure]], dict[str, str]]:
     """Every figure that applies ({stem: (caption, figure)}) and why the others were not drawn."""
     drawn, not_drawn = {}, {}
     for stem, caption, draw in FIGURES:
         try:
             drawn[stem] = (caption, draw(board=board, curves=curves, importance=importance, asha=asha, metric=metric,
-                                         mode=mode))
+                                         mode=mode, objectives=objectives or [(metric, mode)]))
         except NotApplicable as why:
             not_drawn[caption] = str(why)
     return drawn, not_drawn

@@ -37,13 +37,20 @@ class SearchRecord:
 
     @property
     def objective(self) -> tuple[str, str]:
-        return search_objective(self.search)
+        """The first objective (the only one, in a single-objective search): (metric, mode)."""
+        return self.objectives[0]
+
+    @property
+    def objectives(self) -> list[tuple[str, str]]:
+        return search_objectives(self.search)
 
 
-def search_objective(search: dict[str, Any]) -> tuple[str, str]:
-    """(metric, mode) the search ranked its trials on, from its run's params."""
+def search_objectives(search: dict[str, Any]) -> list[tuple[str, str]]:
+    """[(metric, mode)] the search ranked its trials on, from its run's params (`objectives`: 'val/recon_mse
+    min, model/latent_dim min'; searches before several objectives logged `objective.metric` alone)."""
     params = search.get("params", {})
-    return params.get("objective.metric", "val/recon_mse"), params.get("objective.mode", "min")
+    listed = [tuple(item.split()) for item in params.get("objectives", "").split(",") if item.strip()]
+    return listed or [(params.get("objective.metric", "val/recon_mse"), params.get("objective.mode", "min"))]
 
 
 def read_search(uri: str, experiment: str, top: int = TOP) -> SearchRecord:
@@ -53,8 +60,8 @@ def read_search(uri: str, experiment: str, top: int = TOP) -> SearchRecord:
     store = client(uri)
     record = SearchRecord(experiment, uri, search, _launched_space(store, search), runs,
                           reproductions=runs_of(uri, experiment_id, "reproduction"))
-    metric, mode = record.objective
-    board = leaderboard(trial_table(runs, metric), mode)
+    metric, _ = record.objective
+    board = leaderboard(trial_table(runs, metric), record.objectives)
     shown = list(board["run_id"][:top])
     record.curves = pd.DataFrame(
         [{"run_id": run_id, "step": m.step, "value": m.value}

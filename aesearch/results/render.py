@@ -38,7 +38,8 @@ def board_view(report: Report, rows: pd.DataFrame, extra: tuple[str, ...] = ()) 
     """Leaderboard rows as shown: the objective under its own name, the reproduce command last."""
     metric, _ = report.record.objective
     columns = [c for c in BOARD_COLUMNS + list(extra) if c in rows]
-    view = rows[columns].rename(columns={"objective": metric, "name": "trial"}).copy()
+    view = rows[columns].rename(columns={"objective": metric, "name": "trial"})
+    view = view.loc[:, ~view.columns.duplicated()].copy()  # the objective once, under its own name
     view["reproduce"] = [reproduce_command(report.record.experiment, r, report.record.uri) for r in rows["run_id"]]
     return view
 
@@ -75,7 +76,16 @@ def _tables(report: Report) -> list[tuple[str, str, pd.DataFrame]]:
     best["reproduce"] = [reproduce_command(report.record.experiment, r, report.record.uri) for r in best["run_id"]]
     broken = report.trials[~report.trials["state"].isin(RANKED)][["name", "family", "state", "outcome", "epochs",
                                                                           "run_id"]]
-    tables = [
+    tables = []
+    objectives = report.record.objectives
+    if len(report.front):
+        goals = ", ".join(f"{m} ({'lower' if d == 'min' else 'higher'} is better)" for m, d in objectives)
+        front = board_view(report, report.front, tuple(m for m, _ in objectives))
+        first = ["rank", "trial", "family", "outcome", "epochs", *(m for m, _ in objectives)]
+        front = front[first + [c for c in front.columns if c not in first]]
+        tables += [("front", f"Pareto front on {goals}: completed trials no other beats on every objective", front),
+                   ("per_objective", "Best trial on each objective", report.best_objectives.drop(columns=["run_id"]))]
+    tables += [
         ("families", f"Best trial per variant family (on {metric}, {mode})", families),
         ("overall", f"Top {min(10, len(report.board))} trials overall", board_view(report, report.board.head(10))),
         ("metrics", "Best trial on each evaluation metric", best.drop(columns=["run_id"])),
@@ -141,7 +151,7 @@ def _meta(report: Report) -> str:
     params, tags = record.search.get("params", {}), record.search.get("tags", {})
     dataset = params.get("dataset", "?")
     return (f"{dataset} (fingerprint {params.get('dataset_fingerprint', '?')}) · {status_line(report)} · objective "
-            f"{record.objective[0]} ({record.objective[1]}) · code {tags.get('git_commit', '?')[:12]} · tracking "
+            f"{', '.join(f'{m} ({d})' for m, d in record.objectives)} · code {tags.get('git_commit', '?')[:12]} · tracking "
             f"{record.uri}")
 
 

@@ -26,8 +26,10 @@ from aesearch.results.tables import (
     asha_summary,
     best_per_family,
     best_per_metric,
+    best_per_objective,
     importances,
     leaderboard,
+    pareto_front_table,
     relative_gap,
     seed_summary,
     trial_table,
@@ -45,6 +47,8 @@ class Report:
     board: pd.DataFrame
     families: pd.DataFrame
     best_metrics: pd.DataFrame
+    front: pd.DataFrame  # several objectives: the trials on the Pareto front (else empty)
+    best_objectives: pd.DataFrame  # several objectives: the best trial on each (else empty)
     seeds: pd.DataFrame
     asha: dict[str, Any]
     importance: pd.DataFrame
@@ -61,14 +65,16 @@ def build_report(record: SearchRecord) -> Report:
 
     metric, mode = record.objective
     trials = trial_table(record.runs, metric)
-    board = leaderboard(trials, mode)
+    board = leaderboard(trials, record.objectives)
     importance = importances(board, record.space, mode)
     asha = asha_summary(trials, record.search.get("params", {}))
-    drawn, not_drawn = plots.all_figures(board, record.curves, importance, asha, metric, mode)
+    drawn, not_drawn = plots.all_figures(board, record.curves, importance, asha, metric, mode, record.objectives)
     figures = {stem: (caption, _png(figure)) for stem, (caption, figure) in drawn.items()}
     return Report(
         record=record, trials=trials, board=board, families=best_per_family(board),
-        best_metrics=best_per_metric(trials), seeds=seed_summary(trials, SEED_METRICS), asha=asha,
+        best_metrics=best_per_metric(trials), front=pareto_front_table(board, record.objectives),
+        best_objectives=best_per_objective(board, record.objectives),
+        seeds=seed_summary(trials, SEED_METRICS), asha=asha,
         importance=importance, figures=figures, not_drawn=not_drawn,
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
@@ -81,6 +87,13 @@ def headline(report: Report) -> list[str]:
     if board.empty:
         return [f"No trial has finished with a finite {metric} yet."]
     winner = board.iloc[0]
+    if len(record.objectives) > 1:
+        goals = ", ".join(f"{m} ({'lower' if d == 'min' else 'higher'} is better)" for m, d in record.objectives)
+        lines = [f"{len(report.front)} trials are on the Pareto front of {goals}: none of them is beaten on every "
+                 f"objective at once. Best on each: " + "; ".join(
+                     f"{row.objective} {row.value:.4g} ({row.trial}, {row.family})"
+                     for row in report.best_objectives.itertuples()) + ". Trials stopped early are left out."]
+        return lines + [f"Ranked first (on the front, best on {metric}): trial {winner['name']} ({winner['family']})."]
     lines = [f"**{winner['family']}** wins: trial {winner['name']} reaches {metric} = {winner['objective']:.4g} "
              f"({'lower' if mode == 'min' else 'higher'} is better) after {winner['epochs']} epochs."]
     others = report.families[report.families["family"] != winner["family"]]

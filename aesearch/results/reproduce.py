@@ -116,12 +116,13 @@ class Trial:
 def find_trial(uri: str, experiment: str, rank: int | None, run_id: str | None) -> Trial:
     """The trial at `rank` in the report's leaderboard (default 1), or the trial run `run_id`."""
     from aesearch.config import parse_config
-    from aesearch.results.read import read_trials, search_objective
+    from aesearch.results.read import read_trials, search_objectives
     from aesearch.results.tables import leaderboard, trial_table
     from aesearch.tracking.store import client
 
     experiment_id, search, runs = read_trials(uri, experiment)
-    metric, mode = search_objective(search)
+    objectives = search_objectives(search)
+    metric, mode = objectives[0]
     trials = trial_table(runs, metric)
     if run_id is not None:
         chosen = trials[trials["run_id"] == run_id]
@@ -132,7 +133,7 @@ def find_trial(uri: str, experiment: str, rank: int | None, run_id: str | None) 
             raise UserError(f"--run-id {run_id}: trial {row['name']} ended as '{row['outcome']}'; only trials that "
                             "completed or were stopped early can be reproduced")
     else:
-        board = leaderboard(trials, mode)
+        board = leaderboard(trials, objectives)
         rank = rank or 1
         if not 1 <= rank <= len(board):
             raise UserError(f"--rank {rank}: experiment {experiment!r} has {len(board)} ranked trials (1..{len(board)})")

@@ -88,10 +88,38 @@ def _trial_number(tagged: str | None, name: str) -> float:
     return float(found.group(1)) if found else math.nan
 
 
-def leaderboard(trials: pd.DataFrame, mode: str) -> pd.DataFrame:
-    """Finished trials with an objective, best first, ranked from 1 (`aesearch reproduce --rank K`)."""
-    board = rank(trials, "objective", mode, tiebreak="number")
+def leaderboard(trials: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
+    """Finished trials with an objective, best first, ranked from 1 (`aesearch reproduce --rank K`); with
+    several objectives, completed trials by Pareto rank (`pareto_rank`), then the first objective."""
+    if len(objectives) == 1:
+        board = rank(trials, ["objective"], [objectives[0][1]], tiebreak="number")
+    else:
+        metrics, modes = [m for m, _ in objectives], [mode for _, mode in objectives]
+        having = trials.assign(**{m: trials.get(m, math.nan) for m in metrics})
+        board = rank(having, metrics, modes, tiebreak="number")
     return board[board["rank"].notna()].astype({"rank": int})
+
+
+def pareto_front_table(board: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
+    """The trials on the Pareto front of a multi-objective search (empty for one objective), in the
+    order of the first objective."""
+    if "pareto_rank" not in board:
+        return board.iloc[:0]
+    return board[board["pareto_rank"] == 1].sort_values(objectives[0][0], ascending=objectives[0][1] == "min",
+                                                         kind="stable").reset_index(drop=True)
+
+
+def best_per_objective(board: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
+    """For each objective of a multi-objective search, the ranked trial best on it (always a front member)."""
+    if len(objectives) == 1 or board.empty:
+        return board.iloc[:0]
+    rows = []
+    for metric, mode in objectives:
+        values = board[metric]
+        best = board.loc[values.idxmin() if mode == "min" else values.idxmax()]
+        rows.append({"objective": metric, "better": "lower" if mode == "min" else "higher", "value": best[metric],
+                     "trial": best["name"], "family": best["family"], "rank": best["rank"], "run_id": best["run_id"]})
+    return pd.DataFrame(rows)
 
 
 def best_per_family(board: pd.DataFrame) -> pd.DataFrame:

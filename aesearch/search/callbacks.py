@@ -47,7 +47,7 @@ class Progress(Callback):
     """
 
     def __init__(self, space: SearchSpace):
-        self.metric, self.mode = space.objective.metric, space.objective.mode
+        self.metric, self.mode = space.primary.metric, space.primary.mode
         self.max_epochs = space.budget.max_epochs
 
     def setup(self, **info):
@@ -154,7 +154,7 @@ class BestCheckpointsKeeper(Callback):
     logs a stopped trial's best checkpoint first. Pickled with the search; re-ranks from Tune's trials."""
 
     def __init__(self, space: SearchSpace, tracking: Tracking):
-        self.metric, self.mode, self.keep = space.objective.metric, space.objective.mode, space.budget.keep_checkpoints
+        self.metrics, self.modes, self.keep = space.metrics, space.modes, space.budget.keep_checkpoints
         self.tracking = tracking
 
     def setup(self, **info):
@@ -164,7 +164,7 @@ class BestCheckpointsKeeper(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         finished = {t.trial_id: t for t in trials if t.status == "TERMINATED" or t is trial}
         last_results = {trial_id: t.last_result or {} for trial_id, t in finished.items()}
-        for trial_id in outside_the_best(last_results, self.metric, self.mode, self.keep):
+        for trial_id in outside_the_best(last_results, self.metrics, self.modes, self.keep):
             dropped = finished[trial_id]
             if trial_id in self.removed:
                 continue

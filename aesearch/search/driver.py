@@ -24,10 +24,10 @@ import optuna
 import pandas as pd
 import ray
 import yaml
+from pydantic import ValidationError
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search.optuna import OptunaSearch
 
 from aesearch import settings
 from aesearch.errors import UserError
@@ -41,9 +41,11 @@ from aesearch.parts.data import Data, load_data
 from aesearch.search.callbacks import BestCheckpointsKeeper, CheckpointPruner, FirstReport, Progress, RunCloser
 from aesearch.search.faults import Fault, read_faults
 from aesearch.search.leaderboard import LEADERBOARD_METRICS, NothingRan, leaderboard, nothing_ran
+from aesearch.search.mo_asha import MultiObjectiveASHA
 from aesearch.search.phases import Phases
+from aesearch.search.ray_api import MarkingOptunaSearch
 from aesearch.search.ray_cluster import check_reachable, connect
-from aesearch.search.space import DefineByRun, SearchSpace, check_trials, start_points
+from aesearch.search.space import DefineByRun, SearchSpace, check_trials, check_validation_rows, start_points
 from aesearch.search.storage import TRACKING_FILE, SearchFolder, check_storage_has_no_credentials, prune_checkpoints
 from aesearch.search.trial import run_trial
 from aesearch.tracking.outbox import is_unreachable, patiently
@@ -87,7 +89,7 @@ def check_can_start(space: SearchSpace, options: SearchOptions) -> None:
     if options.resume:
         if not launched:
             raise UserError(f"--resume: no search named {options.name!r} under {options.storage}")
-        if yaml.safe_load(folder.read("space.yaml")) != space.model_dump(mode="json"):
+        if launched_space(folder.read("space.yaml")) != space.model_dump(mode="json"):
             raise UserError(
                 f"--resume: the search space differs from the one search {options.name!r} was "
                 f"launched with ({folder.uri}/space.yaml); resume with that space or start a new --name"
@@ -97,6 +99,15 @@ def check_can_start(space: SearchSpace, options: SearchOptions) -> None:
             f"a search named {options.name!r} already exists under {options.storage}; continue it "
             "with --resume or start another with --name"
         )
+
+
+def launched_space(text: str) -> Any:
+    """A stored space.yaml as this version reads it (older files spell one objective as a mapping)."""
+    document = yaml.safe_load(text)
+    try:
+        return SearchSpace.model_validate(document).model_dump(mode="json")
+    except ValidationError:
+        return document
 
 
 def search(space: SearchSpace, options: SearchOptions, phases: Phases | None = None) -> pd.DataFrame:
@@ -113,6 +124,7 @@ def search(space: SearchSpace, options: SearchOptions, phases: Phases | None = N
         check_reachable(options.address)  # seconds, not a dataset download later
     data = load_data(space.data, options.data_dir, options.download)
     check_trials(space, data.spec)
+    check_validation_rows(space, data)
     phases.mark("start (imports, checks, data)")
     if options.address:
         connect(options.address)  # a cluster may refuse us (no answer, a wrong token): before anything is written
@@ -147,10 +159,12 @@ def search(space: SearchSpace, options: SearchOptions, phases: Phases | None = N
     failed = nothing_ran(board)
     patience = space.budget.tracking_patience_s
     try:  # a tracking server that is down now is waited for, up to the patience
+        patiently(lambda: runs.tag_ranks(rank_tags(board)), patience)
         if (board["rank"] == 1).any():
             best = board[board["rank"] == 1].iloc[0]
             metrics = {k: best[k] for k in LEADERBOARD_METRICS if pd.notna(best.get(k))}
-            patiently(lambda: runs.register_best(best["trial"], metrics), patience)
+            front = board.loc[board["pareto_rank"] == 1, "trial"].tolist() if space.multi_objective else None
+            patiently(lambda: runs.register_best(best["trial"], metrics, front), patience)
         closing = "FAILED" if failed else "FINISHED"
         patiently(lambda: runs.finish(closing, board.to_csv(index=False), set(board.get("trial", []))), patience)
     except Exception as error:
@@ -163,6 +177,20 @@ def search(space: SearchSpace, options: SearchOptions, phases: Phases | None = N
     if failed:
         raise NothingRan(options.name, board, f"{folder.uri}/leaderboard.csv")
     return board
+
+
+def rank_tags(board: pd.DataFrame) -> dict[str, dict[str, str]]:
+    """MLflow run id -> its place in the search as tags (see SearchRun.tag_ranks)."""
+    tags = {}
+    for row in board[board["mlflow_run_id"].fillna("").astype(bool)].to_dict("records"):
+        ranked = pd.notna(row["rank"])
+        place = {"rank": str(int(row["rank"])) if ranked else "unranked"}
+        if "pareto_rank" in row:
+            on_front = ranked and row["pareto_rank"] == 1
+            place |= {"pareto_rank": str(int(row["pareto_rank"])) if ranked else "unranked",
+                      "pareto_front": "true" if on_front else "false"}
+        tags[row["mlflow_run_id"]] = place
+    return tags
 
 
 def check_tracking(options: SearchOptions, uri: str) -> None:
@@ -186,7 +214,8 @@ def describe(space: SearchSpace, options: SearchOptions, data: Data) -> dict[str
     resources = ray.cluster_resources()
     params = {
         "seed": space.seed, "dataset": space.data.dataset, "dataset_fingerprint": data.fingerprint,
-        "objective.metric": space.objective.metric, "objective.mode": space.objective.mode,
+        "objective.metric": space.primary.metric, "objective.mode": space.primary.mode,
+        "objectives": ", ".join(f"{o.metric} {o.mode}" for o in space.objective),
         "budget.num_samples": space.budget.num_samples, "budget.max_epochs": space.budget.max_epochs,
         "budget.grace_period": space.budget.grace_period, "budget.reduction_factor": space.budget.reduction_factor,
         "max_concurrent": space.max_concurrent, "resources.cpu": space.resources.cpu,
@@ -232,10 +261,20 @@ SAMPLERS = {  # space.sampler -> Optuna's sampler for a seed
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
     "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
 }
-SCHEDULERS = {  # space.early_stopping -> Tune's trial scheduler for the budget
-    "asha": lambda budget: ASHAScheduler(time_attr="epoch", max_t=budget.max_epochs, grace_period=budget.grace_period,
-                                         reduction_factor=budget.reduction_factor),
-    "none": lambda budget: FIFOScheduler(),
+def asha(space: SearchSpace, metrics: list[str], modes: list[str]):
+    """Asynchronous successive halving on these objectives: Ray's ASHA for one, MO-ASHA for several."""
+    budget = space.budget
+    rungs = {"time_attr": "epoch", "max_t": budget.max_epochs, "grace_period": budget.grace_period,
+             "reduction_factor": budget.reduction_factor}
+    if len(metrics) == 1:
+        return ASHAScheduler(metric=metrics[0], mode=modes[0], **rungs)
+    return MultiObjectiveASHA(metrics, modes, **rungs)
+
+
+SCHEDULERS = {  # space.early_stopping -> Tune's trial scheduler for the search
+    "asha": lambda space: asha(space, space.metrics, space.modes),
+    "asha_first_objective": lambda space: asha(space, space.metrics[:1], space.modes[:1]),
+    "none": lambda space: FIFOScheduler(),
 }
 
 
@@ -266,20 +305,20 @@ def _fit_trials(space: SearchSpace, options: SearchOptions, data: Data, tracking
     if options.resume:  # the searcher's state, the trials and their checkpoints come back
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
     else:
-        searcher = OptunaSearch(
+        one = not space.multi_objective  # Optuna's TPE on every objective: a list of several
+        searcher = MarkingOptunaSearch(
             DefineByRun(space),
-            metric=space.objective.metric,
-            mode=space.objective.mode,
+            metric=space.primary.metric if one else space.metrics,
+            mode=space.primary.mode if one else space.modes,
             sampler=SAMPLERS[space.sampler](space.seed),
             points_to_evaluate=start_points(space) or None,
+            max_epochs=space.budget.max_epochs,
         )
         budget = space.budget
-        scheduler = SCHEDULERS[space.early_stopping](budget)
+        scheduler = SCHEDULERS[space.early_stopping](space)
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(
-                metric=space.objective.metric,
-                mode=space.objective.mode,
+            tune_config=tune.TuneConfig(  # the searcher and the scheduler know their objectives
                 search_alg=searcher,
                 scheduler=scheduler,
                 num_samples=budget.num_samples,

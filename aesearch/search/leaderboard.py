@@ -1,5 +1,8 @@
 """The leaderboard: every trial, best first. `rank` is the one ranking of aesearch: the search's
 leaderboard (from Tune's results), the report's (from MLflow's runs) and `reproduce --rank` use it.
+
+With several objectives a trial's place is its Pareto rank first (`pareto_rank`, 1: on the front,
+no other trial is at least as good on every objective and better on one), then the first objective.
 """
 
 from __future__ import annotations
@@ -8,8 +11,10 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from aesearch.pareto import nondominated_ranks
 from aesearch.search.space import (
     SearchSpace,
     decode_params,
@@ -33,26 +38,44 @@ def nothing_ran(board: pd.DataFrame) -> bool:
     return board.empty or bool(board["state"].isin({"errored", "not started"}).all())
 
 
-def rank(trials: pd.DataFrame, column: str, mode: str, tiebreak: str | None = None) -> pd.DataFrame:
-    """Every trial, best first: those that trained to an end of their own (a RANKED outcome) with a
-    finite `column` are ranked 1..n on it (ties broken by `tiebreak`, then by the order given); the
-    others follow, unranked (rank NaN), in the order given."""
+def rank(trials: pd.DataFrame, columns: list[str], modes: list[str], tiebreak: str | None = None) -> pd.DataFrame:
+    """Every trial, best first, with its `rank` (and `pareto_rank` for several objectives); the
+    others follow, unranked (rank NaN), in the order given. Ties are broken by `tiebreak`, then by
+    the order given.
+
+    One objective: the trials that trained to an end of their own (a RANKED outcome) with a finite
+    value are ranked on it. Several: only the completed ones, each with every value finite; a trial
+    stopped early has its state at the stop, which would put an untrained model on the front.
+    """
     if trials.empty:
         return trials.assign(rank=pd.Series(dtype=float))
-    rankable = trials["state"].isin(RANKED) & trials[column].map(is_finite_number)
-    keys = [column, *([tiebreak] if tiebreak else [])]
-    ranked = trials[rankable].sort_values(keys, ascending=[mode == "min"] + [True] * (len(keys) - 1), kind="stable")
-    ranked = ranked.assign(rank=range(1, len(ranked) + 1))
+    multi = len(columns) > 1
+    rankable = trials["state"].isin(["completed"] if multi else RANKED)
+    for column in columns:
+        rankable &= trials[column].map(is_finite_number)
+    ranked = trials[rankable]
+    keys, ascending = [columns[0]], [modes[0] == "min"]
+    if multi:
+        points = ranked[columns].to_numpy(dtype=float)
+        ranked = ranked.assign(pareto_rank=nondominated_ranks(points, modes) if len(ranked) else np.array([], int))
+        keys, ascending = ["pareto_rank", *keys], [True, *ascending]
+    if tiebreak:
+        keys, ascending = [*keys, tiebreak], [*ascending, True]
+    ranked = ranked.sort_values(keys, ascending=ascending, kind="stable").assign(rank=range(1, len(ranked) + 1))
     return pd.concat([ranked, trials[~rankable].assign(rank=math.nan)], ignore_index=True)
 
 
-def outside_the_best(last_results: dict[str, dict], metric: str, mode: str, keep: int) -> list[str]:
-    """Of these ended trials (trial id -> its last report), those not among the best `keep` by `rank`:
-    the trials whose checkpoints a search need not keep."""
-    table = pd.DataFrame([{"trial": trial, "state": Outcome.from_report(last).kind, metric: last.get(metric, math.nan)}
-                          for trial, last in last_results.items()], columns=["trial", "state", metric])
-    board = rank(table, metric, mode)
-    return board.loc[~(board["rank"] <= keep), "trial"].tolist()
+def outside_the_best(last_results: dict[str, dict], metrics: list[str], modes: list[str], keep: int) -> list[str]:
+    """Of these ended trials (trial id -> its last report), those not among the best `keep` by `rank`
+    (nor, with several objectives, on the front): the trials whose checkpoints a search need not keep."""
+    table = pd.DataFrame([{"trial": trial, "state": Outcome.from_report(last).kind,
+                           **{metric: last.get(metric, math.nan) for metric in metrics}}
+                          for trial, last in last_results.items()], columns=["trial", "state", *metrics])
+    board = rank(table, metrics, modes)
+    kept = board["rank"] <= keep
+    if "pareto_rank" in board:
+        kept |= board["pareto_rank"] == 1
+    return board.loc[~kept, "trial"].tolist()
 
 
 LEADERBOARD_METRICS = [
@@ -65,8 +88,7 @@ PRINTED_METRICS = ["test/recon_mse", "test/psnr", "test/probe_accuracy", "test/a
 
 
 def leaderboard(results, space: SearchSpace) -> pd.DataFrame:
-    """One row per trial, best first: outcome, objective, test metrics and parameters."""
-    metric, mode = space.objective.metric, space.objective.mode
+    """One row per trial, best first: outcome, objectives, test metrics and parameters."""
     rows = []
     for result in results:
         last = result.metrics or {}
@@ -79,30 +101,34 @@ def leaderboard(results, space: SearchSpace) -> pd.DataFrame:
                 "outcome": ended.words(),
                 "state": ended.kind,
                 "epochs": int(last.get("epoch", 0)),
-                metric: last.get(metric, math.nan),
+                **{metric: last.get(metric, math.nan) for metric in space.metrics},
                 **{name: last.get(name, math.nan) for name in LEADERBOARD_METRICS},
                 "node": last.get("node", ""),
                 "mlflow_run_id": last.get("mlflow_run_id", ""),
                 "params": ", ".join(f"{k}={v}" for k, v in params.items()),
             }
         )
-    return rank(pd.DataFrame(rows), metric, mode)
+    return rank(pd.DataFrame(rows), space.metrics, space.modes)
 
 
 def format_leaderboard(board: pd.DataFrame, space: SearchSpace, where: str, top: int = 10) -> str:
-    metric = space.objective.metric
+    metric = space.primary.metric
     if board.empty:
         return "no trials ran"
     shown = [name for name in PRINTED_METRICS if name in board and board[name].notna().any()]
-    columns = list(dict.fromkeys(["trial", "family", "outcome", "epochs", metric, *shown]))
+    front = ["pareto_rank"] if "pareto_rank" in board else []
+    columns = list(dict.fromkeys(["trial", "family", "outcome", "epochs", *front, *space.metrics, *shown]))
     overall = board.head(top)[columns]
     per_family = board.dropna(subset=[metric]).groupby("family", sort=False).head(1)[columns]
+    ranking = ", ".join(f"{o.metric} {o.mode}" for o in space.objective)
+    if space.multi_objective:
+        ranking = f"Pareto rank on {ranking}, then {metric}; completed trials only"
     counts = Counter(board["state"])
     summary = ", ".join(f"{n} {state}" for state, n in counts.most_common())
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         return (
             f"\n{len(board)} trials: {summary}\n\n"
-            f"best trials ({metric}, {space.objective.mode}):\n{overall.to_string(index=False, na_rep='-')}\n\n"
+            f"best trials ({ranking}):\n{overall.to_string(index=False, na_rep='-')}\n\n"
             f"best per variant family:\n{per_family.to_string(index=False, na_rep='-')}\n\n"
             f"results: {where}\n"
         )

@@ -1,6 +1,6 @@
 """The private Ray APIs aesearch reaches, all here, for the Ray range pyproject declares.
 
-Ray has no public way yet to (1) open a storage URI with the filesystem Tune writes it with,
+Ray has no public way yet to (0) tell Optuna that a trial was stopped early, (1) open a storage URI with the filesystem Tune writes it with,
 (2) find which checkpoint a stored search state would restore, (3) make its C++ core re-read the
 authentication mode of this process, (4) ask a cluster's GCS a question without a token.
 `tests/test_ray_api.py` fails loudly, naming the API, when a Ray upgrade moves one of them.
@@ -9,6 +9,8 @@ authentication mode of this process, (4) ask a cluster's GCS a question without 
 from __future__ import annotations
 
 from typing import Any
+
+from ray.tune.search.optuna import OptunaSearch
 
 
 def filesystem_and_path(uri: str) -> tuple[Any, str]:
@@ -56,3 +58,21 @@ def gcs_needs_token(address: str, timeout_s: float) -> bool:
                 return True
             raise
     return False
+
+
+
+class MarkingOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch whose Optuna trials say, in the user attribute `stopped_at_epoch`, that the
+    values Optuna learnt from them are those of a trial stopped early (Ray tells Optuna a stopped
+    trial's last result as if it had completed). Reaches OptunaSearch's private `_ot_trials`."""
+
+    def __init__(self, *args: Any, max_epochs: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.max_epochs = max_epochs
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        optuna_trial = self._ot_trials.get(trial_id)
+        epoch = (result or {}).get("epoch")
+        if optuna_trial is not None and epoch is not None and 0 < epoch < self.max_epochs:
+            optuna_trial.set_user_attr("stopped_at_epoch", int(epoch))
+        super().on_trial_complete(trial_id, result, error)

@@ -7,8 +7,11 @@
       model.latent: {type: categorical, choices: [deterministic, gaussian]}
       objective.kl.beta: {type: float, low: 0.5, high: 8, log: true, when: {model.latent: gaussian}}
       sigma: {path: corruption.level, type: float, low: 0.05, high: 0.5, when: {corruption.kind: gaussian}}
-    objective: {metric: val/recon_mse, mode: min}
+    objective: {metric: val/recon_mse, mode: min}   # or a list of them: a multi-objective search
     budget: {num_samples: 16, max_epochs: 10, grace_period: 2, reduction_factor: 3}
+
+`use: anomaly_detection` (clustering, generation, compression, reconstruction) stands for an
+objective and a space worth searching for that use (aesearch.search.uses).
 
 A parameter's key is its name for Optuna; `path` is the config field it sets (default: the key),
 so two parameters may set one field under different conditions (a noise level whose range
@@ -27,10 +30,10 @@ from typing import Annotated, Any, Literal
 import optuna
 from pydantic import Field, ValidationError, model_validator
 
-from aesearch.config import TrainConfig, check_data, parse_config
+from aesearch.config import TrainConfig, check_data, metric_problem, parse_config
 from aesearch.errors import ConfigError
-from aesearch.metrics import CATALOGUE, EPOCH_OBJECTIVES
-from aesearch.parts.data import DataConfig, DataSpec
+from aesearch.metrics import ALWAYS_PER_EPOCH, USE_METRICS, is_epoch_objective, is_use_metric, lookup
+from aesearch.parts.data import Data, DataConfig, DataSpec
 from aesearch.schema import (
     Bool,
     Float,
@@ -44,6 +47,7 @@ from aesearch.schema import (
     load_yaml,
     set_path,
 )
+from aesearch.search.uses import USES, apply_use
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # aesearch reports progress itself
 
@@ -122,21 +126,30 @@ class Parameter(Section):
         return True
 
 
-# What ASHA and TPE may rank on: metrics that every variant reports after every epoch.
-
-
 class Objective(Section):
+    """What ASHA and TPE rank trials on: a metric known after every epoch (metrics.is_epoch_objective)."""
+
     # The clean-input reconstruction MSE: the yardstick that is fair across variants.
-    metric: Literal[EPOCH_OBJECTIVES] = "val/recon_mse"
-    mode: Literal["min", "max"] = "min"  # must be the metric's own direction (the metric catalogue's)
+    metric: str = "val/recon_mse"
+    mode: Literal["min", "max"] | None = None  # the metric's own direction (the catalogue's); None: that one
 
     @model_validator(mode="after")
     def _mode_is_the_metrics(self) -> Objective:
-        direction = CATALOGUE[self.metric].mode
-        if self.mode != direction:
-            raise broken_rule(f"objective.mode={self.mode!r}: for {self.metric} {CATALOGUE[self.metric].better}, "
+        if not is_epoch_objective(self.metric):
+            raise broken_rule(
+                f"objective.metric={self.metric!r}: not a metric known after every epoch; one of "
+                f"{', '.join(ALWAYS_PER_EPOCH + USE_METRICS)}, val/denoise_psnr_<kind>, val/denoise_mse_<kind>")
+        direction = lookup(self.metric).mode
+        if self.mode is not None and self.mode != direction:
+            raise broken_rule(f"objective.mode={self.mode!r}: for {self.metric} {lookup(self.metric).better}, "
                               f"so the mode is {direction!r}")
+        self.mode = direction
         return self
+
+    @property
+    def learnt(self) -> bool:
+        """Does training move it (not the model's size, fixed by its config)?"""
+        return not self.metric.startswith("model/")
 
 
 class Budget(Section):
@@ -174,18 +187,63 @@ ParameterName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]  # no '/': R
 class SearchSpace(Section):
     name: Name
     data: DataConfig = Field(default_factory=DataConfig)
+    use: Literal[tuple(USES)] | None = None  # stands for an objective and a space (aesearch.search.uses)
     base: dict[str, Any] = Field(default_factory=dict)
     space: dict[ParameterName, Parameter] = Field(min_length=1)
     start_with: list[dict[str, Any]] = Field(default_factory=list)  # first trials, e.g. one per family
-    objective: Objective = Field(default_factory=Objective)
+    # One objective, or several: a multi-objective search (Optuna's TPE on all, a Pareto front).
+    objective: list[Objective] = Field(default_factory=lambda: [Objective()], min_length=1, max_length=4)
     budget: Budget = Field(default_factory=Budget)
     resources: Resources = Field(default_factory=Resources)
     max_concurrent: PositiveInt | None = None
     seed: Int = Field(0, ge=0)
     # How configs are proposed and weak trials stopped; random / none are the baselines that
-    # benchmarks/search_efficiency.py measures TPE + ASHA against.
+    # benchmarks/search_efficiency.py measures TPE + ASHA against. With several objectives, `asha`
+    # promotes by non-dominated rank (search.mo_asha); `asha_first_objective` on the first one alone.
     sampler: Literal["tpe", "random"] = "tpe"
-    early_stopping: Literal["asha", "none"] = "asha"
+    early_stopping: Literal["asha", "asha_first_objective", "none"] = "asha"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spelled_out(cls, document: Any) -> Any:
+        if not isinstance(document, dict):
+            return document
+        document = apply_use(document)
+        if isinstance(document.get("objective"), dict):  # one objective: a list of one
+            document = {**document, "objective": [document["objective"]]}
+        return document
+
+    @property
+    def primary(self) -> Objective:
+        """The first objective: the one the leaderboard ranks on first, and the single-objective one."""
+        return self.objective[0]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objective) > 1
+
+    @property
+    def metrics(self) -> list[str]:
+        return [objective.metric for objective in self.objective]
+
+    @property
+    def modes(self) -> list[str]:
+        return [objective.mode for objective in self.objective]
+
+    @model_validator(mode="after")
+    def _objectives_fit(self) -> SearchSpace:
+        seen = set()
+        for i, objective in enumerate(self.objective):
+            if objective.metric in seen:
+                raise broken_rule(f"objective[{i}].metric={objective.metric!r}: listed twice; each objective "
+                                  "once")
+            seen.add(objective.metric)
+        if not any(objective.learnt for objective in self.objective):
+            raise broken_rule(f"objective: {', '.join(self.metrics)} is fixed by each trial's config, not learnt; "
+                              "list a metric of the model's quality too (e.g. val/recon_mse)")
+        if self.early_stopping == "asha_first_objective" and not self.multi_objective:
+            raise broken_rule("early_stopping='asha_first_objective' is for several objectives; with one, use 'asha'")
+        return self
 
     @model_validator(mode="after")
     def _parameters_fit(self) -> SearchSpace:
@@ -242,13 +300,26 @@ def decode_params(space: SearchSpace, suggested: dict[str, Any]) -> dict[str, An
     return {name: space.space[name].decode(value) for name, value in suggested.items() if name in space.space}
 
 
-def trial_config(space: SearchSpace, params: dict[str, Any]) -> TrainConfig:
-    """The full, validated config of the trial that takes `params` (decoded, by parameter name)."""
+def selected_by(space: SearchSpace) -> str:
+    """The metric whose best epoch a trial keeps: its first learnt objective (a trial is judged by
+    the objectives, and keeps the weights they judge best)."""
+    return next(objective.metric for objective in space.objective if objective.learnt)
+
+
+def trial_config(space: SearchSpace, params: dict[str, Any], measured: bool = True) -> TrainConfig:
+    """The full, validated config of the trial that takes `params` (decoded, by parameter name):
+    the base, the data and epochs of the search, and (`measured`) what its objectives need measured
+    each epoch."""
     document = copy.deepcopy(space.base)
     document["data"] = space.data.model_dump(mode="json")
     document["epochs"] = space.budget.max_epochs
     document.setdefault("name", space.name)
     document.setdefault("seed", space.seed)
+    evaluation = document.setdefault("evaluation", {})
+    if measured and isinstance(evaluation, dict):  # else: the config's own error, below
+        asked = evaluation.get("val_metrics") or []
+        evaluation["val_metrics"] = list(dict.fromkeys([*asked, *filter(is_use_metric, space.metrics)]))
+        evaluation["select_by"] = selected_by(space)
     set_by: dict[str, str] = {}
     for name, value in params.items():
         path = space.space[name].path or name
@@ -302,14 +373,38 @@ def start_trials(space: SearchSpace) -> list[dict[str, Any]]:
 def check_trials(space: SearchSpace, spec: DataSpec | None = None, count: int = 64) -> None:
     """Every start trial and every sampled trial must be a valid config (for the loaded data, given
     its spec: the user's data is known only once loaded), or the space is wrong."""
+    spec = spec or space.data.known_spec
     for params in [*start_trials(space), *sample_params(space, count, seed=space.seed)]:
+        shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
+        try:
+            config = trial_config(space, params, measured=False)
+            if spec is not None:
+                check_data(config, spec)
+        except ConfigError as error:
+            raise ConfigError(f"space {space.name}: the trial {{{shown}}} is not a valid config: {error}") from None
+        for i, metric in enumerate(space.metrics):  # what the objectives need, named as theirs
+            problem = spec is not None and metric_problem(metric, config, spec)
+            if problem:
+                raise ConfigError(f"objective[{i}].metric={metric!r}: {problem} (the trial {{{shown}}})")
         try:
             config = trial_config(space, params)
             if spec is not None:
                 check_data(config, spec)
         except ConfigError as error:
-            shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
             raise ConfigError(f"space {space.name}: the trial {{{shown}}} is not a valid config: {error}") from None
+
+
+def check_validation_rows(space: SearchSpace, data: Data) -> None:
+    """Can the loaded validation split tell the objectives apart at all? (Labelled anomalies among
+    its rows, labels for clustering.) Refused before anything starts."""
+    for i, metric in enumerate(space.metrics):
+        if metric.startswith("val/anomaly_"):
+            flags = [] if data.val_y is None else data.spec.is_anomaly(data.val_y).tolist()
+            if not any(flags) or all(flags):
+                raise ConfigError(
+                    f"objective[{i}].metric={metric!r}: the validation split of {space.data.dataset} holds "
+                    f"{sum(flags)} anomalous and {len(flags) - sum(flags)} normal labelled rows; it needs both "
+                    "(raise data.val_fraction, or label more anomalies)")
 
 
 # --- loading --------------------------------------------------------------------------------------

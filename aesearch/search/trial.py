@@ -89,7 +89,7 @@ def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: 
               faults: list[Fault], servers: list[Any] | None = None) -> None:
     """The Ray Tune trainable: one trial of the search, trained by the one trainer (here, or by a
     pack server when `servers` are given), logged to MLflow."""
-    worst = math.inf if space.objective.mode == "min" else -math.inf
+    worst = {o.metric: math.inf if o.mode == "min" else -math.inf for o in space.objective}  # what broke ranks last
     context = tune.get_context()
     trial_id, node = context.get_trial_id(), ray.get_runtime_context().get_node_id()
     number = trial_number(context.get_trial_dir(), trial_id)
@@ -97,7 +97,7 @@ def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: 
         config = trial_config(space, decode_params(space, params))
     except ConfigError as error:  # conditions that overlap: not worth retrying
         run_id = log_invalid_trial(tracking, trial_id, number, params, str(error))
-        tune.report({"epoch": 0.0, space.objective.metric: worst, REPORTED["invalid"]: 1.0, "error": str(error)[:500],
+        tune.report({"epoch": 0.0, **worst, REPORTED["invalid"]: 1.0, "error": str(error)[:500],
                      "mlflow_run_id": run_id})
         return
     server = choose_server(servers, config, space.resources.pack) if servers else None
@@ -131,7 +131,7 @@ def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: 
         else:
             result = train(config, data, on_epoch, resume_from=resume_state)
     except DivergedError as error:
-        reporter.report({"epoch": float(error.epoch), space.objective.metric: worst, REPORTED["diverged"]: 1.0,
+        reporter.report({"epoch": float(error.epoch), **worst, REPORTED["diverged"]: 1.0,
                          UNDELIVERED: run.wait_for_server()})
         return
     except SystemExit:  # Tune stopped the trial (ASHA) inside a report: what waits may still reach the server

@@ -35,10 +35,15 @@ def start_export_warmup() -> threading.Thread:
     return thread
 
 
+CHAMPION = "champion"  # the registry alias of a search's best model (MLflow's aliases replace stages)
+
+
 def register_best_model(client: MlflowClient, uri: str, parent_run_id: str, name: str, run: Any,
-                        metrics: dict[str, float]) -> str | None:
-    """Log the trial run's best model (best weights, with a signature) under the search run and
-    register it as `name`; None if the trial ended before its first best epoch."""
+                        metrics: dict[str, float], front: list[str] | None = None) -> str | None:
+    """Log the trial run's best model (best weights, with a signature) under the search run, register
+    it as `name` and point the alias `champion` at that version; None if the trial ended before its
+    first best epoch. `front` (a multi-objective search): the trials on the Pareto front, as a tag of
+    the version (the champion is the front member best on the first objective)."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -69,4 +74,9 @@ def register_best_model(client: MlflowClient, uri: str, parent_run_id: str, name
             )
             mlflow.set_tag("best_trial_run", run.info.run_id)
             mlflow.log_metrics({f"best/{k}": float(v) for k, v in metrics.items()})
+    version = str(info.registered_model_version)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_model_version_tag(name, version, "trial_id", str(run.data.tags.get(TRIAL_ID_TAG)))
+    if front:
+        client.set_model_version_tag(name, version, "pareto_front", ", ".join(front))
     return info.model_uri

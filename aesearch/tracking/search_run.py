@@ -181,11 +181,21 @@ class SearchRun:
             self.client.log_text(self.tracking.parent_run_id, leaderboard_csv, "leaderboard.csv")
         self.client.set_terminated(self.tracking.parent_run_id, status=status)
 
-    def register_best(self, trial_id: str, metrics: dict[str, float]) -> str | None:
-        """Log the best trial's model under the search run and register it as `<search name>`."""
+    def tag_ranks(self, ranks: dict[str, dict[str, str]]) -> None:
+        """Each trial run's place in the search, as tags (MLflow run id -> {tag: value}): `rank`, and
+        with several objectives `pareto_rank` and `pareto_front` (true/false), so that the UI can filter
+        and sort on them."""
+        from mlflow.entities import RunTag
+
+        for run_id, tags in ranks.items():
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+
+    def register_best(self, trial_id: str, metrics: dict[str, float], front: list[str] | None = None) -> str | None:
+        """Log the best trial's model under the search run, register it as `<search name>` with the
+        alias `champion`; `front` (several objectives): the trial ids on the Pareto front, tagged on it."""
         run = self.trial_runs().get(trial_id)
         if run is None:
             return None
         if self.export_warmup is not None:  # one torch.export at a time
             self.export_warmup.join()
-        return register_best_model(self.client, self.uri, self.tracking.parent_run_id, self.name, run, metrics)
+        return register_best_model(self.client, self.uri, self.tracking.parent_run_id, self.name, run, metrics, front)

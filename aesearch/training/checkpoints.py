@@ -21,7 +21,7 @@ import torch
 
 from aesearch.config import TrainConfig, on_device, parse_config, resolve_device
 from aesearch.errors import CheckpointError
-from aesearch.parts.data import DATASETS, DataSpec
+from aesearch.parts.data import DataSpec
 from aesearch.parts.models import Autoencoder, build_model
 
 if TYPE_CHECKING:
@@ -100,4 +100,4 @@ def checkpoint_spec(state: dict[str, Any], config: TrainConfig) -> DataSpec:
     were all trained on built-in datasets."""
     if "data_spec" in state:
         return DataSpec.from_dict(state["data_spec"])
-    return DATASETS[config.data.name].spec
+    return config.data.known_spec

@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from aesearch.config import TrainConfig, check_data, parse_config, resolve_device
 from aesearch.errors import CheckpointError, DivergedError
+from aesearch.metrics import CATALOGUE
 from aesearch.parts.corruption import corrupt
 from aesearch.parts.data import Data, DataSpec, check_fits
 from aesearch.parts.models import Autoencoder, build_model, parameter_count
@@ -31,10 +32,7 @@ from aesearch.parts.optimizers import OPTIMIZERS
 from aesearch.schema import flatten
 from aesearch.training.checkpoints import load_checkpoint, save_checkpoint
 from aesearch.training.evaluate import evaluate
-
-# The best epoch's weights are the ones evaluated and kept: the lowest validation objective
-# (at the full beta, so annealing epochs with a smaller KL weight do not look better than they are).
-SELECTION_METRIC = "val/loss"
+from aesearch.training.validation import UseMetrics
 
 
 @dataclass
@@ -43,7 +41,7 @@ class EpochEnd:
 
     epoch: int  # epochs completed, from 1
     metrics: dict[str, float]
-    is_best: bool  # lowest val/loss so far
+    is_best: bool  # the best epoch so far by `evaluation.select_by`
     save_checkpoint: Callable[[Path | str], None]
     model: Autoencoder  # the live model (a reporter that draws with it restores its mode)
 
@@ -179,10 +177,18 @@ class Trainer:
         self.optimizer = OPTIMIZERS[opt.name](
             self.model.parameters(), opt.lr, opt.weight_decay, fused=self.device.type in ("cpu", "cuda")
         )
+        self.use_metrics = UseMetrics(config.evaluation.val_metrics, self.data, config.evaluation)
+        self.size = {"model/parameters": float(parameter_count(self.model)),
+                     "model/latent_dim": float(self.model.latent_dim)}
+        # The best epoch's weights are the ones evaluated and kept. By default the lowest validation
+        # objective (at the full beta, so annealing epochs with a smaller KL weight do not look
+        # better than they are); a search selects by its own objective.
+        self.select_by = config.evaluation.select_by
+        self.select_sign = 1.0 if CATALOGUE[self.select_by].mode == "min" else -1.0
         self.epoch = 0
         self.history: list[dict[str, float]] = []
         self.best_epoch = 0
-        self.best_value = math.inf
+        self.best_value = math.inf  # of select_sign * the selecting metric: lower is better
         self.best_state: dict[str, torch.Tensor] | None = None
 
     # --- one epoch ---------------------------------------------------------------------------
@@ -196,8 +202,11 @@ class Trainer:
         """Validate, record the epoch and keep the best weights, after a training pass (this
         trainer's own, or a packed one that trained this model with others)."""
         val = self.validate()
+        if self.use_metrics:
+            with deterministic_cudnn(self.device):
+                val |= self.use_metrics(self.model)
         self.epoch += 1
-        metrics = {"epoch": float(self.epoch), **train, **val}
+        metrics = {"epoch": float(self.epoch), **train, **val, **self.size}
         if self.objective.uses_kl:
             metrics["beta"] = mean_beta  # the KL weight in effect, averaged over the epoch's steps
         metrics["time/epoch_seconds"] = time.perf_counter() - started  # the passes have synced
@@ -205,9 +214,10 @@ class Trainer:
             raise DivergedError(self.epoch, {k: v for k, v in metrics.items() if "/" in k})
         self.history.append(metrics)
 
-        is_best = metrics[SELECTION_METRIC] < self.best_value
+        value = self.select_sign * metrics[self.select_by]
+        is_best = value < self.best_value
         if is_best:
-            self.best_epoch, self.best_value = self.epoch, metrics[SELECTION_METRIC]
+            self.best_epoch, self.best_value = self.epoch, value
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return EpochEnd(self.epoch, metrics, is_best, self.save, self.model)
 
@@ -297,8 +307,9 @@ class Trainer:
         metrics.update(
             {
                 "best/epoch": float(self.best_epoch),
-                **{f"best/{name}": best_epoch[name] for name in ("val/loss", "val/recon_mse")},
-                "model/parameters": float(parameter_count(model)),
+                **{f"best/{name}": best_epoch[name] for name in dict.fromkeys(
+                    ["val/loss", "val/recon_mse", self.select_by, *self.config.evaluation.val_metrics])},
+                "model/parameters": self.size["model/parameters"],
                 "time/train_seconds": train_seconds,
             }
         )

@@ -11,12 +11,14 @@ files is checked here; the files themselves are checked when they are loaded (`l
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from aesearch.parts.data.builtin import DATASETS
+from aesearch.parts.data.spec import DataSpec
 from aesearch.schema import Bounded, Float, Int, Named, PositiveInt, Section, broken_rule
 
 # The formats of user data, by suffix; a folder holds images.
@@ -68,6 +70,14 @@ class DataConfig(Section):
     def dataset(self) -> str:
         """What the data is called in messages and runs: the built-in name, or the file's name."""
         return self.name or Path(self.path).name or self.path
+
+    @property
+    def known_spec(self) -> DataSpec | None:
+        """The spec of a built-in dataset as this section loads it (with its anomaly classes), known
+        before loading; None for the user's data, known only once read."""
+        if self.path is not None:
+            return None
+        return dataclasses.replace(DATASETS[self.name].spec, anomalies=tuple(str(v) for v in self.anomaly or ()))
 
     @property
     def format(self) -> str:

@@ -83,7 +83,7 @@ def _load_builtin(config: DataConfig, root: Path, download: bool) -> Data:
     order = torch.randperm(len(train_x), generator=generator)
     n_val = max(1, round(config.val_fraction * len(train_x)))
     val_idx, train_idx = order[:n_val], order[n_val:]
-    spec = dataclasses.replace(builtin.spec, anomalies=tuple(str(value) for value in config.anomaly or ()))
+    spec = config.known_spec
     if spec.anomalies:
         train_idx = train_idx[~spec.is_anomaly(train_y[train_idx])]
     if config.max_train_samples is not None:

@@ -1,0 +1,116 @@
+"""What the model is for: `use:` in a search space picks the objective(s) and the variants worth searching.
+
+    name: my-detector
+    data: {path: data/transactions.csv, label: Class, anomaly: [1]}
+    use: anomaly_detection          # objective val/anomaly_auroc; plain, denoising, sparse, contractive AEs
+
+Each use below is the part of a search space file it stands for. What the file gives itself wins:
+its own `objective` or `space` replaces the use's, and its `base` is laid over the use's. The spaces
+use the dense architecture, which takes images and tables alike; add `model.architecture` to the
+space to search convolutions or attention too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+# Shared by the spaces below: depth and width, the code's size, the learning rate.
+_SHAPE = """
+  model.hidden_dims: {type: categorical, choices: [[128], [256, 128], [512, 256, 128]]}
+  optimizer.lr: {type: float, low: 0.0003, high: 0.003, log: true}
+"""
+
+
+@dataclass(frozen=True)
+class Use:
+    why: str  # one line: what the objective measures and why these variants
+    document: str  # the search space fields it stands for (YAML)
+
+    def fields(self) -> dict[str, Any]:
+        return yaml.safe_load(self.document)
+
+
+USES: dict[str, Use] = {
+    "reconstruction": Use(
+        "the lowest reconstruction error of clean inputs; plain and denoising autoencoders",
+        """
+objective: [{metric: val/recon_mse}]
+space:
+  model.latent_dim: {type: categorical, choices: [8, 16, 32, 64]}
+  corruption.kind: {type: categorical, choices: [none, gaussian, masking]}
+  sigma: {path: corruption.level, type: float, low: 0.05, high: 0.5, when: {corruption.kind: gaussian}}
+  p: {path: corruption.level, type: float, low: 0.05, high: 0.4, when: {corruption.kind: masking}}
+""" + _SHAPE),
+    "anomaly_detection": Use(
+        "how well the reconstruction error separates the labelled anomalies of validation (AUROC); "
+        "small codes, denoising, sparse and contractive autoencoders, which reconstruct what is normal only",
+        """
+objective: [{metric: val/anomaly_auroc}]
+space:
+  model.latent_dim: {type: categorical, choices: [2, 4, 8, 16, 32]}
+  corruption.kind: {type: categorical, choices: [none, gaussian, masking]}
+  sigma: {path: corruption.level, type: float, low: 0.05, high: 0.5, when: {corruption.kind: gaussian}}
+  p: {path: corruption.level, type: float, low: 0.05, high: 0.4, when: {corruption.kind: masking}}
+  objective.sparsity.kind: {type: categorical, choices: [none, l1]}
+  objective.sparsity.weight: {type: float, low: 0.001, high: 0.1, log: true, when: {objective.sparsity.kind: l1}}
+  objective.contractive_weight: {type: categorical, choices: [0.0, 0.01, 0.1]}
+  optimizer.weight_decay: {type: categorical, choices: [0.0, 0.0001]}
+""" + _SHAPE),
+    "clustering": Use(
+        "how well KMeans on the validation codes recovers the classes (ARI); small codes of plain, "
+        "denoising and variational autoencoders",
+        """
+objective: [{metric: val/kmeans_ari}]
+space:
+  model.latent: {type: categorical, choices: [deterministic, gaussian]}
+  model.latent_dim: {type: categorical, choices: [2, 4, 8, 10, 16, 32]}
+  objective.kl.beta: {type: float, low: 0.25, high: 4.0, log: true, when: {model.latent: gaussian}}
+  corruption.kind: {type: categorical, choices: [none, gaussian, masking]}
+  sigma: {path: corruption.level, type: float, low: 0.05, high: 0.5, when: {corruption.kind: gaussian}}
+  p: {path: corruption.level, type: float, low: 0.05, high: 0.4, when: {corruption.kind: masking}}
+""" + _SHAPE),
+    "generation": Use(
+        "the likelihood of validation data (the IWAE bound on the NLL, nats); variational autoencoders: "
+        "KL weight and schedule, code size",
+        """
+objective: [{metric: val/nll}]
+base: {model: {latent: gaussian}}
+space:
+  model.latent_dim: {type: categorical, choices: [8, 16, 32, 50, 64]}
+  objective.kl.beta: {type: float, low: 0.25, high: 2.0, log: true}
+  objective.kl.schedule: {type: categorical, choices: [constant, linear, cyclical]}
+""" + _SHAPE),
+    "compression": Use(
+        "two objectives at once: the reconstruction error and the code's size (model/latent_dim); "
+        "the Pareto front says what each size of code costs",
+        """
+objective: [{metric: val/recon_mse}, {metric: model/latent_dim}]
+space:
+  model.latent_dim: {type: int, low: 2, high: 64, log: true}
+""" + _SHAPE),
+}
+
+
+def apply_use(document: dict[str, Any]) -> dict[str, Any]:
+    """A search space document with its `use` spelled out (see the module's docstring); as it was
+    without one, or with a `use` that is not known (the schema names the known ones)."""
+    use = USES.get(document.get("use")) if isinstance(document.get("use"), str) else None
+    if use is None:
+        return document
+    fields = use.fields()
+    merged = {**document}
+    for key in ("objective", "space"):
+        merged.setdefault(key, fields.get(key))
+    merged["base"] = _lay_over(fields.get("base", {}), document.get("base") or {})
+    return {key: value for key, value in merged.items() if value is not None}
+
+
+def _lay_over(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` laid over `under`, section by section."""
+    laid = {**under}
+    for key, value in over.items():
+        laid[key] = _lay_over(laid[key], value) if isinstance(value, dict) and isinstance(laid.get(key), dict) else value
+    return laid

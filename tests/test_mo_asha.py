@@ -1,0 +1,224 @@
+"""MultiObjectiveASHA: Ray's ASHAScheduler's decisions with one metric, Pareto decisions with two, and a real
+Tune run in which the dominated trials stop early."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import numpy as np
+import pytest
+import ray
+import ray.cloudpickle
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+from aesearch.search.mo_asha import MultiObjectiveASHA
+
+CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
+
+
+def fake_trial() -> Trial:
+    return Trial("__fake", stub=True)  # as Ray's own scheduler tests make them
+
+
+def rays_cutoff_falls_between_neighbours(asha: ASHAScheduler, trial: Trial, result: dict) -> bool:
+    """Whether Ray's decision on this result depends on where the value lies between its nearest recorded
+    neighbours: Ray's cutoff is a percentile interpolated between two recorded values, and any value in
+    (below, above) has the same place among the recorded ones. There no order by rank can follow Ray."""
+    if "loss" not in result or result["epoch"] >= asha._max_t:
+        return False
+    bracket = asha._brackets[0]
+    for milestone, recorded in bracket._rungs:
+        if result["epoch"] < milestone or trial.trial_id in recorded:
+            continue
+        cutoff = bracket.cutoff(recorded)
+        if cutoff is None:
+            return False
+        reward = asha._metric_op * result["loss"]
+        below = max((value for value in recorded.values() if value <= reward), default=-math.inf)
+        above = min((value for value in recorded.values() if value > reward), default=math.inf)
+        return below < cutoff < above
+    return False
+
+
+def drive_both(seed: int, mode: str, grace_period: int, reduction_factor: float, max_t: int, trials: int = 80):
+    """Run the same asynchronous stream of results through Ray's ASHA and ours, trials stopping when Ray says
+    so (Tune then calls on_trial_complete): (Ray's scheduler, ours, [(Ray's decision, ours, comparable)])."""
+    rng = np.random.default_rng(seed)
+    asha = ASHAScheduler(time_attr="epoch", metric="loss", mode=mode, max_t=max_t, grace_period=grace_period,
+                         reduction_factor=reduction_factor, brackets=1)
+    ours = MultiObjectiveASHA(["loss"], [mode], time_attr="epoch", max_t=max_t, grace_period=grace_period,
+                              reduction_factor=reduction_factor)
+    waiting = [fake_trial() for _ in range(trials)]
+    quality = {trial.trial_id: rng.normal() for trial in waiting}
+    epochs: dict[Trial, int] = {}
+    decisions = []
+    while waiting or epochs:
+        if waiting and (not epochs or rng.random() < 0.3):
+            trial = waiting.pop()
+            asha.on_trial_add(None, trial)
+            ours.on_trial_add(None, trial)
+            epochs[trial] = 0
+            continue
+        trial = list(epochs)[rng.integers(len(epochs))]
+        epochs[trial] += 2 if rng.random() < 0.1 else 1  # now and then a rung is skipped
+        loss = round(quality[trial.trial_id] + rng.normal(scale=0.5) + 3 / epochs[trial], 1)  # ties, too
+        result = {"epoch": epochs[trial], "loss": loss} if rng.random() > 0.03 else {"epoch": epochs[trial]}
+        comparable = not rays_cutoff_falls_between_neighbours(asha, trial, result)
+        rays, mine = asha.on_trial_result(None, trial, result), ours.on_trial_result(None, trial, result)
+        decisions.append((rays, mine, comparable))
+        if rays == STOP:
+            asha.on_trial_complete(None, trial, result)
+            ours.on_trial_complete(None, trial, result)
+            del epochs[trial]
+    return asha, ours, decisions
+
+
+@pytest.mark.parametrize("seed, mode, grace_period, reduction_factor, max_t",
+                         [(1, "min", 1, 3.0, 27), (2, "max", 2, 2.0, 20), (3, "min", 1, 4, 64), (4, "max", 3, 3, 30),
+                          (5, "min", 1, 1.5, 20)])
+def test_one_metric_takes_rays_asha_decisions(seed, mode, grace_period, reduction_factor, max_t):
+    asha, ours, decisions = drive_both(seed, mode, grace_period, reduction_factor, max_t)
+    compared = [(rays, mine) for rays, mine, comparable in decisions if comparable]
+    assert len(compared) > 0.85 * len(decisions) and len(decisions) > 300
+    assert [rays for rays, _ in compared].count(STOP) > 30  # both kinds of decision are checked
+    assert [mine for _, mine in compared] == [rays for rays, _ in compared]
+    # the same rungs, holding the same trials and values
+    rays_rungs = asha._brackets[0]._rungs
+    assert [milestone for milestone, _ in ours._rungs] == [milestone for milestone, _ in rays_rungs]
+    for (_, mine), (_, rays) in zip(ours._rungs, rays_rungs, strict=True):
+        assert {trial_id: asha._metric_op * vector[0] for trial_id, vector in mine.items()} == rays
+
+
+def test_where_ray_interpolates_the_order_decides():
+    # Ray's cutoff for recorded losses 0 and 1 at reduction factor 3 is 2/3 of the way to the better one: 0.33.
+    # A loss of 0.2 continues and 0.5 stops under Ray; both are second of three here, and only the first goes on.
+    for loss, rays_decision in ((0.2, CONTINUE), (0.5, STOP)):
+        asha = ASHAScheduler(time_attr="epoch", metric="loss", mode="min", max_t=9, reduction_factor=3)
+        ours = MultiObjectiveASHA(["loss"], ["min"], max_t=9, reduction_factor=3)
+        for earlier in (1.0, 0.0):
+            trial = fake_trial()
+            for scheduler in (asha, ours):
+                scheduler.on_trial_add(None, trial)
+                assert scheduler.on_trial_result(None, trial, {"epoch": 1, "loss": earlier}) == CONTINUE
+        trial = fake_trial()
+        asha.on_trial_add(None, trial)
+        assert asha.on_trial_result(None, trial, {"epoch": 1, "loss": loss}) == rays_decision
+        assert ours.on_trial_result(None, trial, {"epoch": 1, "loss": loss}) == STOP
+
+
+def test_two_metrics_stop_a_dominated_trial_and_keep_one_on_the_front():
+    scheduler = MultiObjectiveASHA(["loss", "accuracy"], ["min", "max"], max_t=9, grace_period=1, reduction_factor=3)
+    asha = ASHAScheduler(time_attr="epoch", metric="loss", mode="min", max_t=9, grace_period=1, reduction_factor=3)
+    steps = [((1.0, 0.5), CONTINUE),  # the first at the rung
+             ((5.0, 0.9), CONTINUE),  # worse loss, better accuracy: on the front, and an end of it
+             ((6.0, 0.4), STOP),  # dominated by both
+             ((0.5, 0.3), CONTINUE),  # the best loss: a new end of the front
+             ((2.0, 0.6), STOP)]  # on the front, but between the ends (crowding) and only 2 of 5 go on
+    for (loss, accuracy), expected in steps:
+        trial = fake_trial()
+        asha.on_trial_add(None, trial)
+        result = {"epoch": 1, "loss": loss, "accuracy": accuracy}
+        assert scheduler.on_trial_result(None, trial, result) == expected, (loss, accuracy)
+        if (loss, accuracy) == (5.0, 0.9):  # Ray's ASHA, on the loss alone, stops it
+            assert asha.on_trial_result(None, trial, result) == STOP
+        else:
+            asha.on_trial_result(None, trial, result)
+    assert "num_stopped=2" in scheduler.debug_string()
+
+
+def test_max_t_missing_metrics_and_completion():
+    scheduler = MultiObjectiveASHA(["loss", "size"], ["min", "min"], max_t=9, grace_period=1, reduction_factor=3)
+    assert [milestone for milestone, _ in scheduler._rungs] == [9, 3, 1]
+    first, second = fake_trial(), fake_trial()
+    assert scheduler.on_trial_result(None, first, {"epoch": 1, "loss": 1.0}) == CONTINUE  # no size: no decision
+    assert all(not recorded for _, recorded in scheduler._rungs)
+    assert scheduler.on_trial_result(None, first, {"epoch": 3, "loss": 1.0, "size": 1.0}) == CONTINUE
+    assert scheduler.on_trial_result(None, first, {"epoch": 9, "loss": 9.0, "size": 9.0}) == STOP  # max_t
+    scheduler.on_trial_complete(None, first, {"epoch": 9, "loss": 9.0, "size": 9.0})
+    assert scheduler._rungs[0][1] == {first.trial_id: (9.0, 9.0)}  # recorded at the top rung
+    # skipping to epoch 5 records at rung 3, where the first trial's (1, 1) dominates it; its next result (here
+    # the final one) records it at rung 1, which it skipped, as Ray's ASHA does
+    assert scheduler.on_trial_result(None, second, {"epoch": 5, "loss": 2.0, "size": 2.0}) == STOP
+    scheduler.on_trial_complete(None, second, {"epoch": 5, "loss": 2.0, "size": 2.0})
+    assert scheduler._rungs[1][1] == {first.trial_id: (1.0, 1.0), second.trial_id: (2.0, 2.0)}
+    assert scheduler._rungs[2][1] == {second.trial_id: (2.0, 2.0)}
+
+
+def test_a_nan_result_is_ranked_last_and_ignored_by_later_decisions():
+    scheduler = MultiObjectiveASHA(["loss", "size"], ["min", "min"], max_t=9, grace_period=1, reduction_factor=3)
+    diverged, steady, diverged_later = fake_trial(), fake_trial(), fake_trial()
+    assert scheduler.on_trial_result(None, diverged, {"epoch": 1, "loss": float("nan"), "size": 1.0}) == CONTINUE
+    assert scheduler.on_trial_result(None, steady, {"epoch": 1, "loss": 9.0, "size": 9.0}) == CONTINUE
+    assert scheduler.on_trial_result(None, diverged_later, {"epoch": 1, "loss": None, "size": 0.0}) == STOP
+    assert len(scheduler._rungs[-1][1]) == 3
+
+
+def test_search_properties_saving_and_pickling(tmp_path):
+    scheduler = MultiObjectiveASHA(["loss", "size"], ["min", "min"], max_t=9)
+    assert scheduler.set_search_properties(None, None) is True
+    assert scheduler.set_search_properties("loss", "min") is False
+    assert scheduler.set_search_properties(None, "min") is False
+    assert scheduler.metric is None  # Tune checks a scheduler's single metric in every result; there is none
+    with pytest.raises(ValueError):
+        MultiObjectiveASHA(["loss", "size"], ["min"])
+    with pytest.raises(ValueError):
+        MultiObjectiveASHA(["loss"], ["min"], max_t=3, grace_period=5)
+    trial = fake_trial()
+    scheduler.on_trial_result(None, trial, {"epoch": 1, "loss": 1.0, "size": 1.0})
+    scheduler.save(str(tmp_path / "scheduler.pkl"))
+    restored = MultiObjectiveASHA(["other"], ["max"])
+    restored.restore(str(tmp_path / "scheduler.pkl"))
+    copied = ray.cloudpickle.loads(ray.cloudpickle.dumps(scheduler))  # as Tuner.restore brings it back
+    for same in (restored, copied, pickle.loads(pickle.dumps(scheduler))):
+        assert same._rungs == scheduler._rungs and same._metrics == ["loss", "size"]
+        assert same.on_trial_result(None, fake_trial(), {"epoch": 1, "loss": 2.0, "size": 2.0}) == STOP
+
+
+# A real Tune run, in a process of its own (Ray reads its token settings once, when imported): four
+# configs with fixed curves, run one at a time in grid order so that the rungs fill the same way every time.
+TUNE_RUN = """
+import json, sys
+import ray
+from ray import tune
+from aesearch.search.mo_asha import MultiObjectiveASHA
+
+curves = {"front_loss": (1.0, 4.0), "front_size": (4.0, 1.0), "dominated": (5.0, 5.0), "worst": (6.0, 6.0)}
+
+def synthetic(config):
+    loss, size = curves[config["curve"]]
+    for epoch in range(1, 10):
+        tune.report({"epoch": epoch, "loss": loss * (1 + 1 / epoch), "size": size})
+
+with ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1"):
+    scheduler = MultiObjectiveASHA(["loss", "size"], ["min", "min"], max_t=9, grace_period=1, reduction_factor=3)
+    tuner = tune.Tuner(
+        synthetic,
+        param_space={"curve": tune.grid_search(list(curves))},
+        tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=1, max_concurrent_trials=1),
+        run_config=tune.RunConfig(name="mo_asha", storage_path=sys.argv[1], verbose=0),
+    )
+    results = tuner.fit()
+    print(json.dumps({"errors": len(results.errors),
+                      "epochs": {r.config["curve"]: r.metrics["epoch"] for r in results}}))
+"""
+
+
+def test_a_tune_run_stops_the_dominated_trials_early(tmp_path, ray_env):
+    """The two configs on the front run to max_t; the two dominated at every epoch stop at the first rung."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    done = subprocess.run([sys.executable, "-c", TUNE_RUN, str(tmp_path / "results")], env=ray_env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome == {"errors": 0, "epochs": {"front_loss": 9, "front_size": 9, "dominated": 1, "worst": 1}}
+    # Tuner.restore takes the scheduler from tuner.pkl, pickled as the Tuner was made (rungs empty)
+    tuner_state = ray.cloudpickle.loads((tmp_path / "results" / "mo_asha" / "tuner.pkl").read_bytes())
+    restored = tuner_state["_tune_config"].scheduler
+    assert isinstance(restored, MultiObjectiveASHA) and all(not recorded for _, recorded in restored._rungs)

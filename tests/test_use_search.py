@@ -1,0 +1,141 @@
+"""Searches for a use, through the command line on a real Ray instance: a multi-objective search (the
+`compression` use: reconstruction against code size) with its Pareto front in the leaderboard, the
+MLflow tags, the registry and the report; a detection search ranked on a metric measured on validation
+every epoch; objectives the data cannot measure refused before anything is written."""
+
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from aesearch.cli import main
+from aesearch.pareto import nondominated_ranks
+from tests.conftest import REPO
+from tests.searching import run, search_command, tracking_uri
+from tests.test_bad_input import nothing_written, refused
+from tests.user_data import wine_table
+
+SMALL = {"model": {"hidden_dims": [32]}, "optimizer": {"batch_size": 64},
+         "evaluation": {"iwae_samples": 5, "kmeans_restarts": 1}}
+
+
+def write(folder, document):
+    path = folder / f"{document['name']}.yaml"
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def compression_search(tmp_path_factory, ray_env):
+    """`use: compression` on digits: 10 trials, two objectives, MO-ASHA stopping at epochs 1 and 2."""
+    folder = tmp_path_factory.mktemp("compression")
+    space = write(folder, {
+        "name": "squeeze", "data": {"name": "digits"}, "use": "compression", "base": SMALL,
+        "space": {"model.latent_dim": {"type": "int", "low": 2, "high": 32, "log": True},
+                  "optimizer.lr": {"type": "float", "low": 0.0003, "high": 0.01, "log": True}},
+        "budget": {"num_samples": 10, "max_epochs": 4, "grace_period": 1, "reduction_factor": 2},
+        "max_concurrent": 2, "seed": 0})
+    done = run(search_command(space, folder / "results"), ray_env, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder, tracking_uri(folder / "results"), done
+
+
+def test_a_multi_objective_search_ranks_completed_trials_by_pareto_rank(compression_search):
+    folder, _, done = compression_search
+    board = pd.read_csv(folder / "results" / "squeeze" / "leaderboard.csv")
+    ranked = board[board["rank"].notna()]
+    assert len(ranked) >= 3 and (ranked["state"] == "completed").all()  # stopped trials never reach the front
+    assert board.loc[board["state"] == "stopped", "rank"].isna().all()
+    assert (board["state"] == "stopped").any(), "MO-ASHA stopped no trial: the test shows nothing about it"
+    # the front is exactly the completed trials no other completed trial dominates
+    points = ranked[["val/recon_mse", "model/latent_dim"]].to_numpy()
+    dominated = [any((other <= point).all() and (other < point).any() for other in points) for point in points]
+    assert (ranked["pareto_rank"] == 1).tolist() == [not d for d in dominated]
+    assert ranked["pareto_rank"].is_monotonic_increasing and ranked["rank"].tolist() == list(range(1, len(ranked) + 1))
+    front = ranked[ranked["pareto_rank"] == 1]
+    assert front["val/recon_mse"].is_monotonic_increasing  # within the front: by the first objective
+    assert (nondominated_ranks(points, ["min", "min"]) == ranked["pareto_rank"].to_numpy()).all()
+    assert "Pareto rank on val/recon_mse min, model/latent_dim min" in done.stdout
+
+
+def test_stopped_trials_are_marked_in_what_optuna_learnt(compression_search):
+    folder, _, _ = compression_search
+    experiment = folder / "results" / "squeeze"
+    board = pd.read_csv(experiment / "leaderboard.csv")
+    state = pickle.loads(next(experiment.glob("searcher-state-*.pkl")).read_bytes())
+    study = state["_ot_study"]
+    assert study.directions[0].name == "MINIMIZE" and len(study.directions) == 2  # MO-TPE on both objectives
+    marked = sorted(t.user_attrs["stopped_at_epoch"] for t in study.trials if "stopped_at_epoch" in t.user_attrs)
+    assert marked == sorted(board.loc[board["state"] == "stopped", "epochs"].astype(int).tolist())
+    assert all(0 < epoch < 4 for epoch in marked)
+
+
+def test_the_front_is_tagged_in_mlflow_and_the_champion_is_an_alias(compression_search):
+    folder, uri, _ = compression_search
+    board = pd.read_csv(folder / "results" / "squeeze" / "leaderboard.csv")
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("squeeze")
+    runs = {r.info.run_id: r for r in client.search_runs([experiment.experiment_id],
+                                                          filter_string="tags.`aesearch.role` = 'trial'")}
+    for row in board.itertuples():
+        tags = runs[row.mlflow_run_id].data.tags
+        on_front = row.pareto_rank == 1
+        assert tags["pareto_front"] == ("true" if on_front else "false")
+        assert tags["rank"] == (str(int(row.rank)) if pd.notna(row.rank) else "unranked")
+    champion = client.get_model_version_by_alias("squeeze", "champion")
+    assert champion.tags["trial_id"] == board.iloc[0]["trial"] and champion.current_stage in (None, "None")
+    assert set(champion.tags["pareto_front"].split(", ")) == set(board.loc[board["pareto_rank"] == 1, "trial"])
+
+
+def test_the_report_shows_the_front_with_each_objectives_direction(compression_search, tmp_path, monkeypatch):
+    _, uri, _ = compression_search
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", "squeeze", "--tracking-uri", uri]) == 0
+    page = (tmp_path / "reports" / "squeeze" / "report.md").read_text()
+    assert "## Pareto front on val/recon_mse (lower is better), model/latent_dim (lower is better)" in page
+    assert "## Best trial on each objective" in page
+    assert (tmp_path / "reports" / "squeeze" / "figures" / "objectives_front.png").stat().st_size > 1000
+
+
+def test_a_detection_search_ranks_on_auroc_measured_every_epoch(tmp_path, ray_env):
+    space = write(tmp_path, {
+        "name": "spot", "data": {"name": "digits", "anomaly": [0]}, "use": "anomaly_detection", "base": SMALL,
+        "space": {"model.latent_dim": {"type": "categorical", "choices": [2, 8]},
+                  "corruption.kind": {"type": "categorical", "choices": ["none", "masking"]},
+                  "p": {"path": "corruption.level", "type": "float", "low": 0.1, "high": 0.3,
+                        "when": {"corruption.kind": "masking"}}},
+        "budget": {"num_samples": 4, "max_epochs": 3, "grace_period": 3}, "max_concurrent": 2})
+    done = run(search_command(space, tmp_path / "results"), ray_env, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    board = pd.read_csv(tmp_path / "results" / "spot" / "leaderboard.csv")
+    assert board["val/anomaly_auroc"].is_monotonic_decreasing and board["val/anomaly_auroc"].between(0, 1).all()
+    client = MlflowClient(tracking_uri(tmp_path / "results"))
+    for run_id in board["mlflow_run_id"]:
+        history = client.get_metric_history(run_id, "val/anomaly_auroc")
+        assert sorted(m.step for m in history) == [1, 2, 3]
+        best = client.get_run(run_id).data.metrics["best/val/anomaly_auroc"]
+        assert best == pytest.approx(max(m.value for m in history))  # the epoch kept: the best AUROC's
+    search_run = client.search_runs([client.get_experiment_by_name("spot").experiment_id],
+                                    filter_string="tags.`aesearch.role` = 'search'")[0]
+    assert search_run.data.params["objectives"] == "val/anomaly_auroc max"
+
+
+def test_an_objective_the_data_cannot_measure_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    table = tmp_path / "wine.csv"
+    wine_table().drop(columns=["Class"]).to_csv(table, index=False)  # no labels
+    space = write(tmp_path, {"name": "blind", "data": {"path": str(table)}, "use": "clustering", "base": SMALL,
+                             "budget": {"num_samples": 2, "max_epochs": 1}})
+    line = refused(capsys, ["search", str(space), "--storage", str(tmp_path / "results")])
+    assert line.startswith("aesearch: error: objective[0].metric='val/kmeans_ari': val/kmeans_ari needs class labels")
+    nothing_written(tmp_path, "wine.csv", "blind.yaml")
+    generation = write(tmp_path, {"name": "dreams", "data": {"name": "digits"}, "base": SMALL,
+                                  "objective": [{"metric": "val/nll"}, {"metric": "val/nll", "mode": "min"}],
+                                  "space": {"model.latent_dim": {"type": "categorical", "choices": [2]}}})
+    line = refused(capsys, ["search", str(generation), "--storage", str(tmp_path / "results")])
+    assert "objective[1].metric='val/nll': listed twice" in line
+    nothing_written(tmp_path, "wine.csv", "blind.yaml", "dreams.yaml")
+    np.testing.assert_equal(sorted(p.name for p in tmp_path.iterdir()), ["blind.yaml", "dreams.yaml", "wine.csv"])
