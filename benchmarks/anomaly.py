@@ -3,6 +3,7 @@
     uv run python benchmarks/anomaly.py [--datasets wine mnist] [--seeds 5] [--first-seed 0]
                                         [--trials 16] [--epochs 60] [--mnist-trials 12] [--mnist-epochs 15]
                                         [--digit 0] [--mnist-train-samples N] [--data-dir DIR] [--keep DIR] [--quick]
+                                        [--objective val/anomaly_auroc|val/anomaly_ap|val/recon_mse]
 
 Two anomaly-detection tasks:
 
@@ -18,15 +19,18 @@ the very DataConfig the search uses (`split_seed: S`; the search's `seed: S`); t
 scikit-learn detectors, with their default settings (`random_state=S` where they take one), are
 fitted on `data.train_x` flattened (the normal rows only, as the autoencoders are) and score
 `data.test_x`; their test AUROC is taken against `data.spec.is_anomaly(data.test_y)`. The
-autoencoder is the rank-1 trial of an aesearch search (`aesearch.api.run_search`) ranked by the
-space's objective, `val/recon_mse` (the reconstruction error on the normal validation rows: no
-test label chooses it), and its figure is that trial's `test/anomaly_auroc` (the AUROC of its
+autoencoder is the rank-1 trial of an aesearch search (`aesearch.api.run_search`) ranked by
+--objective: `val/anomaly_auroc` (default: the AUROC of the reconstruction error on the validation
+split's labelled normal and anomalous rows, measured every epoch; what `use: anomaly_detection`
+searches on), `val/anomaly_ap`, or `val/recon_mse` (the reconstruction error of the normal
+validation rows alone, the objective before detection objectives existed). No test label chooses
+it. Its figure is that trial's `test/anomaly_auroc` (the AUROC of its
 per-sample reconstruction error, logged in its MLflow run). The trial's `dataset_fingerprint` tag
 is checked against the fingerprint of the data the baselines saw: the same split, byte for byte.
 
 Also printed, per search, to diagnose the selection (these use the test labels, so they are not
 a fair figure for the autoencoder): the best `test/anomaly_auroc` of any completed trial, and the
-Spearman rank correlation between the trials' `val/recon_mse` and their `test/anomaly_auroc`.
+Spearman rank correlation between the trials' objective and their `test/anomaly_auroc`.
 
 Target (the issue's): the searched autoencoder at least matches the best of the three baselines.
 --quick: a smoke run of about a minute: one seed, 2 trials per search (wine: 5 epochs; MNIST: 1 epoch
@@ -94,6 +98,7 @@ def space_for(dataset: str, seed: int, args: argparse.Namespace, folder: Path) -
             document["data"]["max_train_samples"] = args.mnist_train_samples
         trials, epochs = args.mnist_trials, args.mnist_epochs
     document["name"] = f"anomaly-{dataset}-seed{seed}"
+    document["objective"] = {"metric": args.objective}
     document["seed"] = seed
     document["data"]["split_seed"] = seed
     document["budget"] |= {"num_samples": trials, "max_epochs": epochs}
@@ -130,12 +135,12 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def searched(board, tracking_uri: str, data: Data) -> dict[str, Any]:
+def searched(board, tracking_uri: str, data: Data, objective: str) -> dict[str, Any]:
     """The rank-1 trial's test AUROC (from its MLflow run) and the diagnostics of the selection."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    objective, trials = "val/recon_mse", []
+    trials = []
     for _, row in board.iterrows():
         if not row["mlflow_run_id"]:
             continue
@@ -170,19 +175,19 @@ def run_one(dataset: str, seed: int, args: argparse.Namespace, folder: Path, dat
     phases = Phases()
     board = run_search(space, storage=folder / "results", tracking_uri=tracking_uri, data_dir=data_dir, phases=phases)
     wall = sum(phases.seconds().values())
-    ae = searched(board, tracking_uri, data)
+    ae = searched(board, tracking_uri, data, args.objective)
     chosen = ae["chosen"]
     normal = int((~data.spec.is_anomaly(data.test_y)).sum())
     print(f"\n== {dataset} seed {seed}: train {len(data.train_x)} normal rows, test {normal} normal + "
           f"{len(data.test_x) - normal} anomalous (data {data.fingerprint})")
-    print(f"  {AE + ' (rank 1 by val/recon_mse)':<40} AUROC {ae['auroc']:.4f}   search {wall:.0f} s, {ae['completed']} of {ae['trials']} trials "
+    print(f"  {AE + f' (rank 1 by {args.objective})':<40} AUROC {ae['auroc']:.4f}   search {wall:.0f} s, {ae['completed']} of {ae['trials']} trials "
           f"completed{ae['note']}")
-    print(f"      {chosen['family']}, {chosen['outcome']}, {chosen['epochs']} epochs, val/recon_mse "
-          f"{chosen['val/recon_mse']:.4g}: {chosen['params']}")
+    print(f"      {chosen['family']}, {chosen['outcome']}, {chosen['epochs']} epochs, {args.objective} "
+          f"{chosen[args.objective]:.4g}: {chosen['params']}")
     for name, (auroc, seconds) in figures.items():
         print(f"  {name:<40} AUROC {auroc:.4f}   ({seconds:.1f} s)")
     print(f"  the search's time: {phases.line()}")
-    print(f"  diagnostics (test labels): best completed trial's AUROC {ae['oracle']:.4f}; Spearman(val/recon_mse, "
+    print(f"  diagnostics (test labels): best completed trial's AUROC {ae['oracle']:.4f}; Spearman({args.objective}, "
           f"AUROC) over completed trials {ae['spearman']:+.2f}")
     return {AE: ae["auroc"], **{name: auroc for name, (auroc, _) in figures.items()}, ORACLE: ae["oracle"],
             "spearman": ae["spearman"]}
@@ -194,7 +199,7 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def summary(results: dict[str, list[dict[str, float]]]) -> None:
+def summary(results: dict[str, list[dict[str, float]]], objective: str) -> None:
     seeds = len(next(iter(results.values())))
     over = f"mean ± std (sample std) over {seeds} seeds" if seeds > 1 else "1 seed"
     print(f"\ntest AUROC, {over}:\n")
@@ -203,7 +208,7 @@ def summary(results: dict[str, list[dict[str, float]]]) -> None:
     print("|---|" + "---|" * len(methods))
     for dataset, runs in results.items():
         print(f"| {dataset} | " + " | ".join(mean_std([r[m] for r in runs]) for m in methods) + " |")
-    print(f"\n{AE}: the search's rank-1 trial by val/recon_mse; {ORACLE}: the best test AUROC of any completed "
+    print(f"\n{AE}: the search's rank-1 trial by {objective}; {ORACLE}: the best test AUROC of any completed "
           "trial of the search (chosen with the test labels: a diagnostic, not a result)\n")
     for dataset, runs in results.items():
         means = {m: statistics.mean(r[m] for r in runs) for m in (AE, *BASELINES)}
@@ -212,7 +217,7 @@ def summary(results: dict[str, list[dict[str, float]]]) -> None:
         verdict = "met" if means[AE] >= means[best] else "not met"
         rho = [r["spearman"] for r in runs if not math.isnan(r["spearman"])]
         print(f"{dataset}: target {verdict}: AE {means[AE]:.3f} against the best baseline, {best}, {means[best]:.3f} "
-              f"(AE >= every baseline in {wins} of {len(runs)} seeds); Spearman(val/recon_mse, test AUROC) "
+              f"(AE >= every baseline in {wins} of {len(runs)} seeds); Spearman({objective}, test AUROC) "
               f"per seed: {', '.join(f'{v:+.2f}' for v in rho) or '-'}")
 
 
@@ -231,6 +236,8 @@ def main() -> None:
                         "../shared/datasets/MNIST in benchmarks/.data)")
     parser.add_argument("--keep", type=Path, help="keep the results and the MLflow store in this folder")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 2 short trials per search")
+    parser.add_argument("--objective", default="val/anomaly_auroc",
+                        choices=["val/anomaly_auroc", "val/anomaly_ap", "val/recon_mse"])
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.trials, args.epochs = 1, 2, 5
@@ -240,7 +247,7 @@ def main() -> None:
     import sklearn
 
     mnist_size = f", MNIST training images: {args.mnist_train_samples or 'all of the digit'}" if data_dir else ""
-    print(f"anomaly detection on {', '.join(datasets)}; seeds {args.first_seed}..{args.first_seed + args.seeds - 1}; "
+    print(f"anomaly detection on {', '.join(datasets)}, searched on {args.objective}; seeds {args.first_seed}..{args.first_seed + args.seeds - 1}; "
           f"wine: {args.trials} trials x up to {args.epochs} epochs; MNIST: {args.mnist_trials} trials x up to "
           f"{args.mnist_epochs} epochs{mnist_size}; 2 trials at a time; {platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, scikit-learn {sklearn.__version__}")
@@ -254,7 +261,7 @@ def main() -> None:
         results = {dataset: [run_one(dataset, seed, args, folder, data_dir)
                              for seed in range(args.first_seed, args.first_seed + args.seeds)]
                    for dataset in datasets}
-    summary(results)
+    summary(results, args.objective)
     print(f"\nwhole benchmark: {time.perf_counter() - started:.0f} s")
 
 

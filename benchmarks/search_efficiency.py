@@ -3,9 +3,10 @@
     uv run python benchmarks/search_efficiency.py [--data digits|mnist] [--trials 100] [--epochs 30]
         [--seeds 5] [--first-seed 0] [--concurrent 2] [--grace 1] [--reduction 3] [--out DIR]
         [--methods random,random+asha,tpe,tpe+asha] [--multi-objective] [--data-dir DIR]
+        [--out benchmarks/.results]
 
 The dense subspace of search_spaces/mnist_variants.yaml (every objective, noise and optimiser of
-the dense family), searched by `aesearch.search.driver.search()` on a real Ray instance, once per
+the dense family; on digits, widths up to 512 as in the quickstart), searched by `aesearch.search.driver.search()` on a real Ray instance, once per
 method and seed, with the same trials and epochs per trial:
 
 - random: Optuna's random sampler, every trial trained for all its epochs;
@@ -61,6 +62,8 @@ def space_document(args: argparse.Namespace, name: str, method: tuple[str, str],
     document = dense_subspace()
     document.update(name=name, seed=seed, max_concurrent=args.concurrent)
     document["data"] = {"name": args.data} | ({"max_train_samples": 12_000} if args.data == "mnist" else {})
+    if args.data == "digits":  # 64 inputs: widths up to 512, as the quickstart has them
+        document["space"]["model.hidden_dims"]["choices"] = [[128], [256, 128], [512, 256, 128]]
     document["base"]["evaluation"] = {"iwae_samples": 10, "kmeans_restarts": 1, "probe_max_samples": 2000}
     document["budget"] = {"num_samples": args.trials, "max_epochs": args.epochs, "grace_period": args.grace,
                           "reduction_factor": args.reduction, "max_failures": 0, "keep_checkpoints": 3}
@@ -147,7 +150,7 @@ def main() -> None:
     parser.add_argument("--methods", help="comma-separated (default: all of the mode)")
     parser.add_argument("--multi-objective", action="store_true")
     parser.add_argument("--reference", type=float, nargs=2, default=[0.06, 129.0], metavar=("MSE", "LATENT_DIM"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/.results"))
     parser.add_argument("--data-dir", type=Path)
     args = parser.parse_args()
     if args.data == "mnist" and args.data_dir is None:

@@ -5,7 +5,7 @@
 A dense autoencoder (and a VAE for the likelihood) trained by `aesearch.training.trainer.train`
 for --epochs, with `evaluation.val_metrics` empty and then naming each group of metrics, on the
 fixed validation subset (`evaluation.val_max_samples`, default 1,000 rows). Printed: the median
-seconds per epoch of --repeats runs (the first epoch left out: warm-up) and the overhead against
+seconds per epoch of --repeats runs, made in turn (the first epoch of each left out: warm-up) and the overhead against
 the same run without them.
 """
 
@@ -63,10 +63,13 @@ def main() -> None:
     data = load_data(parse_config({"data": document}).data, args.data_dir)
     print(f"{args.data}: {len(data.train_x)} training rows, {len(data.val_x)} validation rows (at most 1,000 "
           f"measured); dense 256-128-16, batch 128; {platform.machine()}, {torch.get_num_threads()} threads")
+    measured = {name: [] for name in GROUPS}
+    for _ in range(args.repeats):  # round robin: a machine that drifts shifts every group alike
+        for name, (latent, metrics) in GROUPS.items():
+            measured[name].append(seconds_per_epoch(document, latent, metrics, args.epochs, data))
     baseline = {}
-    for name, (latent, metrics) in GROUPS.items():
-        seconds = statistics.median(seconds_per_epoch(document, latent, metrics, args.epochs, data)
-                                    for _ in range(args.repeats))
+    for name, (latent, _) in GROUPS.items():
+        seconds = statistics.median(measured[name])
         baseline.setdefault(latent, seconds)
         overhead = seconds / baseline[latent] - 1
         print(f"  {name:<30} {1000 * seconds:7.1f} ms per epoch   overhead {100 * overhead:+6.1f}%")

@@ -150,3 +150,13 @@ def test_a_validation_split_without_anomalies_is_refused_before_a_search_starts(
     with pytest.raises(ConfigError, match=r"objective\[0\]\.metric='val/anomaly_auroc': the validation split of "
                                           r"digits holds 0 anomalous and \d+ normal labelled rows; it needs both"):
         check_validation_rows(space, normal_only)
+
+
+def test_the_readme_lists_every_use_with_its_objectives():
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    for name, use in USES.items():
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{name}` |")), None)
+        assert row is not None, f"README.md has no row for use {name!r}"
+        assert all(f"`{metric}`" in row for metric in use.objective), row

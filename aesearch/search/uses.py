@@ -12,85 +12,82 @@ space to search convolutions or attention too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
-# Shared by the spaces below: depth and width, the code's size, the learning rate.
-_SHAPE = """
-  model.hidden_dims: {type: categorical, choices: [[128], [256, 128], [512, 256, 128]]}
-  optimizer.lr: {type: float, low: 0.0003, high: 0.003, log: true}
-"""
+
+def parameters(text: str) -> dict[str, Any]:
+    """Search space parameters written as in a space file."""
+    return yaml.safe_load(text)
+
+
+# Shared by the spaces below: denoising (noise kind and level); depth, width and the learning rate.
+DENOISING = parameters("""
+corruption.kind: {type: categorical, choices: [none, gaussian, masking]}
+sigma: {path: corruption.level, type: float, low: 0.05, high: 0.5, when: {corruption.kind: gaussian}}
+p: {path: corruption.level, type: float, low: 0.05, high: 0.4, when: {corruption.kind: masking}}
+""")
+SHAPE = parameters("""
+model.hidden_dims: {type: categorical, choices: [[128], [256, 128], [512, 256, 128]]}
+optimizer.lr: {type: float, low: 0.0003, high: 0.003, log: true}
+""")
 
 
 @dataclass(frozen=True)
 class Use:
     why: str  # one line: what the objective measures and why these variants
-    document: str  # the search space fields it stands for (YAML)
+    objective: list[str]  # the metrics (each in its own direction)
+    space: dict[str, Any]
+    base: dict[str, Any] = field(default_factory=dict)
 
     def fields(self) -> dict[str, Any]:
-        return yaml.safe_load(self.document)
+        """The search space fields this use stands for."""
+        return {"objective": [{"metric": metric} for metric in self.objective], "space": self.space, "base": self.base}
 
 
 USES: dict[str, Use] = {
     "reconstruction": Use(
         "the lowest reconstruction error of clean inputs; plain and denoising autoencoders",
-        """
-objective: [{metric: val/recon_mse}]
-space:
-  model.latent_dim: {type: categorical, choices: [8, 16, 32, 64]}
-  corruption.kind: {type: categorical, choices: [none, gaussian, masking]}
-  sigma: {path: corruption.level, type: float, low: 0.05, high: 0.5, when: {corruption.kind: gaussian}}
-  p: {path: corruption.level, type: float, low: 0.05, high: 0.4, when: {corruption.kind: masking}}
-""" + _SHAPE),
+        ["val/recon_mse"],
+        parameters("model.latent_dim: {type: categorical, choices: [8, 16, 32, 64]}") | DENOISING | SHAPE),
     "anomaly_detection": Use(
         "how well the reconstruction error separates the labelled anomalies of validation (AUROC); "
         "small codes, denoising, sparse and contractive autoencoders, which reconstruct what is normal only",
-        """
-objective: [{metric: val/anomaly_auroc}]
-space:
-  model.latent_dim: {type: categorical, choices: [2, 4, 8, 16, 32]}
-  corruption.kind: {type: categorical, choices: [none, gaussian, masking]}
-  sigma: {path: corruption.level, type: float, low: 0.05, high: 0.5, when: {corruption.kind: gaussian}}
-  p: {path: corruption.level, type: float, low: 0.05, high: 0.4, when: {corruption.kind: masking}}
-  objective.sparsity.kind: {type: categorical, choices: [none, l1]}
-  objective.sparsity.weight: {type: float, low: 0.001, high: 0.1, log: true, when: {objective.sparsity.kind: l1}}
-  objective.contractive_weight: {type: categorical, choices: [0.0, 0.01, 0.1]}
-  optimizer.weight_decay: {type: categorical, choices: [0.0, 0.0001]}
-""" + _SHAPE),
+        ["val/anomaly_auroc"],
+        parameters("""
+model.latent_dim: {type: categorical, choices: [2, 4, 8, 16, 32]}
+objective.sparsity.kind: {type: categorical, choices: [none, l1]}
+objective.sparsity.weight: {type: float, low: 0.001, high: 0.1, log: true, when: {objective.sparsity.kind: l1}}
+objective.contractive_weight: {type: categorical, choices: [0.0, 0.01, 0.1]}
+optimizer.weight_decay: {type: categorical, choices: [0.0, 0.0001]}
+""") | DENOISING | SHAPE),
     "clustering": Use(
         "how well KMeans on the validation codes recovers the classes (ARI); small codes of plain, "
         "denoising and variational autoencoders",
-        """
-objective: [{metric: val/kmeans_ari}]
-space:
-  model.latent: {type: categorical, choices: [deterministic, gaussian]}
-  model.latent_dim: {type: categorical, choices: [2, 4, 8, 10, 16, 32]}
-  objective.kl.beta: {type: float, low: 0.25, high: 4.0, log: true, when: {model.latent: gaussian}}
-  corruption.kind: {type: categorical, choices: [none, gaussian, masking]}
-  sigma: {path: corruption.level, type: float, low: 0.05, high: 0.5, when: {corruption.kind: gaussian}}
-  p: {path: corruption.level, type: float, low: 0.05, high: 0.4, when: {corruption.kind: masking}}
-""" + _SHAPE),
+        ["val/kmeans_ari"],
+        parameters("""
+model.latent: {type: categorical, choices: [deterministic, gaussian]}
+model.latent_dim: {type: categorical, choices: [2, 4, 8, 10, 16, 32]}
+objective.kl.beta: {type: float, low: 0.25, high: 4.0, log: true, when: {model.latent: gaussian}}
+""") | DENOISING | SHAPE),
     "generation": Use(
         "the likelihood of validation data (the IWAE bound on the NLL, nats); variational autoencoders: "
         "KL weight and schedule, code size",
-        """
-objective: [{metric: val/nll}]
-base: {model: {latent: gaussian}}
-space:
-  model.latent_dim: {type: categorical, choices: [8, 16, 32, 50, 64]}
-  objective.kl.beta: {type: float, low: 0.25, high: 2.0, log: true}
-  objective.kl.schedule: {type: categorical, choices: [constant, linear, cyclical]}
-""" + _SHAPE),
+        ["val/nll"],
+        parameters("""
+model.latent_dim: {type: categorical, choices: [8, 16, 32, 50, 64]}
+objective.kl.beta: {type: float, low: 0.25, high: 2.0, log: true}
+objective.kl.schedule: {type: categorical, choices: [constant, linear, cyclical]}
+""") | SHAPE,
+        base={"model": {"latent": "gaussian"}}),
     "compression": Use(
         "two objectives at once: the reconstruction error and the code's size (model/latent_dim); "
         "the Pareto front says what each size of code costs",
-        """
-objective: [{metric: val/recon_mse}, {metric: model/latent_dim}]
-space:
-  model.latent_dim: {type: int, low: 2, high: 64, log: true}
-""" + _SHAPE),
+        ["val/recon_mse", "model/latent_dim"],
+        parameters("model.latent_dim: {type: int, low: 2, high: 64, log: true}") | SHAPE),
 }
 
 
@@ -100,7 +97,7 @@ def apply_use(document: dict[str, Any]) -> dict[str, Any]:
     use = USES.get(document.get("use")) if isinstance(document.get("use"), str) else None
     if use is None:
         return document
-    fields = use.fields()
+    fields = copy.deepcopy(use.fields())  # the document is the caller's to change
     merged = {**document}
     for key in ("objective", "space"):
         merged.setdefault(key, fields.get(key))
