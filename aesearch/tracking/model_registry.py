@@ -35,6 +35,17 @@ def start_export_warmup() -> threading.Thread:
     return thread
 
 
+@contextlib.contextmanager
+def no_type_hint_advice():
+    """The served model's predict has no type hints on purpose (its signature is given): MLflow's advice
+    to add them is not wanted; other warnings pass."""
+    with warnings.catch_warnings(record=True) as caught:  # a filter would not do: MLflow sets its own inside
+        yield
+    for warning in caught:
+        if "type hint" not in str(warning.message):
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
 CHAMPION = "champion"  # the registry alias of a search's best model (MLflow's aliases replace stages)
 
 
@@ -47,8 +58,10 @@ def register_best_model(client: MlflowClient, uri: str, parent_run_id: str, name
     import mlflow
     from mlflow.models import infer_signature
 
-    from aesearch.tracking.served_model import CHECKPOINT, MODEL_CODE, example_input, predict
     from aesearch.training.checkpoints import load_trained_model
+
+    with no_type_hint_advice():  # MLflow gives it when the model's class is defined, and when it is logged
+        from aesearch.tracking.served_model import CHECKPOINT, MODEL_CODE, example_input, predict
 
     with tempfile.TemporaryDirectory() as folder:
         try:
@@ -61,9 +74,7 @@ def register_best_model(client: MlflowClient, uri: str, parent_run_id: str, name
         code = Path(folder) / "served_model.py"
         code.write_text(MODEL_CODE, encoding="utf-8")
         quiet = contextlib.redirect_stderr(io.StringIO())  # MLflow prints its own notes on the registry
-        with fluent_api_on(uri), mlflow.start_run(run_id=parent_run_id), quiet, warnings.catch_warnings():
-            # The model's predict has no type hints on purpose (its signature is given): no advice wanted.
-            warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
+        with fluent_api_on(uri), mlflow.start_run(run_id=parent_run_id), quiet, no_type_hint_advice():
             logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)  # pip version guessing
             info = mlflow.pyfunc.log_model(
                 name="best_model", python_model=str(code), artifacts={CHECKPOINT: path}, signature=signature,
