@@ -296,8 +296,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         try:
             if is_search_space(load_yaml(path)):
                 space = load_space(path)
-                print(f"{path}: ok (search space {space.name}: {len(space.space)} parameters, "
-                      f"{space.budget.num_samples} trials on {space.data.dataset})")
+                goals = ", ".join(f"{o.metric} {o.mode}" for o in space.objective)
+                use = f"use {space.use}: " if space.use else ""
+                print(f"{path}: ok (search space {space.name}: {use}{len(space.space)} parameters, "
+                      f"{space.budget.num_samples} trials on {space.data.dataset}, objective {goals})")
             else:
                 config = load_config(path)
                 print(f"{path}: ok ({variant_family(config)}, {config.model.architecture}, {config.data.dataset})")

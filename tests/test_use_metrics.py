@@ -160,3 +160,13 @@ def test_the_readme_lists_every_use_with_its_objectives():
         row = next((line for line in readme.splitlines() if line.startswith(f"| `{name}` |")), None)
         assert row is not None, f"README.md has no row for use {name!r}"
         assert all(f"`{metric}`" in row for metric in use.objective), row
+
+
+def test_a_space_file_of_a_use_alone_validates_and_says_what_it_ranks_on(tmp_path, capsys):
+    from aesearch.cli import main
+
+    path = tmp_path / "detector.yaml"
+    path.write_text("name: detector\ndata: {name: digits, anomaly: [0]}\nuse: anomaly_detection\n")
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "search space detector: use anomaly_detection:" in out and "objective val/anomaly_auroc max" in out

@@ -411,7 +411,7 @@ def check_validation_rows(space: SearchSpace, data: Data) -> None:
 
 
 def is_search_space(document: Any) -> bool:
-    return isinstance(document, dict) and "space" in document
+    return isinstance(document, dict) and ("space" in document or "use" in document)
 
 
 def parse_space(document: Any, source: str = "search space") -> SearchSpace:
