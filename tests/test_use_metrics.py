@@ -60,6 +60,11 @@ def test_clustering_likelihood_and_denoising_are_measured_each_epoch_only_when_a
     asked = ["val/kmeans_ari", "val/knn_accuracy", "val/nll", "val/elbo", "val/denoise_psnr_gaussian"]
     config = make_config(epochs=2, **{**SMALL, "model": {"latent": "gaussian", "hidden_dims": [32], "latent_dim": 4}},
                          evaluation={"val_metrics": asked, "select_by": "val/kmeans_ari", "kmeans_restarts": 1})
+    denoising = make_config(epochs=3, **SMALL, evaluation={"val_metrics": ["val/denoise_psnr_salt_pepper"],
+                                                           "select_by": "val/denoise_psnr_salt_pepper"})
+    kept = train(denoising, digits, run_evaluation=False)  # a family's name selects too (higher PSNR is better)
+    psnrs = [epoch["val/denoise_psnr_salt_pepper"] for epoch in kept.history]
+    assert kept.best_epoch == 1 + int(np.argmax(psnrs))
     result = train(config, digits, run_evaluation=False)
     for epoch in result.history:
         assert set(asked) <= set(epoch) and all(np.isfinite(epoch[name]) for name in asked)

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from aesearch.config import TrainConfig, check_data, parse_config, resolve_device
 from aesearch.errors import CheckpointError, DivergedError
-from aesearch.metrics import CATALOGUE
+from aesearch.metrics import lookup
 from aesearch.parts.corruption import corrupt
 from aesearch.parts.data import Data, DataSpec, check_fits
 from aesearch.parts.models import Autoencoder, build_model, parameter_count
@@ -184,7 +184,7 @@ class Trainer:
         # objective (at the full beta, so annealing epochs with a smaller KL weight do not look
         # better than they are); a search selects by its own objective.
         self.select_by = config.evaluation.select_by
-        self.select_sign = 1.0 if CATALOGUE[self.select_by].mode == "min" else -1.0
+        self.select_sign = 1.0 if lookup(self.select_by).mode == "min" else -1.0
         self.epoch = 0
         self.history: list[dict[str, float]] = []
         self.best_epoch = 0
@@ -203,8 +203,7 @@ class Trainer:
         trainer's own, or a packed one that trained this model with others)."""
         val = self.validate()
         if self.use_metrics:
-            with deterministic_cudnn(self.device):
-                val |= self.use_metrics(self.model)
+            val |= self.use_metrics(self.model)
         self.epoch += 1
         metrics = {"epoch": float(self.epoch), **train, **val, **self.size}
         if self.objective.uses_kl:
