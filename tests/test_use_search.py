@@ -29,7 +29,7 @@ def write(folder, document):
 
 
 @pytest.fixture(scope="module")
-def compression_search(tmp_path_factory, ray_env):
+def compression_search(tmp_path_factory, ray_env, ray_address):
     """`use: compression` on digits: 10 trials, two objectives, MO-ASHA stopping at epochs 1 and 2."""
     folder = tmp_path_factory.mktemp("compression")
     space = write(folder, {
@@ -38,7 +38,7 @@ def compression_search(tmp_path_factory, ray_env):
                   "optimizer.lr": {"type": "float", "low": 0.0003, "high": 0.01, "log": True}},
         "budget": {"num_samples": 10, "max_epochs": 4, "grace_period": 1, "reduction_factor": 2},
         "max_concurrent": 2, "seed": 0})
-    done = run(search_command(space, folder / "results"), ray_env, timeout=600, cwd=REPO)
+    done = run(search_command(space, folder / "results", "--address", ray_address), ray_env, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     return folder, tracking_uri(folder / "results"), done
 
@@ -100,27 +100,39 @@ def test_the_report_shows_the_front_with_each_objectives_direction(compression_s
     assert (tmp_path / "reports" / "squeeze" / "figures" / "objectives_front.png").stat().st_size > 1000
 
 
-def test_a_detection_search_ranks_on_auroc_measured_every_epoch(tmp_path, ray_env):
+def test_a_detection_search_ranks_on_auroc_measured_every_epoch(tmp_path, ray_env, ray_address):
+    """Also: with `stopped_trials: pruned` Optuna is told the trials ASHA stopped as PRUNED, at their
+    last epoch's value (which TPE ranks below every completed trial)."""
     space = write(tmp_path, {
         "name": "spot", "data": {"name": "digits", "anomaly": [0]}, "use": "anomaly_detection", "base": SMALL,
         "space": {"model.latent_dim": {"type": "categorical", "choices": [2, 8]},
                   "corruption.kind": {"type": "categorical", "choices": ["none", "masking"]},
                   "p": {"path": "corruption.level", "type": "float", "low": 0.1, "high": 0.3,
                         "when": {"corruption.kind": "masking"}}},
-        "budget": {"num_samples": 4, "max_epochs": 3, "grace_period": 3}, "max_concurrent": 2})
-    done = run(search_command(space, tmp_path / "results"), ray_env, timeout=600, cwd=REPO)
+        "budget": {"num_samples": 6, "max_epochs": 3, "grace_period": 1, "reduction_factor": 2},
+        "max_concurrent": 2, "stopped_trials": "pruned"})
+    done = run(search_command(space, tmp_path / "results", "--address", ray_address), ray_env, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     board = pd.read_csv(tmp_path / "results" / "spot" / "leaderboard.csv")
     assert board["val/anomaly_auroc"].is_monotonic_decreasing and board["val/anomaly_auroc"].between(0, 1).all()
     client = MlflowClient(tracking_uri(tmp_path / "results"))
-    for run_id in board["mlflow_run_id"]:
-        history = client.get_metric_history(run_id, "val/anomaly_auroc")
-        assert sorted(m.step for m in history) == [1, 2, 3]
-        best = client.get_run(run_id).data.metrics["best/val/anomaly_auroc"]
-        assert best == pytest.approx(max(m.value for m in history))  # the epoch kept: the best AUROC's
+    for row in board.itertuples():
+        history = client.get_metric_history(row.mlflow_run_id, "val/anomaly_auroc")
+        assert sorted(m.step for m in history) == list(range(1, row.epochs + 1))
+        if row.state == "completed":  # the epoch kept: the best AUROC's
+            best = client.get_run(row.mlflow_run_id).data.metrics["best/val/anomaly_auroc"]
+            assert best == pytest.approx(max(m.value for m in history))
     search_run = client.search_runs([client.get_experiment_by_name("spot").experiment_id],
                                     filter_string="tags.`aesearch.role` = 'search'")[0]
     assert search_run.data.params["objectives"] == "val/anomaly_auroc max"
+    experiment = tmp_path / "results" / "spot"
+    study = pickle.loads(next(experiment.glob("searcher-state-*.pkl")).read_bytes())["_ot_study"]
+    stopped = board[board["state"] == "stopped"]
+    assert len(stopped), "ASHA stopped no trial: nothing shows how Optuna was told"
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    assert sorted(t.user_attrs["stopped_at_epoch"] for t in pruned) == sorted(stopped["epochs"].astype(int))
+    assert sorted(t.value for t in pruned) == pytest.approx(sorted(stopped["val/anomaly_auroc"]))
+    assert all(t.state.name == "COMPLETE" for t in study.trials if t not in pruned)
 
 
 def test_an_objective_the_data_cannot_measure_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):

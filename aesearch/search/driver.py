@@ -220,7 +220,7 @@ def describe(space: SearchSpace, options: SearchOptions, data: Data) -> dict[str
         "budget.grace_period": space.budget.grace_period, "budget.reduction_factor": space.budget.reduction_factor,
         "max_concurrent": space.max_concurrent, "resources.cpu": space.resources.cpu,
         "resources.gpu": space.resources.gpu, "resources.pack": space.resources.pack,
-        "sampler": space.sampler, "early_stopping": space.early_stopping,
+        "sampler": space.sampler, "early_stopping": space.early_stopping, "stopped_trials": space.stopped_trials,
         "searched": ", ".join(space.space),
     }
     tags = {
@@ -313,6 +313,7 @@ def _fit_trials(space: SearchSpace, options: SearchOptions, data: Data, tracking
             sampler=SAMPLERS[space.sampler](space.seed),
             points_to_evaluate=start_points(space) or None,
             max_epochs=space.budget.max_epochs,
+            stopped_as_pruned=space.stopped_trials == "pruned",
         )
         budget = space.budget
         scheduler = SCHEDULERS[space.early_stopping](space)

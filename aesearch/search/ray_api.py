@@ -12,6 +12,8 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
+from aesearch.tracking.outcomes import Outcome
+
 
 def filesystem_and_path(uri: str) -> tuple[Any, str]:
     """(pyarrow filesystem, path in it) for a local folder or a URI, as Ray Tune opens its storage."""
@@ -62,17 +64,31 @@ def gcs_needs_token(address: str, timeout_s: float) -> bool:
 
 
 class MarkingOptunaSearch(OptunaSearch):
-    """Ray's OptunaSearch whose Optuna trials say, in the user attribute `stopped_at_epoch`, that the
-    values Optuna learnt from them are those of a trial stopped early (Ray tells Optuna a stopped
-    trial's last result as if it had completed). Reaches OptunaSearch's private `_ot_trials`."""
+    """Ray's OptunaSearch that tells Optuna which trials were stopped early. Ray tells Optuna a stopped
+    trial's last result as if the trial had completed; here its Optuna trial also gets the user
+    attribute `stopped_at_epoch`, and with `stopped_as_pruned` it is told as PRUNED instead: Optuna's
+    TPE then ranks it below every completed trial, by how far it got and then by its last value (for
+    one objective, from the values Ray reported each epoch), as it ranks the trials its own pruners
+    stop. Reaches OptunaSearch's private `_ot_trials`, `_ot_study` and `_completed_trials`."""
 
-    def __init__(self, *args: Any, max_epochs: int, **kwargs: Any):
+    def __init__(self, *args: Any, max_epochs: int, stopped_as_pruned: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.max_epochs = max_epochs
+        self.max_epochs, self.stopped_as_pruned = max_epochs, stopped_as_pruned
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        from optuna.trial import TrialState
+
         optuna_trial = self._ot_trials.get(trial_id)
-        epoch = (result or {}).get("epoch")
-        if optuna_trial is not None and epoch is not None and 0 < epoch < self.max_epochs:
-            optuna_trial.set_user_attr("stopped_at_epoch", int(epoch))
-        super().on_trial_complete(trial_id, result, error)
+        ended = Outcome.from_report(result or {})
+        stopped = optuna_trial is not None and not error and ended.kind == "stopped" and ended.epoch < self.max_epochs
+        if not stopped or trial_id in self._completed_trials:
+            super().on_trial_complete(trial_id, result, error)
+            return
+        optuna_trial.set_user_attr("stopped_at_epoch", ended.epoch)
+        if not self.stopped_as_pruned:
+            super().on_trial_complete(trial_id, result, error)
+            return
+        if isinstance(self.metric, str) and self.metric in result:  # the value at the stop: Ray reports
+            optuna_trial.report(result[self.metric], result["training_iteration"])  # it here, not as a result
+        self._ot_study.tell(optuna_trial, state=TrialState.PRUNED)
+        self._completed_trials.add(trial_id)

@@ -202,6 +202,9 @@ class SearchSpace(Section):
     # promotes by non-dominated rank (search.mo_asha); `asha_first_objective` on the first one alone.
     sampler: Literal["tpe", "random"] = "tpe"
     early_stopping: Literal["asha", "asha_first_objective", "none"] = "asha"
+    # What the sampler learns of a trial stopped early: its values at the stop (as Ray tells them), or
+    # that it was pruned there (Optuna's TPE then ranks it below every completed trial).
+    stopped_trials: Literal["values_at_stop", "pruned"] = "values_at_stop"
 
     @model_validator(mode="before")
     @classmethod
