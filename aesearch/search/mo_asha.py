@@ -19,10 +19,10 @@ from aesearch.pareto import MODES, pareto_order
 
 
 class MultiObjectiveASHA(FIFOScheduler):
-    """Stops a trial at a rung unless its metric vector is among the best 1/reduction_factor of the vectors
-    recorded there so far, itself included, in Pareto order.
+    """Stops a trial at a rung unless its metric vector, in Pareto order among the vectors recorded there so
+    far, is within the best 1/reduction_factor of them (where Ray's percentile cutoff would fall).
 
-    With one metric and reduction_factor >= 2 it takes Ray's ASHAScheduler's decisions (brackets=1, the same
+    With one metric it takes Ray's ASHAScheduler's decisions (brackets=1, the same
     grace_period and max_t) except where Ray's cutoff, a percentile interpolated between two recorded values,
     falls strictly between the trial's value and the recorded values nearest it: there Ray compares values, which
     no order by rank can do (about 1% of decisions in tests/test_mo_asha.py, half of them different).
