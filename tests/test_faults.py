@@ -117,8 +117,8 @@ def test_a_fault_plan_is_validated_before_anything_starts(tmp_path):
     assert read_faults({}) == []
     plan = read_faults({"AESEARCH_FAULTS": '[{"trial": 2, "epoch": 3, "attempts": 1}]'})
     assert (plan[0].trial, plan[0].epoch, plan[0].attempts) == (2, 3, 1)
-    for text, named in (("[{\"trial\": 0, \"epoch\": 1}]", "0.trial=0"), ("not json", "Invalid JSON"),
-                        ("[{\"trial\": 1, \"epoch\": 1, \"when\": 2}]", "0.when: unknown key")):
+    for text, named in (("[{\"trial\": 0, \"epoch\": 1}]", "[0].trial=0"), ("not json", "Invalid JSON"),
+                        ("[{\"trial\": 1, \"epoch\": 1, \"when\": 2}]", "[0].when: unknown key")):
         with pytest.raises(UserError, match="AESEARCH_FAULTS") as caught:
             read_faults({"AESEARCH_FAULTS": text})
         assert named in str(caught.value)
@@ -128,7 +128,7 @@ def test_a_fault_plan_is_validated_before_anything_starts(tmp_path):
                           env={**os.environ, "AESEARCH_FAULTS": "[{\"trial\": 1}]"}, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-    assert "AESEARCH_FAULTS" in done.stderr and "0.epoch: required" in done.stderr
+    assert "AESEARCH_FAULTS" in done.stderr and "[0].epoch: required" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["planned.yaml"]  # nothing written
 
 
