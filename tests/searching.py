@@ -73,6 +73,35 @@ def run(command: list[str], env: dict, timeout: float = 300, **options) -> subpr
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
+def run_at_once(commands: dict[str, list[str]], env: dict, logs: Path, timeout: float = 600,
+                **options) -> dict[str, subprocess.CompletedProcess]:
+    """Run independent commands at the same time (each in a process group of its own, its output in files
+    under `logs`, never in a pipe that could fill); name -> its finished process. On timeout, every group
+    still running is stopped."""
+    logs.mkdir(parents=True, exist_ok=True)
+    started = {}
+    for name, command in commands.items():
+        with open(logs / f"{name}.out", "w") as out, open(logs / f"{name}.err", "w") as err:
+            started[name] = subprocess.Popen(command, env=env, start_new_session=True, stdout=out, stderr=err,
+                                             text=True, **options)
+    deadline = time.monotonic() + timeout
+    try:
+        for name, process in started.items():
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{name}: {' '.join(commands[name][:4])} ... did not finish in {timeout} s:\n"
+                            f"{(logs / f'{name}.err').read_text()[-3000:]}")
+    finally:
+        for process in started.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    return {name: subprocess.CompletedProcess(commands[name], process.returncode, (logs / f"{name}.out").read_text(),
+                                              (logs / f"{name}.err").read_text())
+            for name, process in started.items()}
+
+
 def trial_reports(experiment: Path) -> dict[str, list[dict]]:
     """Every trial's reports, from the JSON log Tune writes in each trial folder."""
     reports = {}

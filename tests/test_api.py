@@ -1,5 +1,6 @@
-"""The public Python API alone, as a notebook uses it: a small search, its report, a trial
-reproduced, a config trained into a folder and its model loaded back."""
+"""The public Python API alone, as a notebook uses it: a small search (on the Ray instance the
+tests share, as a notebook beside a running Ray passes its address), its report, a trial reproduced,
+a config trained into a folder and its model loaded back."""
 
 import json
 import subprocess
@@ -14,9 +15,9 @@ import json, sys
 import torch
 import aesearch
 
-folder, uri = sys.argv[1], sys.argv[2]
+folder, uri, address = sys.argv[1], sys.argv[2], sys.argv[3]
 space = aesearch.load_space(f"{folder}/api.yaml", {"budget.num_samples": 3})
-board = aesearch.run_search(space, name="api", storage=f"{folder}/results", tracking_uri=uri)
+board = aesearch.run_search(space, name="api", storage=f"{folder}/results", tracking_uri=uri, address=address)
 report = aesearch.make_report("api", tracking_uri=uri, out=f"{folder}/report")
 check = aesearch.reproduce("api", rank=1, tracking_uri=uri, from_checkpoint=True)
 config = aesearch.load_config("configs/vae.yaml").model_copy(update={"epochs": 1})
@@ -32,10 +33,10 @@ print(json.dumps({"trials": len(board), "best": board.iloc[0]["trial"], "states"
 """
 
 
-def test_a_notebook_searches_reports_reproduces_trains_and_loads_through_the_api_alone(tmp_path, ray_env):
+def test_a_notebook_searches_reports_reproduces_trains_and_loads_through_the_api_alone(tmp_path, ray_env, ray_address):
     write_space(tmp_path, "api", trials=3, epochs=2, grace=1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    done = subprocess.run([sys.executable, "-c", NOTEBOOK, str(tmp_path), uri], cwd=REPO, env=ray_env,
+    done = subprocess.run([sys.executable, "-c", NOTEBOOK, str(tmp_path), uri, ray_address], cwd=REPO, env=ray_env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])

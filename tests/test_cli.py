@@ -185,7 +185,9 @@ def test_validate_reports_each_bad_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_named_variant_trains_on_mnist_from_a_data_directory(path, mnist_dir, tmp_path, capsys):
-    overrides = ["data.name=mnist", "data.max_train_samples=2000", *FAST_EVAL]
+    # One kind of noise for the denoising metrics (of four): each is a pass over MNIST's 10000 test images.
+    overrides = ["data.name=mnist", "data.max_train_samples=2000", *FAST_EVAL,
+                 "evaluation.denoise_levels={gaussian: 0.3}"]
     if "attention" in path.stem:
         overrides.append("model.patch_size=7")
     args = ["train", str(path), "--epochs", "1", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "run"), *_set(*overrides)]

@@ -31,17 +31,22 @@ from rehearsal import LocalCluster, rehearse  # noqa: E402
 CLUSTER = REPO / "cluster"
 SCHEMAS = Path(__file__).parent / "schemas"
 CANARY = "AESEARCH_TEST_CANARY"
-KEPT = 2  # budget.keep_checkpoints of the rehearsal's 4 trials: the others' are removed through the server
+# The rehearsal's trials: 2 at a time, one on each node (1 CPU each), so both nodes train one in the same
+# wave. budget.keep_checkpoints: the best trial keeps its checkpoint, the other's is removed through the server.
+TRIALS, KEPT = 2, 1
 
 # --- the rehearsal ----------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def rehearsal(tmp_path_factory):
+def rehearsal(tmp_path_factory, ray_instance):
     """`make cluster-demo` on a smaller search: (cluster, summary, pids it started). The cluster stays up
     for this module's tests; stopping it must end every process it started (checked at teardown)."""
+    # As on a machine where the demo's cluster is the only Ray: the job's driver takes any Ray instance it
+    # finds running here for the cluster it was submitted to.
+    ray_instance.stop()
     folder = tmp_path_factory.mktemp("cluster-demo")
-    space = write_space(folder, "cluster-demo", trials=4, epochs=2, grace=2, keep=KEPT)
+    space = write_space(folder, "cluster-demo", trials=TRIALS, epochs=2, grace=2, keep=KEPT)
     os.environ[CANARY] = secrets.token_hex(16)  # an environment variable every node and trial inherits
     with LocalCluster(folder / "work", workers=1) as cluster:
         pids = [service.process.pid for service in cluster.services]
@@ -80,7 +85,7 @@ def test_the_submitted_search_ran_its_trials_on_both_nodes_and_logged_everything
     assert experiment.artifact_location.startswith("mlflow-artifacts:")  # proxied: no client writes the store
     trials = client.search_runs([experiment.experiment_id], filter_string="tags.`aesearch.role` = 'trial'",
                                 run_view_type=ViewType.ALL)
-    assert len(trials) == 4 and {run.info.status for run in trials} == {"FINISHED"}
+    assert len(trials) == TRIALS and {run.info.status for run in trials} == {"FINISHED"}
     assert len({run.data.tags["node"] for run in trials}) == 2  # the head and the worker both trained trials
 
     ranked = sorted(trials, key=lambda run: run.data.metrics["val/recon_mse"])
@@ -105,7 +110,7 @@ def test_the_submitted_search_ran_its_trials_on_both_nodes_and_logged_everything
     assert {p.name for p in cluster.workdir.iterdir()} == {"secrets", "mlflow", "logs", "shared-storage", "submit"}
     # The shared storage, given as a URI (as s3:// is on a cluster), holds the search's own files too.
     search = cluster.workdir / "shared-storage" / "cluster-demo"
-    assert summary["storage"].startswith("file://") and len(pd.read_csv(search / "leaderboard.csv")) == 4
+    assert summary["storage"].startswith("file://") and len(pd.read_csv(search / "leaderboard.csv")) == TRIALS
     assert (search / "tracking_uri").read_text().strip() == cluster.tracking_uri and (search / "space.yaml").is_file()
 
 
@@ -120,7 +125,7 @@ def test_the_report_was_built_from_the_server(rehearsal, as_mlflow_admin):
     assert board.loc[board["rank"] == 1, "run_id"].item() == best.info.run_id
     assert board["reproduce"][0].endswith(f"--tracking-uri {rehearsal[0].tracking_uri}")
     pictures = list((Path(summary["report"]) / "images").glob("*-reconstructions.png"))
-    assert len(pictures) == 4  # every trial's, downloaded through the server
+    assert len(pictures) == TRIALS  # every trial's, downloaded through the server
 
 
 def test_the_best_trial_reproduces_on_this_machine_from_the_server(rehearsal, as_mlflow_admin, tmp_path, capsys,

@@ -191,7 +191,7 @@ def synthetic(config):
     for epoch in range(1, 10):
         tune.report({"epoch": epoch, "loss": loss * (1 + 1 / epoch), "size": size})
 
-with ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1"):
+with ray.init(address=sys.argv[2], _node_ip_address="127.0.0.1"):  # the Ray instance the tests share
     scheduler = MultiObjectiveASHA(["loss", "size"], ["min", "min"], max_t=9, grace_period=1, reduction_factor=3)
     tuner = tune.Tuner(
         synthetic,
@@ -205,7 +205,7 @@ with ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
 """
 
 
-def test_a_tune_run_stops_the_dominated_trials_early(tmp_path, ray_env):
+def test_a_tune_run_stops_the_dominated_trials_early(tmp_path, ray_env, ray_address):
     """The two configs on the front run to max_t; the two dominated at every epoch stop at the first rung."""
     import json
     import subprocess
@@ -213,8 +213,8 @@ def test_a_tune_run_stops_the_dominated_trials_early(tmp_path, ray_env):
 
     from tests.conftest import REPO
 
-    done = subprocess.run([sys.executable, "-c", TUNE_RUN, str(tmp_path / "results")], env=ray_env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", TUNE_RUN, str(tmp_path / "results"), ray_address], env=ray_env,
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     outcome = json.loads(done.stdout.strip().splitlines()[-1])
     assert outcome == {"errors": 0, "epochs": {"front_loss": 9, "front_size": 9, "dominated": 1, "worst": 1}}

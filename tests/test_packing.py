@@ -77,6 +77,15 @@ PACKS = {
         member(VAE, epochs=2),
         member(VAE, epochs=2, seed=4, model={"latent_dim": 9}, objective={"reconstruction": "mse", "kl": {"beta": 0.5}}),
     ],
+    # Members that measure what they are for every epoch (a use's metrics on the fixed validation subset,
+    # the best epoch chosen by one of them): the packed member's use metrics are its own model's.
+    "vae_use_metrics": [
+        member(VAE, epochs=2, evaluation={"val_metrics": ["val/kmeans_ari", "val/knn_accuracy", "val/nll"],
+                                          "val_max_samples": 200, "select_by": "val/nll"}),
+        member(VAE, epochs=2, seed=7, model={"latent_dim": 6}, objective={"kl": {"beta": 4.0}},
+               evaluation={"val_metrics": ["val/kmeans_nmi", "val/elbo"], "val_max_samples": 200,
+                           "select_by": "val/kmeans_nmi"}),
+    ],
     "sparse_kl_widths": [  # sigmoid codes: a padded unit would be 0.5 and its rho_hat far from rho, but is masked
         dict(epochs=2, model={"hidden_dims": [32], "latent_dim": 8}, objective={"sparsity": {"kind": "kl", "rho": 0.05}}),
         dict(epochs=2, seed=6, model={"hidden_dims": [32], "latent_dim": 2}, objective={"sparsity": {"kind": "kl", "rho": 0.2}}),
@@ -380,7 +389,7 @@ seed: 0
 """
 
 
-def test_a_packed_search_keeps_every_trial_its_own_and_trains_each_as_alone(tmp_path, ray_env, digits):
+def test_a_packed_search_keeps_every_trial_its_own_and_trains_each_as_alone(tmp_path, ray_env, ray_address, digits):
     """`--pack 4`: trials train in a pack server, fused when they share a shape; each is still its
     own Tune trial (ASHA stops it alone) and its own MLflow run, and its epochs are those it
     would have trained alone, though members joined and left the pack as the search went."""
@@ -391,7 +400,7 @@ def test_a_packed_search_keeps_every_trial_its_own_and_trains_each_as_alone(tmp_
     space = tmp_path / "packed.yaml"
     space.write_text(PACKED_SPACE)
     storage = tmp_path / "results"
-    done = run(search_command(space, storage, "--pack", "4"), ray_env, timeout=400)
+    done = run(search_command(space, storage, "--pack", "4", "--address", ray_address), ray_env, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
 
     reports = trial_reports(storage / "packed")
@@ -431,13 +440,14 @@ def test_pack_groups_put_one_shape_together_up_to_the_pack_size_and_the_unpackab
 
 
 SILENT_MEMBER = """
+import sys
 import ray
 from aesearch.parts.data import load_data
 from aesearch.packing.server import PackServer
 from tests.conftest import make_config
 from tests.test_packing import VAE, member
 
-ray.init(num_cpus=1, include_dashboard=False)
+ray.init(address=sys.argv[1])  # the Ray instance the tests share
 data = load_data(make_config().data)
 server = PackServer.remote(data, 2, 0.0, silent_s=0.5)
 config = make_config(**member(VAE, epochs=3)).model_dump(mode="json")
@@ -454,10 +464,10 @@ ray.shutdown()
 """
 
 
-def test_a_pack_server_drops_a_silent_member_and_says_so_when_it_comes_back(ray_env):
+def test_a_pack_server_drops_a_silent_member_and_says_so_when_it_comes_back(ray_env, ray_address):
     """A member whose trial process died without leaving stops holding up the rounds of the others;
     asking again after it was dropped fails with a clear error (its retry joins again), never hangs."""
-    done = run([sys.executable, "-c", SILENT_MEMBER], ray_env, timeout=300, cwd=REPO)
+    done = run([sys.executable, "-c", SILENT_MEMBER, ray_address], ray_env, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert "epochs [1, 2, 3] members 1.0" in lines  # it trained on, without the silent member

@@ -1,4 +1,5 @@
-"""The search on a real Ray: a local instance, a killed and resumed driver, a 2-node cluster.
+"""The search on a real Ray: a local instance (as `make quickstart` starts it), and the Ray instance the
+tests share for a killed and resumed driver and a Ctrl-C.
 
 Every Ray process a test starts runs with token authentication on (a token made by the test)
 and bound to 127.0.0.1, and is stopped by its own handle or process group.
@@ -133,14 +134,15 @@ def saved_statuses(experiment: Path) -> dict[str, str]:
     return {trial["trial_id"]: trial["status"] for trial in trials}
 
 
-def test_resume_after_a_killed_driver_finishes_without_repeating_trials(tmp_path, ray_env):
+def test_resume_after_a_killed_driver_finishes_without_repeating_trials(tmp_path, ray_env, ray_address):
     epochs = 24  # long enough to kill mid-search
     space = write_space(tmp_path, "killed", trials=8, epochs=epochs, grace=epochs)
     storage = tmp_path / "results"
     experiment = storage / "killed"
     frequent_saves = {**ray_env, "TUNE_GLOBAL_CHECKPOINT_S": "0.5"}  # many saves, many prunes: many chances to race
+    on_ray = ["--address", ray_address]  # the Ray instance the tests share: Ray ends the dead driver's trials
     driver = subprocess.Popen(
-        search_command(space, storage), env=frequent_saves, start_new_session=True,
+        search_command(space, storage, *on_ray), env=frequent_saves, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -149,14 +151,14 @@ def test_resume_after_a_killed_driver_finishes_without_repeating_trials(tmp_path
             assert time.monotonic() < deadline, "no two trials finished within 5 minutes"
             time.sleep(0.5)
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver, the hard way
         driver.wait()
     statuses = saved_statuses(experiment)
     finished = {t: lines for t, lines in trial_reports(experiment).items() if statuses.get(t) == "TERMINATED"}
     assert len(finished) >= 2 and not (experiment / "leaderboard.csv").exists()
     assert len(finished) < 8, "the search ended before the kill: nothing left to resume"
 
-    done = run(search_command(space, storage, "--resume"), ray_env)
+    done = run(search_command(space, storage, "--resume", *on_ray), ray_env)
     assert done.returncode == 0, done.stderr[-3000:]
     board = pd.read_csv(experiment / "leaderboard.csv", dtype={"trial": str})
     assert len(board) == 8 and board["trial"].is_unique and set(board["outcome"]) == {"completed"}
@@ -231,10 +233,11 @@ def test_a_trial_bigger_than_this_machine_is_refused(tmp_path, ray_env):
     assert not (tmp_path / "results").exists()
 
 
-def test_ctrl_c_stops_the_search_and_says_how_to_resume(tmp_path, ray_env):
-    space = write_space(tmp_path, "interrupted", trials=8, epochs=20, grace=20)  # 6 trials not begun at the interrupt
+def test_ctrl_c_stops_the_search_and_says_how_to_resume(tmp_path, ray_env, ray_address):
+    space = write_space(tmp_path, "interrupted", trials=4, epochs=20, grace=20)  # 1 or 2 not begun at the interrupt
     storage = tmp_path / "results"
-    driver = subprocess.Popen(search_command(space, storage), env=ray_env, start_new_session=True,
+    on_ray = ["--address", ray_address]  # the Ray instance the tests share: the driver is what Ctrl-C stops
+    driver = subprocess.Popen(search_command(space, storage, *on_ray), env=ray_env, start_new_session=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     guard = threading.Timer(300, lambda: os.killpg(driver.pid, signal.SIGKILL))  # a hung driver fails the test
     guard.start()
@@ -242,7 +245,7 @@ def test_ctrl_c_stops_the_search_and_says_how_to_resume(tmp_path, ray_env):
         progress = []
         for line in driver.stderr:  # the live progress: interrupt right after the first trial completes
             progress.append(line)
-            if re.search(r"\b[1-7] completed", line):
+            if re.search(r"\b[1-3] completed", line):
                 break
         driver.send_signal(signal.SIGINT)  # what Ctrl-C sends
         _, rest = driver.communicate(timeout=120)
@@ -255,6 +258,6 @@ def test_ctrl_c_stops_the_search_and_says_how_to_resume(tmp_path, ray_env):
     assert driver.returncode == 130, stderr[-2000:]
     assert f"search 'interrupted' interrupted; continue it with: aesearch search {space} --name interrupted" in stderr
     assert not (storage / "interrupted" / "leaderboard.csv").exists()
-    done = run(search_command(space, storage, "--resume"), ray_env)
+    done = run(search_command(space, storage, "--resume", *on_ray), ray_env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert len(pd.read_csv(storage / "interrupted" / "leaderboard.csv")) == 8
+    assert len(pd.read_csv(storage / "interrupted" / "leaderboard.csv")) == 4

@@ -29,7 +29,7 @@ def write(folder, document):
 
 
 @pytest.fixture(scope="module")
-def compression_search(tmp_path_factory, ray_env):
+def compression_search(tmp_path_factory, ray_env, ray_address):
     """`use: compression` on digits: 10 trials, two objectives, MO-ASHA stopping at epochs 1 and 2."""
     folder = tmp_path_factory.mktemp("compression")
     space = write(folder, {
@@ -38,7 +38,7 @@ def compression_search(tmp_path_factory, ray_env):
                   "optimizer.lr": {"type": "float", "low": 0.0003, "high": 0.01, "log": True}},
         "budget": {"num_samples": 10, "max_epochs": 4, "grace_period": 1, "reduction_factor": 2},
         "max_concurrent": 2, "seed": 0})
-    done = run(search_command(space, folder / "results"), ray_env, timeout=600, cwd=REPO)
+    done = run(search_command(space, folder / "results", "--address", ray_address), ray_env, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     return folder, tracking_uri(folder / "results"), done
 
@@ -100,7 +100,7 @@ def test_the_report_shows_the_front_with_each_objectives_direction(compression_s
     assert (tmp_path / "reports" / "squeeze" / "figures" / "objectives_front.png").stat().st_size > 1000
 
 
-def test_a_detection_search_ranks_on_auroc_measured_every_epoch(tmp_path, ray_env):
+def test_a_detection_search_ranks_on_auroc_measured_every_epoch(tmp_path, ray_env, ray_address):
     """Also: with `stopped_trials: pruned` Optuna is told the trials ASHA stopped as PRUNED, at their
     last epoch's value (which TPE ranks below every completed trial)."""
     space = write(tmp_path, {
@@ -111,7 +111,7 @@ def test_a_detection_search_ranks_on_auroc_measured_every_epoch(tmp_path, ray_en
                         "when": {"corruption.kind": "masking"}}},
         "budget": {"num_samples": 6, "max_epochs": 3, "grace_period": 1, "reduction_factor": 2},
         "max_concurrent": 2, "stopped_trials": "pruned"})
-    done = run(search_command(space, tmp_path / "results"), ray_env, timeout=600, cwd=REPO)
+    done = run(search_command(space, tmp_path / "results", "--address", ray_address), ray_env, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     board = pd.read_csv(tmp_path / "results" / "spot" / "leaderboard.csv")
     assert board["val/anomaly_auroc"].is_monotonic_decreasing and board["val/anomaly_auroc"].between(0, 1).all()

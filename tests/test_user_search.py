@@ -1,10 +1,11 @@
 """The user's own data end to end, through the command line: a real Ray search on each source (a CSV
-table with labelled anomalies, .npy, .npz, a folder of images with classes and a flat one; Parquet
-through `aesearch train`); the found model applied to new rows (`encode`, `score`) and served by MLflow; bad input
-refused in one line."""
+table with labelled anomalies, .npy, .npz, a folder of images with classes and a flat one, all at once
+on the Ray instance the tests share; Parquet through `aesearch train`); the found model applied to new
+rows (`encode`, `score`) and served by MLflow; bad input refused in one line."""
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,7 @@ from mlflow import MlflowClient
 
 from aesearch.cli import main
 from tests.conftest import REPO
-from tests.searching import run, search_command, tracking_uri
+from tests.searching import run_at_once, search_command, tracking_uri
 from tests.test_bad_input import nothing_written, refused
 from tests.user_data import wine_table, write_digit_images
 
@@ -48,14 +49,30 @@ def write_search(folder, name, data, **changes):
     return path
 
 
-@pytest.fixture(scope="module")
-def wine_search(tmp_path_factory, ray_env):
-    """A real Ray search of 3 trials on wine.csv (anomalies labelled), logged to an embedded store."""
-    folder = tmp_path_factory.mktemp("wine")
+def wine_search_space(folder: Path) -> Path:
     table = folder / "wine.csv"
     wine_table().to_csv(table, index=False)
-    space = write_search(folder, "wine", {"path": str(table), **WINE_SPACE["data"]})
-    done = run(search_command(space, folder / "results"), ray_env, timeout=600, cwd=REPO)
+    return write_search(folder, "wine", {"path": str(table), **WINE_SPACE["data"]})
+
+
+@pytest.fixture(scope="module")
+def searches_at_once(tmp_path_factory, ray_env, ray_address):
+    """The module's searches: on wine.csv, on a folder of images with classes, on each other source. Each
+    is a search of its own (its data, storage and embedded store); they run at the same time on the Ray
+    instance the tests share, so that one's start overlaps another's trials: name -> (folder, finished process)."""
+    folders = {name: tmp_path_factory.mktemp(name) for name in ("wine", "folder", *OTHER_SOURCES)}
+    spaces = {"wine": wine_search_space(folders["wine"]), "folder": folder_search(folders["folder"])}
+    spaces |= {name: source_search(folders[name], name) for name in OTHER_SOURCES}
+    commands = {name: search_command(space, folders[name] / "results", "--address", ray_address)
+                for name, space in spaces.items()}
+    done = run_at_once(commands, ray_env, tmp_path_factory.mktemp("logs"), timeout=600, cwd=REPO)
+    return {name: (folders[name], finished) for name, finished in done.items()}
+
+
+@pytest.fixture(scope="module")
+def wine_search(searches_at_once):
+    """A real Ray search of 3 trials on wine.csv (anomalies labelled), logged to an embedded store."""
+    folder, done = searches_at_once["wine"]
     assert done.returncode == 0, done.stderr[-3000:]
     return folder, tracking_uri(folder / "results"), done
 
@@ -195,16 +212,10 @@ def test_a_reproduction_of_a_trial_on_user_data_matches(wine_search, capsys):
     assert "test/anomaly_auroc" in out and "test/recon_mse_original" in out  # the user data's own metrics, compared
 
 
-def test_a_search_on_a_folder_of_images_with_classes(tmp_path, ray_env):
-    write_digit_images(tmp_path / "images", per_class=30, classes=(0, 1, 7))
-    space = write_search(tmp_path, "folder", {"path": str(tmp_path / "images"), "image_size": 8},
-                         base={"optimizer": {"batch_size": 16}, "evaluation": {"iwae_samples": 5, "kmeans_restarts": 1}},
-                         space={"model.architecture": {"type": "categorical", "choices": ["dense", "conv"]},
-                                "model.latent_dim": {"type": "categorical", "choices": [4, 8]}},
-                         start_with=[], budget={"num_samples": 2, "max_epochs": 2, "grace_period": 2})
-    done = run(search_command(space, tmp_path / "results"), ray_env, timeout=600, cwd=REPO)
+def test_a_search_on_a_folder_of_images_with_classes(searches_at_once):
+    folder, done = searches_at_once["folder"]
     assert done.returncode == 0, done.stderr[-3000:]
-    store = MlflowClient(tracking_uri(tmp_path / "results"))
+    store = MlflowClient(tracking_uri(folder / "results"))
     experiment = store.get_experiment_by_name("folder")
     trials = [r for r in store.search_runs([experiment.experiment_id]) if r.data.tags.get("aesearch.role") == "trial"]
     assert len(trials) == 2
@@ -231,20 +242,39 @@ SOURCES = [
 ]
 
 
-@pytest.mark.parametrize("data, labelled", SOURCES[1:], ids=["npy", "npz", "flat-folder"])
-def test_a_search_on_each_other_source(data, labelled, tmp_path, ray_env):
+OTHER_SOURCES = dict(zip(["npy", "npz", "flat-folder"], SOURCES[1:]))
+
+
+def folder_search(folder: Path) -> Path:
+    """A search on a folder of images with classes (3 digits)."""
+    write_digit_images(folder / "images", per_class=30, classes=(0, 1, 7))
+    return write_search(folder, "folder", {"path": str(folder / "images"), "image_size": 8},
+                        base={"optimizer": {"batch_size": 16}, "evaluation": {"iwae_samples": 5, "kmeans_restarts": 1}},
+                        space={"model.architecture": {"type": "categorical", "choices": ["dense", "conv"]},
+                               "model.latent_dim": {"type": "categorical", "choices": [4, 8]}},
+                        start_with=[], budget={"num_samples": 2, "max_epochs": 2, "grace_period": 2})
+
+
+def source_search(folder: Path, source: str) -> Path:
+    """A search of one trial on one of the other sources."""
+    write_sources(folder)
+    data = {**OTHER_SOURCES[source][0], "path": str(folder / OTHER_SOURCES[source][0]["path"])}
+    return write_search(folder, "source", data,
+                        base={"model": {"hidden_dims": [16], "latent_dim": 4}, "optimizer": {"batch_size": 32},
+                              "evaluation": {"iwae_samples": 5, "kmeans_restarts": 1}},
+                        space={"optimizer.lr": {"type": "float", "low": 0.001, "high": 0.003, "log": True}},
+                        start_with=[], budget={"num_samples": 1, "max_epochs": 2, "grace_period": 2})
+
+
+@pytest.mark.parametrize("source", OTHER_SOURCES)
+def test_a_search_on_each_other_source(source, searches_at_once):
     """(Parquet reads into the very tensors CSV does, a test of the loaders shows: `aesearch train`
     covers it below, the CSV search above covers its path through Ray.)"""
-    write_sources(tmp_path)
-    data = {**data, "path": str(tmp_path / data["path"])}
-    space = write_search(tmp_path, "source", data,
-                         base={"model": {"hidden_dims": [16], "latent_dim": 4}, "optimizer": {"batch_size": 32},
-                               "evaluation": {"iwae_samples": 5, "kmeans_restarts": 1}},
-                         space={"optimizer.lr": {"type": "float", "low": 0.001, "high": 0.003, "log": True}},
-                         start_with=[], budget={"num_samples": 1, "max_epochs": 2, "grace_period": 2})
-    done = run(search_command(space, tmp_path / "results"), ray_env, timeout=600, cwd=REPO)
+    data, labelled = OTHER_SOURCES[source]
+    folder, done = searches_at_once[source]
     assert done.returncode == 0, done.stderr[-3000:]
-    store = MlflowClient(tracking_uri(tmp_path / "results"))
+    data = {**data, "path": str(folder / data["path"])}
+    store = MlflowClient(tracking_uri(folder / "results"))
     experiment = store.get_experiment_by_name("source")
     (trial,) = [r for r in store.search_runs([experiment.experiment_id]) if r.data.tags.get("aesearch.role") == "trial"]
     metrics = trial.data.metrics
