@@ -3,6 +3,7 @@
 MLflow tags, the registry and the report; a detection search ranked on a metric measured on validation
 every epoch; objectives the data cannot measure refused before anything is written."""
 
+import json
 import pickle
 
 import numpy as np
@@ -98,6 +99,22 @@ def test_the_report_shows_the_front_with_each_objectives_direction(compression_s
     assert "## Pareto front on val/recon_mse (lower is better), model/latent_dim (lower is better)" in page
     assert "## Best trial on each objective" in page
     assert (tmp_path / "reports" / "squeeze" / "figures" / "objectives_front.png").stat().st_size > 1000
+
+
+def test_any_front_member_reproduces_by_its_run_id(compression_search, capsys):
+    folder, uri, _ = compression_search
+    board = pd.read_csv(folder / "results" / "squeeze" / "leaderboard.csv")
+    front = board[board["pareto_rank"] == 1]
+    smallest = front.loc[front["model/latent_dim"].idxmin()]  # the front's other end from the champion
+    if len(front) > 1:
+        assert smallest["rank"] > 1
+    assert main(["reproduce", "squeeze", "--tracking-uri", uri, "--run-id", smallest["mlflow_run_id"]]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["reproduced"] and summary["run_id"] == smallest["mlflow_run_id"]
+    for name in ("best/val/recon_mse", "test/recon_mse"):  # retrained to the same numbers
+        recorded, reproduced = summary["metrics"][name]
+        assert reproduced == pytest.approx(recorded, rel=1e-6), name
+    assert summary["metrics"]["best/val/recon_mse"][0] == pytest.approx(smallest["val/recon_mse"], rel=1e-6)
 
 
 def test_a_detection_search_ranks_on_auroc_measured_every_epoch(tmp_path, ray_env, ray_address):
