@@ -1,8 +1,8 @@
 """Search efficiency where early stopping matters: anytime curves of four searches side by side.
 
     uv run python benchmarks/search_efficiency.py [--data digits|mnist] [--trials 100] [--epochs 30]
-        [--seeds 5] [--first-seed 0] [--concurrent 2] [--grace 1] [--reduction 3] [--out DIR]
-        [--methods random,random+asha,tpe,tpe+asha,tpe+asha-pruned] [--multi-objective] [--data-dir DIR]
+        [--seeds 5] [--first-seed 0] [--concurrent 2] [--grace 1] [--reduction 3] [--brackets 3]
+        [--methods random,random+asha,tpe,tpe+asha,...] [--multi-objective] [--data-dir DIR]
         [--out benchmarks/.results]
 
 The dense subspace of search_spaces/mnist_variants.yaml (every objective, noise and optimiser of
@@ -10,10 +10,11 @@ the dense family; on digits, widths up to 512 as in the quickstart), searched by
 method and seed, with the same trials and epochs per trial:
 
 - random: Optuna's random sampler, every trial trained for all its epochs;
-- random+asha: the same sampler, ASHA stopping weak trials (--grace, --reduction);
+- random+asha: the same sampler, ASHA stopping weak trials (--grace, --reduction; --brackets);
 - tpe: Optuna's TPE (define-by-run, conditional), every trial trained fully;
-- tpe+asha: aesearch's default, TPE and ASHA;
-- tpe+asha-pruned: the same, TPE told the trials ASHA stopped as pruned (`stopped_trials: pruned`:
+- tpe+asha: aesearch's default, TPE and ASHA (--brackets, 3 by default as in `budget.brackets`);
+- tpe+asha-1bracket: the same with one bracket (every trial first judged at --grace epochs);
+- tpe+asha-pruned: TPE told the trials ASHA stopped as pruned (`stopped_trials: pruned`:
   ranked below every completed trial) rather than as completed with their values at the stop.
 
 Every epoch report of every trial is a model the search has seen; the anytime curve is the best
@@ -54,26 +55,32 @@ from aesearch.search.space import parse_space  # noqa: E402
 
 METRIC = "val/recon_mse"
 SIZE = "model/latent_dim"
-# method -> (sampler, early stopping, what TPE learns of a stopped trial); the multi-objective ones
-# search both objectives
-METHODS = {"random": ("random", "none", "values_at_stop"), "random+asha": ("random", "asha", "values_at_stop"),
-           "tpe": ("tpe", "none", "values_at_stop"), "tpe+asha": ("tpe", "asha", "values_at_stop"),
-           "tpe+asha-pruned": ("tpe", "asha", "pruned")}
-MO_METHODS = {"random": ("random", "none", "values_at_stop"),
-              "tpe+asha-first": ("tpe", "asha_first_objective", "values_at_stop"),
-              "tpe+moasha": ("tpe", "asha", "values_at_stop"), "tpe+moasha-pruned": ("tpe", "asha", "pruned")}
+# method -> (sampler, early stopping, what TPE learns of a stopped trial, brackets: None for --brackets); the
+# multi-objective ones search both objectives
+METHODS = {"random": ("random", "none", "values_at_stop", None),
+           "random+asha": ("random", "asha", "values_at_stop", None),
+           "tpe": ("tpe", "none", "values_at_stop", None), "tpe+asha": ("tpe", "asha", "values_at_stop", None),
+           "tpe+asha-1bracket": ("tpe", "asha", "values_at_stop", 1),
+           "tpe+asha-pruned": ("tpe", "asha", "pruned", None)}
+MO_METHODS = {"random": ("random", "none", "values_at_stop", None),
+              "tpe+asha-first": ("tpe", "asha_first_objective", "values_at_stop", None),
+              "tpe+moasha": ("tpe", "asha", "values_at_stop", None),
+              "tpe+moasha-pruned": ("tpe", "asha", "pruned", None)}
+DEFAULT_METHODS = ["random", "random+asha", "tpe", "tpe+asha", "tpe+asha-1bracket"]
 
 
-def space_document(args: argparse.Namespace, name: str, method: tuple[str, str], seed: int) -> dict:
+def space_document(args: argparse.Namespace, name: str, method: tuple[str, str, str, int | None], seed: int) -> dict:
     document = dense_subspace()
     document.update(name=name, seed=seed, max_concurrent=args.concurrent)
     document["data"] = {"name": args.data} | ({"max_train_samples": 12_000} if args.data == "mnist" else {})
     if args.data == "digits":  # 64 inputs: widths up to 512, as the quickstart has them
         document["space"]["model.hidden_dims"]["choices"] = [[128], [256, 128], [512, 256, 128]]
     document["base"]["evaluation"] = {"iwae_samples": 10, "kmeans_restarts": 1, "probe_max_samples": 2000}
+    sampler, early_stopping, stopped_trials, brackets = method
     document["budget"] = {"num_samples": args.trials, "max_epochs": args.epochs, "grace_period": args.grace,
-                          "reduction_factor": args.reduction, "max_failures": 0, "keep_checkpoints": 3}
-    document["sampler"], document["early_stopping"], document["stopped_trials"] = method
+                          "reduction_factor": args.reduction, "brackets": brackets or args.brackets,
+                          "max_failures": 0, "keep_checkpoints": 3}
+    document.update(sampler=sampler, early_stopping=early_stopping, stopped_trials=stopped_trials)
     if args.multi_objective:
         document["objective"] = [{"metric": METRIC}, {"metric": SIZE}]
     return document
@@ -153,6 +160,7 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=2)
     parser.add_argument("--grace", type=int, default=1)
     parser.add_argument("--reduction", type=float, default=3.0)
+    parser.add_argument("--brackets", type=int, default=3, help="ASHA's brackets (budget.brackets)")
     parser.add_argument("--methods", help="comma-separated (default: all of the mode)")
     parser.add_argument("--multi-objective", action="store_true")
     parser.add_argument("--reference", type=float, nargs=2, default=[0.06, 129.0], metavar=("MSE", "LATENT_DIM"))
@@ -163,11 +171,12 @@ def main() -> None:
         from trainer_speed import mnist_dir
 
         args.data_dir = mnist_dir(None)
-    methods = args.methods.split(",") if args.methods else list(MO_METHODS if args.multi_objective else METHODS)
+    methods = args.methods.split(",") if args.methods else list(MO_METHODS) if args.multi_objective else DEFAULT_METHODS
     better = "max" if args.multi_objective else "min"
     kind = "multi-objective" if args.multi_objective else "single-objective"
     print(f"{kind}: {args.trials} trials x up to {args.epochs} epochs, dense subspace of mnist_variants.yaml on "
-          f"{args.data}, {args.concurrent} at a time, ASHA grace {args.grace} reduction {args.reduction:g}; "
+          f"{args.data}, {args.concurrent} at a time, ASHA grace {args.grace} reduction {args.reduction:g} "
+          f"brackets {args.brackets}; "
           f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
     curves: dict[str, list[np.ndarray]] = {method: [] for method in methods}
     ratios: dict[str, list[float]] = {method: [] for method in methods}
@@ -184,14 +193,14 @@ def main() -> None:
             near = first_reaching(curve, final * (0.99 if better == "max" else 1.01), better)
             ratio = random_reached / exact if exact else 0.0
             ratios[method].append(ratio)
-            print(f"  {method:<15} {len(curve):5d} epochs, {wall:5.0f} s, final {curve[-1]:.5g}; reached random's "
+            print(f"  {method:<17} {len(curve):5d} epochs, {wall:5.0f} s, final {curve[-1]:.5g}; reached random's "
                   f"final at {exact or '-':>5} epochs (within 1%: {near or '-':>5}); random's epochs to it / these "
                   f"{ratio:.2f}x", flush=True)
     target = "hypervolume" if args.multi_objective else "best"
     print(f"\nmedian over {args.seeds} seeds of the epochs random took to its final {target} / each method's "
           "epochs to it (0: never reached):")
     for method, values in ratios.items():
-        print(f"  {method:<15} {statistics.median(values):.2f}x  (seeds: {', '.join(f'{v:.2f}' for v in values)})")
+        print(f"  {method:<17} {statistics.median(values):.2f}x  (seeds: {', '.join(f'{v:.2f}' for v in values)})")
     args.out.mkdir(parents=True, exist_ok=True)
     figure = args.out / f"search_efficiency_{args.data}_{'mo' if args.multi_objective else 'so'}.png"
     draw(curves, args, figure)

@@ -13,7 +13,7 @@ import ray.cloudpickle
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from aesearch.search.mo_asha import MultiObjectiveASHA
+from aesearch.search.mo_asha import MultiObjectiveASHA, SeededASHA, bracket_milestones, pick_bracket
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 
@@ -28,7 +28,7 @@ def rays_cutoff_falls_between_neighbours(asha: ASHAScheduler, trial: Trial, resu
     (below, above) has the same place among the recorded ones. There no order by rank can follow Ray."""
     if "loss" not in result or result["epoch"] >= asha._max_t:
         return False
-    bracket = asha._brackets[0]
+    bracket = asha._trial_info[trial.trial_id]
     for milestone, recorded in bracket._rungs:
         if result["epoch"] < milestone or trial.trial_id in recorded:
             continue
@@ -42,23 +42,26 @@ def rays_cutoff_falls_between_neighbours(asha: ASHAScheduler, trial: Trial, resu
     return False
 
 
-def drive_both(seed: int, mode: str, grace_period: int, reduction_factor: float, max_t: int, trials: int = 80):
-    """Run the same asynchronous stream of results through Ray's ASHA and ours, trials stopping when Ray says
-    so (Tune then calls on_trial_complete): (Ray's scheduler, ours, [(Ray's decision, ours, comparable)])."""
+def drive_both(seed: int, mode: str, grace_period: int, reduction_factor: float, max_t: int, brackets: int = 1,
+               trials: int = 80):
+    """Run the same asynchronous stream of results through Ray's ASHA (dealing trials to brackets with the seeded
+    generator) and ours, trials stopping when Ray says so (Tune then calls on_trial_complete): (Ray's scheduler,
+    ours, [(Ray's decision, ours, comparable)], {trial_id: the bracket Ray dealt it to})."""
     rng = np.random.default_rng(seed)
-    asha = ASHAScheduler(time_attr="epoch", metric="loss", mode=mode, max_t=max_t, grace_period=grace_period,
-                         reduction_factor=reduction_factor, brackets=1)
-    ours = MultiObjectiveASHA(["loss"], [mode], time_attr="epoch", max_t=max_t, grace_period=grace_period,
-                              reduction_factor=reduction_factor)
+    rungs = dict(max_t=max_t, grace_period=grace_period, reduction_factor=reduction_factor, brackets=brackets,
+                 seed=seed)
+    asha = SeededASHA(time_attr="epoch", metric="loss", mode=mode, **rungs)
+    ours = MultiObjectiveASHA(["loss"], [mode], time_attr="epoch", **rungs)
     waiting = [fake_trial() for _ in range(trials)]
     quality = {trial.trial_id: rng.normal() for trial in waiting}
     epochs: dict[Trial, int] = {}
-    decisions = []
+    decisions, dealt = [], {}
     while waiting or epochs:
         if waiting and (not epochs or rng.random() < 0.3):
             trial = waiting.pop()
             asha.on_trial_add(None, trial)
             ours.on_trial_add(None, trial)
+            dealt[trial.trial_id] = asha._brackets.index(asha._trial_info[trial.trial_id])
             epochs[trial] = 0
             continue
         trial = list(epochs)[rng.integers(len(epochs))]
@@ -72,23 +75,37 @@ def drive_both(seed: int, mode: str, grace_period: int, reduction_factor: float,
             asha.on_trial_complete(None, trial, result)
             ours.on_trial_complete(None, trial, result)
             del epochs[trial]
-    return asha, ours, decisions
+    return asha, ours, decisions, dealt
 
 
-@pytest.mark.parametrize("seed, mode, grace_period, reduction_factor, max_t",
-                         [(1, "min", 1, 3.0, 27), (2, "max", 2, 2.0, 20), (3, "min", 1, 4, 64), (4, "max", 3, 3, 30),
-                          (5, "min", 1, 1.5, 20)])
-def test_one_metric_takes_rays_asha_decisions(seed, mode, grace_period, reduction_factor, max_t):
-    asha, ours, decisions = drive_both(seed, mode, grace_period, reduction_factor, max_t)
+@pytest.mark.parametrize("seed, mode, grace_period, reduction_factor, max_t, brackets",
+                         [(1, "min", 1, 3.0, 27, 1), (2, "max", 2, 2.0, 20, 1), (3, "min", 1, 4, 64, 1),
+                          (4, "max", 3, 3, 30, 1), (5, "min", 1, 1.5, 20, 1), (6, "min", 1, 3.0, 30, 3),
+                          (7, "max", 1, 2.0, 16, 4)])
+def test_one_metric_takes_rays_asha_decisions(seed, mode, grace_period, reduction_factor, max_t, brackets):
+    asha, ours, decisions, dealt = drive_both(seed, mode, grace_period, reduction_factor, max_t, brackets)
     compared = [(rays, mine) for rays, mine, comparable in decisions if comparable]
     assert len(compared) > 0.85 * len(decisions) and len(decisions) > 300
     assert [rays for rays, _ in compared].count(STOP) > 30  # both kinds of decision are checked
     assert [mine for _, mine in compared] == [rays for rays, _ in compared]
-    # the same rungs, holding the same trials and values
-    rays_rungs = asha._brackets[0]._rungs
-    assert [milestone for milestone, _ in ours._rungs] == [milestone for milestone, _ in rays_rungs]
-    for (_, mine), (_, rays) in zip(ours._rungs, rays_rungs, strict=True):
-        assert {trial_id: asha._metric_op * vector[0] for trial_id, vector in mine.items()} == rays
+    # the same trials dealt to the same brackets, whose rungs hold the same trials and values
+    assert dealt == ours._bracket_of and len(set(dealt.values())) == brackets
+    for rays_bracket, our_rungs in zip(asha._brackets, ours._brackets, strict=True):
+        assert [milestone for milestone, _ in our_rungs] == [milestone for milestone, _ in rays_bracket._rungs]
+        for (_, mine), (_, rays) in zip(our_rungs, rays_bracket._rungs, strict=True):
+            assert {trial_id: asha._metric_op * vector[0] for trial_id, vector in mine.items()} == rays
+
+
+def test_trials_are_dealt_to_brackets_by_rays_rule_and_alike_for_one_seed():
+    # 3 brackets of 4, 3 and 2 rungs (epochs 1-3-9-27, 3-9-27, 9-27 of 30): softmax weights 67%, 24%, 9%.
+    assert [bracket_milestones(1, 30, 3, s) for s in range(3)] == [[27, 9, 3, 1], [27, 9, 3], [27, 9]]
+    rng = np.random.default_rng(0)
+    picks = [pick_bracket([4, 3, 2], rng) for _ in range(3000)]
+    shares = np.bincount(picks, minlength=3) / len(picks)
+    assert shares == pytest.approx([0.665, 0.245, 0.090], abs=0.03)
+    again = np.random.default_rng(0)
+    assert [pick_bracket([4, 3, 2], again) for _ in range(3000)] == picks
+    assert pick_bracket([4], rng) == 0
 
 
 def test_where_ray_interpolates_the_order_decides():
@@ -182,7 +199,7 @@ TUNE_RUN = """
 import json, sys
 import ray
 from ray import tune
-from aesearch.search.mo_asha import MultiObjectiveASHA
+from aesearch.search.mo_asha import MultiObjectiveASHA, SeededASHA, bracket_milestones, pick_bracket
 
 curves = {"front_loss": (1.0, 4.0), "front_size": (4.0, 1.0), "dominated": (5.0, 5.0), "worst": (6.0, 6.0)}
 

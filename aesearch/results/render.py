@@ -117,7 +117,8 @@ def reproduction_table(report: Report) -> pd.DataFrame:
 
 def asha_text(asha: dict[str, Any]) -> str:
     stops = ", ".join(f"{n} at epoch {e}" for e, n in asha["stopped_at"].items()) or "none"
-    return (f"ASHA (grace period {asha['grace_period']}, reduction factor {asha['reduction_factor']}, "
+    brackets = "1 bracket" if str(asha["brackets"]) == "1" else f"{asha['brackets']} brackets"
+    return (f"ASHA (grace period {asha['grace_period']}, reduction factor {asha['reduction_factor']}, {brackets}, "
             f"at most {asha['max_epochs']} epochs) stopped trials early: {stops}; {asha['completed']} ran to the "
             f"end, {asha['diverged']} diverged. Epochs trained: {asha['epochs_trained']} of "
             f"{asha['epochs_full_budget']} for training every trial fully ({100 * asha['saved']:.0f}% saved).")

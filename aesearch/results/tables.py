@@ -186,6 +186,7 @@ def asha_summary(trials: pd.DataFrame, search_params: dict[str, str]) -> dict[st
         "max_epochs": max_epochs,
         "grace_period": search_params.get("budget.grace_period", "?"),
         "reduction_factor": search_params.get("budget.reduction_factor", "?"),
+        "brackets": search_params.get("budget.brackets", "1"),  # searches before brackets had one
         "stopped_at": {int(epoch): int(count) for epoch, count in stops.items()},
         "completed": int((ended["state"] == "completed").sum()),
         "diverged": int((ended["state"] == "diverged").sum()),

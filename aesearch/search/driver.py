@@ -27,7 +27,7 @@ import yaml
 from pydantic import ValidationError
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import FIFOScheduler
 
 from aesearch import settings
 from aesearch.errors import UserError
@@ -41,7 +41,7 @@ from aesearch.parts.data import Data, load_data
 from aesearch.search.callbacks import BestCheckpointsKeeper, CheckpointPruner, FirstReport, Progress, RunCloser
 from aesearch.search.faults import Fault, read_faults
 from aesearch.search.leaderboard import LEADERBOARD_METRICS, NothingRan, leaderboard, nothing_ran
-from aesearch.search.mo_asha import MultiObjectiveASHA
+from aesearch.search.mo_asha import MultiObjectiveASHA, SeededASHA
 from aesearch.search.phases import Phases
 from aesearch.search.ray_api import MarkingOptunaSearch
 from aesearch.search.ray_cluster import check_reachable, connect
@@ -218,6 +218,7 @@ def describe(space: SearchSpace, options: SearchOptions, data: Data) -> dict[str
         "objectives": ", ".join(f"{o.metric} {o.mode}" for o in space.objective),
         "budget.num_samples": space.budget.num_samples, "budget.max_epochs": space.budget.max_epochs,
         "budget.grace_period": space.budget.grace_period, "budget.reduction_factor": space.budget.reduction_factor,
+        "budget.brackets": space.budget.brackets,
         "max_concurrent": space.max_concurrent, "resources.cpu": space.resources.cpu,
         "resources.gpu": space.resources.gpu, "resources.pack": space.resources.pack,
         "sampler": space.sampler, "early_stopping": space.early_stopping, "stopped_trials": space.stopped_trials,
@@ -261,13 +262,15 @@ SAMPLERS = {  # space.sampler -> Optuna's sampler for a seed
     "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed),
     "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
 }
+
+
 def asha(space: SearchSpace, metrics: list[str], modes: list[str]):
     """Asynchronous successive halving on these objectives: Ray's ASHA for one, MO-ASHA for several."""
     budget = space.budget
     rungs = {"time_attr": "epoch", "max_t": budget.max_epochs, "grace_period": budget.grace_period,
-             "reduction_factor": budget.reduction_factor}
+             "reduction_factor": budget.reduction_factor, "brackets": budget.brackets, "seed": space.seed}
     if len(metrics) == 1:
-        return ASHAScheduler(metric=metrics[0], mode=modes[0], **rungs)
+        return SeededASHA(metric=metrics[0], mode=modes[0], **rungs)
     return MultiObjectiveASHA(metrics, modes, **rungs)
 
 

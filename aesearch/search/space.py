@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -157,6 +158,11 @@ class Budget(Section):
     max_epochs: PositiveInt = Field(10, le=100_000)
     grace_period: PositiveInt = 1  # ASHA: epochs every trial gets before it can be stopped (<= max_epochs)
     reduction_factor: Float = Field(3.0, gt=1.0)  # ASHA: keep the best 1/reduction_factor per rung
+    # ASHA's brackets (Hyperband's hedge): bracket s first judges its trials at grace_period * reduction_factor**s
+    # epochs; each new trial is dealt to one (3 brackets of 4, 3, 2 rungs: 67%, 24%, 9% of the trials). More than
+    # one protects the models that learn slowly but end best from a sampler that learns what the first rung keeps
+    # (benchmarks/README.md, "Search efficiency"). At most one per rung: more are cut to that.
+    brackets: PositiveInt = Field(3, le=10)
     time_budget_s: Float | None = Field(None, gt=0)
     max_failures: Int = Field(1, ge=0)  # retries of a trial that raised, from its last checkpoint
     # Checkpoints (in trial storage and in MLflow) of the best K finished trials only: the others'
@@ -170,6 +176,8 @@ class Budget(Section):
     @model_validator(mode="after")
     def _grace_within_budget(self) -> Budget:
         self.grace_period = min(self.grace_period, self.max_epochs)  # e.g. after --max-epochs 3
+        rungs = int(math.log(self.max_epochs / self.grace_period) / math.log(self.reduction_factor) + 1)
+        self.brackets = min(self.brackets, rungs)
         return self
 
 
