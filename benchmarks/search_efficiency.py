@@ -1,7 +1,7 @@
 """Search efficiency where early stopping matters: anytime curves of four searches side by side.
 
     uv run python benchmarks/search_efficiency.py [--data digits|mnist] [--trials 100] [--epochs 30]
-        [--seeds 5] [--first-seed 0] [--concurrent 2] [--grace 1] [--reduction 3] [--brackets 3]
+        [--seeds 5] [--first-seed 0] [--concurrent 2] [--grace 1] [--reduction 3] [--brackets 1]
         [--methods random,random+asha,tpe,tpe+asha,...] [--multi-objective] [--data-dir DIR]
         [--out benchmarks/.results]
 
@@ -12,8 +12,9 @@ method and seed, with the same trials and epochs per trial:
 - random: Optuna's random sampler, every trial trained for all its epochs;
 - random+asha: the same sampler, ASHA stopping weak trials (--grace, --reduction; --brackets);
 - tpe: Optuna's TPE (define-by-run, conditional), every trial trained fully;
-- tpe+asha: aesearch's default, TPE and ASHA (--brackets, 3 by default as in `budget.brackets`);
-- tpe+asha-1bracket: the same with one bracket (every trial first judged at --grace epochs);
+- tpe+asha: aesearch's default, TPE and ASHA (--brackets, 1 by default as in `budget.brackets`);
+- tpe+asha-1bracket, tpe+asha-3brackets: the same with 1 or 3 brackets whatever --brackets says (3:
+  Hyperband's hedge, a third of the trials first judged at --grace x --reduction epochs or later);
 - tpe+asha-pruned: TPE told the trials ASHA stopped as pruned (`stopped_trials: pruned`:
   ranked below every completed trial) rather than as completed with their values at the stop.
 
@@ -61,12 +62,13 @@ METHODS = {"random": ("random", "none", "values_at_stop", None),
            "random+asha": ("random", "asha", "values_at_stop", None),
            "tpe": ("tpe", "none", "values_at_stop", None), "tpe+asha": ("tpe", "asha", "values_at_stop", None),
            "tpe+asha-1bracket": ("tpe", "asha", "values_at_stop", 1),
+           "tpe+asha-3brackets": ("tpe", "asha", "values_at_stop", 3),
            "tpe+asha-pruned": ("tpe", "asha", "pruned", None)}
 MO_METHODS = {"random": ("random", "none", "values_at_stop", None),
               "tpe+asha-first": ("tpe", "asha_first_objective", "values_at_stop", None),
               "tpe+moasha": ("tpe", "asha", "values_at_stop", None),
               "tpe+moasha-pruned": ("tpe", "asha", "pruned", None)}
-DEFAULT_METHODS = ["random", "random+asha", "tpe", "tpe+asha", "tpe+asha-1bracket"]
+DEFAULT_METHODS = ["random", "random+asha", "tpe", "tpe+asha", "tpe+asha-3brackets"]
 
 
 def space_document(args: argparse.Namespace, name: str, method: tuple[str, str, str, int | None], seed: int) -> dict:
@@ -160,7 +162,7 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=2)
     parser.add_argument("--grace", type=int, default=1)
     parser.add_argument("--reduction", type=float, default=3.0)
-    parser.add_argument("--brackets", type=int, default=3, help="ASHA's brackets (budget.brackets)")
+    parser.add_argument("--brackets", type=int, default=1, help="ASHA's brackets (budget.brackets)")
     parser.add_argument("--methods", help="comma-separated (default: all of the mode)")
     parser.add_argument("--multi-objective", action="store_true")
     parser.add_argument("--reference", type=float, nargs=2, default=[0.06, 129.0], metavar=("MSE", "LATENT_DIM"))
@@ -193,14 +195,14 @@ def main() -> None:
             near = first_reaching(curve, final * (0.99 if better == "max" else 1.01), better)
             ratio = random_reached / exact if exact else 0.0
             ratios[method].append(ratio)
-            print(f"  {method:<17} {len(curve):5d} epochs, {wall:5.0f} s, final {curve[-1]:.5g}; reached random's "
+            print(f"  {method:<18} {len(curve):5d} epochs, {wall:5.0f} s, final {curve[-1]:.5g}; reached random's "
                   f"final at {exact or '-':>5} epochs (within 1%: {near or '-':>5}); random's epochs to it / these "
                   f"{ratio:.2f}x", flush=True)
     target = "hypervolume" if args.multi_objective else "best"
     print(f"\nmedian over {args.seeds} seeds of the epochs random took to its final {target} / each method's "
           "epochs to it (0: never reached):")
     for method, values in ratios.items():
-        print(f"  {method:<17} {statistics.median(values):.2f}x  (seeds: {', '.join(f'{v:.2f}' for v in values)})")
+        print(f"  {method:<18} {statistics.median(values):.2f}x  (seeds: {', '.join(f'{v:.2f}' for v in values)})")
     args.out.mkdir(parents=True, exist_ok=True)
     figure = args.out / f"search_efficiency_{args.data}_{'mo' if args.multi_objective else 'so'}.png"
     draw(curves, args, figure)

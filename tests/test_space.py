@@ -146,8 +146,9 @@ def test_grace_period_is_capped_by_the_epoch_budget():
 
 
 def test_brackets_are_capped_by_the_rungs_there_are():
-    # epochs 1-3-9-27 of 30 at reduction factor 3: 4 rungs, so at most 4 brackets; 3 by default
-    assert parse_space({**MINIMAL, "budget": {"max_epochs": 30}}).budget.brackets == 3
+    # epochs 1-3-9-27 of 30 at reduction factor 3: 4 rungs, so at most 4 brackets; 1 by default
+    assert parse_space({**MINIMAL, "budget": {"max_epochs": 30}}).budget.brackets == 1
+    assert parse_space({**MINIMAL, "budget": {"max_epochs": 30, "brackets": 3}}).budget.brackets == 3
     assert parse_space({**MINIMAL, "budget": {"max_epochs": 30, "brackets": 6}}).budget.brackets == 4
     assert parse_space({**MINIMAL, "budget": {"max_epochs": 2, "grace_period": 1}}).budget.brackets == 1
     assert parse_space({**MINIMAL, "budget": {"max_epochs": 8, "grace_period": 2, "reduction_factor": 2,

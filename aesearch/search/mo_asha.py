@@ -7,9 +7,8 @@ bookkeeping (its brackets and rung milestones, stopping rather than pausing) and
 at a rung with `aesearch.pareto.pareto_order` instead: by non-dominated front, then crowding distance.
 
 Brackets (Hyperband's hedge, as in Ray's ASHA): bracket s starts its rungs at grace_period * reduction_factor**s,
-so the trials dealt to it are first judged later. A first rung of one epoch stops the models that learn slowly
-but end best; a search whose sampler learns from what the rungs let through (TPE) then proposes ever more of
-the fast starters. `SeededASHA` is Ray's single-objective ASHA dealing its trials with a seeded generator.
+so the trials dealt to it are first judged later, sparing some of the models that learn slowly but end best.
+`SeededASHA` is Ray's single-objective ASHA dealing its trials to brackets with a seeded generator.
 """
 
 from __future__ import annotations

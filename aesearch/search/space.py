@@ -159,10 +159,10 @@ class Budget(Section):
     grace_period: PositiveInt = 1  # ASHA: epochs every trial gets before it can be stopped (<= max_epochs)
     reduction_factor: Float = Field(3.0, gt=1.0)  # ASHA: keep the best 1/reduction_factor per rung
     # ASHA's brackets (Hyperband's hedge): bracket s first judges its trials at grace_period * reduction_factor**s
-    # epochs; each new trial is dealt to one (3 brackets of 4, 3, 2 rungs: 67%, 24%, 9% of the trials). More than
-    # one protects the models that learn slowly but end best from a sampler that learns what the first rung keeps
-    # (benchmarks/README.md, "Search efficiency"). At most one per rung: more are cut to that.
-    brackets: PositiveInt = Field(3, le=10)
+    # epochs; each new trial is dealt to one (3 brackets of 4, 3, 2 rungs: 67%, 24%, 9% of the trials). At most one
+    # per rung: more are cut to that. One, as in Ray: more cost epochs and searched no better in
+    # benchmarks/README.md ("Search efficiency").
+    brackets: PositiveInt = Field(1, le=10)
     time_budget_s: Float | None = Field(None, gt=0)
     max_failures: Int = Field(1, ge=0)  # retries of a trial that raised, from its last checkpoint
     # Checkpoints (in trial storage and in MLflow) of the best K finished trials only: the others'
