@@ -23,8 +23,8 @@ from tests.searching import DIVERGING_START, wait_until, write_space
 sys.path.insert(0, str(REPO / "cluster"))
 from rehearsal import LocalCluster  # noqa: E402
 
-EPOCHS = 24  # ~0.3 s each here: trials that outlast a node's death and the server's outage
-TRIALS = 6  # 3 at a time: some still to start once the node is dead
+EPOCHS = 30  # ~0.3 s each here: trials that outlast a node's death and the server's outage
+TRIALS = 8  # 3 at a time: some still to start once the node is dead
 BIGGER = ("base:\n  model: {hidden_dims: [32]}", "base:\n  model: {hidden_dims: [256, 128]}")  # epochs that take a while
 # Ray's nodes report a dead node after 5 failed health checks 1 s apart (Ray's default: 3 s apart), so the
 # killed trial is retried seconds after the kill, not a quarter of a minute. A node that only answers
