@@ -50,7 +50,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from subspaces import dense_subspace  # noqa: E402
 
+from aesearch import settings  # noqa: E402
 from aesearch.pareto import hypervolume  # noqa: E402
+
+settings.apply()  # before Ray is imported, as the CLI does: Ray's workers in this environment, even under `uv run`
+
 from aesearch.search.driver import SearchOptions, search  # noqa: E402
 from aesearch.search.space import parse_space  # noqa: E402
 

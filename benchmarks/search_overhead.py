@@ -40,8 +40,12 @@ from pathlib import Path
 
 import torch
 
-from aesearch.search.driver import SearchOptions, search
-from aesearch.search.space import parse_space
+from aesearch import settings
+
+settings.apply()  # before Ray is imported, as the CLI does: Ray's workers in this environment, even under `uv run`
+
+from aesearch.search.driver import SearchOptions, search  # noqa: E402
+from aesearch.search.space import parse_space  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "search_spaces" / "quickstart.yaml"
