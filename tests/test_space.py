@@ -185,7 +185,11 @@ def test_every_sampler_and_early_stopping_the_schema_accepts_has_a_maker():
     space = parse_space({**MINIMAL, "budget": {"max_epochs": 7, "grace_period": 2}})
     asha, fifo = SCHEDULERS["asha"](space), SCHEDULERS["none"](space)
     assert (asha._max_t, asha._time_attr) == (7, "epoch") and type(fifo).__name__ == "FIFOScheduler"
-    assert type(SAMPLERS["random"](3)).__name__ == "RandomSampler" and type(SAMPLERS["tpe"](3)).__name__ == "TPESampler"
+    tpe = SAMPLERS["tpe"](space)
+    assert type(SAMPLERS["random"](space)).__name__ == "RandomSampler" and type(tpe).__name__ == "TPESampler"
+    assert tpe._group and tpe._multivariate  # one objective: joint within each group of conditional parameters
+    several = parse_space({**MINIMAL, "objective": [{"metric": "val/recon_mse"}, {"metric": "model/latent_dim"}]})
+    assert not SAMPLERS["tpe"](several)._group  # several: Optuna's default MOTPE, as benchmarked
 
 
 def test_the_objectives_mode_is_the_direction_the_metric_catalogue_gives():
