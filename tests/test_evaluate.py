@@ -36,25 +36,25 @@ def _generator() -> torch.Generator:
 
 
 def test_iwae_bound_is_at_least_the_elbo(trained_vae, digits):
-    metrics = gaussian_latent_metrics(trained_vae, digits.test_x, 100, 1000, _generator(), digits.spec)
+    metrics = gaussian_latent_metrics(trained_vae, digits.test_x, "test", 100, 1000, _generator(), digits.spec)
     assert -metrics["nll"] >= metrics["elbo"]
     assert metrics["nll"] > 0 and metrics["kl"] > 0
 
 
 def test_iwae_with_one_sample_is_an_elbo_estimate(trained_vae, digits):
-    one = gaussian_latent_metrics(trained_vae, digits.test_x, 1, 1000, _generator(), digits.spec)
-    many = gaussian_latent_metrics(trained_vae, digits.test_x, 200, 1000, _generator(), digits.spec)
+    one = gaussian_latent_metrics(trained_vae, digits.test_x, "test", 1, 1000, _generator(), digits.spec)
+    many = gaussian_latent_metrics(trained_vae, digits.test_x, "test", 200, 1000, _generator(), digits.spec)
     assert -one["nll"] == pytest.approx(one["elbo"], rel=0.02)
     assert many["nll"] < one["nll"]  # the bound tightens with k
 
 
 def test_active_units_count_only_units_that_vary_with_the_input(trained_vae, digits):
-    metrics = gaussian_latent_metrics(trained_vae, digits.test_x, 2, 1000, _generator(), digits.spec)
+    metrics = gaussian_latent_metrics(trained_vae, digits.test_x, "test", 2, 1000, _generator(), digits.spec)
     assert 1 <= metrics["active_units"] <= 8
     collapsed = build_model(make_config(**VAE).model, digits.spec)
     with torch.no_grad():
         collapsed.latent.linear.weight.zero_()  # mu no longer depends on x: every unit inactive
-    assert gaussian_latent_metrics(collapsed, digits.test_x, 2, 1000, _generator(), digits.spec)["active_units"] == 0
+    assert gaussian_latent_metrics(collapsed, digits.test_x, "test", 2, 1000, _generator(), digits.spec)["active_units"] == 0
 
 
 def test_psnr_of_a_known_error():

@@ -12,9 +12,10 @@ rank VAEs against sparse or denoising AEs on common ground. What applies depends
   error for scale: PSNR for data in [0, 1], MSE otherwise;
 - gaussian latents: ELBO, KL, the NLL by importance sampling (IWAE bound, nats) and the active
   units (Burda et al.: Cov_x(E_q[z_u|x]) > 0.01). The likelihood: for data in [0, 1] a
-  Bernoulli decoder on the inputs binarised at 0.5 (the usual benchmark protocol); otherwise the
-  `mixed` decoder (unit-variance Gaussian per numeric value, categorical per one-hot group) on
-  the inputs as given;
+  Bernoulli decoder on the inputs binarised stochastically once, from a fixed seed (the VAE
+  literature's protocol; the same bits whatever `data.binarize` trained on: binarize.py);
+  otherwise the `mixed` decoder (unit-variance Gaussian per numeric value, categorical per
+  one-hot group) on the inputs as given;
 - latent quality, for labelled data only: linear-probe and kNN accuracy (train codes -> test),
   KMeans ARI and NMI;
 - sparsity of the code: mean |h|, fraction of active values, dead units;
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from aesearch.parts.corruption import corrupt, corruption_problem
+from aesearch.parts.data.binarize import fixed_bits
 from aesearch.parts.data.spec import CATEGORICAL, NUMERIC
 from aesearch.parts.objectives import RECONSTRUCTIONS, gaussian_kl, log_normal
 
@@ -62,7 +64,7 @@ def evaluate(model: Autoencoder, data: Data, settings: EvaluationConfig) -> dict
     metrics = reconstruction_metrics(x_hat, x, spec)
     metrics |= denoising_metrics(model, x, settings.denoise_levels, batch, generator, spec)
     if model.stochastic:
-        metrics |= gaussian_latent_metrics(model, x, settings.iwae_samples, batch, generator, spec)
+        metrics |= gaussian_latent_metrics(model, x, "test", settings.iwae_samples, batch, generator, spec)
     test_codes = encode(model, x, batch)
     if spec.classes and data.test_y is not None:
         train_labels = None if data.train_y is None else data.train_y[: settings.probe_max_samples]
@@ -167,23 +169,25 @@ def denoising_metrics(
 
 def likelihood(spec: DataSpec) -> tuple[str, bool]:
     """The decoder the NLL and ELBO are measured under: (reconstruction loss = -log p(x|z), whether
-    the inputs are binarised at 0.5). Bernoulli on binarised inputs for data in [0, 1], the usual
-    benchmark protocol, comparable across VAEs whatever their training loss; otherwise the
+    the inputs are binarised). Bernoulli on stochastically binarised inputs for data in [0, 1], the
+    literature's protocol, comparable across VAEs whatever their training loss; otherwise the
     Gaussian/categorical `mixed` decoder on the inputs as given."""
     return ("bce", True) if spec.unit_range else ("mixed", False)
 
 
 def gaussian_latent_metrics(
-    model: Autoencoder, x: torch.Tensor, k: int, batch: int, generator: torch.Generator, spec: DataSpec
+    model: Autoencoder, x: torch.Tensor, split: str, k: int, batch: int, generator: torch.Generator, spec: DataSpec
 ) -> dict[str, float]:
-    """ELBO and IWAE_k bound (nats per sample) under the decoder `likelihood(spec)` names; KL and
-    active units on the inputs as given. The samples z_i are drawn from `generator`.
+    """ELBO and IWAE_k bound (nats per sample) under the decoder `likelihood(spec)` names, on the
+    split's fixed bits where it binarises (`fixed_bits(x, split)`: already x when the data was
+    binarised at loading); KL and active units on the inputs as given. The samples z_i are drawn
+    from `generator`.
 
     log p(x) >= IWAE_k = E[log 1/k sum_i p(x, z_i) / q(z_i|x)] >= ELBO, z_i ~ q(z|x).
     """
     loss, binarise = likelihood(spec)
     negative_log_likelihood = RECONSTRUCTIONS[loss]
-    targets_all = (x > 0.5).float() if binarise else x.float()
+    targets_all = fixed_bits(x, split) if binarise else x.float()
     elbo, iwae = [], []
     for xb in _batches(targets_all, max(1, 10 * batch // k)):  # about 10 * batch decodes at once
         latent = model.encode(xb, sample=False)

@@ -80,7 +80,8 @@ class UseMetrics:
             train_codes = encode(model, self.train_x, batch) if train_labels is not None else torch.empty(0)
             measured |= latent_quality(train_codes, train_labels, encode(model, self.x, batch), self.y, settings)
         if wanted & {"val/nll", "val/elbo"}:
-            measured |= gaussian_latent_metrics(model, self.x, settings.val_iwae_samples, batch, generator, self.spec)
+            measured |= gaussian_latent_metrics(model, self.x, "val", settings.val_iwae_samples, batch, generator,
+                                                self.spec)
         kinds = {denoised_kind(name) for name in wanted if denoised_kind(name)}
         if kinds:
             levels = {kind: settings.denoise_levels[kind] for kind in kinds}
