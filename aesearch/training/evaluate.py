@@ -17,7 +17,7 @@ rank VAEs against sparse or denoising AEs on common ground. What applies depends
   otherwise the `mixed` decoder (unit-variance Gaussian per numeric value, categorical per
   one-hot group) on the inputs as given;
 - latent quality, for labelled data only: linear-probe and kNN accuracy (train codes -> test),
-  KMeans ARI and NMI;
+  KMeans ARI, NMI and accuracy (clusters matched to classes one-to-one, as DEC reports it);
 - sparsity of the code: mean |h|, fraction of active values, dead units;
 - anomaly detection, when the data names anomaly classes and the test split has labels: AUROC
   and average precision of the per-sample reconstruction error.
@@ -235,6 +235,7 @@ def latent_quality(
     metrics = {
         "kmeans_ari": adjusted_rand_score(y_test, clusters),
         "kmeans_nmi": normalized_mutual_info_score(y_test, clusters),
+        "kmeans_accuracy": cluster_accuracy(y_test, clusters),
     }
     y_train = None if train_labels is None else train_labels.cpu().numpy()
     if y_train is not None and len(np.unique(y_train)) >= 2:  # a classifier needs two classes to learn from
@@ -242,6 +243,17 @@ def latent_quality(
         knn = KNeighborsClassifier(n_neighbors=min(settings.knn_neighbors, len(x_train))).fit(x_train, y_train)
         metrics |= {"probe_accuracy": probe.score(x_test, y_test), "knn_accuracy": knn.score(x_test, y_test)}
     return metrics
+
+
+def cluster_accuracy(labels: np.ndarray, clusters: np.ndarray) -> float:
+    """Unsupervised clustering accuracy (DEC, Xie et al. 2016): the share of samples whose cluster
+    is matched to their class by the best one-to-one matching of clusters to classes (Hungarian)."""
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.metrics.cluster import contingency_matrix
+
+    counts = contingency_matrix(labels, clusters)  # classes x clusters
+    rows, columns = linear_sum_assignment(counts, maximize=True)
+    return float(counts[rows, columns].sum() / len(labels))
 
 
 def sparsity_metrics(codes: torch.Tensor, threshold: float) -> dict[str, float]:
