@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from aesearch.errors import ConfigError
-from aesearch.metrics import USE_FAMILIES, USE_METRICS, denoised_kind, is_epoch_objective, is_use_metric
+from aesearch.metrics import USE_FAMILIES, USE_METRICS, denoised_kind, is_epoch_objective, is_use_metric, lookup
 from aesearch.parts.corruption import CORRUPTIONS, CorruptionConfig, corruption_level_problem, corruption_problem
 from aesearch.parts.data import DataConfig, DataSpec
 from aesearch.parts.models import ModelConfig, input_problem
@@ -179,7 +179,7 @@ def metric_problem(name: str, config: TrainConfig, spec: DataSpec) -> str | None
     if name.startswith("val/anomaly_") and not spec.anomalies:
         return (f"{name} needs labelled anomalies in the validation split, and {config.data.dataset} names none: "
                 "set data.anomaly to the labels of the anomalous rows")
-    if name in ("val/kmeans_ari", "val/kmeans_nmi", "val/knn_accuracy") and not spec.classes:
+    if getattr(lookup(name), "applies", None) == "class labels" and not spec.classes:
         return (f"{name} needs class labels, and {config.data.dataset} has none (give data.label, a y array, "
                 "or class folders)")
     if name.startswith(USE_FAMILIES):

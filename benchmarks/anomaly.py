@@ -193,10 +193,10 @@ def run_one(dataset: str, seed: int, args: argparse.Namespace, folder: Path, dat
             "spearman": ae["spearman"]}
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], digits: int = 3) -> str:
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def summary(results: dict[str, list[dict[str, float]]], objective: str) -> None:

@@ -42,6 +42,16 @@ def test_an_anomaly_class_is_held_out_of_training_but_kept_in_validation_and_tes
     assert len(data.normal_val_x) == int((data.val_y != 3).sum()) < len(data.val_x)
 
 
+def test_a_one_class_split_trains_on_the_normal_class_alone_and_tests_on_every_class(digits):
+    """Ruff et al.'s protocol (benchmarks/quality.py one-class): one digit normal, the nine others anomalous."""
+    data = load_data(DataConfig(anomaly=[d for d in range(10) if d != 4]))
+    assert set(data.train_y.tolist()) == {4}
+    assert len(data.train_x) == int((torch.cat([digits.train_y, digits.val_y]) == 4).sum()) - int((data.val_y == 4).sum())
+    assert torch.equal(data.test_x, digits.test_x) and set(data.test_y.tolist()) == set(range(10))
+    assert data.spec.is_anomaly(data.test_y).tolist() == (data.test_y != 4).tolist()
+    assert set(data.val_y.tolist()) == set(range(10)) and len(data.normal_val_x) == int((data.val_y == 4).sum())
+
+
 def test_max_train_samples_limits_training_only(digits):
     data = load_data(DataConfig(max_train_samples=50))
     assert len(data.train_x) == 50

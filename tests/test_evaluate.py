@@ -1,5 +1,6 @@
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -8,6 +9,7 @@ from aesearch.parts.data import load_data
 from aesearch.parts.models import build_model
 from aesearch.training.evaluate import (
     anomaly_metrics,
+    cluster_accuracy,
     evaluate,
     gaussian_latent_metrics,
     latent_quality,
@@ -36,25 +38,25 @@ def _generator() -> torch.Generator:
 
 
 def test_iwae_bound_is_at_least_the_elbo(trained_vae, digits):
-    metrics = gaussian_latent_metrics(trained_vae, digits.test_x, 100, 1000, _generator(), digits.spec)
+    metrics = gaussian_latent_metrics(trained_vae, digits.test_x, "test", 100, 1000, _generator(), digits.spec)
     assert -metrics["nll"] >= metrics["elbo"]
     assert metrics["nll"] > 0 and metrics["kl"] > 0
 
 
 def test_iwae_with_one_sample_is_an_elbo_estimate(trained_vae, digits):
-    one = gaussian_latent_metrics(trained_vae, digits.test_x, 1, 1000, _generator(), digits.spec)
-    many = gaussian_latent_metrics(trained_vae, digits.test_x, 200, 1000, _generator(), digits.spec)
+    one = gaussian_latent_metrics(trained_vae, digits.test_x, "test", 1, 1000, _generator(), digits.spec)
+    many = gaussian_latent_metrics(trained_vae, digits.test_x, "test", 200, 1000, _generator(), digits.spec)
     assert -one["nll"] == pytest.approx(one["elbo"], rel=0.02)
     assert many["nll"] < one["nll"]  # the bound tightens with k
 
 
 def test_active_units_count_only_units_that_vary_with_the_input(trained_vae, digits):
-    metrics = gaussian_latent_metrics(trained_vae, digits.test_x, 2, 1000, _generator(), digits.spec)
+    metrics = gaussian_latent_metrics(trained_vae, digits.test_x, "test", 2, 1000, _generator(), digits.spec)
     assert 1 <= metrics["active_units"] <= 8
     collapsed = build_model(make_config(**VAE).model, digits.spec)
     with torch.no_grad():
         collapsed.latent.linear.weight.zero_()  # mu no longer depends on x: every unit inactive
-    assert gaussian_latent_metrics(collapsed, digits.test_x, 2, 1000, _generator(), digits.spec)["active_units"] == 0
+    assert gaussian_latent_metrics(collapsed, digits.test_x, "test", 2, 1000, _generator(), digits.spec)["active_units"] == 0
 
 
 def test_psnr_of_a_known_error():
@@ -77,10 +79,22 @@ def test_latent_quality_separates_informative_from_random_codes():
     settings = EvaluationConfig(kmeans_restarts=2)
     good = latent_quality(informative[:300], labels[:300], informative[300:], labels[300:], settings)
     assert good["probe_accuracy"] == 1.0 and good["knn_accuracy"] == 1.0
-    assert good["kmeans_ari"] > 0.95 and good["kmeans_nmi"] > 0.95
+    assert good["kmeans_ari"] > 0.95 and good["kmeans_nmi"] > 0.95 and good["kmeans_accuracy"] > 0.98
     noise = torch.randn(400, 4)
     bad = latent_quality(noise[:300], labels[:300], noise[300:], labels[300:], settings)
     assert bad["probe_accuracy"] < 0.5 and bad["kmeans_ari"] < 0.2
+
+
+def test_cluster_accuracy_matches_clusters_to_classes_one_to_one():
+    labels = np.repeat(np.arange(4), 25)
+    permuted = np.array([2, 0, 3, 1])[labels]  # every cluster one class, under other names
+    assert cluster_accuracy(labels, permuted) == 1.0
+    wrong = permuted.copy()
+    wrong[:5] = permuted[30]  # 5 of class 0 put in class 1's cluster
+    assert cluster_accuracy(labels, wrong) == pytest.approx(0.95)
+    merged = np.where(labels == 3, 2, labels)  # classes 2 and 3 in one cluster: only one of them can match it
+    assert cluster_accuracy(labels, merged) == pytest.approx(0.75)
+    assert cluster_accuracy(labels, np.zeros_like(labels)) == pytest.approx(0.25)
 
 
 def test_anomaly_auroc_ranks_badly_reconstructed_class_first(digits):
@@ -102,7 +116,7 @@ def test_suite_names_every_metric_under_test(digits, trained_vae):
     metrics = evaluate(trained_vae, data, EvaluationConfig(iwae_samples=5, kmeans_restarts=1))
     expected = {
         "recon_mse", "recon_bce", "recon_l1", "psnr", "elbo", "nll", "kl", "active_units",
-        "probe_accuracy", "knn_accuracy", "kmeans_ari", "kmeans_nmi",
+        "probe_accuracy", "knn_accuracy", "kmeans_ari", "kmeans_nmi", "kmeans_accuracy",
         "mean_activation", "active_fraction", "dead_units",
         *(f"{p}_psnr_{k}" for p in ("denoise", "noisy") for k in ("gaussian", "salt_pepper", "masking", "uniform")),
     }

@@ -124,7 +124,7 @@ def test_gaussian_latent_nll_on_real_data_is_the_mixed_likelihood_of_the_inputs_
     logits = torch.tensor([[0.5, 1.0, 0.0, -1.0, 2.0]])
     model = KnownModel(logits, TABLE, stochastic=True, mu_scale=0.0)  # q(z|x) = p(z): log w = log p(x|z)
     x = _rows(12)
-    metrics = gaussian_latent_metrics(model, x, 5, 4, torch.Generator().manual_seed(0), TABLE)
+    metrics = gaussian_latent_metrics(model, x, "test", 5, 4, torch.Generator().manual_seed(0), TABLE)
     expected = RECONSTRUCTIONS["mixed"](logits.expand(12, -1), x, TABLE).mean().item()
     assert metrics["nll"] == pytest.approx(expected, rel=1e-5)
     assert metrics["elbo"] == pytest.approx(-expected, rel=1e-5) and metrics["kl"] == 0.0

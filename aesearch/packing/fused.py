@@ -307,8 +307,8 @@ def _packed_train_pass(trainers: list[Trainer]) -> list[tuple[dict[str, float], 
             start = step * batch_size
             batch = images[orders[:, start : start + batch_size]]  # (members, batch, C, H, W)
             # Each member's corruption, latent noise and directions from its own generator, in its own order.
-            drawn = [t.inputs(batch[i]) for i, t in enumerate(trainers)]
-            x = batch
+            drawn = [t.inputs(batch[i], training=True) for i, t in enumerate(trainers)]
+            x = torch.stack([d.x for d in drawn]) if first.binarize_batches else batch  # each member's own bits
             x_in = torch.stack([d.x_in.detach() for d in drawn])
             noise = widened([d.noise for d in drawn]) if stochastic else None
             directions = widened([d.directions for d in drawn]) if estimates else None

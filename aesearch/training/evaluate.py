@@ -12,11 +12,12 @@ rank VAEs against sparse or denoising AEs on common ground. What applies depends
   error for scale: PSNR for data in [0, 1], MSE otherwise;
 - gaussian latents: ELBO, KL, the NLL by importance sampling (IWAE bound, nats) and the active
   units (Burda et al.: Cov_x(E_q[z_u|x]) > 0.01). The likelihood: for data in [0, 1] a
-  Bernoulli decoder on the inputs binarised at 0.5 (the usual benchmark protocol); otherwise the
-  `mixed` decoder (unit-variance Gaussian per numeric value, categorical per one-hot group) on
-  the inputs as given;
+  Bernoulli decoder on the inputs binarised stochastically once, from a fixed seed (the VAE
+  literature's protocol; the same bits whatever `data.binarize` trained on: binarize.py);
+  otherwise the `mixed` decoder (unit-variance Gaussian per numeric value, categorical per
+  one-hot group) on the inputs as given;
 - latent quality, for labelled data only: linear-probe and kNN accuracy (train codes -> test),
-  KMeans ARI and NMI;
+  KMeans ARI, NMI and accuracy (clusters matched to classes one-to-one, as DEC reports it);
 - sparsity of the code: mean |h|, fraction of active values, dead units;
 - anomaly detection, when the data names anomaly classes and the test split has labels: AUROC
   and average precision of the per-sample reconstruction error.
@@ -34,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from aesearch.parts.corruption import corrupt, corruption_problem
+from aesearch.parts.data.binarize import fixed_bits
 from aesearch.parts.data.spec import CATEGORICAL, NUMERIC
 from aesearch.parts.objectives import RECONSTRUCTIONS, gaussian_kl, log_normal
 
@@ -62,7 +64,7 @@ def evaluate(model: Autoencoder, data: Data, settings: EvaluationConfig) -> dict
     metrics = reconstruction_metrics(x_hat, x, spec)
     metrics |= denoising_metrics(model, x, settings.denoise_levels, batch, generator, spec)
     if model.stochastic:
-        metrics |= gaussian_latent_metrics(model, x, settings.iwae_samples, batch, generator, spec)
+        metrics |= gaussian_latent_metrics(model, x, "test", settings.iwae_samples, batch, generator, spec)
     test_codes = encode(model, x, batch)
     if spec.classes and data.test_y is not None:
         train_labels = None if data.train_y is None else data.train_y[: settings.probe_max_samples]
@@ -167,23 +169,25 @@ def denoising_metrics(
 
 def likelihood(spec: DataSpec) -> tuple[str, bool]:
     """The decoder the NLL and ELBO are measured under: (reconstruction loss = -log p(x|z), whether
-    the inputs are binarised at 0.5). Bernoulli on binarised inputs for data in [0, 1], the usual
-    benchmark protocol, comparable across VAEs whatever their training loss; otherwise the
+    the inputs are binarised). Bernoulli on stochastically binarised inputs for data in [0, 1], the
+    literature's protocol, comparable across VAEs whatever their training loss; otherwise the
     Gaussian/categorical `mixed` decoder on the inputs as given."""
     return ("bce", True) if spec.unit_range else ("mixed", False)
 
 
 def gaussian_latent_metrics(
-    model: Autoencoder, x: torch.Tensor, k: int, batch: int, generator: torch.Generator, spec: DataSpec
+    model: Autoencoder, x: torch.Tensor, split: str, k: int, batch: int, generator: torch.Generator, spec: DataSpec
 ) -> dict[str, float]:
-    """ELBO and IWAE_k bound (nats per sample) under the decoder `likelihood(spec)` names; KL and
-    active units on the inputs as given. The samples z_i are drawn from `generator`.
+    """ELBO and IWAE_k bound (nats per sample) under the decoder `likelihood(spec)` names, on the
+    split's fixed bits where it binarises (`fixed_bits(x, split)`: already x when the data was
+    binarised at loading); KL and active units on the inputs as given. The samples z_i are drawn
+    from `generator`.
 
     log p(x) >= IWAE_k = E[log 1/k sum_i p(x, z_i) / q(z_i|x)] >= ELBO, z_i ~ q(z|x).
     """
     loss, binarise = likelihood(spec)
     negative_log_likelihood = RECONSTRUCTIONS[loss]
-    targets_all = (x > 0.5).float() if binarise else x.float()
+    targets_all = fixed_bits(x, split) if binarise else x.float()
     elbo, iwae = [], []
     for xb in _batches(targets_all, max(1, 10 * batch // k)):  # about 10 * batch decodes at once
         latent = model.encode(xb, sample=False)
@@ -231,6 +235,7 @@ def latent_quality(
     metrics = {
         "kmeans_ari": adjusted_rand_score(y_test, clusters),
         "kmeans_nmi": normalized_mutual_info_score(y_test, clusters),
+        "kmeans_accuracy": cluster_accuracy(y_test, clusters),
     }
     y_train = None if train_labels is None else train_labels.cpu().numpy()
     if y_train is not None and len(np.unique(y_train)) >= 2:  # a classifier needs two classes to learn from
@@ -238,6 +243,17 @@ def latent_quality(
         knn = KNeighborsClassifier(n_neighbors=min(settings.knn_neighbors, len(x_train))).fit(x_train, y_train)
         metrics |= {"probe_accuracy": probe.score(x_test, y_test), "knn_accuracy": knn.score(x_test, y_test)}
     return metrics
+
+
+def cluster_accuracy(labels: np.ndarray, clusters: np.ndarray) -> float:
+    """Unsupervised clustering accuracy (DEC, Xie et al. 2016): the share of samples whose cluster
+    is matched to their class by the best one-to-one matching of clusters to classes (Hungarian)."""
+    from scipy.optimize import linear_sum_assignment
+    from sklearn.metrics.cluster import contingency_matrix
+
+    counts = contingency_matrix(labels, clusters)  # classes x clusters
+    rows, columns = linear_sum_assignment(counts, maximize=True)
+    return float(counts[rows, columns].sum() / len(labels))
 
 
 def sparsity_metrics(codes: torch.Tensor, threshold: float) -> dict[str, float]:

@@ -26,6 +26,7 @@ from aesearch.errors import CheckpointError, DivergedError
 from aesearch.metrics import lookup
 from aesearch.parts.corruption import corrupt
 from aesearch.parts.data import Data, DataSpec, check_fits
+from aesearch.parts.data.binarize import fresh_bits
 from aesearch.parts.models import Autoencoder, build_model, parameter_count
 from aesearch.parts.objectives import Objective, random_directions
 from aesearch.parts.optimizers import OPTIMIZERS
@@ -165,6 +166,7 @@ class Trainer:
             check_fits(data.nbytes, f"{config.data.dataset} ({data.spec.describe()})", str(self.device))
         self.data = data.to(self.device)
         self.validation_x = self.data.normal_val_x  # the validation loss: on normal rows only
+        self.binarize_batches = config.data.binarize == "dynamic"  # validation and test were drawn once, at loading
         self.model = initial_model(config, data.spec).to(self.device)
         self.channels_last = (
             self.device.type == "cuda" and config.runtime.channels_last and config.model.architecture == "conv"
@@ -220,8 +222,11 @@ class Trainer:
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return EpochEnd(self.epoch, metrics, is_best, self.save, self.model)
 
-    def inputs(self, x: torch.Tensor) -> Inputs:
-        """A batch and every random draw of its step, from the run's generator."""
+    def inputs(self, x: torch.Tensor, training: bool = False) -> Inputs:
+        """A batch and every random draw of its step, from the run's generator; a training batch
+        binarised afresh first with `data.binarize: dynamic`."""
+        if training and self.binarize_batches:
+            x = fresh_bits(x, self.generator)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x_in = corrupt(x, self.config.corruption.kind, self.config.corruption.level, self.generator, self.data.spec)
@@ -259,7 +264,7 @@ class Trainer:
                 beta = objective.beta(self.epoch + step / steps)  # plain Python arithmetic: no sync
                 beta_sum += beta
                 start = step * batch_size
-                x, x_in, noise, directions = self.inputs(images[order[start : start + batch_size]])
+                x, x_in, noise, directions = self.inputs(images[order[start : start + batch_size]], training=True)
                 with self.forward_context():
                     output = model(x_in, noise=noise)
                     loss, terms = objective(model, x, x_in, output, beta, directions)

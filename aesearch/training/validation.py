@@ -75,12 +75,13 @@ class UseMetrics:
         if wanted & {"val/anomaly_auroc", "val/anomaly_ap"}:
             errors = sample_errors(reconstruct(model, self.x, batch), self.x)
             measured |= anomaly_metrics(errors, self.y, self.spec)
-        if wanted & {"val/kmeans_ari", "val/kmeans_nmi", "val/knn_accuracy"}:
+        if wanted & {"val/kmeans_ari", "val/kmeans_nmi", "val/kmeans_accuracy", "val/knn_accuracy"}:
             train_labels = self.train_y if "val/knn_accuracy" in wanted else None
             train_codes = encode(model, self.train_x, batch) if train_labels is not None else torch.empty(0)
             measured |= latent_quality(train_codes, train_labels, encode(model, self.x, batch), self.y, settings)
         if wanted & {"val/nll", "val/elbo"}:
-            measured |= gaussian_latent_metrics(model, self.x, settings.val_iwae_samples, batch, generator, self.spec)
+            measured |= gaussian_latent_metrics(model, self.x, "val", settings.val_iwae_samples, batch, generator,
+                                                self.spec)
         kinds = {denoised_kind(name) for name in wanted if denoised_kind(name)}
         if kinds:
             levels = {kind: settings.denoise_levels[kind] for kind in kinds}

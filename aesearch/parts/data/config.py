@@ -3,6 +3,7 @@
     data: {name: mnist}                                   # a built-in benchmark
     data: {path: transactions.csv, label: Class, anomaly: [1]}
     data: {path: scans/, image_size: 64, channels: 1}     # a folder of images (one sub-folder per class)
+    data: {name: mnist, binarize: dynamic}                # the VAE literature's protocol (binarize.py)
 
 The format of a path is its suffix (`.csv`, `.parquet`, `.npy`, `.npz`) or, for a folder, images.
 Relative paths are read from the current directory. Only what can be checked without reading the
@@ -17,6 +18,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from aesearch.parts.data.binarize import BINARIZATIONS
 from aesearch.parts.data.builtin import DATASETS
 from aesearch.parts.data.spec import DataSpec
 from aesearch.schema import Bounded, Float, Int, Named, PositiveInt, Section, broken_rule
@@ -65,6 +67,8 @@ class DataConfig(Section):
     test_fraction: Float = Field(0.2, gt=0.0, le=0.5)  # user data without a `test` file
     split_seed: Int = Field(0, ge=0)
     max_train_samples: PositiveInt | None = None
+    # data in [0, 1]: binarised stochastically, each training batch afresh (dynamic) or once (static)
+    binarize: Literal[BINARIZATIONS] = "none"
 
     @property
     def dataset(self) -> str:
@@ -115,6 +119,9 @@ class DataConfig(Section):
             given = [f for f in IMAGE_FIELDS if getattr(self, f) is not None]
             if given:
                 raise broken_rule(f"data.{given[0]} applies to image folders, not to data.path={self.path!r}")
+        if self.binarize != "none" and self.format in ("csv", "parquet") and self.scale != "minmax":
+            raise broken_rule(f"data.binarize={self.binarize!r} needs values in [0, 1]: a table needs "
+                              f"data.scale='minmax' (got {self.scale!r})")
         overlap = sorted(set(self.features or ()) & {self.label})
         if overlap:
             raise broken_rule(f"data.features lists the label column {overlap[0]!r}: a label is not a feature")

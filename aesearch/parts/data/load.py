@@ -11,6 +11,8 @@ normal rows (train on normal data, score by reconstruction error): the user's an
 shared between validation and test, in the proportion of their fractions, so none is wasted (a
 built-in dataset's training part drops its anomalies; its test part keeps them all).
 Numeric features are scaled (and missing values imputed) with statistics of the training split.
+With `binarize`, data in [0, 1] is then binarised stochastically (binarize.py): validation and test
+once, from fixed seeds, and with `static` the training split too.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from aesearch.errors import DataError
+from aesearch.parts.data.binarize import fixed_bits
 from aesearch.parts.data.builtin import DATASETS, default_data_dir
 from aesearch.parts.data.config import DataConfig
 from aesearch.parts.data.sources import Raw, read, scale_numeric
@@ -91,6 +94,7 @@ def _load_builtin(config: DataConfig, root: Path, download: bool) -> Data:
     splits = {"train_x": train_x[train_idx], "train_y": train_y[train_idx], "val_x": train_x[val_idx],
               "val_y": train_y[val_idx], "test_x": test_x, "test_y": test_y}
     _check_sizes(splits, config)
+    splits = _binarized(splits, config, spec)
     return Data(spec, **splits, fingerprint=fingerprint(splits))
 
 
@@ -131,7 +135,20 @@ def _load_user_data(config: DataConfig) -> Data:
     spec = DataSpec(config.dataset, raw.modality, tuple(raw.x.shape[1:]), unit_range=in_unit_range,
                     classes=tuple(classes), anomalies=tuple(anomalies), columns=tuple(columns),
                     source=str(Path(config.path).expanduser().resolve()))
+    splits = _binarized(splits, config, spec)
     return Data(spec, **splits, fingerprint=fingerprint(splits))
+
+
+def _binarized(splits: dict[str, torch.Tensor | None], config: DataConfig, spec: DataSpec) -> dict:
+    """The splits as `data.binarize` wants them: validation and test drawn once, and the training
+    split too with `static` (`dynamic` draws each training batch in the trainer)."""
+    if config.binarize == "none":
+        return splits
+    if not spec.unit_range:
+        raise DataError(f"data.binarize={config.binarize!r}: {config.dataset} has values outside [0, 1]; "
+                        "binarising needs every value in [0, 1]")
+    drawn = ("train", "val", "test") if config.binarize == "static" else ("val", "test")
+    return splits | {f"{split}_x": fixed_bits(splits[f"{split}_x"], split) for split in drawn}
 
 
 def _classes(raw: Raw, test: Raw | None) -> list[str]:
