@@ -218,6 +218,15 @@ def test_a_report_folder_holds_a_self_contained_page_markdown_whose_pictures_exi
     assert board["reproduce"][0] == "aesearch reproduce demo --run-id run001 --tracking-uri sqlite:////nowhere/mlflow.db"
 
 
+def test_the_report_names_the_binarisation_its_likelihoods_were_trained_under(tmp_path):
+    grey = (write_report(build_report(a_record()), tmp_path / "grey") / "report.md").read_text()
+    assert "digits (fingerprint" in grey and "binarised" not in grey
+    record = a_record()
+    record.search = SEARCH | {"params": SEARCH["params"] | {"data.binarize": "dynamic"}}  # SEARCH itself unchanged
+    bits = (write_report(build_report(record), tmp_path / "bits") / "report.md").read_text()
+    assert "digits, binarised dynamic (fingerprint" in bits
+
+
 def test_a_report_replaces_an_earlier_report_but_never_a_folder_of_other_files(tmp_path):
     report = build_report(a_record())
     write_report(report, tmp_path / "demo")

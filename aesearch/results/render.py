@@ -151,6 +151,8 @@ def _meta(report: Report) -> str:
     record = report.record
     params, tags = record.search.get("params", {}), record.search.get("tags", {})
     dataset = params.get("dataset", "?")
+    if params.get("data.binarize", "none") != "none":  # the protocol the NLL figures were trained under
+        dataset += f", binarised {params['data.binarize']}"
     return (f"{dataset} (fingerprint {params.get('dataset_fingerprint', '?')}) · {status_line(report)} · objective "
             f"{', '.join(f'{m} ({d})' for m, d in record.objectives)} · code {tags.get('git_commit', '?')[:12]} · tracking "
             f"{record.uri}")

@@ -215,7 +215,7 @@ def describe(space: SearchSpace, options: SearchOptions, data: Data) -> dict[str
     resources = ray.cluster_resources()
     params = {
         "seed": space.seed, "dataset": space.data.dataset, "dataset_fingerprint": data.fingerprint,
-        "objective.metric": space.primary.metric, "objective.mode": space.primary.mode,
+        "data.binarize": space.data.binarize, "objective.metric": space.primary.metric, "objective.mode": space.primary.mode,
         "objectives": ", ".join(f"{o.metric} {o.mode}" for o in space.objective),
         "budget.num_samples": space.budget.num_samples, "budget.max_epochs": space.budget.max_epochs,
         "budget.grace_period": space.budget.grace_period, "budget.reduction_factor": space.budget.reduction_factor,
