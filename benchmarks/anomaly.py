@@ -49,7 +49,8 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,19 @@ def ray_environment(folder: Path) -> None:
     token.chmod(0o600)
     os.environ |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+@contextmanager
+def work_folder(keep: Path | None) -> Iterator[Path]:
+    """Where the searches' results and MLflow stores go: `keep` (kept), or a temporary folder deleted at
+    the end; the local Ray instance's token is written there."""
+    if keep is not None:
+        keep = keep.resolve()
+        keep.mkdir(parents=True, exist_ok=True)
+    with nullcontext(str(keep)) if keep else tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        ray_environment(folder)
+        yield folder
 
 
 def space_for(dataset: str, seed: int, args: argparse.Namespace, folder: Path) -> SearchSpace:
@@ -252,12 +266,7 @@ def main() -> None:
           f"{args.mnist_epochs} epochs{mnist_size}; 2 trials at a time; {platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, scikit-learn {sklearn.__version__}")
     started = time.perf_counter()
-    keep = args.keep.resolve() if args.keep else None
-    if keep:
-        keep.mkdir(parents=True, exist_ok=True)
-    with nullcontext(str(keep)) if keep else tempfile.TemporaryDirectory() as name:
-        folder = Path(name)
-        ray_environment(folder)
+    with work_folder(args.keep) as folder:
         results = {dataset: [run_one(dataset, seed, args, folder, data_dir)
                              for seed in range(args.first_seed, args.first_seed + args.seeds)]
                    for dataset in datasets}

@@ -44,9 +44,7 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +52,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from anomaly import mean_std, ray_environment, searched, space_for  # noqa: E402
+from anomaly import mean_std, searched, space_for, work_folder  # noqa: E402
 from trainer_speed import mnist_dir  # noqa: E402
 
 from aesearch.api import run_search  # noqa: E402
@@ -250,12 +248,7 @@ def main() -> None:
     print(f"quality: {args.table}, {args.epochs} epochs, seeds {args.seed_list}; {platform.machine()}, "
           f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
     started = time.perf_counter()
-    keep = args.keep.resolve() if args.keep else None
-    if keep:
-        keep.mkdir(parents=True, exist_ok=True)
-    with nullcontext(str(keep)) if keep else tempfile.TemporaryDirectory() as name:
-        folder = Path(name)
-        ray_environment(folder)
+    with work_folder(args.keep) as folder:
         {"vae-nll": vae_nll, "clustering": clustering, "one-class": one_class}[args.table](args, folder)
     print(f"\nwhole benchmark: {time.perf_counter() - started:.0f} s")
 
