@@ -204,6 +204,7 @@ def test_the_search_run_describes_the_search_and_registers_the_best_model(tracke
     search = parent[0]
     assert all(run.data.tags["mlflow.parentRunId"] == search.info.run_id for run in runs)
     assert search.data.params["seed"] == "0" and search.data.params["dataset"] == "digits"
+    assert search.data.params["data.binarize"] == "none"  # the protocol the likelihoods were trained under
     assert len(search.data.params["dataset_fingerprint"]) >= 8
     assert search.data.tags["cluster.nodes"] == "1" and search.data.tags["version.torch"]
     assert search.data.tags["git_commit"] != ""
