@@ -361,5 +361,5 @@ def _fit_trials(space: SearchSpace, options: SearchOptions, data: Data, tracking
         folder.write("space.yaml", space_document(space))
         folder.write(TRACKING_FILE, tracking.uri + "\n")
     results = tuner.fit()
-    prune_checkpoints(options.experiment_folder)  # the final state save has reached storage now
+    prune_checkpoints(options.experiment_folder, search_ended=True)  # the final state has reached storage now
     return results

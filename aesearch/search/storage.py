@@ -61,31 +61,45 @@ def remove_stored_checkpoints(fs, trial_dir: str, before: str | None = None) -> 
             fs.delete_dir(info.path)
 
 
-def prune_checkpoints(experiment_path: str) -> None:
+def prune_checkpoints(experiment_path: str, search_ended: bool = False) -> None:
     """Deletes each trial's checkpoints older than the one its stored search state would restore.
 
     The stored state only ever moves forward, so a checkpoint older than the one it names now is
-    never needed again: not by `--resume`, not by the leaderboard (which reads the newest).
+    never needed again: not by `--resume`, not by the leaderboard (which reads the newest). Once the
+    search has ended (its final state stored), a trial folder the state does not name belongs to a
+    trial a killed driver started after its last save: `--resume` sampled afresh instead, so its
+    checkpoints go too (its reports stay, as its MLflow run stays, deleted but restorable).
     """
-    for fs, trial_dir, restorable in stored_checkpoints(experiment_path):
-        remove_stored_checkpoints(fs, trial_dir, before=restorable)
+    stored = stored_trials(experiment_path)
+    if stored is None:
+        return  # not written yet, or caught mid-upload: keep everything until the next save
+    fs, folder, restorable = stored
+    from pyarrow.fs import FileSelector, FileType
+
+    for trial_dir, newest in restorable.items():
+        if newest is not None:
+            remove_stored_checkpoints(fs, f"{folder}/{trial_dir}", before=newest)
+    if search_ended:
+        for info in fs.get_file_info(FileSelector(folder, allow_not_found=True)):
+            if info.type == FileType.Directory and info.base_name not in restorable:
+                remove_stored_checkpoints(fs, info.path)
 
 
-def stored_checkpoints(experiment_path: str) -> list[tuple[Any, str, str]]:
-    """(filesystem, trial folder, checkpoint name) that resuming from the stored state would restore."""
+def stored_trials(experiment_path: str) -> tuple[Any, str, dict[str, str | None]] | None:
+    """(filesystem, experiment folder, {trial folder: the checkpoint resuming it would restore, or None})
+    from the stored search state; None if there is none to read."""
     try:
         state_file = ray_api.newest_experiment_state(experiment_path)
         if state_file is None:
-            return []
+            return None
         fs, fs_path = ray_api.filesystem_and_path(state_file)
         with fs.open_input_stream(fs_path) as stream:
             state = json.loads(stream.readall())
     except (OSError, ValueError):
-        return []  # not written yet, or caught mid-upload: keep everything until the next save
-    restorable = []
-    for _, run_metadata_json in state["trial_data"]:
+        return None
+    restorable: dict[str, str | None] = {}
+    for trial_json, run_metadata_json in state["trial_data"]:
         checkpoint = ray_api.latest_checkpoint(run_metadata_json)
-        if checkpoint is not None:
-            trial_dir, name = checkpoint.path.rstrip("/").rsplit("/", 1)
-            restorable.append((checkpoint.filesystem, trial_dir, name))
-    return restorable
+        name = checkpoint.path.rstrip("/").rsplit("/", 1)[1] if checkpoint is not None else None
+        restorable[json.loads(trial_json)["relative_logdir"]] = name
+    return fs, fs_path.rsplit("/", 1)[0], restorable
