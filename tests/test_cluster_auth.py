@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import REPO
-from tests.searching import run, search_command, write_space
+from tests.searching import run, search_command, tracking_uri, write_space
 
 sys.path.insert(0, str(REPO / "cluster"))
 from rehearsal import BIN, Service, free_port, write_secret  # noqa: E402
@@ -156,3 +156,11 @@ def test_a_search_whose_every_trial_errored_exits_1_with_a_one_line_summary(toke
     assert line.startswith("aesearch: error: search 'first-contact': no trial ran to an end (2 errored)"), line
     board = finished_trials(tmp_path)  # the leaderboard is still written: it names each trial's fate
     assert (board["outcome"] == "errored").all() and len(board) == 2
+    # So is a report, which lists both trials as not ranked, each with what ended it.
+    from aesearch.cli import main
+
+    report = tmp_path / "report"
+    assert main(["report", "first-contact", "--tracking-uri", tracking_uri(tmp_path / "results"),
+                 "--out", str(report)]) == 0
+    unranked = (report / "report.md").read_text().split("Trials not ranked")[1].split("\n#")[0]
+    assert unranked.count("errored after 1 attempt") == 2 and "InjectedFault" in unranked

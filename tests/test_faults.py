@@ -23,7 +23,7 @@ from tests.searching import DIVERGING_START, wait_until, write_space
 sys.path.insert(0, str(REPO / "cluster"))
 from rehearsal import LocalCluster  # noqa: E402
 
-EPOCHS = 30  # ~0.3 s each here: trials that outlast a node's death and the server's outage
+EPOCHS = 24  # ~0.3 s each here: trials that outlast a node's death and the server's outage
 TRIALS = 8  # 3 at a time: some still to start once the node is dead
 BIGGER = ("base:\n  model: {hidden_dims: [32]}", "base:\n  model: {hidden_dims: [256, 128]}")  # epochs that take a while
 # Ray's nodes report a dead node after 5 failed health checks 1 s apart (Ray's default: 3 s apart), so the
@@ -169,7 +169,7 @@ def test_a_search_through_node_death_failing_trials_divergence_and_a_server_outa
     wait_until(lambda: training(alive, 1, EPOCHS // 2, besides=killed_trial), "another trial in its first epochs")
     down_since_ms = int(time.time() * 1000)  # from the kill: stopping takes seconds here (zombies reaped)
     cluster.stop_mlflow(grace=0)  # and the tracking server crashes: no time to finish a request
-    time.sleep(8)  # the other trials train on meanwhile; the killed one is retried
+    time.sleep(6)  # the other trials train on meanwhile; the killed one is retried
     back_at_ms = int(time.time() * 1000)
     cluster.start_mlflow()
     output = finish(search, cluster, name)
@@ -219,10 +219,3 @@ def test_a_search_through_node_death_failing_trials_divergence_and_a_server_outa
     assert search_run.info.status == "FINISHED" and "best_trial_run" in search_run.data.tags
     assert "errored" in output and "diverged" in output and "aesearch: warning" not in output
 
-    # The report lists the errored and the diverged trial (made in this process, as the server's client).
-    from aesearch.cli import main
-
-    report = tmp_path / "report"
-    assert main(["report", name, "--tracking-uri", cluster.tracking_uri, "--out", str(report)]) == 0
-    unranked = (report / "report.md").read_text().split("Trials not ranked")[1].split("\n#")[0]
-    assert "errored after 3 attempts" in unranked and "diverged at epoch 1" in unranked

@@ -271,6 +271,8 @@ def test_the_reports_winner_is_the_best_trial_in_mlflow(real_report):
     assert board.loc[0, "val/recon_mse"] == pytest.approx(best.data.metrics["val/recon_mse"], rel=1e-9)
     assert len(board) == len(runs) == 8
     assert set(board.loc[board["state"] == "diverged", "rank"].isna()) == {True}
+    unranked = (out / "report.md").read_text().split("Trials not ranked")[1].split("\n#")[0]
+    assert unranked.count("diverged at epoch 1") == (board["state"] == "diverged").sum() >= 1
     assert str(out / "index.html") == done.stdout.strip()
     assert "8 trials" in done.stderr
 
