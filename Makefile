@@ -13,7 +13,7 @@ RUN := $(UV) run --no-sync
 QUICKSTART := quickstart-$(shell date +%Y%m%d-%H%M%S)
 
 quickstart: setup
-	$(RUN) aesearch search search_spaces/quickstart.yaml --name $(QUICKSTART)
+	$(RUN) aesearch search quickstart --name $(QUICKSTART)
 	$(RUN) aesearch report $(QUICKSTART)
 
 test: setup browser

@@ -2,7 +2,8 @@
 
 The public Python API is `aesearch.api`, re-exported here: `load_space`, `run_search`, `make_report`,
 `reproduce`, `train`, `load_model`, ... It loads on first use, so `import aesearch` (and the
-command line's start) stays light.
+command line's start) stays light. `load_space("quickstart")` and `load_config("vae")` read the
+spaces and configs shipped inside the package, from any folder.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     import aesearch
 
-    space = aesearch.load_space("search_spaces/quickstart.yaml", {"budget.num_samples": 8})
+    space = aesearch.load_space("quickstart", {"budget.num_samples": 8})      # a shipped space, or a file
     board = aesearch.run_search(space, name="notebook", storage="results")   # the leaderboard
     report = aesearch.make_report("notebook", out="reports/notebook")
     trained = aesearch.load_model("runs/x/best.pt")                          # .model, .config
@@ -62,11 +62,11 @@ def run_search(space: SearchSpace, name: str | None = None, storage: Path | str 
     (one row per trial, best first). Ray starts on this machine unless `address` names a cluster.
     `phases`, if given, gets a mark at the end of each stage (the command line's `aesearch: time:`)."""
     settings.apply()
+    from aesearch.locations import local_or_uri
     from aesearch.search.driver import SearchOptions, search
     from aesearch.tracking.store import resolve_tracking_uri
 
-    storage = str(storage) if "://" in str(storage) else str(Path(storage).absolute())
-    options = SearchOptions(name=name or space.name, storage=storage, address=address,
+    options = SearchOptions(name=name or space.name, storage=local_or_uri(storage), address=address,
                             data_dir=Path(data_dir) if data_dir else None, download=download, resume=resume,
                             tracking_uri=resolve_tracking_uri(tracking_uri))
     return search(space, options, phases)
@@ -109,18 +109,29 @@ def encode(model: str, input: str, out: Path | str | None = None, rank: int | No
 
 
 def score(model: str, input: str, out: Path | str | None = None, rank: int | None = None, run_id: str | None = None,
-          tracking_uri: str | None = None, device: str | None = None) -> pd.DataFrame:
-    """The anomaly score of each row (image) of new data, and for tables each column's error; as `encode`."""
-    return _use("scores", model, input, out, rank, run_id, tracking_uri, device)
+          tracking_uri: str | None = None, device: str | None = None, threshold: float | None = None,
+          contamination: float | None = None, data_dir: Path | str | None = None) -> pd.DataFrame:
+    """The anomaly score of each row (image) of new data beside what names it (and its label, if the
+    input has it), `is_anomaly`, and for tables each column's error; as `encode`. The threshold is
+    chosen on the model's validation split (read again; `data_dir` for a built-in dataset), by
+    `contamination` if given, or is `threshold`; `.attrs` (and OUT.json) state it and its rule."""
+    from aesearch.results import apply
+
+    apply.check_threshold(threshold, contamination)
+    return _use("scores", model, input, out, rank, run_id, tracking_uri, device,
+                threshold=threshold, contamination=contamination, data_dir=data_dir)
 
 
-def _use(what: str, model: str, input: str, out, rank, run_id, tracking_uri, device) -> pd.DataFrame:
+def _use(what: str, model: str, input: str, out, rank, run_id, tracking_uri, device, **options) -> pd.DataFrame:
     settings.apply()
     from aesearch.results import apply
 
-    out = apply.check_output(out) if out is not None else None
+    out = apply.check_output(out, stated=what == "scores") if out is not None else None
     trained = apply.trained_model(str(model), tracking_uri, rank, run_id, device)
-    table = getattr(apply, what)(trained, str(input))
+    table = getattr(apply, what)(trained, str(input), **options)
+    if table.attrs:  # a statement (scores): say which model made it
+        table.attrs = {"model": str(model), **({"rank": rank} if rank else {}), **({"run_id": run_id} if run_id else {}),
+                       **table.attrs}
     if out is not None:
         apply.write(table, out)
     return table

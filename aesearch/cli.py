@@ -1,19 +1,24 @@
 """The `aesearch` command.
 
-    aesearch train CONFIG.yaml [--set key=value]... [--epochs N] [--device D] [--data-dir DIR]
+    aesearch train CONFIG [--set key=value]... [--epochs N] [--device D] [--data-dir DIR]
                    [--download] [--out DIR] [--resume CHECKPOINT]
-    aesearch search SPACE.yaml [--name N] [--address ADDR] [--storage PATH|URI] [--num-samples N]
+    aesearch search SPACE [--name N] [--address ADDR] [--storage PATH|URI] [--num-samples N]
                    [--max-epochs N] [--max-concurrent N] [--cpus-per-trial F] [--gpus-per-trial F]
                    [--data-dir DIR] [--download] [--seed S] [--resume] [--tracking-uri URI]
     aesearch ui [--tracking-uri URI] [--port P]      (MLflow's UI on 127.0.0.1)
     aesearch report EXPERIMENT [--tracking-uri URI] [--out DIR]
+    aesearch relocate EXPERIMENT [--tracking-uri URI]   (artifacts an earlier aesearch misplaced)
     aesearch reproduce EXPERIMENT [--rank K | --run-id ID] [--tracking-uri URI] [--device D]
                    [--epochs N] [--from-checkpoint] [--data-dir DIR] [--download] [--out DIR]
     aesearch encode MODEL --input FILE --out FILE [--rank K | --run-id ID] [--tracking-uri URI] [--device D]
-    aesearch score MODEL --input FILE --out FILE [...as encode]   (MODEL: a search's name or a checkpoint)
-    aesearch example wine|digits-images [--out DIR]   (offline example datasets, as user files)
+    aesearch score MODEL --input FILE --out FILE [...as encode] [--threshold X | --contamination Q] [--data-dir DIR]
+                   (MODEL: a search's name or a checkpoint; OUT.json states the is_anomaly threshold)
+    aesearch example NAME [--out DIR] | --list   (offline example datasets as user files; a shipped file's text)
     aesearch validate FILE...            (training configs and search spaces)
     aesearch evaluate CHECKPOINT [--data-dir DIR] [--download] [--device D]
+
+CONFIG, SPACE and validate's FILEs are files, or the names of the configs and spaces that ship with
+aesearch (`aesearch search quickstart`, `aesearch train vae`; `aesearch example --list` lists them).
 
 Mistakes in the input (a bad config value, missing data, a bad checkpoint) print one line that
 names the field, the value and the rule, exit with status 2 and write nothing.
@@ -69,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     train = commands.add_parser("train", help="train one config locally")
-    train.add_argument("config", type=Path)
+    train.add_argument("config", help="a config file, or a shipped config's name (aesearch example --list)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field, e.g. --set model.latent_dim=32 (repeatable)")
     train.add_argument("--epochs", type=int, help="override the config's epochs")
@@ -79,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=cmd_train)
 
     search = commands.add_parser("search", help="run a search space on Ray Tune (Optuna TPE + ASHA)")
-    search.add_argument("space", type=Path)
+    search.add_argument("space", help="a search space file, or a shipped space's name (aesearch example --list)")
     search.add_argument("--name", help="the search's name (default: the space's name)")
     search.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                         help="a running Ray cluster (default: $RAY_ADDRESS, else a local Ray instance)")
@@ -103,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--tracking-uri", help=TRACKING_HELP)
     ui.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default: 5000)")
     ui.set_defaults(handler=cmd_ui)
+
+    relocate = commands.add_parser("relocate", help="move a search's artifacts that an earlier aesearch "
+                                   "misplaced (under /) back beside its embedded store")
+    relocate.add_argument("experiment", help="the search's name (its MLflow experiment)")
+    relocate.add_argument("--tracking-uri", help=TRACKING_HELP)
+    relocate.set_defaults(handler=cmd_relocate)
 
     report = commands.add_parser("report", help="a leaderboard report of a search (HTML, Markdown, CSV)")
     report.add_argument("experiment", help="the search's name (its MLflow experiment)")
@@ -134,14 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
         use.add_argument("--tracking-uri", help=TRACKING_HELP)
         use.add_argument("--device", help="auto | cpu | cuda[:N] (default: cpu)")
         use.set_defaults(handler=cmd_use, use=name)
+        if name == "score":  # is_anomaly's threshold, chosen on the model's validation split unless given
+            cut = use.add_mutually_exclusive_group()
+            cut.add_argument("--threshold", type=float, help="is_anomaly: the score above this (default: the cut "
+                             "that maximises F1 on labelled validation anomalies, else by --contamination)")
+            cut.add_argument("--contamination", type=float, help="the expected share of anomalies: the threshold "
+                             "flags this share of the validation rows")
+            use.add_argument("--data-dir", type=Path, help="a built-in dataset's folder, to read its validation split")
 
-    example = commands.add_parser("example", help="write an offline example dataset (wine.csv, digits_images/)")
-    example.add_argument("example", choices=["wine", "digits-images"])
-    example.add_argument("--out", type=Path, default=Path("data"), help="folder to write into (default: data)")
+    example = commands.add_parser("example", help="write an offline example dataset, or print a shipped space or config")
+    example.add_argument("example", nargs="?", help="an example dataset (written into --out) or a shipped space or "
+                                                    "config (its text printed: redirect it to a file to edit it)")
+    example.add_argument("--list", action="store_true", help="list the shipped spaces, configs and example datasets")
+    example.add_argument("--out", type=Path, default=Path("data"), help="folder to write a dataset into (default: data)")
     example.set_defaults(handler=cmd_example)
 
     validate = commands.add_parser("validate", help="check training configs and search spaces")
-    validate.add_argument("files", type=Path, nargs="+")
+    validate.add_argument("files", nargs="+", help="config or search space files, or shipped names")
     validate.set_defaults(handler=cmd_validate)
 
     evaluate = commands.add_parser("evaluate", help="run the evaluation suite on a checkpoint")
@@ -201,13 +221,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.name is not None and not re.fullmatch(NAME_PATTERN, args.name):
         raise UserError(f"--name {args.name!r}: {NAME_RULE}")
     from aesearch.api import run_search
+    from aesearch.locations import local_or_uri
     from aesearch.search.driver import SearchInterrupted, SearchOptions
     from aesearch.search.leaderboard import NothingRan, format_leaderboard
     from aesearch.search.phases import Phases
     from aesearch.tracking.store import resolve_tracking_uri
 
     name, uri = args.name or space.name, resolve_tracking_uri(args.tracking_uri)
-    storage = args.storage if "://" in args.storage else str(Path(args.storage).absolute())
+    storage = local_or_uri(args.storage)
     where = SearchOptions(name, storage).experiment_folder  # the search's folder: its leaderboard, Tune's state
     phases = Phases(started=STARTED)
     try:
@@ -233,32 +254,65 @@ def cmd_use(args: argparse.Namespace) -> int:
     """`aesearch encode` and `aesearch score`: one output row per input row, in the input's order."""
     from aesearch import api
 
+    options = ({"threshold": args.threshold, "contamination": args.contamination, "data_dir": args.data_dir}
+               if args.use == "score" else {})
     table = getattr(api, args.use)(args.model, args.input, args.out, rank=args.rank, run_id=args.run_id,
-                                   tracking_uri=args.tracking_uri, device=args.device)
+                                   tracking_uri=args.tracking_uri, device=args.device, **options)
     print(f"aesearch: {args.use}: {len(table)} rows -> {args.out}", file=sys.stderr)
+    if "threshold" in table.attrs:
+        stated = table.attrs
+        print(f"aesearch: score: {int(table['is_anomaly'].sum())} of {len(table)} rows above the threshold "
+              f"{stated['threshold']:.6g} ({stated['rule']}; stated in {args.out}.json)", file=sys.stderr)
     print(args.out)
     return 0
 
 
 def cmd_example(args: argparse.Namespace) -> int:
     from aesearch.examples import EXAMPLES
+    from aesearch.shipped import CONFIGS, SPACES, description
 
+    if args.list:
+        sections = {"search spaces (aesearch search NAME)": {n: description(SPACES[n]) for n in SPACES.names()},
+                    "configs (aesearch train NAME)": {n: description(CONFIGS[n]) for n in CONFIGS.names()},
+                    "example datasets (aesearch example NAME)": {n: EXAMPLES[n].description for n in EXAMPLES.names()}}
+        for title, lines in sections.items():
+            print(f"{title}:", *(f"  {name:<24} {line}" for name, line in lines.items()), sep="\n")
+        return 0
+    if args.example is None:
+        raise UserError("aesearch example: name an example, or --list to see them")
+    for registry in (SPACES, CONFIGS):
+        if args.example in registry:
+            print(registry[args.example].read_text(encoding="utf-8"), end="")
+            return 0
+    if args.example not in EXAMPLES:
+        raise UserError(f"aesearch example {args.example}: not an example dataset, shipped space or config "
+                        "(aesearch example --list names them)")
     args.out.mkdir(parents=True, exist_ok=True)
-    print(EXAMPLES[args.example](args.out))
+    print(EXAMPLES[args.example].write(args.out))
     return 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """MLflow's own UI, bound to 127.0.0.1; for the embedded store it serves the artifacts too."""
-    import subprocess
-
-    from aesearch.tracking.store import ui_command
+    from aesearch.tracking.store import serve_ui, ui_command
 
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: must be between 1 and 65535")
     command, uri = ui_command(args.tracking_uri, args.port)
     print(f"aesearch: MLflow UI for {uri} on http://127.0.0.1:{args.port} (Ctrl-C stops it)", file=sys.stderr)
-    return subprocess.call(command)
+    return serve_ui(command)
+
+
+def cmd_relocate(args: argparse.Namespace) -> int:
+    from aesearch.tracking.relocate import relocate
+    from aesearch.tracking.store import resolve_tracking_uri
+
+    done = relocate(resolve_tracking_uri(args.tracking_uri), args.experiment)
+    moved = f"moved {done.source} to {done.target}" if done.moved else (
+        f"found nothing at {done.source}; its artifacts will be written to {done.target}")
+    print(f"aesearch: relocate {done.experiment!r}: {moved} ({done.rows} records of the store updated)",
+          file=sys.stderr)
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -290,11 +344,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from aesearch.config import load_config, variant_family
     from aesearch.schema import load_yaml
     from aesearch.search.space import is_search_space, load_space
+    from aesearch.shipped import CONFIGS, SPACES, resolve
 
     failed = 0
     for path in args.files:
         try:
-            if is_search_space(load_yaml(path)):
+            if is_search_space(load_yaml(resolve(path, SPACES, CONFIGS))):
                 space = load_space(path)
                 goals = ", ".join(f"{o.metric} {o.mode}" for o in space.objective)
                 use = f"use {space.use}: " if space.use else ""

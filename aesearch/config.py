@@ -4,8 +4,8 @@ A config says what to train: which dataset, which autoencoder (architecture + la
 objective (reconstruction + weighted terms), which input corruption, which optimiser, how to
 evaluate. Each part owns its own section and its defaults (`parts.data.DataConfig`, ...); this
 module adds the run's own sections (evaluation, runtime), the rules that tie parts together, and
-loading. Named variants (VAE, sparse AE, ...) are nothing but values of these fields; see
-`configs/` and `variant_family`.
+loading. Named variants (VAE, sparse AE, ...) are nothing but values of these fields; see the
+shipped configs (`aesearch/configs/`, loaded by name: `load_config("vae")`) and `variant_family`.
 
 Configs are validated at the edge (`load_config`, `parse_config`): every problem becomes a
 `ConfigError` whose one-line message names the field, the value and the rule.
@@ -39,6 +39,7 @@ from aesearch.schema import (
     load_yaml,
     named,
 )
+from aesearch.shipped import CONFIGS, resolve
 
 if TYPE_CHECKING:
     import torch
@@ -214,8 +215,8 @@ def parse_config(document: Any, source: str = "config") -> TrainConfig:
 
 
 def load_config(path: Path | str, overrides: list[str] | None = None) -> TrainConfig:
-    """Load a config file, apply `key.path=value` overrides, validate."""
-    document = load_yaml(path)
+    """Load a config file (or a shipped one by name: 'vae'), apply `key.path=value` overrides, validate."""
+    document = load_yaml(resolve(path, CONFIGS))
     if document is None:
         document = {}
     if isinstance(document, dict):

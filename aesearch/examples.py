@@ -1,5 +1,6 @@
 """Offline example datasets written as user files, from data that scikit-learn ships: the examples
-of searching one's own data (`aesearch example NAME`, then the search space that names the files).
+of searching one's own data (`aesearch example NAME`, then the shipped search space that names the
+files; `aesearch example --list` lists them beside the shipped spaces and configs).
 
 - `wine`: a table for anomaly detection (wine.csv). Wine: 13 measurements of three cultivars;
   cultivars 0 and 1 are normal, a few rows of cultivar 2 are the anomalies (`Class` 1), as in a
@@ -11,9 +12,12 @@ of searching one's own data (`aesearch example NAME`, then the search space that
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from aesearch.registry import Registry
 
 WINE_ANOMALIES = 10  # rows of cultivar 2 among the 130 normal rows of cultivars 0 and 1: about 7%
 
@@ -54,7 +58,15 @@ def write_digit_images(folder: Path, per_class: int | None = None, classes: tupl
     return folder
 
 
-EXAMPLES: dict[str, Callable[[Path], Path]] = {
-    "wine": write_wine,
-    "digits-images": lambda folder: write_digit_images(folder / "digits_images"),
-}
+@dataclass(frozen=True)
+class Example:
+    description: str  # one line, for `aesearch example --list`
+    write: Callable[[Path], Path]  # writes into a folder, returns what it wrote
+
+
+EXAMPLES: Registry[Example] = Registry("example dataset")
+EXAMPLES.add("wine", Example("a table for anomaly detection: wine.csv, for the shipped space wine_anomaly",
+                             write_wine))
+EXAMPLES.add("digits-images", Example("a folder of PNG images in class folders: digits_images/, for the shipped "
+                                      "space digits_images",
+                                      lambda folder: write_digit_images(folder / "digits_images")))

@@ -8,6 +8,7 @@ writes `test/<name>` once, on the best weights.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # How a reproduction compares a metric (see aesearch.results.reproduce.Tolerance).
@@ -27,6 +28,11 @@ class Metric:
     @property
     def better(self) -> str:
         return "lower is better" if self.mode == "min" else "higher is better"
+
+    @property
+    def bounded(self) -> bool:
+        """Its values lie in a fixed range (a SCORE: AUROC, accuracies, ARI), which a log axis would distort."""
+        return self.scale == SCORE
 
 
 CATALOGUE: dict[str, Metric] = {metric.name: metric for metric in [
@@ -93,9 +99,50 @@ CATALOGUE: dict[str, Metric] = {metric.name: metric for metric in [
     Metric("test/dead_units", "min", "code units never active on the test set", COUNT, "deterministic latent"),
     # the run
     Metric("model/parameters", "min", "parameters", EXACT, ranked=True),
-    Metric("best/epoch", "min", "the epoch with the lowest val/loss", COUNT),
+    Metric("best/epoch", "min", "the epoch whose weights are kept: best by evaluation.select_by, ties broken by "
+           "the lower val/loss", COUNT),
     Metric("time/train_seconds", "min", "training time, s", TIME, ranked=True),
 ]}
+
+# A metric's resolution: two values that agree to it tie. A score in [0, 1] to a thousandth (the step
+# of an accuracy on the at most `evaluation.val_max_samples` = 1000 validation rows it is measured on;
+# finer differences are noise); a continuous metric to four significant figures (what the report
+# shows); counts and exact values exactly.
+SCORE_DECIMALS, SIGNIFICANT_FIGURES = 3, 4
+# What breaks a tie, between epochs (the one kept) and between trials (the rank): the validation loss,
+# lower first. Not the later epoch: a later epoch that diverges with the same saturated AUROC would
+# be kept. val/loss is what training optimises and is measured every epoch of every run.
+TIEBREAK = "val/loss"
+
+
+def resolved(name: str, value: float) -> float:
+    """`value` of metric `name` rounded to the metric's resolution: values that resolve alike tie."""
+    scale = lookup(name).scale if lookup(name) else CONTINUOUS
+    if not math.isfinite(value) or scale in (COUNT, EXACT):
+        return value
+    if scale == SCORE:
+        return round(value, SCORE_DECIMALS)
+    return float(f"{value:.{SIGNIFICANT_FIGURES}g}")
+
+
+def at_resolution(name: str, value: float) -> str:
+    """`value` written to the metric's resolution: '1.000' for a score, '0.01234' for a continuous metric."""
+    scale = lookup(name).scale if lookup(name) else CONTINUOUS
+    return f"{value:.{SCORE_DECIMALS}f}" if scale == SCORE else f"{value:.{SIGNIFICANT_FIGURES}g}"
+
+
+def saturated(name: str, value: float) -> bool:
+    """Is this the best value the metric can take (a score of 1 where higher is better, 0 where lower)?"""
+    metric = lookup(name)
+    best = 1.0 if metric is not None and metric.mode == "max" else 0.0
+    return metric is not None and metric.scale == SCORE and resolved(name, value) == best
+
+
+def selection_key(name: str, metrics: dict[str, float]) -> tuple[float, float]:
+    """Which epoch's weights a run keeps, as a key (lower is better): `name` at its resolution, then TIEBREAK."""
+    sign = 1.0 if lookup(name).mode == "min" else -1.0
+    return sign * resolved(name, metrics[name]), metrics[TIEBREAK]
+
 
 # Families of metrics, one per corruption kind measured (`evaluation.denoise_levels`).
 FAMILIES = {

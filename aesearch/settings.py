@@ -7,6 +7,7 @@ public API) before they import Ray or MLflow. A value the user set already is ke
 
 from __future__ import annotations
 
+import logging
 import os
 
 # Ray's own terminal output, loggers and working-directory changes, off: aesearch prints its own
@@ -45,8 +46,21 @@ MLFLOW_RETRY_SETTINGS = {
 }
 
 
+# Every local Ray instance logs that token authentication is on by default ("... Set RAY_AUTH_MODE=
+# disabled to opt out"): a notice on every search, not a warning, and it invites turning the
+# authentication off. Only that message is dropped; Ray's other authentication warnings are kept.
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+RAY_AUTH_NOTICE = "RAY_AUTH_MODE=disabled to opt out"
+
+
+def without_ray_auth_notice(record: logging.LogRecord) -> bool:
+    return RAY_AUTH_NOTICE not in record.getMessage()
+
+
 def apply(environ: dict[str, str] | None = None) -> None:
-    """Sets each setting the environment does not set already (in `os.environ` by default)."""
+    """Sets each setting the environment does not set already (in `os.environ` by default), and
+    filters Ray's notice out of this process's logs (once, however often it is called)."""
     environ = os.environ if environ is None else environ
     for key, value in (RAY_SETTINGS | MLFLOW_SETTINGS | MLFLOW_RETRY_SETTINGS).items():
         environ.setdefault(key, value)
+    logging.getLogger(RAY_AUTH_LOGGER).addFilter(without_ray_auth_notice)

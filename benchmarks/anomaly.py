@@ -9,7 +9,7 @@ Two anomaly-detection tasks:
 
 - wine: the shipped tabular example (`aesearch example wine`: cultivars 0 and 1 normal, 10 rows
   of cultivar 2 anomalous, label `Class`, anomaly [1]), searched with the shipped space
-  search_spaces/wine_anomaly.yaml (dense and attention AEs and VAEs, noise, learning rate);
+  wine_anomaly (dense and attention AEs and VAEs, noise, learning rate);
 - mnist-D: one-class MNIST, digit D normal and the other nine anomalous
   (`data: {name: mnist, anomaly: [the other nine]}`), searched with benchmarks/mnist_anomaly.yaml
   (dense and conv AEs and VAEs, narrow codes, noise, learning rate).
@@ -67,7 +67,7 @@ from aesearch.schema import load_yaml  # noqa: E402
 from aesearch.search.phases import Phases  # noqa: E402
 from aesearch.search.space import SearchSpace, parse_space  # noqa: E402
 
-WINE_SPACE = HERE.parent / "search_spaces" / "wine_anomaly.yaml"
+WINE_SPACE = HERE.parent / "aesearch" / "spaces" / "wine_anomaly.yaml"
 MNIST_SPACE = HERE / "mnist_anomaly.yaml"
 AUROC = "test/anomaly_auroc"
 AE = "aesearch AE"

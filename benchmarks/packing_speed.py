@@ -4,7 +4,7 @@
                                               [--space shared|dense] [--pack 16] [--data-dir DIR]
 
 Trials are drawn (Optuna's random sampler, seed 0) from the dense subspace of
-search_spaces/mnist_variants.yaml and trained for a fixed number of epochs on MNIST:
+the shipped space mnist_variants and trained for a fixed number of epochs on MNIST:
 
 - shared: the model and its objective fixed (hidden [512, 256, 128], latent 32, relu, a
           deterministic latent, MSE, no sparsity or contractive term), the rest searched as in

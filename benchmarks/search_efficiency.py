@@ -5,7 +5,7 @@
         [--methods random,random+asha,tpe,tpe+asha,...] [--multi-objective] [--data-dir DIR]
         [--out benchmarks/.results]
 
-The dense subspace of search_spaces/mnist_variants.yaml (every objective, noise and optimiser of
+The dense subspace of the shipped space mnist_variants (every objective, noise and optimiser of
 the dense family; on digits, widths up to 512 as in the quickstart), searched by `aesearch.search.driver.search()` on a real Ray instance, once per
 method and seed, with the same trials and epochs per trial:
 

@@ -17,7 +17,7 @@ dense autoencoders on digits, 2 at a time (this machine has 2 cores):
 
     uv run python benchmarks/search_overhead.py --view command [--rounds 3]
 
-The whole command as a user meets it: `aesearch search search_spaces/quickstart.yaml --num-samples 8
+The whole command as a user meets it: `aesearch search quickstart --num-samples 8
 --max-epochs 1` (a new process: imports, data, Ray, MLflow, 8 one-epoch trials 2 at a time, the best
 model registered, exit), its wall time and the phases it prints (`aesearch: time: ...`), side by
 side, round by round, with the same 8 trials run by plain Optuna in one new process: the same
@@ -48,7 +48,7 @@ from aesearch.search.driver import SearchOptions, search  # noqa: E402
 from aesearch.search.space import parse_space  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = REPO / "search_spaces" / "quickstart.yaml"
+QUICKSTART = REPO / "aesearch" / "spaces" / "quickstart.yaml"
 COMMAND_TRIALS = 8
 
 SPACE = {

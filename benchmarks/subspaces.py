@@ -1,4 +1,4 @@
-"""The dense subspace of search_spaces/mnist_variants.yaml, which the benchmarks search and train."""
+"""The dense subspace of the shipped space mnist_variants, which the benchmarks search and train."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from aesearch.schema import load_yaml
 
-SPACE_FILE = Path(__file__).resolve().parent.parent / "search_spaces" / "mnist_variants.yaml"
+SPACE_FILE = Path(__file__).resolve().parent.parent / "aesearch" / "spaces" / "mnist_variants.yaml"
 
 
 def dense_subspace() -> dict[str, Any]:

@@ -105,7 +105,7 @@ class AesearchTrainer:
         from aesearch.training.trainer import Trainer
 
         config = load_config(
-            HERE.parent / "configs" / "dense.yaml",
+            HERE.parent / "aesearch" / "configs" / "dense.yaml",
             ["data.name=mnist", "model.hidden_dims=[128]", "model.latent_dim=32", "optimizer.batch_size=128",
              f"runtime.device={device}", "epochs=1000"],
         )

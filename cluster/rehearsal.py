@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="where the servers keep their state and logs "
                         "(default: cluster-demo/NAME)")
     parser.add_argument("--workers", type=int, default=1, help="Ray worker nodes besides the head (default: 1)")
-    parser.add_argument("--space", type=Path, default=REPO / "search_spaces" / "quickstart.yaml")
+    parser.add_argument("--space", type=Path, default=REPO / "aesearch" / "spaces" / "quickstart.yaml")
     parser.add_argument("--name", default=f"cluster-demo-{time.strftime('%Y%m%d-%H%M%S')}")
     parser.add_argument("--report", type=Path, help="report folder (default: reports/NAME)")
     parser.add_argument("search_flags", nargs="*", help="more flags for aesearch search, after --")

@@ -19,7 +19,7 @@ from aesearch.config import parse_config
 from aesearch.parts.data import load_data
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "aesearch" / "configs").glob("*.yaml"))  # the shipped configs
 # The offline copies of MNIST and Fashion-MNIST (torchvision's layout) that CI has beside the
 # clone. The project never needs them at run time; tests copy them into a temporary data dir.
 SHARED_DATASETS = Path(os.environ.get("AESEARCH_TEST_DATASETS", REPO.parent / "shared" / "datasets"))

@@ -26,7 +26,7 @@ def _set(*overrides):
 def trained_run(tmp_path_factory):
     """One real `aesearch train` process on digits: its folder and its stdout."""
     folder = tmp_path_factory.mktemp("cli") / "run"
-    command = [sys.executable, "-m", "aesearch.cli", "train", str(REPO / "configs" / "denoising.yaml"),
+    command = [sys.executable, "-m", "aesearch.cli", "train", str(REPO / "aesearch" / "configs" / "denoising.yaml"),
                "--epochs", "3", "--out", str(folder), *_set(*FAST_EVAL)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr
@@ -88,7 +88,7 @@ def _copy_of(folder, tmp_path):
 
 def test_resume_continues_a_run_folder(trained_run, tmp_path, capsys):
     copy = _copy_of(trained_run[0], tmp_path)
-    args = ["train", str(REPO / "configs" / "denoising.yaml"), "--epochs", "4", "--out", str(copy),
+    args = ["train", str(REPO / "aesearch" / "configs" / "denoising.yaml"), "--epochs", "4", "--out", str(copy),
             "--resume", str(copy / "last.pt"), *_set(*FAST_EVAL)]
     assert main(args) == 0
     lines = (copy / "metrics.jsonl").read_text().splitlines()
@@ -101,7 +101,7 @@ def test_resume_from_an_earlier_checkpoint_rewrites_the_later_epochs(trained_run
     state = load_checkpoint(copy / "last.pt")
     state["epoch"], state["history"] = 1, state["history"][:1]  # as if saved after epoch 1
     torch.save(state, copy / "epoch1.pt")
-    args = ["train", str(REPO / "configs" / "denoising.yaml"), "--epochs", "3", "--out", str(copy),
+    args = ["train", str(REPO / "aesearch" / "configs" / "denoising.yaml"), "--epochs", "3", "--out", str(copy),
             "--resume", str(copy / "epoch1.pt"), *_set(*FAST_EVAL)]
     assert main(args) == 0
     lines = (copy / "metrics.jsonl").read_text().splitlines()
@@ -116,17 +116,17 @@ def test_validate_accepts_every_shipped_config(capsys):
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["train", "configs/vae.yaml", "--set", "model.latent_dim=0"], "model.latent_dim=0: Input should be greater than or equal to 1"),
-        (["train", "configs/vae.yaml", "--set", "objective.kl.beta=-2"], "objective.kl.beta=-2: Input should be greater than or equal to 0"),
-        (["train", "configs/vae.yaml", "--epochs", "0"], "epochs=0"),
-        (["train", "configs/vae.yaml", "--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
-        (["train", "configs/vae.yaml", "--set", "latent_dim"], "expected key.path=value"),
+        (["train", "vae", "--set", "model.latent_dim=0"], "model.latent_dim=0: Input should be greater than or equal to 1"),
+        (["train", "vae", "--set", "objective.kl.beta=-2"], "objective.kl.beta=-2: Input should be greater than or equal to 0"),
+        (["train", "vae", "--epochs", "0"], "epochs=0"),
+        (["train", "vae", "--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+        (["train", "vae", "--set", "latent_dim"], "expected key.path=value"),
         (["train", "configs/missing.yaml"], "configs/missing.yaml: cannot read"),
-        (["train", "configs/vae.yaml", "--set", "data.name=fashion_mnist"], "--download"),
-        (["train", "configs/vae.yaml", "--resume", "README.md"], "README.md: not a readable checkpoint"),
-        (["trian", "configs/vae.yaml"], "invalid choice: 'trian'"),
-        (["train", "configs/vae.yaml", "--set", "data.max_train_samples=1"], "training split of digits has 1 rows"),
-        (["train", "configs/vae.yaml", "--set", "name=a/b"], "name='a/b': String should match pattern"),
+        (["train", "vae", "--set", "data.name=fashion_mnist"], "--download"),
+        (["train", "vae", "--resume", "README.md"], "README.md: not a readable checkpoint"),
+        (["trian", "vae"], "invalid choice: 'trian'"),
+        (["train", "vae", "--set", "data.max_train_samples=1"], "training split of digits has 1 rows"),
+        (["train", "vae", "--set", "name=a/b"], "name='a/b': String should match pattern"),
         (["evaluate", "README.md", "--device", "cpu"], "README.md: not a readable checkpoint"),
     ],
 )
@@ -142,7 +142,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(args, expected, tmp_pat
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without CUDA")
 def test_asking_for_cuda_without_it_is_a_clear_error(tmp_path, capsys):
-    assert main(["train", str(REPO / "configs" / "dense.yaml"), "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+    assert main(["train", str(REPO / "aesearch" / "configs" / "dense.yaml"), "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
     assert "runtime.device='cuda': CUDA is not available" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -150,7 +150,7 @@ def test_asking_for_cuda_without_it_is_a_clear_error(tmp_path, capsys):
 @pytest.mark.parametrize("where", ["a_file", "a_file/below"])
 def test_run_folder_that_cannot_be_a_folder_is_refused(tmp_path, capsys, where):
     (tmp_path / "a_file").write_text("keep me")
-    assert main(["train", str(REPO / "configs" / "dense.yaml"), "--out", str(tmp_path / where)]) == 2
+    assert main(["train", str(REPO / "aesearch" / "configs" / "dense.yaml"), "--out", str(tmp_path / where)]) == 2
     assert f"--out {tmp_path / where}: " in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"] and (tmp_path / "a_file").read_text() == "keep me"
 
@@ -159,7 +159,7 @@ def test_resume_into_another_non_empty_folder_is_refused(trained_run, tmp_path, 
     folder, _ = trained_run
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    args = ["train", str(REPO / "configs" / "denoising.yaml"), "--epochs", "4", "--out", str(tmp_path / "other"),
+    args = ["train", str(REPO / "aesearch" / "configs" / "denoising.yaml"), "--epochs", "4", "--out", str(tmp_path / "other"),
             "--resume", str(folder / "last.pt"), *_set(*FAST_EVAL)]
     assert main(args) == 2
     assert "already holds files" in capsys.readouterr().err
@@ -169,7 +169,7 @@ def test_resume_into_another_non_empty_folder_is_refused(trained_run, tmp_path, 
 def test_train_refuses_to_overwrite_a_run_folder(trained_run, capsys):
     folder, _ = trained_run
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    assert main(["train", str(REPO / "configs" / "dense.yaml"), "--out", str(folder)]) == 2
+    assert main(["train", str(REPO / "aesearch" / "configs" / "dense.yaml"), "--out", str(folder)]) == 2
     assert "already holds files" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 

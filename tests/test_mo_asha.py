@@ -13,7 +13,10 @@ import ray.cloudpickle
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+from aesearch.pareto import nondominated_ranks
+from aesearch.search.driver import SCHEDULERS
 from aesearch.search.mo_asha import MultiObjectiveASHA, SeededASHA, bracket_milestones, pick_bracket
+from aesearch.search.space import SearchSpace
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 
@@ -191,6 +194,57 @@ def test_search_properties_saving_and_pickling(tmp_path):
     for same in (restored, copied, pickle.loads(pickle.dumps(scheduler))):
         assert same._rungs == scheduler._rungs and same._metrics == ["loss", "size"]
         assert same.on_trial_result(None, fake_trial(), {"epoch": 1, "loss": 2.0, "size": 2.0}) == STOP
+
+
+def simulated_search(space: SearchSpace, seed: int) -> list[tuple[int, float, int]]:
+    """The search's trials, two at a time, through the scheduler the search builds for `space`, on synthetic
+    curves of reconstruction error: a larger code reconstructs better, each trial has its own quality (its
+    learning rate, its shape) and speed (slow starters look bad early and end well). (epochs trained, last
+    error, code size) per trial."""
+    rng = np.random.default_rng(seed)
+    scheduler = SCHEDULERS[space.early_stopping](space)
+    max_t, metric = space.budget.max_epochs, space.primary.metric
+    trials = [fake_trial() for _ in range(space.budget.num_samples)]
+    size = {t.trial_id: int(np.exp(rng.uniform(np.log(2), np.log(64)))) for t in trials}
+    quality = {t.trial_id: np.exp(rng.normal(0, 0.3)) for t in trials}
+    speed = {t.trial_id: 3 * np.exp(rng.normal(0, 0.7)) for t in trials}
+    running: dict[Trial, int] = {}
+    ended = []
+    while trials or running:
+        while trials and len(running) < 2:
+            trial = trials.pop(0)
+            scheduler.on_trial_add(None, trial)
+            running[trial] = 0
+        trial = list(running)[rng.integers(len(running))]
+        running[trial] += 1
+        epoch, key = running[trial], trial.trial_id
+        result = {"epoch": epoch, "model/latent_dim": size[key],
+                  metric: 0.08 * size[key] ** -0.5 * quality[key] * (1 + speed[key] / epoch)}
+        if scheduler.on_trial_result(None, trial, result) == STOP:
+            scheduler.on_trial_complete(None, trial, result)
+            ended.append((epoch, result[metric], size[key]))
+            del running[trial]
+    return ended
+
+
+def test_a_compression_search_of_the_documented_size_trains_every_code_size_long_enough_to_be_judged():
+    # `use: compression` as the docs run it: 10 trials of the default 10 epochs. MO-ASHA's judgement of a trial at
+    # epoch 1 says little, and the front holds only trials that ran to the end: with the schema's grace period
+    # of 1 and reduction factor of 3, a code size stopped after one epoch never shows what it costs.
+    space = SearchSpace.model_validate({"name": "squeeze", "use": "compression", "budget": {"num_samples": 10}})
+    max_t = space.budget.max_epochs
+    searches = [simulated_search(space, seed) for seed in range(20)]
+    assert min(epochs for ended in searches for epochs, _, _ in ended) >= max_t // 2
+    ranked = [sum(epochs == max_t for epochs, _, _ in ended) for ended in searches]
+    assert np.mean(ranked) >= 0.5 * space.budget.num_samples  # half the trials, on average, reach the front's table
+    for ended in searches:
+        points = np.array([(error, size) for epochs, error, size in ended if epochs == max_t])
+        assert (nondominated_ranks(points, ["min", "min"]) == 1).sum() >= 2  # a front, not a point
+    # the file's own budget wins; the first rung follows a changed epoch budget (`--max-epochs 40`)
+    assert SearchSpace.model_validate({"name": "s", "use": "compression",
+                                       "budget": {"grace_period": 1}}).budget.grace_period == 1
+    assert SearchSpace.model_validate({"name": "s", "use": "compression",
+                                       "budget": {"max_epochs": 40}}).budget.grace_period == 20
 
 
 # A real Tune run, in a process of its own (Ray reads its token settings once, when imported): four

@@ -16,10 +16,11 @@ from matplotlib.figure import Figure
 from mlflow import MlflowClient
 
 from aesearch.errors import UserError
+from aesearch.metrics import lookup
 from aesearch.results import plots
 from aesearch.results.read import SearchRecord
 from aesearch.results.render import write_report
-from aesearch.results.report import build_report
+from aesearch.results.report import build_report, headline
 from aesearch.results.tables import (
     asha_summary,
     best_per_family,
@@ -105,6 +106,31 @@ def test_the_best_of_each_family_is_measured_against_the_winner():
     assert list(families["vs winner"]) == pytest.approx([0.0, 1.0, 2.0])  # 0.02 is 100% above 0.01
 
 
+def saturated_record() -> SearchRecord:
+    """An anomaly search whose every trial reached val/anomaly_auroc = 1: ranked by their kept val/loss."""
+    search = {**SEARCH, "params": {**SEARCH["params"], "objective.metric": "val/anomaly_auroc", "objective.mode": "max"}}
+    runs = runs_frame(*(run_row(number, family, Outcome("completed"), None, 8, val__anomaly_auroc=auroc,
+                                val__loss=loss, best__val__loss=loss, best__epoch=kept)
+                        for number, family, auroc, loss, kept in [(1, "conv", 1.0, 5.3, 1), (2, "dense", 1.0, 1.5, 8),
+                                                                   (3, "vae", 0.9998, 1.9, 7), (4, "dense", 0.97, 1.0, 8)]))
+    return SearchRecord("demo", "sqlite:////nowhere/mlflow.db", search, None, runs)
+
+
+def test_the_headline_says_when_the_leaders_tie_and_how_they_were_ranked(tmp_path):
+    report = build_report(saturated_record())
+    assert list(report.board["name"]) == ["dense-#2", "vae-#3", "conv-#1", "dense-#4"]
+    lines = headline(report)
+    assert lines[0].startswith("**dense** wins: trial dense-#2 reaches val/anomaly_auroc = 1 (higher is better) "
+                               "after 8 epochs (weights of epoch 8 kept).")
+    assert ("3 trials tie at val/anomaly_auroc = 1.000, the best it can be; ranked by val/loss at their kept epoch "
+            "(lower is better): the winner's 1.5.") in lines
+    assert ("The best other family, vae (vae-#3), ties with the winner at val/anomaly_auroc = 1.000 and is ranked "
+            "below it by val/loss (1.9 against 1.5).") in lines
+    assert not any("than the winner" in line for line in lines)
+    families = (write_report(report, tmp_path / "demo") / "report.md").read_text()
+    assert "| tie |" in families and "+0.0%" not in families
+
+
 def test_the_best_trial_on_each_metric_follows_that_metrics_direction():
     best = best_per_metric(trial_table(a_search(), "val/recon_mse")).set_index("metric")
     assert best.loc["test/recon_mse", "trial"] == "conv-#1"  # lower is better
@@ -162,6 +188,59 @@ def test_importance_replays_the_trials_through_the_spaces_define_by_run_function
     assert table.iloc[0]["parameter"] == "optimizer.lr"  # the objective depends on lr alone
     assert table.iloc[0]["fanova"] > 0.8
     assert set(table["parameter"]) == {"optimizer.lr", "model.latent_dim", "model.hidden_dims"}  # beta is conditional
+
+
+def test_an_objective_that_did_not_vary_has_no_importance_and_the_report_says_so():
+    space = SearchSpace.model_validate({
+        "name": "s",
+        "space": {"optimizer.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+                  "model.latent_dim": {"type": "categorical", "choices": [8, 16]}},
+    })
+    rng = np.random.default_rng(0)
+    runs = runs_frame(*(run_row(i + 1, "dense", Outcome("completed"), 1.0, 4, lr=float(10 ** rng.uniform(-4, -1)),
+                                latent_dim=int(rng.choice([8, 16]))) for i in range(8)))
+    report = build_report(SearchRecord("demo", "sqlite:////nowhere/mlflow.db", SEARCH, space, runs))
+    assert report.importance.empty  # Optuna would give each of the two parameters 0.5
+    assert report.not_drawn["Hyperparameter importance (Optuna)"] == "the objective did not vary; no importance"
+    assert not any("What mattered most" in line for line in headline(report))
+
+
+def test_bounded_metrics_are_drawn_on_a_linear_axis_and_the_others_on_a_log_one_where_positive():
+    board = leaderboard(trial_table(a_search(), "val/recon_mse"), [("val/recon_mse", "min")])
+    curves = a_record().curves
+    for metric, scale in (("val/anomaly_auroc", "linear"), ("val/knn_accuracy", "linear"), ("val/recon_mse", "log")):
+        assert plots.search_progress(board, metric=metric, mode="min").axes[0].get_yscale() == scale, metric
+        assert plots.learning_curves(board, curves, metric=metric).axes[0].get_yscale() == scale, metric
+    assert lookup("val/anomaly_auroc").bounded and lookup("test/kmeans_accuracy").bounded
+    assert not lookup("val/recon_mse").bounded and not lookup("test/psnr").bounded
+
+
+def test_the_latent_size_front_is_titled_and_drawn_by_the_metric_it_plots():
+    board = pd.DataFrame({"latent_dim": [4, 8, 16, 32], "objective": [0.7, 0.9, 0.8, 0.95], "family": "dense",
+                          "state": "completed"})
+    axes = plots.latent_size_front(board, metric="val/anomaly_auroc", mode="max").axes[0]
+    assert axes.get_title() == "Pareto front: val/anomaly_auroc vs latent size"
+    assert axes.get_ylabel() == "val/anomaly_auroc (higher is better)"
+    front = next(line for line in axes.get_lines() if line.get_label() == "Pareto front")
+    assert list(front.get_ydata()) == [0.7, 0.9, 0.95]  # the best score for each size of code, in its direction
+    axes = plots.latent_size_front(board.assign(objective=[0.5, 0.3, 0.4, 0.1]), metric="val/recon_mse", mode="min").axes[0]
+    assert axes.get_title() == "Pareto front: val/recon_mse vs latent size"
+    assert axes.get_ylabel() == "val/recon_mse (lower is better)"
+
+
+def test_the_headline_of_a_multi_objective_search_counts_its_front_in_plain_words():
+    search = {**SEARCH, "params": {**SEARCH["params"], "objectives": "val/recon_mse min, model/latent_dim min"}}
+    trials = [run_row(1, "dense", Outcome("completed"), 0.01, 8, model__latent_dim=4.0),
+              run_row(2, "dense", Outcome("completed"), 0.02, 8, model__latent_dim=8.0),  # beaten by #1 on both
+              run_row(3, "dense", Outcome("stopped", 1), 0.05, 1, model__latent_dim=2.0)]  # stopped: never ranked
+    lines = headline(build_report(SearchRecord("demo", "sqlite:////nowhere/mlflow.db", search, None, runs_frame(*trials))))
+    assert lines[0].startswith("1 trial is on the Pareto front of val/recon_mse (lower is better), model/latent_dim "
+                               "(lower is better): no other trial beats it on every objective at once.")
+    assert "Trials stopped early are left out." in lines[0]
+    trials.append(run_row(4, "dense", Outcome("completed"), 0.005, 8, model__latent_dim=16.0))
+    lines = headline(build_report(SearchRecord("demo", "sqlite:////nowhere/mlflow.db", search, None, runs_frame(*trials))))
+    assert lines[0].startswith("2 trials are on the Pareto front of")
+    assert "none of them is beaten on every objective at once" in lines[0]
 
 
 # --- figures and files -------------------------------------------------------------------------------

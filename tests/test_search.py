@@ -80,6 +80,8 @@ def test_progress_is_shown_live(small_search):
     _, done = small_search
     progress = [line for line in done.stderr.splitlines() if " running, " in line]
     assert progress and "best val/recon_mse" in progress[-1]
+    assert re.search(r"\] 0 running, 0 pending, [1-9]\d* completed", progress[-1]), progress[-1]  # all had ended
+    assert re.search(r"\n8 trials: .*\d stopped early", done.stdout)  # the words of the progress line and outcomes
 
 
 def test_the_search_ends_by_saying_where_its_time_went(small_search):

@@ -7,12 +7,21 @@ import pandas as pd
 import pytest
 from ray.tune import Result
 
-from aesearch.metrics import ALWAYS_PER_EPOCH, USE_METRICS, is_epoch_objective, lookup, ranked_metrics
+from aesearch.metrics import (
+    ALWAYS_PER_EPOCH,
+    USE_METRICS,
+    is_epoch_objective,
+    lookup,
+    ranked_metrics,
+    resolved,
+    selection_key,
+)
 from aesearch.results.reproduce import OTHER_DEVICE_TYPE, allowed, compared
 from aesearch.results.tables import leaderboard as report_leaderboard
-from aesearch.search.leaderboard import leaderboard, nothing_ran, outside_the_best, rank
+from aesearch.search.callbacks import progress_counts
+from aesearch.search.leaderboard import format_leaderboard, leaderboard, nothing_ran, outside_the_best, rank
 from aesearch.search.space import parse_space
-from aesearch.tracking.outcomes import KINDS, REPORTED, Outcome
+from aesearch.tracking.outcomes import KINDS, REPORTED, Outcome, counted
 
 EVERY_OUTCOME = [Outcome("completed"), Outcome("stopped", 5), Outcome("diverged", 1), Outcome("invalid", detail="x"),
                  Outcome("errored", detail="after 3 attempts: ValueError: boom"), Outcome("not started"),
@@ -86,6 +95,24 @@ def test_the_search_leaderboard_from_tunes_results():
     assert nothing_ran(leaderboard([results[2]], SPACE)) and nothing_ran(leaderboard([], SPACE))
 
 
+def test_the_search_summary_counts_outcomes_in_the_words_used_elsewhere():
+    results = [result({"trial_id": f"s{i}", "epoch": 1.0, "val/recon_mse": 0.5}) for i in range(2)]
+    results.append(result({"trial_id": "c", "epoch": 4.0, "val/recon_mse": 0.2, REPORTED["completed"]: 1.0}))
+    summary = format_leaderboard(leaderboard(results, SPACE), SPACE, "here")
+    assert "\n3 trials: 2 stopped early, 1 completed\n" in summary
+    assert counted(["completed"]) == "1 completed" and counted([]) == "none"
+
+
+def test_the_last_progress_line_counts_a_trial_tune_is_ending_as_ended():
+    # Tune calls on_trial_complete while the trial's status is still RUNNING: the line counts it by its outcome.
+    statuses = {f"t{i}": "TERMINATED" for i in range(9)} | {"t9": "RUNNING"}
+    ended = {f"t{i}": "stopped" if i < 7 else "completed" for i in range(10)}
+    assert progress_counts(statuses, ended) == ("0 running, 0 pending, 3 completed, 7 stopped early, 0 diverged, "
+                                                "0 errored")
+    assert progress_counts({"a": "RUNNING", "b": "PENDING", "c": "ERROR"}, {"c": "errored"}) == (
+        "1 running, 1 pending, 0 completed, 0 stopped early, 0 diverged, 1 errored")
+
+
 def test_the_catalogue_knows_every_metric_a_search_ranks_on_and_how_to_compare_them():
     assert all(lookup(name) is not None and is_epoch_objective(name) for name in ALWAYS_PER_EPOCH + USE_METRICS)
     assert [lookup(name).mode for name in ("val/anomaly_auroc", "val/kmeans_ari", "val/nll", "val/elbo")] == [
@@ -111,3 +138,57 @@ def test_only_the_best_ended_trials_keep_their_checkpoints():
     assert sorted(outside_the_best(ended, ["loss"], ["min"], keep=2)) == ["a", "c"]
     assert sorted(outside_the_best(ended, ["loss"], ["max"], keep=1)) == ["b", "c", "d"]
     assert outside_the_best({}, ["loss"], ["min"], keep=2) == []
+
+
+def test_a_tie_is_equality_at_the_metrics_resolution_and_val_loss_breaks_it():
+    # a score in [0, 1] resolves to a thousandth; a continuous metric to four significant figures
+    auroc, mse = ("val/anomaly_auroc", "val/recon_mse")
+    assert resolved(auroc, 0.9996) == resolved(auroc, 1.0) != resolved(auroc, 0.998)
+    assert resolved(mse, 0.0123401) == resolved(mse, 0.0123399) != resolved(mse, 0.01235)
+    assert resolved("model/latent_dim", 7.0) == 7.0 and math.isinf(resolved("val/loss", math.inf))
+
+    def key(auroc, loss):
+        return selection_key("val/anomaly_auroc", {"val/anomaly_auroc": auroc, "val/loss": loss})
+
+    assert key(0.9996, 1.5) < key(1.0, 5.3)  # tied: the lower val/loss is the better epoch
+    assert key(1.0, 5.3) < key(0.99, 1.0)  # higher AUROC is better, whatever the loss
+    assert key(1.0, 5.3) == key(1.0, 5.3)  # nothing better: the earlier epoch stays kept
+    assert selection_key("val/loss", {"val/loss": 2.0}) < selection_key("val/loss", {"val/loss": 2.5})
+
+
+def tied(*rows):
+    """Trials of an anomaly search: (name, state, val/anomaly_auroc, best/val/loss, last val/loss)."""
+    return pd.DataFrame([{"name": n, "state": s, "objective": v, "best/val/loss": best, "val/loss": last, "number": i}
+                         for i, (n, s, v, best, last) in enumerate(rows)])
+
+
+def test_trials_that_tie_on_the_objective_are_ranked_by_the_val_loss_of_their_kept_epoch():
+    table = tied(("a", "completed", 1.0, 5.3, 1.5), ("b", "completed", 0.9996, 1.6, 1.6),
+                 ("c", "stopped", 1.0, math.nan, 2.0), ("d", "completed", 0.98, 0.1, 0.1),
+                 ("e", "completed", 1.0, 1.2, 1.2))
+    board = report_leaderboard(table, [("val/anomaly_auroc", "max")])
+    assert board["name"].tolist() == ["e", "b", "c", "a", "d"]  # a stopped trial: its last val/loss
+    assert board["rank"].tolist() == [1, 2, 3, 4, 5]
+
+    space = parse_space({"name": "s", "space": {"model.latent_dim": {"type": "categorical", "choices": [8, 16]}},
+                         "objective": {"metric": "val/anomaly_auroc"}, "data": {"name": "digits", "anomaly": [0]}})
+    done = {REPORTED["completed"]: 1.0, "epoch": 4.0}
+    results = [result({"trial_id": "t1", "val/anomaly_auroc": 1.0, "val/loss": 1.5, "best/val/loss": 5.3, **done}),
+               result({"trial_id": "t2", "val/anomaly_auroc": 1.0, "val/loss": 1.4, "best/val/loss": 1.4, **done}),
+               result({"trial_id": "t3", "val/anomaly_auroc": 1.0, "val/loss": 1.9, "epoch": 1.0})]
+    board = leaderboard(results, space)
+    assert board["trial"].tolist() == ["t2", "t3", "t1"]
+    summary = format_leaderboard(board, space, where="x")
+    assert "3 trials tie at val/anomaly_auroc = 1.000, the best it can be; ranked by val/loss" in summary
+
+    last = {r.metrics["trial_id"]: r.metrics for r in results}
+    assert outside_the_best(last, ["val/anomaly_auroc"], ["max"], keep=1) == ["t3", "t1"]
+
+
+def test_the_summary_says_nothing_of_ties_where_the_leader_stands_alone():
+    space = parse_space({"name": "s", "space": {"model.latent_dim": {"type": "categorical", "choices": [8, 16]}},
+                         "objective": {"metric": "val/anomaly_auroc"}, "data": {"name": "digits", "anomaly": [0]}})
+    done = {REPORTED["completed"]: 1.0, "epoch": 4.0}
+    results = [result({"trial_id": "t1", "val/anomaly_auroc": 0.97, "val/loss": 1.5, **done}),
+               result({"trial_id": "t2", "val/anomaly_auroc": 0.91, "val/loss": 1.0, **done})]
+    assert "tie" not in format_leaderboard(leaderboard(results, space), space, where="x")

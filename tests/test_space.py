@@ -19,14 +19,14 @@ from aesearch.search.space import (
 )
 from tests.conftest import REPO
 
-SPACES = sorted((REPO / "search_spaces").glob("*.yaml"))
+SPACES = sorted((REPO / "aesearch" / "spaces").glob("*.yaml"))  # the shipped spaces
 MINIMAL = {"name": "s", "space": {"model.latent_dim": {"type": "int", "low": 2, "high": 8}}}
 
 
 def test_the_shipped_spaces_are_the_documented_ones():
     assert {p.stem for p in SPACES} == {
         "quickstart", "mnist_variants", "mnist_vae_beta", "fashion_mnist_denoising", "cifar10_conv",
-        "wine_anomaly", "digits_images",
+        "wine_anomaly", "digits_images", "compression",
     }
 
 
@@ -34,7 +34,7 @@ def test_the_shipped_spaces_are_the_documented_ones():
 def test_shipped_space_validates_and_says_how_to_launch_it(path: Path):
     space = load_space(path)
     assert space.name == path.stem
-    assert f"aesearch search search_spaces/{path.name}" in path.read_text().split("\nname:")[0]
+    assert f"aesearch search {path.stem}" in path.read_text().split("\nname:")[0]
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
@@ -60,7 +60,7 @@ def test_define_by_run_yields_only_valid_complete_trials_without_orphans(path, s
 
 
 def test_define_by_run_computes_nothing_but_suggestions():
-    space = load_space(REPO / "search_spaces" / "quickstart.yaml")
+    space = load_space("quickstart")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     trial = study.ask()
     assert DefineByRun(space)(trial) is None
@@ -68,7 +68,7 @@ def test_define_by_run_computes_nothing_but_suggestions():
 
 
 def test_quickstart_starts_with_one_trial_per_variant_family():
-    space = load_space(REPO / "search_spaces" / "quickstart.yaml")
+    space = load_space("quickstart")
     families = {variant_family(trial_config(space, point)) for point in space.start_with}
     assert families == {"dense", "stacked", "conv", "attention", "denoising", "sparse_l1", "sparse_kl", "contractive", "vae", "beta_vae"}
     encoded = start_points(space)[0]
@@ -82,7 +82,7 @@ def test_list_choices_round_trip_through_optuna():
 
 
 def test_two_parameters_may_set_one_field_under_exclusive_conditions():
-    space = load_space(REPO / "search_spaces" / "quickstart.yaml")
+    space = load_space("quickstart")
     levels = {}
     for params in sample_params(space, 200):
         kind = params["corruption.kind"]
@@ -156,7 +156,7 @@ def test_brackets_are_capped_by_the_rungs_there_are():
 
 
 def test_start_point_may_leave_parameters_to_the_searcher():
-    space = load_space(REPO / "search_spaces" / "quickstart.yaml")
+    space = load_space("quickstart")
     partial = parse_space({**space.model_dump(mode="json"), "start_with": [{"corruption.kind": "gaussian"}]})
     from aesearch.search.space import start_trials
 

@@ -5,6 +5,7 @@ on, is tests/test_cluster.py's.)
 Servers bind to 127.0.0.1 and are stopped through their own process group.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -244,6 +245,22 @@ def test_the_ui_refuses_a_store_that_does_not_exist(tmp_path, capsys):
     assert main(["ui", "--port", "70000"]) == 2
 
 
+def test_the_ui_refuses_a_port_in_use_in_one_line(tmp_path, capsys):
+    """MLflow's server on a busy port prints uvicorn's error and exits 0."""
+    from aesearch.cli import main
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(store).create_experiment("shown")
+    capsys.readouterr()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["ui", "--tracking-uri", store, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"--port {port}" in err and "in use" in err, err
+
+
 # --- a real tracking server over HTTP ---------------------------------------------------------------
 
 
@@ -282,6 +299,69 @@ def serve(command: list[str], port: int, log: Path):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+# --- `aesearch ui`, the process -----------------------------------------------------------------------
+
+
+def running() -> dict[int, int]:
+    """Every process that runs here (zombies, which their parent has yet to reap, do not): pid -> parent."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            state, parent = stat.read_text().rpartition(")")[2].split()[:2]
+            if state != "Z":
+                table[int(stat.parent.name)] = int(parent)
+    return table
+
+
+def descendants(pid: int) -> set[int]:
+    table, below, frontier = running(), set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in table.items() if parent in frontier} - below
+        below |= frontier
+    return below
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a listener refuses it; TIME_WAIT does not
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_the_ui_stopped_by_its_pid_leaves_no_process_and_no_port_behind(stop, tmp_path):
+    """Ctrl-C or `kill PID` of `aesearch ui` stops MLflow's server and its uvicorn worker with it, and
+    the ui's output has none of MLflow's hints for flags `aesearch ui` does not have."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(store).create_experiment("shown")
+    port, log = free_port(), tmp_path / "ui.log"
+    command = [sys.executable, "-m", "aesearch.cli", "ui", "--tracking-uri", store, "--port", str(port)]
+    with open(log, "w") as output:
+        ui = subprocess.Popen(command, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT)
+    server = set()
+    try:
+        wait_for(f"http://127.0.0.1:{port}/health", ui)
+        server = descendants(ui.pid)
+        assert len(server) >= 2, "mlflow server and its uvicorn worker"
+        os.kill(ui.pid, stop)
+        status = ui.wait(timeout=60)
+        outlived = server & running().keys()
+        assert not outlived, f"processes {outlived} of the UI's server outlived `aesearch ui`"
+        assert port_is_free(port)
+        assert status == 0
+        printed = log.read_text()
+        assert f"Uvicorn running on http://127.0.0.1:{port}" in printed, printed
+        assert "0.0.0.0" not in printed and "Registry store URI not provided" not in printed, printed
+    finally:
+        ui.kill()
+        for pid in server:  # only what this test started, should the UI leave it behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 # --- the UI, in a browser -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from aesearch.parts.models import build_model
 from aesearch.training.checkpoints import load_checkpoint, save_checkpoint
 from aesearch.training.trainer import Trainer, train
 from tests.conftest import make_config
+from tests.user_data import write_separable_wine
 
 # A VAE fed masked inputs: sampling, corruption and shuffling all draw from the RNG, so resume
 # and determinism are tested where they are hardest.
@@ -204,3 +205,33 @@ def test_pictures_leave_the_callers_randomness_alone_and_repeat(digits):
     again = image_grids(model, digits.test_x[:8], config)
     assert set(first) == {"reconstructions.png", "prior_samples.png"}
     assert all(torch.equal(first[name], again[name]) for name in first)
+
+
+def test_a_saturated_selection_metric_keeps_the_epoch_of_lowest_val_loss(tmp_path):
+    """AUROC is 1 from the first epoch on (anomalies far from every normal row): a tie on the
+    selection metric is broken by val/loss, so the kept weights are not the barely trained epoch 1's,
+    alone or packed with another trial (one rule: Trainer.finish_epoch)."""
+    from aesearch.packing.fused import train_packed_epoch
+    from aesearch.parts.data import DataConfig, load_data
+
+    section = write_separable_wine(tmp_path)
+    data = load_data(DataConfig(**section))
+    configs = [make_config(epochs=4, seed=seed, data=section, model={"hidden_dims": [16], "latent_dim": 3},
+                           optimizer={"batch_size": 32},
+                           evaluation={"val_metrics": ["val/anomaly_auroc"], "select_by": "val/anomaly_auroc"})
+               for seed in (0, 1)]
+    ends = []
+    result = train(configs[0], data, reporter=ends.append, run_evaluation=False)
+    assert [epoch["val/anomaly_auroc"] for epoch in result.history] == [1.0] * 4  # saturated throughout
+    losses = [epoch["val/loss"] for epoch in result.history]
+    assert losses[-1] < losses[0]  # it went on learning
+    assert result.best_epoch == 1 + losses.index(min(losses)) != 1
+    assert result.metrics["best/epoch"] == result.best_epoch and result.metrics["best/val/loss"] == min(losses)
+    assert [end.is_best for end in ends] == [loss == min(losses[:i + 1]) for i, loss in enumerate(losses)]
+
+    packed = [Trainer(config, data) for config in configs]
+    for _ in range(4):
+        train_packed_epoch(packed)
+    for trainer, config in zip(packed, configs):
+        history = trainer.history
+        assert trainer.best_epoch == 1 + min(range(4), key=lambda i: history[i]["val/loss"]) != 1

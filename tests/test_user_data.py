@@ -148,6 +148,7 @@ def test_a_constant_column_is_dropped_with_a_note(wine_csv, tmp_path, capsys):
 
 @pytest.mark.parametrize("fields, message", [
     ({"label": "Klass"}, r"data\.label='Klass': no such column in wine\.csv \(columns: alcohol, "),
+    ({"id": "name"}, r"data\.id='name': no such column in wine\.csv \(columns: alcohol, "),
     ({"features": ["alcohol", "acidity"]}, r"data\.features: no column 'acidity' in wine\.csv"),
     ({"label": "Class", "anomaly": [7]}, r"data\.anomaly: '7' never occurs in the column 'Class' of wine\.csv \(values: 0, 1\)"),
     ({"anomaly": [1]}, r"data\.anomaly=\[1\]: wine\.csv has no labels"),
@@ -201,6 +202,8 @@ def test_data_too_large_for_memory_is_refused_before_it_is_read(tmp_path):
     ({"path": "notes.txt"}, r"data\.path='notes\.txt': its format comes from the suffix"),
     ({"name": "digits", "label": "y"}, r"data\.label applies to data\.path"),
     ({"path": "x.npy", "label": "y"}, r"data\.label applies to tables"),
+    ({"path": "x.npy", "id": "name"}, r"data\.id applies to tables"),
+    ({"path": "x.csv", "label": "y", "id": "y"}, r"data\.id='y' is also in data\.label: an id column only names rows"),
     ({"path": "x.csv", "image_size": 32}, r"data\.image_size applies to image folders"),
     ({"path": "x.csv", "test": "y.npz"}, r"data\.test='y\.npz' must have the format of data\.path='x\.csv' \(csv\)"),
     ({"anomaly": [10]}, r"data\.anomaly: 10 is not a class of digits \(0\.\.9\)"),
@@ -218,7 +221,7 @@ def test_new_rows_are_encoded_and_scaled_as_the_training_data_was(wine_csv, tmp_
 
     data = data_from(wine_csv, label="Class", split_seed=3)
     table = pd.read_csv(wine_csv)
-    inputs = read_inputs(str(wine_csv), data.spec)  # the label column is not a feature: left out, with a note
+    inputs = read_inputs(str(wine_csv), data.spec).x  # the label column is not a feature: left out, with a note
     assert "columns Class were not features in training: left out" in capsys.readouterr().err
     every_row = {tuple(np.round(row, 4)) for row in inputs.tolist()}
     assert {tuple(np.round(row, 4)) for row in data.train_x.tolist()} <= every_row
@@ -232,3 +235,17 @@ def test_new_rows_are_encoded_and_scaled_as_the_training_data_was(wine_csv, tmp_
     with pytest.raises(DataError, match=r"--input .*: the model takes vector of 15 features .*; give it as \.csv, "
                                         r"\.npy, \.npz, \.parquet"):
         read_inputs(str(tmp_path), data.spec)
+
+
+def test_new_inputs_keep_what_names_each_row_and_its_label(tmp_path):
+    """`score` writes these beside each score: an image's file and class folder, an array's row number and y."""
+    from aesearch.parts.data import read_inputs
+
+    write_digit_images(tmp_path / "digits", per_class=10, classes=(0, 1))
+    spec = data_from(tmp_path / "digits").spec
+    rows = read_inputs(str(tmp_path / "digits"), spec).rows
+    assert rows["file"].tolist()[9:11] == ["0/0_009.png", "1/1_000.png"] and len(rows) == 20
+    assert rows["class"].tolist() == ["0"] * 10 + ["1"] * 10
+    np.savez(tmp_path / "v.npz", x=np.random.default_rng(0).normal(size=(20, 3)), y=np.arange(20) % 2)
+    inputs = read_inputs(str(tmp_path / "v.npz"), data_from(tmp_path / "v.npz").spec)
+    assert inputs.rows["row"].tolist() == list(range(20)) and inputs.rows["y"].tolist() == ["0", "1"] * 10

@@ -116,6 +116,11 @@ def test_the_found_model_scores_and_encodes_new_rows(wine_search, monkeypatch, c
     scores = pd.read_csv(folder / "scores.csv")
     assert len(scores) == len(table)
     assert {"score", "error_alcohol", "error_region"} <= set(scores.columns)
+    # each row named by its row number (no id column, no label in new.csv); is_anomaly at the threshold
+    # chosen on the trial's own validation split (re-read, its fingerprint the trial's), as stated
+    assert scores["row"].tolist() == list(range(len(table))) and "Class" not in scores.columns
+    stated = json.loads((folder / "scores.csv.json").read_text())
+    assert stated["rule"] == "f1" and scores["is_anomaly"].tolist() == (scores["score"] > stated["threshold"]).tolist()
     numeric = [c for c in scores.columns if c.startswith("error_") and c != "error_region"]
     assert np.allclose(scores[numeric].mean(axis=1) * len(numeric) / (len(numeric) + 2), scores["score"], rtol=0.5)
     from sklearn.metrics import roc_auc_score
@@ -330,7 +335,7 @@ def test_example_writes_the_files_its_search_space_names(tmp_path, monkeypatch, 
     from aesearch.parts.data import load_data
     from aesearch.search.space import load_space
 
-    wine = load_data(load_space(REPO / "search_spaces" / "wine_anomaly.yaml").data)
+    wine = load_data(load_space("wine_anomaly").data)
     assert wine.spec.anomalies == ("1",) and (wine.test_y == 1).any() and (wine.train_y == 0).all()
-    images = load_data(load_space(REPO / "search_spaces" / "digits_images.yaml").data)
+    images = load_data(load_space("digits_images").data)
     assert images.spec.shape == (1, 8, 8) and len(images.spec.classes) == 10

@@ -18,8 +18,11 @@ import pandas as pd
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
+from aesearch.metrics import lookup
+
 FIGSIZE = (6.4, 4.0)
 MARKERS = {"completed": "o", "stopped": "x"}
+BETTER = {"min": "lower is better", "max": "higher is better"}
 
 
 class NotApplicable(Exception):
@@ -43,22 +46,30 @@ def _scatter_by_family(axes, points: pd.DataFrame, x: str, y: str, colours: dict
                 label = None  # one legend entry per family
 
 
-def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
-    """The points no other point beats on both x and y (both minimised), in order of x."""
-    ordered = points.dropna(subset=[x, y]).sort_values([x, y], kind="stable")
+def pareto_front(points: pd.DataFrame, x: str, y: str, y_mode: str = "min") -> pd.DataFrame:
+    """The points no other point beats on both x (minimised) and y (in its mode), in order of x."""
+    sign = 1 if y_mode == "min" else -1
+    ordered = points.dropna(subset=[x, y]).sort_values([x, y], ascending=[True, y_mode == "min"], kind="stable")
     front, best_y = [], math.inf
     for index, row in ordered.iterrows():
-        if row[y] < best_y:
+        if sign * row[y] < best_y:
             front.append(index)
-            best_y = row[y]
+            best_y = sign * row[y]
     return ordered.loc[front]
 
 
-def _front_line(axes, points: pd.DataFrame, x: str, y: str) -> None:
-    front = pareto_front(points, x, y)
+def _front_line(axes, points: pd.DataFrame, x: str, y: str, y_mode: str = "min") -> None:
+    front = pareto_front(points, x, y, y_mode)
     if len(front) >= 2:
         axes.step(front[x], front[y], where="post", color="black", linewidth=1, alpha=0.6, label="Pareto front")
     axes.legend(fontsize=7, loc="best")
+
+
+def _yscale(metric: str, values: pd.Series) -> str:
+    """Linear for a metric in a fixed range (AUROC, accuracies: the catalogue's `bounded`), else log where
+    every value is positive (errors and losses span decades)."""
+    known = lookup(metric)
+    return "log" if not (known and known.bounded) and (values > 0).all() else "linear"
 
 
 def _having(rows: pd.DataFrame, *needed: str) -> pd.DataFrame:
@@ -85,8 +96,7 @@ def objectives_front(board: pd.DataFrame, objectives: list[tuple[str, str]], **_
     if len(objectives) == 2 and len(front) >= 2:  # with two objectives the front is a staircase
         axes.step(front[x], front[y], where="post" if x_mode == y_mode else "pre", color="black", linewidth=1,
                   alpha=0.6)
-    better = {"min": "lower is better", "max": "higher is better"}
-    axes.set(xlabel=f"{x} ({better[x_mode]})", ylabel=f"{y} ({better[y_mode]})",
+    axes.set(xlabel=f"{x} ({BETTER[x_mode]})", ylabel=f"{y} ({BETTER[y_mode]})",
              title="Pareto front" + (f" (on {len(objectives)} objectives; first two shown)" if len(objectives) > 2 else ""))
     axes.legend(fontsize=7, loc="best")
     figure.tight_layout()
@@ -105,7 +115,7 @@ def search_progress(board: pd.DataFrame, metric: str, mode: str, **_) -> Figure:
     ordered = board.sort_values("number")
     best = ordered["objective"].cummin() if mode == "min" else ordered["objective"].cummax()
     axes.step(ordered["number"], best, where="post", color="tab:red", label="best so far")
-    axes.set(xlabel="trial number", ylabel=metric, yscale="log" if (board["objective"] > 0).all() else "linear",
+    axes.set(xlabel="trial number", ylabel=metric, yscale=_yscale(metric, board["objective"]),
              title="Search progress")
     axes.legend(fontsize=7)
     figure.tight_layout()
@@ -121,23 +131,24 @@ def learning_curves(board: pd.DataFrame, curves: pd.DataFrame, metric: str, **_)
     for row in board[board["run_id"].isin(curves["run_id"])].itertuples():
         curve = curves[curves["run_id"] == row.run_id].sort_values("step")
         axes.plot(curve["step"], curve["value"], marker=".", markersize=3, label=f"#{row.rank} {row.name}")
-    axes.set(xlabel="epoch", ylabel=metric, yscale="log" if (curves["value"] > 0).all() else "linear",
+    axes.set(xlabel="epoch", ylabel=metric, yscale=_yscale(metric, curves["value"]),
              title="Learning curves of the top trials")
     axes.legend(fontsize=7)
     figure.tight_layout()
     return figure
 
 
-def latent_size_front(board: pd.DataFrame, metric: str, **_) -> Figure:
-    """Reconstruction against code size: the smallest code for each level of error."""
+def latent_size_front(board: pd.DataFrame, metric: str, mode: str, **_) -> Figure:
+    """The objective against code size: the smallest code for each level of it."""
     points = _having(board, "latent_dim")
     if points["latent_dim"].nunique() < 2:
         raise NotApplicable("the latent size did not vary")
     figure = Figure(figsize=FIGSIZE)
     axes = figure.subplots()
     _scatter_by_family(axes, points, "latent_dim", "objective", family_colours(list(board["family"])))
-    _front_line(axes, points, "latent_dim", "objective")
-    axes.set(xscale="log", xlabel="latent size", ylabel=metric, title="Pareto front: reconstruction vs latent size")
+    _front_line(axes, points, "latent_dim", "objective", mode)
+    axes.set(xscale="log", xlabel="latent size", ylabel=f"{metric} ({BETTER[mode]})",
+             title=f"Pareto front: {metric} vs latent size")
     sizes = sorted(points["latent_dim"].unique())
     axes.set_xticks(sizes, labels=[str(int(v)) for v in sizes])
     axes.minorticks_off()
@@ -232,7 +243,7 @@ def noise_effect(board: pd.DataFrame, metric: str, **_) -> Figure:
 def importance_chart(importance: pd.DataFrame, metric: str, **_) -> Figure:
     """Optuna's hyperparameter importances, fANOVA and PED-ANOVA side by side."""
     if importance.empty:
-        raise NotApplicable("fewer than three finished trials, or no search space recorded")
+        raise NotApplicable(importance.attrs.get("why", "no importance"))
     shown = importance.head(12).iloc[::-1]
     figure = Figure(figsize=(FIGSIZE[0], 0.35 * len(shown) + 1.2))
     axes = figure.subplots()
@@ -270,7 +281,7 @@ FIGURES: list[tuple[str, str, Callable[..., Figure]]] = [
     ("objectives_front", "Pareto front of the search's objectives", objectives_front),
     ("learning_curves", "Learning curves of the top trials", learning_curves),
     ("search_progress", "Objective against trial number (search progress)", search_progress),
-    ("latent_size", "Pareto front: reconstruction against latent size", latent_size_front),
+    ("latent_size", "Pareto front: the objective against latent size", latent_size_front),
     ("rate_distortion", "VAE rate / distortion (reconstruction against KL)", rate_distortion),
     ("sparsity", "Pareto front: reconstruction against sparsity", sparsity_front),
     ("beta", "Effect of beta and the KL annealing schedule", beta_effect),

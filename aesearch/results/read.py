@@ -7,6 +7,7 @@ epoch and the pictures of its top trials, and the reproductions of its trials.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import pandas as pd
 from aesearch.errors import UserError
 from aesearch.results.tables import leaderboard, trial_table
 from aesearch.tracking.runs import ROLE_TAG
-from aesearch.tracking.store import check_store_exists, client, fluent_api_on
+from aesearch.tracking.store import check_store_exists, client, fluent_api_on, misplaced_artifacts_note
 
 TOP = 5  # trials whose curves and pictures the report shows
 
@@ -81,6 +82,9 @@ def read_trials(uri: str, experiment: str) -> tuple[str, dict[str, Any], pd.Data
         names = sorted(e.name for e in client(uri).search_experiments() if e.name != "Default")
         known = f"; it holds: {', '.join(names[:20])}" if names else "; it holds no searches yet"
         raise UserError(f"experiment {experiment!r}: no such experiment in the tracking store {uri}{known}")
+    note = misplaced_artifacts_note(found)
+    if note is not None:
+        print(f"aesearch: note: {note}", file=sys.stderr)
     runs = runs_of(uri, found.experiment_id, "trial")
     if runs.empty:
         raise UserError(f"experiment {experiment!r} in {uri} has no trial runs yet (has its search started?)")

@@ -23,6 +23,7 @@ from markupsafe import Markup
 from pandas.io.formats.style import Styler
 
 from aesearch.errors import UserError
+from aesearch.metrics import resolved
 from aesearch.results.read import TOP, read_search
 from aesearch.results.report import Report, build_report, headline, is_partial, status_line
 from aesearch.results.tables import reproduce_command
@@ -71,7 +72,10 @@ def _tables(report: Report) -> list[tuple[str, str, pd.DataFrame]]:
     metric, mode = report.record.objective
     families = board_view(report, report.families, ("vs winner",))
     if "vs winner" in families:
-        families["vs winner"] = [("winner" if i == 0 else f"{100 * g:+.1f}%") for i, g in enumerate(families["vs winner"])]
+        winner = report.families["objective"].iloc[0]
+        gaps = zip(families["vs winner"], report.families["objective"])
+        families["vs winner"] = [("winner" if i == 0 else "tie" if resolved(metric, value) == resolved(metric, winner)
+                                  else f"{100 * gap:+.1f}%") for i, (gap, value) in enumerate(gaps)]
     best = report.best_metrics.copy()
     best["reproduce"] = [reproduce_command(report.record.experiment, r, report.record.uri) for r in best["run_id"]]
     broken = report.trials[~report.trials["state"].isin(RANKED)][["name", "family", "state", "outcome", "epochs",

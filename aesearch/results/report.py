@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from aesearch.metrics import CATALOGUE
+from aesearch.metrics import CATALOGUE, TIEBREAK, at_resolution, resolved
 from aesearch.results.read import SearchRecord
 from aesearch.results.tables import (
     asha_summary,
@@ -34,6 +34,8 @@ from aesearch.results.tables import (
     seed_summary,
     trial_table,
 )
+from aesearch.search.leaderboard import kept_loss, tie_at_the_top
+from aesearch.tracking.outcomes import counted
 
 # --- the report ---------------------------------------------------------------------------------
 
@@ -89,19 +91,32 @@ def headline(report: Report) -> list[str]:
     winner = board.iloc[0]
     if len(record.objectives) > 1:
         goals = ", ".join(f"{m} ({'lower' if d == 'min' else 'higher'} is better)" for m, d in record.objectives)
-        lines = [f"{len(report.front)} trials are on the Pareto front of {goals}: none of them is beaten on every "
-                 f"objective at once. Best on each: " + "; ".join(
+        on_front = (f"1 trial is on the Pareto front of {goals}: no other trial beats it on every objective at once."
+                    if len(report.front) == 1 else f"{len(report.front)} trials are on the Pareto front of {goals}: "
+                    "none of them is beaten on every objective at once.")
+        lines = [f"{on_front} Best on each: " + "; ".join(
                      f"{row.objective} {row.value:.4g} ({row.trial}, {row.family})"
                      for row in report.best_objectives.itertuples()) + ". Trials stopped early are left out."]
         return lines + [f"Ranked first (on the front, best on {metric}): trial {winner['name']} ({winner['family']})."]
+    kept = f" (weights of epoch {winner['best/epoch']:.0f} kept)" if pd.notna(winner.get("best/epoch")) else ""
     lines = [f"**{winner['family']}** wins: trial {winner['name']} reaches {metric} = {winner['objective']:.4g} "
-             f"({'lower' if mode == 'min' else 'higher'} is better) after {winner['epochs']} epochs."]
+             f"({'lower' if mode == 'min' else 'higher'} is better) after {winner['epochs']} epochs{kept}."]
+    losses = dict(zip(board["run_id"], kept_loss(board)))  # what ranks trials that tie on the objective
+    tie = tie_at_the_top(board, metric)
+    if tie:
+        lines.append(f"{tie} (lower is better): the winner's {losses[winner['run_id']]:.4g}.")
     others = report.families[report.families["family"] != winner["family"]]
     if len(others):
         runner = others.iloc[0]
-        gap = relative_gap(winner["objective"], runner["objective"])
-        lines.append(f"The best other family, {runner['family']} ({runner['name']}), reaches {runner['objective']:.4g}, "
-                     f"{100 * abs(gap):.1f}% {'higher' if gap > 0 else 'lower'} than the winner.")
+        if resolved(metric, runner["objective"]) == resolved(metric, winner["objective"]):
+            lines.append(f"The best other family, {runner['family']} ({runner['name']}), ties with the winner at "
+                         f"{metric} = {at_resolution(metric, winner['objective'])} and is ranked below it by "
+                         f"{TIEBREAK} ({losses[runner['run_id']]:.4g} against {losses[winner['run_id']]:.4g}).")
+        else:
+            gap = relative_gap(winner["objective"], runner["objective"])
+            lines.append(f"The best other family, {runner['family']} ({runner['name']}), reaches "
+                         f"{runner['objective']:.4g}, {100 * abs(gap):.1f}% {'higher' if gap > 0 else 'lower'} "
+                         "than the winner.")
     tested = [f"{CATALOGUE[m].description} {winner[m]:.4g}" for m in ("test/recon_mse", "test/psnr", "test/probe_accuracy",
                                                                   "test/nll") if m in winner and pd.notna(winner[m])]
     if tested:
@@ -119,10 +134,8 @@ def headline(report: Report) -> list[str]:
 
 def status_line(report: Report) -> str:
     record, trials = report.record, report.trials
-    states = trials["state"].value_counts()
-    counts = ", ".join(f"{n} {state}" for state, n in states.items())
     status = record.search.get("status", "unknown")
-    return f"{len(trials)} trials ({counts}); search run {status}"
+    return f"{len(trials)} trials ({counted(trials['state'])}); search run {status}"
 
 
 def is_partial(report: Report) -> bool:

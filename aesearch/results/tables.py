@@ -91,8 +91,9 @@ def _trial_number(tagged: str | None, name: str) -> float:
 def leaderboard(trials: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.DataFrame:
     """Finished trials with an objective, best first, ranked from 1 (`aesearch reproduce --rank K`); with
     several objectives, completed trials by Pareto rank (`pareto_rank`), then the first objective."""
-    if len(objectives) == 1:
-        board = rank(trials, ["objective"], [objectives[0][1]], tiebreak="number")
+    if len(objectives) == 1:  # the objective under its metric's name: ties are judged at its resolution
+        (metric, mode), = objectives
+        board = rank(trials.assign(**{metric: trials.get("objective", math.nan)}), [metric], [mode], tiebreak="number")
     else:
         metrics, modes = [m for m, _ in objectives], [mode for _, mode in objectives]
         having = trials.assign(**{m: trials.get(m, math.nan) for m in metrics})
@@ -199,13 +200,20 @@ def asha_summary(trials: pd.DataFrame, search_params: dict[str, str]) -> dict[st
 def importances(board: pd.DataFrame, space: Any, mode: str) -> pd.DataFrame:
     """Hyperparameter importance of the objective by Optuna's evaluators (fANOVA, PED-ANOVA), over
     the leaderboard's trials replayed into an Optuna study through the space's define-by-run
-    function. Parameters that exist only under a condition are left out (not in every trial)."""
+    function. Parameters that exist only under a condition are left out (not in every trial).
+    Where there is none, the empty table says why in `attrs["why"]`: on an objective every trial
+    shares (a saturated AUROC), Optuna would split the importance evenly, which reads as a finding."""
     import optuna
 
     from aesearch.search.space import DefineByRun, encode_point
 
+    none = pd.DataFrame(columns=["parameter", "fanova", "ped_anova"])
     if space is None or len(board) < 3:
-        return pd.DataFrame(columns=["parameter", "fanova", "ped_anova"])
+        none.attrs["why"] = "fewer than three finished trials, or no search space recorded"
+        return none
+    if board["objective"].nunique() < 2:
+        none.attrs["why"] = "the objective did not vary; no importance"
+        return none
     study = optuna.create_study(direction="minimize" if mode == "min" else "maximize",
                                 sampler=optuna.samplers.RandomSampler(seed=0))
     define = DefineByRun(space)
@@ -228,7 +236,8 @@ def importances(board: pd.DataFrame, space: Any, mode: str) -> pd.DataFrame:
             columns[label] = {}
     table = pd.DataFrame(columns).rename_axis("parameter").reset_index()
     if table.empty:
-        return pd.DataFrame(columns=["parameter", "fanova", "ped_anova"])
+        none.attrs["why"] = "too few trials, or no parameter varied"
+        return none
     return table.sort_values("fanova" if "fanova" in table else table.columns[1], ascending=False, na_position="last")
 
 

@@ -75,16 +75,22 @@ class Progress(Callback):
 
     def _line(self, trials) -> None:
         self.last_line = time.monotonic()
-        states = Counter(trial.status for trial in trials)
-        ended = Counter(self.ended.values())
         best = f"best {self.metric} {self.best[0]:.4g} ({self.best[2]}, {self.best[1]})" if self.best else "no result yet"
-        sys.stderr.write(
-            f"[{time.monotonic() - self.started:6.0f}s] {states.get('RUNNING', 0)} running, "
-            f"{states.get('PENDING', 0)} pending, {ended.get('completed', 0)} completed, "
-            f"{ended.get('stopped', 0)} stopped early, {ended.get('diverged', 0)} diverged, "
-            f"{ended.get('errored', 0)} errored | {best}\n"
-        )
+        counts = progress_counts({trial.trial_id: trial.status for trial in trials}, self.ended)
+        sys.stderr.write(f"[{time.monotonic() - self.started:6.0f}s] {counts} | {best}\n")
         sys.stderr.flush()
+
+
+def progress_counts(statuses: dict[str, str], ended: dict[str, str]) -> str:
+    """Trials by state, from Tune's status of each (trial id -> RUNNING, PENDING, ...) and the outcome
+    of those that ended (trial id -> kind). An ended trial counts by its outcome whatever its status:
+    Tune calls `on_trial_complete` before it marks the trial TERMINATED, so the last line of a search
+    would otherwise still count its last trial as running."""
+    states = Counter(status for trial_id, status in statuses.items() if trial_id not in ended)
+    outcomes = Counter(ended.values())
+    return (f"{states.get('RUNNING', 0)} running, {states.get('PENDING', 0)} pending, "
+            f"{outcomes.get('completed', 0)} completed, {outcomes.get('stopped', 0)} stopped early, "
+            f"{outcomes.get('diverged', 0)} diverged, {outcomes.get('errored', 0)} errored")
 
 
 class RunCloser(Callback):

@@ -3,6 +3,8 @@ leaderboard (from Tune's results), the report's (from MLflow's runs) and `reprod
 
 With several objectives a trial's place is its Pareto rank first (`pareto_rank`, 1: on the front,
 no other trial is at least as good on every objective and better on one), then the first objective.
+Trials that tie on it (at its resolution: aesearch.metrics.resolved) are ranked by the val/loss of
+their kept epoch, the rule that chose each trial's kept epoch among its own tied epochs.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from aesearch.metrics import TIEBREAK, at_resolution, resolved, saturated
 from aesearch.pareto import nondominated_ranks
 from aesearch.search.space import (
     SearchSpace,
     decode_params,
 )
-from aesearch.tracking.outcomes import RANKED, Outcome, is_finite_number
+from aesearch.tracking.outcomes import RANKED, Outcome, counted, is_finite_number
 
 
 class NothingRan(Exception):
@@ -38,10 +41,23 @@ def nothing_ran(board: pd.DataFrame) -> bool:
     return board.empty or bool(board["state"].isin({"errored", "not started"}).all())
 
 
+# A trial's TIEBREAK at its kept epoch, as its last report or run has it: `best/val/loss` once it has
+# ended; a trial stopped early has none, and is judged at the epoch it stopped (`val/loss`).
+KEPT_LOSS = (f"best/{TIEBREAK}", TIEBREAK)
+
+
+def kept_loss(trials: pd.DataFrame) -> pd.Series:
+    """Each trial's val/loss at its kept epoch (NaN where it has none): what breaks ties on the objective."""
+    best, last = (pd.to_numeric(trials[name], errors="coerce") if name in trials else pd.Series(math.nan, trials.index)
+                  for name in KEPT_LOSS)
+    return best.fillna(last)
+
+
 def rank(trials: pd.DataFrame, columns: list[str], modes: list[str], tiebreak: str | None = None) -> pd.DataFrame:
     """Every trial, best first, with its `rank` (and `pareto_rank` for several objectives); the
-    others follow, unranked (rank NaN), in the order given. Ties are broken by `tiebreak`, then by
-    the order given.
+    others follow, unranked (rank NaN), in the order given. `columns` are named as the metrics they
+    hold. Ties on the first (at its resolution) are broken by the kept epoch's val/loss (`kept_loss`),
+    then by `tiebreak`, then by the order given.
 
     One objective: the trials that trained to an end of their own (a RANKED outcome) with a finite
     value are ranked on it. Several: only the completed ones, each with every value finite; a trial
@@ -53,29 +69,47 @@ def rank(trials: pd.DataFrame, columns: list[str], modes: list[str], tiebreak: s
     rankable = trials["state"].isin(["completed"] if multi else RANKED)
     for column in columns:
         rankable &= trials[column].map(is_finite_number)
+    first = columns[0]
     ranked = trials[rankable]
-    keys, ascending = [columns[0]], [modes[0] == "min"]
+    ranked = ranked.assign(_resolved=ranked[first].map(lambda value: resolved(first, float(value))),
+                           _kept_loss=kept_loss(ranked))
+    keys, ascending = ["_resolved", "_kept_loss"], [modes[0] == "min", True]
     if multi:
         points = ranked[columns].to_numpy(dtype=float)
         ranked = ranked.assign(pareto_rank=nondominated_ranks(points, modes) if len(ranked) else np.array([], int))
         keys, ascending = ["pareto_rank", *keys], [True, *ascending]
     if tiebreak:
         keys, ascending = [*keys, tiebreak], [*ascending, True]
-    ranked = ranked.sort_values(keys, ascending=ascending, kind="stable").assign(rank=range(1, len(ranked) + 1))
+    ranked = ranked.sort_values(keys, ascending=ascending, kind="stable", na_position="last")
+    ranked = ranked.drop(columns=["_resolved", "_kept_loss"]).assign(rank=range(1, len(ranked) + 1))
     return pd.concat([ranked, trials[~rankable].assign(rank=math.nan)], ignore_index=True)
 
 
 def outside_the_best(last_results: dict[str, dict], metrics: list[str], modes: list[str], keep: int) -> list[str]:
     """Of these ended trials (trial id -> its last report), those not among the best `keep` by `rank`
     (nor, with several objectives, on the front): the trials whose checkpoints a search need not keep."""
+    names = list(dict.fromkeys([*metrics, *KEPT_LOSS]))
     table = pd.DataFrame([{"trial": trial, "state": Outcome.from_report(last).kind,
-                           **{metric: last.get(metric, math.nan) for metric in metrics}}
-                          for trial, last in last_results.items()], columns=["trial", "state", *metrics])
+                           **{name: last.get(name, math.nan) for name in names}}
+                          for trial, last in last_results.items()], columns=["trial", "state", *names])
     board = rank(table, metrics, modes)
     kept = board["rank"] <= keep
     if "pareto_rank" in board:
         kept |= board["pareto_rank"] == 1
     return board.loc[~kept, "trial"].tolist()
+
+
+def tie_at_the_top(board: pd.DataFrame, metric: str) -> str | None:
+    """'12 trials tie at val/anomaly_auroc = 1.000, the best it can be; ranked by val/loss': the
+    sentence a summary gives when the leaders tie on the objective (at its resolution), else None."""
+    values = board.loc[board["rank"].notna(), metric] if len(board) else pd.Series(dtype=float)
+    best = values.iloc[0] if len(values) else math.nan
+    tied = int((values.map(lambda value: resolved(metric, value)) == resolved(metric, best)).sum())
+    if tied < 2:
+        return None
+    limit = ", the best it can be" if saturated(metric, best) else ""
+    return (f"{tied} trials tie at {metric} = {at_resolution(metric, best)}{limit}; "
+            f"ranked by {TIEBREAK} at their kept epoch")
 
 
 LEADERBOARD_METRICS = [
@@ -102,7 +136,7 @@ def leaderboard(results, space: SearchSpace) -> pd.DataFrame:
                 "state": ended.kind,
                 "epochs": int(last.get("epoch", 0)),
                 **{metric: last.get(metric, math.nan) for metric in space.metrics},
-                **{name: last.get(name, math.nan) for name in LEADERBOARD_METRICS},
+                **{name: last.get(name, math.nan) for name in [*LEADERBOARD_METRICS, *KEPT_LOSS]},
                 "node": last.get("node", ""),
                 "mlflow_run_id": last.get("mlflow_run_id", ""),
                 "params": ", ".join(f"{k}={v}" for k, v in params.items()),
@@ -123,12 +157,13 @@ def format_leaderboard(board: pd.DataFrame, space: SearchSpace, where: str, top:
     ranking = ", ".join(f"{o.metric} {o.mode}" for o in space.objective)
     if space.multi_objective:
         ranking = f"Pareto rank on {ranking}, then {metric}; completed trials only"
-    counts = Counter(board["state"])
-    summary = ", ".join(f"{n} {state}" for state, n in counts.most_common())
+    summary = counted(board["state"])
+    tie = None if space.multi_objective else tie_at_the_top(board, metric)
+    tie = f"{tie} (lower is better)\n" if tie else ""
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         return (
             f"\n{len(board)} trials: {summary}\n\n"
-            f"best trials ({ranking}):\n{overall.to_string(index=False, na_rep='-')}\n\n"
+            f"best trials ({ranking}):\n{overall.to_string(index=False, na_rep='-')}\n{tie}\n"
             f"best per variant family:\n{per_family.to_string(index=False, na_rep='-')}\n\n"
             f"results: {where}\n"
         )

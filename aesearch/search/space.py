@@ -49,6 +49,7 @@ from aesearch.schema import (
     set_path,
 )
 from aesearch.search.uses import USES, apply_use
+from aesearch.shipped import SPACES, resolve
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # aesearch reports progress itself
 
@@ -219,7 +220,7 @@ class SearchSpace(Section):
     def _spelled_out(cls, document: Any) -> Any:
         if not isinstance(document, dict):
             return document
-        document = apply_use(document)
+        document = apply_use(document, Budget.model_fields["max_epochs"].default)
         if isinstance(document.get("objective"), dict):  # one objective: a list of one
             document = {**document, "objective": [document["objective"]]}
         return document
@@ -437,9 +438,9 @@ def parse_space(document: Any, source: str = "search space") -> SearchSpace:
 
 
 def load_space(path: Path | str, overrides: dict[str, Any] | None = None) -> SearchSpace:
-    """Load and validate a search space file; `overrides` replace top-level sections' fields,
-    e.g. {'budget.num_samples': 4} (from command-line flags)."""
-    document = load_yaml(path)
+    """Load and validate a search space file, or a shipped one by name ('quickstart'); `overrides` replace
+    top-level sections' fields, e.g. {'budget.num_samples': 4} (from command-line flags)."""
+    document = load_yaml(resolve(path, SPACES))
     if isinstance(document, dict):
         document = copy.deepcopy(document)
         for dotted, value in (overrides or {}).items():

@@ -5,7 +5,8 @@
     use: anomaly_detection          # objective val/anomaly_auroc; plain, denoising, sparse, contractive AEs
 
 Each use below is the part of a search space file it stands for. What the file gives itself wins:
-its own `objective` or `space` replaces the use's, and its `base` is laid over the use's. The spaces
+its own `objective` or `space` replaces the use's, and its `base` is laid over the use's (its `budget`
+over the use's ASHA settings: `compression` judges trials first at half of max_epochs). The spaces
 use the dense architecture, which takes images and tables alike; add `model.architecture` to the
 space to search convolutions or attention too.
 """
@@ -42,10 +43,23 @@ class Use:
     objective: list[str]  # the metrics (each in its own direction)
     space: dict[str, Any]
     base: dict[str, Any] = field(default_factory=dict)
+    # ASHA's first rung as a share of budget.max_epochs, and its reduction factor, where the file's budget
+    # gives none (None: the schema's defaults)
+    first_rung: float | None = None
+    reduction_factor: float | None = None
 
     def fields(self) -> dict[str, Any]:
         """The search space fields this use stands for."""
         return {"objective": [{"metric": metric} for metric in self.objective], "space": self.space, "base": self.base}
+
+    def budget(self, max_epochs: Any) -> dict[str, Any]:
+        """The budget fields this use sets for a search of `max_epochs` epochs per trial."""
+        fields: dict[str, Any] = {}
+        if self.reduction_factor is not None:
+            fields["reduction_factor"] = self.reduction_factor
+        if self.first_rung is not None and isinstance(max_epochs, int) and max_epochs > 0:  # else: the schema's error
+            fields["grace_period"] = max(1, int(self.first_rung * max_epochs))
+        return fields
 
 
 USES: dict[str, Use] = {
@@ -87,13 +101,17 @@ objective.kl.schedule: {type: categorical, choices: [constant, linear, cyclical]
         "two objectives at once: the reconstruction error and the code's size (model/latent_dim); "
         "the Pareto front says what each size of code costs",
         ["val/recon_mse", "model/latent_dim"],
-        parameters("model.latent_dim: {type: int, low: 2, high: 64, log: true}") | SHAPE),
+        parameters("model.latent_dim: {type: int, low: 2, high: 64, log: true}") | SHAPE,
+        # The front holds only trials that ran to the end, and an error after one epoch says little of
+        # the error at the last: each trial trains half its epochs, then MO-ASHA keeps the better half.
+        first_rung=0.5, reduction_factor=2.0),
 }
 
 
-def apply_use(document: dict[str, Any]) -> dict[str, Any]:
+def apply_use(document: dict[str, Any], max_epochs: int) -> dict[str, Any]:
     """A search space document with its `use` spelled out (see the module's docstring); as it was
-    without one, or with a `use` that is not known (the schema names the known ones)."""
+    without one, or with a `use` that is not known (the schema names the known ones). `max_epochs`
+    is the budget's where the document gives none."""
     use = USES.get(document.get("use")) if isinstance(document.get("use"), str) else None
     if use is None:
         return document
@@ -102,6 +120,9 @@ def apply_use(document: dict[str, Any]) -> dict[str, Any]:
     for key in ("objective", "space"):
         merged.setdefault(key, fields.get(key))
     merged["base"] = _lay_over(fields.get("base", {}), document.get("base") or {})
+    budget = document.get("budget") or {}
+    if isinstance(budget, dict):  # else: the schema's error
+        merged["budget"] = {**use.budget(budget.get("max_epochs", max_epochs)), **budget}
     return {key: value for key, value in merged.items() if value is not None}
 
 

@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from aesearch.errors import UserError
+from aesearch.locations import file_uri, local_path, misplaced_artifacts, sqlite_uri
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -28,7 +34,7 @@ MLFLOW_BATCH = 100  # MLflow takes at most 100 params (and 1000 metrics) per log
 
 def resolve_tracking_uri(flag: str | None) -> str:
     """`--tracking-uri`, else MLFLOW_TRACKING_URI, else the embedded store in the working directory."""
-    uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / EMBEDDED_DB}"
+    uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri(EMBEDDED_DB)
     parts = urlsplit(uri)
     if parts.password or parts.username:  # it would reach logs, tags and Ray's job config
         raise UserError(
@@ -39,7 +45,8 @@ def resolve_tracking_uri(flag: str | None) -> str:
         raise UserError(
             f"--tracking-uri {uri}: unsupported scheme {parts.scheme!r} (sqlite, http(s), file, postgresql, mysql)"
         )
-    return uri
+    database = local_path(uri) if parts.scheme == "sqlite" and not parts.query else None
+    return uri if database is None else sqlite_uri(database)  # absolute: trials may run in another folder
 
 
 def check_store_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -61,9 +68,8 @@ def check_store_reachable(uri: str, timeout_s: float = 5.0) -> None:
 
 def check_store_exists(uri: str) -> None:
     """Reading a store that is not there must not create one (opening SQLite would)."""
-    parts = urlsplit(uri)
-    local = {"sqlite": uri.partition(":///")[2], "file": parts.path, "": uri}.get(parts.scheme)
-    if local and not Path(local).exists():
+    local = local_path(uri)
+    if local is not None and not local.exists():
         raise UserError(f"--tracking-uri {uri}: no such store yet (run a search first)")
     check_store_reachable(uri)
 
@@ -75,10 +81,22 @@ def is_local_store(uri: str) -> bool:
 
 def embedded_artifacts(uri: str, experiment: str) -> str | None:
     """For a SQLite store, artifacts live beside the database file; other stores decide themselves."""
-    parts = urlsplit(uri)
-    if parts.scheme != "sqlite":
+    database = local_path(uri) if urlsplit(uri).scheme == "sqlite" else None
+    return None if database is None else file_uri(database.parent / EMBEDDED_ARTIFACTS / experiment)
+
+
+def misplaced_artifacts_note(experiment) -> str | None:
+    """One line on an experiment whose artifacts an earlier aesearch misplaced (see
+    `aesearch.locations`): where they really are, and how to move them beside the store."""
+    location = experiment.artifact_location
+    misplaced = misplaced_artifacts(location)
+    if misplaced is None:
         return None
-    return (Path(parts.path).parent / EMBEDDED_ARTIFACTS / experiment).as_uri()
+    real, _ = misplaced
+    where = (f"they are in {real}" if real.exists() else
+             f"they were to be written to {real}, which does not exist (written by another user, or lost)")
+    return (f"experiment {experiment.name!r}: an earlier aesearch gave it the artifact location {location}, "
+            f"which MLflow reads as {real}: {where}; `aesearch relocate {experiment.name}` moves them beside the store")
 
 
 @contextlib.contextmanager
@@ -108,16 +126,63 @@ def client(uri: str) -> MlflowClient:
 
 def ui_command(flag: str | None, port: int) -> tuple[list[str], str]:
     """`mlflow server` on 127.0.0.1 for a store, without the background job workers a UI does not need."""
-    import sys
-
     uri = resolve_tracking_uri(flag)
     if not is_local_store(uri):
         raise UserError(f"--tracking-uri {uri}: a tracking server already serves its own UI; open it in a browser")
     check_store_exists(uri)
+    with socket.socket() as probe:  # MLflow's server would say so, and exit 0
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            raise UserError(f"--port {port}: 127.0.0.1:{port} is in use ({error.strerror}); give another port") from None
     os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1"]
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--registry-store-uri", uri,
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     return command, uri
+
+
+# MLflow's startup lines that name flags `aesearch ui` does not have (it serves on 127.0.0.1 only).
+FOREIGN_HINTS = ("use --host 0.0.0.0",)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def serve_ui(command: list[str], grace_s: float = 10.0) -> int:
+    """Run the UI's server until it ends or this process is told to stop (Ctrl-C, SIGTERM, SIGHUP); then
+    0, else the server's status. The server (MLflow's process and its uvicorn worker) runs in a process
+    group of its own, which is stopped as a whole on any way out: SIGTERM, `grace_s` to finish, then
+    SIGKILL. So no worker outlives the command, holding its port. Its output passes through on
+    stderr, less the hints in FOREIGN_HINTS."""
+
+    def pass_through(lines: Iterator[str]) -> None:
+        for line in lines:
+            if not any(hint in line for hint in FOREIGN_HINTS):
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+    stopped: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, _: stopped.append(signum)) for signum in STOP_SIGNALS}
+    try:
+        server = subprocess.Popen(command, start_new_session=True, stderr=subprocess.PIPE, text=True)
+        pump = threading.Thread(target=pass_through, args=(server.stderr,), daemon=True)
+        pump.start()
+        try:
+            while server.poll() is None and not stopped:
+                time.sleep(0.2)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGTERM)
+            pump.join(grace_s)  # the pipe closes when the group's last process has ended
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)
+            status = server.wait()
+            pump.join(1.0)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if stopped:
+        return 0
+    return 128 - status if status < 0 else status  # killed by signal N: 128 + N, as a shell says
 
 
 @dataclass(frozen=True)

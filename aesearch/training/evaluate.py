@@ -140,7 +140,8 @@ def sample_errors(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def column_errors(x_hat: torch.Tensor, x: torch.Tensor, spec: DataSpec) -> dict[str, torch.Tensor]:
     """Each sample's error in each column, by column name: the squared error of a numeric column,
     in the model's input units (scaled, so that columns compare), and 1 where a categorical
-    column is misread (x_hat's most likely level is not x's), else 0. Data without columns
+    column is misread (x_hat's most likely level is not x's, or x's level was never seen in
+    training: all zeros), else 0. Data without columns
     (images, plain vectors): the squared error of each position, named by its flat index."""
     x_hat, x = x_hat.flatten(1), x.flatten(1)
     if not spec.columns:
@@ -149,7 +150,8 @@ def column_errors(x_hat: torch.Tensor, x: torch.Tensor, spec: DataSpec) -> dict[
     for column in spec.columns:
         group = column.positions
         if column.kind == CATEGORICAL:
-            errors[column.name] = (x_hat[:, group].argmax(1) != x[:, group].argmax(1)).float()
+            unseen = x[:, group].sum(1) == 0
+            errors[column.name] = ((x_hat[:, group].argmax(1) != x[:, group].argmax(1)) | unseen).float()
         else:
             errors[column.name] = (x_hat[:, group] - x[:, group]).pow(2).sum(1)
     return errors

@@ -32,9 +32,12 @@ class Inference:
     scores: torch.Tensor  # (N,): the anomaly score, the mean squared reconstruction error
     column_errors: dict[str, torch.Tensor]  # tables: each column's error, (N,) each; {} otherwise
 
-    def score_table(self) -> pd.DataFrame:
-        """`score`, and for tables `error_<column>` beside it: which columns made a row anomalous."""
-        table = pd.DataFrame({"score": self.scores.numpy()})
+    def score_table(self, threshold: float | None = None) -> pd.DataFrame:
+        """`score` (with a threshold, `is_anomaly`: the score above it), and for tables `error_<column>`
+        beside it: which columns made a row anomalous."""
+        table = pd.DataFrame({"score": self.scores.numpy().astype(np.float64)})  # float64: exact in text
+        if threshold is not None:
+            table["is_anomaly"] = table["score"] > threshold
         for name, errors in self.column_errors.items():
             table[f"error_{name}"] = errors.numpy()
         return table

@@ -3,7 +3,7 @@
     OUT/config.yaml       the resolved config (every default filled in)
     OUT/metrics.jsonl     one line of metrics per epoch
     OUT/last.pt           checkpoint after the latest epoch (resume with --resume OUT/last.pt)
-    OUT/best.pt           checkpoint of the best epoch (evaluation.select_by: val/loss by default)
+    OUT/best.pt           checkpoint of the best epoch (evaluation.select_by: val/loss by default; ties: lower val/loss)
     OUT/*.png             reconstructions, prior samples, attention maps, latent plot (what applies)
     OUT/result.json       final test metrics, summary and fingerprint
 

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from aesearch.config import TrainConfig, check_data, parse_config, resolve_device
 from aesearch.errors import CheckpointError, DivergedError
-from aesearch.metrics import lookup
+from aesearch.metrics import selection_key
 from aesearch.parts.corruption import corrupt
 from aesearch.parts.data import Data, DataSpec, check_fits
 from aesearch.parts.data.binarize import fresh_bits
@@ -42,7 +42,7 @@ class EpochEnd:
 
     epoch: int  # epochs completed, from 1
     metrics: dict[str, float]
-    is_best: bool  # the best epoch so far by `evaluation.select_by`
+    is_best: bool  # the best epoch so far by `evaluation.select_by`, ties broken by the lower val/loss
     save_checkpoint: Callable[[Path | str], None]
     model: Autoencoder  # the live model (a reporter that draws with it restores its mode)
 
@@ -184,13 +184,12 @@ class Trainer:
                      "model/latent_dim": float(self.model.latent_dim)}
         # The best epoch's weights are the ones evaluated and kept. By default the lowest validation
         # objective (at the full beta, so annealing epochs with a smaller KL weight do not look
-        # better than they are); a search selects by its own objective.
+        # better than they are); a search selects by its own objective, ties (a saturated AUROC)
+        # broken by the validation objective (aesearch.metrics.selection_key).
         self.select_by = config.evaluation.select_by
-        self.select_sign = 1.0 if lookup(self.select_by).mode == "min" else -1.0
         self.epoch = 0
         self.history: list[dict[str, float]] = []
-        self.best_epoch = 0
-        self.best_value = math.inf  # of select_sign * the selecting metric: lower is better
+        self.best_epoch = 0  # 0: none yet
         self.best_state: dict[str, torch.Tensor] | None = None
 
     # --- one epoch ---------------------------------------------------------------------------
@@ -215,10 +214,10 @@ class Trainer:
             raise DivergedError(self.epoch, {k: v for k, v in metrics.items() if "/" in k})
         self.history.append(metrics)
 
-        value = self.select_sign * metrics[self.select_by]
-        is_best = value < self.best_value
+        is_best = self.best_epoch == 0 or (selection_key(self.select_by, metrics)
+                                           < selection_key(self.select_by, self.history[self.best_epoch - 1]))
         if is_best:
-            self.best_epoch, self.best_value = self.epoch, value
+            self.best_epoch = self.epoch
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         return EpochEnd(self.epoch, metrics, is_best, self.save, self.model)
 
@@ -334,7 +333,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "rng": {"generator": self.generator.get_state()},
             "history": self.history,
-            "best": {"epoch": self.best_epoch, "value": self.best_value, "model": self.best_state},
+            "best": {"epoch": self.best_epoch, "model": self.best_state},
         }
 
     def save(self, path: Path | str) -> None:
@@ -348,7 +347,7 @@ class Trainer:
         self.epoch = state["epoch"]
         self.history = list(state["history"])
         best = state["best"]
-        self.best_epoch, self.best_value = best["epoch"], best["value"]
+        self.best_epoch = best["epoch"]
         self.best_state = None if best["model"] is None else {k: v.to(self.device) for k, v in best["model"].items()}
         if "generator" not in state["rng"]:
             raise CheckpointError("checkpoint has no training generator state (made by an older aesearch): train it again")

@@ -29,7 +29,7 @@ ARRAY_SUFFIXES = {".npy": "npy", ".npz": "npz"}
 FOLDER = "folder"
 FORMAT_RULE = "its format comes from the suffix: .csv, .parquet, .npy, .npz, or a folder of images"
 
-TABLE_FIELDS = ("label", "features", "categorical")
+TABLE_FIELDS = ("label", "id", "features", "categorical")
 IMAGE_FIELDS = ("image_size", "channels")
 
 
@@ -54,7 +54,8 @@ class DataConfig(Section):
     test: str | None = Field(None, min_length=1, description="a separate test file or folder, same format")
     # tables
     label: str | None = None  # the label column (optional)
-    features: list[str] | None = Field(None, min_length=1)  # default: every column but the label
+    id: str | None = None  # a column that names each row (optional): not a feature; kept beside scores
+    features: list[str] | None = Field(None, min_length=1)  # default: every column but the label and id
     categorical: list[str] | None = None  # default: the non-numeric feature columns
     scale: Literal["standard", "minmax", "none"] = "standard"  # numeric features, fitted on the training split
     impute: Literal["none", "median"] = "none"  # missing values: refuse (none) or fill from the training split
@@ -125,6 +126,9 @@ class DataConfig(Section):
         overlap = sorted(set(self.features or ()) & {self.label})
         if overlap:
             raise broken_rule(f"data.features lists the label column {overlap[0]!r}: a label is not a feature")
+        if self.id is not None and (self.id == self.label or self.id in (self.features or ())):
+            field = "label" if self.id == self.label else "features"
+            raise broken_rule(f"data.id={self.id!r} is also in data.{field}: an id column only names rows")
         unknown = sorted(set(self.categorical or ()) - set(self.features or self.categorical or ()))
         if unknown:
             raise broken_rule(f"data.categorical names {unknown[0]!r}, which is not in data.features")

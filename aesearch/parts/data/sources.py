@@ -35,6 +35,16 @@ class Raw:
     modality: str
     columns: list[Column] = field(default_factory=list)  # vectors: how a row became x (unscaled)
     label_name: str = "label"  # what the labels are called in messages (a column, y, class folders)
+    files: np.ndarray | None = None  # image folders: each row's file, relative to the folder
+
+
+@dataclass
+class Inputs:
+    """New inputs for a trained model: the encoded rows, and per row what names it (an id column, the
+    table's index, the row number or the image's file) and, where the input has it, its label."""
+
+    x: np.ndarray  # float32, of the model's shape
+    rows: pd.DataFrame  # the identifier column first, then the label's, one row per input
 
 
 # (file or folder, config, the main data when reading a separate test file) -> Raw
@@ -66,9 +76,10 @@ def scale_numeric(x: np.ndarray, columns: list[Column]) -> np.ndarray:
     return x
 
 
-def read_inputs(path: str, spec: DataSpec, impute: str = "none") -> np.ndarray:
+def read_inputs(path: str, spec: DataSpec, config: DataConfig | None = None) -> Inputs:
     """New inputs for a trained model (`aesearch encode`, `score`) from a file, encoded and scaled as
-    its training data was (see encode_frame, encode_array). Returns float32 inputs of the model's shape."""
+    its training data was (see encode_frame, encode_array); `config`: the model's data section (its
+    impute, and the id and label columns to keep beside the outputs)."""
     file = Path(path).expanduser()
     if not file.exists():
         raise DataError(f"--input {path}: no such file or folder")
@@ -79,9 +90,32 @@ def read_inputs(path: str, spec: DataSpec, impute: str = "none") -> np.ndarray:
         raise DataError(f"--input {path}: the model takes {spec.describe()}; give it as "
                         + ", ".join(sorted("a folder of images" if k == FOLDER else f".{k}" for k in known)))
     if format in ("csv", "parquet"):
-        return encode_frame(_read_frame(file, format), spec, impute, file.name)
+        frame = _read_frame(file, format)
+        rows = _table_rows(frame, config, file.name)
+        x = encode_frame(frame.drop(columns=[c for c in rows.columns if c in frame.columns]), spec,
+                         config.impute if config else "none", file.name)
+        return Inputs(x, rows)
     raw = READERS[format](file, None, _like(spec))
-    return scale_numeric(raw.x, list(spec.columns)) if spec.modality == VECTOR else raw.x
+    x = scale_numeric(raw.x, list(spec.columns)) if spec.modality == VECTOR else raw.x
+    rows = pd.DataFrame({"file": raw.files} if raw.files is not None else {"row": np.arange(len(x))})
+    if raw.labels is not None:
+        rows["class" if format == FOLDER else "y"] = raw.labels
+    return Inputs(x, rows)
+
+
+def _table_rows(frame: pd.DataFrame, config: DataConfig | None, source: str) -> pd.DataFrame:
+    """A table's identifier (the data's id column, else its index: the row number of a CSV file) and,
+    where present, its label column."""
+    named, label = (config.id, config.label) if config else (None, None)
+    if named is not None and named not in frame.columns:
+        note(f"{source}: no id column {named!r} (data.id): rows are named by their index")
+    if named is not None and named in frame.columns:
+        rows = frame[[named]].reset_index(drop=True)
+    else:
+        rows = pd.DataFrame({frame.index.name or "row": frame.index.to_numpy()})
+    if label is not None and label in frame.columns and label not in rows.columns:
+        rows[label] = frame[label].to_numpy()
+    return rows
 
 
 def encode_frame(frame: pd.DataFrame, spec: DataSpec, impute: str = "none", source: str = "input") -> np.ndarray:
@@ -129,9 +163,10 @@ def read_table(file: Path, config: DataConfig, like: Raw | None) -> Raw:
     if like is not None:
         return encode_rows(frame, like.columns, config.label, file.name, config.impute)
     label = config.label
-    if label is not None and label not in frame.columns:
-        raise DataError(f"data.label={label!r}: no such column in {file.name} (columns: {_names(frame.columns)})")
-    features = config.features or [c for c in frame.columns if c != label]
+    for name, column in (("label", label), ("id", config.id)):
+        if column is not None and column not in frame.columns:
+            raise DataError(f"data.{name}={column!r}: no such column in {file.name} (columns: {_names(frame.columns)})")
+    features = config.features or [c for c in frame.columns if c not in (label, config.id)]
     missing = [c for c in features if c not in frame.columns]
     if missing:
         raise DataError(f"data.features: no column {missing[0]!r} in {file.name} (columns: {_names(frame.columns)})")
@@ -185,7 +220,7 @@ def encode_rows(frame: pd.DataFrame, columns: list[Column], label: str | None, s
             x[:, column.start] = values.to_numpy(dtype=np.float32, na_value=np.nan)
         else:
             text = values.astype("string").fillna(MISSING_LEVEL)
-            codes = pd.Categorical(text, categories=list(column.levels)).codes  # -1: a level not seen in training
+            codes = pd.Index(column.levels).get_indexer(text)  # -1: a level not seen in training
             rows = np.flatnonzero(codes >= 0)
             x[rows, column.start + codes[rows]] = 1.0
     labels = frame[label].astype("string").to_numpy(dtype=object) if label else None
@@ -310,7 +345,8 @@ def read_folder(folder: Path, config: DataConfig, like: Raw | None) -> Raw:
             image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
         pixels = np.asarray(image, dtype=np.float32) / 255.0
         x[i] = pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
-    return Raw(x, labels, IMAGE, label_name="class folders")
+    return Raw(x, labels, IMAGE, label_name="class folders",
+               files=np.array([p.relative_to(folder).as_posix() for p in files], dtype=object))
 
 
 def _open_image(path: Path, Image, UnidentifiedImageError):

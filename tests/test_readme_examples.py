@@ -1,0 +1,173 @@
+"""The README's examples work when copied: run from an empty folder, as a user who installed aesearch
+runs them (no repository at hand), the shipped spaces and configs are found by name, and the blocks
+marked as run by this file do what they say.
+
+A marked `sh` block runs line by line in bash, `uv run ` left off (the repository's way of calling
+the installed `aesearch`); an `aesearch search` line gets `--num-samples 2 --max-epochs 1` (its
+documented budget flags: the suite cannot spend the minutes a full search takes) and joins the
+suite's shared Ray instance through RAY_ADDRESS, as the command line does. A marked `python` block
+runs as written, in a fresh interpreter.
+"""
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from aesearch.cli import main
+from aesearch.errors import ConfigError
+from aesearch.shipped import CONFIGS, SPACES, resolve
+from tests.conftest import REPO
+
+README = REPO / "README.md"
+MARK = "<!-- run as written, from an empty folder, by tests/test_readme_examples.py -->"
+SHRINK = "--num-samples 2 --max-epochs 1"
+# Files the README asks the reader to make (`aesearch search my_space.yaml`): not expected to exist.
+PLACEHOLDERS = {"my_space.yaml", "my_config.yaml", "mine.yaml", "SPACE.yaml"}
+
+
+def code_blocks(marked_only: bool = False) -> list[tuple[str, str]]:
+    """(language, text) of the README's fenced blocks; only those just after MARK if `marked_only`."""
+    found = re.finditer(r"(?P<mark>" + re.escape(MARK) + r"\n)?```(?P<lang>\w*)\n(?P<text>.*?)```", README.read_text(),
+                        re.S)
+    return [(m["lang"], m["text"]) for m in found if m["mark"] or not marked_only]
+
+
+def marked(lang: str, containing: str) -> str:
+    texts = [text for language, text in code_blocks(marked_only=True) if language == lang and containing in text]
+    assert len(texts) == 1, f"one marked {lang} block with {containing!r} in the README, found {len(texts)}"
+    return texts[0]
+
+
+def commands(block: str) -> list[str]:
+    lines = (re.sub(r"\s+#.*$", "", line).strip() for line in block.splitlines())
+    return [line.removeprefix("uv run ") for line in lines if line and not line.startswith("#")]
+
+
+def run_in(folder: Path, command: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    if command.startswith("aesearch search "):
+        command = f"{command} {SHRINK}"
+    done = subprocess.run(["bash", "-c", command], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
+    return done
+
+
+@pytest.fixture()
+def user_env(ray_env, tmp_path):
+    """A user's shell: the installed `aesearch` on PATH, nothing of the repository on the import path."""
+    env = {key: value for key, value in ray_env.items() if key not in ("PYTHONPATH", "RAY_ADDRESS")}
+    return {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", "HOME": str(tmp_path)}
+
+
+# --- names ----------------------------------------------------------------------------------------
+
+
+def test_shipped_spaces_and_configs_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert {"quickstart", "compression", "wine_anomaly", "digits_images"} <= set(SPACES.names())
+    assert resolve("quickstart", SPACES) == REPO / "aesearch" / "spaces" / "quickstart.yaml"
+    assert main(["validate", "quickstart", "compression", "vae"]) == 0
+    # a file of that name in the working folder is read as the file it is
+    (tmp_path / "quickstart").write_text("name: mine\nspace: {model.latent_dim: {type: int, low: 2, high: 4}}\n")
+    from aesearch.search.space import load_space
+
+    assert load_space("quickstart").name == "mine"
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "quickstart.yaml").write_text("")
+    assert resolve("sub/quickstart.yaml", SPACES) == Path("sub/quickstart.yaml")  # a path stays a path
+    assert resolve("missing.yaml", SPACES) == Path("missing.yaml")  # and its reader says it cannot read it
+
+
+def test_an_unknown_name_is_one_line_listing_the_shipped_ones(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "quickstrt"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "quickstrt: no such file" in error
+    assert all(name in error for name in SPACES.names())
+    assert main(["train", "vea"]) == 2
+    error = capsys.readouterr().err
+    assert all(name in error for name in CONFIGS.names())
+    # the old repository path names the shipped space to use instead
+    with pytest.raises(ConfigError, match=r"search_spaces/quickstart.yaml: cannot read.*: quickstart\)$"):
+        resolve("search_spaces/quickstart.yaml", SPACES)
+
+
+def test_example_list_names_every_shipped_file_and_dataset_with_what_it_is(capsys):
+    assert main(["example", "--list"]) == 0
+    listed = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines() if line.startswith("  "))
+    assert set(listed) == {*SPACES.names(), *CONFIGS.names(), "wine", "digits-images"}
+    assert listed["quickstart"].startswith("Quickstart: every autoencoder family")
+    assert all(len(line) > 20 for line in listed.values())
+
+
+def test_every_search_and_train_in_the_readme_names_what_an_empty_folder_finds(tmp_path, monkeypatch):
+    """`aesearch search X` / `train X` / load_space("X") in any README block: a shipped name, or a file
+    the README has the reader write (not `compression.yaml`, never shown; not search_spaces/...)."""
+    monkeypatch.chdir(tmp_path)
+    named = []
+    for _, text in code_blocks():
+        for line in text.splitlines():
+            for verb, registry in (("search", SPACES), ("train", CONFIGS)):
+                named += [(m[1], registry) for m in re.finditer(rf"aesearch {verb} (\S+)", line)]
+            named += [(m[1], SPACES) for m in re.finditer(r"load_space\(\"([^\"]+)\"", line)]
+            named += [(m[1], CONFIGS) for m in re.finditer(r"load_config\(\"([^\"]+)\"", line)]
+    assert len(named) >= 10
+    for argument, registry in named:
+        if argument not in PLACEHOLDERS:
+            assert resolve(argument, registry).is_file(), f"{argument}: not found from an empty folder"
+
+
+# --- the marked blocks, run ---------------------------------------------------------------------------
+
+
+def test_readme_shipped_files_block_runs_as_written(tmp_path, user_env):
+    block = marked("sh", "aesearch example --list")
+    outputs = [run_in(tmp_path, command, user_env).stdout for command in commands(block)]
+    assert "quickstart" in outputs[0] and "wine" in outputs[0]
+    assert (tmp_path / "mine.yaml").read_text() == SPACES["quickstart"].read_text()
+    assert outputs[-1].count(": ok (") == 2
+
+
+def test_readme_own_data_block_runs_as_written_from_an_empty_folder(tmp_path, user_env, ray_address):
+    block = marked("sh", "aesearch example wine")
+    lines = commands(block)
+    assert [line.split()[1] for line in lines] == ["example", "search", "score", "encode"]
+    for command in lines:
+        run_in(tmp_path, command, {**user_env, "RAY_ADDRESS": ray_address})
+    rows = len(pd.read_csv(tmp_path / "data" / "wine.csv"))
+    out = {shlex.split(line)[-1] for line in lines[2:]}
+    assert out == {"scores.csv", "codes.parquet"}
+    assert len(pd.read_csv(tmp_path / "scores.csv")) == rows == len(pd.read_parquet(tmp_path / "codes.parquet"))
+
+
+def test_readme_python_example_runs_as_written_from_an_empty_folder(tmp_path, user_env):
+    code = marked("python", "aesearch.load_space(")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=user_env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "reports" / "notebook" / "index.html").is_file()
+    assert (tmp_path / "runs" / "vae" / "best.pt").is_file()
+
+
+def test_an_installed_wheel_finds_its_shipped_files_by_name(tmp_path):
+    """As a user's `pip install aesearch` would: the wheel, unpacked first on the import path, from an
+    empty folder."""
+    uv = shutil.which("uv") or str(REPO / ".tools" / "bin" / "uv")
+    built = subprocess.run([uv, "build", "--wheel", "--offline", "-o", str(tmp_path / "dist"), str(REPO)],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("aesearch-*.whl")
+    shutil.unpack_archive(wheel, tmp_path / "site", format="zip")
+    (tmp_path / "empty").mkdir()
+    code = ("import aesearch, aesearch.shipped as s; print(s.__file__); "
+            "print(aesearch.load_space('quickstart').name, aesearch.load_config('vae').name)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "empty", capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(tmp_path / "site" / "aesearch" / "shipped.py"), "quickstart", "vae"]

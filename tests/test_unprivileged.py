@@ -1,0 +1,145 @@
+"""A new user's first hour, as an ordinary user: not root, in a folder of their own, `HOME` there, the
+commands as the README gives them (`aesearch example`, `search`, `report`, `reproduce`, `score`),
+with the defaults they would meet (the embedded store `./mlflow.db`, results in `./ray_results`).
+
+Root can write anywhere, so a search run as root (as CI runs) hides a file written in the wrong
+place: an earlier aesearch put every artifact under `/` (see aesearch.locations) and every test
+passed. Here each command runs under a throwaway uid, and afterwards every file that uid owns must
+be in the user's folder or in the system's temp folder: nothing at the filesystem root, nothing in
+another user's home. Run by a developer who is not root, the commands run as that developer.
+"""
+
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+TINY_SPACE = """
+name: first
+data: {path: data/wine.csv, label: Class, anomaly: [1], scale: standard}
+base:
+  optimizer: {batch_size: 32}
+  evaluation: {iwae_samples: 5, kmeans_restarts: 1}
+space:
+  model.latent_dim: {type: categorical, choices: [2, 4]}
+  optimizer.lr: {type: float, low: 0.001, high: 0.01, log: true}
+objective: {metric: val/anomaly_auroc, mode: max}
+budget: {num_samples: 2, max_epochs: 3, grace_period: 1, reduction_factor: 2}
+resources: {cpu: 1}
+max_concurrent: 2
+seed: 0
+"""
+
+
+def throwaway_uid() -> int:
+    """A uid no account has, so no file on the machine is its before the test."""
+    while True:
+        uid = 50000 + secrets.randbelow(10000)
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            return uid
+
+
+class User:
+    """Runs commands as an ordinary user in `folder`. As root: under a throwaway uid (util-linux's
+    setpriv), allowed to read and traverse every folder (CAP_DAC_READ_SEARCH, since this checkout's
+    Python may live under root's home) but to write only where that uid may: its folder and the
+    world-writable temp folders."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.uid = throwaway_uid() if os.getuid() == 0 else os.getuid()
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.getuid() == 0:
+            os.chown(folder, self.uid, self.uid)
+        self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(folder), "USER": "newcomer",
+                    "LOGNAME": "newcomer", "LANG": "C.UTF-8", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                    "RAY_AUTH_MODE": "token"}  # Ray keeps its token in ~/.ray/auth_token: the user's own
+
+    def run(self, *arguments: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        """`aesearch ARGUMENTS...` in the user's folder, the script the environment installs."""
+        command = [str(Path(sys.executable).parent / "aesearch"), *arguments]
+        if os.getuid() == 0:
+            command = ["setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups",
+                       "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", *command]
+        process = subprocess.Popen(command, cwd=self.folder, env=self.env, start_new_session=True, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"aesearch {' '.join(arguments)} did not finish in {timeout} s:\n{stderr[-3000:]}")
+        assert process.returncode == 0, f"aesearch {' '.join(arguments)}: exit {process.returncode}\n{stderr[-3000:]}"
+        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+    def files_elsewhere(self, since: Path) -> list[str]:
+        """Every file or folder the user wrote since `since` outside their folder and the temp folder."""
+        allowed = (str(self.folder) + os.sep, tempfile.gettempdir().rstrip(os.sep) + os.sep)
+        found = subprocess.run(
+            ["find", "/", "-xdev", "(", "-path", "/proc", "-o", "-path", "/sys", ")", "-prune", "-o",
+             "-user", str(self.uid), "-newer", str(since), "-print"],
+            capture_output=True, text=True, check=False).stdout.splitlines()
+        return [path for path in found if not (path + os.sep).startswith(allowed)]
+
+    def processes(self) -> list[int]:
+        """The user's processes still alive (none after a command has ended)."""
+        return [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _owner(pid) == self.uid
+                and int(pid) != os.getpid()] if os.getuid() == 0 else []
+
+
+def _owner(pid: str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+@pytest.fixture
+def newcomer(tmp_path):
+    """An ordinary user's folder (in a fresh folder under the temp folder, as `mktemp -d` gives one);
+    whatever of theirs is left running at the end is stopped, and the test fails on it."""
+    user = User(Path(tempfile.mkdtemp(prefix="aesearch-newcomer-")))
+    yield user
+    left = user.processes()
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(user.folder, ignore_errors=True)
+    assert not left, f"processes of the user still running after their commands: {left}"
+
+
+def test_a_new_user_searches_reports_reproduces_and_scores_in_their_own_folder(newcomer, tmp_path):
+    since = tmp_path / "started"
+    since.touch()
+    folder = newcomer.folder
+    (folder / "first.yaml").write_text(TINY_SPACE)
+    if os.getuid() == 0:
+        os.chown(folder / "first.yaml", newcomer.uid, newcomer.uid)
+
+    newcomer.run("example", "wine")
+    searched = newcomer.run("search", "first.yaml")
+    assert f"sqlite:///{folder / 'mlflow.db'}" in searched.stdout  # the embedded store, in the user's folder
+    newcomer.run("report", "first")
+    reproduced = newcomer.run("reproduce", "first")
+    assert "REPRODUCED" in reproduced.stdout
+    newcomer.run("score", "first", "--input", "data/wine.csv", "--out", "scores.csv")
+
+    # what the user meets: each in their folder
+    assert (folder / "mlflow.db").is_file() and (folder / "ray_results" / "first").is_dir()
+    assert list((folder / "mlartifacts" / "first").glob("*/artifacts/checkpoints/best.pt"))
+    assert list((folder / "mlartifacts" / "first").glob("*/artifacts/images/*.png"))
+    assert (folder / "reports" / "first" / "index.html").is_file()
+    assert list((folder / "runs").glob("reproduce-*"))
+    assert len(pd.read_csv(folder / "scores.csv")) == len(pd.read_csv(folder / "data" / "wine.csv"))
+    # and nothing anywhere else but the temp folder: not at the filesystem root, not in another home
+    assert newcomer.files_elsewhere(since) == []
+    assert not newcomer.processes()
