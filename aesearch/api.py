@@ -15,6 +15,8 @@ line: MLFLOW_TRACKING_URI, else the embedded store `sqlite:///./mlflow.db`.
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,13 +61,15 @@ def run_search(space: SearchSpace, name: str | None = None, storage: Path | str 
                tracking_uri: str | None = None, address: str | None = None, data_dir: Path | str | None = None,
                download: bool = False, resume: bool = False, phases: Phases | None = None) -> pd.DataFrame:
     """Run (or resume) a search, tracked in MLflow, as `aesearch search` does; returns its leaderboard
-    (one row per trial, best first). Ray starts on this machine unless `address` names a cluster.
+    (one row per trial, best first). Ray starts on this machine unless `address` (default:
+    $RAY_ADDRESS, as on the command line) names a cluster.
     `phases`, if given, gets a mark at the end of each stage (the command line's `aesearch: time:`)."""
     settings.apply()
     from aesearch.locations import local_or_uri
     from aesearch.search.driver import SearchOptions, search
     from aesearch.tracking.store import resolve_tracking_uri
 
+    address = address or os.environ.get("RAY_ADDRESS")
     options = SearchOptions(name=name or space.name, storage=local_or_uri(storage), address=address,
                             data_dir=Path(data_dir) if data_dir else None, download=download, resume=resume,
                             tracking_uri=resolve_tracking_uri(tracking_uri))

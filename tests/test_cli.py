@@ -100,6 +100,7 @@ def test_resume_from_an_earlier_checkpoint_rewrites_the_later_epochs(trained_run
     copy = _copy_of(trained_run[0], tmp_path)
     state = load_checkpoint(copy / "last.pt")
     state["epoch"], state["history"] = 1, state["history"][:1]  # as if saved after epoch 1
+    state["best"]["epoch"] = 1
     torch.save(state, copy / "epoch1.pt")
     args = ["train", str(REPO / "aesearch" / "configs" / "denoising.yaml"), "--epochs", "3", "--out", str(copy),
             "--resume", str(copy / "epoch1.pt"), *_set(*FAST_EVAL)]

@@ -2,61 +2,26 @@
 runs them (no repository at hand), the shipped spaces and configs are found by name, and the blocks
 marked as run by this file do what they say.
 
-A marked `sh` block runs line by line in bash, `uv run ` left off (the repository's way of calling
-the installed `aesearch`); an `aesearch search` line gets `--num-samples 2 --max-epochs 1` (its
-documented budget flags: the suite cannot spend the minutes a full search takes) and joins the
-suite's shared Ray instance through RAY_ADDRESS, as the command line does. A marked `python` block
-runs as written, in a fresh interpreter.
+A marked `sh` block runs line by line in bash (see tests/readme.py); a marked `python` block runs
+as written, in a fresh interpreter. The own-data block (a search of your own table, its scores) runs
+as an ordinary user, not root: tests/test_unprivileged.py.
 """
 
+import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from aesearch.cli import main
 from aesearch.errors import ConfigError
 from aesearch.shipped import CONFIGS, SPACES, resolve
 from tests.conftest import REPO
-
-README = REPO / "README.md"
-MARK = "<!-- run as written, from an empty folder, by tests/test_readme_examples.py -->"
-SHRINK = "--num-samples 2 --max-epochs 1"
-# Files the README asks the reader to make (`aesearch search my_space.yaml`): not expected to exist.
-PLACEHOLDERS = {"my_space.yaml", "my_config.yaml", "mine.yaml", "SPACE.yaml"}
-
-
-def code_blocks(marked_only: bool = False) -> list[tuple[str, str]]:
-    """(language, text) of the README's fenced blocks; only those just after MARK if `marked_only`."""
-    found = re.finditer(r"(?P<mark>" + re.escape(MARK) + r"\n)?```(?P<lang>\w*)\n(?P<text>.*?)```", README.read_text(),
-                        re.S)
-    return [(m["lang"], m["text"]) for m in found if m["mark"] or not marked_only]
-
-
-def marked(lang: str, containing: str) -> str:
-    texts = [text for language, text in code_blocks(marked_only=True) if language == lang and containing in text]
-    assert len(texts) == 1, f"one marked {lang} block with {containing!r} in the README, found {len(texts)}"
-    return texts[0]
-
-
-def commands(block: str) -> list[str]:
-    lines = (re.sub(r"\s+#.*$", "", line).strip() for line in block.splitlines())
-    return [line.removeprefix("uv run ") for line in lines if line and not line.startswith("#")]
-
-
-def run_in(folder: Path, command: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    if command.startswith("aesearch search "):
-        command = f"{command} {SHRINK}"
-    done = subprocess.run(["bash", "-c", command], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
-    return done
-
+from tests.readme import PLACEHOLDERS, code_blocks, commands, marked, run_in
 
 @pytest.fixture()
 def user_env(ray_env, tmp_path):
@@ -134,23 +99,30 @@ def test_readme_shipped_files_block_runs_as_written(tmp_path, user_env):
     assert outputs[-1].count(": ok (") == 2
 
 
-def test_readme_own_data_block_runs_as_written_from_an_empty_folder(tmp_path, user_env, ray_address):
-    block = marked("sh", "aesearch example wine")
-    lines = commands(block)
-    assert [line.split()[1] for line in lines] == ["example", "search", "score", "encode"]
-    for command in lines:
-        run_in(tmp_path, command, {**user_env, "RAY_ADDRESS": ray_address})
-    rows = len(pd.read_csv(tmp_path / "data" / "wine.csv"))
-    out = {shlex.split(line)[-1] for line in lines[2:]}
-    assert out == {"scores.csv", "codes.parquet"}
-    assert len(pd.read_csv(tmp_path / "scores.csv")) == rows == len(pd.read_parquet(tmp_path / "codes.parquet"))
+# What the block made, printed after it runs: it must search, report, reproduce, train and load alike.
+SEEN = """
+import json, torch
+x = torch.rand(2, 1, 8, 8)
+print(json.dumps({"trials": len(board), "states": board["state"].tolist(), "board_run": board.iloc[0]["mlflow_run_id"],
+                  "report_best": report.board.iloc[0]["run_id"], "reproduced": check.reproduced,
+                  "epochs": len(result.history), "reconstructed": list(trained.model(x).x_hat.shape),
+                  "same_weights": all(torch.equal(a, b) for a, b in zip(trained.model.state_dict().values(),
+                                                                        result.model.state_dict().values()))}))
+"""
 
 
-def test_readme_python_example_runs_as_written_from_an_empty_folder(tmp_path, user_env):
+def test_readme_python_example_runs_as_written_from_an_empty_folder(tmp_path, user_env, ray_address):
+    """The notebook's path through the API alone (on the Ray instance the tests share, as a notebook
+    beside a running Ray finds it through RAY_ADDRESS)."""
     code = marked("python", "aesearch.load_space(")
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=user_env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run([sys.executable, "-c", code + SEEN], cwd=tmp_path, env={**user_env, "RAY_ADDRESS": ray_address},
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["trials"] == 4 and seen["states"][0] in ("completed", "stopped")
+    assert seen["report_best"] == seen["board_run"]  # the report ranks as the search did
+    assert seen["reproduced"] is True, seen
+    assert seen["epochs"] == 3 and seen["reconstructed"] == [2, 1, 8, 8] and seen["same_weights"]
     assert (tmp_path / "reports" / "notebook" / "index.html").is_file()
     assert (tmp_path / "runs" / "vae" / "best.pt").is_file()
 

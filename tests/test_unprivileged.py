@@ -1,6 +1,7 @@
-"""A new user's first hour, as an ordinary user: not root, in a folder of their own, `HOME` there, the
-commands as the README gives them (`aesearch example`, `search`, `report`, `reproduce`, `score`),
-with the defaults they would meet (the embedded store `./mlflow.db`, results in `./ray_results`).
+"""A new user's first hour, as an ordinary user: not root, in a fresh folder of their own, `HOME`
+there, the README's own-data block as written (`aesearch example wine`, `search wine_anomaly`,
+`score`, `encode`; the search made small, see tests/readme.py), then `report` and `reproduce`, with
+the defaults they would meet (the embedded store `./mlflow.db`, results in `./ray_results`).
 
 Root can write anywhere, so a search run as root (as CI runs) hides a file written in the wrong
 place: an earlier aesearch put every artifact under `/` (see aesearch.locations) and every test
@@ -22,22 +23,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-TINY_SPACE = """
-name: first
-data: {path: data/wine.csv, label: Class, anomaly: [1], scale: standard}
-base:
-  optimizer: {batch_size: 32}
-  evaluation: {iwae_samples: 5, kmeans_restarts: 1}
-space:
-  model.latent_dim: {type: categorical, choices: [2, 4]}
-  optimizer.lr: {type: float, low: 0.001, high: 0.01, log: true}
-objective: {metric: val/anomaly_auroc, mode: max}
-budget: {num_samples: 2, max_epochs: 3, grace_period: 1, reduction_factor: 2}
-resources: {cpu: 1}
-max_concurrent: 2
-seed: 0
-"""
-
+from tests.readme import commands, marked, shrunk
 
 def throwaway_uid() -> int:
     """A uid no account has, so no file on the machine is its before the test."""
@@ -61,26 +47,27 @@ class User:
         folder.mkdir(parents=True, exist_ok=True)
         if os.getuid() == 0:
             os.chown(folder, self.uid, self.uid)
-        self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(folder), "USER": "newcomer",
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"
+        self.env = {"PATH": path, "HOME": str(folder), "USER": "newcomer",
                     "LOGNAME": "newcomer", "LANG": "C.UTF-8", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
                     "RAY_AUTH_MODE": "token"}  # Ray keeps its token in ~/.ray/auth_token: the user's own
 
-    def run(self, *arguments: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        """`aesearch ARGUMENTS...` in the user's folder, the script the environment installs."""
-        command = [str(Path(sys.executable).parent / "aesearch"), *arguments]
+    def run(self, command: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        """A shell command line in the user's folder, `aesearch` the script the environment installs."""
+        shell = ["bash", "-c", command]
         if os.getuid() == 0:
-            command = ["setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups",
-                       "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", *command]
-        process = subprocess.Popen(command, cwd=self.folder, env=self.env, start_new_session=True, text=True,
+            shell = ["setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups",
+                     "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", *shell]
+        process = subprocess.Popen(shell, cwd=self.folder, env=self.env, start_new_session=True, text=True,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             stdout, stderr = process.communicate()
-            pytest.fail(f"aesearch {' '.join(arguments)} did not finish in {timeout} s:\n{stderr[-3000:]}")
-        assert process.returncode == 0, f"aesearch {' '.join(arguments)}: exit {process.returncode}\n{stderr[-3000:]}"
-        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+            pytest.fail(f"{command} did not finish in {timeout} s:\n{stderr[-3000:]}")
+        assert process.returncode == 0, f"{command}: exit {process.returncode}\n{stderr[-3000:]}"
+        return subprocess.CompletedProcess(shell, process.returncode, stdout, stderr)
 
     def files_elsewhere(self, since: Path) -> list[str]:
         """Every file or folder the user wrote since `since` outside their folder and the temp folder."""
@@ -117,29 +104,25 @@ def newcomer(tmp_path):
     assert not left, f"processes of the user still running after their commands: {left}"
 
 
-def test_a_new_user_searches_reports_reproduces_and_scores_in_their_own_folder(newcomer, tmp_path):
+def test_a_new_user_runs_the_readme_on_their_own_data_in_their_own_folder(newcomer, tmp_path):
     since = tmp_path / "started"
     since.touch()
     folder = newcomer.folder
-    (folder / "first.yaml").write_text(TINY_SPACE)
-    if os.getuid() == 0:
-        os.chown(folder / "first.yaml", newcomer.uid, newcomer.uid)
-
-    newcomer.run("example", "wine")
-    searched = newcomer.run("search", "first.yaml")
-    assert f"sqlite:///{folder / 'mlflow.db'}" in searched.stdout  # the embedded store, in the user's folder
-    newcomer.run("report", "first")
-    reproduced = newcomer.run("reproduce", "first")
-    assert "REPRODUCED" in reproduced.stdout
-    newcomer.run("score", "first", "--input", "data/wine.csv", "--out", "scores.csv")
+    lines = commands(marked("sh", "aesearch example wine"))
+    assert [line.split()[1] for line in lines] == ["example", "search", "score", "encode"]
+    outputs = [newcomer.run(shrunk(line)).stdout for line in lines]
+    assert f"sqlite:///{folder / 'mlflow.db'}" in outputs[1]  # the embedded store, in the user's folder
+    newcomer.run("aesearch report wine_anomaly")
+    assert "REPRODUCED" in newcomer.run("aesearch reproduce wine_anomaly").stdout
 
     # what the user meets: each in their folder
-    assert (folder / "mlflow.db").is_file() and (folder / "ray_results" / "first").is_dir()
-    assert list((folder / "mlartifacts" / "first").glob("*/artifacts/checkpoints/best.pt"))
-    assert list((folder / "mlartifacts" / "first").glob("*/artifacts/images/*.png"))
-    assert (folder / "reports" / "first" / "index.html").is_file()
+    rows = len(pd.read_csv(folder / "data" / "wine.csv"))
+    assert len(pd.read_csv(folder / "scores.csv")) == rows == len(pd.read_parquet(folder / "codes.parquet"))
+    assert (folder / "mlflow.db").is_file() and (folder / "ray_results" / "wine_anomaly").is_dir()
+    assert list((folder / "mlartifacts" / "wine_anomaly").glob("*/artifacts/checkpoints/best.pt"))
+    assert list((folder / "mlartifacts" / "wine_anomaly").glob("*/artifacts/images/*.png"))
+    assert (folder / "reports" / "wine_anomaly" / "index.html").is_file()
     assert list((folder / "runs").glob("reproduce-*"))
-    assert len(pd.read_csv(folder / "scores.csv")) == len(pd.read_csv(folder / "data" / "wine.csv"))
     # and nothing anywhere else but the temp folder: not at the filesystem root, not in another home
     assert newcomer.files_elsewhere(since) == []
     assert not newcomer.processes()

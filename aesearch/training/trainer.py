@@ -347,6 +347,9 @@ class Trainer:
         self.epoch = state["epoch"]
         self.history = list(state["history"])
         best = state["best"]
+        if not 0 <= best["epoch"] <= len(self.history):
+            raise CheckpointError(f"checkpoint's best epoch {best['epoch']} is not among its {len(self.history)} "
+                                  "recorded epochs: not a checkpoint aesearch wrote")
         self.best_epoch = best["epoch"]
         self.best_state = None if best["model"] is None else {k: v.to(self.device) for k, v in best["model"].items()}
         if "generator" not in state["rng"]:
