@@ -40,7 +40,7 @@ def test_the_store_is_the_flag_else_the_environment_else_sqlite_in_the_working_d
     assert resolve_tracking_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     assert resolve_tracking_uri(None) == "http://127.0.0.1:5999"
-    assert resolve_tracking_uri("sqlite:///elsewhere.db") == "sqlite:///elsewhere.db"
+    assert resolve_tracking_uri("sqlite:///elsewhere.db") == f"sqlite:///{tmp_path / 'elsewhere.db'}"  # absolute
 
 
 def test_credentials_in_the_uri_are_refused_without_repeating_them(tmp_path, capsys):

@@ -24,6 +24,7 @@ import pandas as pd
 import pytest
 
 from tests.readme import commands, marked, shrunk
+from tests.searching import run
 
 def throwaway_uid() -> int:
     """A uid no account has, so no file on the machine is its before the test."""
@@ -58,16 +59,9 @@ class User:
         if os.getuid() == 0:
             shell = ["setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups",
                      "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search", *shell]
-        process = subprocess.Popen(shell, cwd=self.folder, env=self.env, start_new_session=True, text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            stdout, stderr = process.communicate()
-            pytest.fail(f"{command} did not finish in {timeout} s:\n{stderr[-3000:]}")
-        assert process.returncode == 0, f"{command}: exit {process.returncode}\n{stderr[-3000:]}"
-        return subprocess.CompletedProcess(shell, process.returncode, stdout, stderr)
+        done = run(shell, self.env, timeout, cwd=self.folder)
+        assert done.returncode == 0, f"{command}: exit {done.returncode}\n{done.stderr[-3000:]}"
+        return done
 
     def files_elsewhere(self, since: Path) -> list[str]:
         """Every file or folder the user wrote since `since` outside their folder and the temp folder."""
