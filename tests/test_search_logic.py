@@ -180,6 +180,9 @@ def test_trials_that_tie_on_the_objective_are_ranked_by_the_val_loss_of_their_ke
     assert board["trial"].tolist() == ["t2", "t3", "t1"]
     summary = format_leaderboard(board, space, where="x")
     assert "3 trials tie at val/anomaly_auroc = 1.000, the best it can be; ranked by val/loss" in summary
+    header, *rows = summary.split("best trials")[1].splitlines()[1:5]
+    assert header.split()[4:6] == ["val/anomaly_auroc", "val/loss"]  # what ranked them, beside the objective
+    assert [row.split()[-1] for row in rows] == ["1.4", "1.9", "5.3"]
 
     last = {r.metrics["trial_id"]: r.metrics for r in results}
     assert outside_the_best(last, ["val/anomaly_auroc"], ["max"], keep=1) == ["t3", "t1"]

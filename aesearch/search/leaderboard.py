@@ -151,14 +151,17 @@ def format_leaderboard(board: pd.DataFrame, space: SearchSpace, where: str, top:
         return "no trials ran"
     shown = [name for name in PRINTED_METRICS if name in board and board[name].notna().any()]
     front = ["pareto_rank"] if "pareto_rank" in board else []
-    columns = list(dict.fromkeys(["trial", "family", "outcome", "epochs", *front, *space.metrics, *shown]))
+    tie = None if space.multi_objective else tie_at_the_top(board, metric)
+    if tie:  # the value that ranked the tied trials, shown beside the objective
+        board = board.assign(**{TIEBREAK: kept_loss(board)})
+    columns = list(dict.fromkeys(["trial", "family", "outcome", "epochs", *front, *space.metrics,
+                                  *([TIEBREAK] if tie else []), *shown]))
     overall = board.head(top)[columns]
     per_family = board.dropna(subset=[metric]).groupby("family", sort=False).head(1)[columns]
     ranking = ", ".join(f"{o.metric} {o.mode}" for o in space.objective)
     if space.multi_objective:
         ranking = f"Pareto rank on {ranking}, then {metric}; completed trials only"
     summary = counted(board["state"])
-    tie = None if space.multi_objective else tie_at_the_top(board, metric)
     tie = f"{tie} (lower is better)\n" if tie else ""
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.4g}".format):
         return (
