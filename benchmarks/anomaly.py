@@ -62,6 +62,7 @@ from trainer_speed import mnist_dir  # noqa: E402
 
 from aesearch.api import run_search  # noqa: E402
 from aesearch.examples import write_wine  # noqa: E402
+from aesearch.locations import sqlite_uri  # noqa: E402
 from aesearch.parts.data import Data, load_data  # noqa: E402
 from aesearch.schema import load_yaml  # noqa: E402
 from aesearch.search.phases import Phases  # noqa: E402
@@ -185,7 +186,7 @@ def run_one(dataset: str, seed: int, args: argparse.Namespace, folder: Path, dat
     space = space_for(dataset, seed, args, folder)
     data = load_data(space.data, data_dir)
     figures = baselines(data, seed)
-    tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
+    tracking_uri = sqlite_uri(folder / "mlflow.db")
     phases = Phases()
     board = run_search(space, storage=folder / "results", tracking_uri=tracking_uri, data_dir=data_dir, phases=phases)
     wall = sum(phases.seconds().values())

@@ -59,6 +59,7 @@ from trainer_speed import mnist_dir  # noqa: E402
 from aesearch.api import run_search  # noqa: E402
 from aesearch.api import train as train_config  # noqa: E402
 from aesearch.config import parse_config  # noqa: E402
+from aesearch.locations import sqlite_uri  # noqa: E402
 from aesearch.parts.data import load_data  # noqa: E402
 from aesearch.search.space import parse_space  # noqa: E402
 
@@ -148,7 +149,7 @@ def search(use: str, data: dict, space: dict, base: dict, names: tuple[str, ...]
                 "seed": seed, "max_concurrent": 2,
                 "budget": {"num_samples": args.search_trials, "max_epochs": args.search_epochs, "grace_period": 2,
                            "reduction_factor": 3, "max_failures": 1}}
-    tracking_uri = f"sqlite:///{folder / f'{use}-{seed}.db'}"
+    tracking_uri = sqlite_uri(folder / f"{use}-{seed}.db")
     board = run_search(parse_space(document, source=f"quality {use}"), storage=folder / "results",
                        tracking_uri=tracking_uri, data_dir=args.data_dir)
     chosen = best_trial_metrics(board, tracking_uri, names)
@@ -229,7 +230,7 @@ def one_class(args: argparse.Namespace, folder: Path) -> None:
             space = space_for(f"mnist-{digit}", seed, anomaly_args, folder)
             data = load_data(space.data, args.data_dir)
             assert int(data.train_y.unique().numel()) == 1 and int(data.train_y[0]) == digit  # one class in training
-            tracking_uri = f"sqlite:///{folder / f'one-class-{digit}-{seed}.db'}"
+            tracking_uri = sqlite_uri(folder / f"one-class-{digit}-{seed}.db")
             board = run_search(space, storage=folder / "results", tracking_uri=tracking_uri, data_dir=args.data_dir)
             ae = searched(board, tracking_uri, data, args.objective)
             aurocs.append(100 * ae["auroc"])

@@ -51,6 +51,7 @@ sys.path.insert(0, str(HERE))
 from subspaces import dense_subspace  # noqa: E402
 
 from aesearch import settings  # noqa: E402
+from aesearch.locations import sqlite_uri  # noqa: E402
 from aesearch.pareto import hypervolume  # noqa: E402
 
 settings.apply()  # before Ray is imported, as the CLI does: Ray's workers in this environment, even under `uv run`
@@ -125,7 +126,7 @@ def run_method(args: argparse.Namespace, method: str, seed: int, folder: Path) -
     methods = MO_METHODS if args.multi_objective else METHODS
     name = f"efficiency-{method.replace('+', '-')}-{seed}"
     options = SearchOptions(name=name, storage=str(folder / name), data_dir=args.data_dir,
-                            tracking_uri=f"sqlite:///{folder / name / 'mlflow.db'}")
+                            tracking_uri=sqlite_uri(folder / name / "mlflow.db"))
     (folder / name).mkdir(parents=True)
     started = time.perf_counter()
     search(parse_space(space_document(args, name, methods[method], seed)), options)

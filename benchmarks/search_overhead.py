@@ -44,6 +44,7 @@ from aesearch import settings
 
 settings.apply()  # before Ray is imported, as the CLI does: Ray's workers in this environment, even under `uv run`
 
+from aesearch.locations import sqlite_uri  # noqa: E402
 from aesearch.search.driver import SearchOptions, search  # noqa: E402
 from aesearch.search.space import parse_space  # noqa: E402
 
@@ -68,7 +69,7 @@ def measure(trials: int, concurrent: int, reuse_actors: bool, storage: Path) -> 
     space = parse_space({**SPACE, "budget": {**SPACE["budget"], "num_samples": trials}, "max_concurrent": concurrent})
     name = f"overhead-{'reuse' if reuse_actors else 'fresh'}"
     options = SearchOptions(name=name, storage=str(storage), reuse_actors=reuse_actors,
-                            tracking_uri=f"sqlite:///{storage / 'mlflow.db'}")
+                            tracking_uri=sqlite_uri(storage / "mlflow.db"))
     started = time.perf_counter()
     board = search(space, options)
     wall = time.perf_counter() - started
@@ -98,7 +99,7 @@ def cli_search(folder: Path, name: str) -> dict[str, float]:
     wall, output = timed_command([
         str(Path(sys.executable).with_name("aesearch")), "search", str(QUICKSTART), "--num-samples",
         str(COMMAND_TRIALS), "--max-epochs", "1", "--name", name, "--storage", str(folder / "results"),
-        "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}"], os.environ.copy())
+        "--tracking-uri", sqlite_uri(folder / "mlflow.db")], os.environ.copy())
     assert f"{COMMAND_TRIALS} trials: {COMMAND_TRIALS} completed" in output, output[-3000:]
     timing = re.search(r"aesearch: time: (.*) = ", output).group(1)
     phases = {name.strip(): float(seconds) for name, seconds in re.findall(r"([^|]+?) ([\d.]+) s(?: \||$)", timing)}

@@ -40,6 +40,8 @@ from base64 import b64encode
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aesearch.locations import file_uri, sqlite_uri
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # this environment's `ray`, `mlflow` and `aesearch`
 LOOPBACK = "127.0.0.1"
@@ -105,7 +107,7 @@ class LocalCluster:
         self.tracking_uri = f"http://{LOOPBACK}:{self.mlflow_port}"
         self.gcs_address = f"{LOOPBACK}:{self.gcs_port}"
         self.dashboard = f"http://{LOOPBACK}:{self.dashboard_port}"
-        self.storage = (self.workdir / "shared-storage").as_uri()
+        self.storage = file_uri(self.workdir / "shared-storage")
         # Ray's session folders (logs, sockets) for this rehearsal only, removed when it stops; a short
         # path, because Ray's socket paths must fit in 107 bytes.
         self.ray_temp = Path(tempfile.mkdtemp(prefix="aesearch-ray-"))
@@ -192,7 +194,7 @@ class LocalCluster:
                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job workers
         server = self.start("mlflow-server", [
             str(BIN / "mlflow"), "server", "--host", LOOPBACK, "--port", str(self.mlflow_port), "--workers", "1",
-            "--app-name", "basic-auth", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+            "--app-name", "basic-auth", "--backend-store-uri", sqlite_uri(store / "mlflow.db"),
             "--artifacts-destination", str(store / "artifacts"),
         ], env)
         self.wait(lambda: self.http_ok(f"{self.tracking_uri}/health"), "the MLflow server", server)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from aesearch.locations import sqlite_uri
 from tests.conftest import REPO
 
 SEARCH_SPACE = """
@@ -44,7 +45,7 @@ def write_space(folder: Path, name: str, trials: int, epochs: int, grace: int, e
 
 def tracking_uri(storage: Path) -> str:
     """The embedded MLflow store of a test's search: beside its storage folder, never in the repo."""
-    return f"sqlite:///{storage.parent / 'mlflow.db'}"
+    return sqlite_uri(storage.parent / "mlflow.db")
 
 
 def search_command(space: Path, storage: Path, *extra: str) -> list[str]:

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aesearch.cli import main
+from aesearch.locations import sqlite_uri
 from tests.searching import write_space
 
 
@@ -110,7 +111,7 @@ def test_random_search_command_lines_fail_cleanly_before_anything_starts(documen
     space.write_text(document)
     # An address no cluster answers: if a random space were valid, the search would stop there, writing nothing.
     argv = ["search", str(space), *flags, "--address", "127.0.0.1:1", "--storage", str(folder / "results"),
-            "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}"]
+            "--tracking-uri", sqlite_uri(folder / "mlflow.db")]
     cwd = os.getcwd()
     os.chdir(folder)
     try:

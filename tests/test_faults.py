@@ -16,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from aesearch.errors import UserError
+from aesearch.locations import sqlite_uri
 from aesearch.search.faults import read_faults
 from tests.conftest import REPO
 from tests.searching import DIVERGING_START, wait_until, write_space
@@ -130,7 +131,7 @@ def test_a_fault_plan_is_validated_before_anything_starts(tmp_path):
         assert named in str(caught.value)
     space = write_space(tmp_path, "planned", trials=1, epochs=1, grace=1)
     done = subprocess.run([sys.executable, "-m", "aesearch.cli", "search", str(space), "--storage",
-                           str(tmp_path / "results"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                           str(tmp_path / "results"), "--tracking-uri", sqlite_uri(tmp_path / "mlflow.db")],
                           env={**os.environ, "AESEARCH_FAULTS": "[{\"trial\": 1}]"}, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr

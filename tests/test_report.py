@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from mlflow import MlflowClient
 
 from aesearch.errors import UserError
+from aesearch.locations import sqlite_uri
 from aesearch.metrics import lookup
 from aesearch.results import plots
 from aesearch.results.read import SearchRecord
@@ -331,7 +332,7 @@ def report_command(store: str, out: Path, experiment: str = "small") -> list[str
 @pytest.fixture(scope="module")
 def real_report(small_search, tmp_path_factory):
     experiment, _ = small_search
-    store = f"sqlite:///{experiment.parent.parent / 'mlflow.db'}"
+    store = sqlite_uri(experiment.parent.parent / "mlflow.db")
     out = tmp_path_factory.mktemp("report") / "small"
     done = subprocess.run(report_command(store, out), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -386,7 +387,7 @@ def test_a_report_of_a_missing_experiment_or_store_is_one_line_and_writes_nothin
     done = subprocess.run(report_command(store, tmp_path / "out", "nosuch"), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert "'nosuch'" in done.stderr and "small" in done.stderr  # names what the store does hold
-    missing = f"sqlite:///{tmp_path / 'none.db'}"
+    missing = sqlite_uri(tmp_path / "none.db")
     done = subprocess.run(report_command(missing, tmp_path / "out"), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "no such store" in done.stderr
     assert not (tmp_path / "none.db").exists() and not (tmp_path / "out").exists()

@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from aesearch.cli import main
+from aesearch.locations import sqlite_uri
 from aesearch.results.reproduce import OTHER_DEVICE_TYPE, SAME_DEVICE_TYPE, compare
 from tests.searching import search_command, wait_until
 
@@ -53,7 +54,7 @@ def test_equal_values_reproduce_and_each_kind_of_metric_has_its_own_tolerance():
 @pytest.fixture(scope="module")
 def store(small_search):
     experiment, _ = small_search
-    return f"sqlite:///{experiment.parent.parent / 'mlflow.db'}"
+    return sqlite_uri(experiment.parent.parent / "mlflow.db")
 
 
 def reproduce_command(store: str, *extra: str, experiment: str = "small") -> list[str]:
@@ -144,7 +145,7 @@ def test_what_cannot_be_reproduced_is_refused_in_one_line(store, tmp_path, capsy
         assert main(["reproduce", "small", "--tracking-uri", store, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and message in err, err
-    assert main(["reproduce", "small", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
+    assert main(["reproduce", "small", "--tracking-uri", sqlite_uri(tmp_path / "none.db")]) == 2
     assert list(tmp_path.iterdir()) == []
 
 
@@ -177,7 +178,7 @@ def mnist_search(tmp_path_factory, ray_env, ray_address, mnist_dir):
     command = search_command(space, folder / "results", "--data-dir", str(mnist_dir), "--address", ray_address)
     with open(folder / "search.log", "w") as log:
         process = subprocess.Popen(command, env=ray_env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-    yield process, f"sqlite:///{folder / 'mlflow.db'}", folder
+    yield process, sqlite_uri(folder / "mlflow.db"), folder
     try:
         process.wait(timeout=300)
     except subprocess.TimeoutExpired:

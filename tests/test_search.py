@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from aesearch.locations import file_uri, sqlite_uri
 from tests.conftest import KEPT_CHECKPOINTS
 from tests.searching import (
     run,
@@ -221,8 +222,8 @@ def test_storage_given_as_a_uri_is_checked_like_a_folder(small_search, tmp_path,
 
     experiment, _ = small_search
     space = experiment.parent.parent / "small.yaml"
-    storage = experiment.parent.as_uri()  # file:///...: the shared search's storage, as a URI
-    store = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    storage = file_uri(experiment.parent)  # file:///...: the shared search's storage, as a URI
+    store = ["--tracking-uri", sqlite_uri(tmp_path / "mlflow.db")]
     assert main(["search", str(space), "--storage", storage, *store]) == 2
     assert "a search named 'small' already exists" in capsys.readouterr().err
     other = write_space(tmp_path, "small", trials=3, epochs=3, grace=1)  # not the space it was launched with

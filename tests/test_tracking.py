@@ -24,6 +24,7 @@ import yaml
 from mlflow import MlflowClient
 
 from aesearch.errors import UserError
+from aesearch.locations import sqlite_uri
 from aesearch.schema import flatten
 from aesearch.tracking.runs import image_epochs, run_name
 from aesearch.tracking.store import fluent_api_on, resolve_tracking_uri
@@ -96,7 +97,7 @@ def child_runs(client: MlflowClient, experiment_id: str) -> list:
 @pytest.fixture(scope="module")
 def tracked(small_search):
     experiment, _ = small_search
-    client = MlflowClient(f"sqlite:///{experiment.parent.parent / 'mlflow.db'}")
+    client = MlflowClient(sqlite_uri(experiment.parent.parent / "mlflow.db"))
     found = client.get_experiment_by_name("small")
     assert found is not None, "the search made no experiment named after it"
     board = pd.read_csv(experiment / "leaderboard.csv", dtype={"trial": str})
@@ -230,7 +231,7 @@ def test_a_second_search_of_the_same_name_in_one_store_is_refused_before_anythin
     experiment, _ = small_search
     space = write_space(tmp_path, "small", trials=1, epochs=1, grace=1)
     command = search_command(space, tmp_path / "elsewhere")
-    command[command.index("--tracking-uri") + 1] = f"sqlite:///{experiment.parent.parent / 'mlflow.db'}"
+    command[command.index("--tracking-uri") + 1] = sqlite_uri(experiment.parent.parent / "mlflow.db")
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "--name small" in done.stderr and "already holds an experiment" in done.stderr
@@ -240,7 +241,7 @@ def test_a_second_search_of_the_same_name_in_one_store_is_refused_before_anythin
 def test_the_ui_refuses_a_store_that_does_not_exist(tmp_path, capsys):
     from aesearch.cli import main
 
-    assert main(["ui", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
+    assert main(["ui", "--tracking-uri", sqlite_uri(tmp_path / "none.db")]) == 2
     assert "no such store yet" in capsys.readouterr().err and not (tmp_path / "none.db").exists()
     assert main(["ui", "--port", "70000"]) == 2
 
@@ -249,7 +250,7 @@ def test_the_ui_refuses_a_port_in_use_in_one_line(tmp_path, capsys):
     """MLflow's server on a busy port prints uvicorn's error and exits 0."""
     from aesearch.cli import main
 
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = sqlite_uri(tmp_path / "mlflow.db")
     MlflowClient(store).create_experiment("shown")
     capsys.readouterr()
     with socket.socket() as taken:
@@ -337,7 +338,7 @@ def port_is_free(port: int) -> bool:
 def test_the_ui_stopped_by_its_pid_leaves_no_process_and_no_port_behind(stop, tmp_path):
     """Ctrl-C or `kill PID` of `aesearch ui` stops MLflow's server and its uvicorn worker with it, and
     the ui's output has none of MLflow's hints for flags `aesearch ui` does not have."""
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = sqlite_uri(tmp_path / "mlflow.db")
     MlflowClient(store).create_experiment("shown")
     port, log = free_port(), tmp_path / "ui.log"
     command = [sys.executable, "-m", "aesearch.cli", "ui", "--tracking-uri", store, "--port", str(port)]
@@ -372,7 +373,7 @@ def ui(small_search, tmp_path_factory):
     """`aesearch ui` on the small search's embedded store."""
     experiment, _ = small_search
     port = free_port()
-    store = f"sqlite:///{experiment.parent.parent / 'mlflow.db'}"
+    store = sqlite_uri(experiment.parent.parent / "mlflow.db")
     command = [sys.executable, "-m", "aesearch.cli", "ui", "--tracking-uri", store, "--port", str(port)]
     yield from serve(command, port, tmp_path_factory.mktemp("ui") / "ui.log")
 
