@@ -26,6 +26,12 @@ import pytest
 from tests.readme import commands, marked, shrunk
 from tests.searching import run
 
+def shared_temp() -> Path:
+    """The temp folder every user may write in: this process's (TMPDIR may name a private one), else /tmp."""
+    mine = Path(tempfile.gettempdir())
+    return mine if mine.stat().st_mode & 0o1777 == 0o1777 else Path("/tmp")
+
+
 def throwaway_uid() -> int:
     """A uid no account has, so no file on the machine is its before the test."""
     while True:
@@ -51,6 +57,7 @@ class User:
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"
         self.env = {"PATH": path, "HOME": str(folder), "USER": "newcomer",
                     "LOGNAME": "newcomer", "LANG": "C.UTF-8", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                    "TMPDIR": str(shared_temp()),
                     "RAY_AUTH_MODE": "token"}  # Ray keeps its token in ~/.ray/auth_token: the user's own
 
     def run(self, command: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -65,7 +72,7 @@ class User:
 
     def files_elsewhere(self, since: Path) -> list[str]:
         """Every file or folder the user wrote since `since` outside their folder and the temp folder."""
-        allowed = (str(self.folder) + os.sep, tempfile.gettempdir().rstrip(os.sep) + os.sep)
+        allowed = (str(self.folder) + os.sep, self.env["TMPDIR"].rstrip(os.sep) + os.sep)
         found = subprocess.run(
             ["find", "/", "-xdev", "(", "-path", "/proc", "-o", "-path", "/sys", ")", "-prune", "-o",
              "-user", str(self.uid), "-newer", str(since), "-print"],
@@ -89,7 +96,7 @@ def _owner(pid: str) -> int | None:
 def newcomer(tmp_path):
     """An ordinary user's folder (in a fresh folder under the temp folder, as `mktemp -d` gives one);
     whatever of theirs is left running at the end is stopped, and the test fails on it."""
-    user = User(Path(tempfile.mkdtemp(prefix="aesearch-newcomer-")))
+    user = User(Path(tempfile.mkdtemp(prefix="aesearch-newcomer-", dir=shared_temp())))
     yield user
     left = user.processes()
     for pid in left:
