@@ -161,3 +161,31 @@ def test_relocate_moves_misplaced_artifacts_beside_the_store(old_layout, capsys)
     assert capsys.readouterr().err == ""  # nothing misplaced any more
     assert main(["relocate", "old", "--tracking-uri", uri]) == 2  # nothing to relocate: one line
     assert "nothing to relocate" in capsys.readouterr().err
+
+
+def test_resuming_a_search_with_misplaced_artifacts_is_refused_until_relocated(old_layout, tmp_path, capsys):
+    """Its new trials would add to the misplaced folder (or fail to write there): one line, before Ray
+    starts, naming the command that puts things right."""
+    from mlflow import MlflowClient
+
+    from aesearch.cli import main
+    from aesearch.search.driver import space_document
+    from aesearch.search.space import load_space
+    from aesearch.search.storage import TRACKING_FILE
+    from tests.searching import write_space
+
+    project, misplaced = old_layout
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    old_location = "file:///" + file_uri(project / "mlartifacts" / "old").removeprefix("file://")
+    MlflowClient(uri).create_experiment("old", artifact_location=old_location)
+    space = write_space(tmp_path, "old", trials=1, epochs=1, grace=1)
+    launched = project / "results" / "old"  # as the interrupted search left its folder
+    launched.mkdir(parents=True)
+    (launched / "space.yaml").write_text(space_document(load_space(space)))
+    (launched / TRACKING_FILE).write_text(uri)
+    command = ["search", str(space), "--storage", str(project / "results"), "--tracking-uri", uri, "--resume"]
+    assert main(command) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and error.startswith("aesearch: error: --resume: experiment 'old'")
+    assert "`aesearch relocate old`" in error and sorted(p.name for p in launched.iterdir()) == [
+        "space.yaml", TRACKING_FILE]

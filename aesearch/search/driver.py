@@ -133,6 +133,8 @@ def search(space: SearchSpace, options: SearchOptions, phases: Phases | None = N
         runs = SearchRun(uri, options.name)  # opening an embedded store creates it: after every check of input
         if not options.resume:
             runs.check_new()
+        else:
+            runs.check_artifacts_in_place()
         if not options.address:
             connect(None)  # a local Ray instance: started once the search is known to be new
         check_resources(space, local=options.address is None)

@@ -17,7 +17,7 @@ from aesearch.errors import UserError
 from aesearch.tracking.model_registry import register_best_model, start_export_warmup
 from aesearch.tracking.outcomes import Outcome
 from aesearch.tracking.runs import INCOMPLETE_TAG, ROLE_TAG, TRIAL_ID_TAG, as_param, dataset_input
-from aesearch.tracking.store import Tracking, client, embedded_artifacts
+from aesearch.tracking.store import Tracking, client, embedded_artifacts, misplaced_artifacts_note
 from aesearch.training.checkpoints import BEST_CHECKPOINT
 
 if TYPE_CHECKING:
@@ -74,6 +74,14 @@ class SearchRun:
                 f"--name {self.name}: the tracking store {self.uri} already holds an experiment of that name "
                 "with runs; pick another --name, or --resume that search"
             )
+
+    def check_artifacts_in_place(self) -> None:
+        """Refuse to resume a search whose artifacts an earlier aesearch misplaced: its new trials would
+        add to the misplaced folder, or fail to write there (for anyone not root)."""
+        experiment = self.client.get_experiment_by_name(self.name)
+        note = None if experiment is None else misplaced_artifacts_note(experiment)
+        if note is not None:
+            raise UserError(f"--resume: {note}, before resuming it")
 
     def start(self, resume: bool, describe: dict[str, Any], space_yaml: str, patience_s: float,
               data: Data | None = None) -> Tracking:
