@@ -2,13 +2,14 @@
 #                   then its report in reports/quickstart-TIMESTAMP/
 # make test         the whole test suite
 # Both set themselves up: uv (installed into .tools/ if missing), then `uv sync --locked`;
-# `make test` also installs Debian's chromium and chromium-driver (the browser test) if missing.
+# `make test` also installs Debian's chromium and chromium-driver (the browser test) and postgresql (the
+# production stack's backend store, tests/test_cluster.py) if missing; `make cluster-demo` postgresql.
 
 PYTHON ?= python3
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
 RUN := $(UV) run --no-sync
 
-.PHONY: quickstart test cluster-demo benchmark setup browser clean
+.PHONY: quickstart test cluster-demo benchmark setup browser postgresql clean
 
 QUICKSTART := quickstart-$(shell date +%Y%m%d-%H%M%S)
 
@@ -16,12 +17,13 @@ quickstart: setup
 	$(RUN) aesearch search quickstart --name $(QUICKSTART)
 	$(RUN) aesearch report $(QUICKSTART)
 
-test: setup browser
+test: setup browser postgresql
 	$(RUN) pytest
 
-# the cluster of cluster/README.md rehearsed on 127.0.0.1: Ray head + worker node (token auth), MLflow
-# server (basic auth, proxied artifacts), the quickstart search through `ray job submit`, its report
-cluster-demo: setup
+# the cluster of cluster/README.md rehearsed on 127.0.0.1: PostgreSQL and SeaweedFS's S3 server, an MLflow
+# server on them (basic auth, proxied artifacts in the bucket), Ray head + worker node (token auth), the
+# quickstart search through `ray job submit` (its storage in the bucket), its report
+cluster-demo: setup postgresql
 	$(RUN) python cluster/rehearsal.py
 
 benchmark: setup
@@ -42,6 +44,13 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
+
+# Debian's PostgreSQL server (the tests and the demo start their own, in a temporary folder; the package's
+# own cluster is not used)
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || { \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends postgresql; }
 
 .tools/bin/uv:
 	$(PYTHON) -m venv .tools

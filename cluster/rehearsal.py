@@ -2,13 +2,15 @@
 
 Everything on 127.0.0.1, with secrets made for this rehearsal only:
 
-- an MLflow tracking server: a database backend store (SQLite here, PostgreSQL on a cluster),
-  artifacts proxied through the server into a folder (the S3 bucket on a cluster), its basic-auth
-  app on, the admin password random;
+- PostgreSQL (Debian's package, run by an unprivileged user) and SeaweedFS's S3 server, one bucket
+  (cluster/services.py);
+- an MLflow tracking server: its backend store in PostgreSQL, its artifacts in the bucket (proxied
+  through the server), its basic-auth app on, the admin password random, the driver and the trials
+  logging as an account of their own;
 - a Ray head node and WORKERS worker nodes (cluster/ray_nodes.py), token authentication on, the
   token in a 0600 file named by RAY_AUTH_TOKEN_PATH;
-- the search submitted through the Ray Jobs API with `ray job submit`, from an empty folder, and
-  waited for; the credentials reach the driver and the trials through the nodes' environment
+- the search submitted through the Ray Jobs API with `ray job submit`, from an empty folder, its
+  results and checkpoints in the bucket (s3://aesearch/searches), and waited for; the credentials reach the driver and the trials through the nodes' environment
   (as the Kubernetes secrets do), never through the command line, the job's runtime env or a log;
 - the report built from the tracking server;
 
@@ -27,8 +29,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,60 +40,16 @@ from base64 import b64encode
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aesearch.locations import file_uri, sqlite_uri
+from services import BIN, LOOPBACK, PostgreSQL, S3Server, Service, free_port, write_secret
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # this environment's `ray`, `mlflow` and `aesearch`
-LOOPBACK = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
-
-
-def write_secret(path: Path, text: str) -> Path:
-    """A file only its owner reads."""
-    path.touch(mode=0o600)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-@dataclass
-class Service:
-    """A process this rehearsal started, in a process group of its own."""
-
-    name: str
-    process: subprocess.Popen
-    log: Path
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self, grace: float = 30) -> None:
-        """SIGTERM to the process (the Ray nodes and MLflow shut their children down on it), then SIGKILL
-        to what is left of its group: only ever processes this rehearsal started."""
-        if self.alive():
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # until no process of its group is left, zombies included
-            self.process.poll()  # reaps our own child once it has exited
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.name}: processes of group {self.process.pid} outlived SIGKILL")
+TRIALS_USER = "aesearch-trials"  # the MLflow account the driver and the trials log with (not the admin)
 
 
 @dataclass
 class LocalCluster:
-    """A Ray cluster and an MLflow server on 127.0.0.1, as cluster/README.md sets them up on a cluster."""
+    """The production stack of cluster/README.md on 127.0.0.1: Ray nodes, an MLflow server on PostgreSQL
+    with its artifacts in S3, the searches' storage in the same bucket."""
 
     workdir: Path
     workers: int = 1
@@ -103,11 +59,14 @@ class LocalCluster:
     def __post_init__(self) -> None:
         self.workdir = self.workdir.absolute()
         self.secrets = self.workdir / "secrets"
+        self.database = PostgreSQL(self.workdir / "postgres", databases=("mlflow", "mlflow_auth"))
+        self.s3 = S3Server(self.workdir / "s3")
         self.mlflow_port, self.gcs_port, self.dashboard_port = free_port(), free_port(), free_port()
         self.tracking_uri = f"http://{LOOPBACK}:{self.mlflow_port}"
         self.gcs_address = f"{LOOPBACK}:{self.gcs_port}"
         self.dashboard = f"http://{LOOPBACK}:{self.dashboard_port}"
-        self.storage = file_uri(self.workdir / "shared-storage")
+        self.storage = self.s3.uri("searches")  # Ray Tune's results and checkpoints, in the bucket
+        self.artifacts = self.s3.uri("mlflow")  # MLflow's artifact store, proxied by its server
         # Ray's session folders (logs, sockets) for this rehearsal only, removed when it stops; a short
         # path, because Ray's socket paths must fit in 107 bytes.
         self.ray_temp = Path(tempfile.mkdtemp(prefix="aesearch-ray-"))
@@ -121,49 +80,55 @@ class LocalCluster:
     def make_secrets(self) -> None:
         self.secrets.mkdir(parents=True, exist_ok=True)
         self.ray_token = write_secret(self.secrets / "ray_token", secrets.token_hex(32))
-        self.mlflow_password = secrets.token_urlsafe(24)
+        self.mlflow_password = secrets.token_urlsafe(24)  # the admin's: the server reads it from its environment
+        self.trials_password = secrets.token_urlsafe(24)
         self.auth_config = write_secret(self.secrets / "mlflow_auth.ini", (
             "[mlflow]\n"
             "default_permission = READ\n"
-            f"database_uri = sqlite:///{self.workdir / 'mlflow' / 'auth.db'}\n"
+            f"database_uri = {self.database.uri('mlflow_auth')}\n"
             "admin_username = admin\n"
-            f"admin_password = {self.mlflow_password}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
         ))
 
     def env(self, *, ray_token: bool = True) -> dict[str, str]:
-        """What a Kubernetes pod gets from the secrets: Ray's token, the MLflow credentials."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH_", "MLFLOW_TRACKING_"))}
+        """What a Kubernetes pod gets from the secrets: Ray's token, the trials' MLflow account, the
+        trials' keys to the bucket and its endpoint."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH_", "MLFLOW_TRACKING_", "AWS_"))}
         env.update({
             "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray's address detection answers 127.0.0.1
             # Under `make` (`uv run`), Ray would run each job in a copy of its working directory with its own
             # `uv run`; the nodes of a real cluster run the image's environment, as these run this one.
             "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-            "MLFLOW_TRACKING_USERNAME": "admin",
-            "MLFLOW_TRACKING_PASSWORD": self.mlflow_password,
+            "MLFLOW_TRACKING_USERNAME": TRIALS_USER,
+            "MLFLOW_TRACKING_PASSWORD": self.trials_password,
+            **self.s3.client_env(self.s3.trials),
             "PYTHONUNBUFFERED": "1",
         })
         if ray_token:
             env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.ray_token)})
         return env
 
+    def secret_values(self) -> list[str]:
+        """Every secret of this stack (tests/test_cluster.py looks for them where none may be)."""
+        keys = [who.secret_key for who in (self.s3.admin, self.s3.mlflow, self.s3.trials)]
+        return [self.ray_token.read_text().strip(), self.mlflow_password, self.trials_password,
+                *self.database.passwords.values(), *keys]
+
     # --- starting and stopping -------------------------------------------------------------------
 
     def start(self, name: str, command: list[str], env: dict[str, str]) -> Service:
-        log = self.workdir / "logs" / f"{name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "w") as output:
-            process = subprocess.Popen(command, env=env, cwd=self.workdir, start_new_session=True,
-                                       stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
-        service = Service(name, process, log)
+        service = Service.start(name, command, self.workdir / "logs" / f"{name}.log", env=env, cwd=self.workdir)
         self.services.append(service)
         return service
 
     def __enter__(self) -> LocalCluster:
         try:
             self.make_secrets()
+            self.database.__enter__()
+            self.s3.__enter__()
             self.start_mlflow()
+            self.add_trials_user()
             self.start_ray()
         except BaseException:
             self.stop()
@@ -173,10 +138,16 @@ class LocalCluster:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def processes(self) -> list[Service]:
+        """Every server process of the stack running now."""
+        return [*self.services, *(s.service for s in (self.database, self.s3) if s.service is not None)]
+
     def stop(self) -> None:
         for service in reversed(self.services):  # Ray before MLflow
             service.stop()
         self.services.clear()
+        self.s3.__exit__()
+        self.database.__exit__()
         shutil.rmtree(self.ray_temp, ignore_errors=True)
 
     def stop_mlflow(self, grace: float = 30) -> None:
@@ -186,18 +157,26 @@ class LocalCluster:
         self.services.remove(server)
 
     def start_mlflow(self) -> None:
-        """The tracking server, on the same port and store each time it is started."""
-        store = self.workdir / "mlflow"
-        store.mkdir(parents=True, exist_ok=True)
-        env = {**self.env(), "MLFLOW_AUTH_CONFIG_PATH": str(self.auth_config),
+        """The tracking server, on the same port and stores each time it is started: its backend store in
+        PostgreSQL, its artifacts in the bucket (clients reach them through the server, with no S3 keys)."""
+        env = {**self.env(), **self.database.client_env(), **self.s3.client_env(self.s3.mlflow),
+               "MLFLOW_AUTH_CONFIG_PATH": str(self.auth_config), "MLFLOW_AUTH_ADMIN_PASSWORD": self.mlflow_password,
                "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job workers
         server = self.start("mlflow-server", [
             str(BIN / "mlflow"), "server", "--host", LOOPBACK, "--port", str(self.mlflow_port), "--workers", "1",
-            "--app-name", "basic-auth", "--backend-store-uri", sqlite_uri(store / "mlflow.db"),
-            "--artifacts-destination", str(store / "artifacts"),
+            "--app-name", "basic-auth", "--backend-store-uri", self.database.uri("mlflow"),
+            "--artifacts-destination", self.artifacts,
         ], env)
-        self.wait(lambda: self.http_ok(f"{self.tracking_uri}/health"), "the MLflow server", server)
+        server.wait_until(lambda: self.http_ok(f"{self.tracking_uri}/health"), "the MLflow server")
+
+    def add_trials_user(self) -> None:
+        """The account the driver and the trials log with: it owns what it creates, reads the rest."""
+        request = urllib.request.Request(
+            f"{self.tracking_uri}/api/2.0/mlflow/users/create", method="POST",
+            data=json.dumps({"username": TRIALS_USER, "password": self.trials_password}).encode(),
+            headers={**self.mlflow_headers(), "Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=30).close()
 
     def start_ray(self) -> None:
         """The head and the worker nodes (cluster/ray_nodes.py: `ray start` cannot put two nodes of one
@@ -208,18 +187,8 @@ class LocalCluster:
             "--cpus-per-node", str(self.cpus_per_node), "--temp-dir", str(self.ray_temp),
             "--describe", str(self.nodes_file),
         ], self.env())
-        self.wait(lambda: self.alive_nodes() == 1 + self.workers and self.nodes_file.is_file(),
-                  f"the Ray head and {self.workers} worker node(s)", nodes)
-
-    def wait(self, ready, what: str, service: Service, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not service.alive():
-                raise RuntimeError(f"{what}: {service.name} exited ({service.process.returncode}); see {service.log}")
-            if ready():
-                return
-            time.sleep(0.5)
-        raise RuntimeError(f"{what} not ready within {timeout:.0f} s; see {service.log}")
+        nodes.wait_until(lambda: self.alive_nodes() == 1 + self.workers and self.nodes_file.is_file(),
+                         f"the Ray head and {self.workers} worker node(s)")
 
     # --- talking to the servers --------------------------------------------------------------------
 
@@ -270,8 +239,8 @@ class LocalCluster:
 
 def search_entrypoint(cluster: LocalCluster, space: Path, name: str, extra: list[str]) -> list[str]:
     """The job: `aesearch search` on the cluster, logging to the tracking server, keeping trial results
-    and checkpoints in shared storage given as a URI, as s3://BUCKET/PREFIX is on a cluster (file:// here:
-    every node of this machine sees the folder; both are read and written through pyarrow's filesystems)."""
+    and checkpoints in the bucket (s3://BUCKET/searches: every node reads and writes it with pyarrow's S3
+    filesystem, the keys and the endpoint from its environment)."""
     return ["aesearch", "search", str(space.absolute()), "--name", name,
             "--storage", cluster.storage, "--tracking-uri", cluster.tracking_uri, *extra]
 
@@ -288,8 +257,8 @@ def rehearse(cluster: LocalCluster, space: Path, name: str, report: Path, search
     job = cluster.submit(search_entrypoint(cluster, space, name, search_flags), submit_from, echo=True)
     (cluster.workdir / "logs" / "job.log").write_text(job.stdout)
     summary = {"name": name, "job_exit_status": job.returncode, "report_exit_status": None,
-               "tracking_uri": cluster.tracking_uri, "mlflow_store": str(cluster.workdir / "mlflow"),
-               "storage": cluster.storage, "submitted_from": str(submit_from),
+               "tracking_uri": cluster.tracking_uri, "backend_store": cluster.database.uri("mlflow"),
+               "artifact_store": cluster.artifacts, "storage": cluster.storage, "submitted_from": str(submit_from),
                "report": str(report), "logs": str(cluster.workdir / "logs")}
     if job.returncode != 0:
         say(f"the job failed (exit status {job.returncode}); its output: {cluster.workdir / 'logs' / 'job.log'}")
@@ -314,8 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or REPO / "cluster-demo" / args.name
     report = (args.report or REPO / "reports" / args.name).absolute()
     with LocalCluster(workdir, workers=args.workers) as cluster:
-        say(f"MLflow server {cluster.tracking_uri} (basic auth), Ray head {cluster.gcs_address} and "
-            f"{args.workers} worker node(s), dashboard {cluster.dashboard} (token auth); logs in {workdir / 'logs'}")
+        say(f"PostgreSQL {cluster.database.uri('mlflow')} (MLflow's backend store), SeaweedFS S3 server "
+            f"{cluster.s3.endpoint} (bucket {cluster.s3.bucket})")
+        say(f"MLflow server {cluster.tracking_uri} (basic auth; artifacts in {cluster.artifacts}), Ray head "
+            f"{cluster.gcs_address} and {args.workers} worker node(s), dashboard {cluster.dashboard} (token auth); "
+            f"search storage {cluster.storage}; logs in {workdir / 'logs'}")
         summary = rehearse(cluster, args.space, args.name, report, args.search_flags)
     say("stopped every process it started")
     print(json.dumps(summary))

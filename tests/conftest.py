@@ -82,7 +82,7 @@ class RayInstance:
 
     def __init__(self, env: dict[str, str], tmp_path_factory):
         sys.path.insert(0, str(REPO / "cluster"))
-        from rehearsal import BIN, Service, free_port
+        from services import BIN, Service, free_port
 
         self.env, self.tmp_path_factory = env, tmp_path_factory
         self.ray, self.service_type, self.free_port = BIN / "ray", Service, free_port

@@ -1,6 +1,7 @@
-"""cluster/: the rehearsal of `make cluster-demo` run for real (a Ray head and a worker node with token
-authentication, an MLflow server with basic auth and proxied artifacts, a search submitted with
-`ray job submit`), then every manifest checked against the schema of what will read it."""
+"""cluster/: the rehearsal of `make cluster-demo` run for real on the production stack (a Ray head and a
+worker node with token authentication; an MLflow server with basic auth, its backend store in
+PostgreSQL, its artifacts in SeaweedFS's S3 server; the search's storage in the same bucket; the search
+submitted with `ray job submit`), then every manifest checked against the schema of what will read it."""
 
 import json
 import os
@@ -49,16 +50,16 @@ def rehearsal(tmp_path_factory, ray_instance):
     space = write_space(folder, "cluster-demo", trials=TRIALS, epochs=2, grace=2, keep=KEPT)
     os.environ[CANARY] = secrets.token_hex(16)  # an environment variable every node and trial inherits
     with LocalCluster(folder / "work", workers=1) as cluster:
-        pids = [service.process.pid for service in cluster.services]
+        pids = [service.process.pid for service in cluster.processes()]
         groups = {os.getpgid(pid) for pid in pids}
-        assert len(groups) == 2  # the tracking server and the Ray nodes, each in a process group of its own
+        assert len(groups) == 4  # PostgreSQL, the S3 server, MLflow's server, the Ray nodes: a group each
         summary = rehearse(cluster, space, "cluster-demo", folder / "report", [])
         yield cluster, summary, pids
     os.environ.pop(CANARY)
     for group in groups:
         with pytest.raises(ProcessLookupError):
             os.killpg(group, 0)  # nothing of what it started is left
-    assert not cluster.ray_temp.exists()
+    assert not cluster.ray_temp.exists() and not cluster.database.data.exists()
 
 
 @pytest.fixture
@@ -68,6 +69,15 @@ def as_mlflow_admin(rehearsal, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", cluster.mlflow_password)
     return MlflowClient(cluster.tracking_uri)
+
+
+def bucket_keys(cluster: LocalCluster, prefix: str) -> list[str]:
+    pages = cluster.s3.client().get_paginator("list_objects_v2").paginate(Bucket=cluster.s3.bucket, Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def bucket_object(cluster: LocalCluster, key: str):
+    return cluster.s3.client().get_object(Bucket=cluster.s3.bucket, Key=key)["Body"]
 
 
 def job_log(summary: dict) -> str:
@@ -89,13 +99,14 @@ def test_the_submitted_search_ran_its_trials_on_both_nodes_and_logged_everything
     assert len({run.data.tags["node"] for run in trials}) == 2  # the head and the worker both trained trials
 
     ranked = sorted(trials, key=lambda run: run.data.metrics["val/recon_mse"])
-    artifacts = Path(summary["mlflow_store"]) / "artifacts"
+    assert summary["artifact_store"] == "s3://aesearch/mlflow" and summary["backend_store"].startswith("postgresql://")
+    artifacts = bucket_keys(cluster, "mlflow/")
     for rank, run in enumerate(ranked, 1):  # each epoch once, the pictures and checkpoints through the server
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val/recon_mse")] == [1, 2]
         picture = client.download_artifacts(run.info.run_id, "images/reconstructions.png", str(tmp_path))
         assert matplotlib.image.imread(picture).ndim == 3
-        # Every trial's files are in the server's artifact store (its folder here, a bucket on a cluster)...
-        stored = {p.name for p in artifacts.rglob("*") if run.info.run_id in p.parts}
+        # Every trial's files are in the server's artifact store, the bucket...
+        stored = {key.rsplit("/", 1)[1] for key in artifacts if f"/{run.info.run_id}/" in key}
         assert {"config.yaml", "reconstructions.png"} <= stored, stored
         if rank <= KEPT:  # ... the best trials' checkpoints too; the others' were removed through the server
             checkpoint = client.download_artifacts(run.info.run_id, "checkpoints/best.pt", str(tmp_path))
@@ -107,11 +118,14 @@ def test_the_submitted_search_ran_its_trials_on_both_nodes_and_logged_everything
 
     # Nothing is in the folder the job was submitted from, nor where the servers run.
     assert list(Path(summary["submitted_from"]).iterdir()) == []
-    assert {p.name for p in cluster.workdir.iterdir()} == {"secrets", "mlflow", "logs", "shared-storage", "submit"}
-    # The shared storage, given as a URI (as s3:// is on a cluster), holds the search's own files too.
-    search = cluster.workdir / "shared-storage" / "cluster-demo"
-    assert summary["storage"].startswith("file://") and len(pd.read_csv(search / "leaderboard.csv")) == TRIALS
-    assert (search / "tracking_uri").read_text().strip() == cluster.tracking_uri and (search / "space.yaml").is_file()
+    assert {p.name for p in cluster.workdir.iterdir()} == {"secrets", "postgres", "s3", "logs", "submit"}
+    # The search's storage, in the same bucket, holds Ray Tune's results and the search's own files.
+    assert summary["storage"] == "s3://aesearch/searches"
+    search = bucket_keys(cluster, "searches/cluster-demo/")
+    assert {"leaderboard.csv", "tracking_uri", "space.yaml"} <= {key.rsplit("/", 1)[1] for key in search}
+    assert len(pd.read_csv(bucket_object(cluster, "searches/cluster-demo/leaderboard.csv"))) == TRIALS
+    assert bucket_object(cluster, "searches/cluster-demo/tracking_uri").read().decode().strip() == cluster.tracking_uri
+    assert any("/checkpoint_" in key for key in search)  # trial checkpoints went to the bucket too
 
 
 def test_the_report_was_built_from_the_server(rehearsal, as_mlflow_admin):
@@ -185,8 +199,9 @@ def test_the_tracking_server_refuses_a_client_without_the_password(rehearsal):
 
 def test_no_secret_reaches_a_log_a_param_a_tag_an_artifact_or_a_command_line(rehearsal, as_mlflow_admin):
     cluster, summary, pids = rehearsal
-    hidden = [cluster.ray_token.read_text().strip(), cluster.mlflow_password, os.environ[CANARY]]
-    for log in Path(summary["logs"]).glob("*.log"):
+    hidden = [*cluster.secret_values(), os.environ[CANARY]]
+    assert len(hidden) == 9
+    for log in cluster.workdir.rglob("*.log"):  # the job's, the servers' and the nodes' logs
         text = log.read_text(errors="replace")
         assert not any(secret in text for secret in hidden), log
     for pid in pids:  # the processes it started: their command lines are visible to every user
@@ -197,11 +212,11 @@ def test_no_secret_reaches_a_log_a_param_a_tag_an_artifact_or_a_command_line(reh
     for run in client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL):
         recorded = json.dumps({**run.data.params, **run.data.tags})
         assert not any(secret in recorded for secret in hidden), run.info.run_id
-    artifacts = [p for p in (Path(summary["mlflow_store"]) / "artifacts").rglob("*") if p.is_file()]
-    assert len(artifacts) > 20
-    for artifact in artifacts:  # configs, the space, the leaderboard, checkpoints, pictures
-        content = artifact.read_bytes()
-        assert not any(secret.encode() in content for secret in hidden), artifact
+    stored = bucket_keys(cluster, "")
+    assert len(stored) > 20
+    for key in stored:  # MLflow's configs, spaces, leaderboard, checkpoints, pictures; Ray Tune's results, state
+        content = bucket_object(cluster, key).read()
+        assert not any(secret.encode() in content for secret in hidden), key
     for report in Path(summary["report"]).rglob("*"):
         assert report.is_dir() or not any(secret.encode() in report.read_bytes() for secret in hidden), report
     assert (cluster.secrets / "ray_token").stat().st_mode & 0o077 == 0  # the owner's alone

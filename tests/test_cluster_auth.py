@@ -21,7 +21,7 @@ from tests.conftest import REPO
 from tests.searching import run, search_command, tracking_uri, write_space
 
 sys.path.insert(0, str(REPO / "cluster"))
-from rehearsal import BIN, Service, free_port, write_secret  # noqa: E402
+from services import BIN, Service, free_port, write_secret  # noqa: E402
 
 
 def clean_env(**extra: str) -> dict[str, str]:
