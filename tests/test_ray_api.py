@@ -16,6 +16,12 @@ PRIVATE = [  # module, name, parameters ray_api passes it
     ("ray._raylet", "Config", []),
     ("ray.core.generated.gcs_service_pb2_grpc", "InternalKVGcsServiceStub", []),
     ("ray.core.generated.gcs_service_pb2", "InternalKVGetRequest", []),
+    ("ray.air.execution._internal.actor_manager", "RayActorManager._actor_task_failed",
+     ["self", "tracked_actor_task", "exception"]),
+    ("ray.air.execution._internal.actor_manager", "RayActorManager._actor_start_failed",
+     ["self", "tracked_actor", "exception"]),
+    ("ray.tune.execution.tune_controller", "TuneController._schedule_trial_stop", ["self", "trial", "exception"]),
+    ("ray.tune.execution.tune_controller", "TuneController._mark_trial_to_checkpoint", ["self", "trial"]),
 ]
 
 
@@ -23,7 +29,9 @@ PRIVATE = [  # module, name, parameters ray_api passes it
 def test_each_private_ray_api_is_where_aesearch_reaches_it(module, name, parameters):
     where = f"Ray {ray.__version__} has no {module}.{name} (or it changed): update aesearch/search/ray_api.py"
     try:
-        found = getattr(importlib.import_module(module), name)
+        found = importlib.import_module(module)
+        for part in name.split("."):  # a function, a class, or a method of one
+            found = getattr(found, part)
     except (ImportError, AttributeError) as error:
         pytest.fail(f"{where} ({error})")
     if parameters:

@@ -69,9 +69,19 @@ class Progress(Callback):
         self.ended[trial.trial_id] = Outcome.from_report(trial.last_result or {}).kind
         self._line(trials)
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._failed(trial, "retried from its last checkpoint")
+
     def on_trial_error(self, iteration, trials, trial, **info):
+        self._failed(trial, "errored")
         self.ended[trial.trial_id] = "errored"
         self._line(trials)
+
+    def _failed(self, trial, then: str) -> None:
+        """A line for each failed attempt: what failed it (an exception, a lost node, a memory kill)."""
+        raised = final_line(tracebacks(trial))[:300]
+        sys.stderr.write(f"[{time.monotonic() - self.started:6.0f}s] trial {trial.trial_id} failed "
+                         f"(attempt {trial.num_failures}): {raised}; {then}\n")
 
     def _line(self, trials) -> None:
         self.last_line = time.monotonic()
@@ -91,6 +101,16 @@ def progress_counts(statuses: dict[str, str], ended: dict[str, str]) -> str:
     return (f"{states.get('RUNNING', 0)} running, {states.get('PENDING', 0)} pending, "
             f"{outcomes.get('completed', 0)} completed, {outcomes.get('stopped', 0)} stopped early, "
             f"{outcomes.get('diverged', 0)} diverged, {outcomes.get('errored', 0)} errored")
+
+
+def tracebacks(trial) -> str:
+    """Tune's error file of a trial: each failed attempt so far, the last line of each saying what failed it."""
+    local = trial.error_file  # written on this machine just now; storage may not have it yet
+    return Path(local).read_text() if local and Path(local).is_file() else str(trial.get_error() or "")
+
+
+def final_line(text: str) -> str:
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
 
 
 class RunCloser(Callback):
@@ -131,21 +151,19 @@ class RunCloser(Callback):
         self._log_errors(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        tracebacks = self._log_errors(trial)
-        raised = next((line for line in reversed(tracebacks.splitlines()) if line.strip()), "")
-        ended = Outcome("errored", detail=f"after {trial.num_failures} attempts: {raised.strip()[:300]}")
+        raised = final_line(self._log_errors(trial))
+        ended = Outcome("errored", detail=f"after {trial.num_failures} attempts: {raised[:300]}")
         self.outbox.send(f"the outcome of trial {trial.trial_id}", lambda: self.runs.close_trial(
             trial.trial_id, ended, (trial.last_result or {}).get("mlflow_run_id")))
 
     def _log_errors(self, trial) -> str:
         """Tune's error file of the trial (every failed attempt so far), logged to its run."""
-        local = trial.error_file  # written on this machine just now; storage may not have it yet
-        tracebacks = Path(local).read_text() if local and Path(local).is_file() else trial.get_error() or ""
+        text = tracebacks(trial)
         run_id, attempts = (trial.last_result or {}).get("mlflow_run_id"), trial.num_failures
-        if run_id and tracebacks:
+        if run_id and text:
             self.outbox.send(f"the tracebacks of trial {trial.trial_id}",
-                      lambda: self.runs.log_errors(run_id, tracebacks, attempts))
-        return tracebacks
+                      lambda: self.runs.log_errors(run_id, text, attempts))
+        return text
 
     def on_experiment_end(self, trials, **info):
         if not self.outbox.deliver(self.tracking.patience_s):

@@ -44,7 +44,7 @@ from aesearch.search.faults import Fault, read_faults
 from aesearch.search.leaderboard import LEADERBOARD_METRICS, NothingRan, leaderboard, nothing_ran
 from aesearch.search.mo_asha import MultiObjectiveASHA, SeededASHA
 from aesearch.search.phases import Phases
-from aesearch.search.ray_api import MarkingOptunaSearch
+from aesearch.search.ray_api import MarkingOptunaSearch, count_memory_kills_as_trial_failures
 from aesearch.search.ray_cluster import check_reachable, connect
 from aesearch.search.space import DefineByRun, SearchSpace, check_trials, check_validation_rows, start_points
 from aesearch.search.storage import TRACKING_FILE, SearchFolder, check_storage_has_no_credentials, prune_checkpoints
@@ -85,8 +85,12 @@ def check_can_start(space: SearchSpace, options: SearchOptions) -> None:
     try:
         folder = SearchFolder(options.experiment_folder)
         exists, launched = folder.exists(), folder.exists("space.yaml")
+        bucket = folder.bucket()
     except (OSError, ValueError) as error:  # an unknown scheme, a bucket it may not read, no credentials
         raise UserError(f"--storage {options.storage}: cannot read it ({error})") from None
+    if bucket is not None and not folder.exists_at(bucket):
+        raise UserError(f"--storage {options.storage}: there is no bucket {bucket!r} (make it first; "
+                        "aesearch makes no buckets)")
     if options.resume:
         if not launched:
             raise UserError(f"--resume: no search named {options.name!r} under {options.storage}")
@@ -362,6 +366,7 @@ def _fit_trials(space: SearchSpace, options: SearchOptions, data: Data, tracking
         folder = SearchFolder(options.experiment_folder)
         folder.write("space.yaml", space_document(space))
         folder.write(TRACKING_FILE, tracking.uri + "\n")
+    count_memory_kills_as_trial_failures()  # a trial killed for memory fails alone; the search goes on
     results = tuner.fit()
     prune_checkpoints(options.experiment_folder, search_ended=True)  # the final state has reached storage now
     return results

@@ -2,14 +2,17 @@
 
 Ray has no public way yet to (0) tell Optuna that a trial was stopped early, (1) open a storage URI with the filesystem Tune writes it with,
 (2) find which checkpoint a stored search state would restore, (3) make its C++ core re-read the
-authentication mode of this process, (4) ask a cluster's GCS a question without a token.
+authentication mode of this process, (4) ask a cluster's GCS a question without a token, (5) count a
+trial killed by Ray's memory monitor as a failed trial rather than end the search.
 `tests/test_ray_api.py` fails loudly, naming the API, when a Ray upgrade moves one of them.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+from ray.exceptions import OutOfMemoryError, RayActorError
 from ray.tune.search.optuna import OptunaSearch
 
 from aesearch.tracking.outcomes import Outcome
@@ -61,6 +64,62 @@ def gcs_needs_token(address: str, timeout_s: float) -> bool:
             raise
     return False
 
+
+class KilledForMemory(RayActorError):
+    """A trial's process killed by Ray's memory monitor (its node past `RAY_memory_usage_threshold`). Ray
+    reports the kill to the trial's pending task as `OutOfMemoryError` (ray-project/ray#28937), which Tune's
+    actor manager does not expect of an actor task: it raises, and the whole search ends. As this actor
+    error, the kill takes the path of any dead trial process (a node lost, a worker crashed): the trial
+    fails once, and is retried from its last checkpoint up to `budget.max_failures` times, or errors.
+    Its message ends with one line saying so (an errored trial's outcome quotes the last line)."""
+
+    def __init__(self, message: str):
+        reason = next((line.strip() for line in message.splitlines() if line.startswith("OOM kill reason:")),
+                      message.split("\n", 1)[0])
+        summary = f"KilledForMemory: killed by Ray's memory monitor: {reason.removeprefix('OOM kill reason: ')}"
+        super().__init__(error_msg=f"{message}\n{summary}")
+        self.args = (message,)  # what pickling (Tune keeps an errored trial's error) calls it with again
+
+
+def count_memory_kills_as_trial_failures() -> None:
+    """A trial killed by Ray's memory monitor fails alone; the search goes on. Tune's actor manager takes an
+    OutOfMemoryError as the death of the trial's actor (see KilledForMemory), on a task of the trial and on
+    its start alike; and a trial whose actor died and that errors is saved as errored: Tune marks a stopped
+    trial for the next snapshot of the search only while its actor is alive, so the search's saved state
+    kept it RUNNING (a finished search then looked interrupted, and --resume would run it again). Reaches
+    Tune's private RayActorManager._actor_task_failed and _actor_start_failed, and TuneController's
+    _schedule_trial_stop and _mark_trial_to_checkpoint."""
+    from ray.air.execution._internal.actor_manager import RayActorManager
+    from ray.tune.execution.tune_controller import TuneController
+
+    for owner, name, patch in ((RayActorManager, "_actor_task_failed", _memory_kill_as_actor_death),
+                               (RayActorManager, "_actor_start_failed", _memory_kill_as_actor_death),
+                               (TuneController, "_schedule_trial_stop", _saved_once_stopped)):
+        method = getattr(owner, name)
+        if not getattr(method, "aesearch_patched", False):
+            setattr(owner, name, patch(method))
+
+
+def _memory_kill_as_actor_death(failed):
+    def as_actor_death(value):
+        return KilledForMemory(str(value)) if isinstance(value, OutOfMemoryError) else value
+
+    @functools.wraps(failed)
+    def handle(self, *args, **kwargs):  # Tune passes (tracked actor or task, exception), by keyword
+        failed(self, *map(as_actor_death, args), **{name: as_actor_death(v) for name, v in kwargs.items()})
+
+    handle.aesearch_patched = True
+    return handle
+
+
+def _saved_once_stopped(stop):
+    @functools.wraps(stop)
+    def schedule_trial_stop(self, trial, *args, **kwargs):
+        stop(self, trial, *args, **kwargs)
+        self._mark_trial_to_checkpoint(trial)
+
+    schedule_trial_stop.aesearch_patched = True
+    return schedule_trial_stop
 
 
 class MarkingOptunaSearch(OptunaSearch):

@@ -35,21 +35,11 @@ from aesearch.config import TrainConfig, check_data, metric_problem, parse_confi
 from aesearch.errors import ConfigError
 from aesearch.metrics import ALWAYS_PER_EPOCH, USE_METRICS, is_epoch_objective, is_use_metric, lookup
 from aesearch.parts.data import Data, DataConfig, DataSpec
-from aesearch.schema import (
-    Bool,
-    Float,
-    Int,
-    Name,
-    PositiveInt,
-    Section,
-    broken_rule,
-    describe_validation_error,
-    flatten,
-    load_yaml,
-    set_path,
-)
+from aesearch.schema import (Bool, Float, Int, Name, PositiveInt, Section, broken_rule, describe_validation_error,
+                             flatten, load_yaml, set_path)
 from aesearch.search.uses import USES, apply_use
 from aesearch.shipped import SPACES, resolve
+from aesearch.training.simulated import Simulation
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # aesearch reports progress itself
 
@@ -171,8 +161,10 @@ class Budget(Section):
     keep_checkpoints: PositiveInt = Field(10, le=100_000)
     # How long a trial (at its start and end) and the driver (closing runs) wait for a tracking server
     # that does not answer; in between, trials train on and their records wait. What never arrives is
-    # named on the run (tag `tracking`) and in the search's output.
+    # named on the run (tag `tracking`) and in the search's output. storage_patience_s: how long a trial's
+    # report waits for storage that does not answer (an S3 server restarting) before the trial fails.
     tracking_patience_s: Float = Field(600.0, gt=0, le=86_400)
+    storage_patience_s: Float = Field(600.0, gt=0, le=86_400)
 
     @model_validator(mode="after")
     def _grace_within_budget(self) -> Budget:
@@ -214,6 +206,7 @@ class SearchSpace(Section):
     # What the sampler learns of a trial stopped early: its values at the stop (as Ray tells them), or
     # that it was pruned there (Optuna's TPE then ranks it below every completed trial).
     stopped_trials: Literal["values_at_stop", "pruned"] = "values_at_stop"
+    simulate: Simulation | None = None  # simulated trials: nothing is trained
 
     @model_validator(mode="before")
     @classmethod
@@ -281,6 +274,8 @@ class SearchSpace(Section):
             earlier[key] = parameter
         if self.resources.gpu == 0 and self.base.get("runtime", {}).get("device", "auto").startswith("cuda"):
             raise broken_rule("base.runtime.device asks for CUDA, but resources.gpu=0 gives trials no GPU")
+        if self.simulate is not None and self.resources.pack > 1:
+            raise broken_rule(f"simulate with resources.pack={self.resources.pack}: pack servers train; use pack 1")
         for i, point in enumerate(self.start_with):
             for key, value in point.items():
                 if key not in self.space:

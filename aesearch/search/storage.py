@@ -7,6 +7,7 @@ logs to and the leaderboard, and prunes trial checkpoints no resume can need.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -25,9 +26,18 @@ class SearchFolder:
         self.fs, self.path = ray_api.filesystem_and_path(uri)
 
     def exists(self, name: str = "") -> bool:
+        return self.exists_at(f"{self.path}/{name}".rstrip("/"))
+
+    def exists_at(self, path: str) -> bool:
         from pyarrow.fs import FileType
 
-        return self.fs.get_file_info(f"{self.path}/{name}".rstrip("/")).type != FileType.NotFound
+        return self.fs.get_file_info(path).type != FileType.NotFound
+
+    def bucket(self) -> str | None:
+        """The bucket of an object store's URI (s3://BUCKET/..., gs://BUCKET/...); None for a folder."""
+        from pyarrow.fs import LocalFileSystem
+
+        return None if isinstance(self.fs, LocalFileSystem) else self.path.split("/", 1)[0]
 
     def read(self, name: str) -> str:
         with self.fs.open_input_stream(f"{self.path}/{name}") as stream:
@@ -37,6 +47,22 @@ class SearchFolder:
         self.fs.create_dir(self.path, recursive=True)
         with self.fs.open_output_stream(f"{self.path}/{name}") as stream:
             stream.write(text.encode("utf-8"))
+
+
+# pyarrow's S3 errors worth waiting out (its own client already retried a few times): no connection,
+# the server busy or failing, rather than a refusal (no such bucket, a wrong key).
+TRANSIENT_S3 = re.compile(r"AWS Error (NETWORK_CONNECTION|SERVICE_UNAVAILABLE|SLOW_DOWN|INTERNAL_FAILURE|"
+                          r"REQUEST_TIMEOUT|THROTTLING)|HTTP status 5\d\d")
+
+
+def storage_unreachable(error: BaseException) -> bool:
+    """The storage did not answer (an S3 server down or restarting): worth trying again later."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, (ConnectionError, TimeoutError)) or TRANSIENT_S3.search(str(seen)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def check_storage_has_no_credentials(storage: str) -> None:

@@ -32,13 +32,16 @@ from aesearch.search.space import (
     decode_params,
     trial_config,
 )
+from aesearch.search.storage import storage_unreachable
 from aesearch.tracking.outcomes import REPORTED
 from aesearch.tracking.runs import TrialRun, log_invalid_trial
 from aesearch.tracking.store import Tracking
 from aesearch.training.checkpoints import BEST_FILE, load_checkpoint
+from aesearch.training.simulated import simulate
 from aesearch.training.trainer import EpochEnd, train
 
 CHECKPOINT_FILE = "checkpoint.pt"  # the run at the epoch reported
+STORAGE_RETRY_S = 2.0  # how often a report waits for storage that does not answer
 UNDELIVERED = "tracking/undelivered"  # a trial's report: what never reached the tracking server ('' if all did)
 
 
@@ -52,8 +55,10 @@ class TuneReporter:
     moment it reports its final epoch.
     """
 
-    def __init__(self, extra: dict[str, Any], epochs: int, track: Callable[[EpochEnd], None]):
+    def __init__(self, extra: dict[str, Any], epochs: int, track: Callable[[EpochEnd], None],
+                 storage_patience_s: float = 0.0):
         self.extra, self.epochs, self.track = extra, epochs, track
+        self.storage_patience_s = storage_patience_s
         self.held: tuple[dict[str, float], tempfile.TemporaryDirectory] | None = None
         self.started = time.perf_counter()
         self.kept = tempfile.TemporaryDirectory()
@@ -76,7 +81,17 @@ class TuneReporter:
     def report(self, metrics: dict[str, Any], checkpoint_folder: str | None = None) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_folder) if checkpoint_folder else None
         elapsed = {"time/trial_seconds": time.perf_counter() - self.started}  # in this trial process
-        tune.report({**metrics, **self.extra, **elapsed}, checkpoint=checkpoint)
+        # Tune uploads the checkpoint before it takes the report: while the storage does not answer
+        # (an S3 server restarting), nothing was reported, and the same report is tried again.
+        deadline = time.monotonic() + self.storage_patience_s
+        while True:
+            try:
+                tune.report({**metrics, **self.extra, **elapsed}, checkpoint=checkpoint)
+                return
+            except OSError as error:
+                if not storage_unreachable(error) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(STORAGE_RETRY_S)
 
 
 def trial_number(trial_dir: str, trial_id: str) -> str:
@@ -88,7 +103,7 @@ def trial_number(trial_dir: str, trial_id: str) -> str:
 def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: Tracking,
               faults: list[Fault], servers: list[Any] | None = None) -> None:
     """The Ray Tune trainable: one trial of the search, trained by the one trainer (here, or by a
-    pack server when `servers` are given), logged to MLflow."""
+    pack server when `servers` are given) or simulated (`space.simulate`), logged to MLflow."""
     worst = {o.metric: math.inf if o.mode == "min" else -math.inf for o in space.objective}  # what broke ranks last
     context = tune.get_context()
     trial_id, node = context.get_trial_id(), ray.get_runtime_context().get_node_id()
@@ -110,8 +125,11 @@ def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: 
     if server is None and device.startswith("cuda"):
         gpu_memory_cap(space.resources.gpu)  # trials sharing a GPU each keep to their share
     run = TrialRun.for_trial(tracking, trial_id, number, config, data, node)
+    if space.simulate is not None:
+        run.set_tag("simulated", f"a synthetic learning curve, {space.simulate.seconds_per_epoch:g} s per epoch: "
+                    "nothing was trained")
     extra = {"family": variant_family(config), "node": node, "mlflow_run_id": run.run_id}
-    reporter = TuneReporter(extra, config.epochs, run.log_epoch)
+    reporter = TuneReporter(extra, config.epochs, run.log_epoch, space.budget.storage_patience_s)
     resume_state = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # a retry after a failure, or a resumed search
@@ -126,7 +144,9 @@ def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: 
         reporter(end)
 
     try:
-        if server is not None:
+        if space.simulate is not None:
+            result = simulate(config, data, on_epoch, space.simulate, resume_from=resume_state)
+        elif server is not None:
             result = train_in_pack(server, trial_id, config, data, on_epoch, resume_from=resume_state)
         else:
             result = train(config, data, on_epoch, resume_from=resume_state)

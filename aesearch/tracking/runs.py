@@ -215,7 +215,7 @@ class TrialRun:
         if end.epoch <= self.logged_through:  # logged before the trial was restored
             return
         self.log_metrics(end.metrics, end.epoch)
-        if end.epoch in self.draw_at:
+        if end.epoch in self.draw_at and end.model is not None:  # a simulated trial has no model to draw
             training = end.model.training
             with tempfile.TemporaryDirectory() as folder:
                 picture = Path(folder) / f"epoch_{end.epoch:04d}.png"
@@ -242,7 +242,7 @@ class TrialRun:
 
         self.log_metrics(result.metrics, len(result.history))
         with tempfile.TemporaryDirectory() as folder:
-            if drawn is None:
+            if drawn is None and result.model is not None:  # a simulated trial has none
                 save_pictures(result.model, self.data, self.config, folder)
             for picture in sorted(Path(drawn or folder).glob("*.png")):
                 self.outbox.send_file(picture, "images", self.client, self.run_id)

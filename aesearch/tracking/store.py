@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 EMBEDDED_DB = "mlflow.db"
 EMBEDDED_ARTIFACTS = "mlartifacts"
+DATABASES = ("postgresql", "mysql", "mssql")  # backend stores MLflow reaches through SQLAlchemy
 MLFLOW_BATCH = 100  # MLflow takes at most 100 params (and 1000 metrics) per log_batch call
 
 
@@ -36,12 +37,15 @@ def resolve_tracking_uri(flag: str | None) -> str:
     """`--tracking-uri`, else MLFLOW_TRACKING_URI, else the embedded store in the working directory."""
     uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or sqlite_uri(EMBEDDED_DB)
     parts = urlsplit(uri)
-    if parts.password or parts.username:  # it would reach logs, tags and Ray's job config
+    is_database = parts.scheme.split("+")[0] in DATABASES  # a user name is part of its address
+    if parts.password or (parts.username and not is_database):  # it would reach logs, tags and Ray's job config
+        where = ("the database client's environment (PGPASSWORD for PostgreSQL)" if is_database else
+                 "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
         raise UserError(
             f"--tracking-uri {parts.scheme}://***@{parts.hostname}: credentials in the URI are refused; "
-            "put them in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+            f"put them in {where}"
         )
-    if parts.scheme not in ("sqlite", "http", "https", "file", "postgresql", "mysql", "databricks", ""):
+    if not is_database and parts.scheme not in ("sqlite", "http", "https", "file", "databricks", ""):
         raise UserError(
             f"--tracking-uri {uri}: unsupported scheme {parts.scheme!r} (sqlite, http(s), file, postgresql, mysql)"
         )
@@ -50,11 +54,14 @@ def resolve_tracking_uri(flag: str | None) -> str:
 
 
 def check_store_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds, not minutes, when no tracking server answers (MLflow's client retries)."""
+    """Fail in seconds, not minutes, when no tracking server or database answers (MLflow retries)."""
     import urllib.error
     import urllib.request
 
-    if urlsplit(uri).scheme not in ("http", "https"):
+    scheme = urlsplit(uri).scheme
+    if scheme.split("+")[0] in DATABASES:
+        check_database_reachable(uri, timeout_s)
+    if scheme not in ("http", "https"):
         return
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
@@ -64,6 +71,29 @@ def check_store_reachable(uri: str, timeout_s: float = 5.0) -> None:
     except OSError as error:
         reason = getattr(error, "reason", None) or error
         raise UserError(f"--tracking-uri {uri}: no MLflow tracking server answers there ({reason})") from None
+
+
+def check_database_reachable(uri: str, timeout_s: float) -> None:
+    """A backend store given as a database URI (postgresql://USER@HOST:PORT/DB, the password in
+    PGPASSWORD): it answers, and lets us in."""
+    import sqlalchemy
+
+    def refused(error: Exception) -> UserError:
+        reason = str(getattr(error, "orig", None) or error).strip().splitlines() or [type(error).__name__]
+        return UserError(f"--tracking-uri {uri}: cannot connect to the database ({reason[0]})")
+
+    timeout = {"connect_timeout": max(1, round(timeout_s))} if uri.startswith("postgresql") else {}
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=timeout)
+    except Exception as error:  # no driver for it, a malformed URI
+        raise refused(error) from None
+    try:
+        with engine.connect():
+            pass
+    except Exception as error:  # the driver's own errors: no answer, a wrong password, no such database
+        raise refused(error) from None
+    finally:
+        engine.dispose()
 
 
 def check_store_exists(uri: str) -> None:

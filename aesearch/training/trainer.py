@@ -44,7 +44,7 @@ class EpochEnd:
     metrics: dict[str, float]
     is_best: bool  # the best epoch so far by `evaluation.select_by`, ties broken by the lower val/loss
     save_checkpoint: Callable[[Path | str], None]
-    model: Autoencoder  # the live model (a reporter that draws with it restores its mode)
+    model: Autoencoder | None  # the live model (a reporter that draws with it restores its mode); None: simulated
 
 
 Reporter = Callable[[EpochEnd], None]
@@ -65,7 +65,7 @@ class TrainResult:
     history: list[dict[str, float]]  # one entry per epoch
     metrics: dict[str, float]  # test/... of the best weights, and a summary of the run
     best_epoch: int
-    model: Autoencoder  # holding the best weights, in eval mode
+    model: Autoencoder | None  # holding the best weights, in eval mode; None: a simulated trial (training.simulated)
     fingerprint: str
 
 

@@ -1,0 +1,136 @@
+"""A simulated trial: a synthetic learning curve in place of training, to measure the platform itself.
+
+`simulate` stands where `train` stands in a search trial (`search.trial.run_trial`, when the space has
+a `simulate:` section) and hands its reporter the same epochs and its caller the same kind of result,
+so reporting, checkpoints, retries, MLflow and the driver's callbacks run exactly as for a real trial,
+while an epoch costs only `seconds_per_epoch` of sleep. The control plane is then the only cost:
+benchmarks/scale.py measures it so.
+
+The curve is a function of the trial's config with a known optimum: each epoch's val/recon_mse is
+
+    FLOOR * (1 + d) * (1 + HEADROOM * exp(-3 * epoch / epochs)) * exp(noise * N(0, 1))
+
+where d sums, over the fields of `optimum`, ln(value / best)**2 for numbers (a tenfold learning
+rate adds 5.3) and 1 for any other value that differs; N is drawn from the config and the epoch
+alone, so a retried trial repeats its curve. The best trial of a search should therefore sit at
+the optimum, and how near it gets is how well the search searched. Checkpoints hold the model's
+initial weights (a function of its seed: nothing is trained), so the best one is a checkpoint like
+any other: logged, registered, scored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from aesearch.config import TrainConfig
+from aesearch.metrics import SCORE, lookup, selection_key
+from aesearch.parts.data import Data
+from aesearch.parts.models import parameter_count
+from aesearch.schema import Float, Section, broken_rule, flatten
+from aesearch.training.checkpoints import save_checkpoint
+from aesearch.training.trainer import EpochEnd, Reporter, TrainResult, check_resumable, initial_model
+
+FLOOR = 0.01  # val/recon_mse at the optimum, after many epochs
+HEADROOM = 9.0  # an untrained model is 1 + HEADROOM times worse than its floor
+FAR = math.log(1000.0) ** 2  # a number at or below 0 counts as a thousandfold off
+
+
+class Simulation(Section):
+    """A search space's `simulate:` section: its trials follow the curve instead of training."""
+
+    seconds_per_epoch: Float = Field(1.0, ge=0, le=3600)
+    noise: Float = Field(0.02, ge=0, le=1)  # each epoch's metrics times exp(noise * N(0, 1))
+    optimum: dict[str, str | int | float | bool | None] = Field(  # config field -> its best value
+        default_factory=lambda: {"optimizer.lr": 0.003, "model.latent_dim": 16}, min_length=1)
+
+    @model_validator(mode="after")
+    def _optimum_fits(self) -> Simulation:
+        fields = flatten(TrainConfig().model_dump(mode="json"))
+        for path, best in self.optimum.items():
+            if path not in fields:
+                raise broken_rule(f"simulate.optimum: {path!r} is not a config field (e.g. optimizer.lr)")
+            if is_number(best) and not best > 0:
+                raise broken_rule(f"simulate.optimum.{path}={best!r}: a number must be > 0 (the curve compares "
+                                  "numbers by their ratio)")
+        return self
+
+
+def distance(config: TrainConfig, optimum: dict[str, Any]) -> float:
+    """How far the config is from the optimum (0 at it): see the module's docstring."""
+    values = flatten(config.model_dump(mode="json"))
+    total = 0.0
+    for path, best in optimum.items():
+        value = values.get(path)
+        if is_number(value) and is_number(best):
+            total += math.log(value / best) ** 2 if value > 0 else FAR
+        else:
+            total += float(value != best)
+    return total
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def curve(config: TrainConfig, optimum: dict[str, Any], noise: float, epoch: int) -> float:
+    """val/recon_mse of the config at `epoch` (from 1), noise included."""
+    digest = hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    draw = random.Random(f"{digest}:{epoch}").gauss(0.0, 1.0)
+    shape = 1.0 + HEADROOM * math.exp(-3.0 * epoch / config.epochs)
+    return FLOOR * (1.0 + distance(config, optimum)) * shape * math.exp(noise * draw)
+
+
+def as_metric(name: str, recon_mse: float) -> float:
+    """A per-epoch metric of a use (`evaluation.val_metrics`) that moves with the curve: a score in
+    (0, 1] for a score, a PSNR-like value for another one to maximise, the curve itself to minimise."""
+    metric = lookup(name)
+    if metric is None or metric.mode == "min":
+        return recon_mse
+    return min(1.0, FLOOR / recon_mse) if metric.scale == SCORE else -10.0 * math.log10(recon_mse)
+
+
+def simulate(config: TrainConfig, data: Data, reporter: Reporter, simulation: Simulation,
+             resume_from: dict[str, Any] | None = None) -> TrainResult:
+    """`train`'s stand-in: each epoch sleeps, then reports the curve's metrics and a checkpoint (the
+    model's initial weights, the history, the best epoch); `resume_from` (a loaded checkpoint of a
+    simulated run) continues at its epoch. The result has no model: there are no pictures to draw."""
+    model = initial_model(config, data.spec)
+    state = {"config": config.model_dump(mode="json"), "fingerprint": data.fingerprint,
+             "data_spec": data.spec.to_dict(), "model": model.state_dict(), "optimizer": {}, "rng": {},
+             "simulated": True, "epoch": 0, "history": [], "best": {"epoch": 0, "model": None}}
+    if resume_from is not None:
+        check_resumable(resume_from, config, data)
+        state |= {key: resume_from[key] for key in ("epoch", "history", "best")}
+    history, select_by = list(state["history"]), config.evaluation.select_by
+    size = {"model/parameters": float(parameter_count(model)), "model/latent_dim": float(config.model.latent_dim)}
+    started = time.perf_counter()
+    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        began = time.perf_counter()
+        time.sleep(simulation.seconds_per_epoch)
+        recon = curve(config, simulation.optimum, simulation.noise, epoch)
+        terms = ["train/loss", "train/recon", "val/loss", "val/recon", "val/recon_mse", *config.evaluation.val_metrics]
+        if config.model.latent == "gaussian":
+            terms.append("val/kl")
+        metrics = {"epoch": float(epoch), **{name: as_metric(name, recon) for name in terms}, **size,
+                   "time/epoch_seconds": time.perf_counter() - began}
+        history.append(metrics)
+        best = state["best"]["epoch"]
+        is_best = best == 0 or selection_key(select_by, metrics) < selection_key(select_by, history[best - 1])
+        if is_best:
+            state["best"] = {"epoch": epoch, "model": None}
+        state |= {"epoch": epoch, "history": list(history)}
+        reporter(EpochEnd(epoch, metrics, is_best, lambda path, saved=dict(state): save_checkpoint(path, saved), None))
+    best_epoch = state["best"]["epoch"]
+    kept = history[best_epoch - 1]
+    metrics = {"test/recon_mse": kept["val/recon_mse"], "best/epoch": float(best_epoch),
+               **{f"best/{name}": kept[name] for name in dict.fromkeys(
+                   ["val/loss", "val/recon_mse", select_by, *config.evaluation.val_metrics])},
+               "model/parameters": size["model/parameters"], "time/train_seconds": time.perf_counter() - started}
+    return TrainResult(config, history, metrics, best_epoch, None, data.fingerprint)

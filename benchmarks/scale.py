@@ -1,0 +1,514 @@
+"""The control plane at scale: simulated trials through the whole platform, beside Ray Tune's own bounds.
+
+    uv run python benchmarks/scale.py --quick                       # a small run of each workload (minutes)
+    uv run python benchmarks/scale.py --workload bookkeeping        # Ray's sizes: 10,000 trials x 1 s, 16 at a time
+    uv run python benchmarks/scale.py --workload throughput --concurrent 64 --seconds 0.1
+    uv run python benchmarks/scale.py --quick --stack sqlite-server --stack production  # side by side
+
+Every trial is simulated (`simulate:` in the search space, aesearch.training.simulated): the same
+trial function, reports, checkpoints, MLflow writes and driver callbacks as a real trial, but an
+epoch is `--seconds` of sleep. What is left is the platform's own cost, measured here by calling
+`aesearch.search.driver.search` in this process (so this process is the driver) and printed beside
+the bounds Ray Tune's release tests assert for bare Tune (random search, no tracking):
+
+- bookkeeping: many one-epoch trials, TPE + ASHA (ray: release/tune_tests/scalability_tests/workloads/
+  test_bookkeeping_overhead.py: 10,000 trials x 1 s, 16 at a time, minimum 625 s, bound 800 s;
+  observed 715 s in doc/source/tune/tutorials/tune-scalability.rst);
+- throughput: every trial running at once, reporting every `--seconds`, no early stopping (ray:
+  tune-scalability.rst, "around 500 total results/second ... when logging and synchronization are
+  disabled. With logging enabled, around 50-100"; test_result_throughput_single_node.py: 96 trials x
+  50 results/s x 100 s, bound 120 s).
+
+Per workload: wall against the theoretical minimum (trials x epochs x seconds / concurrency), the
+driver's CPU per trial and per result (getrusage of this process), results per second, Optuna's ask
+latency by the number of finished trials, the ramp-up to full concurrency (the trials' MLflow run
+start times), the driver's memory growth per finished trial, the size of Tune's experiment-state
+snapshot, every result counted in MLflow's store (its metric rows), a trial actor's memory, and the
+search's quality against the curve's known optimum.
+
+`--stack` says what the search runs on, each in a temporary folder, started and stopped here:
+
+- embedded (the default, the control): MLflow in the processes themselves on a SQLite file, storage a
+  local folder;
+- production: cluster/services.py's stack, as `make cluster-demo` runs it: an MLflow server (basic
+  auth, the trials' own account) with its backend store in PostgreSQL and its artifacts in SeaweedFS's
+  S3 server, the search's storage in the same bucket (s3://aesearch/searches);
+- sqlite-server: the same with the server's backend store in SQLite, the control for PostgreSQL.
+
+On a server stack it also prints the MLflow requests' latency (p50/p99) and errors, timed by their
+clients: every process of the search (driver, trial actors) runs benchmarks/request_timer/
+sitecustomize.py, which times each `requests` call to the server; and the bucket's traffic, in and
+out, by the S3 server's own counters. Given more than one stack, each workload runs on each, and a
+table puts their figures side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from aesearch import settings
+
+settings.apply()  # before Ray is imported, as the CLI does
+
+import ray  # noqa: E402
+import sqlalchemy  # noqa: E402
+
+from aesearch.locations import sqlite_uri  # noqa: E402
+from aesearch.search.driver import SearchOptions, search  # noqa: E402
+from aesearch.search.phases import Phases  # noqa: E402
+from aesearch.search.ray_api import MarkingOptunaSearch  # noqa: E402
+from aesearch.search.space import parse_space, sample_params, trial_config  # noqa: E402
+from aesearch.search.storage import SearchFolder  # noqa: E402
+from aesearch.training.simulated import curve, distance  # noqa: E402
+
+CPUS = os.cpu_count() or 1
+REPO = Path(__file__).resolve().parents[1]
+TIMER = Path(__file__).with_name("request_timer")  # its sitecustomize.py times MLflow's requests
+CHECKPOINT = re.compile(r".*/checkpoint_[^/]+(?=/)")  # a trial's checkpoint folder in Tune's experiment
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    trials: int
+    epochs: int
+    seconds: float  # per epoch
+    concurrent: int
+    early_stopping: str
+    ray: str  # Ray Tune's figure for bare Tune, and its source
+
+    @property
+    def minimum(self) -> float:
+        return self.trials * self.epochs * self.seconds / self.concurrent
+
+    @property
+    def title(self) -> str:
+        stops = "TPE + ASHA" if self.early_stopping == "asha" else "TPE, no early stopping"
+        return (f"{self.name}: {self.trials} trials x {self.epochs} epoch(s) x {self.seconds:g} s, "
+                f"{self.concurrent} at a time, {stops}")
+
+
+WORKLOADS = {
+    "bookkeeping": Workload("bookkeeping", 10_000, 1, 1.0, 16, "asha",
+                            "Ray: 10,000 x 1 s, 16 at a time: bound 800 s = 1.28x the 625 s minimum, observed 715 s = "
+                            "1.14x (test_bookkeeping_overhead.py, tune-scalability.rst)"),
+    "throughput": Workload("throughput", 96, 100, 0.1, 96, "none",
+                           "Ray: ~500 results/s without logging, 50-100 with (tune-scalability.rst); "
+                           "96 trials x 50 results/s: bound 1.2x the minimum (test_result_throughput_single_node.py)"),
+}
+QUICK = {  # sized for a 2-core machine: a few minutes in all
+    "bookkeeping": replace(WORKLOADS["bookkeeping"], trials=160, concurrent=8),
+    "throughput": replace(WORKLOADS["throughput"], trials=8, epochs=100, seconds=0.05, concurrent=8),
+}
+
+
+STACKS = {
+    "embedded": "MLflow: embedded SQLite, storage: local folder",
+    "sqlite-server": "MLflow: server on SQLite, artifacts in S3 (SeaweedFS); storage: S3",
+    "production": "MLflow: server on PostgreSQL, artifacts in S3 (SeaweedFS); storage: S3",
+}
+
+
+@dataclass
+class Stack:
+    """Where a search logs and stores, and how to read its figures back."""
+
+    name: str
+    tracking_uri: str
+    storage: str
+    store_uri: str  # MLflow's backend store, read directly for the figures
+    store_args: dict = field(default_factory=dict)  # the database's password, never in the URI
+    s3: object | None = None  # cluster/services.py's S3Server
+    requests: Path | None = None  # the request timer's files
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """These variables in this process's environment (inherited by the Ray it starts), then as before."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextmanager
+def timed_requests() -> Iterator[None]:
+    """The request timer in this process too (it started before the timer was on its PYTHONPATH)."""
+    import requests
+
+    original = requests.Session.request
+    spec = importlib.util.spec_from_file_location("aesearch_request_timer", TIMER / "sitecustomize.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))  # installs itself: the variables are set
+    try:
+        yield
+    finally:
+        requests.Session.request = original
+
+
+@contextmanager
+def stack(name: str, folder: Path, server_workers: int) -> Iterator[Stack]:
+    """The stack NAME (see STACKS) in FOLDER: its servers started, this process a client of them (the S3
+    and MLflow credentials the trials use, in its environment before Ray starts), all stopped after."""
+    if name == "embedded":
+        uri = sqlite_uri(folder / "mlflow.db")
+        yield Stack(name, uri, str(folder / "results"), uri)
+        return
+    if str(REPO / "cluster") not in sys.path:
+        sys.path.insert(0, str(REPO / "cluster"))
+    from services import MLflowServer, PostgreSQL, S3Server
+
+    with ExitStack() as started:
+        database = None
+        if name == "production":
+            database = started.enter_context(PostgreSQL(folder / "postgres", databases=MLflowServer.DATABASES))
+        s3 = started.enter_context(S3Server(folder / "s3"))
+        server = started.enter_context(MLflowServer(folder / "mlflow", database, s3, workers=server_workers))
+        requests = folder / "requests"
+        requests.mkdir()
+        python_path = os.pathsep.join(filter(None, (str(TIMER), os.environ.get("PYTHONPATH"))))
+        started.enter_context(environment({
+            **s3.client_env(s3.trials), **server.client_env(), "PYTHONPATH": python_path,
+            "AESEARCH_SCALE_REQUESTS": server.uri, "AESEARCH_SCALE_REQUEST_LOG": str(requests)}))
+        started.enter_context(timed_requests())
+        store_args = {"password": database.passwords[database.role]} if database is not None else {}
+        yield Stack(name, server.uri, s3.uri("searches"), server.store_uri(), store_args, s3, requests)
+
+
+def space_document(workload: Workload) -> dict:
+    return {
+        "name": f"scale-{workload.name}",
+        "data": {"name": "digits"},
+        "base": {"model": {"hidden_dims": [16]}},
+        "space": {
+            "optimizer.lr": {"type": "float", "low": 0.0001, "high": 0.1, "log": True},
+            "model.latent_dim": {"type": "categorical", "choices": [2, 4, 8, 16, 32, 64]},
+        },
+        "budget": {"num_samples": workload.trials, "max_epochs": workload.epochs, "grace_period": 1},
+        "resources": {"cpu": CPUS / workload.concurrent},  # logical CPUs: `concurrent` trials fit at once
+        "max_concurrent": workload.concurrent,
+        "early_stopping": workload.early_stopping,
+        "simulate": {"seconds_per_epoch": workload.seconds},
+    }
+
+
+# --- what this process (the driver) does while the search runs ---------------------------------------
+
+
+def memory(pid: int | str = "self") -> dict[str, int]:
+    """Rss and Anonymous (private) memory of a process, in bytes."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, value, *_ = line.split()
+        fields[name.rstrip(":")] = int(value) * 1024
+    return {"rss": fields["Rss"], "private": fields["Anonymous"]}
+
+
+def trial_actors() -> list[int]:
+    """This machine's processes running a Tune trial (Ray titles them `ray::ImplicitFunc...`)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(b"ray::ImplicitFunc"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+class Probe:
+    """Times every Optuna ask (the searcher's `suggest`, with the number of finished trials and this
+    process's RSS at that moment) and samples the trial actors' memory every second."""
+
+    def __init__(self):
+        self.asks: list[tuple[int, float, int]] = []  # (finished trials, seconds, driver RSS)
+        self.actors: dict[int, dict[str, int]] = {}  # pid -> its largest memory seen
+        self.stopping = threading.Event()
+
+    def __enter__(self) -> Probe:
+        original = self.original = MarkingOptunaSearch.suggest
+        asks = self.asks
+
+        def timed(searcher, trial_id):
+            started = time.perf_counter()
+            suggested = original(searcher, trial_id)
+            if isinstance(suggested, dict):
+                asks.append((len(searcher._completed_trials), time.perf_counter() - started, memory()["rss"]))
+            return suggested
+
+        MarkingOptunaSearch.suggest = timed
+        self.sampler = threading.Thread(target=self.sample, daemon=True)
+        self.sampler.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        MarkingOptunaSearch.suggest = self.original
+        self.stopping.set()
+        self.sampler.join()
+
+    def sample(self) -> None:
+        while not self.stopping.wait(1.0):
+            for pid in trial_actors():
+                try:
+                    now = memory(pid)
+                except OSError:
+                    continue
+                seen = self.actors.setdefault(pid, now)
+                self.actors[pid] = {k: max(seen[k], now[k]) for k in now}
+
+
+# --- after the search ----------------------------------------------------------------------------------
+
+
+def store_figures(uri: str, experiment: str, connect_args: dict | None = None) -> dict[str, object]:
+    """From MLflow's store itself: metric rows, result rows (`epoch`, one per report), their timestamps,
+    and the trial runs' start times (ms)."""
+    engine = sqlalchemy.create_engine(uri, connect_args=connect_args or {})
+    of_experiment = ("JOIN runs r ON m.run_uuid = r.run_uuid JOIN experiments e ON r.experiment_id = e.experiment_id "
+                     "WHERE e.name = :name")
+    with engine.connect() as connection:
+        def rows(query: str) -> list:
+            return list(connection.execute(sqlalchemy.text(query), {"name": experiment}))
+
+        metric_rows = rows(f"SELECT COUNT(*) FROM metrics m {of_experiment}")[0][0]
+        epochs = [t for (t,) in rows(f"SELECT m.timestamp FROM metrics m {of_experiment} AND m.key = 'epoch'")]
+        starts = [t for (t,) in rows(
+            "SELECT r.start_time FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
+            "JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'aesearch.role' AND t.value = 'trial' "
+            "WHERE e.name = :name")]
+    engine.dispose()
+    return {"metric_rows": metric_rows, "epoch_times": sorted(epochs), "starts": sorted(starts)}
+
+
+def storage_figures(experiment_folder: str) -> dict[str, object]:
+    """What the search left in its storage (a folder or the bucket, through pyarrow's filesystem as Tune
+    writes it): its checkpoints (folders, bytes) and its experiment-state snapshots (name, bytes)."""
+    from pyarrow.fs import FileSelector, FileType
+
+    folder = SearchFolder(experiment_folder)
+    files = [f for f in folder.fs.get_file_info(FileSelector(folder.path, recursive=True)) if f.type == FileType.File]
+    checkpoints = {f.path: CHECKPOINT.search(f.path) for f in files}
+    checkpoints = {path: found.group(0) for path, found in checkpoints.items() if found}  # file -> its folder
+    return {"checkpoints": len(set(checkpoints.values())),
+            "checkpoint_bytes": sum(f.size for f in files if f.path in checkpoints),
+            "snapshots": {f.base_name: f.size for f in files if f.base_name.startswith("experiment_state-")}}
+
+
+def request_figures(folder: Path) -> dict[str, object]:
+    """The MLflow requests the request timer saw, from every process of the search."""
+    rows = [line.split("\t") for log in folder.glob("*.tsv") for line in log.read_text().splitlines()]
+    seconds = sorted(float(row[1]) for row in rows)
+    cuts = statistics.quantiles(seconds, n=100, method="inclusive") if len(seconds) > 1 else seconds * 99
+    statuses = Counter(row[4] for row in rows)
+    failed = Counter(f"{row[2]} {row[3]} {row[4]}" for row in rows if not row[4].startswith(("2", "3")))
+    busiest = Counter(f"{row[2]} {row[3]}" for row in rows).most_common(3)
+    return {"count": len(rows), "processes": len(list(folder.glob("*.tsv"))), "p50": cuts[49] if cuts else 0.0,
+            "p99": cuts[98] if cuts else 0.0, "max": seconds[-1] if seconds else 0.0, "statuses": statuses,
+            "failed": failed, "busiest": busiest,
+            "span": (max(float(r[0]) for r in rows) - min(float(r[0]) for r in rows)) if rows else 0.0}
+
+
+def ask_latencies(asks: list[tuple[int, float, int]]) -> str:
+    """Median ask time by finished trials: up to 100, up to 1,000, up to 10,000, beyond."""
+    parts, low = [], -1
+    for high in (100, 1_000, 10_000, float("inf")):
+        times = [seconds for finished, seconds, _ in asks if low < finished <= high]
+        if times:
+            label = f"<= {high:,.0f}" if high != float("inf") else f"> {low:,}"
+            parts.append(f"p50 {statistics.median(times) * 1e3:.1f} ms, max {max(times) * 1e3:.0f} ms at {label} "
+                         f"finished ({len(times)} asks)")
+        low = high
+    return "; ".join(parts) or "no asks recorded"
+
+
+def growth_per_trial(asks: list[tuple[int, float, int]]) -> str:
+    """The driver's RSS growth per finished trial, from the quarter of the asks onwards (start-up done)."""
+    if len(asks) < 8:
+        return "too few trials to tell"
+    (n0, _, rss0), (n1, _, rss1) = asks[len(asks) // 4], asks[-1]
+    if n1 <= n0:
+        return "no trial finished in between"
+    return f"{(rss1 - rss0) / (n1 - n0) / 1024:+.0f} KB per finished trial (RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB)"
+
+
+def quality(space, board) -> str:
+    """The best trial's distance to the curve's optimum, beside that of the best of as many random trials
+    (best by the same noisy curve at the last epoch, as a random search would rank them)."""
+    optimum, noise, epochs = space.simulate.optimum, space.simulate.noise, space.budget.max_epochs
+    best = board[board["rank"] == 1].iloc[0]
+    params = dict(part.split("=") for part in best["params"].split(", "))
+    config = trial_config(space, {"optimizer.lr": float(params["optimizer.lr"]),
+                                  "model.latent_dim": int(params["model.latent_dim"])})
+    drawn = [trial_config(space, p) for p in sample_params(space, len(board), seed=1)]
+    randomly = min(drawn, key=lambda c: curve(c, optimum, noise, epochs))
+    return (f"best trial {best['params']}: distance {distance(config, optimum):.3g} to the optimum "
+            f"({', '.join(f'{k}={v}' for k, v in optimum.items())}); random search's best of {len(board)}: "
+            f"{distance(randomly, optimum):.3g}")
+
+
+def bare_trial(config: dict) -> None:
+    """The control for a trial actor's memory: a Tune trial that imports what a trial needs but torch."""
+    import mlflow  # noqa: F401
+    import optuna  # noqa: F401
+    import pydantic  # noqa: F401
+
+    from ray import tune
+
+    for step in range(6):
+        time.sleep(0.5)
+        tune.report({"step": step})
+
+
+def bare_actor_memory(folder: Path) -> None:
+    from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
+
+    ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
+    try:
+        with Probe() as probe:
+            results = tune.Tuner(bare_trial, tune_config=tune.TuneConfig(num_samples=CPUS),
+                                 run_config=tune.RunConfig(storage_path=str(folder), verbose=0,
+                                                           callbacks=[JsonLoggerCallback()])).fit()
+    finally:
+        ray.shutdown()
+    if results.errors:
+        raise results.errors[0]
+    actors = probe.actors.values()
+    print(f"\ncontrol: a bare Tune trial actor (ray.tune, mlflow, optuna, pydantic; no torch): RSS "
+          f"{max(a['rss'] for a in actors) / 2**20:.0f} MiB, private {max(a['private'] for a in actors) / 2**20:.0f} MiB")
+
+
+def measure(workload: Workload, stack: Stack) -> dict[str, str]:
+    """Runs the workload on the stack, prints its figures, returns the main ones for the side-by-side table."""
+    space = parse_space(space_document(workload))
+    name = space.name
+    options = SearchOptions(name=name, storage=stack.storage, tracking_uri=stack.tracking_uri)
+    phases = Phases()
+    before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    with Probe() as probe:
+        board = search(space, options, phases)
+    wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    results = int(board["epochs"].sum())
+    store = store_figures(stack.store_uri, name, stack.store_args)
+    stored = storage_figures(options.experiment_folder)
+    spent = phases.seconds()
+    trials_phase = spent["trials"]
+    tune_time = spent["to the first trial report"] + trials_phase  # what Ray's release tests time: tune.run
+    times = store["epoch_times"]
+    sustained = (len(times) - 1) / ((times[-1] - times[0]) / 1e3) if len(times) > 1 and times[-1] > times[0] else 0.0
+    starts = store["starts"]
+    full = min(workload.concurrent, len(starts))
+    ramp = (starts[full - 1] - starts[0]) / 1e3 if starts else float("nan")
+    actors = probe.actors.values()
+    outcomes = board["state"].value_counts().to_dict()
+
+    print(f"\n{workload.title}; {STACKS[stack.name]}")
+    print(f"  wall           {tune_time:.1f} s in Tune (the trials, from the wait for the first to the end of the last): "
+          f"{tune_time / workload.minimum:.2f}x the theoretical minimum {workload.minimum:.1f} s")
+    print(f"                 {workload.ray}")
+    print(f"  search()       {wall:.1f} s: {phases.line()}")
+    print(f"  outcomes       {', '.join(f'{n} {state}' for state, n in outcomes.items())}")
+    print(f"  driver CPU     {cpu:.1f} s: {cpu / len(board) * 1e3:.0f} ms per trial, {cpu / results * 1e3:.0f} ms per result")
+    print(f"  results        {results} reported, {len(times)} in MLflow ('epoch' rows); {results / tune_time:.1f}/s "
+          f"from the first trial's start, {sustained:.1f}/s from the first logged to the last")
+    print(f"  Optuna ask     {ask_latencies(probe.asks)}")
+    print(f"  ramp-up        {full} trials started {ramp:.1f} s after the first (MLflow run start times)")
+    print(f"  driver memory  {growth_per_trial(probe.asks)}")
+    print(f"  state snapshot {', '.join(f'{n} {size / 1024:.0f} KB' for n, size in stored['snapshots'].items()) or 'none'}")
+    print(f"  MLflow rows    {store['metric_rows']:,} metric rows ({store['metric_rows'] / max(results, 1):.1f} per result)")
+    if actors:
+        print(f"  trial actor    RSS {max(a['rss'] for a in actors) / 2**20:.0f} MiB, private "
+              f"{max(a['private'] for a in actors) / 2**20:.0f} MiB (the largest of {len(actors)} actors)")
+    print(f"  search quality {quality(space, board)}")
+    each = stored["checkpoint_bytes"] / max(stored["checkpoints"], 1)
+    print(f"  checkpoints    {stored['checkpoints']} kept in the storage ({stored['checkpoint_bytes'] / 2**20:.1f} MiB, "
+          f"{each / 1024:.0f} KB each); written: one per result, ~{results * each / 2**20:.1f} MiB")
+    figures = {"wall in Tune": f"{tune_time:.1f} s ({tune_time / workload.minimum:.2f}x min)",
+               "search()": f"{wall:.1f} s", "results/s sustained": f"{sustained:.1f}",
+               "driver CPU": f"{cpu / len(board) * 1e3:.0f} ms/trial, {cpu / results * 1e3:.0f} ms/result",
+               "checkpoints kept": f"{stored['checkpoint_bytes'] / 2**20:.1f} MiB"}
+    if stack.requests is not None:
+        asked = request_figures(stack.requests)
+        statuses = ", ".join(f"{n} x {status}" for status, n in sorted(asked["statuses"].items()))
+        print(f"  MLflow calls   {asked['count']:,} requests from {asked['processes']} processes "
+              f"({asked['count'] / max(results, 1):.1f} per result, {asked['count'] / max(asked['span'], 1e-9):.0f}/s): "
+              f"p50 {asked['p50'] * 1e3:.1f} ms, p99 {asked['p99'] * 1e3:.0f} ms, max {asked['max'] * 1e3:.0f} ms "
+              f"(timed by the clients); {statuses}")
+        print(f"                 most: {'; '.join(f'{call} {n:,}' for call, n in asked['busiest'])}")
+        if asked["failed"]:
+            print(f"                 not 2xx: {'; '.join(f'{call} x {n}' for call, n in asked['failed'].most_common(5))}")
+        traffic = stack.s3.traffic()
+        print(f"  bucket traffic {traffic['received'] / 2**20:.1f} MiB written, {traffic['sent'] / 2**20:.1f} MiB read "
+              f"(every client: checkpoints, Tune's results and state, MLflow's artifacts; the S3 server's counters)")
+        failures = sum(n for status, n in asked["statuses"].items() if not status.startswith(("2", "3", "4")))
+        figures |= {"MLflow p50 / p99": f"{asked['p50'] * 1e3:.1f} / {asked['p99'] * 1e3:.0f} ms",
+                    "MLflow requests": f"{asked['count']:,} ({failures} 5xx or failed)",
+                    "bucket written / read": f"{traffic['received'] / 2**20:.1f} / {traffic['sent'] / 2**20:.1f} MiB"}
+    assert len(times) == results, f"{results} results reported, {len(times)} in MLflow"
+    return figures
+
+
+def side_by_side(workload: Workload, columns: dict[str, dict[str, str]]) -> None:
+    """One workload's main figures, a column per stack."""
+    rows = list(dict.fromkeys(row for figures in columns.values() for row in figures))
+    width = max(24, *(len(v) + 2 for figures in columns.values() for v in figures.values()))
+    print(f"\n{workload.title}: side by side")
+    print(f"  {'':24}" + "".join(f"{name:<{width}}" for name in columns))
+    for row in rows:
+        print(f"  {row:24}" + "".join(f"{figures.get(row, '-'):<{width}}" for figures in columns.values()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small run of each workload (minutes on 2 cores)")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), action="append", help="default: all")
+    parser.add_argument("--trials", type=int)
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--seconds", type=float, help="per epoch")
+    parser.add_argument("--concurrent", type=int)
+    parser.add_argument("--stack", action="append", choices=sorted(STACKS),
+                        help="what the search runs on (repeatable: side by side; default: embedded)")
+    parser.add_argument("--server-workers", type=int, default=1,
+                        help="the MLflow server's worker processes (default 1, as make cluster-demo's; "
+                             "cluster/mlflow/compose.yaml runs 4)")
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else WORKLOADS
+    print(f"{platform.machine()}, {CPUS} cores, Ray {ray.__version__}; {'quick run' if args.quick else 'full sizes'}")
+    for name in args.workload or sorted(WORKLOADS):
+        changes = {k: v for k, v in (("trials", args.trials), ("epochs", args.epochs), ("seconds", args.seconds),
+                                     ("concurrent", args.concurrent)) if v is not None}
+        workload, columns = replace(sizes[name], **changes), {}
+        for stack_name in args.stack or ["embedded"]:
+            with tempfile.TemporaryDirectory(prefix="aesearch-scale-") as folder, \
+                    stack(stack_name, Path(folder), args.server_workers) as running:
+                columns[stack_name] = measure(workload, running)
+        if len(columns) > 1:
+            side_by_side(workload, columns)
+    with tempfile.TemporaryDirectory(prefix="aesearch-scale-") as folder:
+        bare_actor_memory(Path(folder))
+
+
+if __name__ == "__main__":
+    main()
