@@ -135,6 +135,23 @@ class Stack:
     store_args: dict = field(default_factory=dict)  # the database's password, never in the URI
     s3: object | None = None  # cluster/services.py's S3Server
     requests: Path | None = None  # the request timer's files
+    servers: dict = field(default_factory=dict)  # name -> cluster/services.py's Service
+
+    def server_cpu(self) -> dict[str, float]:
+        """CPU seconds each server has used so far: its process group's processes, and the children
+        they have reaped (PostgreSQL's backends)."""
+        ticks, used = os.sysconf("SC_CLK_TCK"), {}
+        for name, service in self.servers.items():
+            total = 0
+            for entry in Path("/proc").iterdir():
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except (OSError, IndexError):
+                    continue
+                if entry.name.isdigit() and int(fields[2]) == service.process.pid:  # its process group
+                    total += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
+            used[name] = total / ticks
+        return used
 
 
 @contextmanager
@@ -167,7 +184,7 @@ def timed_requests() -> Iterator[None]:
 
 
 @contextmanager
-def stack(name: str, folder: Path, server_workers: int) -> Iterator[Stack]:
+def stack(name: str, folder: Path, server_workers: int, auth_cache_s: int) -> Iterator[Stack]:
     """The stack NAME (see STACKS) in FOLDER: its servers started, this process a client of them (the S3
     and MLflow credentials the trials use, in its environment before Ray starts), all stopped after."""
     if name == "embedded":
@@ -183,7 +200,8 @@ def stack(name: str, folder: Path, server_workers: int) -> Iterator[Stack]:
         if name == "production":
             database = started.enter_context(PostgreSQL(folder / "postgres", databases=MLflowServer.DATABASES))
         s3 = started.enter_context(S3Server(folder / "s3"))
-        server = started.enter_context(MLflowServer(folder / "mlflow", database, s3, workers=server_workers))
+        server = started.enter_context(MLflowServer(folder / "mlflow", database, s3, workers=server_workers,
+                                                    auth_cache_s=auth_cache_s))
         requests = folder / "requests"
         requests.mkdir()
         python_path = os.pathsep.join(filter(None, (str(TIMER), os.environ.get("PYTHONPATH"))))
@@ -192,7 +210,9 @@ def stack(name: str, folder: Path, server_workers: int) -> Iterator[Stack]:
             "AESEARCH_SCALE_REQUESTS": server.uri, "AESEARCH_SCALE_REQUEST_LOG": str(requests)}))
         started.enter_context(timed_requests())
         store_args = {"password": database.passwords[database.role]} if database is not None else {}
-        yield Stack(name, server.uri, s3.uri("searches"), server.store_uri(), store_args, s3, requests)
+        servers = {"MLflow": server.service, "PostgreSQL": database and database.service, "S3": s3.service}
+        yield Stack(name, server.uri, s3.uri("searches"), server.store_uri(), store_args, s3, requests,
+                    {name: service for name, service in servers.items() if service is not None})
 
 
 def space_document(workload: Workload) -> dict:
@@ -405,11 +425,13 @@ def measure(workload: Workload, stack: Stack) -> dict[str, str]:
     name = space.name
     options = SearchOptions(name=name, storage=stack.storage, tracking_uri=stack.tracking_uri)
     phases = Phases()
+    servers_before = stack.server_cpu()
     before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     with Probe() as probe:
         board = search(space, options, phases)
     wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF)
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    servers_cpu = {name: used - servers_before[name] for name, used in stack.server_cpu().items()}
     results = int(board["epochs"].sum())
     store = store_figures(stack.store_uri, name, stack.store_args)
     stored = storage_figures(options.experiment_folder)
@@ -436,7 +458,8 @@ def measure(workload: Workload, stack: Stack) -> dict[str, str]:
     print(f"  Optuna ask     {ask_latencies(probe.asks)}")
     print(f"  ramp-up        {full} trials started {ramp:.1f} s after the first (MLflow run start times)")
     print(f"  driver memory  {growth_per_trial(probe.asks)}")
-    print(f"  state snapshot {', '.join(f'{n} {size / 1024:.0f} KB' for n, size in stored['snapshots'].items()) or 'none'}")
+    snapshots = ", ".join(f"{n} {size / 1024:.0f} KB" for n, size in stored["snapshots"].items())
+    print(f"  state snapshot {snapshots or 'none'}")
     print(f"  MLflow rows    {store['metric_rows']:,} metric rows ({store['metric_rows'] / max(results, 1):.1f} per result)")
     if actors:
         print(f"  trial actor    RSS {max(a['rss'] for a in actors) / 2**20:.0f} MiB, private "
@@ -458,13 +481,17 @@ def measure(workload: Workload, stack: Stack) -> dict[str, str]:
               f"(timed by the clients); {statuses}")
         print(f"                 most: {'; '.join(f'{call} {n:,}' for call, n in asked['busiest'])}")
         if asked["failed"]:
-            print(f"                 not 2xx: {'; '.join(f'{call} x {n}' for call, n in asked['failed'].most_common(5))}")
+            failed = "; ".join(f"{call} x {n}" for call, n in asked["failed"].most_common(5))
+            print(f"                 not 2xx: {failed}")
+        print(f"  server CPU     {', '.join(f'{name} {used:.1f} s' for name, used in servers_cpu.items())} "
+              f"during search()'s {wall:.0f} s; MLflow's {servers_cpu['MLflow'] / results * 1e3:.0f} ms per result")
         traffic = stack.s3.traffic()
         print(f"  bucket traffic {traffic['received'] / 2**20:.1f} MiB written, {traffic['sent'] / 2**20:.1f} MiB read "
               f"(every client: checkpoints, Tune's results and state, MLflow's artifacts; the S3 server's counters)")
         failures = sum(n for status, n in asked["statuses"].items() if not status.startswith(("2", "3", "4")))
         figures |= {"MLflow p50 / p99": f"{asked['p50'] * 1e3:.1f} / {asked['p99'] * 1e3:.0f} ms",
                     "MLflow requests": f"{asked['count']:,} ({failures} 5xx or failed)",
+                    "MLflow server CPU": f"{servers_cpu['MLflow']:.0f} s",
                     "bucket written / read": f"{traffic['received'] / 2**20:.1f} / {traffic['sent'] / 2**20:.1f} MiB"}
     assert len(times) == results, f"{results} results reported, {len(times)} in MLflow"
     return figures
@@ -493,16 +520,24 @@ def main() -> None:
     parser.add_argument("--server-workers", type=int, default=1,
                         help="the MLflow server's worker processes (default 1, as make cluster-demo's; "
                              "cluster/mlflow/compose.yaml runs 4)")
+    parser.add_argument("--auth-cache-s", type=int, default=60,
+                        help="the MLflow server's auth cache (default 60 s, as cluster/services.py's; 0: off, "
+                             "MLflow's default, a password check on every request)")
     args = parser.parse_args()
     sizes = QUICK if args.quick else WORKLOADS
     print(f"{platform.machine()}, {CPUS} cores, Ray {ray.__version__}; {'quick run' if args.quick else 'full sizes'}")
+    if set(args.stack or []) - {"embedded"}:
+        import mlflow
+
+        print(f"MLflow server {mlflow.__version__}: {args.server_workers} worker(s), basic auth, auth cache "
+              f"{args.auth_cache_s} s")
     for name in args.workload or sorted(WORKLOADS):
         changes = {k: v for k, v in (("trials", args.trials), ("epochs", args.epochs), ("seconds", args.seconds),
                                      ("concurrent", args.concurrent)) if v is not None}
         workload, columns = replace(sizes[name], **changes), {}
         for stack_name in args.stack or ["embedded"]:
             with tempfile.TemporaryDirectory(prefix="aesearch-scale-") as folder, \
-                    stack(stack_name, Path(folder), args.server_workers) as running:
+                    stack(stack_name, Path(folder), args.server_workers, args.auth_cache_s) as running:
                 columns[stack_name] = measure(workload, running)
         if len(columns) > 1:
             side_by_side(workload, columns)

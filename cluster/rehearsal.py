@@ -36,11 +36,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from base64 import b64encode
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services import BIN, LOOPBACK, PostgreSQL, S3Server, Service, free_port, write_secret
+from services import BIN, LOOPBACK, MLflowServer, PostgreSQL, S3Server, Service, free_port, write_secret
 
 REPO = Path(__file__).resolve().parents[1]
 TRIALS_USER = "aesearch-trials"  # the MLflow account the driver and the trials log with (not the admin)
@@ -59,14 +58,18 @@ class LocalCluster:
     def __post_init__(self) -> None:
         self.workdir = self.workdir.absolute()
         self.secrets = self.workdir / "secrets"
-        self.database = PostgreSQL(self.workdir / "postgres", databases=("mlflow", "mlflow_auth"))
+        self.database = PostgreSQL(self.workdir / "postgres", databases=MLflowServer.DATABASES)
         self.s3 = S3Server(self.workdir / "s3")
-        self.mlflow_port, self.gcs_port, self.dashboard_port = free_port(), free_port(), free_port()
-        self.tracking_uri = f"http://{LOOPBACK}:{self.mlflow_port}"
+        # its backend store in PostgreSQL, its artifacts in the bucket, basic auth on (its config in secrets/)
+        self.mlflow = MLflowServer(self.secrets, self.database, self.s3, trials_user=TRIALS_USER,
+                                   log=self.workdir / "logs" / "mlflow-server.log")
+        self.mlflow_password, self.trials_password = self.mlflow.admin_password, self.mlflow.trials_password
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.tracking_uri = self.mlflow.uri
         self.gcs_address = f"{LOOPBACK}:{self.gcs_port}"
         self.dashboard = f"http://{LOOPBACK}:{self.dashboard_port}"
         self.storage = self.s3.uri("searches")  # Ray Tune's results and checkpoints, in the bucket
-        self.artifacts = self.s3.uri("mlflow")  # MLflow's artifact store, proxied by its server
+        self.artifacts = self.mlflow.artifacts  # MLflow's artifact store, proxied by its server
         # Ray's session folders (logs, sockets) for this rehearsal only, removed when it stops; a short
         # path, because Ray's socket paths must fit in 107 bytes.
         self.ray_temp = Path(tempfile.mkdtemp(prefix="aesearch-ray-"))
@@ -80,15 +83,6 @@ class LocalCluster:
     def make_secrets(self) -> None:
         self.secrets.mkdir(parents=True, exist_ok=True)
         self.ray_token = write_secret(self.secrets / "ray_token", secrets.token_hex(32))
-        self.mlflow_password = secrets.token_urlsafe(24)  # the admin's: the server reads it from its environment
-        self.trials_password = secrets.token_urlsafe(24)
-        self.auth_config = write_secret(self.secrets / "mlflow_auth.ini", (
-            "[mlflow]\n"
-            "default_permission = READ\n"
-            f"database_uri = {self.database.uri('mlflow_auth')}\n"
-            "admin_username = admin\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-        ))
 
     def env(self, *, ray_token: bool = True) -> dict[str, str]:
         """What a Kubernetes pod gets from the secrets: Ray's token, the trials' MLflow account, the
@@ -100,8 +94,7 @@ class LocalCluster:
             # Under `make` (`uv run`), Ray would run each job in a copy of its working directory with its own
             # `uv run`; the nodes of a real cluster run the image's environment, as these run this one.
             "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-            "MLFLOW_TRACKING_USERNAME": TRIALS_USER,
-            "MLFLOW_TRACKING_PASSWORD": self.trials_password,
+            **self.mlflow.client_env(),  # the trials' own account
             **self.s3.client_env(self.s3.trials),
             "PYTHONUNBUFFERED": "1",
         })
@@ -127,8 +120,7 @@ class LocalCluster:
             self.make_secrets()
             self.database.__enter__()
             self.s3.__enter__()
-            self.start_mlflow()
-            self.add_trials_user()
+            self.mlflow.__enter__()
             self.start_ray()
         except BaseException:
             self.stop()
@@ -140,43 +132,24 @@ class LocalCluster:
 
     def processes(self) -> list[Service]:
         """Every server process of the stack running now."""
-        return [*self.services, *(s.service for s in (self.database, self.s3) if s.service is not None)]
+        return [*self.services, *(s.service for s in (self.database, self.s3, self.mlflow) if s.service is not None)]
 
     def stop(self) -> None:
         for service in reversed(self.services):  # Ray before MLflow
             service.stop()
         self.services.clear()
+        self.mlflow.__exit__()
         self.s3.__exit__()
         self.database.__exit__()
         shutil.rmtree(self.ray_temp, ignore_errors=True)
 
     def stop_mlflow(self, grace: float = 30) -> None:
         """Take the tracking server down (tests/test_faults.py: a server restarted during a search)."""
-        server = next(service for service in self.services if service.name == "mlflow-server")
-        server.stop(grace)
-        self.services.remove(server)
+        self.mlflow.stop(grace)
 
     def start_mlflow(self) -> None:
-        """The tracking server, on the same port and stores each time it is started: its backend store in
-        PostgreSQL, its artifacts in the bucket (clients reach them through the server, with no S3 keys)."""
-        env = {**self.env(), **self.database.client_env(), **self.s3.client_env(self.s3.mlflow),
-               "MLFLOW_AUTH_CONFIG_PATH": str(self.auth_config), "MLFLOW_AUTH_ADMIN_PASSWORD": self.mlflow_password,
-               "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
-               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job workers
-        server = self.start("mlflow-server", [
-            str(BIN / "mlflow"), "server", "--host", LOOPBACK, "--port", str(self.mlflow_port), "--workers", "1",
-            "--app-name", "basic-auth", "--backend-store-uri", self.database.uri("mlflow"),
-            "--artifacts-destination", self.artifacts,
-        ], env)
-        server.wait_until(lambda: self.http_ok(f"{self.tracking_uri}/health"), "the MLflow server")
-
-    def add_trials_user(self) -> None:
-        """The account the driver and the trials log with: it owns what it creates, reads the rest."""
-        request = urllib.request.Request(
-            f"{self.tracking_uri}/api/2.0/mlflow/users/create", method="POST",
-            data=json.dumps({"username": TRIALS_USER, "password": self.trials_password}).encode(),
-            headers={**self.mlflow_headers(), "Content-Type": "application/json"})
-        urllib.request.urlopen(request, timeout=30).close()
+        """The tracking server again, on the same port and stores."""
+        self.mlflow.start()
 
     def start_ray(self) -> None:
         """The head and the worker nodes (cluster/ray_nodes.py: `ray start` cannot put two nodes of one
@@ -192,13 +165,6 @@ class LocalCluster:
 
     # --- talking to the servers --------------------------------------------------------------------
 
-    def http_ok(self, url: str, headers: dict[str, str] | None = None) -> bool:
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5) as answer:
-                return answer.status == 200
-        except OSError:
-            return False
-
     def ray_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.ray_token.read_text().strip()}"}
 
@@ -213,8 +179,7 @@ class LocalCluster:
         return sum(1 for node in nodes if node.get("state") == "ALIVE")
 
     def mlflow_headers(self) -> dict[str, str]:
-        credentials = b64encode(f"admin:{self.mlflow_password}".encode()).decode()
-        return {"Authorization": f"Basic {credentials}"}
+        return self.mlflow.headers()
 
     def submit(self, entrypoint: list[str], folder: Path, *, ray_token: bool = True, echo: bool = False,
                timeout: float = 1800) -> subprocess.CompletedProcess:

@@ -1,15 +1,19 @@
 """The servers of the production stack, run for real as processes on 127.0.0.1: PostgreSQL (MLflow's
-backend store) and SeaweedFS's S3 server (MLflow's artifacts and the searches' storage).
+backend store), SeaweedFS's S3 server (MLflow's artifacts and the searches' storage) and MLflow's
+tracking server on both.
 
 Each is a context manager that makes its secrets, starts its server in a process group of its own,
 waits until it answers, and stops everything it started by its own handle. `make cluster-demo`
 (cluster/rehearsal.py), the tests and benchmarks/scale.py use them:
 
-    with PostgreSQL(folder / "postgres") as database, S3Server(folder / "s3") as s3:
+    with PostgreSQL(folder / "postgres", databases=MLflowServer.DATABASES) as database, \
+            S3Server(folder / "s3") as s3, MLflowServer(folder / "mlflow", database, s3) as mlflow:
         database.uri("mlflow")        # postgresql://mlflow@127.0.0.1:PORT/mlflow (no password in it)
         database.client_env()         # PGPASSWORD for whoever connects as its role (MLflow's server)
         s3.uri("searches")            # s3://aesearch/searches
         s3.client_env(s3.trials)      # AWS_* for the Ray nodes: the trials' own keys, the endpoint
+        mlflow.uri                    # http://127.0.0.1:PORT, basic auth on
+        mlflow.client_env()           # MLFLOW_TRACKING_USERNAME/PASSWORD: the trials' own account
 
 Passwords and keys are made here, kept in 0600 files and handed over through environment variables,
 never on a command line (which every user of the machine can read) or in a URI.
@@ -17,6 +21,7 @@ never on a command line (which every user of the machine can read) or in a URI.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pwd
@@ -259,6 +264,7 @@ class S3Server:
         self.bucket = bucket
         self.ports = {flag: free_port() for server in ("master", "volume", "filer", "s3")
                       for flag in (f"{server}.port", f"{server}.port.grpc")}
+        self.ports["metricsPort"] = free_port()  # Prometheus's text: `traffic()`
         self.endpoint = f"http://{LOOPBACK}:{self.ports['s3.port']}"
         on_bucket = tuple(f"{action}:{bucket}" for action in ("Read", "Write", "List", "Tagging"))
         self.admin, self.mlflow, self.trials = (
@@ -313,12 +319,24 @@ class S3Server:
             return False
         return True
 
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 5 s: its graceful shutdown waits out its clients' idle keep-alive
-        connections (15 s and more). What it stored is in its files by then."""
+    def stop(self, grace: float = 5) -> None:
+        """SIGTERM, then SIGKILL after GRACE seconds (0: a crash): its graceful shutdown waits out its
+        clients' idle keep-alive connections (15 s and more). What it stored is in its files by then."""
         if self.service is not None:
-            self.service.stop(grace=5)
+            self.service.stop(grace=grace)
             self.service = None
+
+    def traffic(self) -> dict[str, int]:
+        """Bytes the bucket received (written) and sent (read) since the server started, every client's
+        (the server's own counters: SeaweedFS_s3_bucket_traffic_*_bytes_total)."""
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{self.ports['metricsPort']}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+        counted = {"received": 0, "sent": 0}
+        for way in counted:
+            prefix = f'SeaweedFS_s3_bucket_traffic_{way}_bytes_total{{bucket="{self.bucket}"}} '
+            counted[way] = next((int(float(line[len(prefix):])) for line in text.splitlines()
+                                 if line.startswith(prefix)), 0)
+        return counted
 
     def client(self, identity: S3Identity | None = None):
         """boto3's S3 client as IDENTITY (admin by default)."""
@@ -341,3 +359,122 @@ class S3Server:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+
+
+# --- MLflow's tracking server ---------------------------------------------------------------------------
+
+
+class MLflowServer:
+    """MLflow's tracking server on 127.0.0.1: its backend store in DATABASE (its databases DATABASES,
+    made by `PostgreSQL(..., databases=MLflowServer.DATABASES)`), its artifacts in S3's bucket
+    (s3://BUCKET/mlflow, proxied: clients reach them through the server, with no S3 keys), the
+    basic-auth app on, the admin's password random (MLFLOW_AUTH_ADMIN_PASSWORD, from the environment)
+    and the users in DATABASE too. With TRIALS_USER, an account of that name that the driver and the
+    trials log with (`client_env()`): it owns what it creates and reads the rest. `stop()`/`start()`
+    (tests/test_faults.py: a server restarted during a search) keep the port and the stores.
+
+    MLflow checks a client's password (scrypt: 0.05-0.2 s of CPU) on every request unless its auth
+    cache is on: AUTH_CACHE_S > 0 checks each client's once per that many seconds (a password changed
+    or a user deleted meanwhile stays valid that long); 0 is MLflow's default (benchmarks/scale.py
+    --auth-cache-s 0 measures it).
+
+    Without DATABASE, SQLite files in FOLDER hold both stores (benchmarks/scale.py's control for
+    PostgreSQL). FOLDER keeps its auth config, and its log (an access line per request) unless LOG says
+    where."""
+
+    DATABASES = ("mlflow", "mlflow_auth")  # the backend store's, the users'
+
+    def __init__(self, folder: Path, database: PostgreSQL | None, s3: S3Server, *,
+                 trials_user: str | None = "aesearch-trials", workers: int = 1, auth_cache_s: int = 60,
+                 log: Path | None = None):
+        self.folder = folder.absolute()
+        self.log = (log or self.folder / "mlflow-server.log").absolute()
+        self.database, self.s3 = database, s3
+        if database is not None and not set(self.DATABASES) <= set(database.databases):
+            raise ValueError(f"MLflowServer needs PostgreSQL(..., databases={self.DATABASES})")
+        self.trials_user, self.workers, self.auth_cache_s = trials_user, workers, auth_cache_s
+        self.port = free_port()
+        self.uri = f"http://{LOOPBACK}:{self.port}"
+        self.artifacts = s3.uri("mlflow")
+        self.admin_password = secrets.token_urlsafe(24)
+        self.trials_password = secrets.token_urlsafe(24)
+        self.flask_key = secrets.token_hex(16)
+        self.service: Service | None = None
+
+    def store_uri(self, name: str = "mlflow") -> str:
+        """The backend store (NAME "mlflow") or the users' (NAME "mlflow_auth"), as the server reaches it."""
+        if self.database is None:
+            return f"sqlite:///{self.folder / f'{name}.db'}"
+        return self.database.uri(name)
+
+    def headers(self) -> dict[str, str]:
+        """Basic auth as the admin."""
+        return {"Authorization": "Basic " + base64.b64encode(f"admin:{self.admin_password}".encode()).decode()}
+
+    def client_env(self) -> dict[str, str]:
+        """What a client logs in with: the trials' account (the admin's without one)."""
+        if self.trials_user is None:
+            return {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": self.admin_password}
+        return {"MLFLOW_TRACKING_USERNAME": self.trials_user, "MLFLOW_TRACKING_PASSWORD": self.trials_password}
+
+    def __enter__(self) -> MLflowServer:
+        try:
+            self.start()
+            if self.trials_user is not None:
+                self.add_user(self.trials_user, self.trials_password)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """The server, on the same port and stores each time it is started."""
+        assert self.service is None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = write_secret(self.folder / "basic_auth.ini", (  # no secret in it: the file is 0600 all the same
+            "[mlflow]\n"
+            "default_permission = READ\n"
+            f"database_uri = {self.store_uri('mlflow_auth')}\n"
+            "admin_username = admin\n"
+            f"auth_cache_ttl_seconds = {self.auth_cache_s}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"))
+        others = ("AWS_", "MLFLOW_TRACKING_", "PG", "RAY_AUTH_")  # clients' credentials: the server has its own
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith(others)}, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               **(self.database.client_env() if self.database is not None else {}),
+               **self.s3.client_env(self.s3.mlflow),
+               "MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": self.admin_password,
+               "MLFLOW_FLASK_SERVER_SECRET_KEY": self.flask_key,
+               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job workers
+        self.service = Service.start("mlflow-server", [
+            str(BIN / "mlflow"), "server", "--host", LOOPBACK, "--port", str(self.port),
+            "--workers", str(self.workers), "--app-name", "basic-auth",
+            "--backend-store-uri", self.store_uri(), "--artifacts-destination", self.artifacts,
+        ], self.log, env=env, cwd=self.folder)
+        self.service.wait_until(self.answers, "the MLflow server")
+
+    def stop(self, grace: float = 30) -> None:
+        """SIGTERM, then SIGKILL after GRACE seconds (0: a crash, no time to finish a request)."""
+        if self.service is not None:
+            self.service.stop(grace)
+            self.service = None
+
+    def restart(self, grace: float = 30) -> None:
+        self.stop(grace)
+        self.start()
+
+    def answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=5) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+    def add_user(self, name: str, password: str) -> None:
+        request = urllib.request.Request(
+            f"{self.uri}/api/2.0/mlflow/users/create", method="POST",
+            data=json.dumps({"username": name, "password": password}).encode(),
+            headers={**self.headers(), "Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=30).close()

@@ -127,7 +127,12 @@ def test_the_submitted_search_ran_its_trials_on_both_nodes_and_logged_everything
     assert {"leaderboard.csv", "tracking_uri", "space.yaml"} <= {key.rsplit("/", 1)[1] for key in search}
     assert len(pd.read_csv(bucket_object(cluster, "searches/cluster-demo/leaderboard.csv"))) == TRIALS
     assert bucket_object(cluster, "searches/cluster-demo/tracking_uri").read().decode().strip() == cluster.tracking_uri
-    assert any("/checkpoint_" in key for key in search)  # trial checkpoints went to the bucket too
+    kept: dict[str, set[str]] = {}  # trial checkpoints went to the bucket too: each trial's newest, once
+    for key in search:
+        parts = key.split("/")
+        if len(parts) > 4 and parts[3].startswith("checkpoint_"):
+            kept.setdefault(parts[2], set()).add(parts[3])
+    assert len(kept) == KEPT and all(len(names) == 1 for names in kept.values()), kept  # the best trials only
 
 
 def test_the_report_was_built_from_the_server(rehearsal, as_mlflow_admin):

@@ -1,8 +1,11 @@
-"""Faults during a search, injected for real on a 3-node Ray cluster and an MLflow server on 127.0.0.1
-(cluster/rehearsal.py's LocalCluster): a worker node killed mid-trial, trials that raise (once, and
-in every attempt), a config that diverges, the tracking server crashed and restarted mid-search.
-They all hit one search (a search costs half a minute to start here): it must finish, lose
-nothing, and say what happened on every trial's run."""
+"""Faults during a search, injected for real on the production stack of cluster/rehearsal.py's
+LocalCluster (a 3-node Ray cluster, an MLflow server on PostgreSQL with its artifacts in SeaweedFS's
+S3 server, the search's storage in the same bucket, all on 127.0.0.1): a worker node killed mid-trial,
+trials that raise (once, and in every attempt), a config that diverges, the tracking server crashed
+and restarted, PostgreSQL restarted, the S3 server down for seconds while trials checkpoint. They all
+hit one search (a search costs half a minute to start here): it must finish, lose nothing, and say
+what happened on every trial's run. A search of its own has trials killed by Ray's
+memory monitor (its threshold is per node, read as Ray starts)."""
 
 import json
 import os
@@ -12,14 +15,15 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
 from aesearch.errors import UserError
 from aesearch.locations import sqlite_uri
-from aesearch.search.faults import read_faults
+from aesearch.search.faults import GIB, node_memory, read_faults
 from tests.conftest import REPO
-from tests.searching import DIVERGING_START, wait_until, write_space
+from tests.searching import DIVERGING_START, run, search_command, tracking_uri, wait_until, write_space
 
 sys.path.insert(0, str(REPO / "cluster"))
 from rehearsal import LocalCluster  # noqa: E402
@@ -61,8 +65,7 @@ def monkeypatch_module():
 def start_search(cluster: LocalCluster, space: Path, name: str, env: dict | None = None) -> subprocess.Popen:
     """The driver on this machine, its trials on the cluster's nodes, logging to the server."""
     command = [sys.executable, "-m", "aesearch.cli", "search", str(space), "--name", name, "--address",
-               cluster.gcs_address, "--storage", str(cluster.workdir / "results"), "--tracking-uri",
-               cluster.tracking_uri]
+               cluster.gcs_address, "--storage", cluster.storage, "--tracking-uri", cluster.tracking_uri]
     log = open(cluster.workdir / "logs" / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(command, env={**cluster.env(), **(env or {})}, cwd=cluster.workdir,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -124,8 +127,10 @@ def test_a_fault_plan_is_validated_before_anything_starts(tmp_path):
     assert read_faults({}) == []
     plan = read_faults({"AESEARCH_FAULTS": '[{"trial": 2, "epoch": 3, "attempts": 1}]'})
     assert (plan[0].trial, plan[0].epoch, plan[0].attempts) == (2, 3, 1)
+    assert read_faults({"AESEARCH_FAULTS": '[{"trial": 1, "epoch": 2, "kind": "memory"}]'})[0].kind == "memory"
     for text, named in (("[{\"trial\": 0, \"epoch\": 1}]", "[0].trial=0"), ("not json", "Invalid JSON"),
-                        ("[{\"trial\": 1, \"epoch\": 1, \"when\": 2}]", "[0].when: unknown key")):
+                        ("[{\"trial\": 1, \"epoch\": 1, \"when\": 2}]", "[0].when: unknown key"),
+                        ("[{\"trial\": 1, \"epoch\": 1, \"kind\": \"disk\"}]", "[0].kind")):
         with pytest.raises(UserError, match="AESEARCH_FAULTS") as caught:
             read_faults({"AESEARCH_FAULTS": text})
         assert named in str(caught.value)
@@ -142,7 +147,7 @@ def test_a_fault_plan_is_validated_before_anything_starts(tmp_path):
 # --- a node killed, trials that raise, a config that diverges, the tracking server down -------------
 
 
-def test_a_search_through_node_death_failing_trials_divergence_and_a_server_outage_finishes_and_loses_nothing(
+def test_a_search_through_node_death_failing_trials_divergence_and_server_outages_finishes_and_loses_nothing(
     cluster, tmp_path
 ):
     name = "chaos"
@@ -173,6 +178,12 @@ def test_a_search_through_node_death_failing_trials_divergence_and_a_server_outa
     time.sleep(6)  # the other trials train on meanwhile; the killed one is retried
     back_at_ms = int(time.time() * 1000)
     cluster.start_mlflow()
+    cluster.database.restart()  # MLflow's backend store goes away and comes back (a fast shutdown)
+    cluster.s3.stop(grace=0)  # then the object store crashes, down for a while: no checkpoint, no
+    s3_down_ms = int(time.time() * 1000)  # artifact, no experiment state can be stored
+    time.sleep(5)
+    cluster.s3.start()
+    s3_back_ms = int(time.time() * 1000)
     output = finish(search, cluster, name)
 
     runs = trial_runs(client, name)
@@ -204,19 +215,78 @@ def test_a_search_through_node_death_failing_trials_divergence_and_a_server_outa
     # (The searcher may draw another learning rate that diverges: such a trial has one epoch, no metrics.)
     completed = [n for n in runs if n not in (1, 3) and tags[n]["outcome"] != "diverged at epoch 1"]
     assert killed_trial in completed and len(completed) >= 3
-    measured_while_down = 0
+    measured_while_down, stamps = 0, {}
     for number in completed:
         assert tags[number]["outcome"] == "completed", (number, tags[number])
         history = client.get_metric_history(runs[number].info.run_id, "epoch")
         assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), number
         measured_while_down += sum(down_since_ms <= m.timestamp < back_at_ms for m in history)
+        stamps[number] = sorted(m.timestamp for m in history)
         pictures = {a.path for a in client.list_artifacts(runs[number].info.run_id, "images")}
         assert "images/reconstructions.png" in pictures and len(pictures) > 2
         checkpoints = client.list_artifacts(runs[number].info.run_id, "checkpoints")
         assert [a.path for a in checkpoints] == ["checkpoints/best.pt"]
     assert measured_while_down >= 3
+    # The trials training when S3 went down waited at their next report (no checkpoint could be stored)
+    # and went on once S3 was back: no retry, no epoch lost or repeated (checked above).
+    spanning = [n for n in completed if stamps[n][0] < s3_down_ms and stamps[n][-1] > s3_back_ms]
+    assert spanning, (s3_down_ms, s3_back_ms, stamps)
+    for number in spanning:  # no attempt more than the node's death asked for
+        assert tags[number]["aesearch.attempt"] == ("2" if number == killed_trial else "1"), tags[number]
+        assert max(b - a for a, b in zip(stamps[number], stamps[number][1:])) >= 4000, stamps[number]
+    # Ray Tune's side, in the bucket: every trial's newest checkpoint, once; the search's own files.
+    stored = [key for page in cluster.s3.client().get_paginator("list_objects_v2").paginate(
+        Bucket=cluster.s3.bucket, Prefix=f"searches/{name}/") for key in (i["Key"] for i in page.get("Contents", []))]
+    checkpoints: dict[str, set[str]] = {}
+    for key in stored:
+        parts = key.split("/")
+        if len(parts) > 4 and parts[3].startswith("checkpoint_"):
+            checkpoints.setdefault(parts[2], set()).add(parts[3])
+    board = pd.read_csv(cluster.s3.client().get_object(Bucket=cluster.s3.bucket,
+                                                       Key=f"searches/{name}/leaderboard.csv")["Body"])
+    assert len(board) == TRIALS and len(checkpoints) >= len(completed)
+    many = {trial: len(kept) for trial, kept in checkpoints.items() if len(kept) > 1}
+    assert not many, many
     assert not any("tracking" in t for t in tags.values())  # nothing is incomplete: it all arrived
     search_run = client.get_run(tags[2]["mlflow.parentRunId"])
     assert search_run.info.status == "FINISHED" and "best_trial_run" in search_run.data.tags
     assert "errored" in output and "diverged" in output and "aesearch: warning" not in output
 
+
+# --- a trial killed by Ray's memory monitor ----------------------------------------------------------
+
+
+def test_a_trial_killed_by_rays_memory_monitor_fails_alone_and_the_search_goes_on(ray_env, tmp_path):
+    """Ray reports a worker its memory monitor killed as OutOfMemoryError, which Tune did not expect of a
+    trial: the whole search ended. Here Ray's own monitor kills for real, on a local Ray instance of the
+    search's own (the raylet reads the threshold from the driver's environment), one trial at a time:
+    trial 1 outgrows its node in its first attempt and is retried from its checkpoint, trial 2 in each
+    attempt and errors. The threshold sits 3 GiB above what this machine uses now (the search itself takes
+    ~1.5 GiB), and each kill lets the node use at most 1 GiB more than that (faults.hog_memory)."""
+    total, used = node_memory()
+    space = write_space(tmp_path, "memory", trials=2, epochs=3, grace=3)
+    space.write_text(space.read_text().replace("max_concurrent: 2", "max_concurrent: 1"))  # default max_failures: 1
+    plan = [{"trial": 1, "epoch": 2, "attempts": 1, "kind": "memory"}, {"trial": 2, "epoch": 2, "kind": "memory"}]
+    env = {**ray_env, "AESEARCH_FAULTS": json.dumps(plan), "RAY_memory_monitor_refresh_ms": "100",
+           "RAY_memory_usage_threshold": f"{(used + 3 * GIB) / total:.4f}"}
+    done = run(search_command(space, tmp_path / "results"), env, cwd=REPO, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    client = MlflowClient(tracking_uri(tmp_path / "results"))
+    experiment = client.get_experiment_by_name("memory")
+    runs = {int(r.data.tags["aesearch.trial_number"]): r for r in client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`aesearch.role` = 'trial'")}
+    killed = "KilledForMemory: killed by Ray's memory monitor: Memory usage "
+    retried, errored = runs[1].data.tags, runs[2].data.tags
+    assert retried["outcome"] == "completed" and retried["aesearch.attempt"] == "2", retried
+    assert retried["restored"].startswith("attempt 2 went on from epoch 1 ")
+    once = artifact_text(client, runs[1].info.run_id, "errors/tracebacks.txt", tmp_path / "1")
+    assert once.count(killed) == 1 and "OOM kill reason" in once  # Ray's monitor killed it, not the hog's cap
+    assert runs[2].info.status == "FAILED" and errored["outcome"].startswith(f"errored after 2 attempts: {killed}")
+    twice = artifact_text(client, runs[2].info.run_id, "errors/tracebacks.txt", tmp_path / "2")
+    assert twice.count(killed) == 2 and "reached its cap" not in twice
+    assert "2 trials: 1 completed, 1 errored" in done.stdout
+    said = [line.split(" failed ", 1)[1] for line in done.stderr.splitlines() if " failed (attempt " in line]
+    assert [line.replace(killed, "").split("; ")[-1] for line in said] == [  # one line per failed attempt
+        "retried from its last checkpoint", "retried from its last checkpoint", "errored"], said
+    assert all(f": {killed}" in line for line in said) and said[-1].startswith("(attempt 2)")

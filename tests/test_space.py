@@ -186,7 +186,7 @@ def test_every_sampler_and_early_stopping_the_schema_accepts_has_a_maker():
     asha, fifo = SCHEDULERS["asha"](space), SCHEDULERS["none"](space)
     assert (asha._max_t, asha._time_attr) == (7, "epoch") and type(fifo).__name__ == "FIFOScheduler"
     tpe = SAMPLERS["tpe"](space)
-    assert type(SAMPLERS["random"](space)).__name__ == "RandomSampler" and type(tpe).__name__ == "TPESampler"
+    assert type(SAMPLERS["random"](space)).__name__ == "RandomSampler" and type(tpe).__name__ == "WindowedTPESampler"
     assert tpe._group and tpe._multivariate  # one objective: joint within each group of conditional parameters
     several = parse_space({**MINIMAL, "objective": [{"metric": "val/recon_mse"}, {"metric": "model/latent_dim"}]})
     assert not SAMPLERS["tpe"](several)._group  # several: Optuna's default MOTPE, as benchmarked

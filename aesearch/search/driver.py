@@ -49,6 +49,7 @@ from aesearch.search.ray_cluster import check_reachable, connect
 from aesearch.search.space import DefineByRun, SearchSpace, check_trials, check_validation_rows, start_points
 from aesearch.search.storage import TRACKING_FILE, SearchFolder, check_storage_has_no_credentials, prune_checkpoints
 from aesearch.search.trial import run_trial
+from aesearch.search.windowed_tpe import WindowedTPESampler
 from aesearch.tracking.outbox import is_unreachable, patiently
 from aesearch.tracking.search_run import SearchRun, git_commit, package_versions
 from aesearch.tracking.store import Tracking, check_store_reachable, is_local_store, resolve_tracking_uri
@@ -229,6 +230,7 @@ def describe(space: SearchSpace, options: SearchOptions, data: Data) -> dict[str
         "max_concurrent": space.max_concurrent, "resources.cpu": space.resources.cpu,
         "resources.gpu": space.resources.gpu, "resources.pack": space.resources.pack,
         "sampler": space.sampler, "early_stopping": space.early_stopping, "stopped_trials": space.stopped_trials,
+        "tpe_window": space.tpe_window,
         "searched": ", ".join(space.space),
     }
     tags = {
@@ -265,23 +267,38 @@ def check_resources(space: SearchSpace, local: bool) -> None:
             print(f"aesearch: warning: {message}; trials wait until the cluster grows", file=sys.stderr)
 
 
-def tpe(space: SearchSpace) -> optuna.samplers.TPESampler:
+def tpe(space: SearchSpace) -> WindowedTPESampler:
     """Optuna's TPE, seeded. On one objective, multivariate within each group of parameters that
     trials draw together (group=True): a conditional parameter, such as the level of one kind of
     noise, is modelled jointly with the others of the trials that have it, where Optuna's default
     models jointly only the parameters every trial has. It reached random search's best sooner
-    (benchmarks/README.md, "Search efficiency"). On several objectives, Optuna's default MOTPE."""
+    (benchmarks/README.md, "Search efficiency"). On several objectives, Optuna's default MOTPE.
+    Beyond `tpe_window` finished trials, it learns from the best and the latest (search.windowed_tpe)."""
     if space.multi_objective:
-        return optuna.samplers.TPESampler(seed=space.seed)
+        return WindowedTPESampler(window=space.tpe_window, seed=space.seed)
     with warnings.catch_warnings():  # `group` is marked experimental since Optuna 2.8
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=space.seed, multivariate=True, group=True)
+        return WindowedTPESampler(window=space.tpe_window, seed=space.seed, multivariate=True, group=True)
 
 
 SAMPLERS = {  # space.sampler -> Optuna's sampler for the space
     "tpe": tpe,
     "random": lambda space: optuna.samplers.RandomSampler(seed=space.seed),
 }
+
+
+def optuna_searcher(space: SearchSpace) -> MarkingOptunaSearch:
+    """The searcher of a new search: the space's sampler over its define-by-run function."""
+    one = not space.multi_objective  # Optuna's TPE on every objective: a list of several
+    return MarkingOptunaSearch(
+        DefineByRun(space),
+        metric=space.primary.metric if one else space.metrics,
+        mode=space.primary.mode if one else space.modes,
+        sampler=SAMPLERS[space.sampler](space),
+        points_to_evaluate=start_points(space) or None,
+        max_epochs=space.budget.max_epochs,
+        stopped_as_pruned=space.stopped_trials == "pruned",
+    )
 
 
 def asha(space: SearchSpace, metrics: list[str], modes: list[str]):
@@ -328,16 +345,7 @@ def _fit_trials(space: SearchSpace, options: SearchOptions, data: Data, tracking
     if options.resume:  # the searcher's state, the trials and their checkpoints come back
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
     else:
-        one = not space.multi_objective  # Optuna's TPE on every objective: a list of several
-        searcher = MarkingOptunaSearch(
-            DefineByRun(space),
-            metric=space.primary.metric if one else space.metrics,
-            mode=space.primary.mode if one else space.modes,
-            sampler=SAMPLERS[space.sampler](space),
-            points_to_evaluate=start_points(space) or None,
-            max_epochs=space.budget.max_epochs,
-            stopped_as_pruned=space.stopped_trials == "pruned",
-        )
+        searcher = optuna_searcher(space)
         budget = space.budget
         scheduler = SCHEDULERS[space.early_stopping](space)
         tuner = tune.Tuner(

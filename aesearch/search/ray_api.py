@@ -26,7 +26,8 @@ def filesystem_and_path(uri: str) -> tuple[Any, str]:
 
 
 def newest_experiment_state(experiment_path: str) -> str | None:
-    """The newest saved search state file of a Tune experiment, or None before the first save."""
+    """The newest saved search state file of a Tune experiment (its path in the experiment's filesystem:
+    for s3://BUCKET/... that is BUCKET/..., without the scheme), or None before the first save."""
     from ray.tune.execution.experiment_state import _find_newest_experiment_checkpoint
 
     return _find_newest_experiment_checkpoint(experiment_path)

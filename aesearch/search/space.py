@@ -206,6 +206,7 @@ class SearchSpace(Section):
     # What the sampler learns of a trial stopped early: its values at the stop (as Ray tells them), or
     # that it was pruned there (Optuna's TPE then ranks it below every completed trial).
     stopped_trials: Literal["values_at_stop", "pruned"] = "values_at_stop"
+    tpe_window: Int = Field(1000, ge=100)  # TPE learns from the best and this many latest trials (windowed_tpe)
     simulate: Simulation | None = None  # simulated trials: nothing is trained
 
     @model_validator(mode="before")

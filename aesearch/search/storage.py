@@ -115,11 +115,11 @@ def stored_trials(experiment_path: str) -> tuple[Any, str, dict[str, str | None]
     """(filesystem, experiment folder, {trial folder: the checkpoint resuming it would restore, or None})
     from the stored search state; None if there is none to read."""
     try:
-        state_file = ray_api.newest_experiment_state(experiment_path)
+        fs, _ = ray_api.filesystem_and_path(experiment_path)
+        state_file = ray_api.newest_experiment_state(experiment_path)  # a path in that filesystem, no scheme
         if state_file is None:
             return None
-        fs, fs_path = ray_api.filesystem_and_path(state_file)
-        with fs.open_input_stream(fs_path) as stream:
+        with fs.open_input_stream(state_file) as stream:
             state = json.loads(stream.readall())
     except (OSError, ValueError):
         return None
@@ -128,4 +128,4 @@ def stored_trials(experiment_path: str) -> tuple[Any, str, dict[str, str | None]
         checkpoint = ray_api.latest_checkpoint(run_metadata_json)
         name = checkpoint.path.rstrip("/").rsplit("/", 1)[1] if checkpoint is not None else None
         restorable[json.loads(trial_json)["relative_logdir"]] = name
-    return fs, fs_path.rsplit("/", 1)[0], restorable
+    return fs, state_file.rsplit("/", 1)[0], restorable
