@@ -100,11 +100,15 @@ def test_the_search_ends_by_saying_where_its_time_went(small_search):
 
 
 def checkpoints_kept(experiment: Path) -> dict[str, list[str]]:
-    """Trial id -> names of the checkpoint folders left in its trial folder."""
+    """Trial id -> names of the checkpoint folders left in its trial folder (a trial that never reported:
+    a folder a killed driver created for a trial it had not yet saved, so it has nothing to keep)."""
     kept = {}
     for log in experiment.glob("*/result.json"):
-        trial_id = json.loads(log.read_text().splitlines()[0])["trial_id"]
-        kept[trial_id] = sorted(p.name for p in log.parent.glob("checkpoint_*"))
+        lines = log.read_text().splitlines()
+        if lines:
+            kept[json.loads(lines[0])["trial_id"]] = sorted(p.name for p in log.parent.glob("checkpoint_*"))
+        else:
+            assert not list(log.parent.glob("checkpoint_*")), log.parent
     return kept
 
 
