@@ -1,4 +1,4 @@
-"""Ray Tune callbacks of the driver: progress on the terminal, each trial's run closed in MLflow,
+"""Ray Tune callbacks of the driver: progress on the terminal, each trial's run closed in MLflow and
 checkpoints kept for the best trials only, superseded checkpoints pruned, the first report timed.
 
 Tune pickles them with the search and restores them on --resume: they hold only settings, and open
@@ -116,24 +116,30 @@ def final_line(text: str) -> str:
 class RunCloser(Callback):
     """Gives each trial's MLflow run its outcome and terminal status as soon as Tune is done with it
     (the trial itself cannot: ASHA stops it between two epochs), and what went wrong: each failed
-    attempt's traceback, and epochs whose records never reached the server. While the tracking
-    server does not answer, these wait in an outbox, tried again at each later event and, at the
-    end of the search, for up to `budget.tracking_patience_s`. Pickled with the search: it holds
-    only where to log, and opens its client when the search (re)starts."""
+    attempt's traceback, and epochs whose records never reached the server. And keeps checkpoints for
+    the best `budget.keep_checkpoints` finished trials only, in trial storage and in MLflow: each time
+    a trial ends, the finished trials that are not (or no longer) among the best K lose theirs (errored
+    trials keep theirs: a resumed search retries them from it).
 
-    def __init__(self, tracking: Tracking):
+    All of it is sent through one outbox, in order (a stopped trial's best checkpoint is logged before
+    it can be removed), by a thread of its own: the driver starts the next trial meanwhile. While the
+    tracking server does not answer, it waits there and is tried again, at the end of the search for
+    up to `budget.tracking_patience_s`. Each save of the search state first waits for what is being
+    delivered (`get_state`), so that a state naming a trial as ended is not ahead of its run.
+    Pickled with the search: it holds only settings, and opens its client when the search (re)starts."""
+
+    def __init__(self, space: SearchSpace, tracking: Tracking):
+        self.metrics, self.modes, self.keep = space.metrics, space.modes, space.budget.keep_checkpoints
         self.tracking = tracking
 
     def setup(self, **info):
         self.runs = SearchRun(self.tracking.uri, tracking=self.tracking)
-        self.outbox = Outbox(on_error=self.warn)
+        self.outbox = Outbox(on_error=self.warn, in_background=True)
+        self.dropped: set[str] = set()  # trials whose checkpoints were removed (in the outbox's thread)
 
     @staticmethod
     def warn(what: str, error: Exception) -> None:  # a callback that raises would end the search
         print(f"aesearch: warning: {what}: {describe_error(error)}", file=sys.stderr)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        self.outbox.flush()  # what waits for the server, if anything (at most every few seconds)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
@@ -141,11 +147,39 @@ class RunCloser(Callback):
         if ended.kind == "stopped" and run_id and trial.checkpoint:
             checkpoint = trial.checkpoint
             self.outbox.send(f"the best checkpoint of trial {trial.trial_id}",
-                      lambda: self.runs.log_best_checkpoint(run_id, checkpoint))
+                             lambda: self.runs.log_best_checkpoint(run_id, checkpoint))
         # A diverged trial's last epoch has no metrics by design: its loss was not a number.
         epochs = int(last.get("epoch", 0)) - (1 if ended.kind == "diverged" else 0)
         self.outbox.send(f"the outcome of trial {trial.trial_id}", lambda: self.runs.close_trial(
             trial.trial_id, ended, run_id, epochs, last.get(UNDELIVERED, "")))
+        self._drop_checkpoints_outside_the_best(trials, trial)
+
+    def _drop_checkpoints_outside_the_best(self, trials, ended) -> None:
+        """On one objective a trial once outside the best K stays outside (the finished trials only
+        grow), so only those not yet dropped are ranked: a trial's end costs the same at any size. With
+        several, a trial's Pareto rank depends on every other trial: all are ranked. The ranking runs
+        in the outbox's thread, on the last reports as they are now."""
+        single = len(self.metrics) == 1
+        candidates = {t.trial_id: t for t in trials if (t.status == "TERMINATED" or t is ended)
+                      and not (single and t.trial_id in self.dropped)}
+        last_results = {trial_id: t.last_result or {} for trial_id, t in candidates.items()}
+        self.outbox.send("the checkpoints of the trials outside the best",
+                         lambda: self._drop_outside_the_best(candidates, last_results))
+
+    def _drop_outside_the_best(self, candidates: dict, last_results: dict[str, dict]) -> None:
+        for trial_id in outside_the_best(last_results, self.metrics, self.modes, self.keep):
+            if trial_id in self.dropped:
+                continue
+            trial = candidates[trial_id]
+            try:
+                remove_stored_checkpoints(trial.storage.storage_filesystem, trial.storage.trial_fs_path)
+                if last_results[trial_id].get("mlflow_run_id"):
+                    self.runs.remove_checkpoints(last_results[trial_id]["mlflow_run_id"])
+            except Exception as error:
+                if is_unreachable(error):
+                    raise  # the outbox tries again later
+                self.warn(f"the removal of trial {trial_id}'s checkpoints", error)  # disk space is not worth a search
+            self.dropped.add(trial_id)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self._log_errors(trial)
@@ -162,46 +196,17 @@ class RunCloser(Callback):
         run_id, attempts = (trial.last_result or {}).get("mlflow_run_id"), trial.num_failures
         if run_id and text:
             self.outbox.send(f"the tracebacks of trial {trial.trial_id}",
-                      lambda: self.runs.log_errors(run_id, text, attempts))
+                             lambda: self.runs.log_errors(run_id, text, attempts))
         return text
+
+    def get_state(self) -> None:
+        self.outbox.flush()  # unless the server does not answer (then it waits for the next save)
+        return None  # what is sent is in MLflow, not in the search state
 
     def on_experiment_end(self, trials, **info):
         if not self.outbox.deliver(self.tracking.patience_s):
             print(f"aesearch: warning: the tracking server {self.tracking.uri} did not take "
                   f"{self.outbox.undelivered()}", file=sys.stderr)
-
-
-class BestCheckpointsKeeper(Callback):
-    """Keeps checkpoints for the best `budget.keep_checkpoints` finished trials only, in trial storage and in
-    MLflow: each time a trial ends, the finished trials that are not (or no longer) among the best K lose
-    theirs. Errored trials keep theirs (a resumed search retries them from it). Runs after RunCloser, which
-    logs a stopped trial's best checkpoint first. Pickled with the search; re-ranks from Tune's trials."""
-
-    def __init__(self, space: SearchSpace, tracking: Tracking):
-        self.metrics, self.modes, self.keep = space.metrics, space.modes, space.budget.keep_checkpoints
-        self.tracking = tracking
-
-    def setup(self, **info):
-        self.runs = SearchRun(self.tracking.uri, tracking=self.tracking)
-        self.removed: set[str] = set()
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        finished = {t.trial_id: t for t in trials if t.status == "TERMINATED" or t is trial}
-        last_results = {trial_id: t.last_result or {} for trial_id, t in finished.items()}
-        for trial_id in outside_the_best(last_results, self.metrics, self.modes, self.keep):
-            dropped = finished[trial_id]
-            if trial_id in self.removed:
-                continue
-            try:  # a callback that raises would make Tune treat the ended trial as failed and retry it
-                remove_stored_checkpoints(dropped.storage.storage_filesystem, dropped.storage.trial_fs_path)
-                if (dropped.last_result or {}).get("mlflow_run_id"):
-                    self.runs.remove_checkpoints(dropped.last_result["mlflow_run_id"])
-                self.removed.add(dropped.trial_id)
-            except Exception as error:  # noqa: BLE001 - disk space is not worth a search
-                if not is_unreachable(error):  # else: tried again when the next trial ends
-                    self.removed.add(dropped.trial_id)
-                    print(f"aesearch: warning: could not remove the checkpoints of trial {dropped.trial_id}: "
-                          f"{describe_error(error)}", file=sys.stderr)
 
 
 class CheckpointPruner(Callback):
@@ -216,6 +221,9 @@ class CheckpointPruner(Callback):
     def __init__(self, experiment_path: str):
         self.experiment_path = experiment_path
 
+    def setup(self, **info):
+        self.pruned: dict[str, str] = {}  # trial folder -> the checkpoint it was pruned to
+
     def get_state(self) -> None:
-        prune_checkpoints(self.experiment_path)
+        prune_checkpoints(self.experiment_path, pruned=self.pruned)
         return None  # the pruner keeps no state of its own

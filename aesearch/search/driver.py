@@ -39,7 +39,7 @@ from aesearch.packing.server import (
     stop_servers,
 )
 from aesearch.parts.data import Data, load_data
-from aesearch.search.callbacks import BestCheckpointsKeeper, CheckpointPruner, FirstReport, Progress, RunCloser
+from aesearch.search.callbacks import CheckpointPruner, FirstReport, Progress, RunCloser
 from aesearch.search.faults import Fault, read_faults
 from aesearch.search.leaderboard import LEADERBOARD_METRICS, NothingRan, leaderboard, nothing_ran
 from aesearch.search.mo_asha import MultiObjectiveASHA, SeededASHA
@@ -366,7 +366,7 @@ def _fit_trials(space: SearchSpace, options: SearchOptions, data: Data, tracking
                 # names (see CheckpointPruner); the pruner keeps the disk bounded instead.
                 callbacks=[
                     JsonLoggerCallback(), Progress(space), CheckpointPruner(options.experiment_folder),
-                    RunCloser(tracking), BestCheckpointsKeeper(space, tracking), FirstReport(phases),
+                    RunCloser(space, tracking), FirstReport(phases),
                 ],
                 verbose=0,
             ),

@@ -87,7 +87,7 @@ def remove_stored_checkpoints(fs, trial_dir: str, before: str | None = None) -> 
             fs.delete_dir(info.path)
 
 
-def prune_checkpoints(experiment_path: str, search_ended: bool = False) -> None:
+def prune_checkpoints(experiment_path: str, search_ended: bool = False, pruned: dict[str, str] | None = None) -> None:
     """Deletes each trial's checkpoints older than the one its stored search state would restore.
 
     The stored state only ever moves forward, so a checkpoint older than the one it names now is
@@ -95,6 +95,8 @@ def prune_checkpoints(experiment_path: str, search_ended: bool = False) -> None:
     search has ended (its final state stored), a trial folder the state does not name belongs to a
     trial a killed driver started after its last save: `--resume` sampled afresh instead, so its
     checkpoints go too (its reports stay, as its MLflow run stays, deleted but restorable).
+    `pruned` (trial folder -> the checkpoint it was last pruned to, kept by the caller between saves)
+    spares listing again the folders of the trials that did not report since: most of a large search.
     """
     stored = stored_trials(experiment_path)
     if stored is None:
@@ -102,9 +104,11 @@ def prune_checkpoints(experiment_path: str, search_ended: bool = False) -> None:
     fs, folder, restorable = stored
     from pyarrow.fs import FileSelector, FileType
 
+    pruned = {} if pruned is None else pruned
     for trial_dir, newest in restorable.items():
-        if newest is not None:
+        if newest is not None and pruned.get(trial_dir) != newest:
             remove_stored_checkpoints(fs, f"{folder}/{trial_dir}", before=newest)
+            pruned[trial_dir] = newest
     if search_ended:
         for info in fs.get_file_info(FileSelector(folder, allow_not_found=True)):
             if info.type == FileType.Directory and info.base_name not in restorable:

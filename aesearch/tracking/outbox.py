@@ -7,6 +7,7 @@ seconds, and at its end for up to `budget.tracking_patience_s`.
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,9 +40,13 @@ class Outbox:
     """What is sent to the tracking server, delivered in order. While the server does not answer,
     everything is kept (files copied aside) and training goes on; each later send tries again (at
     most every `retry_every_s`), and `deliver` waits for it, up to a patience, at the end. What could
-    not be delivered is named by `undelivered`, never dropped in silence."""
+    not be delivered is named by `undelivered`, never dropped in silence.
 
-    def __init__(self, retry_every_s: float = 5.0, on_error: Any = None):
+    `in_background`: a thread of its own delivers, so that the sender does not wait for the server
+    (the search driver, whose every wait delays the next trial); `flush` and `deliver` then wait for
+    what it is delivering. Errors other than the server not answering go to `on_error`, required then."""
+
+    def __init__(self, retry_every_s: float = 5.0, on_error: Any = None, in_background: bool = False):
         self.pending: list[tuple[str, Any]] = []  # (what, a call that delivers it)
         self.on_error = on_error  # given: other errors are handed to it (and the item dropped), not raised
         self.spool = tempfile.TemporaryDirectory(prefix="aesearch-outbox-")
@@ -49,10 +54,28 @@ class Outbox:
         self.failed_at: float | None = None  # when the server last did not answer
         self.last_error = ""
         self.seconds = 0.0  # time spent delivering (and waiting for the server)
+        self.delivering = threading.Lock()  # one deliverer at a time: the order is kept
+        self.wake: threading.Event | None = None
+        if in_background:
+            if on_error is None:
+                raise ValueError("a background outbox cannot raise into its sender: give it on_error")
+            self.wake = threading.Event()
+            threading.Thread(target=self._deliver_in_background, name="aesearch-outbox", daemon=True).start()
 
     def send(self, what: str, deliver: Any) -> None:
         self.pending.append((what, deliver))
-        self.flush()
+        if self.wake is None:
+            self.flush()
+        else:
+            self.wake.set()
+
+    def _deliver_in_background(self) -> None:
+        while True:
+            self.wake.wait()
+            self.wake.clear()
+            if not self.flush(force=True):  # the server does not answer: try again later
+                time.sleep(self.retry_every_s)
+                self.wake.set()
 
     def send_file(self, path: Path | str, artifact_path: str, client: MlflowClient, run_id: str) -> None:
         """An artifact: a copy waits in the spool until the server has it."""
@@ -78,19 +101,20 @@ class Outbox:
             self.seconds += time.perf_counter() - started
 
     def _deliver_pending(self) -> bool:
-        while self.pending:
-            try:
-                self.pending[0][1]()
-            except Exception as error:
-                if is_unreachable(error):
-                    self.failed_at, self.last_error = time.monotonic(), describe_error(error)
-                    return False
-                if self.on_error is None:
-                    raise
-                self.on_error(self.pending[0][0], error)
-            self.pending.pop(0)
-        self.failed_at = None
-        return True
+        with self.delivering:
+            while self.pending:
+                try:
+                    self.pending[0][1]()
+                except Exception as error:
+                    if is_unreachable(error):
+                        self.failed_at, self.last_error = time.monotonic(), describe_error(error)
+                        return False
+                    if self.on_error is None:
+                        raise
+                    self.on_error(self.pending[0][0], error)
+                self.pending.pop(0)
+            self.failed_at = None
+            return True
 
     def deliver(self, patience_s: float) -> bool:
         """Wait (up to `patience_s`) until everything is delivered."""

@@ -1,0 +1,63 @@
+"""The outbox the driver closes trial runs through: delivered by a thread of its own, in order, kept
+while the tracking server does not answer, waited for at a save of the search state and at its end."""
+
+import threading
+import time
+
+import pytest
+import requests
+
+from aesearch.tracking.outbox import Outbox
+
+
+def test_a_background_outbox_does_not_make_its_sender_wait_and_keeps_the_order():
+    release, delivered, warnings = threading.Event(), [], []
+    outbox = Outbox(on_error=lambda what, error: warnings.append(what), in_background=True)
+
+    def slow_first() -> None:
+        release.wait(10)
+        delivered.append("first")
+
+    started = time.monotonic()
+    outbox.send("first", slow_first)
+    for name in ("second", "third"):
+        outbox.send(name, lambda name=name: delivered.append(name))
+    assert time.monotonic() - started < 1 and delivered == []  # the sender went on; the server is slow
+    release.set()
+    assert outbox.flush()  # waits for what the thread is delivering, then delivers what is left
+    assert delivered == ["first", "second", "third"] and outbox.undelivered() == "" and warnings == []
+
+
+def test_what_the_server_did_not_take_waits_in_order_and_is_delivered_when_it_answers():
+    answering_after, delivered, warnings = time.monotonic() + 0.6, [], []
+    outbox = Outbox(retry_every_s=0.1, on_error=lambda what, error: warnings.append(what), in_background=True)
+
+    def record(name: str) -> None:
+        if time.monotonic() < answering_after:
+            raise requests.exceptions.ConnectionError("Max retries exceeded: connection refused")
+        delivered.append(name)
+
+    for name in ("a", "b", "c"):
+        outbox.send(name, lambda name=name: record(name))
+    time.sleep(0.2)
+    assert delivered == [] and outbox.undelivered().startswith("3 records not delivered (a, b, c)")
+    assert outbox.deliver(patience_s=5)
+    assert delivered == ["a", "b", "c"] and warnings == []
+
+
+def test_a_record_the_server_refuses_is_handed_to_on_error_and_the_rest_go_on():
+    delivered, warnings = [], []
+    outbox = Outbox(on_error=lambda what, error: warnings.append((what, str(error))), in_background=True)
+
+    def refused() -> None:
+        raise ValueError("RESOURCE_DOES_NOT_EXIST: run 123")
+
+    outbox.send("a tag of run 123", refused)
+    outbox.send("the outcome of trial 7", lambda: delivered.append("outcome"))
+    assert outbox.deliver(patience_s=5)
+    assert warnings == [("a tag of run 123", "RESOURCE_DOES_NOT_EXIST: run 123")] and delivered == ["outcome"]
+
+
+def test_a_background_outbox_needs_somewhere_to_put_its_errors():
+    with pytest.raises(ValueError, match="on_error"):
+        Outbox(in_background=True)
