@@ -20,7 +20,8 @@ the bounds Ray Tune's release tests assert for bare Tune (random search, no trac
   50 results/s x 100 s, bound 120 s).
 
 Per workload: wall against the theoretical minimum (trials x epochs x seconds / concurrency), the
-driver's CPU per trial and per result (getrusage of this process), results per second, Optuna's ask
+driver's CPU per trial and per result (getrusage of this process; and in the trials phase alone, beside
+the whole machine's busy CPU then: what each further trial costs), results per second, Optuna's ask
 latency by the number of finished trials, the ramp-up to full concurrency (the trials' MLflow run
 start times), the driver's memory growth per finished trial, the size of Tune's experiment-state
 snapshot, every result counted in MLflow's store (its metric rows), a trial actor's memory, and the
@@ -263,9 +264,41 @@ def trial_actors() -> list[int]:
     return found
 
 
+def driver_cpu_seconds() -> float:
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    return used.ru_utime + used.ru_stime
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every process of this machine has used (/proc/stat: all but idle and iowait)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal, *_ = map(int, Path("/proc/stat").read_text().split()[1:11])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuPhases(Phases):
+    """The search's phases, with the driver's CPU and the whole machine's at each mark: the trials
+    phase's share is what each further trial costs, without the start and the end of a search."""
+
+    def __init__(self):
+        super().__init__()
+        self.cpu = [(driver_cpu_seconds(), machine_busy_seconds())]
+
+    def mark(self, phase: str) -> None:
+        super().mark(phase)
+        self.cpu.append((driver_cpu_seconds(), machine_busy_seconds()))
+
+    def used_in(self, phase: str) -> tuple[float, float]:
+        """(driver, machine) CPU seconds in `phase`."""
+        at = [name for name, _ in self.marks].index(phase)
+        return self.cpu[at][0] - self.cpu[at - 1][0], self.cpu[at][1] - self.cpu[at - 1][1]
+
+
+SAMPLE_EVERY_S = 5.0  # reading a 800 MiB actor's smaps_rollup costs ~30 ms of this (the driver's) CPU
+
+
 class Probe:
     """Times every Optuna ask (the searcher's `suggest`, with the number of finished trials and this
-    process's RSS at that moment) and samples the trial actors' memory every second."""
+    process's RSS at that moment) and samples the trial actors' memory every `SAMPLE_EVERY_S`."""
 
     def __init__(self):
         self.asks: list[tuple[int, float, int]] = []  # (finished trials, seconds, driver RSS)
@@ -294,7 +327,7 @@ class Probe:
         self.sampler.join()
 
     def sample(self) -> None:
-        while not self.stopping.wait(1.0):
+        while not self.stopping.wait(SAMPLE_EVERY_S):
             for pid in trial_actors():
                 try:
                     now = memory(pid)
@@ -309,7 +342,7 @@ class Probe:
 
 def store_figures(uri: str, experiment: str, connect_args: dict | None = None) -> dict[str, object]:
     """From MLflow's store itself: metric rows, result rows (`epoch`, one per report), their timestamps,
-    and the trial runs' start times (ms)."""
+    and the trial runs' start and end times (ms)."""
     engine = sqlalchemy.create_engine(uri, connect_args=connect_args or {})
     of_experiment = ("JOIN runs r ON m.run_uuid = r.run_uuid JOIN experiments e ON r.experiment_id = e.experiment_id "
                      "WHERE e.name = :name")
@@ -319,12 +352,12 @@ def store_figures(uri: str, experiment: str, connect_args: dict | None = None) -
 
         metric_rows = rows(f"SELECT COUNT(*) FROM metrics m {of_experiment}")[0][0]
         epochs = [t for (t,) in rows(f"SELECT m.timestamp FROM metrics m {of_experiment} AND m.key = 'epoch'")]
-        starts = [t for (t,) in rows(
-            "SELECT r.start_time FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
-            "JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'aesearch.role' AND t.value = 'trial' "
-            "WHERE e.name = :name")]
+        runs = rows("SELECT r.start_time, r.end_time FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
+                    "JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'aesearch.role' AND t.value = 'trial' "
+                    "WHERE e.name = :name")
     engine.dispose()
-    return {"metric_rows": metric_rows, "epoch_times": sorted(epochs), "starts": sorted(starts)}
+    return {"metric_rows": metric_rows, "epoch_times": sorted(epochs), "starts": sorted(start for start, _ in runs),
+            "ends": sorted(end for _, end in runs if end is not None)}
 
 
 def storage_figures(experiment_folder: str) -> dict[str, object]:
@@ -430,7 +463,7 @@ def measure(workload: Workload, stack: Stack) -> dict[str, str]:
     space = parse_space(space_document(workload))
     name = space.name
     options = SearchOptions(name=name, storage=stack.storage, tracking_uri=stack.tracking_uri)
-    phases = Phases()
+    phases = CpuPhases()
     servers_before = stack.server_cpu()
     before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     with Probe() as probe:
@@ -459,6 +492,16 @@ def measure(workload: Workload, stack: Stack) -> dict[str, str]:
     print(f"  search()       {wall:.1f} s: {phases.line()}")
     print(f"  outcomes       {', '.join(f'{n} {state}' for state, n in outcomes.items())}")
     print(f"  driver CPU     {cpu:.1f} s: {cpu / len(board) * 1e3:.0f} ms per trial, {cpu / results * 1e3:.0f} ms per result")
+    driver_cpu, machine_cpu = phases.used_in("trials")
+    marks = dict(phases.marks)
+    ended = sum(marks["to the first trial report"] * 1e3 <= end <= marks["trials"] * 1e3 for end in store["ends"])
+    print(f"  trials phase   {trials_phase:.1f} s, {ended} trials ended in it: the driver's CPU {driver_cpu:.1f} s = "
+          f"{driver_cpu / max(ended, 1) * 1e3:.0f} ms per trial; the machine's {machine_cpu:.1f} s = "
+          f"{machine_cpu / max(ended, 1) * 1e3:.0f} ms per trial ({machine_cpu / trials_phase:.2f} of {os.cpu_count()} cores busy)")
+    inside = board[["time/trial_seconds", "time/tracking_seconds"]].median()
+    print(f"  in a trial     median {inside['time/trial_seconds']:.2f} s from its start to its last report, of which "
+          f"{inside['time/tracking_seconds']:.2f} s MLflow (its run opened, every record delivered; "
+          f"{workload.epochs * workload.seconds:g} s simulated)")
     print(f"  results        {results} reported, {len(times)} in MLflow ('epoch' rows); {results / tune_time:.1f}/s "
           f"from the first trial's start, {sustained:.1f}/s from the first logged to the last")
     print(f"  Optuna ask     {ask_latencies(probe.asks)}")
@@ -529,7 +572,13 @@ def main() -> None:
     parser.add_argument("--auth-cache-s", type=int, default=60,
                         help="the MLflow server's auth cache (default 60 s, as cluster/services.py's; 0: off, "
                              "MLflow's default, a password check on every request)")
+    parser.add_argument("--keep", type=Path, metavar="FOLDER",
+                        help="run the (embedded) stack in FOLDER, an empty or new folder, and leave it there: its "
+                             "store and storage, e.g. for `aesearch report NAME --tracking-uri sqlite:///FOLDER/mlflow.db`")
     args = parser.parse_args()
+    if args.keep is not None and (args.keep.exists() and any(args.keep.iterdir()) or len(args.stack or []) > 1
+                                  or len(args.workload or WORKLOADS) > 1):
+        parser.error(f"--keep {args.keep}: needs an empty or new folder, one workload and one stack")
     sizes = QUICK if args.quick else WORKLOADS
     print(f"{platform.machine()}, {CPUS} cores, Ray {ray.__version__}; {'quick run' if args.quick else 'full sizes'}")
     if set(args.stack or []) - {"embedded"}:
@@ -542,8 +591,10 @@ def main() -> None:
                                      ("concurrent", args.concurrent)) if v is not None}
         workload, columns = replace(sizes[name], **changes), {}
         for stack_name in args.stack or ["embedded"]:
-            with tempfile.TemporaryDirectory(prefix="aesearch-scale-") as folder, \
-                    stack(stack_name, Path(folder), args.server_workers, args.auth_cache_s) as running:
+            with ExitStack() as kept:
+                folder = args.keep or Path(kept.enter_context(tempfile.TemporaryDirectory(prefix="aesearch-scale-")))
+                folder.mkdir(parents=True, exist_ok=True)
+                running = kept.enter_context(stack(stack_name, folder, args.server_workers, args.auth_cache_s))
                 columns[stack_name] = measure(workload, running)
         if len(columns) > 1:
             side_by_side(workload, columns)
