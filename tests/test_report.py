@@ -191,6 +191,34 @@ def test_importance_replays_the_trials_through_the_spaces_define_by_run_function
     assert set(table["parameter"]) == {"optimizer.lr", "model.latent_dim", "model.hidden_dims"}  # beta is conditional
 
 
+def test_importance_over_a_large_search_is_computed_on_a_seeded_sample_and_says_so(monkeypatch):
+    """fANOVA's forests grow with the trials (71 s at 2,000 here): beyond IMPORTANCE_TRIALS, a sample."""
+    from aesearch.results import tables
+
+    space = SearchSpace.model_validate({
+        "name": "s", "space": {"optimizer.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+                               "model.latent_dim": {"type": "categorical", "choices": [8, 16]}}})
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(40):
+        lr = float(10 ** rng.uniform(-4, -1))
+        rows.append(run_row(i + 1, "dense", Outcome("completed"), objective=-np.log10(lr) + 0.01 * rng.normal(), epochs=4,
+                            lr=lr, latent_dim=int(rng.choice([8, 16]))))
+    board = leaderboard(trial_table(runs_frame(*rows), "val/recon_mse"), [("val/recon_mse", "min")])
+    monkeypatch.setattr(tables, "IMPORTANCE_TRIALS", 25)
+    sampled = importances(board, space, "min")
+    assert sampled.attrs["over"] == "a random 25 of the 40 trials"
+    assert sampled.iloc[0]["parameter"] == "optimizer.lr" and sampled.iloc[0]["fanova"] > 0.8
+    assert importances(board, space, "min")["fanova"].tolist() == sampled["fanova"].tolist()  # the same sample each time
+    monkeypatch.setattr(tables, "IMPORTANCE_TRIALS", 40)
+    assert importances(board, space, "min").attrs["over"] == ""  # every trial: nothing to say
+    report = build_report(SearchRecord("demo", "sqlite:////nowhere/mlflow.db", SEARCH, space, runs_frame(*rows)))
+    monkeypatch.setattr(tables, "IMPORTANCE_TRIALS", 25)
+    sampled_report = build_report(SearchRecord("demo", "sqlite:////nowhere/mlflow.db", SEARCH, space, runs_frame(*rows)))
+    assert not any("over a random" in line for line in headline(report))
+    assert any("(fANOVA importance, over a random 25 of the 40 trials)" in line for line in headline(sampled_report))
+
+
 def test_an_objective_that_did_not_vary_has_no_importance_and_the_report_says_so():
     space = SearchSpace.model_validate({
         "name": "s",

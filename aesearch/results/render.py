@@ -99,7 +99,9 @@ def _tables(report: Report) -> list[tuple[str, str, pd.DataFrame]]:
     if len(broken):
         tables.append(("unranked", "Trials not ranked (running, diverged, errored, invalid)", broken))
     if len(report.importance):
-        tables.append(("importance", f"Hyperparameter importance for {metric} (Optuna)", report.importance))
+        over = report.importance.attrs.get("over")
+        tables.append(("importance", f"Hyperparameter importance for {metric} (Optuna{', over ' + over if over else ''})",
+                       report.importance))
     reproductions = reproduction_table(report)
     if len(reproductions):
         tables.append(("reproductions", "Reproductions of trials (aesearch reproduce)", reproductions))

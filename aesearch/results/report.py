@@ -128,7 +128,8 @@ def headline(report: Report) -> list[str]:
     importance = report.importance.dropna(subset=["fanova"]) if "fanova" in report.importance else pd.DataFrame()
     if len(importance):
         top = ", ".join(f"{row.parameter} ({row.fanova:.2f})" for row in importance.head(3).itertuples())
-        lines.append(f"What mattered most to {metric} (fANOVA importance): {top}.")
+        over = report.importance.attrs.get("over")
+        lines.append(f"What mattered most to {metric} (fANOVA importance{', over ' + over if over else ''}): {top}.")
     return lines
 
 
