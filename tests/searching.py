@@ -75,16 +75,16 @@ def run(command: list[str], env: dict, timeout: float = 300, **options) -> subpr
 
 
 def run_at_once(commands: dict[str, list[str]], env: dict, logs: Path, timeout: float = 600,
-                **options) -> dict[str, subprocess.CompletedProcess]:
+                besides: dict[str, dict[str, str]] | None = None, **options) -> dict[str, subprocess.CompletedProcess]:
     """Run independent commands at the same time (each in a process group of its own, its output in files
-    under `logs`, never in a pipe that could fill); name -> its finished process. On timeout, every group
-    still running is stopped."""
+    under `logs`, never in a pipe that could fill); name -> its finished process. `besides`: name -> the
+    variables that command has on top of `env`. On timeout, every group still running is stopped."""
     logs.mkdir(parents=True, exist_ok=True)
     started = {}
     for name, command in commands.items():
         with open(logs / f"{name}.out", "w") as out, open(logs / f"{name}.err", "w") as err:
-            started[name] = subprocess.Popen(command, env=env, start_new_session=True, stdout=out, stderr=err,
-                                             text=True, **options)
+            started[name] = subprocess.Popen(command, env={**env, **(besides or {}).get(name, {})},
+                                             start_new_session=True, stdout=out, stderr=err, text=True, **options)
     deadline = time.monotonic() + timeout
     try:
         for name, process in started.items():

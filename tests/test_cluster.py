@@ -26,7 +26,7 @@ from mlflow.entities import ViewType
 
 from aesearch.training.checkpoints import load_checkpoint
 from tests.conftest import REPO
-from tests.searching import search_command, write_space
+from tests.searching import run_at_once, search_command, write_space
 
 sys.path.insert(0, str(REPO / "cluster"))
 from rehearsal import LocalCluster, rehearse  # noqa: E402
@@ -116,7 +116,7 @@ def test_the_submitted_search_ran_its_trials_on_both_nodes_and_logged_everything
         else:
             assert "best.pt" not in stored and run.data.tags["checkpoints"].startswith("removed")
     assert client.search_model_versions("name='cluster-demo'")  # the best model, registered
-    assert "could not remove the checkpoints" not in Path(summary["logs"], "job.log").read_text()
+    assert "warning: the removal of trial" not in Path(summary["logs"], "job.log").read_text()  # RunCloser's words
 
     # Nothing is in the folder the job was submitted from, nor where the servers run.
     assert list(Path(summary["submitted_from"]).iterdir()) == []
@@ -231,59 +231,61 @@ def test_no_secret_reaches_a_log_a_param_a_tag_an_artifact_or_a_command_line(reh
 
 def test_the_search_in_the_bucket_resumes_and_its_best_model_scores_new_rows(rehearsal, as_mlflow_admin, tmp_path):
     """--resume reads Ray Tune's state and the searcher back from the bucket (the search had ended: nothing
-    runs again); `aesearch score` takes the best trial's checkpoint from the server."""
+    runs again); `aesearch score` takes the best trial's checkpoint from the server. Both at once: neither
+    changes what the other reads."""
     from sklearn.datasets import load_digits
 
     cluster, summary, _ = rehearsal
     before = bucket_object(cluster, "searches/cluster-demo/leaderboard.csv").read()
-    resumed = subprocess.run(
-        [sys.executable, "-m", "aesearch.cli", "search", str(Path(summary["space"])), "--name", "cluster-demo",
-         "--resume", "--address", cluster.gcs_address, "--storage", cluster.storage,
-         "--tracking-uri", cluster.tracking_uri],
-        env=cluster.env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    np.save(tmp_path / "rows.npy", load_digits().images[:50, None].astype("float32"))  # (50, 1, 8, 8)
+    done = run_at_once({
+        "resumed": [sys.executable, "-m", "aesearch.cli", "search", str(Path(summary["space"])), "--name",
+                    "cluster-demo", "--resume", "--address", cluster.gcs_address, "--storage", cluster.storage,
+                    "--tracking-uri", cluster.tracking_uri],
+        "scored": [sys.executable, "-m", "aesearch.cli", "score", "cluster-demo", "--input", str(tmp_path / "rows.npy"),
+                   "--out", str(tmp_path / "scores.csv"), "--tracking-uri", cluster.tracking_uri],
+    }, cluster.env(), tmp_path / "logs", timeout=300, cwd=tmp_path)
+    resumed, scored = done["resumed"], done["scored"]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = pd.read_csv(bucket_object(cluster, "searches/cluster-demo/leaderboard.csv"))
     assert after.equals(pd.read_csv(io.BytesIO(before)))  # the same trials, not one more
-    np.save(tmp_path / "rows.npy", load_digits().images[:50, None].astype("float32"))  # (50, 1, 8, 8)
-    scored = subprocess.run(
-        [sys.executable, "-m", "aesearch.cli", "score", "cluster-demo", "--input", str(tmp_path / "rows.npy"),
-         "--out", str(tmp_path / "scores.csv"), "--tracking-uri", cluster.tracking_uri],
-        env=cluster.env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert scored.returncode == 0, scored.stderr[-3000:]
     assert len(pd.read_csv(tmp_path / "scores.csv")) == 50
 
 
 def test_a_storage_or_backend_store_that_cannot_be_used_is_refused_in_one_line_before_anything_is_written(
-    rehearsal, tmp_path
+    rehearsal, tmp_path, tmp_path_factory
 ):
     cluster, summary, _ = rehearsal
     objects = bucket_keys(cluster, "")
-    s3_env = {**cluster.env(), **cluster.s3.client_env(cluster.s3.admin)}  # keys that may see every bucket
+    s3_env = cluster.s3.client_env(cluster.s3.admin)  # keys that may see every bucket
     database = cluster.database.uri("mlflow")
-    cases = [  # (flags, environment, what the one line names)
+    cases = [  # (flags, environment besides the cluster's, what the one line names)
         (["--storage", "s3://no-such-bucket/searches"], s3_env, "there is no bucket 'no-such-bucket'"),
-        (["--storage", cluster.storage], {**cluster.env(), "AWS_SECRET_ACCESS_KEY": "wrong"}, "ACCESS_DENIED"),
-        (["--storage", cluster.storage], {**cluster.env(), "AWS_ENDPOINT_URL": "http://127.0.0.1:9"},
-         "NETWORK_CONNECTION"),
-        (["--storage", "ftp://example.org/searches"], cluster.env(), "cannot read it"),
-        (["--tracking-uri", database], {**cluster.env(), "PGPASSWORD": "wrong"}, "password authentication failed"),
-        (["--tracking-uri", database.replace(str(cluster.database.port), "9")], cluster.env(), "cannot connect"),
+        (["--storage", cluster.storage], {"AWS_SECRET_ACCESS_KEY": "wrong"}, "ACCESS_DENIED"),
+        (["--storage", cluster.storage], {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "NETWORK_CONNECTION"),
+        (["--storage", "ftp://example.org/searches"], {}, "cannot read it"),
+        (["--tracking-uri", database], {"PGPASSWORD": "wrong"}, "password authentication failed"),
+        (["--tracking-uri", database.replace(str(cluster.database.port), "9")], {}, "cannot connect"),
         (["--tracking-uri", database.replace("mlflow@", f"mlflow:{cluster.database.passwords['mlflow']}@")],
-         cluster.env(), "credentials in the URI are refused"),
+         {}, "credentials in the URI are refused"),
     ]
     space = Path(summary["space"])
-    for flags, env, named in cases:
+    commands = {}  # all at once: each is refused in the seconds its imports take
+    for case, (flags, _, _) in enumerate(cases):
         defaults = {"--storage": str(tmp_path / "results"), "--tracking-uri": cluster.tracking_uri}
         defaults.pop(flags[0])
-        done = subprocess.run(
-            [sys.executable, "-m", "aesearch.cli", "search", str(space), "--name", "refused", *flags,
-             *(item for pair in defaults.items() for item in pair), "--address", cluster.gcs_address],
-            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        commands[str(case)] = [sys.executable, "-m", "aesearch.cli", "search", str(space), "--name", "refused", *flags,
+                               *(item for pair in defaults.items() for item in pair), "--address", cluster.gcs_address]
+    refusals = run_at_once(commands, cluster.env(), tmp_path_factory.mktemp("refused-logs"), timeout=240,
+                           besides={str(case): env for case, (_, env, _) in enumerate(cases)}, cwd=tmp_path)
+    for case, (flags, _, named) in enumerate(cases):
+        done = refusals[str(case)]
         assert done.returncode == 2, (flags, done.stderr[-2000:])
         line = done.stderr.strip()
         assert "\n" not in line and line.startswith("aesearch: error: ") and named in line, (flags, line)
         assert not any(secret in line for secret in cluster.secret_values())
-        assert list(tmp_path.iterdir()) == [], flags  # nothing written here...
+    assert list(tmp_path.iterdir()) == []  # nothing written here...
     assert bucket_keys(cluster, "") == objects  # ... nor in the bucket
     assert not experiment_exists(cluster, "refused")
 

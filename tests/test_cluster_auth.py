@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import REPO
-from tests.searching import run, search_command, tracking_uri, write_space
+from tests.searching import run, run_at_once, search_command, tracking_uri, write_space
 
 sys.path.insert(0, str(REPO / "cluster"))
 from services import BIN, Service, free_port, write_secret  # noqa: E402
@@ -48,6 +48,10 @@ class Nodes:
             process = subprocess.Popen(command, env={**env, "TMPDIR": str(self.fresh_tmp)}, start_new_session=True,
                                        stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
         self.service = Service("ray-nodes", process, log)
+
+    def wait(self) -> None:
+        """Until the nodes are up (started by __init__, so that two clusters come up at the same time)."""
+        log = self.service.log
         deadline = time.monotonic() + 180
         while "Ray nodes, head at" not in log.read_text():
             if not self.service.alive() or time.monotonic() > deadline:
@@ -66,26 +70,60 @@ def token(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def open_cluster(tmp_path_factory):
-    """Ray's defaults: no RAY_AUTH_MODE on the nodes, so no token authentication."""
-    nodes = Nodes(tmp_path_factory.mktemp("open-cluster"), clean_env())
-    yield nodes
-    nodes.stop()
+def clusters(tmp_path_factory, token):
+    """Two clusters, started at the same time: one with Ray's defaults (no RAY_AUTH_MODE on the nodes, so
+    no token authentication), one with token authentication."""
+    started = {"open": Nodes(tmp_path_factory.mktemp("open-cluster"), clean_env())}
+    try:
+        started["token"] = Nodes(tmp_path_factory.mktemp("token-cluster"),
+                                 clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token)))
+        for nodes in started.values():
+            nodes.wait()
+        yield started
+    finally:
+        for nodes in started.values():
+            nodes.stop()
 
 
 @pytest.fixture(scope="module")
-def token_cluster(tmp_path_factory, token):
-    nodes = Nodes(tmp_path_factory.mktemp("token-cluster"),
-                  clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token)))
-    yield nodes
-    nodes.stop()
+def open_cluster(clusters):
+    return clusters["open"]
 
 
-def search(folder: Path, nodes: Nodes, env: dict[str, str], trials: int = 2, **space_options):
+@pytest.fixture(scope="module")
+def token_cluster(clusters):
+    return clusters["token"]
+
+
+def search_space(folder: Path, trials: int = 2, **space_options) -> Path:
     space = write_space(folder, "first-contact", trials=trials, epochs=1, grace=1)
     for key, value in space_options.items():  # a budget setting of the test's own
         space.write_text(space.read_text().replace("keep_checkpoints: 10", f"keep_checkpoints: 10, {key}: {value}"))
-    return run(search_command(space, folder / "results", "--address", nodes.address), env, cwd=folder, timeout=400)
+    return space
+
+
+def search_on(folder: Path, nodes: Nodes, **space_options) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return search_command(search_space(folder, **space_options), folder / "results", "--address", nodes.address)
+
+
+def search(folder: Path, nodes: Nodes, env: dict[str, str], **space_options):
+    return run(search_on(folder, nodes, **space_options), env, cwd=folder, timeout=400)
+
+
+@pytest.fixture(scope="module")
+def searches(clusters, token, tmp_path_factory):
+    """The module's searches that run trials, at the same time (one's start overlaps another's trials):
+    name -> (its folder, the finished process). A driver follows each cluster's authentication (a token at
+    hand, RAY_AUTH_MODE not set), and a search on the token cluster whose every trial errors."""
+    faults = '[{"trial": 1, "epoch": 1}, {"trial": 2, "epoch": 1}]'
+    planned = {"open": (clusters["open"], {}), "token": (clusters["token"], {}),
+               "errored": (clusters["token"], {"max_failures": 0})}
+    folders = {name: tmp_path_factory.mktemp(name) for name in planned}
+    commands = {name: search_on(folders[name], nodes, **options) for name, (nodes, options) in planned.items()}
+    done = run_at_once(commands, clean_env(RAY_AUTH_TOKEN_PATH=str(token)), tmp_path_factory.mktemp("logs"),
+                       timeout=400, besides={"errored": {"AESEARCH_FAULTS": faults}}, cwd=tmp_path_factory.mktemp("cwd"))
+    return {name: (folders[name], finished) for name, finished in done.items()}
 
 
 def finished_trials(folder: Path) -> pd.DataFrame:
@@ -97,22 +135,22 @@ def test_ray_nodes_start_where_ray_never_ran_and_write_only_into_their_own_folde
     assert not (open_cluster.fresh_tmp / "ray").exists()  # Ray's default folder neither needed nor made
 
 
-def test_a_driver_follows_a_cluster_without_authentication(open_cluster, token, tmp_path):
+def test_a_driver_follows_a_cluster_without_authentication(searches, open_cluster):
     # A token is at hand (as on a machine that also uses token clusters), RAY_AUTH_MODE not set.
-    done = search(tmp_path, open_cluster, clean_env(RAY_AUTH_TOKEN_PATH=str(token)))
+    folder, done = searches["open"]
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"aesearch: Ray cluster at {open_cluster.address}, no authentication" in done.stderr
-    board = finished_trials(tmp_path)
+    board = finished_trials(folder)
     assert len(board) == 2 and (board["outcome"] == "completed").all()
 
 
-def test_a_driver_follows_a_cluster_with_token_authentication(token_cluster, token, tmp_path):
-    done = search(tmp_path, token_cluster, clean_env(RAY_AUTH_TOKEN_PATH=str(token)))
+def test_a_driver_follows_a_cluster_with_token_authentication(searches, token_cluster, token):
+    folder, done = searches["token"]
     assert done.returncode == 0, done.stderr[-3000:]
     assert (f"aesearch: Ray cluster at {token_cluster.address}, token authentication (the token from "
             f"RAY_AUTH_TOKEN_PATH={token})") in done.stderr
     assert token.read_text() not in done.stderr + done.stdout
-    board = finished_trials(tmp_path)
+    board = finished_trials(folder)
     assert len(board) == 2 and (board["outcome"] == "completed").all()
 
 
@@ -139,28 +177,29 @@ def test_a_driver_set_to_token_on_a_cluster_without_it_is_refused_before_anythin
 
 def test_a_driver_without_the_clusters_token_is_refused_in_one_line(token_cluster, tmp_path):
     other = write_secret(tmp_path / "other_token", secrets.token_hex(32))
-    for env in (clean_env(RAY_AUTH_TOKEN_PATH=str(other)),  # another token: the cluster's mode followed
-                clean_env(RAY_AUTH_MODE="disabled")):  # no token, and told not to use one
-        done = search(tmp_path, token_cluster, env)
+    # another token: the cluster's mode followed; no token, and told not to use one (both at once)
+    envs = {"another-token": {"RAY_AUTH_TOKEN_PATH": str(other)}, "disabled": {"RAY_AUTH_MODE": "disabled"}}
+    commands = {name: search_on(tmp_path / name, token_cluster) for name in envs}
+    for name, done in run_at_once(commands, clean_env(), tmp_path / "logs", timeout=400, besides=envs,
+                                  cwd=tmp_path).items():
         assert_refused_in_one_line(
-            done, tmp_path, f"aesearch: error: --address {token_cluster.address}: cannot connect to the Ray cluster")
+            done, tmp_path / name,
+            f"aesearch: error: --address {token_cluster.address}: cannot connect to the Ray cluster")
         assert other.read_text() not in done.stderr
 
 
-def test_a_search_whose_every_trial_errored_exits_1_with_a_one_line_summary(token_cluster, token, tmp_path):
-    env = clean_env(RAY_AUTH_TOKEN_PATH=str(token),
-                    AESEARCH_FAULTS='[{"trial": 1, "epoch": 1}, {"trial": 2, "epoch": 1}]')
-    done = search(tmp_path, token_cluster, env, max_failures=0)
+def test_a_search_whose_every_trial_errored_exits_1_with_a_one_line_summary(searches, tmp_path):
+    folder, done = searches["errored"]
     assert done.returncode == 1, done.stderr[-3000:]
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("aesearch: error: search 'first-contact': no trial ran to an end (2 errored)"), line
-    board = finished_trials(tmp_path)  # the leaderboard is still written: it names each trial's fate
+    board = finished_trials(folder)  # the leaderboard is still written: it names each trial's fate
     assert (board["outcome"] == "errored").all() and len(board) == 2
     # So is a report, which lists both trials as not ranked, each with what ended it.
     from aesearch.cli import main
 
     report = tmp_path / "report"
-    assert main(["report", "first-contact", "--tracking-uri", tracking_uri(tmp_path / "results"),
+    assert main(["report", "first-contact", "--tracking-uri", tracking_uri(folder / "results"),
                  "--out", str(report)]) == 0
     unranked = (report / "report.md").read_text().split("Trials not ranked")[1].split("\n#")[0]
     assert unranked.count("errored after 1 attempt") == 2 and "InjectedFault" in unranked

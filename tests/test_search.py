@@ -168,7 +168,8 @@ def test_resume_after_a_killed_driver_finishes_without_repeating_trials(tmp_path
     # What a driver killed between starting a trial and saving its state leaves: a trial folder, with
     # checkpoints, that the stored state does not name (made here: the race is rare).
     orphan = experiment / "run_trial_0rphan00_9_killed_before_its_state_was_saved"
-    shutil.copytree(next(experiment.glob("*/checkpoint_*")).parent, orphan)
+    reported = (p.parent for p in experiment.glob("*/checkpoint_*") if (p.parent / "result.json").is_file())
+    shutil.copytree(next(reported), orphan)  # a trial with reports (one killed before its first has none)
     reports = orphan / "result.json"
     reports.write_text(re.sub(r'"trial_id": "\w+"', '"trial_id": "0rphan00"', reports.read_text()))
     assert list(orphan.glob("checkpoint_*"))

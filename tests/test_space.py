@@ -1,5 +1,6 @@
 """Search spaces: the schema, the define-by-run function and the trial configs it yields."""
 
+import functools
 from pathlib import Path
 
 import optuna
@@ -37,13 +38,20 @@ def test_shipped_space_validates_and_says_how_to_launch_it(path: Path):
     assert f"aesearch search {path.stem}" in path.read_text().split("\nname:")[0]
 
 
+@functools.cache
+def shipped(path: Path):
+    """A shipped space, loaded (and its trials checked, ~0.3 s) once, not once per example."""
+    return load_space(path)
+
+
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_define_by_run_yields_only_valid_complete_trials_without_orphans(path, seed):
-    space = load_space(path)
+    space = shipped(path)
     for params in sample_params(space, 3, seed=seed):
         config = trial_config(space, params)
+        dumped = config.model_dump(mode="json")
         for name, parameter in space.space.items():
             conditions_hold = all(
                 parent in params and params[parent] in (wanted if isinstance(wanted, list) else [wanted])
@@ -52,7 +60,7 @@ def test_define_by_run_yields_only_valid_complete_trials_without_orphans(path, s
             # present exactly when its parents take the wanted values: complete, and no orphans
             assert (name in params) == conditions_hold, f"{name}: present={name in params}, conditions={conditions_hold}"
         for name, value in params.items():
-            path_value = config.model_dump(mode="json")
+            path_value = dumped
             for part in (space.space[name].path or name).split("."):
                 path_value = path_value[part]
             assert path_value == value, name

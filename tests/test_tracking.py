@@ -334,33 +334,39 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_the_ui_stopped_by_its_pid_leaves_no_process_and_no_port_behind(stop, tmp_path):
+def test_the_ui_stopped_by_its_pid_leaves_no_process_and_no_port_behind(tmp_path):
     """Ctrl-C or `kill PID` of `aesearch ui` stops MLflow's server and its uvicorn worker with it, and
-    the ui's output has none of MLflow's hints for flags `aesearch ui` does not have."""
-    store = sqlite_uri(tmp_path / "mlflow.db")
-    MlflowClient(store).create_experiment("shown")
-    port, log = free_port(), tmp_path / "ui.log"
-    command = [sys.executable, "-m", "aesearch.cli", "ui", "--tracking-uri", store, "--port", str(port)]
-    with open(log, "w") as output:
-        ui = subprocess.Popen(command, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT)
-    server = set()
+    the ui's output has none of MLflow's hints for flags `aesearch ui` does not have. One UI per signal,
+    started at the same time (each takes seconds to come up)."""
+    uis, servers = {}, {}
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        folder = tmp_path / stop.name
+        folder.mkdir()
+        store = sqlite_uri(folder / "mlflow.db")
+        MlflowClient(store).create_experiment("shown")
+        port, log = free_port(), folder / "ui.log"
+        command = [sys.executable, "-m", "aesearch.cli", "ui", "--tracking-uri", store, "--port", str(port)]
+        with open(log, "w") as output:
+            uis[stop] = (subprocess.Popen(command, cwd=folder, stdout=output, stderr=subprocess.STDOUT), port, log)
     try:
-        wait_for(f"http://127.0.0.1:{port}/health", ui)
-        server = descendants(ui.pid)
-        assert len(server) >= 2, "mlflow server and its uvicorn worker"
-        os.kill(ui.pid, stop)
-        status = ui.wait(timeout=60)
-        outlived = server & running().keys()
-        assert not outlived, f"processes {outlived} of the UI's server outlived `aesearch ui`"
-        assert port_is_free(port)
-        assert status == 0
-        printed = log.read_text()
-        assert f"Uvicorn running on http://127.0.0.1:{port}" in printed, printed
-        assert "0.0.0.0" not in printed and "Registry store URI not provided" not in printed, printed
+        for stop, (ui, port, _) in uis.items():
+            wait_for(f"http://127.0.0.1:{port}/health", ui)
+            servers[stop] = descendants(ui.pid)
+            assert len(servers[stop]) >= 2, "mlflow server and its uvicorn worker"
+        for stop, (ui, port, log) in uis.items():
+            os.kill(ui.pid, stop)
+            status = ui.wait(timeout=60)
+            outlived = servers[stop] & running().keys()
+            assert not outlived, f"processes {outlived} of the UI's server outlived `aesearch ui` ({stop.name})"
+            assert port_is_free(port), stop.name
+            assert status == 0, stop.name
+            printed = log.read_text()
+            assert f"Uvicorn running on http://127.0.0.1:{port}" in printed, printed
+            assert "0.0.0.0" not in printed and "Registry store URI not provided" not in printed, printed
     finally:
-        ui.kill()
-        for pid in server:  # only what this test started, should the UI leave it behind
+        for ui, _, _ in uis.values():
+            ui.kill()
+        for pid in set().union(*servers.values()):  # only what this test started, should a UI leave it behind
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from aesearch.cli import main
 from aesearch.pareto import nondominated_ranks
 from tests.conftest import REPO
-from tests.searching import run, search_command, tracking_uri
+from tests.searching import run_at_once, search_command, tracking_uri
 from tests.test_bad_input import nothing_written, refused
 from tests.user_data import wine_table
 
@@ -30,16 +30,34 @@ def write(folder, document):
 
 
 @pytest.fixture(scope="module")
-def compression_search(tmp_path_factory, ray_env, ray_address):
-    """`use: compression` on digits: 10 trials, two objectives, MO-ASHA stopping at epochs 1 and 2."""
-    folder = tmp_path_factory.mktemp("compression")
-    space = write(folder, {
+def searches_at_once(tmp_path_factory, ray_env, ray_address):
+    """The module's two searches, at the same time on the Ray instance the tests share (one's start
+    overlaps the other's trials): name -> (folder, finished process).
+    compression: `use: compression` on digits: 10 trials, two objectives, MO-ASHA stopping at epochs 1 and 2.
+    detection: anomaly detection on digits, ranked on validation AUROC, stopped trials told to Optuna as pruned."""
+    folders = {name: tmp_path_factory.mktemp(name) for name in ("compression", "detection")}
+    spaces = {"compression": write(folders["compression"], {
         "name": "squeeze", "data": {"name": "digits"}, "use": "compression", "base": SMALL,
         "space": {"model.latent_dim": {"type": "int", "low": 2, "high": 32, "log": True},
                   "optimizer.lr": {"type": "float", "low": 0.0003, "high": 0.01, "log": True}},
         "budget": {"num_samples": 10, "max_epochs": 4, "grace_period": 1, "reduction_factor": 2},
-        "max_concurrent": 2, "seed": 0})
-    done = run(search_command(space, folder / "results", "--address", ray_address), ray_env, timeout=600, cwd=REPO)
+        "max_concurrent": 2, "seed": 0}), "detection": write(folders["detection"], {
+        "name": "spot", "data": {"name": "digits", "anomaly": [0]}, "use": "anomaly_detection", "base": SMALL,
+        "space": {"model.latent_dim": {"type": "categorical", "choices": [2, 8]},
+                  "corruption.kind": {"type": "categorical", "choices": ["none", "masking"]},
+                  "p": {"path": "corruption.level", "type": "float", "low": 0.1, "high": 0.3,
+                        "when": {"corruption.kind": "masking"}}},
+        "budget": {"num_samples": 6, "max_epochs": 3, "grace_period": 1, "reduction_factor": 2},
+        "max_concurrent": 2, "stopped_trials": "pruned"})}
+    commands = {name: search_command(space, folders[name] / "results", "--address", ray_address)
+                for name, space in spaces.items()}
+    done = run_at_once(commands, ray_env, tmp_path_factory.mktemp("logs"), timeout=600, cwd=REPO)
+    return {name: (folders[name], finished) for name, finished in done.items()}
+
+
+@pytest.fixture(scope="module")
+def compression_search(searches_at_once):
+    folder, done = searches_at_once["compression"]
     assert done.returncode == 0, done.stderr[-3000:]
     return folder, tracking_uri(folder / "results"), done
 
@@ -117,22 +135,14 @@ def test_any_front_member_reproduces_by_its_run_id(compression_search, capsys):
     assert summary["metrics"]["best/val/recon_mse"][0] == pytest.approx(smallest["val/recon_mse"], rel=1e-6)
 
 
-def test_a_detection_search_ranks_on_auroc_measured_every_epoch(tmp_path, ray_env, ray_address):
+def test_a_detection_search_ranks_on_auroc_measured_every_epoch(searches_at_once):
     """Also: with `stopped_trials: pruned` Optuna is told the trials ASHA stopped as PRUNED, at their
     last epoch's value (which TPE ranks below every completed trial)."""
-    space = write(tmp_path, {
-        "name": "spot", "data": {"name": "digits", "anomaly": [0]}, "use": "anomaly_detection", "base": SMALL,
-        "space": {"model.latent_dim": {"type": "categorical", "choices": [2, 8]},
-                  "corruption.kind": {"type": "categorical", "choices": ["none", "masking"]},
-                  "p": {"path": "corruption.level", "type": "float", "low": 0.1, "high": 0.3,
-                        "when": {"corruption.kind": "masking"}}},
-        "budget": {"num_samples": 6, "max_epochs": 3, "grace_period": 1, "reduction_factor": 2},
-        "max_concurrent": 2, "stopped_trials": "pruned"})
-    done = run(search_command(space, tmp_path / "results", "--address", ray_address), ray_env, timeout=600, cwd=REPO)
+    folder, done = searches_at_once["detection"]
     assert done.returncode == 0, done.stderr[-3000:]
-    board = pd.read_csv(tmp_path / "results" / "spot" / "leaderboard.csv")
+    board = pd.read_csv(folder / "results" / "spot" / "leaderboard.csv")
     assert board["val/anomaly_auroc"].is_monotonic_decreasing and board["val/anomaly_auroc"].between(0, 1).all()
-    client = MlflowClient(tracking_uri(tmp_path / "results"))
+    client = MlflowClient(tracking_uri(folder / "results"))
     for row in board.itertuples():
         history = client.get_metric_history(row.mlflow_run_id, "val/anomaly_auroc")
         assert sorted(m.step for m in history) == list(range(1, row.epochs + 1))
@@ -142,7 +152,7 @@ def test_a_detection_search_ranks_on_auroc_measured_every_epoch(tmp_path, ray_en
     search_run = client.search_runs([client.get_experiment_by_name("spot").experiment_id],
                                     filter_string="tags.`aesearch.role` = 'search'")[0]
     assert search_run.data.params["objectives"] == "val/anomaly_auroc max"
-    experiment = tmp_path / "results" / "spot"
+    experiment = folder / "results" / "spot"
     study = pickle.loads(next(experiment.glob("searcher-state-*.pkl")).read_bytes())["_ot_study"]
     stopped = board[board["state"] == "stopped"]
     assert len(stopped), "ASHA stopped no trial: nothing shows how Optuna was told"
