@@ -458,6 +458,44 @@ def bare_actor_memory(folder: Path) -> None:
           f"{max(a['rss'] for a in actors) / 2**20:.0f} MiB, private {max(a['private'] for a in actors) / 2**20:.0f} MiB")
 
 
+def sleeping_trial(config: dict) -> None:
+    """Ray's release test's trial: sleep, report, `epochs` times (no aesearch, no tracking)."""
+    from ray import tune
+
+    for epoch in range(config["epochs"]):
+        time.sleep(config["seconds"])
+        tune.report({"epoch": epoch + 1, "score": config["x"]})
+
+
+def bare_tune(workload: Workload, folder: Path) -> None:
+    """The control on this machine: the workload's sizes on bare Tune, as Ray's release tests run it
+    (random search, no early stopping, Tune's default loggers, actors reused; no aesearch, no MLflow)."""
+    from ray import tune
+
+    ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
+    try:
+        trainable = tune.with_resources(sleeping_trial, {"cpu": CPUS / workload.concurrent})
+        space = {"epochs": workload.epochs, "seconds": workload.seconds, "x": tune.uniform(0, 1)}
+        tuner = tune.Tuner(trainable, param_space=space,
+                           tune_config=tune.TuneConfig(num_samples=workload.trials, max_concurrent_trials=workload.concurrent,
+                                                       reuse_actors=True),  # as aesearch's searches
+                           run_config=tune.RunConfig(storage_path=str(folder), verbose=0))
+        cpu, machine, started = driver_cpu_seconds(), machine_busy_seconds(), time.perf_counter()
+        results = tuner.fit()
+        wall = time.perf_counter() - started
+        cpu, machine = driver_cpu_seconds() - cpu, machine_busy_seconds() - machine
+    finally:
+        ray.shutdown()
+    if results.errors:
+        raise results.errors[0]
+    print(f"\ncontrol: bare Tune, the same {workload.trials} trials x {workload.epochs} x {workload.seconds:g} s, "
+          f"{workload.concurrent} at a time (random search, no tracking)")
+    print(f"  wall           {wall:.1f} s in Tuner.fit: {wall / workload.minimum:.2f}x the theoretical minimum "
+          f"{workload.minimum:.1f} s; {workload.trials / wall:.1f} trials/s")
+    print(f"  driver CPU     {cpu:.1f} s = {cpu / workload.trials * 1e3:.0f} ms per trial; the machine's {machine:.1f} s = "
+          f"{machine / workload.trials * 1e3:.0f} ms per trial ({machine / wall:.2f} of {os.cpu_count()} cores busy)")
+
+
 def measure(workload: Workload, stack: Stack) -> dict[str, str]:
     """Runs the workload on the stack, prints its figures, returns the main ones for the side-by-side table."""
     space = parse_space(space_document(workload))
@@ -575,6 +613,9 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, metavar="FOLDER",
                         help="run the (embedded) stack in FOLDER, an empty or new folder, and leave it there: its "
                              "store and storage, e.g. for `aesearch report NAME --tracking-uri sqlite:///FOLDER/mlflow.db`")
+    parser.add_argument("--bare-tune", action="store_true",
+                        help="after each workload, the same sizes on bare Tune (Ray's release tests' setting) here: "
+                             "the control for the platform's own cost on this machine")
     args = parser.parse_args()
     if args.keep is not None and (args.keep.exists() and any(args.keep.iterdir()) or len(args.stack or []) > 1
                                   or len(args.workload or WORKLOADS) > 1):
@@ -598,6 +639,9 @@ def main() -> None:
                 columns[stack_name] = measure(workload, running)
         if len(columns) > 1:
             side_by_side(workload, columns)
+        if args.bare_tune:
+            with tempfile.TemporaryDirectory(prefix="aesearch-scale-") as folder:
+                bare_tune(workload, Path(folder))
     with tempfile.TemporaryDirectory(prefix="aesearch-scale-") as folder:
         bare_actor_memory(Path(folder))
 

@@ -34,9 +34,9 @@ def parse_param(text: Any) -> Any:
 RUN_STATUS_STATES = {"RUNNING": "running", "SCHEDULED": "running", "KILLED": "killed", "FAILED": "errored"}
 
 
-def run_outcome(run: pd.Series) -> tuple[str, str, int | None]:
-    """(state, words, epoch) of a trial run: its outcome tags, else (a run still going, or killed
-    before the search closed it) what its MLflow status says."""
+def run_outcome(run: dict[str, Any]) -> tuple[str, str, int | None]:
+    """(state, words, epoch) of a trial run (a row of `mlflow.search_runs`, as a dict): its outcome
+    tags, else (a run still going, or killed before the search closed it) what its MLflow status says."""
     ended = Outcome.from_tags({name[len("tags."):]: value for name, value in run.items() if name.startswith("tags.")})
     if ended is None:
         state = RUN_STATUS_STATES.get(run.get("status", ""), "unknown")
@@ -48,9 +48,11 @@ def trial_table(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     """One row per trial run: what it was (family, shape, key parameters), how it ended, its
     objective and every metric it logged (latest values, named as logged)."""
     rows = []
-    for _, run in runs.iterrows():
-        config = {k[len("params."):]: parse_param(v) for k, v in run.items() if k.startswith("params.")}
-        metrics = {k[len("metrics."):]: v for k, v in run.items() if k.startswith("metrics.") and pd.notna(v)}
+    params = [name for name in runs.columns if name.startswith("params.")]
+    logged = [name for name in runs.columns if name.startswith("metrics.")]
+    for run in runs.to_dict("records"):  # dicts, not iterrows' Series: a tenth of the time on 10,000 runs
+        config = {k[len("params."):]: parse_param(run[k]) for k in params}
+        metrics = {k[len("metrics."):]: run[k] for k in logged if pd.notna(run[k])}
         state, outcome, ended_at = run_outcome(run)
         epochs = metrics.get("epoch", ended_at or 0)
         value = metrics.get(metric, math.nan)
@@ -75,7 +77,7 @@ def trial_table(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     return table.assign(number=order).sort_values("number", kind="stable").reset_index(drop=True)
 
 
-def _tag(run: pd.Series, name: str) -> str | None:
+def _tag(run: dict[str, Any], name: str) -> str | None:
     """A run's tag, or None where it has none (pandas gives NaN)."""
     value = run.get(f"tags.{name}")
     return value if isinstance(value, str) and value else None
