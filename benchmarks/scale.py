@@ -469,7 +469,8 @@ def sleeping_trial(config: dict) -> None:
 
 def bare_tune(workload: Workload, folder: Path) -> None:
     """The control on this machine: the workload's sizes on bare Tune, as Ray's release tests run it
-    (random search, no early stopping, Tune's default loggers, actors reused; no aesearch, no MLflow)."""
+    (random search, no early stopping, actors reused; no aesearch, no MLflow, and no result files: Ray
+    2.60 writes none by default, so its ResultGrid warns that it finds no metrics, harmlessly)."""
     from ray import tune
 
     ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
