@@ -113,6 +113,17 @@ def trial_reports(experiment: Path) -> dict[str, list[dict]]:
     return reports
 
 
+def run_searches_at_once(spaces: dict[str, Path], folders: dict[str, Path], env: dict, address: str,
+                     logs: Path) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """Searches of their own (each its space, its storage under its folder, its embedded store) run at
+    the same time on the Ray instance at `address`, so that one's start overlaps another's trials:
+    name -> (its folder, its finished process)."""
+    commands = {name: search_command(space, folders[name] / "results", "--address", address)
+                for name, space in spaces.items()}
+    done = run_at_once(commands, env, logs, timeout=600, cwd=REPO)
+    return {name: (folders[name], finished) for name, finished in done.items()}
+
+
 def wait_until(condition, what: str, process: subprocess.Popen | None = None, timeout: float = 240, every: float = 0.5):
     """Poll `condition` until it returns something true (which is returned); fail after `timeout`."""
     deadline = time.monotonic() + timeout

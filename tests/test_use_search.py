@@ -14,8 +14,7 @@ from mlflow import MlflowClient
 
 from aesearch.cli import main
 from aesearch.pareto import nondominated_ranks
-from tests.conftest import REPO
-from tests.searching import run_at_once, search_command, tracking_uri
+from tests.searching import run_searches_at_once, tracking_uri
 from tests.test_bad_input import nothing_written, refused
 from tests.user_data import wine_table
 
@@ -49,10 +48,7 @@ def searches_at_once(tmp_path_factory, ray_env, ray_address):
                         "when": {"corruption.kind": "masking"}}},
         "budget": {"num_samples": 6, "max_epochs": 3, "grace_period": 1, "reduction_factor": 2},
         "max_concurrent": 2, "stopped_trials": "pruned"})}
-    commands = {name: search_command(space, folders[name] / "results", "--address", ray_address)
-                for name, space in spaces.items()}
-    done = run_at_once(commands, ray_env, tmp_path_factory.mktemp("logs"), timeout=600, cwd=REPO)
-    return {name: (folders[name], finished) for name, finished in done.items()}
+    return run_searches_at_once(spaces, folders, ray_env, ray_address, tmp_path_factory.mktemp("logs"))
 
 
 @pytest.fixture(scope="module")

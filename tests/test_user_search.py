@@ -14,8 +14,7 @@ import yaml
 from mlflow import MlflowClient
 
 from aesearch.cli import main
-from tests.conftest import REPO
-from tests.searching import run_at_once, search_command, tracking_uri
+from tests.searching import run_searches_at_once, tracking_uri
 from tests.test_bad_input import nothing_written, refused
 from tests.user_data import wine_table, write_digit_images
 
@@ -63,10 +62,7 @@ def searches_at_once(tmp_path_factory, ray_env, ray_address):
     folders = {name: tmp_path_factory.mktemp(name) for name in ("wine", "folder", *OTHER_SOURCES)}
     spaces = {"wine": wine_search_space(folders["wine"]), "folder": folder_search(folders["folder"])}
     spaces |= {name: source_search(folders[name], name) for name in OTHER_SOURCES}
-    commands = {name: search_command(space, folders[name] / "results", "--address", ray_address)
-                for name, space in spaces.items()}
-    done = run_at_once(commands, ray_env, tmp_path_factory.mktemp("logs"), timeout=600, cwd=REPO)
-    return {name: (folders[name], finished) for name, finished in done.items()}
+    return run_searches_at_once(spaces, folders, ray_env, ray_address, tmp_path_factory.mktemp("logs"))
 
 
 @pytest.fixture(scope="module")
