@@ -61,3 +61,27 @@ def test_a_record_the_server_refuses_is_handed_to_on_error_and_the_rest_go_on():
 def test_a_background_outbox_needs_somewhere_to_put_its_errors():
     with pytest.raises(ValueError, match="on_error"):
         Outbox(in_background=True)
+
+
+def test_a_file_waits_in_a_copy_of_its_own_and_no_folder_outlives_its_delivery(tmp_path, monkeypatch):
+    """Trial processes are killed by Ray without notice: nothing but undelivered copies stays behind."""
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(spool))
+    picture = tmp_path / "epoch_0001.png"
+    picture.write_bytes(b"a picture")
+    answering, logged = False, []
+
+    class Server:
+        def log_artifact(self, run_id, local_path, artifact_path):
+            if not answering:
+                raise requests.exceptions.ConnectionError("Max retries exceeded: connection refused")
+            logged.append((run_id, open(local_path, "rb").read(), artifact_path))
+
+    outbox = Outbox(retry_every_s=0.0)
+    outbox.send_file(picture, "images", Server(), "run-1")
+    picture.unlink()  # the trial goes on: the copy is what waits
+    assert [p.read_bytes() for p in spool.rglob("*.png")] == [b"a picture"] and logged == []
+    answering = True
+    assert outbox.deliver(patience_s=5)
+    assert logged == [("run-1", b"a picture", "images")] and list(spool.iterdir()) == []

@@ -2,6 +2,8 @@
 from Tune's results, the metric catalogue's say in reproductions."""
 
 import math
+import threading
+import time
 
 import pandas as pd
 import pytest
@@ -21,6 +23,7 @@ from aesearch.results.tables import leaderboard as report_leaderboard
 from aesearch.search.callbacks import progress_counts
 from aesearch.search.leaderboard import format_leaderboard, leaderboard, nothing_ran, outside_the_best, rank
 from aesearch.search.space import parse_space
+from aesearch.search.staging import StartClaim
 from aesearch.tracking.outcomes import KINDS, REPORTED, Outcome, counted
 
 EVERY_OUTCOME = [Outcome("completed"), Outcome("stopped", 5), Outcome("diverged", 1), Outcome("invalid", detail="x"),
@@ -195,3 +198,26 @@ def test_the_summary_says_nothing_of_ties_where_the_leader_stands_alone():
     results = [result({"trial_id": "t1", "val/anomaly_auroc": 0.97, "val/loss": 1.5, **done}),
                result({"trial_id": "t2", "val/anomaly_auroc": 0.91, "val/loss": 1.0, **done})]
     assert "tie" not in format_leaderboard(leaderboard(results, space), space, where="x")
+
+
+def test_searches_of_one_name_started_at_once_get_tunes_staging_folder_each_in_a_second_of_its_own(tmp_path):
+    """Tune names a search's staging folder by the second it starts and the search's name: drivers of
+    one name that start together must each start Tune in another second; other names do not wait."""
+    started: dict[str, list[int]] = {"same": [], "other": []}
+    at_once = threading.Barrier(4)
+
+    def claim(name: str):
+        at_once.wait()
+        with StartClaim(name, tmp_path):
+            started[name].append(int(time.time()))  # Tune would name its folder now
+
+    threads = [threading.Thread(target=claim, args=(name,)) for name in ("same", "same", "same", "other")]
+    began = time.monotonic()
+    for thread in threads:
+        thread.start()
+    threads[-1].join()
+    other_took = time.monotonic() - began
+    for thread in threads:
+        thread.join()
+    assert len(set(started["same"])) == 3, started
+    assert other_took < 1.0, other_took

@@ -47,6 +47,7 @@ from aesearch.search.phases import Phases
 from aesearch.search.ray_api import MarkingOptunaSearch, count_memory_kills_as_trial_failures
 from aesearch.search.ray_cluster import check_reachable, connect
 from aesearch.search.space import DefineByRun, SearchSpace, check_trials, check_validation_rows, start_points
+from aesearch.search.staging import StagingNamed, StartClaim, staging_root
 from aesearch.search.storage import TRACKING_FILE, SearchFolder, check_storage_has_no_credentials, prune_checkpoints
 from aesearch.search.trial import run_trial
 from aesearch.search.windowed_tpe import WindowedTPESampler
@@ -366,7 +367,7 @@ def _fit_trials(space: SearchSpace, options: SearchOptions, data: Data, tracking
                 # names (see CheckpointPruner); the pruner keeps the disk bounded instead.
                 callbacks=[
                     JsonLoggerCallback(), Progress(space), CheckpointPruner(options.experiment_folder),
-                    RunCloser(space, tracking), FirstReport(phases),
+                    RunCloser(space, tracking), FirstReport(phases), StagingNamed(options.name),
                 ],
                 verbose=0,
             ),
@@ -375,6 +376,7 @@ def _fit_trials(space: SearchSpace, options: SearchOptions, data: Data, tracking
         folder.write("space.yaml", space_document(space))
         folder.write(TRACKING_FILE, tracking.uri + "\n")
     count_memory_kills_as_trial_failures()  # a trial killed for memory fails alone; the search goes on
-    results = tuner.fit()
+    with StartClaim(options.name, staging_root()):  # a staging folder not shared with a search started at once
+        results = tuner.fit()
     prune_checkpoints(options.experiment_folder, search_ended=True)  # the final state has reached storage now
     return results

@@ -49,7 +49,6 @@ class Outbox:
     def __init__(self, retry_every_s: float = 5.0, on_error: Any = None, in_background: bool = False):
         self.pending: list[tuple[str, Any]] = []  # (what, a call that delivers it)
         self.on_error = on_error  # given: other errors are handed to it (and the item dropped), not raised
-        self.spool = tempfile.TemporaryDirectory(prefix="aesearch-outbox-")
         self.retry_every_s = retry_every_s
         self.failed_at: float | None = None  # when the server last did not answer
         self.last_error = ""
@@ -78,10 +77,11 @@ class Outbox:
                 self.wake.set()
 
     def send_file(self, path: Path | str, artifact_path: str, client: MlflowClient, run_id: str) -> None:
-        """An artifact: a copy waits in the spool until the server has it."""
+        """An artifact: a copy waits in a folder of its own until the server has it (then the folder goes;
+        no folder outlives what it holds, even in a process Ray kills)."""
         import shutil
 
-        kept = Path(tempfile.mkdtemp(dir=self.spool.name)) / Path(path).name
+        kept = Path(tempfile.mkdtemp(prefix="aesearch-outbox-")) / Path(path).name
         shutil.copyfile(path, kept)
 
         def deliver() -> None:
