@@ -16,20 +16,29 @@ alone, so a retried trial repeats its curve. The best trial of a search should t
 the optimum, and how near it gets is how well the search searched. Checkpoints hold the model's
 initial weights (a function of its seed: nothing is trained), so the best one is a checkpoint like
 any other: logged, registered, scored.
+
+`replay:` puts real curves in place of the synthetic one: a table that benchmarks/curves.py recorded
+by training many configurations of a space once, each trial replaying the epochs of the recorded
+configuration nearest its own (a diverged one diverges at the same epoch). Searches can then be
+compared over many seeds at no training cost, on curves with real shapes and real noise.
 """
 
 from __future__ import annotations
 
+import functools
+import gzip
 import hashlib
 import json
 import math
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
 
 from aesearch.config import TrainConfig
+from aesearch.errors import ConfigError, DivergedError
 from aesearch.metrics import SCORE, lookup, selection_key
 from aesearch.parts.data import Data
 from aesearch.parts.models import parameter_count
@@ -49,6 +58,23 @@ class Simulation(Section):
     noise: Float = Field(0.02, ge=0, le=1)  # each epoch's metrics times exp(noise * N(0, 1))
     optimum: dict[str, str | int | float | bool | None] = Field(  # config field -> its best value
         default_factory=lambda: {"optimizer.lr": 0.003, "model.latent_dim": 16}, min_length=1)
+    # A table of recorded learning curves (benchmarks/curves.py): each trial replays the curve of the
+    # recorded configuration nearest its own, in place of the synthetic curve (noise and optimum unused).
+    replay: str | None = None
+
+    @model_validator(mode="after")
+    def _replay_is_a_table(self) -> Simulation:
+        if self.replay is not None:
+            path = Path(self.replay).expanduser().resolve()
+            if not path.is_file():
+                raise broken_rule(f"simulate.replay={self.replay!r}: no such file (a table benchmarks/curves.py records)")
+            try:
+                curve_table(str(path))
+            except (OSError, ValueError, KeyError, EOFError) as error:
+                raise broken_rule(f"simulate.replay={self.replay!r}: not a table of learning curves "
+                                  f"(benchmarks/curves.py): {error}") from None
+            self.replay = str(path)  # trials may run in another folder
+        return self
 
     @model_validator(mode="after")
     def _optimum_fits(self) -> Simulation:
@@ -77,6 +103,56 @@ def distance(config: TrainConfig, optimum: dict[str, Any]) -> float:
 
 def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+class CurveTable:
+    """Learning curves recorded once per configuration (benchmarks/curves.py), replayed by nearest
+    neighbour, as surrogate benchmarks of HPO research do: the searched config fields are compared one
+    by one, a number by its difference over its searched range (on a log scale where it is searched so),
+    any other value by equality (0 or 1), and the distances summed."""
+
+    def __init__(self, header: dict[str, Any], records: list[dict[str, Any]]):
+        self.epochs: int = header["epochs"]
+        self.fields: dict[str, dict[str, Any]] = header["fields"]
+        self.records = [r for r in records if r["outcome"] != "invalid"]  # a search never trains those
+        if not self.records:
+            raise ValueError("it holds no trained configuration")
+
+    def field_distance(self, path: str, a: Any, b: Any) -> float:
+        field = self.fields[path]
+        if field["type"] != "number" or not (is_number(a) and is_number(b)):
+            return float(a != b)
+        scale = math.log if field["log"] and min(a, b) > 0 else float
+        return ((scale(a) - scale(b)) / (scale(field["high"]) - scale(field["low"]))) ** 2
+
+    def nearest(self, config: TrainConfig) -> dict[str, Any]:
+        """The record of the recorded configuration nearest `config` (the lowest index among equals)."""
+        values = flatten(config.model_dump(mode="json"))
+        return min(self.records, key=lambda r: (
+            sum(self.field_distance(path, values.get(path), r["values"].get(path)) for path in self.fields), r["index"]))
+
+
+@functools.lru_cache(maxsize=4)
+def curve_table(path: str) -> CurveTable:
+    """The table in the gzipped JSON lines file at `path`, read once per process."""
+    with gzip.open(path, "rt", encoding="utf-8") as stream:
+        lines = [json.loads(line) for line in stream if line.strip()]
+    if not lines or lines[0].get("table") != "learning curves":
+        raise ValueError("its first line is not the table's header")
+    return CurveTable(lines[0], lines[1:])
+
+
+def replayed(record: dict[str, Any], epoch: int, asked: list[str], table: str) -> dict[str, float]:
+    """The recorded metrics of `epoch` (a non-finite one was recorded as null). Beyond a diverged
+    record's epochs: DivergedError, as the trainer raises it."""
+    if epoch > len(record["epochs"]):  # the recorded configuration diverged in this epoch
+        raise DivergedError(epoch, {"train/loss": math.nan})
+    metrics = {name: math.nan if value is None else float(value) for name, value in record["epochs"][epoch - 1].items()}
+    missing = [name for name in asked if name not in metrics]
+    if missing:
+        raise ConfigError(f"simulate.replay={table!r}: no {', '.join(missing)} in the recorded curves "
+                          f"(they hold {', '.join(sorted(metrics))})")
+    return metrics
 
 
 def curve(config: TrainConfig, optimum: dict[str, Any], noise: float, epoch: int) -> float:
@@ -110,16 +186,26 @@ def simulate(config: TrainConfig, data: Data, reporter: Reporter, simulation: Si
         state |= {key: resume_from[key] for key in ("epoch", "history", "best")}
     history, select_by = list(state["history"]), config.evaluation.select_by
     size = {"model/parameters": float(parameter_count(model)), "model/latent_dim": float(config.model.latent_dim)}
+    terms = ["train/loss", "train/recon", "val/loss", "val/recon", "val/recon_mse", *config.evaluation.val_metrics]
+    if config.model.latent == "gaussian":
+        terms.append("val/kl")
+    record = None
+    if simulation.replay is not None:
+        table = curve_table(simulation.replay)
+        if config.epochs > table.epochs:
+            raise ConfigError(f"simulate.replay={simulation.replay!r}: its curves have {table.epochs} epochs, "
+                              f"fewer than the {config.epochs} of a trial")
+        record = table.nearest(config)
     started = time.perf_counter()
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         began = time.perf_counter()
         time.sleep(simulation.seconds_per_epoch)
-        recon = curve(config, simulation.optimum, simulation.noise, epoch)
-        terms = ["train/loss", "train/recon", "val/loss", "val/recon", "val/recon_mse", *config.evaluation.val_metrics]
-        if config.model.latent == "gaussian":
-            terms.append("val/kl")
-        metrics = {"epoch": float(epoch), **{name: as_metric(name, recon) for name in terms}, **size,
-                   "time/epoch_seconds": time.perf_counter() - began}
+        if record is not None:  # the trial's own size: an objective may be its latent size
+            metrics = {**replayed(record, epoch, terms, simulation.replay), **size}
+        else:
+            recon = curve(config, simulation.optimum, simulation.noise, epoch)
+            metrics = {name: as_metric(name, recon) for name in terms} | size
+        metrics |= {"epoch": float(epoch), "time/epoch_seconds": time.perf_counter() - began}
         history.append(metrics)
         best = state["best"]["epoch"]
         is_best = best == 0 or selection_key(select_by, metrics) < selection_key(select_by, history[best - 1])
