@@ -31,6 +31,8 @@ RECORDS = [  # three trained configurations and one the search would refuse
     {"index": 2, "values": {"optimizer.lr": 0.1, "optimizer.name": "adam"}, "outcome": "diverged",
      "epochs": epochs(0.9)},  # non-finite in its second epoch
     {"index": 3, "params": {}, "outcome": "invalid", "epochs": []},
+    {"index": 4, "values": {"optimizer.lr": 0.05, "optimizer.name": "adam"}, "outcome": "completed",
+     "epochs": [{**e, "val/kl": 1.0} for e in epochs(0.7, 0.6, 0.5)]},  # the only one with a Gaussian latent
 ]
 
 
@@ -41,9 +43,10 @@ def write_table(path, records=RECORDS, epochs_per_curve=3):
     return path
 
 
-def space(table, epochs=3):
+def space(table, epochs=3, latent="deterministic"):
     return parse_space({
-        "name": "replayed", "data": {"name": "digits"}, "base": {"model": {"hidden_dims": [16], "latent_dim": 4}},
+        "name": "replayed", "data": {"name": "digits"},
+        "base": {"model": {"hidden_dims": [16], "latent_dim": 4, "latent": latent}},
         "space": {"optimizer.lr": {"type": "float", "low": 0.0001, "high": 0.1, "log": True}},
         "budget": {"num_samples": 4, "max_epochs": epochs, "grace_period": 1},
         "simulate": {"seconds_per_epoch": 0, "replay": str(table)},
@@ -65,6 +68,10 @@ def test_a_trial_replays_the_curve_of_the_recorded_configuration_nearest_its_own
     with pytest.raises(DivergedError) as diverged:
         simulate(trial_config(searched, {"optimizer.lr": 0.08}), digits, ends.append, searched.simulate)
     assert diverged.value.epoch == 2 and [e.epoch for e in ends] == [1]
+    # a trial reports what its config measures (a Gaussian latent: val/kl): the nearest that measured it
+    gaussian = space(tmp_path / "curves.jsonl.gz", latent="gaussian")
+    replay = simulate(trial_config(gaussian, {"optimizer.lr": 0.002}), digits, lambda end: None, gaussian.simulate)
+    assert [h["val/recon_mse"] for h in replay.history] == [0.7, 0.6, 0.5] and replay.history[0]["val/kl"] == 1.0
 
 
 def test_a_table_that_cannot_be_replayed_is_named_with_its_rule(tmp_path, digits, capsys, monkeypatch):

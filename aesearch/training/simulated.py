@@ -125,10 +125,15 @@ class CurveTable:
         scale = math.log if field["log"] and min(a, b) > 0 else float
         return ((scale(a) - scale(b)) / (scale(field["high"]) - scale(field["low"]))) ** 2
 
-    def nearest(self, config: TrainConfig) -> dict[str, Any]:
-        """The record of the recorded configuration nearest `config` (the lowest index among equals)."""
+    def nearest(self, config: TrainConfig, reported: list[str]) -> dict[str, Any]:
+        """The record of the recorded configuration nearest `config` (the lowest index among equals) among
+        those that measured every metric the trial reports (one with a Gaussian latent has val/kl, say),
+        or that diverged before their first epoch's report."""
         values = flatten(config.model_dump(mode="json"))
-        return min(self.records, key=lambda r: (
+        measured = [r for r in self.records if not r["epochs"] or set(reported) <= set(r["epochs"][0])]
+        if not measured:
+            raise ConfigError(f"simulate.replay: no recorded configuration measured {', '.join(reported)}")
+        return min(measured, key=lambda r: (
             sum(self.field_distance(path, values.get(path), r["values"].get(path)) for path in self.fields), r["index"]))
 
 
@@ -142,17 +147,12 @@ def curve_table(path: str) -> CurveTable:
     return CurveTable(lines[0], lines[1:])
 
 
-def replayed(record: dict[str, Any], epoch: int, asked: list[str], table: str) -> dict[str, float]:
+def replayed(record: dict[str, Any], epoch: int) -> dict[str, float]:
     """The recorded metrics of `epoch` (a non-finite one was recorded as null). Beyond a diverged
     record's epochs: DivergedError, as the trainer raises it."""
     if epoch > len(record["epochs"]):  # the recorded configuration diverged in this epoch
         raise DivergedError(epoch, {"train/loss": math.nan})
-    metrics = {name: math.nan if value is None else float(value) for name, value in record["epochs"][epoch - 1].items()}
-    missing = [name for name in asked if name not in metrics]
-    if missing:
-        raise ConfigError(f"simulate.replay={table!r}: no {', '.join(missing)} in the recorded curves "
-                          f"(they hold {', '.join(sorted(metrics))})")
-    return metrics
+    return {name: math.nan if value is None else float(value) for name, value in record["epochs"][epoch - 1].items()}
 
 
 def curve(config: TrainConfig, optimum: dict[str, Any], noise: float, epoch: int) -> float:
@@ -195,13 +195,13 @@ def simulate(config: TrainConfig, data: Data, reporter: Reporter, simulation: Si
         if config.epochs > table.epochs:
             raise ConfigError(f"simulate.replay={simulation.replay!r}: its curves have {table.epochs} epochs, "
                               f"fewer than the {config.epochs} of a trial")
-        record = table.nearest(config)
+        record = table.nearest(config, terms)
     started = time.perf_counter()
     for epoch in range(state["epoch"] + 1, config.epochs + 1):
         began = time.perf_counter()
         time.sleep(simulation.seconds_per_epoch)
         if record is not None:  # the trial's own size: an objective may be its latent size
-            metrics = {**replayed(record, epoch, terms, simulation.replay), **size}
+            metrics = {**replayed(record, epoch), **size}
         else:
             recon = curve(config, simulation.optimum, simulation.noise, epoch)
             metrics = {name: as_metric(name, recon) for name in terms} | size
