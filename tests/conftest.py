@@ -138,14 +138,20 @@ def ray_address(ray_instance) -> str:
 
 
 @pytest.fixture(scope="session")
-def small_search(tmp_path_factory, ray_env):
+def together(tmp_path_factory, ray_env, ray_instance):
+    """Every command in tests.searching.TOGETHER (the searches several modules only read), a few at a
+    time: name -> (its folder, its finished process)."""
+    from tests.searching import run_together
+
+    return run_together(tmp_path_factory.mktemp, ray_env, ray_instance.address(),
+                        tmp_path_factory.mktemp("together-logs"))
+
+
+@pytest.fixture(scope="session")
+def small_search(together):
     """One small search (8 trials: completed, stopped early, diverged; checkpoints kept for the best 5)
     run as `make quickstart` runs it, logged to an embedded MLflow store: (experiment folder, the
     finished process)."""
-    from tests.searching import DIVERGING_START, run, uv_run_command, write_space
-
-    folder = tmp_path_factory.mktemp("search")
-    space = write_space(folder, "small", trials=8, epochs=3, grace=1, extra=DIVERGING_START, keep=KEPT_CHECKPOINTS)
-    done = run(uv_run_command(space, folder / "results"), ray_env, cwd=REPO)
+    folder, done = together["small"]
     assert done.returncode == 0, done.stderr[-3000:]
     return folder / "results" / "small", done

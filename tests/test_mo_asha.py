@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from aesearch.pareto import nondominated_ranks
 from aesearch.search.driver import SCHEDULERS
 from aesearch.search.mo_asha import MultiObjectiveASHA, SeededASHA, bracket_milestones, pick_bracket
 from aesearch.search.space import SearchSpace
+from tests.searching import TOGETHER, Together
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 
@@ -276,20 +278,20 @@ with ray.init(address=sys.argv[2], _node_ip_address="127.0.0.1"):  # the Ray ins
 """
 
 
-def test_a_tune_run_stops_the_dominated_trials_early(tmp_path, ray_env, ray_address):
+# Run with other modules' searches, on the Ray instance the tests share.
+TOGETHER["mo_asha"] = lambda folder, address: Together(
+    [sys.executable, "-c", TUNE_RUN, str(folder / "results"), address])
+
+
+def test_a_tune_run_stops_the_dominated_trials_early(together):
     """The two configs on the front run to max_t; the two dominated at every epoch stop at the first rung."""
     import json
-    import subprocess
-    import sys
 
-    from tests.conftest import REPO
-
-    done = subprocess.run([sys.executable, "-c", TUNE_RUN, str(tmp_path / "results"), ray_address], env=ray_env,
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    folder, done = together["mo_asha"]
     assert done.returncode == 0, done.stderr[-3000:]
     outcome = json.loads(done.stdout.strip().splitlines()[-1])
     assert outcome == {"errors": 0, "epochs": {"front_loss": 9, "front_size": 9, "dominated": 1, "worst": 1}}
     # Tuner.restore takes the scheduler from tuner.pkl, pickled as the Tuner was made (rungs empty)
-    tuner_state = ray.cloudpickle.loads((tmp_path / "results" / "mo_asha" / "tuner.pkl").read_bytes())
+    tuner_state = ray.cloudpickle.loads((folder / "results" / "mo_asha" / "tuner.pkl").read_bytes())
     restored = tuner_state["_tune_config"].scheduler
     assert isinstance(restored, MultiObjectiveASHA) and all(not recorded for _, recorded in restored._rungs)

@@ -1,6 +1,7 @@
 """Packed training (aesearch.packing.fused) gives each member the epochs it would have trained alone."""
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from aesearch.parts.optimizers import OPTIMIZERS, Optimizer
 from aesearch.training.checkpoints import load_checkpoint
 from aesearch.training.trainer import Trainer, train
 from tests.conftest import REPO, make_config
-from tests.searching import run
+from tests.searching import TOGETHER, on_shared_ray, run
 
 VAE = dict(
     model={"latent": "gaussian", "hidden_dims": [32], "latent_dim": 4},
@@ -388,18 +389,25 @@ seed: 0
 """
 
 
-def test_a_packed_search_keeps_every_trial_its_own_and_trains_each_as_alone(tmp_path, ray_env, ray_address, digits):
+def packed_space(folder: Path) -> Path:
+    space = folder / "packed.yaml"
+    space.write_text(PACKED_SPACE)
+    return space
+
+
+TOGETHER["packed"] = on_shared_ray(packed_space, "--pack", "4")  # run with other modules' searches
+
+
+def test_a_packed_search_keeps_every_trial_its_own_and_trains_each_as_alone(together, digits, tmp_path):
     """`--pack 4`: trials train in a pack server, fused when they share a shape; each is still its
     own Tune trial (ASHA stops it alone) and its own MLflow run, and its epochs are those it
     would have trained alone, though members joined and left the pack as the search went."""
     from mlflow import MlflowClient
 
-    from tests.searching import search_command, tracking_uri, trial_reports
+    from tests.searching import tracking_uri, trial_reports
 
-    space = tmp_path / "packed.yaml"
-    space.write_text(PACKED_SPACE)
-    storage = tmp_path / "results"
-    done = run(search_command(space, storage, "--pack", "4", "--address", ray_address), ray_env, timeout=400)
+    folder, done = together["packed"]
+    storage = folder / "results"
     assert done.returncode == 0, done.stderr[-3000:]
 
     reports = trial_reports(storage / "packed")

@@ -22,12 +22,19 @@ from aesearch.errors import ConfigError
 from aesearch.shipped import CONFIGS, SPACES, resolve
 from tests.conftest import REPO
 from tests.readme import PLACEHOLDERS, code_blocks, commands, marked, run_in
+from tests.searching import TOGETHER, Together
+
+
+def user_shell(home: Path) -> dict[str, str | None]:
+    """A user's shell, on top of the tests' Ray environment: the installed `aesearch` on PATH, nothing of
+    the repository on the import path, no Ray address (None: left out)."""
+    return {"PYTHONPATH": None, "RAY_ADDRESS": None, "HOME": str(home),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
 
 @pytest.fixture()
 def user_env(ray_env, tmp_path):
-    """A user's shell: the installed `aesearch` on PATH, nothing of the repository on the import path."""
-    env = {key: value for key, value in ray_env.items() if key not in ("PYTHONPATH", "RAY_ADDRESS")}
-    return {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", "HOME": str(tmp_path)}
+    return {key: value for key, value in {**ray_env, **user_shell(tmp_path)}.items() if value is not None}
 
 
 # --- names ----------------------------------------------------------------------------------------
@@ -111,20 +118,27 @@ print(json.dumps({"trials": len(board), "states": board["state"].tolist(), "boar
 """
 
 
-def test_readme_python_example_runs_as_written_from_an_empty_folder(tmp_path, user_env, ray_address):
-    """The notebook's path through the API alone (on the Ray instance the tests share, as a notebook
-    beside a running Ray finds it through RAY_ADDRESS)."""
+def python_example(folder: Path, address: str) -> Together:
+    """The README's Python block, run in an empty folder (HOME there) on the Ray instance the tests share,
+    as a notebook beside a running Ray finds it: through RAY_ADDRESS."""
     code = marked("python", "aesearch.load_space(")
-    done = subprocess.run([sys.executable, "-c", code + SEEN], cwd=tmp_path, env={**user_env, "RAY_ADDRESS": ray_address},
-                          capture_output=True, text=True, timeout=600)
+    return Together([sys.executable, "-c", code + SEEN], {**user_shell(folder), "RAY_ADDRESS": address}, folder)
+
+
+TOGETHER["readme-python"] = python_example  # run with other modules' searches
+
+
+def test_readme_python_example_runs_as_written_from_an_empty_folder(together):
+    """The notebook's path through the API alone."""
+    folder, done = together["readme-python"]
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["trials"] == 4 and seen["states"][0] in ("completed", "stopped")
     assert seen["report_best"] == seen["board_run"]  # the report ranks as the search did
     assert seen["reproduced"] is True, seen
     assert seen["epochs"] == 3 and seen["reconstructed"] == [2, 1, 8, 8] and seen["same_weights"]
-    assert (tmp_path / "reports" / "notebook" / "index.html").is_file()
-    assert (tmp_path / "runs" / "vae" / "best.pt").is_file()
+    assert (folder / "reports" / "notebook" / "index.html").is_file()
+    assert (folder / "runs" / "vae" / "best.pt").is_file()
 
 
 def test_an_installed_wheel_finds_its_shipped_files_by_name(tmp_path):

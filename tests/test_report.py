@@ -3,6 +3,7 @@ figures and files, tested here without Ray; then a report of the shared real sea
 MLflow store and opened in headless Chromium."""
 
 import io
+import os
 import re
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from aesearch.search.space import SearchSpace
 from aesearch.tracking.outcomes import Outcome
 from aesearch.tracking.runs import as_param
 from tests.browser import open_page
+from tests.searching import run_at_once
 
 # --- a search's runs, as mlflow.search_runs returns them ----------------------------------------
 
@@ -412,10 +414,13 @@ def test_the_report_opens_in_a_browser_without_console_errors(real_report, tmp_p
 
 def test_a_report_of_a_missing_experiment_or_store_is_one_line_and_writes_nothing(real_report, tmp_path):
     store, _, _ = real_report
-    done = subprocess.run(report_command(store, tmp_path / "out", "nosuch"), capture_output=True, text=True, timeout=120)
+    missing = sqlite_uri(tmp_path / "none.db")
+    refused = run_at_once({"experiment": report_command(store, tmp_path / "out", "nosuch"),  # both at once
+                           "store": report_command(missing, tmp_path / "out")}, dict(os.environ), tmp_path / "logs",
+                          timeout=120)
+    done = refused["experiment"]
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert "'nosuch'" in done.stderr and "small" in done.stderr  # names what the store does hold
-    missing = sqlite_uri(tmp_path / "none.db")
-    done = subprocess.run(report_command(missing, tmp_path / "out"), capture_output=True, text=True, timeout=120)
+    done = refused["store"]
     assert done.returncode == 2 and "no such store" in done.stderr
     assert not (tmp_path / "none.db").exists() and not (tmp_path / "out").exists()

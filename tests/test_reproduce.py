@@ -72,6 +72,7 @@ def trial_runs(store: str, experiment: str = "small"):
                                       run_view_type=ViewType.ALL)
 
 
+@pytest.mark.usefixtures("mnist_search")  # started here: its start overlaps the reproductions up to the MNIST tests
 def test_the_best_trial_retrains_to_the_same_numbers_and_the_reproduction_is_logged(small_search, store, tmp_path):
     board = pd.read_csv(small_search[0] / "leaderboard.csv", dtype={"trial": str})
     done = subprocess.run(reproduce_command(store, "--out", str(tmp_path / "again")), capture_output=True, text=True,

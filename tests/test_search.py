@@ -15,6 +15,7 @@ import signal
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -142,9 +143,13 @@ def saved_statuses(experiment: Path) -> dict[str, str]:
     return {trial["trial_id"]: trial["status"] for trial in trials}
 
 
-def test_resume_after_a_killed_driver_finishes_without_repeating_trials(tmp_path, ray_env, ray_address):
-    epochs = 24  # long enough to kill mid-search
-    space = write_space(tmp_path, "killed", trials=8, epochs=epochs, grace=epochs)
+RESUMED_EPOCHS = 24  # long enough to kill mid-search
+
+
+def kill_then_resume(tmp_path: Path, ray_env: dict, ray_address: str) -> tuple[Path, dict, subprocess.CompletedProcess]:
+    """A search whose driver is killed once two trials have finished, then resumed: (its storage, the
+    reports of the trials finished before the kill, the resumed search's finished process)."""
+    space = write_space(tmp_path, "killed", trials=8, epochs=RESUMED_EPOCHS, grace=RESUMED_EPOCHS)
     storage = tmp_path / "results"
     experiment = storage / "killed"
     frequent_saves = {**ray_env, "TUNE_GLOBAL_CHECKPOINT_S": "0.5"}  # many saves, many prunes: many chances to race
@@ -167,14 +172,63 @@ def test_resume_after_a_killed_driver_finishes_without_repeating_trials(tmp_path
     assert len(finished) < 8, "the search ended before the kill: nothing left to resume"
     # What a driver killed between starting a trial and saving its state leaves: a trial folder, with
     # checkpoints, that the stored state does not name (made here: the race is rare).
-    orphan = experiment / "run_trial_0rphan00_9_killed_before_its_state_was_saved"
+    orphan = experiment / ORPHAN
     reported = (p.parent for p in experiment.glob("*/checkpoint_*") if (p.parent / "result.json").is_file())
     shutil.copytree(next(reported), orphan)  # a trial with reports (one killed before its first has none)
     reports = orphan / "result.json"
     reports.write_text(re.sub(r'"trial_id": "\w+"', '"trial_id": "0rphan00"', reports.read_text()))
     assert list(orphan.glob("checkpoint_*"))
+    return storage, finished, run(search_command(space, storage, "--resume", *on_ray), ray_env)
 
-    done = run(search_command(space, storage, "--resume", *on_ray), ray_env)
+
+ORPHAN = "run_trial_0rphan00_9_killed_before_its_state_was_saved"
+
+
+def interrupt_then_resume(tmp_path: Path, ray_env: dict, ray_address: str):
+    """A search stopped by Ctrl-C right after its first trial completes, then resumed: (its space, its
+    storage, the interrupted driver's exit status and stderr, the resumed search's finished process)."""
+    space = write_space(tmp_path, "interrupted", trials=4, epochs=20, grace=20)  # 1 or 2 not begun at the interrupt
+    storage = tmp_path / "results"
+    on_ray = ["--address", ray_address]  # the Ray instance the tests share: the driver is what Ctrl-C stops
+    driver = subprocess.Popen(search_command(space, storage, *on_ray), env=ray_env, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    guard = threading.Timer(300, lambda: os.killpg(driver.pid, signal.SIGKILL))  # a hung driver fails the test
+    guard.start()
+    try:
+        progress = []
+        for line in driver.stderr:  # the live progress: interrupt right after the first trial completes
+            progress.append(line)
+            if re.search(r"\b[1-3] completed", line):
+                break
+        driver.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        _, rest = driver.communicate(timeout=120)
+        stderr = "".join(progress) + rest
+    finally:
+        guard.cancel()
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    assert driver.returncode == 130, stderr[-2000:]
+    assert not (storage / "interrupted" / "leaderboard.csv").exists()
+    return space, storage, stderr, run(search_command(space, storage, "--resume", *on_ray), ray_env)
+
+
+@pytest.fixture(scope="module")
+def stopped_and_resumed(tmp_path_factory, ray_env, ray_address):
+    """The module's two searches whose driver stops midway, killed or interrupted, then resumed (each its
+    own driver, on the Ray instance the tests share), and one that asks for a trial bigger than this
+    machine: at the same time, so that one's start overlaps another's trials. Name -> the future of what
+    its test reads (result() raises what went wrong before)."""
+    scenarios = {"killed": kill_then_resume, "interrupted": interrupt_then_resume,
+                 "greedy": ask_for_more_cpus_than_this_machine_has}
+    with ThreadPoolExecutor() as pool:
+        return {name: pool.submit(scenario, tmp_path_factory.mktemp(name), ray_env, ray_address)
+                for name, scenario in scenarios.items()}
+
+
+def test_resume_after_a_killed_driver_finishes_without_repeating_trials(stopped_and_resumed):
+    storage, finished, done = stopped_and_resumed["killed"].result()
+    experiment, orphan, epochs = storage / "killed", storage / "killed" / ORPHAN, RESUMED_EPOCHS
     assert done.returncode == 0, done.stderr[-3000:]
     board = pd.read_csv(experiment / "leaderboard.csv", dtype={"trial": str})
     assert len(board) == 8 and board["trial"].is_unique and set(board["outcome"]) == {"completed"}
@@ -243,39 +297,22 @@ def test_storage_given_as_a_uri_is_checked_like_a_folder(small_search, tmp_path,
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_a_trial_bigger_than_this_machine_is_refused(tmp_path, ray_env):
+def ask_for_more_cpus_than_this_machine_has(tmp_path: Path, ray_env: dict, ray_address: str):
+    """A search of its own (on a local Ray instance it starts, not the shared one) whose trials want 64
+    CPUs: (its folder, its finished process)."""
     space = write_space(tmp_path, "greedy", trials=2, epochs=1, grace=1)
-    done = run(search_command(space, tmp_path / "results", "--cpus-per-trial", "64"), ray_env, timeout=120)
+    return tmp_path, run(search_command(space, tmp_path / "results", "--cpus-per-trial", "64"), ray_env, timeout=120)
+
+
+def test_a_trial_bigger_than_this_machine_is_refused(stopped_and_resumed):
+    tmp_path, done = stopped_and_resumed["greedy"].result()
     assert done.returncode == 2
     assert "aesearch: error: --cpus-per-trial 64 (resources.cpu): the Ray cluster has" in done.stderr
     assert not (tmp_path / "results").exists()
 
 
-def test_ctrl_c_stops_the_search_and_says_how_to_resume(tmp_path, ray_env, ray_address):
-    space = write_space(tmp_path, "interrupted", trials=4, epochs=20, grace=20)  # 1 or 2 not begun at the interrupt
-    storage = tmp_path / "results"
-    on_ray = ["--address", ray_address]  # the Ray instance the tests share: the driver is what Ctrl-C stops
-    driver = subprocess.Popen(search_command(space, storage, *on_ray), env=ray_env, start_new_session=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    guard = threading.Timer(300, lambda: os.killpg(driver.pid, signal.SIGKILL))  # a hung driver fails the test
-    guard.start()
-    try:
-        progress = []
-        for line in driver.stderr:  # the live progress: interrupt right after the first trial completes
-            progress.append(line)
-            if re.search(r"\b[1-3] completed", line):
-                break
-        driver.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        _, rest = driver.communicate(timeout=120)
-        stderr = "".join(progress) + rest
-    finally:
-        guard.cancel()
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
-            driver.wait()
-    assert driver.returncode == 130, stderr[-2000:]
+def test_ctrl_c_stops_the_search_and_says_how_to_resume(stopped_and_resumed):
+    space, storage, stderr, done = stopped_and_resumed["interrupted"].result()
     assert f"search 'interrupted' interrupted; continue it with: aesearch search {space} --name interrupted" in stderr
-    assert not (storage / "interrupted" / "leaderboard.csv").exists()
-    done = run(search_command(space, storage, "--resume", *on_ray), ray_env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(pd.read_csv(storage / "interrupted" / "leaderboard.csv")) == 4

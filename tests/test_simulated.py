@@ -3,6 +3,7 @@ in place of training, through the real trial function, reporting, checkpoints, r
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,7 +14,7 @@ from aesearch.search.space import parse_space, trial_config
 from aesearch.tracking.runs import TRIAL_NUMBER_TAG
 from aesearch.training.checkpoints import BEST_CHECKPOINT, load_checkpoint, load_trained_model
 from aesearch.training.simulated import Simulation, curve, distance, simulate
-from tests.searching import run, search_command, tracking_uri
+from tests.searching import TOGETHER, on_shared_ray, tracking_uri
 from tests.test_bad_input import nothing_written, refused
 
 OPTIMUM = {"optimizer.lr": 0.003, "model.latent_dim": 16}  # the default optimum of `simulate:`
@@ -105,16 +106,23 @@ def test_the_command_refuses_a_bad_simulate_section_in_one_line_writing_nothing(
     nothing_written(tmp_path, "space.yaml")
 
 
-def test_a_simulated_search_runs_through_the_platform_and_ranks_by_the_known_optimum(tmp_path, ray_env, ray_address):
+def simulated_space(folder: Path) -> Path:
+    path = folder / "simulated.yaml"
+    path.write_text(yaml.safe_dump({**SPACE, "start_with": [{"optimizer.lr": 0.003, "model.latent_dim": 16}]}))
+    return path
+
+
+# Run with other modules' searches; trial #1 (the start_with above) fails once in epoch 2.
+TOGETHER["simulated"] = on_shared_ray(simulated_space, env={
+    "AESEARCH_FAULTS": json.dumps([{"trial": 1, "epoch": 2, "attempts": 1}])})
+
+
+def test_a_simulated_search_runs_through_the_platform_and_ranks_by_the_known_optimum(together, tmp_path):
     """Trial #1 starts at the optimum and fails once in epoch 2: it is retried from its checkpoint of
     epoch 1 and still ends best; every trial's run holds its epochs once each, and the kept trials their
     best checkpoint; the leaderboard follows the curve's distance to the optimum."""
-    start = [{"optimizer.lr": 0.003, "model.latent_dim": 16}]
-    path = tmp_path / "simulated.yaml"
-    path.write_text(yaml.safe_dump({**SPACE, "start_with": start}))
-    storage = tmp_path / "results"
-    env = {**ray_env, "AESEARCH_FAULTS": json.dumps([{"trial": 1, "epoch": 2, "attempts": 1}])}
-    done = run(search_command(path, storage, "--address", ray_address), env, timeout=300)
+    folder, done = together["simulated"]
+    storage = folder / "results"
     assert done.returncode == 0, done.stderr[-3000:]
 
     mlflow = MlflowClient(tracking_uri(storage))

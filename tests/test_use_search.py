@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from aesearch.cli import main
 from aesearch.pareto import nondominated_ranks
-from tests.searching import run_searches_at_once, tracking_uri
+from tests.searching import TOGETHER, on_shared_ray, tracking_uri
 from tests.test_bad_input import nothing_written, refused
 from tests.user_data import wine_table
 
@@ -28,32 +28,37 @@ def write(folder, document):
     return path
 
 
-@pytest.fixture(scope="module")
-def searches_at_once(tmp_path_factory, ray_env, ray_address):
-    """The module's two searches, at the same time on the Ray instance the tests share (one's start
-    overlaps the other's trials): name -> (folder, finished process).
-    compression: `use: compression` on digits: 10 trials, two objectives, MO-ASHA stopping at epochs 1 and 2.
-    detection: anomaly detection on digits, ranked on validation AUROC, stopped trials told to Optuna as pruned."""
-    folders = {name: tmp_path_factory.mktemp(name) for name in ("compression", "detection")}
-    spaces = {"compression": write(folders["compression"], {
+def compression_space(folder):
+    """`use: compression` on digits: 10 trials, two objectives, MO-ASHA stopping at epochs 1 and 2."""
+    return write(folder, {
         "name": "squeeze", "data": {"name": "digits"}, "use": "compression", "base": SMALL,
         "space": {"model.latent_dim": {"type": "int", "low": 2, "high": 32, "log": True},
                   "optimizer.lr": {"type": "float", "low": 0.0003, "high": 0.01, "log": True}},
         "budget": {"num_samples": 10, "max_epochs": 4, "grace_period": 1, "reduction_factor": 2},
-        "max_concurrent": 2, "seed": 0}), "detection": write(folders["detection"], {
+        "max_concurrent": 2, "seed": 0})
+
+
+def detection_space(folder):
+    """Anomaly detection on digits, ranked on validation AUROC, stopped trials told to Optuna as pruned."""
+    return write(folder, {
         "name": "spot", "data": {"name": "digits", "anomaly": [0]}, "use": "anomaly_detection", "base": SMALL,
         "space": {"model.latent_dim": {"type": "categorical", "choices": [2, 8]},
                   "corruption.kind": {"type": "categorical", "choices": ["none", "masking"]},
                   "p": {"path": "corruption.level", "type": "float", "low": 0.1, "high": 0.3,
                         "when": {"corruption.kind": "masking"}}},
         "budget": {"num_samples": 6, "max_epochs": 3, "grace_period": 1, "reduction_factor": 2},
-        "max_concurrent": 2, "stopped_trials": "pruned"})}
-    return run_searches_at_once(spaces, folders, ray_env, ray_address, tmp_path_factory.mktemp("logs"))
+        "max_concurrent": 2, "stopped_trials": "pruned"})
+
+
+# The module's two searches, run with the other modules' searches at the same time on the Ray instance
+# the tests share (one's start overlaps the others' trials).
+TOGETHER["compression"] = on_shared_ray(compression_space)
+TOGETHER["detection"] = on_shared_ray(detection_space)
 
 
 @pytest.fixture(scope="module")
-def compression_search(searches_at_once):
-    folder, done = searches_at_once["compression"]
+def compression_search(together):
+    folder, done = together["compression"]
     assert done.returncode == 0, done.stderr[-3000:]
     return folder, tracking_uri(folder / "results"), done
 
@@ -131,10 +136,10 @@ def test_any_front_member_reproduces_by_its_run_id(compression_search, capsys):
     assert summary["metrics"]["best/val/recon_mse"][0] == pytest.approx(smallest["val/recon_mse"], rel=1e-6)
 
 
-def test_a_detection_search_ranks_on_auroc_measured_every_epoch(searches_at_once):
+def test_a_detection_search_ranks_on_auroc_measured_every_epoch(together):
     """Also: with `stopped_trials: pruned` Optuna is told the trials ASHA stopped as PRUNED, at their
     last epoch's value (which TPE ranks below every completed trial)."""
-    folder, done = searches_at_once["detection"]
+    folder, done = together["detection"]
     assert done.returncode == 0, done.stderr[-3000:]
     board = pd.read_csv(folder / "results" / "spot" / "leaderboard.csv")
     assert board["val/anomaly_auroc"].is_monotonic_decreasing and board["val/anomaly_auroc"].between(0, 1).all()

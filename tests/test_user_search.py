@@ -5,6 +5,7 @@ rows (`encode`, `score`) and served by MLflow; bad input refused in one line."""
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import yaml
 from mlflow import MlflowClient
 
 from aesearch.cli import main
-from tests.searching import run_searches_at_once, tracking_uri
+from tests.searching import TOGETHER, on_shared_ray, tracking_uri
 from tests.test_bad_input import nothing_written, refused
 from tests.user_data import wine_table, write_digit_images
 
@@ -55,14 +56,12 @@ def wine_search_space(folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def searches_at_once(tmp_path_factory, ray_env, ray_address):
+def searches_at_once(together):
     """The module's searches: on wine.csv, on a folder of images with classes, on each other source. Each
-    is a search of its own (its data, storage and embedded store); they run at the same time on the Ray
-    instance the tests share, so that one's start overlaps another's trials: name -> (folder, finished process)."""
-    folders = {name: tmp_path_factory.mktemp(name) for name in ("wine", "folder", *OTHER_SOURCES)}
-    spaces = {"wine": wine_search_space(folders["wine"]), "folder": folder_search(folders["folder"])}
-    spaces |= {name: source_search(folders[name], name) for name in OTHER_SOURCES}
-    return run_searches_at_once(spaces, folders, ray_env, ray_address, tmp_path_factory.mktemp("logs"))
+    is a search of its own (its data, storage and embedded store), run with the other modules' searches
+    at the same time on the Ray instance the tests share (tests.searching.TOGETHER, added at the end of
+    this module): name -> (folder, finished process)."""
+    return {name: together[name] for name in ("wine", "folder", *OTHER_SOURCES)}
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +264,11 @@ def source_search(folder: Path, source: str) -> Path:
                               "evaluation": {"iwae_samples": 5, "kmeans_restarts": 1}},
                         space={"optimizer.lr": {"type": "float", "low": 0.001, "high": 0.003, "log": True}},
                         start_with=[], budget={"num_samples": 1, "max_epochs": 2, "grace_period": 2})
+
+
+TOGETHER["wine"] = on_shared_ray(wine_search_space)
+TOGETHER["folder"] = on_shared_ray(folder_search)
+TOGETHER |= {source: on_shared_ray(partial(source_search, source=source)) for source in OTHER_SOURCES}
 
 
 @pytest.mark.parametrize("source", OTHER_SOURCES)
