@@ -2,6 +2,7 @@
 
     uv run python benchmarks/curves.py [--configs 1000] [--epochs 30] [--workers 1]
         [--out benchmarks/data/curves-dense-digits.jsonl.gz]
+    uv run python benchmarks/curves.py --check [--out TABLE]
 
 As HPO research does with tabular benchmarks (LCBench, HPOBench): configurations of the dense
 subspace of mnist_variants.yaml on digits (the space benchmarks/search_efficiency.py searches), drawn
@@ -14,6 +15,9 @@ The file is gzipped JSON lines: a header (the searched fields, their ranges, the
 then a record per configuration: its index, the config values of the searched fields, its outcome
 (completed, diverged or invalid) and its epochs' metrics. Recording resumes: a record already in the file
 is not trained again, and a record cut short by a kill is dropped and trained again.
+
+--check measures the surrogate the replay uses on held-out records (5-fold): how well its final
+val/recon_mse ranks configurations it was not fitted on, beside the nearest record's.
 """
 
 from __future__ import annotations
@@ -140,13 +144,47 @@ def header(epochs: int, command: list[str]) -> dict[str, Any]:
             "machine": f"{platform.machine()}, torch {torch.__version__}, 1 thread per configuration"}
 
 
+def check(path: Path, folds: int = 5) -> None:
+    """The surrogate's held-out fidelity: Spearman's rank correlation of the predicted and the recorded
+    final val/recon_mse, and how many of the best tenth it puts in its own best tenth."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from aesearch.search.space import trial_config
+    from aesearch.training.simulated import CurveTable
+
+    top, records = read_records(path)
+    records = [r for r in records if r["outcome"] == "completed"]
+    space = searched_space(top["epochs"])
+    order = np.random.default_rng(0).permutation(len(records))
+    recorded = np.array([records[i]["epochs"][-1]["val/recon_mse"] for i in order])
+    predicted = {"surrogate": np.zeros(len(order)), "nearest record": np.zeros(len(order))}
+    for fold in np.array_split(np.arange(len(order)), folds):
+        held = set(fold.tolist())
+        table = CurveTable(top, [records[i] for place, i in enumerate(order) if place not in held])
+        for place in fold:
+            config = trial_config(space, records[order[place]]["params"])
+            predicted["surrogate"][place] = table.curves(config, ["val/recon_mse"])[-1]["val/recon_mse"]
+            predicted["nearest record"][place] = table.nearest(config, ["val/recon_mse"])["epochs"][-1]["val/recon_mse"]
+    tenth = len(order) // 10
+    best = set(np.argsort(recorded)[:tenth].tolist())
+    print(f"{len(order)} completed configurations of {path.name}, {folds}-fold, final val/recon_mse held out:")
+    for name, values in predicted.items():
+        overlap = len(best & set(np.argsort(values)[:tenth].tolist())) / tenth
+        print(f"  {name:15s} Spearman {spearmanr(values, recorded).statistic:.3f}, "
+              f"of the best tenth {overlap:.0%} in its own best tenth")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--check", action="store_true", help="measure the replay's surrogate on held-out records")
     args = parser.parse_args()
+    if args.check:
+        return check(args.out)
     top, records = read_records(args.out)
     if top is not None and top["epochs"] != args.epochs:
         sys.exit(f"curves.py: error: --epochs {args.epochs}: {args.out} holds curves of {top['epochs']} epochs")

@@ -4,6 +4,8 @@
     uv run python benchmarks/scale.py --workload bookkeeping        # Ray's sizes: 10,000 trials x 1 s, 16 at a time
     uv run python benchmarks/scale.py --workload throughput --concurrent 64 --seconds 0.1
     uv run python benchmarks/scale.py --quick --stack sqlite-server --stack production  # side by side
+    uv run python benchmarks/scale.py --workload bookkeeping --trials 1000 --nodes 32    # 32 Ray nodes
+    uv run python benchmarks/scale.py --workload bookkeeping --trials 200 --autoscale 8  # nodes come and go
 
 Every trial is simulated (`simulate:` in the search space, aesearch.training.simulated): the same
 trial function, reports, checkpoints, MLflow writes and driver callbacks as a real trial, but an
@@ -36,6 +38,14 @@ search's quality against the curve's known optimum.
   S3 server, the search's storage in the same bucket (s3://aesearch/searches);
 - sqlite-server: the same with the server's backend store in SQLite, the control for PostgreSQL.
 
+`--nodes N` runs the search on a Ray cluster of N nodes on this machine (Ray's `cluster_utils.Cluster`:
+a head with no CPU for trials, as a real head, and N - 1 worker nodes with logical CPUs enough for
+`concurrent` trials); `--autoscale N` on a cluster that starts with the head alone and an autoscaler
+(Ray's fake multi-node provider, the one Ray tests its autoscaler with) allowed N worker nodes: the
+trials wait while nodes come up, and the cluster is watched after the search until it has scaled back.
+Each cluster has token authentication on, its own token and its own session folder, and is stopped
+through its own handles.
+
 On a server stack it also prints the MLflow requests' latency (p50/p99) and errors, timed by their
 clients: every process of the search (driver, trial actors) runs benchmarks/request_timer/
 sitecustomize.py, which times each `requests` call to the server; and the bucket's traffic, in and
@@ -47,7 +57,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import math
 import os
+import secrets
+import signal
+import subprocess
 import platform
 import re
 import resource
@@ -65,6 +80,9 @@ from pathlib import Path
 from aesearch import settings
 
 settings.apply()  # before Ray is imported, as the CLI does
+# Every node and driver on 127.0.0.1: Ray reads this when imported, and would otherwise turn a loopback
+# address into the machine's outward one when a driver joins a cluster (--nodes, --autoscale).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ray  # noqa: E402
 import sqlalchemy  # noqa: E402
@@ -72,7 +90,7 @@ import sqlalchemy  # noqa: E402
 from aesearch.locations import sqlite_uri  # noqa: E402
 from aesearch.search.driver import SearchOptions, search  # noqa: E402
 from aesearch.search.phases import Phases  # noqa: E402
-from aesearch.search.ray_api import MarkingOptunaSearch  # noqa: E402
+from aesearch.search.ray_api import MarkingOptunaSearch, reload_core_config  # noqa: E402
 from aesearch.search.space import parse_space, sample_params, trial_config  # noqa: E402
 from aesearch.search.storage import SearchFolder  # noqa: E402
 from aesearch.training.simulated import curve, distance  # noqa: E402
@@ -216,7 +234,9 @@ def stack(name: str, folder: Path, server_workers: int, auth_cache_s: int) -> It
                     {name: service for name, service in servers.items() if service is not None})
 
 
-def space_document(workload: Workload) -> dict:
+def space_document(workload: Workload, cpu: float | None = None) -> dict:
+    """The simulated search; each trial asks for `cpu` logical CPUs (default: `concurrent` trials fill
+    this machine's)."""
     return {
         "name": f"scale-{workload.name}",
         "data": {"name": "digits"},
@@ -226,11 +246,164 @@ def space_document(workload: Workload) -> dict:
             "model.latent_dim": {"type": "categorical", "choices": [2, 4, 8, 16, 32, 64]},
         },
         "budget": {"num_samples": workload.trials, "max_epochs": workload.epochs, "grace_period": 1},
-        "resources": {"cpu": CPUS / workload.concurrent},  # logical CPUs: `concurrent` trials fit at once
+        "resources": {"cpu": cpu or CPUS / workload.concurrent},  # logical CPUs: `concurrent` trials fit at once
         "max_concurrent": workload.concurrent,
         "early_stopping": workload.early_stopping,
         "simulate": {"seconds_per_epoch": workload.seconds},
     }
+
+
+# --- Ray clusters of many nodes on this machine --------------------------------------------------------
+
+
+@contextmanager
+def ray_environment(values: dict[str, str]) -> Iterator[None]:
+    """`environment`, and Ray's C++ core made to read it (it caches RAY_AUTH_MODE when Ray is imported)."""
+    try:
+        with environment(values):
+            reload_core_config()
+            yield
+    finally:
+        reload_core_config()
+
+
+class RayNodes:
+    """A Ray cluster on 127.0.0.1 for the search (--nodes, --autoscale): the address it joins, its nodes
+    alive now, the most seen alive. Token authentication on, with a token of its own in FOLDER."""
+
+    def __init__(self, folder: Path, autoscaling: bool = False):
+        self.folder, self.autoscaling = folder, autoscaling
+        self.token = folder / "ray_token"
+        self.token.write_text(secrets.token_hex(32))
+        self.token.chmod(0o600)
+        self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token),
+                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray's address detection answers 127.0.0.1
+        self.address = ""
+        self.most_alive = 0
+
+    def alive(self) -> int:
+        """Nodes alive now, as the GCS tells this driver (it must be connected)."""
+        alive = sum(node["Alive"] for node in ray.nodes())
+        self.most_alive = max(self.most_alive, alive)
+        return alive
+
+
+@contextmanager
+def fixed_nodes(folder: Path, nodes: int, cpus_per_node: int) -> Iterator[RayNodes]:
+    """A head with no CPU (the driver's and GCS's node, as a real cluster's head) and `nodes - 1` worker
+    nodes of `cpus_per_node` logical CPUs, each with its own raylet and object store (Ray's
+    cluster_utils.Cluster, in this process)."""
+    from ray.cluster_utils import Cluster
+
+    cluster = RayNodes(folder)
+    with ray_environment(cluster.env):
+        started = time.perf_counter()
+        where = {"temp_dir": str(folder / "ray"), "object_store_memory": 75 * 2**20}
+        ray_cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False, **where})
+        try:
+            for _ in range(nodes - 1):
+                ray_cluster.add_node(num_cpus=cpus_per_node, **where)
+            ray_cluster.wait_for_nodes()
+            cluster.address = ray_cluster.address
+            print(f"  {nodes} Ray nodes up in {time.perf_counter() - started:.0f} s (the head with 0 CPUs, "
+                  f"{nodes - 1} x {cpus_per_node} logical CPU(s)); {used_memory() / 2**30:.1f} GiB of this "
+                  "machine's memory in use", flush=True)
+            yield cluster
+        finally:
+            ray_cluster.shutdown()
+
+
+@contextmanager
+def autoscaling_nodes(folder: Path, most: int, cpus_per_node: int) -> Iterator[RayNodes]:
+    """A head alone (no CPU) whose autoscaler may start up to `most` worker nodes of `cpus_per_node`
+    logical CPUs when work waits, and stops them idle for 15 s: `ray start --head --block` with Ray's fake
+    multi-node provider (nodes are processes on this machine). Stopped by its own process: SIGTERM (Ray
+    drains the head, then stops the processes it started), then anything of its process group still there."""
+    cluster = RayNodes(folder, autoscaling=True)
+    port = free_port()
+    config = {
+        "cluster_name": "aesearch-scale", "max_workers": most,
+        "provider": {"type": "fake_multinode", "gcs_address": f"127.0.0.1:{port}", "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True},
+        "auth": {"ssh_user": "nobody"},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "trials": {"resources": {"CPU": cpus_per_node, "object_store_memory": 75 * 2**20}, "node_config": {},
+                       "min_workers": 0, "max_workers": most}},
+        "head_node_type": "ray.head.default", "upscaling_speed": 1.0, "idle_timeout_minutes": 0.25,
+        **{key: [] for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                               "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
+                               "cluster_synced_files", "rsync_exclude", "rsync_filter")},
+        "docker": {}, "file_mounts": {}, "file_mounts_sync_continuously": False,
+    }
+    (folder / "autoscaling.json").write_text(json.dumps(config))
+    env = {**os.environ, **cluster.env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
+               "--num-cpus=0", "--node-ip-address=127.0.0.1", f"--autoscaling-config={folder / 'autoscaling.json'}",
+               f"--temp-dir={folder / 'ray'}", "--include-dashboard=false"]
+    started = time.perf_counter()
+    with open(folder / "head.log", "wb") as log:
+        head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with ray_environment(cluster.env):
+            cluster.address = f"127.0.0.1:{port}"
+            wait_for_port(port, head, folder / "head.log")
+            print(f"  a Ray head (0 CPUs) up in {time.perf_counter() - started:.0f} s; its autoscaler may start up "
+                  f"to {most} worker nodes of {cpus_per_node} logical CPU(s)", flush=True)
+            yield cluster
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        for pid in process_group(head.pid):  # what the head's own shutdown left
+            os.kill(pid, signal.SIGKILL)
+
+
+def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout_s: float = 120.0) -> None:
+    """Until something listens on 127.0.0.1:PORT; the process's log if it exits first."""
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the Ray head exited ({process.returncode}): {log.read_text()[-2000:]}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"the Ray head did not listen on {port} within {timeout_s:g} s")
+
+
+def process_group(pgid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                found.append(int(entry.name))
+        except (OSError, IndexError):
+            pass
+    return found
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def meminfo() -> dict[str, int]:
+    return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()}
+
+
+def used_memory() -> int:
+    """This machine's memory in use (MemTotal - MemAvailable), in bytes."""
+    info = meminfo()
+    return info["MemTotal"] - info["MemAvailable"]
+
 
 
 # --- what this process (the driver) does while the search runs ---------------------------------------
@@ -298,11 +471,15 @@ SAMPLE_EVERY_S = 5.0  # reading a 800 MiB actor's smaps_rollup costs ~30 ms of t
 
 class Probe:
     """Times every Optuna ask (the searcher's `suggest`, with the number of finished trials and this
-    process's RSS at that moment) and samples the trial actors' memory every `SAMPLE_EVERY_S`."""
+    process's RSS at that moment) and samples the trial actors' memory every `SAMPLE_EVERY_S`, the
+    machine's memory in use, and on a cluster of many nodes how many are alive (and when first more
+    than the head)."""
 
-    def __init__(self):
+    def __init__(self, cluster: RayNodes | None = None):
         self.asks: list[tuple[int, float, int]] = []  # (finished trials, seconds, driver RSS)
         self.actors: dict[int, dict[str, int]] = {}  # pid -> its largest memory seen
+        self.cluster, self.first_worker_node, self.most_memory = cluster, None, used_memory()
+        self.started = time.perf_counter()
         self.stopping = threading.Event()
 
     def __enter__(self) -> Probe:
@@ -328,6 +505,13 @@ class Probe:
 
     def sample(self) -> None:
         while not self.stopping.wait(SAMPLE_EVERY_S):
+            self.most_memory = max(self.most_memory, used_memory())
+            if self.cluster is not None and ray.is_initialized():
+                try:
+                    if self.cluster.alive() > 1 and self.first_worker_node is None:
+                        self.first_worker_node = time.perf_counter() - self.started
+                except Exception:  # the driver is connecting or leaving: the next sample tells
+                    pass
             for pid in trial_actors():
                 try:
                     now = memory(pid)
@@ -497,17 +681,23 @@ def bare_tune(workload: Workload, folder: Path) -> None:
           f"{machine / workload.trials * 1e3:.0f} ms per trial ({machine / wall:.2f} of {os.cpu_count()} cores busy)")
 
 
-def measure(workload: Workload, stack: Stack) -> dict[str, str]:
-    """Runs the workload on the stack, prints its figures, returns the main ones for the side-by-side table."""
-    space = parse_space(space_document(workload))
+def measure(workload: Workload, stack: Stack, cluster: RayNodes | None = None) -> dict[str, str]:
+    """Runs the workload on the stack (on `cluster`, else a local Ray instance), prints its figures,
+    returns the main ones for the side-by-side table."""
+    space = parse_space(space_document(workload, cpu=1 if cluster else None))
     name = space.name
-    options = SearchOptions(name=name, storage=stack.storage, tracking_uri=stack.tracking_uri)
+    options = SearchOptions(name=name, storage=stack.storage, tracking_uri=stack.tracking_uri,
+                            address=cluster.address if cluster else None)
     phases = CpuPhases()
     servers_before = stack.server_cpu()
+    memory_before = used_memory()
     before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    with Probe() as probe:
+    with Probe(cluster) as probe:
         board = search(space, options, phases)
     wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF)
+    scaled_back = scale_back(cluster) if cluster else None
+    print(f"  (the search ended {'and the cluster scaled back ' if scaled_back is not None else ''}"
+          f"{time.perf_counter() - started:.0f} s after it began)", flush=True)
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     servers_cpu = {name: used - servers_before[name] for name, used in stack.server_cpu().items()}
     results = int(board["epochs"].sum())
@@ -553,6 +743,14 @@ def measure(workload: Workload, stack: Stack) -> dict[str, str]:
         print(f"  trial actor    RSS {max(a['rss'] for a in actors) / 2**20:.0f} MiB, private "
               f"{max(a['private'] for a in actors) / 2**20:.0f} MiB (the largest of {len(actors)} actors)")
     print(f"  search quality {quality(space, board)}")
+    print(f"  memory         {(probe.most_memory - memory_before) / 2**30:+.1f} GiB at most during the search "
+          f"(this machine's in use then: {probe.most_memory / 2**30:.1f} GiB of {meminfo()['MemTotal'] / 2**30:.0f})")
+    if cluster is not None:
+        print(f"  Ray nodes      {cluster.most_alive} alive at most, the head included"
+              + (f"; the first worker node up {probe.first_worker_node:.0f} s after search() began"
+                 if probe.first_worker_node is not None else "")
+              + (f"; back to the head alone {scaled_back:.0f} s after the search ended" if scaled_back is not None
+                 else "; not back to the head alone within 300 s" if cluster.autoscaling else ""))
     each = stored["checkpoint_bytes"] / max(stored["checkpoints"], 1)
     print(f"  checkpoints    {stored['checkpoints']} kept in the storage ({stored['checkpoint_bytes'] / 2**20:.1f} MiB, "
           f"{each / 1024:.0f} KB each); written: one per result, ~{results * each / 2**20:.1f} MiB")
@@ -585,6 +783,23 @@ def measure(workload: Workload, stack: Stack) -> dict[str, str]:
     return figures
 
 
+def scale_back(cluster: RayNodes, timeout_s: float = 300.0) -> float | None:
+    """Seconds until an autoscaling cluster has its head alone again (it stops nodes idle for 15 s); None
+    for a cluster of fixed nodes, or one that has not within `timeout_s`."""
+    if not cluster.autoscaling:
+        return None
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        started = time.perf_counter()
+        while time.perf_counter() - started < timeout_s:
+            if cluster.alive() == 1:
+                return time.perf_counter() - started
+            time.sleep(1)
+        return None
+    finally:
+        ray.shutdown()
+
+
 def side_by_side(workload: Workload, columns: dict[str, dict[str, str]]) -> None:
     """One workload's main figures, a column per stack."""
     rows = list(dict.fromkeys(row for figures in columns.values() for row in figures))
@@ -614,6 +829,9 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, metavar="FOLDER",
                         help="run the (embedded) stack in FOLDER, an empty or new folder, and leave it there: its "
                              "store and storage, e.g. for `aesearch report NAME --tracking-uri sqlite:///FOLDER/mlflow.db`")
+    parser.add_argument("--nodes", type=int, help="run on a Ray cluster of this many nodes on this machine (>= 2)")
+    parser.add_argument("--autoscale", type=int, metavar="NODES",
+                        help="run on an autoscaling Ray cluster (the head alone at first) of at most NODES worker nodes")
     parser.add_argument("--bare-tune", action="store_true",
                         help="after each workload, the same sizes on bare Tune (Ray's release tests' setting) here: "
                              "the control for the platform's own cost on this machine")
@@ -621,6 +839,10 @@ def main() -> None:
     if args.keep is not None and (args.keep.exists() and any(args.keep.iterdir()) or len(args.stack or []) > 1
                                   or len(args.workload or WORKLOADS) > 1):
         parser.error(f"--keep {args.keep}: needs an empty or new folder, one workload and one stack")
+    if args.nodes is not None and args.nodes < 2 or args.autoscale is not None and args.autoscale < 1:
+        parser.error("--nodes: at least 2 (the head and a worker node); --autoscale: at least 1 worker node")
+    if args.nodes and args.autoscale:
+        parser.error("--nodes or --autoscale, not both")
     sizes = QUICK if args.quick else WORKLOADS
     print(f"{platform.machine()}, {CPUS} cores, Ray {ray.__version__}; {'quick run' if args.quick else 'full sizes'}")
     if set(args.stack or []) - {"embedded"}:
@@ -637,14 +859,22 @@ def main() -> None:
                 folder = args.keep or Path(kept.enter_context(tempfile.TemporaryDirectory(prefix="aesearch-scale-")))
                 folder.mkdir(parents=True, exist_ok=True)
                 running = kept.enter_context(stack(stack_name, folder, args.server_workers, args.auth_cache_s))
-                columns[stack_name] = measure(workload, running)
+                cluster = None
+                if args.nodes:
+                    per_node = math.ceil(workload.concurrent / (args.nodes - 1))
+                    cluster = kept.enter_context(fixed_nodes(folder, args.nodes, per_node))
+                elif args.autoscale:
+                    per_node = math.ceil(workload.concurrent / args.autoscale)
+                    cluster = kept.enter_context(autoscaling_nodes(folder, args.autoscale, per_node))
+                columns[stack_name] = measure(workload, running, cluster)
         if len(columns) > 1:
             side_by_side(workload, columns)
         if args.bare_tune:
             with tempfile.TemporaryDirectory(prefix="aesearch-scale-") as folder:
                 bare_tune(workload, Path(folder))
-    with tempfile.TemporaryDirectory(prefix="aesearch-scale-") as folder:
-        bare_actor_memory(Path(folder))
+    if not (args.nodes or args.autoscale):  # Ray's core keeps the cluster's token: no local Ray after it here
+        with tempfile.TemporaryDirectory(prefix="aesearch-scale-") as folder:
+            bare_actor_memory(Path(folder))
 
 
 if __name__ == "__main__":

@@ -25,10 +25,11 @@ each method needed to reach the random search's final best (and within 1% of it)
 over seeds of the epochs the random search took to first reach its final best divided by each
 method's (0: never reached). The issue's target: >= 3x for tpe+asha.
 
---replay TABLE: the trials replay the learning curves benchmarks/curves.py recorded (each the nearest
-recorded configuration's; `simulate: {replay: TABLE}`), so a search costs the platform's time only and
+--replay TABLE: the trials replay the learning curves benchmarks/curves.py recorded (through the
+surrogate fitted on them; `simulate: {replay: TABLE}`), so a search costs the platform's time only and
 many seeds become affordable. --runs DIR keeps each method and seed's curve, so that seeds accumulate
-over several runs of the script (a run finds the curves already there and does not search again).
+over several runs of the script (a run finds the curves already there and does not search again); a
+DIR holds the runs of one set of settings (its settings.json), another set is refused.
 
 --multi-objective: the `compression` use's two objectives, val/recon_mse and model/latent_dim,
 both minimised; the methods are random (full budget), tpe+asha-first (multi-objective TPE, ASHA on
@@ -133,6 +134,7 @@ def cached_run(args: argparse.Namespace, method: str, seed: int, folder: Path) -
     """`run_method`, unless --runs holds this method and seed's curve already (seeds accumulate across runs)."""
     if args.runs is None:
         return run_method(args, method, seed, folder)
+    check_runs_settings(args)
     kept = args.runs / f"{method}-{seed}.json"
     if not kept.is_file():
         curve, wall = run_method(args, method, seed, folder)
@@ -140,6 +142,24 @@ def cached_run(args: argparse.Namespace, method: str, seed: int, folder: Path) -
         kept.write_text(json.dumps({"curve": curve.tolist(), "wall": wall}))
     stored = json.loads(kept.read_text())
     return np.array(stored["curve"]), stored["wall"]
+
+
+RUN_SETTINGS = ("data", "trials", "epochs", "concurrent", "grace", "reduction", "brackets", "multi_objective",
+                "replay")
+
+
+def check_runs_settings(args: argparse.Namespace) -> None:
+    """--runs DIR keeps the curves of one set of settings (DIR/settings.json): others are refused, not mixed."""
+    settings_file = args.runs / "settings.json"
+    wanted = {name: getattr(args, name) for name in RUN_SETTINGS} | {"replay": args.replay and args.replay.name}
+    if not settings_file.is_file():
+        args.runs.mkdir(parents=True, exist_ok=True)
+        settings_file.write_text(json.dumps(wanted, indent=1) + "\n")
+    kept = json.loads(settings_file.read_text())
+    if kept != wanted:
+        differ = ", ".join(f"{name} {kept.get(name)!r} there, {wanted[name]!r} here"
+                           for name in RUN_SETTINGS if kept.get(name) != wanted[name])
+        sys.exit(f"search_efficiency.py: error: --runs {args.runs} holds runs of other settings ({differ})")
 
 
 def run_method(args: argparse.Namespace, method: str, seed: int, folder: Path) -> tuple[np.ndarray, float]:
@@ -194,7 +214,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/.results"))
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--replay", type=Path, help="a table of learning curves (benchmarks/curves.py): trials replay "
-                        "the nearest recorded configuration instead of training (digits only)")
+                        "the curves of recorded configurations instead of training (digits only)")
     parser.add_argument("--runs", type=Path, help="keep each method and seed's curve here, and take it from here "
                         "when it is there: seeds accumulate over several runs")
     args = parser.parse_args()

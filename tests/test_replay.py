@@ -1,5 +1,6 @@
-"""Replayed learning curves (`simulate: {replay: FILE}`): a table benchmarks/curves.py records once, each
-trial following the recorded configuration nearest its own, so that searches compare at no training cost."""
+"""Replayed learning curves (`simulate: {replay: FILE}`): a table benchmarks/curves.py records once and a
+surrogate fitted on it give each trial the curve of its configuration, so that searches compare at no
+training cost."""
 
 import gzip
 import json
@@ -53,16 +54,23 @@ def space(table, epochs=3, latent="deterministic"):
     })
 
 
-def test_a_trial_replays_the_curve_of_the_recorded_configuration_nearest_its_own(tmp_path, digits):
+def test_a_trial_replays_its_recorded_curve_and_between_records_a_curve_the_surrogate_blends_from_theirs(
+        tmp_path, digits):
     searched = space(write_table(tmp_path / "curves.jsonl.gz"))
-    near_the_first = trial_config(searched, {"optimizer.lr": 0.002})  # log-nearer 0.001 than 0.01
+    recorded = trial_config(searched, {"optimizer.lr": 0.001})  # the first record's very configuration
     ends = []
-    result = simulate(near_the_first, digits, ends.append, searched.simulate)
-    assert [e.metrics["val/recon_mse"] for e in ends] == [0.5, 0.3, 0.2] and result.best_epoch == 3
+    result = simulate(recorded, digits, ends.append, searched.simulate)
+    assert [e.metrics["val/recon_mse"] for e in ends] == pytest.approx([0.5, 0.3, 0.2], rel=1e-9)
+    assert result.best_epoch == 3
     assert ends[0].metrics["model/latent_dim"] == 4.0  # the trial's own size: an objective may be its size
-    near_the_second = trial_config(searched, {"optimizer.lr": 0.004})
-    assert [h["val/recon_mse"] for h in simulate(near_the_second, digits, lambda end: None, searched.simulate).history
-            ] == [0.4, 0.35, 0.33]
+    # between records: each epoch inside the range the completed records span there, and none's own curve
+    between = [h["val/recon_mse"] for h in simulate(trial_config(searched, {"optimizer.lr": 0.002}), digits,
+                                                   lambda end: None, searched.simulate).history]
+    spans = list(zip([0.5, 0.3, 0.2], [0.4, 0.35, 0.33], [0.7, 0.6, 0.5], strict=True))
+    assert all(min(span) < value < max(span) for value, span in zip(between, spans, strict=True))
+    assert all(between != pytest.approx(list(curve), rel=1e-3) for curve in zip(*spans, strict=True))
+    assert between == [h["val/recon_mse"] for h in simulate(trial_config(searched, {"optimizer.lr": 0.002}), digits,
+                                                           lambda end: None, searched.simulate).history]
     # the nearest recorded configuration diverged in its second epoch: so does the trial, there
     ends.clear()
     with pytest.raises(DivergedError) as diverged:
@@ -71,7 +79,8 @@ def test_a_trial_replays_the_curve_of_the_recorded_configuration_nearest_its_own
     # a trial reports what its config measures (a Gaussian latent: val/kl): the nearest that measured it
     gaussian = space(tmp_path / "curves.jsonl.gz", latent="gaussian")
     replay = simulate(trial_config(gaussian, {"optimizer.lr": 0.002}), digits, lambda end: None, gaussian.simulate)
-    assert [h["val/recon_mse"] for h in replay.history] == [0.7, 0.6, 0.5] and replay.history[0]["val/kl"] == 1.0
+    assert [h["val/recon_mse"] for h in replay.history] == pytest.approx([0.7, 0.6, 0.5], rel=1e-9)
+    assert replay.history[0]["val/kl"] == pytest.approx(1.0)
 
 
 def test_a_table_that_cannot_be_replayed_is_named_with_its_rule(tmp_path, digits, capsys, monkeypatch):
