@@ -288,6 +288,9 @@ class RayNodes:
         return alive
 
 
+IDLE_S = 20.0  # how long idle nodes are watched before the search
+
+
 @contextmanager
 def fixed_nodes(folder: Path, nodes: int, cpus_per_node: int) -> Iterator[RayNodes]:
     """A head with no CPU (the driver's and GCS's node, as a real cluster's head) and `nodes - 1` worker
@@ -305,9 +308,13 @@ def fixed_nodes(folder: Path, nodes: int, cpus_per_node: int) -> Iterator[RayNod
                 ray_cluster.add_node(num_cpus=cpus_per_node, **where)
             ray_cluster.wait_for_nodes()
             cluster.address = ray_cluster.address
-            print(f"  {nodes} Ray nodes up in {time.perf_counter() - started:.0f} s (the head with 0 CPUs, "
-                  f"{nodes - 1} x {cpus_per_node} logical CPU(s)); {used_memory() / 2**30:.1f} GiB of this "
-                  "machine's memory in use", flush=True)
+            up = time.perf_counter() - started
+            time.sleep(10)  # settled: what the idle nodes cost the machine
+            busy = machine_busy_seconds()
+            time.sleep(IDLE_S)
+            print(f"  {nodes} Ray nodes up in {up:.0f} s (the head with 0 CPUs, {nodes - 1} x {cpus_per_node} logical "
+                  f"CPU(s)); idle, they keep {(machine_busy_seconds() - busy) / IDLE_S:.2f} of {CPUS} cores busy; "
+                  f"{used_memory() / 2**30:.1f} GiB of this machine's memory in use", flush=True)
             yield cluster
         finally:
             ray_cluster.shutdown()

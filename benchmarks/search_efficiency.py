@@ -29,7 +29,8 @@ method's (0: never reached). The issue's target: >= 3x for tpe+asha.
 surrogate fitted on them; `simulate: {replay: TABLE}`), so a search costs the platform's time only and
 many seeds become affordable. --runs DIR keeps each method and seed's curve, so that seeds accumulate
 over several runs of the script (a run finds the curves already there and does not search again); a
-DIR holds the runs of one set of settings (its settings.json), another set is refused.
+DIR holds the runs of one data set, trial count, epochs, concurrency and table (its settings.json);
+ASHA's settings other than the defaults name the curve files of the methods that stop early.
 
 --multi-objective: the `compression` use's two objectives, val/recon_mse and model/latent_dim,
 both minimised; the methods are random (full budget), tpe+asha-first (multi-objective TPE, ASHA on
@@ -135,7 +136,7 @@ def cached_run(args: argparse.Namespace, method: str, seed: int, folder: Path) -
     if args.runs is None:
         return run_method(args, method, seed, folder)
     check_runs_settings(args)
-    kept = args.runs / f"{method}-{seed}.json"
+    kept = args.runs / f"{method}{early_stopping_settings(args, method)}-{seed}.json"
     if not kept.is_file():
         curve, wall = run_method(args, method, seed, folder)
         args.runs.mkdir(parents=True, exist_ok=True)
@@ -144,8 +145,19 @@ def cached_run(args: argparse.Namespace, method: str, seed: int, folder: Path) -
     return np.array(stored["curve"]), stored["wall"]
 
 
-RUN_SETTINGS = ("data", "trials", "epochs", "concurrent", "grace", "reduction", "brackets", "multi_objective",
-                "replay")
+RUN_SETTINGS = ("data", "trials", "epochs", "concurrent", "multi_objective", "replay")
+
+
+def early_stopping_settings(args: argparse.Namespace, method: str) -> str:
+    """What a method's kept curve is named by besides the method and the seed: ASHA's settings where they
+    differ from the defaults (a method without early stopping does not depend on them)."""
+    _, early_stopping, _, brackets = (MO_METHODS if args.multi_objective else METHODS)[method]
+    if early_stopping == "none":
+        return ""
+    differ = [f"{flag}{value:g}" for flag, value, default in (
+        ("-grace", args.grace, 1), ("-eta", args.reduction, 3.0), ("-brackets", brackets or args.brackets, 1))
+        if value != default and not (flag == "-brackets" and brackets)]
+    return "".join(differ)
 
 
 def check_runs_settings(args: argparse.Namespace) -> None:

@@ -2,15 +2,15 @@
 
 Everything on 127.0.0.1, with secrets made for this rehearsal only:
 
-- PostgreSQL (Debian's package, run by an unprivileged user) and SeaweedFS's S3 server, one bucket
-  (cluster/services.py);
-- an MLflow tracking server: its backend store in PostgreSQL, its artifacts in the bucket (proxied
+- PostgreSQL (Debian's package, run by an unprivileged user) and SeaweedFS's S3 server with the
+  shipped stack's two buckets, `mlflow` and `aesearch-results` (cluster/services.py);
+- an MLflow tracking server: its backend store in PostgreSQL, its artifacts in bucket `mlflow` (proxied
   through the server), its basic-auth app on, the admin password random, the driver and the trials
   logging as an account of their own;
 - a Ray head node and WORKERS worker nodes (cluster/ray_nodes.py), token authentication on, the
   token in a 0600 file named by RAY_AUTH_TOKEN_PATH;
 - the search submitted through the Ray Jobs API with `ray job submit`, from an empty folder, its
-  results and checkpoints in the bucket (s3://aesearch/searches), and waited for; the credentials reach the driver and the trials through the nodes' environment
+  results and checkpoints in bucket `aesearch-results` (s3://aesearch-results/searches), and waited for; the credentials reach the driver and the trials through the nodes' environment
   (as the Kubernetes secrets do), never through the command line, the job's runtime env or a log;
 - the report built from the tracking server;
 
@@ -48,7 +48,7 @@ TRIALS_USER = "aesearch-trials"  # the MLflow account the driver and the trials 
 @dataclass
 class LocalCluster(Stack):
     """The production stack of cluster/README.md on 127.0.0.1: Ray nodes, an MLflow server on PostgreSQL
-    with its artifacts in S3, the searches' storage in the same bucket."""
+    with its artifacts in S3, the searches' storage in a bucket of its own."""
 
     workdir: Path
     workers: int = 1
@@ -60,7 +60,7 @@ class LocalCluster(Stack):
         self.secrets = self.workdir / "secrets"
         self.database = PostgreSQL(self.workdir / "postgres", databases=MLflowServer.DATABASES)
         self.s3 = S3Server(self.workdir / "s3")
-        # its backend store in PostgreSQL, its artifacts in the bucket, basic auth on (its config in secrets/)
+        # its backend store in PostgreSQL, its artifacts in bucket mlflow, basic auth on (its config in secrets/)
         self.mlflow = MLflowServer(self.secrets, self.database, self.s3, trials_user=TRIALS_USER,
                                    log=self.workdir / "logs" / "mlflow-server.log")
         self.mlflow_password, self.trials_password = self.mlflow.admin_password, self.mlflow.trials_password
@@ -68,7 +68,7 @@ class LocalCluster(Stack):
         self.tracking_uri = self.mlflow.uri
         self.gcs_address = f"{LOOPBACK}:{self.gcs_port}"
         self.dashboard = f"http://{LOOPBACK}:{self.dashboard_port}"
-        self.storage = self.s3.uri("searches")  # Ray Tune's results and checkpoints, in the bucket
+        self.storage = self.s3.uri("searches")  # Ray Tune's results and checkpoints, in bucket aesearch-results
         self.artifacts = self.mlflow.artifacts  # MLflow's artifact store, proxied by its server
         # Ray's session folders (logs, sockets) for this rehearsal only, removed when it stops; a short
         # path, because Ray's socket paths must fit in 107 bytes.
@@ -199,7 +199,7 @@ class LocalCluster(Stack):
 
 def search_entrypoint(cluster: LocalCluster, space: Path, name: str, extra: list[str]) -> list[str]:
     """The job: `aesearch search` on the cluster, logging to the tracking server, keeping trial results
-    and checkpoints in the bucket (s3://BUCKET/searches: every node reads and writes it with pyarrow's S3
+    and checkpoints in the bucket (s3://aesearch-results/searches: every node reads and writes it with pyarrow's S3
     filesystem, the keys and the endpoint from its environment)."""
     return ["aesearch", "search", str(space.absolute()), "--name", name,
             "--storage", cluster.storage, "--tracking-uri", cluster.tracking_uri, *extra]
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     report = (args.report or REPO / "reports" / args.name).absolute()
     with LocalCluster(workdir, workers=args.workers) as cluster:
         say(f"PostgreSQL {cluster.database.uri('mlflow')} (MLflow's backend store), SeaweedFS S3 server "
-            f"{cluster.s3.endpoint} (bucket {cluster.s3.bucket})")
+            f"{cluster.s3.endpoint} (buckets {cluster.s3.ARTIFACTS} and {cluster.s3.RESULTS})")
         say(f"MLflow server {cluster.tracking_uri} (basic auth; artifacts in {cluster.artifacts}), Ray head "
             f"{cluster.gcs_address} and {args.workers} worker node(s), dashboard {cluster.dashboard} (token auth); "
             f"search storage {cluster.storage}; logs in {workdir / 'logs'}")

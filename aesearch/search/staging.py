@@ -21,6 +21,7 @@ from ray.train.constants import _get_ray_train_session_dir  # where Tune puts it
 from ray.tune import Callback
 
 _held: dict[str, StartClaim] = {}  # this driver's claims, by search name, until Tune names the folder
+_staged: dict[str, str] = {}  # search name -> its staging folder, once a trial has started
 
 
 def staging_root() -> Path:
@@ -64,8 +65,14 @@ class StartClaim:
         self.release()  # Tune failed before its callbacks' setup, or it was released already
 
 
+def staged_folder(name: str) -> str | None:
+    """The staging folder of this driver's search `name` (None if no trial of it started)."""
+    return _staged.get(name)
+
+
 class StagingNamed(Callback):
-    """Releases the search's start claim: Tune calls `setup` after it has named its staging folder."""
+    """Releases the search's start claim: Tune calls `setup` after it has named its staging folder;
+    and learns that folder from the first trial to start (`staged_folder`)."""
 
     def __init__(self, name: str):
         self.name = name
@@ -74,3 +81,6 @@ class StagingNamed(Callback):
         claim = _held.get(self.name)
         if claim is not None:
             claim.release()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        _staged[self.name] = trial.storage.experiment_driver_staging_path

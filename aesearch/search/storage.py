@@ -7,6 +7,7 @@ logs to and the leaderboard, and prunes trial checkpoints no resume can need.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -63,6 +64,39 @@ def storage_unreachable(error: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+class FinalUploadWatch(logging.Handler):
+    """Ray Tune uploads the search's staged state (the experiment state, the searcher's, every trial's
+    results) to the storage once more when the search ends, and when the storage does not answer then
+    it only logs so: `--resume` and `report` would read an older state. `with FinalUploadWatch() as
+    watch: tuner.fit()`, then `watch.failed` says whether that last upload failed."""
+
+    LOGGER, MESSAGE = "ray.tune.tune", "Experiment state snapshotting failed"  # as Ray 2.60 logs it
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(self.MESSAGE):
+            self.failed = True
+
+    def __enter__(self) -> FinalUploadWatch:
+        logging.getLogger(self.LOGGER).addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger(self.LOGGER).removeHandler(self)
+
+
+def upload_folder(local: str, experiment_path: str) -> None:
+    """Copy the local folder's files into the search's folder in its storage (what Tune's upload does)."""
+    from pyarrow.fs import LocalFileSystem, copy_files
+
+    folder = SearchFolder(experiment_path)
+    folder.fs.create_dir(folder.path, recursive=True)
+    copy_files(local, folder.path, source_filesystem=LocalFileSystem(), destination_filesystem=folder.fs)
 
 
 def check_storage_has_no_credentials(storage: str) -> None:

@@ -135,13 +135,14 @@ class Outbox:
         return f"{len(self.pending)} records not delivered ({names}): {self.last_error}"
 
 
-def patiently(call: Any, patience_s: float, retry_every_s: float = 5.0) -> Any:
-    """`call()`, tried again while the tracking server does not answer, up to `patience_s`."""
+def patiently(call: Any, patience_s: float, retry_every_s: float = 5.0, transient: Any = is_unreachable) -> Any:
+    """`call()`, tried again while the tracking server (or what `transient` tells) does not answer, up to
+    `patience_s`."""
     deadline = time.monotonic() + patience_s
     while True:
         try:
             return call()
         except Exception as error:
-            if not is_unreachable(error) or time.monotonic() >= deadline:
+            if not transient(error) or time.monotonic() >= deadline:
                 raise
             time.sleep(min(retry_every_s, max(0.0, deadline - time.monotonic())))

@@ -59,8 +59,8 @@ class Simulation(Section):
     noise: Float = Field(0.02, ge=0, le=1)  # each epoch's metrics times exp(noise * N(0, 1))
     optimum: dict[str, str | int | float | bool | None] = Field(  # config field -> its best value
         default_factory=lambda: {"optimizer.lr": 0.003, "model.latent_dim": 16}, min_length=1)
-    # A table of recorded learning curves (benchmarks/curves.py): each trial replays the curve of the
-    # recorded configuration nearest its own, in place of the synthetic curve (noise and optimum unused).
+    # A table of recorded learning curves (benchmarks/curves.py): each trial follows the curve a surrogate
+    # fitted on them predicts for its configuration, in place of the synthetic one (noise and optimum unused).
     replay: str | None = None
 
     @model_validator(mode="after")
