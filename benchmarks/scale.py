@@ -234,9 +234,9 @@ def stack(name: str, folder: Path, server_workers: int, auth_cache_s: int) -> It
                     {name: service for name, service in servers.items() if service is not None})
 
 
-def space_document(workload: Workload, cpu: float | None = None) -> dict:
+def space_document(workload: Workload, cpu: float | None = None, tracking_batch_s: float = 0.0) -> dict:
     """The simulated search; each trial asks for `cpu` logical CPUs (default: `concurrent` trials fill
-    this machine's)."""
+    this machine's) and sends its epochs' metrics every `tracking_batch_s` (0: each at once)."""
     return {
         "name": f"scale-{workload.name}",
         "data": {"name": "digits"},
@@ -245,7 +245,8 @@ def space_document(workload: Workload, cpu: float | None = None) -> dict:
             "optimizer.lr": {"type": "float", "low": 0.0001, "high": 0.1, "log": True},
             "model.latent_dim": {"type": "categorical", "choices": [2, 4, 8, 16, 32, 64]},
         },
-        "budget": {"num_samples": workload.trials, "max_epochs": workload.epochs, "grace_period": 1},
+        "budget": {"num_samples": workload.trials, "max_epochs": workload.epochs, "grace_period": 1,
+                   "tracking_batch_s": tracking_batch_s},
         "resources": {"cpu": cpu or CPUS / workload.concurrent},  # logical CPUs: `concurrent` trials fit at once
         "max_concurrent": workload.concurrent,
         "early_stopping": workload.early_stopping,
@@ -688,10 +689,11 @@ def bare_tune(workload: Workload, folder: Path) -> None:
           f"{machine / workload.trials * 1e3:.0f} ms per trial ({machine / wall:.2f} of {os.cpu_count()} cores busy)")
 
 
-def measure(workload: Workload, stack: Stack, cluster: RayNodes | None = None) -> dict[str, str]:
+def measure(workload: Workload, stack: Stack, cluster: RayNodes | None = None, tracking_batch_s: float = 0.0
+            ) -> dict[str, str]:
     """Runs the workload on the stack (on `cluster`, else a local Ray instance), prints its figures,
     returns the main ones for the side-by-side table."""
-    space = parse_space(space_document(workload, cpu=1 if cluster else None))
+    space = parse_space(space_document(workload, cpu=1 if cluster else None, tracking_batch_s=tracking_batch_s))
     name = space.name
     options = SearchOptions(name=name, storage=stack.storage, tracking_uri=stack.tracking_uri,
                             address=cluster.address if cluster else None)
@@ -721,7 +723,8 @@ def measure(workload: Workload, stack: Stack, cluster: RayNodes | None = None) -
     actors = probe.actors.values()
     outcomes = board["state"].value_counts().to_dict()
 
-    print(f"\n{workload.title}; {STACKS[stack.name]}")
+    print(f"\n{workload.title}; {STACKS[stack.name]}"
+          + (f"; metrics sent every {tracking_batch_s:g} s" if tracking_batch_s else ""))
     print(f"  wall           {tune_time:.1f} s in Tune (the trials, from the wait for the first to the end of the last): "
           f"{tune_time / workload.minimum:.2f}x the theoretical minimum {workload.minimum:.1f} s")
     print(f"                 {workload.ray}")
@@ -836,6 +839,8 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, metavar="FOLDER",
                         help="run the (embedded) stack in FOLDER, an empty or new folder, and leave it there: its "
                              "store and storage, e.g. for `aesearch report NAME --tracking-uri sqlite:///FOLDER/mlflow.db`")
+    parser.add_argument("--tracking-batch-s", type=float, default=0.0,
+                        help="budget.tracking_batch_s: each trial sends its epochs' metrics this often (0: each at once)")
     parser.add_argument("--nodes", type=int, help="run on a Ray cluster of this many nodes on this machine (>= 2)")
     parser.add_argument("--autoscale", type=int, metavar="NODES",
                         help="run on an autoscaling Ray cluster (the head alone at first) of at most NODES worker nodes")
@@ -873,7 +878,7 @@ def main() -> None:
                 elif args.autoscale:
                     per_node = math.ceil(workload.concurrent / args.autoscale)
                     cluster = kept.enter_context(autoscaling_nodes(folder, args.autoscale, per_node))
-                columns[stack_name] = measure(workload, running, cluster)
+                columns[stack_name] = measure(workload, running, cluster, args.tracking_batch_s)
         if len(columns) > 1:
             side_by_side(workload, columns)
         if args.bare_tune:

@@ -7,7 +7,7 @@ import time
 import pytest
 import requests
 
-from aesearch.tracking.outbox import Outbox
+from aesearch.tracking.outbox import Outbox, patiently
 
 
 def test_a_background_outbox_does_not_make_its_sender_wait_and_keeps_the_order():
@@ -85,3 +85,36 @@ def test_a_file_waits_in_a_copy_of_its_own_and_no_folder_outlives_its_delivery(t
     answering = True
     assert outbox.deliver(patience_s=5)
     assert logged == [("run-1", b"a picture", "images")] and list(spool.iterdir()) == []
+
+
+def failing(error: BaseException):
+    def call():
+        failing.calls += 1
+        raise error
+    return call
+
+
+def test_patiently_tries_again_only_what_does_not_answer_and_only_up_to_its_patience():
+    attempts = []
+
+    def answers_at_the_third_try() -> str:
+        attempts.append(time.monotonic())
+        if len(attempts) < 3:
+            raise OSError("AWS Error NETWORK_CONNECTION during PutObject")
+        return "stored"
+
+    def down(error: BaseException) -> bool:  # what the storage's errors say (search.storage.storage_unreachable)
+        return "NETWORK_CONNECTION" in str(error)
+
+    assert patiently(answers_at_the_third_try, 10, retry_every_s=0.1, transient=down) == "stored"
+    assert len(attempts) == 3 and attempts[2] - attempts[0] >= 0.2
+    failing.calls = 0
+    with pytest.raises(PermissionError):  # a refusal is not waited out
+        patiently(failing(PermissionError("AccessDenied")), 10, retry_every_s=0.1, transient=down)
+    assert failing.calls == 1
+    started = time.monotonic()
+    with pytest.raises(OSError, match="NETWORK_CONNECTION"):  # past the patience, the last error
+        patiently(failing(OSError("AWS Error NETWORK_CONNECTION")), 0.5, retry_every_s=0.1, transient=down)
+    assert 0.5 <= time.monotonic() - started < 2
+    with pytest.raises(requests.exceptions.ConnectionError):  # by default: the tracking server's errors
+        patiently(failing(requests.exceptions.ConnectionError("refused")), 0.3, retry_every_s=0.1)

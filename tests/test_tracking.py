@@ -26,13 +26,43 @@ from mlflow import MlflowClient
 from aesearch.errors import UserError
 from aesearch.locations import sqlite_uri
 from aesearch.schema import flatten
-from aesearch.tracking.runs import image_epochs, run_name
+from aesearch.tracking.runs import TrialRun, image_epochs, run_name
 from aesearch.tracking.store import fluent_api_on, resolve_tracking_uri
 from tests.browser import open_page
 from tests.conftest import KEPT_CHECKPOINTS, make_config
 from tests.searching import search_command, trial_reports, write_space
 
 # --- where, and names ---------------------------------------------------------------------------
+
+
+def test_epochs_wait_for_their_batch_and_a_restored_trial_logs_what_its_checkpoint_holds_and_the_run_lacks(
+        tmp_path, digits):
+    """budget.tracking_batch_s: a trial's epochs go to MLflow several in one request; whatever waits is
+    sent when the trial ends, and epochs a dead process never sent come from the restored checkpoint."""
+    client = MlflowClient(sqlite_uri(tmp_path / "mlflow.db"))
+    run_id = client.create_run(client.create_experiment("batched")).info.run_id
+    config = make_config(epochs=9)
+    requests = []
+    original = client.log_batch
+    client.log_batch = lambda *args, **kwargs: requests.append(kwargs["metrics"]) or original(*args, **kwargs)
+    history = [{"val/recon_mse": 1.0 / epoch, "epoch": float(epoch)} for epoch in range(1, 10)]
+
+    def steps() -> list[int]:
+        return [m.step for m in client.get_metric_history(run_id, "val/recon_mse")]
+
+    batched = TrialRun(client, run_id, config, digits, batch_s=3600)
+    for epoch, metrics in enumerate(history[:5], 1):
+        batched.log_metrics(metrics, epoch)
+    assert steps() == [] and requests == []  # all five wait for their batch
+    assert batched.wait_for_server() == ""  # the trial ends (completed, stopped, diverged): all is sent
+    assert steps() == [1, 2, 3, 4, 5] and len(requests) == 1 and len(requests[0]) == 10
+    # the process died with epochs 6-7 unsent; the restored trial's checkpoint holds 7 epochs
+    restored = TrialRun(client, run_id, config, digits, logged_through=5, attempt=2)
+    restored.catch_up(history[:7])
+    assert restored.wait_for_server() == "" and steps() == [1, 2, 3, 4, 5, 6, 7]
+    at_once = len(requests)
+    restored.log_metrics(history[7], 8)  # batch_s 0: each epoch at once
+    assert steps() == [1, 2, 3, 4, 5, 6, 7, 8] and len(requests) == at_once + 1
 
 
 def test_the_store_is_the_flag_else_the_environment_else_sqlite_in_the_working_directory(tmp_path, monkeypatch):

@@ -156,7 +156,7 @@ def search(space: SearchSpace, options: SearchOptions, phases: Phases | None = N
             print(f"aesearch: warning: trials on other nodes log to {uri} only if they see this path; "
                   "give a tracking server with --tracking-uri http://HOST:PORT", file=sys.stderr)
         tracking = runs.start(options.resume, describe(space, options, data), space_document(space),
-                              space.budget.tracking_patience_s, data)
+                              space.budget.tracking_patience_s, data, space.budget.tracking_batch_s)
         phases.mark("Ray and the MLflow run")
         runs.prepare_model_export()  # in the background, while the trials run
         try:

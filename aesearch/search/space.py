@@ -165,6 +165,9 @@ class Budget(Section):
     # report waits for storage that does not answer (an S3 server restarting) before the trial fails.
     tracking_patience_s: Float = Field(600.0, gt=0, le=86_400)
     storage_patience_s: Float = Field(600.0, gt=0, le=86_400)
+    # A trial sends its epochs' metrics to MLflow at most this often, several epochs in one request
+    # (0: each epoch as it ends). Short epochs by the thousand: fewer requests for the tracking server.
+    tracking_batch_s: Float = Field(0.0, ge=0, le=3600)
 
     @model_validator(mode="after")
     def _grace_within_budget(self) -> Budget:

@@ -138,6 +138,7 @@ def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: 
             if (Path(folder) / BEST_FILE).is_file():
                 shutil.copyfile(Path(folder) / BEST_FILE, reporter.best_file)
         run.set_tag("restored", f"attempt {run.attempt} went on from epoch {resume_state['epoch']} on node {node}")
+        run.catch_up(resume_state["history"])
 
     def on_epoch(end: EpochEnd) -> None:
         fire(faults, number, end.epoch, run.attempt)  # AESEARCH_FAULTS: a rehearsed failure, before the report

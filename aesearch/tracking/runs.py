@@ -159,11 +159,14 @@ class TrialRun:
     `Outbox`: a tracking server that stops answering delays the records, not the training."""
 
     def __init__(self, mlflow: MlflowClient, run_id: str, config: TrainConfig, data: Data, logged_through: int = 0,
-                 attempt: int = 1, patience_s: float = 60.0):
+                 attempt: int = 1, patience_s: float = 60.0, batch_s: float = 0.0):
         self.client, self.run_id, self.config, self.data = mlflow, run_id, config, data
         self.logged_through = logged_through  # epochs already in the run (a restored trial)
         self.attempt = attempt  # 1, then 2, 3... each time the trial is retried or resumed
         self.patience_s = patience_s  # how long `finish` waits for an unreachable server (a search: its budget's)
+        self.batch_s = batch_s  # epochs' metrics wait up to this long, to go in one request (0: sent at once)
+        self.waiting: list[Any] = []  # metrics not sent yet
+        self.sent_at = time.monotonic()
         # reconstructions drawn during training: images only (a vector's figures come at the end)
         self.draw_at = image_epochs(config.epochs) if data.spec.modality == IMAGE else set()
         self.outbox = Outbox()
@@ -197,7 +200,7 @@ class TrialRun:
                      TRIAL_NUMBER_TAG: number, ATTEMPT_TAG: "1", **trial_tags(config)}
             run_id = create_run(mlflow, tracking.experiment_id, run_name(config, number), tags, config)
             mlflow.log_inputs(run_id, [dataset_input(data, "training")])
-            return cls(mlflow, run_id, config, data, patience_s=tracking.patience_s)
+            return cls(mlflow, run_id, config, data, patience_s=tracking.patience_s, batch_s=tracking.batch_s)
         run_id = existing.info.run_id
         attempt = int(existing.data.tags.get(ATTEMPT_TAG, "1")) + 1
         mlflow.update_run(run_id, status="RUNNING")
@@ -205,7 +208,7 @@ class TrialRun:
         for key, value in {**tags, ATTEMPT_TAG: str(attempt)}.items():
             mlflow.set_tag(run_id, key, value)
         return cls(mlflow, run_id, config, data, logged_through=max((m.step for m in logged), default=0),
-                   attempt=attempt, patience_s=tracking.patience_s)
+                   attempt=attempt, patience_s=tracking.patience_s, batch_s=tracking.batch_s)
 
     def set_tag(self, key: str, value: str) -> None:
         self.outbox.send(f"tag {key}", lambda: self.client.set_tag(self.run_id, key, value))
@@ -224,15 +227,31 @@ class TrialRun:
             end.model.train(training)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Timestamped now: metrics that wait out an outage arrive with the time they were measured."""
+        """Timestamped now: metrics that wait (for the batch, or out an outage) arrive with the time they
+        were measured. Sent at once, or with the others of `batch_s` seconds."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        self.waiting += [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        if time.monotonic() - self.sent_at >= self.batch_s:
+            self.send_waiting()
+
+    def send_waiting(self) -> None:
+        """The metrics waiting, in requests of MLflow's most (1,000 metrics each)."""
+        batch, self.waiting, self.sent_at = self.waiting, [], time.monotonic()
         for start in range(0, len(batch), 1000):
             part = batch[start : start + 1000]
-            self.outbox.send(f"metrics of step {step}",
+            steps = f"{part[0].step}" if part[0].step == part[-1].step else f"{part[0].step}-{part[-1].step}"
+            self.outbox.send(f"metrics of step {steps}",
                              lambda part=part: self.client.log_batch(self.run_id, metrics=part, synchronous=True))
+
+    def catch_up(self, history: list[dict[str, float]]) -> None:
+        """A restored trial's epochs that its checkpoint holds but the run does not (their metrics had
+        not left when the trial's process died): logged now, so that the run has every epoch once."""
+        for epoch, metrics in enumerate(history, 1):
+            if epoch > self.logged_through:
+                self.log_metrics(metrics, epoch)
+        self.logged_through = max(self.logged_through, len(history))
 
     def finish(self, result: TrainResult, best_checkpoint: Path | None, drawn: Path | None = None) -> str:
         """The test suite, the final pictures, the best checkpoint; then waits (up to the patience)
@@ -252,6 +271,7 @@ class TrialRun:
 
     def wait_for_server(self) -> str:
         """Deliver what waits (up to the patience); returns what could not be delivered ('' if nothing)."""
+        self.send_waiting()
         self.outbox.deliver(self.patience_s)
         return self.outbox.undelivered()
 

@@ -84,7 +84,7 @@ class SearchRun:
             raise UserError(f"--resume: {note}, before resuming it")
 
     def start(self, resume: bool, describe: dict[str, Any], space_yaml: str, patience_s: float,
-              data: Data | None = None) -> Tracking:
+              data: Data | None = None, batch_s: float = 0.0) -> Tracking:
         experiment = self.client.get_experiment_by_name(self.name)
         if experiment is None:
             location = embedded_artifacts(self.uri, self.name)
@@ -107,7 +107,7 @@ class SearchRun:
             self.client.log_text(run_id, space_yaml, "space.yaml")
             if data is not None:
                 self.client.log_inputs(run_id, [dataset_input(data, "search")])
-        self.tracking = Tracking(self.uri, experiment_id, run_id, patience_s)
+        self.tracking = Tracking(self.uri, experiment_id, run_id, patience_s, batch_s)
         return self.tracking
 
     def trial_runs(self) -> dict[str, Any]:

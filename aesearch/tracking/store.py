@@ -223,3 +223,4 @@ class Tracking:
     experiment_id: str
     parent_run_id: str
     patience_s: float  # budget.tracking_patience_s: how long an unreachable server is waited for
+    batch_s: float = 0.0  # budget.tracking_batch_s: how often a trial sends its epochs' metrics
