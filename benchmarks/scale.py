@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import math
 import os
@@ -71,6 +72,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -84,8 +86,10 @@ settings.apply()  # before Ray is imported, as the CLI does
 # address into the machine's outward one when a driver joins a cluster (--nodes, --autoscale).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+import pandas as pd  # noqa: E402
 import ray  # noqa: E402
 import sqlalchemy  # noqa: E402
+import yaml  # noqa: E402
 
 from aesearch.locations import sqlite_uri  # noqa: E402
 from aesearch.search.driver import SearchOptions, search  # noqa: E402
@@ -322,11 +326,37 @@ def fixed_nodes(folder: Path, nodes: int, cpus_per_node: int) -> Iterator[RayNod
 
 
 @contextmanager
+def ray_head(folder: Path, cluster: RayNodes, cpus: int, port: int, *options: str,
+             env: dict[str, str] | None = None) -> Iterator[None]:
+    """`ray start --head --block` on PORT with `cpus` logical CPUs, as a process of its own (a cluster's
+    head the driver joins by address and does not own). Stopped by its own process: SIGTERM (Ray drains
+    the head, then stops the processes it started), then anything of its process group still there."""
+    command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
+               f"--num-cpus={cpus}", "--node-ip-address=127.0.0.1", f"--temp-dir={folder / 'ray'}",
+               "--include-dashboard=false", *options]
+    with open(folder / "head.log", "wb") as log:
+        head = subprocess.Popen(command, env={**os.environ, **cluster.env, **(env or {})}, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with ray_environment(cluster.env):
+            cluster.address = f"127.0.0.1:{port}"
+            wait_for_port(port, head, folder / "head.log")
+            yield
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        for pid in process_group(head.pid):  # what the head's own shutdown left
+            os.kill(pid, signal.SIGKILL)
+
+
+@contextmanager
 def autoscaling_nodes(folder: Path, most: int, cpus_per_node: int) -> Iterator[RayNodes]:
     """A head alone (no CPU) whose autoscaler may start up to `most` worker nodes of `cpus_per_node`
-    logical CPUs when work waits, and stops them idle for 15 s: `ray start --head --block` with Ray's fake
-    multi-node provider (nodes are processes on this machine). Stopped by its own process: SIGTERM (Ray
-    drains the head, then stops the processes it started), then anything of its process group still there."""
+    logical CPUs when work waits, and stops them idle for 15 s: Ray's fake multi-node provider (nodes
+    are processes on this machine)."""
     cluster = RayNodes(folder, autoscaling=True)
     port = free_port()
     config = {
@@ -345,28 +375,12 @@ def autoscaling_nodes(folder: Path, most: int, cpus_per_node: int) -> Iterator[R
         "docker": {}, "file_mounts": {}, "file_mounts_sync_continuously": False,
     }
     (folder / "autoscaling.json").write_text(json.dumps(config))
-    env = {**os.environ, **cluster.env, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
-    command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", f"--port={port}",
-               "--num-cpus=0", "--node-ip-address=127.0.0.1", f"--autoscaling-config={folder / 'autoscaling.json'}",
-               f"--temp-dir={folder / 'ray'}", "--include-dashboard=false"]
     started = time.perf_counter()
-    with open(folder / "head.log", "wb") as log:
-        head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        with ray_environment(cluster.env):
-            cluster.address = f"127.0.0.1:{port}"
-            wait_for_port(port, head, folder / "head.log")
-            print(f"  a Ray head (0 CPUs) up in {time.perf_counter() - started:.0f} s; its autoscaler may start up "
-                  f"to {most} worker nodes of {cpus_per_node} logical CPU(s)", flush=True)
-            yield cluster
-    finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        for pid in process_group(head.pid):  # what the head's own shutdown left
-            os.kill(pid, signal.SIGKILL)
+    with ray_head(folder, cluster, 0, port, f"--autoscaling-config={folder / 'autoscaling.json'}",
+                  env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}):
+        print(f"  a Ray head (0 CPUs) up in {time.perf_counter() - started:.0f} s; its autoscaler may start up "
+              f"to {most} worker nodes of {cpus_per_node} logical CPU(s)", flush=True)
+        yield cluster
 
 
 def wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout_s: float = 120.0) -> None:
@@ -460,18 +474,41 @@ class CpuPhases(Phases):
     """The search's phases, with the driver's CPU and the whole machine's at each mark: the trials
     phase's share is what each further trial costs, without the start and the end of a search."""
 
-    def __init__(self):
+    def __init__(self, trace_memory: bool = False):
         super().__init__()
         self.cpu = [(driver_cpu_seconds(), machine_busy_seconds())]
+        self.memory_at_end_of_trials: tracemalloc.Snapshot | None = None
+        if trace_memory:
+            tracemalloc.start(TRACED_FRAMES)
 
     def mark(self, phase: str) -> None:
         super().mark(phase)
         self.cpu.append((driver_cpu_seconds(), machine_busy_seconds()))
+        if phase == "trials" and tracemalloc.is_tracing():  # every trial ended, the Tuner and its trials still held
+            self.memory_at_end_of_trials = tracemalloc.take_snapshot()
+            tracemalloc.stop()
 
     def used_in(self, phase: str) -> tuple[float, float]:
         """(driver, machine) CPU seconds in `phase`."""
         at = [name for name, _ in self.marks].index(phase)
         return self.cpu[at][0] - self.cpu[at - 1][0], self.cpu[at][1] - self.cpu[at - 1][1]
+
+
+TRACED_FRAMES = 12  # deep enough to reach, from an allocation in a library, the code that holds it
+
+
+def memory_sites(snapshot: tracemalloc.Snapshot, trials: int, top: int = 12) -> list[str]:
+    """The driver's live Python memory at the end of the trials, by the allocating line nearest to Ray
+    Tune, Optuna, MLflow or aesearch (what holds it), per trial: where memory per trial goes."""
+    sizes: Counter[str] = Counter()
+    for stat in snapshot.statistics("traceback"):
+        frames = [f"{Path(frame.filename).name}:{frame.lineno}" for frame in stat.traceback
+                  if any(part in frame.filename for part in ("ray/tune", "ray/train", "optuna", "mlflow", "aesearch"))]
+        sizes[frames[-1] if frames else f"{Path(stat.traceback[-1].filename).name}:{stat.traceback[-1].lineno}"] += stat.size
+    total = sum(sizes.values())
+    lines = [f"{total / trials / 1024:.1f} KB per trial traced in all; the largest sites:"]
+    lines += [f"  {size / trials / 1024:7.1f} KB/trial  {site}" for site, size in sizes.most_common(top)]
+    return lines
 
 
 SAMPLE_EVERY_S = 5.0  # reading a 800 MiB actor's smaps_rollup costs ~30 ms of this (the driver's) CPU
@@ -689,15 +726,15 @@ def bare_tune(workload: Workload, folder: Path) -> None:
           f"{machine / workload.trials * 1e3:.0f} ms per trial ({machine / wall:.2f} of {os.cpu_count()} cores busy)")
 
 
-def measure(workload: Workload, stack: Stack, cluster: RayNodes | None = None, tracking_batch_s: float = 0.0
-            ) -> dict[str, str]:
+def measure(workload: Workload, stack: Stack, cluster: RayNodes | None = None, tracking_batch_s: float = 0.0,
+            trace_memory: bool = False) -> dict[str, str]:
     """Runs the workload on the stack (on `cluster`, else a local Ray instance), prints its figures,
     returns the main ones for the side-by-side table."""
     space = parse_space(space_document(workload, cpu=1 if cluster else None, tracking_batch_s=tracking_batch_s))
     name = space.name
     options = SearchOptions(name=name, storage=stack.storage, tracking_uri=stack.tracking_uri,
                             address=cluster.address if cluster else None)
-    phases = CpuPhases()
+    phases = CpuPhases(trace_memory)
     servers_before = stack.server_cpu()
     memory_before = used_memory()
     before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -746,6 +783,8 @@ def measure(workload: Workload, stack: Stack, cluster: RayNodes | None = None, t
     print(f"  Optuna ask     {ask_latencies(probe.asks)}")
     print(f"  ramp-up        {full} trials started {ramp:.1f} s after the first (MLflow run start times)")
     print(f"  driver memory  {growth_per_trial(probe.asks)}")
+    if phases.memory_at_end_of_trials is not None:
+        print("\n".join(f"                 {line}" for line in memory_sites(phases.memory_at_end_of_trials, len(board))))
     snapshots = ", ".join(f"{n} {size / 1024:.0f} KB" for n, size in stored["snapshots"].items())
     print(f"  state snapshot {snapshots or 'none'}")
     print(f"  MLflow rows    {store['metric_rows']:,} metric rows ({store['metric_rows'] / max(results, 1):.1f} per result)")
@@ -791,6 +830,87 @@ def measure(workload: Workload, stack: Stack, cluster: RayNodes | None = None, t
                     "bucket written / read": f"{traffic['received'] / 2**20:.1f} / {traffic['sent'] / 2**20:.1f} MiB"}
     assert len(times) == results, f"{results} results reported, {len(times)} in MLflow"
     return figures
+
+
+TRIAL_RUNS = ("FROM runs r JOIN experiments e ON r.experiment_id = e.experiment_id "
+              "JOIN tags t ON t.run_uuid = r.run_uuid AND t.key = 'aesearch.role' AND t.value = 'trial' "
+              "WHERE e.name = :name")
+
+
+def ended_trials(stack: Stack, experiment: str) -> dict[str, int]:
+    """The search's trial runs in MLflow's store by status, and those deleted ('FINISHED': 9, 'deleted': 2,
+    ...), and the results ('epoch' rows) of the runs not deleted; read from the database itself."""
+    engine = sqlalchemy.create_engine(stack.store_uri, connect_args=stack.store_args)
+    try:
+        with engine.connect() as connection:
+            rows = list(connection.execute(sqlalchemy.text(
+                f"SELECT r.status, r.lifecycle_stage, COUNT(*) {TRIAL_RUNS} GROUP BY r.status, r.lifecycle_stage"),
+                {"name": experiment}))
+            results = connection.execute(sqlalchemy.text(
+                f"SELECT COUNT(*) FROM metrics m WHERE m.key = 'epoch' AND m.run_uuid IN "
+                f"(SELECT r.run_uuid {TRIAL_RUNS} AND r.lifecycle_stage = 'active')"), {"name": experiment}).scalar()
+    except sqlalchemy.exc.OperationalError:  # the store is not made yet
+        return {}
+    finally:
+        engine.dispose()
+    counts: Counter[str] = Counter({"results": results})
+    for status, stage, n in rows:
+        counts["deleted" if stage == "deleted" else status] += n
+    return dict(counts)
+
+
+def kill_and_resume(workload: Workload, stack: Stack, folder: Path, at: int) -> None:
+    """The search's driver killed the hard way (SIGKILL: no handler runs) once `at` trials have ended,
+    on a Ray head of its own that outlives it, then `aesearch search --resume`d: the resumed search
+    must end with every trial once (in Tune's leaderboard and in MLflow, each with its one result) and
+    the trials the killed driver started after its last save deleted from MLflow (restorable)."""
+    document = space_document(workload, cpu=1)
+    name = document["name"]
+    space = folder / "space.yaml"
+    space.write_text(yaml.safe_dump(document, sort_keys=False))
+    cluster = RayNodes(folder)
+    with ray_head(folder, cluster, workload.concurrent, free_port()):
+        command = [sys.executable, "-m", "aesearch.cli", "search", str(space), "--storage", stack.storage,
+                   "--tracking-uri", stack.tracking_uri, "--address", cluster.address]
+        env = {**os.environ, **cluster.env}
+        started = time.perf_counter()
+        with open(folder / "killed.log", "w") as log:
+            driver = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while ended_trials(stack, name).get("FINISHED", 0) < at:
+                if driver.poll() is not None:
+                    raise RuntimeError(f"the search ended before {at} trials: {(folder / 'killed.log').read_text()[-3000:]}")
+                time.sleep(2)
+        finally:
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver, the hard way
+            driver.wait()
+        killed_at, before = time.perf_counter() - started, ended_trials(stack, name)
+        state = storage_figures(f"{stack.storage}/{name}")["snapshots"]
+        resumed_at = time.perf_counter()
+        with open(folder / "resumed.log", "w") as log:
+            resumed = subprocess.run([*command, "--resume"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        took = time.perf_counter() - resumed_at
+    output = (folder / "resumed.log").read_text()
+    if resumed.returncode != 0:
+        raise RuntimeError(f"the resumed search exited {resumed.returncode}: {output[-3000:]}")
+    after = ended_trials(stack, name)
+    board = pd.read_csv(io.StringIO(SearchFolder(f"{stack.storage}/{name}").read("leaderboard.csv")),
+                        dtype={"trial": str})
+    times = [line for line in output.splitlines() if line.startswith("aesearch: time:")]
+    print(f"\n{workload.title}; {STACKS[stack.name]}: the driver killed, then resumed")
+    print(f"  killed         SIGKILL {killed_at:.0f} s after the start, {before.get('FINISHED', 0)} trial runs finished, "
+          f"{before.get('RUNNING', 0)} running; the last saved state: "
+          f"{', '.join(f'{n} {size / 1024:.0f} KB' for n, size in state.items()) or 'none'}")
+    print(f"  resumed        --resume took {took:.0f} s to the end ({times[-1] if times else 'no time line'})")
+    print(f"  every trial    leaderboard {len(board)} rows, {board['trial'].nunique()} distinct trials, "
+          f"{(board['state'] == 'completed').sum()} completed; MLflow: {after.get('FINISHED', 0)} trial runs "
+          f"finished, {after.get('RUNNING', 0)} running, {after.get('KILLED', 0)} killed, {after.get('FAILED', 0)} "
+          f"failed, {after.get('deleted', 0)} deleted (started after the last save, sampled afresh); "
+          f"{after.get('results', 0)} results in them for {workload.trials * workload.epochs} reported once each")
+    assert len(board) == board["trial"].nunique() == workload.trials, "a trial missing or twice in the leaderboard"
+    assert after.get("FINISHED", 0) == workload.trials and not after.get("RUNNING"), after
+    assert after.get("results") == workload.trials * workload.epochs, after
 
 
 def scale_back(cluster: RayNodes, timeout_s: float = 300.0) -> float | None:
@@ -844,6 +964,12 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, help="run on a Ray cluster of this many nodes on this machine (>= 2)")
     parser.add_argument("--autoscale", type=int, metavar="NODES",
                         help="run on an autoscaling Ray cluster (the head alone at first) of at most NODES worker nodes")
+    parser.add_argument("--kill-at", type=int, metavar="TRIALS",
+                        help="kill the search's driver (SIGKILL) once TRIALS trials have ended, resume it, and check "
+                             "that every trial ends once (the driver on a Ray head of its own, in a process of its own)")
+    parser.add_argument("--trace-memory", action="store_true",
+                        help="trace the driver's Python memory (tracemalloc, slower) and print where it is held per "
+                             "trial at the end of the trials")
     parser.add_argument("--bare-tune", action="store_true",
                         help="after each workload, the same sizes on bare Tune (Ray's release tests' setting) here: "
                              "the control for the platform's own cost on this machine")
@@ -855,6 +981,8 @@ def main() -> None:
         parser.error("--nodes: at least 2 (the head and a worker node); --autoscale: at least 1 worker node")
     if args.nodes and args.autoscale:
         parser.error("--nodes or --autoscale, not both")
+    if args.kill_at is not None and (args.nodes or args.autoscale or args.kill_at < 1):
+        parser.error("--kill-at: at least 1 trial, on a Ray head of its own (not with --nodes or --autoscale)")
     sizes = QUICK if args.quick else WORKLOADS
     print(f"{platform.machine()}, {CPUS} cores, Ray {ray.__version__}; {'quick run' if args.quick else 'full sizes'}")
     if set(args.stack or []) - {"embedded"}:
@@ -872,19 +1000,22 @@ def main() -> None:
                 folder.mkdir(parents=True, exist_ok=True)
                 running = kept.enter_context(stack(stack_name, folder, args.server_workers, args.auth_cache_s))
                 cluster = None
+                if args.kill_at is not None:
+                    kill_and_resume(workload, running, folder, args.kill_at)
+                    continue
                 if args.nodes:
                     per_node = math.ceil(workload.concurrent / (args.nodes - 1))
                     cluster = kept.enter_context(fixed_nodes(folder, args.nodes, per_node))
                 elif args.autoscale:
                     per_node = math.ceil(workload.concurrent / args.autoscale)
                     cluster = kept.enter_context(autoscaling_nodes(folder, args.autoscale, per_node))
-                columns[stack_name] = measure(workload, running, cluster, args.tracking_batch_s)
+                columns[stack_name] = measure(workload, running, cluster, args.tracking_batch_s, args.trace_memory)
         if len(columns) > 1:
             side_by_side(workload, columns)
         if args.bare_tune:
             with tempfile.TemporaryDirectory(prefix="aesearch-scale-") as folder:
                 bare_tune(workload, Path(folder))
-    if not (args.nodes or args.autoscale):  # Ray's core keeps the cluster's token: no local Ray after it here
+    if not (args.nodes or args.autoscale or args.kill_at):  # Ray's core keeps the cluster's token: no local Ray after it
         with tempfile.TemporaryDirectory(prefix="aesearch-scale-") as folder:
             bare_actor_memory(Path(folder))
 

@@ -150,6 +150,10 @@ def test_the_report_was_built_from_the_server(rehearsal, as_mlflow_admin):
     best = client.search_runs([experiment.experiment_id], filter_string="tags.`aesearch.role` = 'trial'",
                               order_by=["metrics.`val/recon_mse` ASC"], max_results=1)[0]
     assert board.loc[board["rank"] == 1, "run_id"].item() == best.info.run_id
+    trial_runs = client.search_runs([experiment.experiment_id], filter_string="tags.`aesearch.role` = 'trial'")
+    tagged = {run.info.run_id: run.data.tags.get("rank") for run in trial_runs}  # sent to the server at once
+    assert {run_id: tagged[run_id] for run_id in board["run_id"]} == {row.run_id: str(row.rank) for row in board.itertuples()}
+    assert len(tagged) == TRIALS and all(tagged[run_id] == "unranked" for run_id in set(tagged) - set(board["run_id"]))
     assert board["reproduce"][0].endswith(f"--tracking-uri {rehearsal[0].tracking_uri}")
     pictures = list((Path(summary["report"]) / "images").glob("*-reconstructions.png"))
     assert len(pictures) == TRIALS  # every trial's, downloaded through the server

@@ -51,3 +51,34 @@ def test_storage_opens_with_tunes_filesystem(tmp_path):
     fs, path = ray_api.filesystem_and_path(str(tmp_path))
     assert isinstance(fs, LocalFileSystem) and path == str(tmp_path)
     assert ray_api.newest_experiment_state(str(tmp_path)) is None  # no search state saved there yet
+
+
+def test_a_compacted_trial_record_keeps_its_last_result_the_kept_statistics_and_its_latest_checkpoint(tmp_path):
+    """On a real Tune trial record: three epochs reported, each with a checkpoint; compacted, it holds the
+    same last result, statistics of the kept metric only, its newest checkpoint only, and its JSON (what
+    each save of the search state writes) shrinks and says so."""
+    from ray import tune
+    from ray.train._internal.checkpoint_manager import _TrainingResult
+    from ray.tune.experiment import Trial
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    trial = Trial("run_trial", stub=True)
+    metadata = trial.run_metadata
+    for epoch in (1, 2, 3):
+        result = {"val/recon_mse": 1.0 / epoch, "train/loss": 2.0 / epoch, "test/psnr": 10.0 * epoch,
+                  "training_iteration": epoch}
+        trial.update_last_result(result)
+        (tmp_path / str(epoch)).mkdir()
+        metadata.checkpoint_manager.register_checkpoint(
+            _TrainingResult(tune.Checkpoint.from_directory(str(tmp_path / str(epoch))), result))
+    before = metadata.get_json_state()  # cached, as Tune caches it
+
+    ray_api.compact_finished_trial(trial, {"val/recon_mse"})
+    after = metadata.get_json_state()
+    restored = _TrainingRunMetadata.from_json_state(after)
+    assert len(after) < len(before)
+    assert restored.last_result == trial.last_result and restored.last_result["test/psnr"] == 30.0
+    assert set(restored.metric_analysis) == set(restored.metric_n_steps) == {"val/recon_mse"}
+    assert restored.metric_analysis["val/recon_mse"]["min"] == 1 / 3
+    assert [r.checkpoint.path for r in restored.checkpoint_manager.best_checkpoint_results] == [str(tmp_path / "3")]
+    assert ray_api.latest_checkpoint(after).path == str(tmp_path / "3")

@@ -125,6 +125,35 @@ def test_a_finished_search_keeps_the_newest_checkpoint_of_its_best_trials_only(s
         assert checkpoints == ([f"checkpoint_{epochs - 1:06d}"] if trial in best else []), trial
 
 
+def test_a_finished_trials_stored_record_keeps_its_last_result_objective_statistics_and_latest_checkpoint(
+        small_search):
+    """What Tune keeps of each finished trial, in the driver and in every save of the search state: its
+    last result whole (the leaderboard reads it), running statistics of the objective only, and only
+    its latest checkpoint (CheckpointPruner deleted the others)."""
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    experiment, _ = small_search
+    state = json.loads(max(experiment.glob("experiment_state-*.json")).read_text())
+    reports = trial_reports(experiment)
+    finished = 0
+    for trial_json, metadata_json in state["trial_data"]:
+        trial = json.loads(trial_json)
+        metadata = _TrainingRunMetadata.from_json_state(metadata_json)
+        assert trial["status"] in ("TERMINATED", "ERROR"), trial["status"]
+        finished += 1
+        assert set(metadata.metric_analysis) == {"val/recon_mse"} == set(metadata.metric_n_steps), trial["trial_id"]
+        last = reports[trial["trial_id"]][-1]  # its last report, as Tune logged it
+        assert metadata.last_result["epoch"] == last["epoch"] and set(last) <= set(metadata.last_result)
+        manager = metadata.checkpoint_manager
+        latest = manager.latest_checkpoint_result
+        if last.get("outcome/diverged"):  # it diverged in its first epoch: it reported no checkpoint
+            assert latest is None and manager.best_checkpoint_results == []
+            continue
+        assert manager.best_checkpoint_results == [latest]
+        assert latest.checkpoint.path.endswith(f"checkpoint_{len(reports[trial['trial_id']]) - 1:06d}")
+    assert finished == 8
+
+
 def test_a_second_search_of_the_same_name_is_refused(small_search, ray_env):
     experiment, _ = small_search
     space = experiment.parent.parent / "small.yaml"

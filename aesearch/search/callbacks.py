@@ -1,5 +1,6 @@
 """Ray Tune callbacks of the driver: progress on the terminal, each trial's run closed in MLflow and
-checkpoints kept for the best trials only, superseded checkpoints pruned, the first report timed.
+checkpoints kept for the best trials only, superseded checkpoints pruned, finished trials' records
+compacted, the first report timed.
 
 Tune pickles them with the search and restores them on --resume: they hold only settings, and open
 what they need in `setup`.
@@ -16,6 +17,7 @@ from ray.tune import Callback
 
 from aesearch.search.leaderboard import outside_the_best
 from aesearch.search.phases import Phases
+from aesearch.search.ray_api import compact_finished_trial
 from aesearch.search.space import (
     SearchSpace,
 )
@@ -207,6 +209,22 @@ class RunCloser(Callback):
         if not self.outbox.deliver(self.tracking.patience_s):
             print(f"aesearch: warning: the tracking server {self.tracking.uri} did not take "
                   f"{self.outbox.undelivered()}", file=sys.stderr)
+
+
+class CompactFinished(Callback):
+    """Each finished trial's Tune record keeps only what is read again (see `compact_finished_trial`):
+    the last result (the leaderboard), the statistics of the search's objectives, the latest checkpoint.
+    What the driver holds per finished trial, and every save of the search state, shrinks to what a
+    search of 10,000 trials can carry."""
+
+    def __init__(self, space: SearchSpace):
+        self.objectives = set(space.metrics)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        compact_finished_trial(trial, self.objectives)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        compact_finished_trial(trial, self.objectives)
 
 
 class CheckpointPruner(Callback):

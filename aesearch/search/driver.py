@@ -39,7 +39,7 @@ from aesearch.packing.server import (
     stop_servers,
 )
 from aesearch.parts.data import Data, load_data
-from aesearch.search.callbacks import CheckpointPruner, FirstReport, Progress, RunCloser
+from aesearch.search.callbacks import CheckpointPruner, CompactFinished, FirstReport, Progress, RunCloser
 from aesearch.search.faults import Fault, read_faults
 from aesearch.search.leaderboard import LEADERBOARD_METRICS, NothingRan, leaderboard, nothing_ran
 from aesearch.search.mo_asha import MultiObjectiveASHA, SeededASHA
@@ -182,9 +182,10 @@ def search(space: SearchSpace, options: SearchOptions, phases: Phases | None = N
             best = board[board["rank"] == 1].iloc[0]
             metrics = {k: best[k] for k in LEADERBOARD_METRICS if pd.notna(best.get(k))}
             front = board.loc[board["pareto_rank"] == 1, "trial"].tolist() if space.multi_objective else None
-            patiently(lambda: runs.register_best(best["trial"], metrics, front), patience)
+            patiently(lambda: runs.register_best(best["mlflow_run_id"], metrics, front), patience)
         closing = "FAILED" if failed else "FINISHED"
-        patiently(lambda: runs.finish(closing, board.to_csv(index=False), set(board.get("trial", []))), patience)
+        known = set(board.get("trial", [])) if options.resume else None  # only a resumed search has lost runs
+        patiently(lambda: runs.finish(closing, board.to_csv(index=False), known), patience)
     except Exception as error:
         if not is_unreachable(error):
             raise
@@ -376,7 +377,8 @@ def _fit_trials(space: SearchSpace, options: SearchOptions, data: Data, tracking
                 # names (see CheckpointPruner); the pruner keeps the disk bounded instead.
                 callbacks=[
                     JsonLoggerCallback(), Progress(space), CheckpointPruner(options.experiment_folder),
-                    RunCloser(space, tracking), FirstReport(phases), StagingNamed(options.name),
+                    RunCloser(space, tracking), CompactFinished(space), FirstReport(phases),
+                    StagingNamed(options.name),
                 ],
                 verbose=0,
             ),
