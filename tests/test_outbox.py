@@ -28,6 +28,29 @@ def test_a_background_outbox_does_not_make_its_sender_wait_and_keeps_the_order()
     assert delivered == ["first", "second", "third"] and outbox.undelivered() == "" and warnings == []
 
 
+def test_a_sender_faster_than_the_server_waits_once_more_than_most_waiting_records_wait():
+    """most_waiting: the sender goes on while at most that many records wait; the send that finds more
+    waits until they are delivered, so that no wait for them (a save of the search state) grows without
+    bound. A slow server: each record takes 0.2 s."""
+    delivered = []
+    outbox = Outbox(on_error=lambda what, error: None, in_background=True, most_waiting=3)
+
+    def slow(name: str) -> None:
+        time.sleep(0.2)
+        delivered.append(name)
+
+    took = []
+    for number in range(8):
+        started = time.monotonic()
+        outbox.send(str(number), lambda name=str(number): slow(name))
+        took.append(time.monotonic() - started)
+    # up to 3 waiting (the one being delivered among them), the sender goes on; the 4th send waits until
+    # all 4 are delivered (0.8 s), and so on
+    assert [seconds > 0.3 for seconds in took] == [False, False, False, True] * 2, took
+    assert max(took[:3] + took[4:7]) < 0.1 and delivered[:4] == ["0", "1", "2", "3"]
+    assert outbox.flush() and delivered == [str(n) for n in range(8)]  # in order, all of them
+
+
 def test_what_the_server_did_not_take_waits_in_order_and_is_delivered_when_it_answers():
     answering_after, delivered, warnings = time.monotonic() + 0.6, [], []
     outbox = Outbox(retry_every_s=0.1, on_error=lambda what, error: warnings.append(what), in_background=True)

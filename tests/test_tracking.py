@@ -65,6 +65,42 @@ def test_epochs_wait_for_their_batch_and_a_restored_trial_logs_what_its_checkpoi
     assert steps() == [1, 2, 3, 4, 5, 6, 7, 8] and len(requests) == at_once + 1
 
 
+def test_a_trial_run_is_closed_with_its_gaps_read_from_the_store_only_where_the_trial_could_not_say(tmp_path):
+    """close_trial: a trial that said every record arrived ('') is closed without reading its epochs back
+    (one read less per trial, at thousands of trials); one that could not say (stopped by ASHA, errored)
+    has its epochs read, and the missing ones named; a run found by its trial id when none is given."""
+    from mlflow.entities import Metric
+
+    from aesearch.tracking.outcomes import Outcome
+    from aesearch.tracking.runs import TRIAL_ID_TAG
+    from aesearch.tracking.search_run import SearchRun
+    from aesearch.tracking.store import Tracking
+
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("closing")
+    parent = client.create_run(experiment).info.run_id
+    runs = SearchRun(uri, "closing", Tracking(uri, experiment, parent, patience_s=0))
+
+    def trial_run(trial_id: str, epochs: int) -> str:
+        run_id = client.create_run(experiment, tags={"mlflow.parentRunId": parent, TRIAL_ID_TAG: trial_id}).info.run_id
+        client.log_batch(run_id, metrics=[Metric("epoch", e, 0, e) for e in range(1, epochs + 1)])
+        return run_id
+
+    reads = []
+    original = runs.client.get_metric_history
+    runs.client.get_metric_history = lambda *args: reads.append(args) or original(*args)
+    said, stopped, errored = trial_run("a", 2), trial_run("b", 2), trial_run("c", 1)
+    runs.close_trial("a", Outcome("completed"), said, epochs=3, undelivered="")  # the trial: all arrived
+    runs.close_trial("b", Outcome("stopped", 3), stopped, epochs=3)  # ASHA stopped it: it could not say
+    runs.close_trial("c", Outcome("errored"), None)  # errored before its first report: found by its trial id
+    assert reads == [(stopped, "epoch"), (errored, "epoch")]
+    tags = {run_id: client.get_run(run_id).data.tags for run_id in (said, stopped, errored)}
+    assert "tracking" not in tags[said] and tags[stopped]["tracking"] == "incomplete: no metrics for epoch(s) 3"
+    assert [client.get_run(r).info.status for r in (said, stopped, errored)] == ["FINISHED", "FINISHED", "FAILED"]
+    assert tags[errored]["aesearch.outcome"] == "errored" and "tracking" not in tags[errored]
+
+
 def test_the_store_is_the_flag_else_the_environment_else_sqlite_in_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -32,7 +32,6 @@ from aesearch.results.tables import (
     pareto_front_table,
     relative_gap,
     seed_summary,
-    trial_table,
 )
 from aesearch.search.leaderboard import kept_loss, tie_at_the_top
 from aesearch.tracking.outcomes import counted
@@ -66,7 +65,7 @@ def build_report(record: SearchRecord) -> Report:
     from aesearch.results import plots
 
     metric, mode = record.objective
-    trials = trial_table(record.runs, metric)
+    trials = record.trials
     board = leaderboard(trials, record.objectives)
     importance = importances(board, record.space, mode)
     asha = asha_summary(trials, record.search.get("params", {}))

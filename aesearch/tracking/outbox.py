@@ -44,9 +44,14 @@ class Outbox:
 
     `in_background`: a thread of its own delivers, so that the sender does not wait for the server
     (the search driver, whose every wait delays the next trial); `flush` and `deliver` then wait for
-    what it is delivering. Errors other than the server not answering go to `on_error`, required then."""
+    what it is delivering. Errors other than the server not answering go to `on_error`, required then.
+    `most_waiting` (in the background): a send that finds more records waiting waits until they are
+    delivered. A sender faster than the server (trials ending faster than their runs are closed)
+    otherwise piles up records without bound, and every wait for them (each save of the search state)
+    grows with the pile: at 10,000 trials, minutes."""
 
-    def __init__(self, retry_every_s: float = 5.0, on_error: Any = None, in_background: bool = False):
+    def __init__(self, retry_every_s: float = 5.0, on_error: Any = None, in_background: bool = False,
+                 most_waiting: int | None = None):
         self.pending: list[tuple[str, Any]] = []  # (what, a call that delivers it)
         self.on_error = on_error  # given: other errors are handed to it (and the item dropped), not raised
         self.retry_every_s = retry_every_s
@@ -55,6 +60,7 @@ class Outbox:
         self.seconds = 0.0  # time spent delivering (and waiting for the server)
         self.delivering = threading.Lock()  # one deliverer at a time: the order is kept
         self.wake: threading.Event | None = None
+        self.most_waiting = most_waiting
         if in_background:
             if on_error is None:
                 raise ValueError("a background outbox cannot raise into its sender: give it on_error")
@@ -63,8 +69,8 @@ class Outbox:
 
     def send(self, what: str, deliver: Any) -> None:
         self.pending.append((what, deliver))
-        if self.wake is None:
-            self.flush()
+        if self.wake is None or self.most_waiting is not None and len(self.pending) > self.most_waiting:
+            self.flush()  # here; in the background, after what the thread is delivering
         else:
             self.wake.set()
 

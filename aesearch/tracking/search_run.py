@@ -113,14 +113,17 @@ class SearchRun:
         self.tracking = Tracking(self.uri, experiment_id, run_id, patience_s, batch_s)
         return self.tracking
 
-    def trial_runs(self, running_only: bool = False) -> dict[str, Any]:
+    def trial_runs(self, running_only: bool = False, trial_id: str | None = None) -> dict[str, Any]:
         """Ray trial id -> its MLflow run, for every trial run of this search (`running_only`: those
-        still RUNNING). Listing runs reads them whole: ~3-5 ms per run on the embedded store."""
+        still RUNNING; `trial_id`: that trial's only). Listing runs reads them whole: ~3-5 ms per run on
+        the embedded store."""
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         wanted = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.tracking.parent_run_id}'"
         if running_only:
             wanted += " and attributes.status = 'RUNNING'"
+        if trial_id is not None:
+            wanted += f" and tags.`{TRIAL_ID_TAG}` = '{trial_id}'"
         found, token = {}, None
         while True:
             page = self.client.search_runs([self.tracking.experiment_id], filter_string=wanted,
@@ -131,16 +134,20 @@ class SearchRun:
                 return found
 
     def close_trial(self, trial_id: str, outcome: Outcome, run_id: str | None = None, epochs: int = 0,
-                    undelivered: str = "") -> None:
+                    undelivered: str | None = None) -> None:
         """Give a trial's run its outcome and a terminal status (FINISHED, or FAILED if it errored), and
-        say so on the run (tag `tracking`) if records of its `epochs` never reached the server."""
+        say so on the run (tag `tracking`) if records of its `epochs` never reached the server.
+        `undelivered`: what the trial itself said did not reach the server ('' nothing: every record
+        did); None where it could not say (stopped, errored): the run's epochs are then read to see."""
         if run_id is None:  # it errored before its first report
-            run = self.trial_runs().get(trial_id)
+            run = self.trial_runs(trial_id=trial_id).get(trial_id)
             if run is None:  # ... or before it could open its run
                 return
             run_id = run.info.run_id
-        logged = {m.step for m in self.client.get_metric_history(run_id, "epoch")}
-        missing = sorted(set(range(1, epochs + 1)) - logged)
+        missing = []
+        if undelivered is None:
+            logged = {m.step for m in self.client.get_metric_history(run_id, "epoch")}
+            missing = sorted(set(range(1, epochs + 1)) - logged)
         gaps = [undelivered] if undelivered else []
         if missing:
             gaps.append(f"no metrics for epoch(s) {', '.join(map(str, missing))}")
