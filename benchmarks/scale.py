@@ -6,6 +6,8 @@
     uv run python benchmarks/scale.py --quick --stack sqlite-server --stack production  # side by side
     uv run python benchmarks/scale.py --workload bookkeeping --trials 1000 --nodes 32    # 32 Ray nodes
     uv run python benchmarks/scale.py --workload bookkeeping --trials 200 --autoscale 8  # nodes come and go
+    uv run python benchmarks/scale.py --workload bookkeeping --kill-at 5000              # the driver killed, resumed
+    uv run python benchmarks/scale.py --workload bookkeeping --trials 600 --trace-memory # where its memory is
 
 Every trial is simulated (`simulate:` in the search space, aesearch.training.simulated): the same
 trial function, reports, checkpoints, MLflow writes and driver callbacks as a real trial, but an
@@ -45,6 +47,12 @@ a head with no CPU for trials, as a real head, and N - 1 worker nodes with logic
 trials wait while nodes come up, and the cluster is watched after the search until it has scaled back.
 Each cluster has token authentication on, its own token and its own session folder, and is stopped
 through its own handles.
+
+`--kill-at N` runs the driver as `aesearch search` in a process of its own, on a Ray head of its own
+(which outlives it, as a cluster does), kills it (SIGKILL) once N trial runs are FINISHED in MLflow,
+resumes it with `--resume`, and checks that every trial ended once: in the leaderboard, as a FINISHED
+run, with its results once. `--trace-memory` runs the driver under tracemalloc and prints where its
+memory is held per trial at the end of the trials (slow: for a few hundred trials).
 
 On a server stack it also prints the MLflow requests' latency (p50/p99) and errors, timed by their
 clients: every process of the search (driver, trial actors) runs benchmarks/request_timer/
