@@ -101,6 +101,41 @@ def test_a_trial_run_is_closed_with_its_gaps_read_from_the_store_only_where_the_
     assert tags[errored]["aesearch.outcome"] == "errored" and "tracking" not in tags[errored]
 
 
+def test_a_trial_closes_its_own_run_once_all_arrived_and_the_driver_removes_checkpoints_without_reading(
+        tmp_path, digits):
+    """The driver does two requests less for each trial that completes or diverges (the trial closes its
+    own run, only once every record arrived), and removes a trial's checkpoints where the trial said its
+    artifacts are, reading nothing first (at thousands of trials, these were most of the driver's requests)."""
+    from aesearch.tracking.outcomes import Outcome
+    from aesearch.tracking.search_run import SearchRun
+    from aesearch.tracking.store import Tracking
+
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("own")
+    tracking = Tracking(uri, experiment, client.create_run(experiment).info.run_id, patience_s=0)
+    run = TrialRun.for_trial(tracking, "t1", "1", make_config(epochs=2), digits, "node")
+    assert run.artifact_uri == client.get_run(run.run_id).info.artifact_uri
+    assert not run.close(Outcome("completed"), undelivered="metrics of step 2")  # left to the driver
+    assert client.get_run(run.run_id).info.status == "RUNNING"
+    assert run.close(Outcome("diverged", 2), undelivered="")
+    closed = client.get_run(run.run_id)
+    assert closed.info.status == "FINISHED" and "tracking" not in closed.data.tags
+    assert Outcome.from_tags(closed.data.tags) == Outcome("diverged", 2)
+
+    (tmp_path / "best.pt").write_bytes(b"weights")
+    client.log_artifact(run.run_id, str(tmp_path / "best.pt"), "checkpoints")
+    runs = SearchRun(uri, "own", tracking)
+    reads = []
+    for name in ("get_run", "list_artifacts"):
+        original = getattr(runs.client, name)
+        setattr(runs.client, name, lambda *args, original=original, name=name: reads.append(name) or original(*args))
+    runs.remove_checkpoints(run.run_id, run.artifact_uri)
+    runs.remove_checkpoints(run.run_id, run.artifact_uri)  # once more: nothing there, nothing raised
+    assert reads == [] and client.list_artifacts(run.run_id, "checkpoints") == []
+    assert client.get_run(run.run_id).data.tags["checkpoints"].startswith("removed: not among the search's best")
+
+
 def test_the_store_is_the_flag_else_the_environment_else_sqlite_in_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -340,7 +340,7 @@ def _open_run(uri: str, trial: Trial, config, tags: dict[str, str]) -> _OpenRun:
     store = client(uri)
     tags = {ROLE_TAG: "reproduction", REPRODUCES_TAG: trial.run_id, MLFLOW_PARENT_RUN_ID: trial.run_id,
             **trial_tags(config), **tags}
-    return _OpenRun(store, create_run(store, trial.experiment_id, f"reproduce-{trial.name}", tags, config))
+    return _OpenRun(store, create_run(store, trial.experiment_id, f"reproduce-{trial.name}", tags, config).run_id)
 
 
 # --- what the user sees -------------------------------------------------------------------------

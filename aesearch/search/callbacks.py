@@ -22,7 +22,7 @@ from aesearch.search.space import (
     SearchSpace,
 )
 from aesearch.search.storage import prune_checkpoints, remove_stored_checkpoints
-from aesearch.search.trial import UNDELIVERED
+from aesearch.search.trial import CLOSED, UNDELIVERED
 from aesearch.tracking.outbox import Outbox, describe_error, is_unreachable
 from aesearch.tracking.outcomes import Outcome, is_finite_number
 from aesearch.tracking.search_run import SearchRun
@@ -119,8 +119,9 @@ MOST_WAITING = 64  # records to MLflow (~2 per trial that ends) the driver goes 
 
 
 class RunCloser(Callback):
-    """Gives each trial's MLflow run its outcome and terminal status as soon as Tune is done with it
-    (the trial itself cannot: ASHA stops it between two epochs), and what went wrong: each failed
+    """Gives each trial's MLflow run its outcome and terminal status as soon as Tune is done with it,
+    unless the trial closed it itself (it completed or diverged: `CLOSED` in its last report; one that
+    ASHA stopped between two epochs or that errored cannot), and what went wrong: each failed
     attempt's traceback, and epochs whose records never reached the server. And keeps checkpoints for
     the best `budget.keep_checkpoints` finished trials only, in trial storage and in MLflow: each time
     a trial ends, the finished trials that are not (or no longer) among the best K lose theirs (errored
@@ -156,10 +157,11 @@ class RunCloser(Callback):
             checkpoint = trial.checkpoint
             self.outbox.send(f"the best checkpoint of trial {trial.trial_id}",
                              lambda: self.runs.log_best_checkpoint(run_id, checkpoint))
-        # A diverged trial's last epoch has no metrics by design: its loss was not a number.
-        epochs = int(last.get("epoch", 0)) - (1 if ended.kind == "diverged" else 0)
-        self.outbox.send(f"the outcome of trial {trial.trial_id}", lambda: self.runs.close_trial(
-            trial.trial_id, ended, run_id, epochs, last.get(UNDELIVERED)))
+        if not last.get(CLOSED):  # else the trial closed its run itself, with this very outcome
+            # A diverged trial's last epoch has no metrics by design: its loss was not a number.
+            epochs = int(last.get("epoch", 0)) - (1 if ended.kind == "diverged" else 0)
+            self.outbox.send(f"the outcome of trial {trial.trial_id}", lambda: self.runs.close_trial(
+                trial.trial_id, ended, run_id, epochs, last.get(UNDELIVERED)))
         self._drop_checkpoints_outside_the_best(trials, trial)
 
     def _drop_checkpoints_outside_the_best(self, trials, ended) -> None:
@@ -181,8 +183,9 @@ class RunCloser(Callback):
             trial = candidates[trial_id]
             try:
                 remove_stored_checkpoints(trial.storage.storage_filesystem, trial.storage.trial_fs_path)
-                if last_results[trial_id].get("mlflow_run_id"):
-                    self.runs.remove_checkpoints(last_results[trial_id]["mlflow_run_id"])
+                last = last_results[trial_id]
+                if last.get("mlflow_run_id"):
+                    self.runs.remove_checkpoints(last["mlflow_run_id"], last.get("mlflow_artifact_uri"))
             except Exception as error:
                 if is_unreachable(error):
                     raise  # the outbox tries again later

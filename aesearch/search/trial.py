@@ -33,7 +33,7 @@ from aesearch.search.space import (
     trial_config,
 )
 from aesearch.search.storage import storage_unreachable
-from aesearch.tracking.outcomes import REPORTED
+from aesearch.tracking.outcomes import REPORTED, Outcome
 from aesearch.tracking.runs import TrialRun, log_invalid_trial
 from aesearch.tracking.store import Tracking
 from aesearch.training.checkpoints import BEST_FILE, load_checkpoint
@@ -43,6 +43,7 @@ from aesearch.training.trainer import EpochEnd, train
 CHECKPOINT_FILE = "checkpoint.pt"  # the run at the epoch reported
 STORAGE_RETRY_S = 2.0  # how often a report waits for storage that does not answer
 UNDELIVERED = "tracking/undelivered"  # a trial's report: what never reached the tracking server ('' if all did)
+CLOSED = "tracking/closed"  # a trial's last report: 1.0 where the trial closed its run itself (TrialRun.close)
 
 
 class TuneReporter:
@@ -100,6 +101,11 @@ def trial_number(trial_dir: str, trial_id: str) -> str:
     return found.group(1) if found else trial_id
 
 
+def closed_by_the_trial(run: TrialRun, last: dict[str, Any]) -> dict[str, Any]:
+    """The trial's last report, its run closed first with the outcome the driver would read from it."""
+    return {**last, CLOSED: float(run.close(Outcome.from_report(last), last[UNDELIVERED]))}
+
+
 def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: Tracking,
               faults: list[Fault], servers: list[Any] | None = None) -> None:
     """The Ray Tune trainable: one trial of the search, trained by the one trainer (here, or by a
@@ -128,7 +134,8 @@ def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: 
     if space.simulate is not None:
         run.set_tag("simulated", f"a synthetic learning curve, {space.simulate.seconds_per_epoch:g} s per epoch: "
                     "nothing was trained")
-    extra = {"family": variant_family(config), "node": node, "mlflow_run_id": run.run_id}
+    extra = {"family": variant_family(config), "node": node, "mlflow_run_id": run.run_id,
+             "mlflow_artifact_uri": run.artifact_uri}
     reporter = TuneReporter(extra, config.epochs, run.log_epoch, space.budget.storage_patience_s)
     resume_state = None
     checkpoint = tune.get_checkpoint()
@@ -152,16 +159,16 @@ def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: 
         else:
             result = train(config, data, on_epoch, resume_from=resume_state)
     except DivergedError as error:
-        reporter.report({"epoch": float(error.epoch), **worst, REPORTED["diverged"]: 1.0,
-                         UNDELIVERED: run.wait_for_server()})
+        diverged = {"epoch": float(error.epoch), **worst, REPORTED["diverged"]: 1.0, UNDELIVERED: run.wait_for_server()}
+        reporter.report(closed_by_the_trial(run, diverged))
         return
     except SystemExit:  # Tune stopped the trial (ASHA) inside a report: what waits may still reach the server
         run.wait_for_server()
         raise
-    # Before the last report: the driver closes the run on it.
-    undelivered = run.finish(result, reporter.best_file)
-    final = {**result.history[-1], **result.metrics, REPORTED["completed"]: 1.0, "time/tracking_seconds": run.seconds,
-             UNDELIVERED: undelivered}
+    final = {**result.history[-1], **result.metrics, REPORTED["completed"]: 1.0,
+             UNDELIVERED: run.finish(result, reporter.best_file)}
+    final = closed_by_the_trial(run, final)
+    final["time/tracking_seconds"] = run.seconds
     if reporter.held is None:  # resumed after the last epoch: nothing left to train
         reporter.report(final)
         return

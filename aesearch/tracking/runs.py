@@ -9,8 +9,9 @@
 
 A trial logs its own run from inside the trial (`TrialRun`), the only thing that writes it; a
 trial restored from a checkpoint finds its run again by its Ray trial id and goes on in it. The
-driver (`search_run.SearchRun`) owns the parent run and gives every child run its outcome and
-terminal status when Tune is done with the trial, so no run is left "running" after a search.
+driver (`search_run.SearchRun`) owns the parent run. A trial whose outcome is its own (it completed
+or diverged) closes its run itself; the driver gives every other child run its outcome and terminal
+status when Tune is done with the trial, so no run is left "running" after a search.
 This module holds the trial's side and the names and tags every run shares; where the store is,
 see `store`.
 """
@@ -31,6 +32,7 @@ from aesearch.config import TrainConfig, variant_family
 from aesearch.parts.data import IMAGE
 from aesearch.schema import flatten
 from aesearch.tracking.outbox import Outbox, patiently
+from aesearch.tracking.outcomes import Outcome
 from aesearch.tracking.store import MLFLOW_BATCH, Tracking, client
 from aesearch.training.checkpoints import BEST_CHECKPOINT
 
@@ -139,17 +141,30 @@ def dataset_input(data: Data, context: str) -> Any:
     return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
 
 
-def create_run(mlflow: MlflowClient, experiment_id: str, name: str, tags: dict[str, str], config: TrainConfig) -> str:
+def create_run(mlflow: MlflowClient, experiment_id: str, name: str, tags: dict[str, str], config: TrainConfig) -> Any:
     """A new run holding the resolved config: as flattened params (the same names for every
-    variant) and as `config.yaml`."""
+    variant) and as `config.yaml`. Returns its `RunInfo`."""
     from mlflow.entities import Param
 
-    run_id = mlflow.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    info = mlflow.create_run(experiment_id, run_name=name, tags=tags).info
+    run_id = info.run_id
     params = [Param(k, as_param(v)) for k, v in flatten(config.model_dump(mode="json")).items()]
     for start in range(0, len(params), MLFLOW_BATCH):
         mlflow.log_batch(run_id, params=params[start : start + MLFLOW_BATCH], synchronous=True)
     mlflow.log_text(run_id, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
-    return run_id
+    return info
+
+
+def close_run(mlflow: MlflowClient, run_id: str, outcome: Outcome, gaps: list[str] | None = None,
+              status: str | None = None) -> None:
+    """A trial run's end, written one way by whoever closes it (the trial, or the driver where the trial
+    could not): its outcome, and what never reached the server (`gaps`), as tags in one request, then its
+    terminal status (by default FAILED if it errored, else FINISHED)."""
+    from mlflow.entities import RunTag
+
+    tags = outcome.tags() | ({INCOMPLETE_TAG: "incomplete: " + "; ".join(gaps)} if gaps else {})
+    mlflow.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+    mlflow.set_terminated(run_id, status=status or ("FAILED" if outcome.kind == "errored" else "FINISHED"))
 
 
 class TrialRun:
@@ -159,8 +174,9 @@ class TrialRun:
     `Outbox`: a tracking server that stops answering delays the records, not the training."""
 
     def __init__(self, mlflow: MlflowClient, run_id: str, config: TrainConfig, data: Data, logged_through: int = 0,
-                 attempt: int = 1, patience_s: float = 60.0, batch_s: float = 0.0):
+                 attempt: int = 1, patience_s: float = 60.0, batch_s: float = 0.0, artifact_uri: str = ""):
         self.client, self.run_id, self.config, self.data = mlflow, run_id, config, data
+        self.artifact_uri = artifact_uri  # where its artifacts are: the driver removes checkpoints there unread
         self.logged_through = logged_through  # epochs already in the run (a restored trial)
         self.attempt = attempt  # 1, then 2, 3... each time the trial is retried or resumed
         self.patience_s = patience_s  # how long `finish` waits for an unreachable server (a search: its budget's)
@@ -170,12 +186,12 @@ class TrialRun:
         # reconstructions drawn during training: images only (a vector's figures come at the end)
         self.draw_at = image_epochs(config.epochs) if data.spec.modality == IMAGE else set()
         self.outbox = Outbox()
-        self.open_seconds = 0.0  # finding or creating the run
+        self.direct_seconds = 0.0  # requests outside the outbox: opening the run, closing it
 
     @property
     def seconds(self) -> float:
         """Time spent on the tracking server (not drawing pictures): benchmarks/ reads it."""
-        return self.open_seconds + self.outbox.seconds
+        return self.direct_seconds + self.outbox.seconds
 
     @classmethod
     def for_trial(
@@ -185,7 +201,7 @@ class TrialRun:
         A trial that starts while the server does not answer waits for it (up to the patience)."""
         started = time.perf_counter()
         run = patiently(lambda: cls._open(tracking, trial_id, number, config, data, node), tracking.patience_s)
-        run.open_seconds = time.perf_counter() - started
+        run.direct_seconds = time.perf_counter() - started
         return run
 
     @classmethod
@@ -198,9 +214,10 @@ class TrialRun:
 
             tags |= {MLFLOW_PARENT_RUN_ID: tracking.parent_run_id, ROLE_TAG: "trial", TRIAL_ID_TAG: trial_id,
                      TRIAL_NUMBER_TAG: number, ATTEMPT_TAG: "1", **trial_tags(config)}
-            run_id = create_run(mlflow, tracking.experiment_id, run_name(config, number), tags, config)
-            mlflow.log_inputs(run_id, [dataset_input(data, "training")])
-            return cls(mlflow, run_id, config, data, patience_s=tracking.patience_s, batch_s=tracking.batch_s)
+            info = create_run(mlflow, tracking.experiment_id, run_name(config, number), tags, config)
+            mlflow.log_inputs(info.run_id, [dataset_input(data, "training")])
+            return cls(mlflow, info.run_id, config, data, patience_s=tracking.patience_s, batch_s=tracking.batch_s,
+                       artifact_uri=info.artifact_uri)
         run_id = existing.info.run_id
         attempt = int(existing.data.tags.get(ATTEMPT_TAG, "1")) + 1
         mlflow.update_run(run_id, status="RUNNING")
@@ -208,7 +225,8 @@ class TrialRun:
         for key, value in {**tags, ATTEMPT_TAG: str(attempt)}.items():
             mlflow.set_tag(run_id, key, value)
         return cls(mlflow, run_id, config, data, logged_through=max((m.step for m in logged), default=0),
-                   attempt=attempt, patience_s=tracking.patience_s, batch_s=tracking.batch_s)
+                   attempt=attempt, patience_s=tracking.patience_s, batch_s=tracking.batch_s,
+                   artifact_uri=existing.info.artifact_uri)
 
     def set_tag(self, key: str, value: str) -> None:
         self.outbox.send(f"tag {key}", lambda: self.client.set_tag(self.run_id, key, value))
@@ -268,6 +286,22 @@ class TrialRun:
         if best_checkpoint is not None and best_checkpoint.is_file():
             self.outbox.send_file(best_checkpoint, Path(BEST_CHECKPOINT).parent.as_posix(), self.client, self.run_id)
         return self.wait_for_server()
+
+    def close(self, outcome: Outcome, undelivered: str) -> bool:
+        """A trial whose outcome is its own (it completed, or diverged) closes its run before its last
+        report, which says so (`closed`): the driver, one process for every trial of the search, is
+        spared two requests per trial. Only once every record arrived (`undelivered` is ''), and never
+        for a failed request: the driver then closes the run, after waiting out the server."""
+        if undelivered:
+            return False
+        started = time.perf_counter()
+        try:
+            close_run(self.client, self.run_id, outcome)
+        except Exception:  # whatever went wrong, the driver closes it
+            return False
+        finally:
+            self.direct_seconds += time.perf_counter() - started
+        return True
 
     def wait_for_server(self) -> str:
         """Deliver what waits (up to the patience); returns what could not be delivered ('' if nothing)."""
