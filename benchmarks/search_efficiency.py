@@ -245,6 +245,7 @@ def main() -> None:
           f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
     curves: dict[str, list[np.ndarray]] = {method: [] for method in methods}
     ratios: dict[str, list[float]] = {method: [] for method in methods}
+    finals: dict[str, list[float]] = {method: [] for method in methods}  # each seed's final / random's
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         with tempfile.TemporaryDirectory() as folder:
             runs = {method: cached_run(args, method, seed, Path(folder)) for method in methods}
@@ -258,6 +259,7 @@ def main() -> None:
             near = first_reaching(curve, final * (0.99 if better == "max" else 1.01), better)
             ratio = random_reached / exact if exact else 0.0
             ratios[method].append(ratio)
+            finals[method].append(curve[-1] / final)
             print(f"  {method:<18} {len(curve):5d} epochs, {wall:5.0f} s, final {curve[-1]:.5g}; reached random's "
                   f"final at {exact or '-':>5} epochs (within 1%: {near or '-':>5}); random's epochs to it / these "
                   f"{ratio:.2f}x", flush=True)
@@ -266,6 +268,12 @@ def main() -> None:
           "epochs to it (0: never reached):")
     for method, values in ratios.items():
         print(f"  {method:<18} {statistics.median(values):.2f}x  (seeds: {', '.join(f'{v:.2f}' for v in values)})")
+    print(f"per method: seeds in which it never reached random's final {target}; the median of its final "
+          f"{target} / random's; the median of the epochs it trained:")
+    for method, values in ratios.items():
+        print(f"  {method:<18} never in {sum(v == 0 for v in values)} of {len(values)}; final "
+              f"{statistics.median(finals[method]):.2f}x random's; "
+              f"{statistics.median(len(curve) for curve in curves[method]):.0f} epochs")
     print("share of the seeds in which each method reached it at least 3x sooner (the issue's goal: >= 80% for "
           "tpe+asha):")
     for method, values in ratios.items():
