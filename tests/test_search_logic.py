@@ -23,7 +23,7 @@ from aesearch.metrics import (
 )
 from aesearch.results.reproduce import OTHER_DEVICE_TYPE, allowed, compared
 from aesearch.results.tables import leaderboard as report_leaderboard
-from aesearch.search.callbacks import progress_counts
+from aesearch.search.callbacks import Progress, progress_counts
 from aesearch.search.leaderboard import format_leaderboard, leaderboard, nothing_ran, outside_the_best, rank
 from aesearch.search.space import parse_space
 from aesearch.search.staging import StartClaim
@@ -118,6 +118,26 @@ def test_the_last_progress_line_counts_a_trial_tune_is_ending_as_ended():
                                                 "0 errored")
     assert progress_counts({"a": "RUNNING", "b": "PENDING", "c": "ERROR"}, {"c": "errored"}) == (
         "1 running, 1 pending, 0 completed, 0 stopped early, 0 diverged, 1 errored")
+
+
+def test_thousands_of_trials_ending_at_once_print_a_line_a_second_and_the_search_its_last(capsys):
+    """Each progress line counts every trial: one per trial that ends would be thousands of lines, each
+    slower than the last. A line a second at most, and one when the search ends (Tune's cleanup)."""
+    class Trial:
+        def __init__(self, number: int):
+            self.trial_id, self.status, self.last_result = f"t{number}", "RUNNING", {REPORTED["completed"]: 1.0}
+
+    progress = Progress(SPACE)
+    progress.setup()
+    trials = [Trial(i) for i in range(2000)]
+    for trial in trials:
+        progress.on_trial_complete(0, trials, trial)
+        trial.status = "TERMINATED"
+    lines = capsys.readouterr().err.splitlines()
+    assert 1 <= len(lines) <= 3  # the first, and one a second while 2,000 trials end
+    progress.on_experiment_end(trials)
+    (last,) = capsys.readouterr().err.splitlines()
+    assert "] 0 running, 0 pending, 2000 completed, 0 stopped early" in last
 
 
 def test_the_catalogue_knows_every_metric_a_search_ranks_on_and_how_to_compare_them():

@@ -42,7 +42,9 @@ class FirstReport(Callback):
 
 
 class Progress(Callback):
-    """Live progress on the terminal: trials by state, and the best so far.
+    """Live progress on the terminal: trials by state, and the best so far; a line when a trial ends
+    or fails (at most one a second: a search of thousands of short trials would print thousands of
+    lines, each counting every trial), every 10 s otherwise, and a last one when the search ends.
 
     It is saved with the search (Ray pickles the run's callbacks) and restored on --resume,
     so it holds no open stream and starts its counts afresh in `setup`.
@@ -69,6 +71,10 @@ class Progress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.ended[trial.trial_id] = Outcome.from_report(trial.last_result or {}).kind
+        if time.monotonic() - self.last_line > 1:
+            self._line(trials)
+
+    def on_experiment_end(self, trials, **info):
         self._line(trials)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
@@ -77,7 +83,8 @@ class Progress(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._failed(trial, "errored")
         self.ended[trial.trial_id] = "errored"
-        self._line(trials)
+        if time.monotonic() - self.last_line > 1:
+            self._line(trials)
 
     def _failed(self, trial, then: str) -> None:
         """A line for each failed attempt: what failed it (an exception, a lost node, a memory kill)."""
