@@ -64,6 +64,7 @@ table puts their figures side by side.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import io
 import json
@@ -507,6 +508,35 @@ class CpuPhases(Phases):
         return self.cpu[at][0] - self.cpu[at - 1][0], self.cpu[at][1] - self.cpu[at - 1][1]
 
 
+class GcTimes:
+    """The driver's time in Python's garbage collector, by generation (gc.callbacks): a full collection
+    walks every object the driver holds, which grow with the trials."""
+
+    def __init__(self):
+        self.seconds, self.counts, self.longest = [0.0] * 3, [0] * 3, 0.0
+        self.started_at: float | None = None
+
+    def __enter__(self) -> GcTimes:
+        gc.callbacks.append(self.callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self.callback)
+
+    def callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.started_at = time.perf_counter()
+        elif self.started_at is not None:
+            took = time.perf_counter() - self.started_at
+            self.seconds[info["generation"]] += took
+            self.counts[info["generation"]] += 1
+            self.longest = max(self.longest, took)
+
+    def line(self) -> str:
+        return (", ".join(f"generation {g}: {n:,} collections, {t:.1f} s" for g, (n, t) in
+                          enumerate(zip(self.counts, self.seconds))) + f"; the longest {self.longest * 1e3:.0f} ms")
+
+
 TRACED_FRAMES = 12  # deep enough to reach, from an allocation in a library, the code that holds it
 
 
@@ -760,7 +790,7 @@ def measure(workload: Workload, stack: Stack, cluster: RayNodes | None = None, t
     servers_before = stack.server_cpu()
     memory_before = used_memory()
     before, started = driver_cpu_seconds(), time.perf_counter()
-    with Probe(cluster) as probe:
+    with Probe(cluster) as probe, GcTimes() as collected:
         board = search(space, options, phases)
     wall, cpu = time.perf_counter() - started, driver_cpu_seconds() - before
     scaled_back = scale_back(cluster) if cluster else None
@@ -803,6 +833,7 @@ def measure(workload: Workload, stack: Stack, cluster: RayNodes | None = None, t
     print(f"  results        {results} reported, {len(times)} in MLflow ('epoch' rows); {results / tune_time:.1f}/s "
           f"from the first trial's start, {sustained:.1f}/s from the first logged to the last")
     print(f"  Optuna ask     {ask_latencies(probe.asks)}")
+    print(f"  driver's GC    {collected.line()} (wall time, all of search())")
     print(f"  ramp-up        {full} trials started {ramp:.1f} s after the first (MLflow run start times)")
     print(f"  driver memory  {growth_per_trial(probe.asks)}")
     if phases.memory_at_end_of_trials is not None:

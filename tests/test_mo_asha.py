@@ -16,7 +16,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from aesearch.pareto import nondominated_ranks
 from aesearch.search.driver import SCHEDULERS
-from aesearch.search.mo_asha import MultiObjectiveASHA, SeededASHA, bracket_milestones, pick_bracket
+from aesearch.search.mo_asha import FIFO, MultiObjectiveASHA, SeededASHA, bracket_milestones, pick_bracket
 from aesearch.search.space import SearchSpace
 from tests.searching import TOGETHER, Together
 
@@ -255,7 +255,7 @@ TUNE_RUN = """
 import json, sys
 import ray
 from ray import tune
-from aesearch.search.mo_asha import MultiObjectiveASHA, SeededASHA, bracket_milestones, pick_bracket
+from aesearch.search.mo_asha import FIFO, MultiObjectiveASHA, SeededASHA, bracket_milestones, pick_bracket
 
 curves = {"front_loss": (1.0, 4.0), "front_size": (4.0, 1.0), "dominated": (5.0, 5.0), "worst": (6.0, 6.0)}
 
@@ -295,3 +295,39 @@ def test_a_tune_run_stops_the_dominated_trials_early(together):
     tuner_state = ray.cloudpickle.loads((folder / "results" / "mo_asha" / "tuner.pkl").read_bytes())
     restored = tuner_state["_tune_config"].scheduler
     assert isinstance(restored, MultiObjectiveASHA) and all(not recorded for _, recorded in restored._rungs)
+
+
+def test_the_next_trial_to_run_is_fifos_read_from_the_first_trial_that_has_not_ended():
+    """Ray's FIFOScheduler reads every trial at each step of Tune's loop; a search's schedulers skip the
+    trials that ended before the first one that has not, and choose as FIFO does."""
+    class Read:  # a trial whose status is counted as it is read
+        reads = 0
+
+        def __init__(self, status):
+            self._status = status
+
+        @property
+        def status(self):
+            Read.reads += 1
+            return self._status
+
+    class Controller:
+        def __init__(self, trials):
+            self.trials = trials
+
+        def get_trials(self):
+            return self.trials
+
+    ended = [Read(Trial.TERMINATED) for _ in range(1000)] + [Read(Trial.ERROR)]
+    straggler, waiting, paused = Read(Trial.RUNNING), Read(Trial.PENDING), Read(Trial.PAUSED)
+    controller = Controller([*ended, straggler, Read(Trial.TERMINATED), paused, waiting])
+    for scheduler in (FIFO(), SeededASHA(seed=0, metric="m", mode="min"),
+                      MultiObjectiveASHA(["a", "b"], ["min", "min"])):
+        assert scheduler.choose_trial_to_run(controller) is waiting  # PENDING first, as FIFO
+        Read.reads = 0
+        assert scheduler.choose_trial_to_run(controller) is waiting
+        assert Read.reads <= 5  # not the 1,001 that ended before the straggler
+    waiting._status = Trial.RUNNING
+    assert FIFO().choose_trial_to_run(controller) is paused  # then the first PAUSED
+    straggler._status = paused._status = Trial.TERMINATED
+    assert FIFO().choose_trial_to_run(controller) is None

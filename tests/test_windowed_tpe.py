@@ -90,3 +90,44 @@ def test_the_window_is_a_setting_of_the_space():
     assert SAMPLERS["tpe"](several).window == 200
     with pytest.raises(ConfigError, match=r"tpe_window.*100"):
         parse_space({**SPACE, "tpe_window": 10})
+
+
+def test_its_window_is_the_one_that_reading_every_trial_at_each_ask_would_choose():
+    """The window is chosen from the trials that were not over at the last ask and the new ones only
+    (reading every trial at each ask grew with the search): the same trials, in the same order, as the
+    rule read plainly over every trial, through trials that complete, are pruned, fail or run long."""
+    from optuna.samplers._tpe.sampler import _split_trials
+
+    from aesearch.search.windowed_tpe import FINISHED
+
+    def every_trial(sampler, study):
+        trials = study._get_trials(deepcopy=False, use_cache=False)
+        finished = [t for t in trials if t.state in FINISHED]
+        best = _split_trials(study, finished, sampler.good_count(study))[0]
+        if len(finished) <= sampler.window + len(best):
+            return None
+        kept = {t.number for t in finished[-sampler.window:]} | {t.number for t in best}
+        return [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING or t.number in kept]
+
+    sampler = WindowedTPESampler(window=100, seed=0)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    rng, running, chosen = np.random.default_rng(0), [], 0
+    for number in range(600):
+        trial = study.ask()
+        trial.suggest_float("x", 0, 1)
+        running.append(trial)
+        while len(running) > 8 or (running and rng.random() < 0.5):  # some run long, most end soon
+            ending = running.pop(int(rng.integers(len(running))) if rng.random() < 0.8 else 0)
+            fate = rng.random()
+            if fate < 0.1:
+                study.tell(ending, state=optuna.trial.TrialState.FAIL)
+            elif fate < 0.3:
+                ending.report(float(rng.random()), step=1)
+                study.tell(ending, state=optuna.trial.TrialState.PRUNED)
+            else:
+                study.tell(ending, float(rng.random()) + number)  # distinct values: one ranking
+        if number % 7 == 0:
+            window = sampler._choose(study)
+            assert (window and [t.number for t in window]) == every_trial(sampler, study), number
+            chosen += window is not None
+    assert chosen > 50  # most asks past the window's size

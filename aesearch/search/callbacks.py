@@ -12,6 +12,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from ray.tune import Callback
 
@@ -152,6 +153,7 @@ class RunCloser(Callback):
         self.runs = SearchRun(self.tracking.uri, tracking=self.tracking)
         self.outbox = Outbox(on_error=self.warn, in_background=True, most_waiting=MOST_WAITING)
         self.dropped: set[str] = set()  # trials whose checkpoints were removed (in the outbox's thread)
+        self.finished: dict[str, Any] | None = None  # the finished trials still to rank (trial id -> trial)
 
     @staticmethod
     def warn(what: str, error: Exception) -> None:  # a callback that raises would end the search
@@ -173,12 +175,18 @@ class RunCloser(Callback):
 
     def _drop_checkpoints_outside_the_best(self, trials, ended) -> None:
         """On one objective a trial once outside the best K stays outside (the finished trials only
-        grow), so only those not yet dropped are ranked: a trial's end costs the same at any size. With
-        several, a trial's Pareto rank depends on every other trial: all are ranked. The ranking runs
-        in the outbox's thread, on the last reports as they are now."""
-        single = len(self.metrics) == 1
-        candidates = {t.trial_id: t for t in trials if (t.status == "TERMINATED" or t is ended)
-                      and not (single and t.trial_id in self.dropped)}
+        grow), so only those not yet dropped are ranked, and only they are kept here: a trial's end
+        costs the same at any size (reading every trial's status at each end took 3.5 ms of the
+        driver's loop at 3,000 trials). With several objectives, a trial's Pareto rank depends on every
+        other trial: all are ranked. The ranking runs in the outbox's thread, on the last reports as
+        they are now."""
+        if self.finished is None:  # the first end since the search (re)started: what a resumed search had
+            self.finished = {t.trial_id: t for t in trials if t.status == "TERMINATED"}
+        self.finished[ended.trial_id] = ended
+        if len(self.metrics) == 1:
+            for trial_id in [trial_id for trial_id in self.finished if trial_id in self.dropped]:
+                del self.finished[trial_id]
+        candidates = dict(self.finished)
         last_results = {trial_id: t.last_result or {} for trial_id, t in candidates.items()}
         self.outbox.send("the checkpoints of the trials outside the best",
                          lambda: self._drop_outside_the_best(candidates, last_results))

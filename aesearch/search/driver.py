@@ -28,7 +28,6 @@ import yaml
 from pydantic import ValidationError
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
-from ray.tune.schedulers import FIFOScheduler
 
 from aesearch import settings
 from aesearch.errors import UserError
@@ -42,7 +41,7 @@ from aesearch.parts.data import Data, load_data
 from aesearch.search.callbacks import CheckpointPruner, CompactFinished, FirstReport, Progress, RunCloser
 from aesearch.search.faults import Fault, read_faults
 from aesearch.search.leaderboard import LEADERBOARD_METRICS, NothingRan, leaderboard, nothing_ran
-from aesearch.search.mo_asha import MultiObjectiveASHA, SeededASHA
+from aesearch.search.mo_asha import FIFO, MultiObjectiveASHA, SeededASHA
 from aesearch.search.phases import Phases
 from aesearch.search.ray_api import MarkingOptunaSearch, count_memory_kills_as_trial_failures
 from aesearch.search.ray_cluster import check_reachable, connect
@@ -325,7 +324,7 @@ def asha(space: SearchSpace, metrics: list[str], modes: list[str]):
 SCHEDULERS = {  # space.early_stopping -> Tune's trial scheduler for the search
     "asha": lambda space: asha(space, space.metrics, space.modes),
     "asha_first_objective": lambda space: asha(space, space.metrics[:1], space.modes[:1]),
-    "none": lambda space: FIFOScheduler(),
+    "none": lambda space: FIFO(),
 }
 
 

@@ -37,7 +37,9 @@ class WindowedTPESampler(optuna.samplers.TPESampler):
         super().__init__(**options)
         self.window = window
         self._best: list[FrozenTrial] = []  # the best finished trials so far, TPE's ranking
-        self._ranked: set[int] = set()  # numbers of the finished trials ranked into _best (and grouped)
+        self._finished: list[int] = []  # numbers of the finished trials (ranked into _best, grouped), in order
+        self._looked = 0  # the trials numbered below this were looked at before...
+        self._unsettled: list[int] = []  # ...and these of them were not over yet (running, waiting)
         self._new: list[FrozenTrial] = []  # the trials that finished since the last trial's window
         self._window_of: tuple[int, list[FrozenTrial] | None] = (-1, None)  # (trial number, its window)
 
@@ -67,17 +69,29 @@ class WindowedTPESampler(optuna.samplers.TPESampler):
         return study if kept is None else Window(study, kept)
 
     def _choose(self, study: optuna.Study) -> list[FrozenTrial] | None:
-        """The trials in the window, or None where every trial is."""
+        """The trials in the window, or None where every trial is. Only the trials not over at the last
+        ask and the new ones are looked at (reading every trial at each ask cost ~10 ms at 3,000 trials):
+        Optuna numbers a study's trials 0, 1, 2... and lists them in that order, so a number is a place."""
         trials = study._get_trials(deepcopy=False, use_cache=False)
-        finished = [t for t in trials if t.state in FINISHED]
-        self._new = new = [t for t in finished if t.number not in self._ranked]
+        if trials and trials[-1].number != len(trials) - 1:
+            raise RuntimeError("Optuna no longer lists a study's trials by number: windowed_tpe must read them all")
+        looking = [*self._unsettled, *range(self._looked, len(trials))]  # in order
+        self._looked, self._unsettled, new = len(trials), [], []
+        for number in looking:
+            state = trials[number].state
+            if state in FINISHED:
+                new.append(number)
+            elif state != TrialState.FAIL:  # running or waiting: looked at again at the next ask
+                self._unsettled.append(number)
+        self._new = [trials[number] for number in new]
         if new:  # the best of all = the best of (the best so far and the newly finished)
-            self._best = _split_trials(study, self._best + new, self.good_count(study))[0]
-            self._ranked.update(t.number for t in new)
-        if len(finished) <= self.window + len(self._best):
+            self._best = _split_trials(study, self._best + self._new, self.good_count(study))[0]
+            self._finished = sorted(self._finished + new)
+        if len(self._finished) <= self.window + len(self._best):
             return None
-        kept = {t.number for t in finished[-self.window:]} | {t.number for t in self._best}
-        return [t for t in trials if t.state == TrialState.RUNNING or t.number in kept]
+        kept = set(self._finished[-self.window:]) | {t.number for t in self._best}
+        kept |= {number for number in self._unsettled if trials[number].state == TrialState.RUNNING}
+        return [trials[number] for number in sorted(kept)]
 
 
 class Window:
