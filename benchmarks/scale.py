@@ -24,9 +24,10 @@ the bounds Ray Tune's release tests assert for bare Tune (random search, no trac
   50 results/s x 100 s, bound 120 s).
 
 Per workload: wall against the theoretical minimum (trials x epochs x seconds / concurrency), the
-driver's CPU per trial and per result (getrusage of this process; and in the trials phase alone, beside
-the whole machine's busy CPU then: what each further trial costs), results per second, Optuna's ask
-latency by the number of finished trials, the ramp-up to full concurrency (the trials' MLflow run
+driver's CPU per trial and per result (getrusage of this process, less this script's sampling thread;
+and in the trials phase alone, beside the whole machine's busy CPU then: what each further trial
+costs), results per second, Optuna's ask latency by the number of finished trials, the driver's time
+in Python's garbage collector, the ramp-up to full concurrency (the trials' MLflow run
 start times), the driver's memory growth per finished trial, the size of Tune's experiment-state
 snapshot, every result counted in MLflow's store (its metric rows), a trial actor's memory, and the
 search's quality against the curve's known optimum.
