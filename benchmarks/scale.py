@@ -736,6 +736,9 @@ def bare_actor_memory(folder: Path) -> None:
     if results.errors:
         raise results.errors[0]
     actors = probe.actors.values()
+    if not actors:  # the probe samples every few seconds; a busy machine can miss 3-s trials
+        print("\ncontrol: a bare Tune trial actor: not sampled (its trials ended between the probe's samples)")
+        return
     print(f"\ncontrol: a bare Tune trial actor (ray.tune, mlflow, optuna, pydantic; no torch): RSS "
           f"{max(a['rss'] for a in actors) / 2**20:.0f} MiB, private {max(a['private'] for a in actors) / 2**20:.0f} MiB")
 

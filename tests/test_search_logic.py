@@ -140,6 +140,57 @@ def test_thousands_of_trials_ending_at_once_print_a_line_a_second_and_the_search
     assert "] 0 running, 0 pending, 2000 completed, 0 stopped early" in last
 
 
+def test_a_progress_line_reads_only_the_trials_that_have_not_ended(capsys):
+    """Tune lists every trial of the search; a line counts from the first one that has not ended (at
+    10,000 trials, reading every status each second was 5% of the driver's loop). Trials ended before a
+    resume (TERMINATED, not seen ending) are skipped too, and the counts stay those of every trial."""
+    class Trial:
+        reads = 0
+
+        def __init__(self, number: int, status: str):
+            self.trial_id, self._status, self.last_result = f"t{number}", status, {REPORTED["completed"]: 1.0}
+
+        @property
+        def status(self) -> str:
+            Trial.reads += 1
+            return self._status
+
+    progress = Progress(SPACE)
+    progress.setup()
+    trials = [Trial(i, "TERMINATED") for i in range(1000)] + [Trial(i, "RUNNING") for i in range(1000, 3000)]
+    for trial in trials[1000:2990]:
+        progress.on_trial_complete(0, trials, trial)
+        trial._status = "TERMINATED"
+    trials[2995]._status = "PENDING"
+    Trial.reads = 0
+    progress.on_experiment_end(trials)
+    (last,) = capsys.readouterr().err.splitlines()[-1:]
+    assert "] 9 running, 1 pending, 1990 completed, 0 stopped early" in last
+    assert Trial.reads <= 2 * 10 + 1  # the ten live trials (and the one that stops the skipping), not 3,000
+
+
+def test_the_checkpoint_pruner_takes_at_most_a_twentieth_of_the_drivers_time(monkeypatch):
+    """Pruning reads the stored search state back, which grows with the trials: it runs at a save of
+    the state only once 20 times its last duration has passed."""
+    from aesearch.search import callbacks
+
+    times: list[float] = []  # when it pruned
+
+    def slow_prune(experiment_path: str, pruned: dict | None = None) -> None:
+        times.append(time.monotonic())
+        time.sleep(0.02)
+
+    monkeypatch.setattr(callbacks, "prune_checkpoints", slow_prune)
+    pruner = callbacks.CheckpointPruner("/nowhere")
+    pruner.setup()
+    started = time.monotonic()
+    while time.monotonic() - started < 1.5:  # a save of the search state every 10 ms
+        pruner.get_state()
+        time.sleep(0.01)
+    assert 2 <= len(times) <= 5  # every 0.4 s (0.02 s / 0.05), not at each of ~100 saves
+    assert min(b - a for a, b in zip(times, times[1:])) >= 0.02 / callbacks.PRUNING_SHARE - 0.01
+
+
 def test_the_catalogue_knows_every_metric_a_search_ranks_on_and_how_to_compare_them():
     assert all(lookup(name) is not None and is_epoch_objective(name) for name in ALWAYS_PER_EPOCH + USE_METRICS)
     assert [lookup(name).mode for name in ("val/anomaly_auroc", "val/kmeans_ari", "val/nll", "val/elbo")] == [
