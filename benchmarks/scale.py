@@ -777,7 +777,8 @@ def bare_tune(workload: Workload, folder: Path) -> None:
     print(f"\ncontrol: bare Tune, the same {workload.trials} trials x {workload.epochs} x {workload.seconds:g} s, "
           f"{workload.concurrent} at a time (random search, no tracking)")
     print(f"  wall           {wall:.1f} s in Tuner.fit: {wall / workload.minimum:.2f}x the theoretical minimum "
-          f"{workload.minimum:.1f} s; {workload.trials / wall:.1f} trials/s")
+          f"{workload.minimum:.1f} s; {workload.trials / wall:.1f} trials/s, "
+          f"{workload.trials * workload.epochs / wall:.1f} results/s (the actors' start included)")
     print(f"  driver CPU     {cpu:.1f} s = {cpu / workload.trials * 1e3:.0f} ms per trial; the machine's {machine:.1f} s = "
           f"{machine / workload.trials * 1e3:.0f} ms per trial ({machine / wall:.2f} of {os.cpu_count()} cores busy)")
 

@@ -169,9 +169,9 @@ def test_a_progress_line_reads_only_the_trials_that_have_not_ended(capsys):
     assert Trial.reads <= 2 * 10 + 1  # the ten live trials (and the one that stops the skipping), not 3,000
 
 
-def test_the_checkpoint_pruner_takes_at_most_a_twentieth_of_the_drivers_time(monkeypatch):
+def test_the_checkpoint_pruner_takes_at_most_its_share_of_the_drivers_time(monkeypatch):
     """Pruning reads the stored search state back, which grows with the trials: it runs at a save of
-    the state only once 20 times its last duration has passed."""
+    the state only once its last duration / PRUNING_SHARE has passed."""
     from aesearch.search import callbacks
 
     times: list[float] = []  # when it pruned
@@ -181,6 +181,7 @@ def test_the_checkpoint_pruner_takes_at_most_a_twentieth_of_the_drivers_time(mon
         time.sleep(0.02)
 
     monkeypatch.setattr(callbacks, "prune_checkpoints", slow_prune)
+    monkeypatch.setattr(callbacks, "PRUNING_SHARE", 0.05)
     pruner = callbacks.CheckpointPruner("/nowhere")
     pruner.setup()
     started = time.monotonic()
