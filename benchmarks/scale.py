@@ -8,6 +8,8 @@
     uv run python benchmarks/scale.py --workload bookkeeping --trials 200 --autoscale 8  # nodes come and go
     uv run python benchmarks/scale.py --workload bookkeeping --kill-at 5000              # the driver killed, resumed
     uv run python benchmarks/scale.py --workload bookkeeping --trials 600 --trace-memory # where its memory is
+    uv run python benchmarks/scale.py --workload throughput --trials 64 --concurrent 16 --epochs 100 --seconds 0.01 \
+        --tracking-batch-s 1 --checkpoint-every-s 1 --bare-tune   # results per second, beside bare Tune
 
 Every trial is simulated (`simulate:` in the search space, aesearch.training.simulated): the same
 trial function, reports, checkpoints, MLflow writes and driver callbacks as a real trial, but an
@@ -248,9 +250,10 @@ def stack(name: str, folder: Path, server_workers: int, auth_cache_s: int) -> It
                     {name: service for name, service in servers.items() if service is not None})
 
 
-def space_document(workload: Workload, cpu: float | None = None, tracking_batch_s: float = 0.0) -> dict:
+def space_document(workload: Workload, cpu: float | None = None, budget: dict | None = None) -> dict:
     """The simulated search; each trial asks for `cpu` logical CPUs (default: `concurrent` trials fill
-    this machine's) and sends its epochs' metrics every `tracking_batch_s` (0: each at once)."""
+    this machine's); `budget`: settings of the budget section besides the workload's (tracking_batch_s,
+    checkpoint_every_s)."""
     return {
         "name": f"scale-{workload.name}",
         "data": {"name": "digits"},
@@ -260,7 +263,7 @@ def space_document(workload: Workload, cpu: float | None = None, tracking_batch_
             "model.latent_dim": {"type": "categorical", "choices": [2, 4, 8, 16, 32, 64]},
         },
         "budget": {"num_samples": workload.trials, "max_epochs": workload.epochs, "grace_period": 1,
-                   "tracking_batch_s": tracking_batch_s},
+                   **(budget or {})},
         "resources": {"cpu": cpu or CPUS / workload.concurrent},  # logical CPUs: `concurrent` trials fit at once
         "max_concurrent": workload.concurrent,
         "early_stopping": workload.early_stopping,
@@ -644,14 +647,20 @@ def store_figures(uri: str, experiment: str, connect_args: dict | None = None) -
 
 def storage_figures(experiment_folder: str) -> dict[str, object]:
     """What the search left in its storage (a folder or the bucket, through pyarrow's filesystem as Tune
-    writes it): its checkpoints (folders, bytes) and its experiment-state snapshots (name, bytes)."""
+    writes it): its checkpoints (folders, bytes), how many the trials' reports stored (their result files
+    name each), and its experiment-state snapshots (name, bytes)."""
     from pyarrow.fs import FileSelector, FileType
 
     folder = SearchFolder(experiment_folder)
     files = [f for f in folder.fs.get_file_info(FileSelector(folder.path, recursive=True)) if f.type == FileType.File]
     checkpoints = {f.path: CHECKPOINT.search(f.path) for f in files}
     checkpoints = {path: found.group(0) for path, found in checkpoints.items() if found}  # file -> its folder
-    return {"checkpoints": len(set(checkpoints.values())),
+    reported = 0
+    for f in files:
+        if f.base_name == "result.json":
+            with folder.fs.open_input_stream(f.path) as stream:
+                reported += len(re.findall(rb'"checkpoint_dir_name": "', stream.readall()))
+    return {"checkpoints": len(set(checkpoints.values())), "reported": reported,
             "checkpoint_bytes": sum(f.size for f in files if f.path in checkpoints),
             "snapshots": {f.base_name: f.size for f in files if f.base_name.startswith("experiment_state-")}}
 
@@ -783,11 +792,11 @@ def bare_tune(workload: Workload, folder: Path) -> None:
           f"{machine / workload.trials * 1e3:.0f} ms per trial ({machine / wall:.2f} of {os.cpu_count()} cores busy)")
 
 
-def measure(workload: Workload, stack: Stack, cluster: RayNodes | None = None, tracking_batch_s: float = 0.0,
+def measure(workload: Workload, stack: Stack, cluster: RayNodes | None = None, budget: dict | None = None,
             trace_memory: bool = False) -> dict[str, str]:
     """Runs the workload on the stack (on `cluster`, else a local Ray instance), prints its figures,
     returns the main ones for the side-by-side table."""
-    space = parse_space(space_document(workload, cpu=1 if cluster else None, tracking_batch_s=tracking_batch_s))
+    space = parse_space(space_document(workload, cpu=1 if cluster else None, budget=budget))
     name = space.name
     options = SearchOptions(name=name, storage=stack.storage, tracking_uri=stack.tracking_uri,
                             address=cluster.address if cluster else None)
@@ -817,7 +826,7 @@ def measure(workload: Workload, stack: Stack, cluster: RayNodes | None = None, t
     outcomes = board["state"].value_counts().to_dict()
 
     print(f"\n{workload.title}; {STACKS[stack.name]}"
-          + (f"; metrics sent every {tracking_batch_s:g} s" if tracking_batch_s else ""))
+          + "".join(f"; {name} {value:g}" for name, value in (budget or {}).items() if value))
     print(f"  wall           {tune_time:.1f} s in Tune (the trials, from the wait for the first to the end of the last): "
           f"{tune_time / workload.minimum:.2f}x the theoretical minimum {workload.minimum:.1f} s")
     print(f"                 {workload.ray}")
@@ -860,7 +869,8 @@ def measure(workload: Workload, stack: Stack, cluster: RayNodes | None = None, t
                  else "; not back to the head alone within 300 s" if cluster.autoscaling else ""))
     each = stored["checkpoint_bytes"] / max(stored["checkpoints"], 1)
     print(f"  checkpoints    {stored['checkpoints']} kept in the storage ({stored['checkpoint_bytes'] / 2**20:.1f} MiB, "
-          f"{each / 1024:.0f} KB each); written: one per result, ~{results * each / 2**20:.1f} MiB")
+          f"{each / 1024:.0f} KB each); written: {stored['reported']:,} ({stored['reported'] / results:.2f} per result), "
+          f"~{stored['reported'] * each / 2**20:.1f} MiB")
     figures = {"wall in Tune": f"{tune_time:.1f} s ({tune_time / workload.minimum:.2f}x min)",
                "search()": f"{wall:.1f} s", "results/s sustained": f"{sustained:.1f}",
                "driver CPU": f"{cpu / len(board) * 1e3:.0f} ms/trial, {cpu / results * 1e3:.0f} ms/result",
@@ -1019,6 +1029,9 @@ def main() -> None:
                              "store and storage, e.g. for `aesearch report NAME --tracking-uri sqlite:///FOLDER/mlflow.db`")
     parser.add_argument("--tracking-batch-s", type=float, default=0.0,
                         help="budget.tracking_batch_s: each trial sends its epochs' metrics this often (0: each at once)")
+    parser.add_argument("--checkpoint-every-s", type=float, default=0.0,
+                        help="budget.checkpoint_every_s: each trial stores a checkpoint with a report this often "
+                             "(0: with every report)")
     parser.add_argument("--nodes", type=int, help="run on a Ray cluster of this many nodes on this machine (>= 2)")
     parser.add_argument("--autoscale", type=int, metavar="NODES",
                         help="run on an autoscaling Ray cluster (the head alone at first) of at most NODES worker nodes")
@@ -1067,7 +1080,8 @@ def main() -> None:
                 elif args.autoscale:
                     per_node = math.ceil(workload.concurrent / args.autoscale)
                     cluster = kept.enter_context(autoscaling_nodes(folder, args.autoscale, per_node))
-                columns[stack_name] = measure(workload, running, cluster, args.tracking_batch_s, args.trace_memory)
+                budget = {"tracking_batch_s": args.tracking_batch_s, "checkpoint_every_s": args.checkpoint_every_s}
+                columns[stack_name] = measure(workload, running, cluster, budget, args.trace_memory)
         if len(columns) > 1:
             side_by_side(workload, columns)
         if args.bare_tune:

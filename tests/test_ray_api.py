@@ -82,3 +82,59 @@ def test_a_compacted_trial_record_keeps_its_last_result_the_kept_statistics_and_
     assert restored.metric_analysis["val/recon_mse"]["min"] == 1 / 3
     assert [r.checkpoint.path for r in restored.checkpoint_manager.best_checkpoint_results] == [str(tmp_path / "3")]
     assert ray_api.latest_checkpoint(after).path == str(tmp_path / "3")
+
+
+def test_the_pruner_decodes_only_the_stored_trial_records_that_changed_since_it_last_pruned(tmp_path, monkeypatch):
+    """On real Tune trial records in a stored search state: each trial keeps only the checkpoint the state
+    would restore; pruning again decodes no record that did not change (a finished trial's), and a trial
+    that reported a newer checkpoint since is pruned to it."""
+    import json
+
+    from ray import tune
+    from ray.train._internal.checkpoint_manager import _TrainingResult
+    from ray.tune.experiment import Trial
+
+    from aesearch.search import storage
+
+    experiment = tmp_path / "search"
+    trials = {}
+    for name in ("trial_a", "trial_b"):
+        trial = Trial("run_trial", stub=True)
+        trial.relative_logdir = name
+        trials[name] = trial
+
+    def report_checkpoint(name: str, number: int) -> None:
+        folder = experiment / name / f"checkpoint_{number:06d}"
+        folder.mkdir(parents=True)
+        trials[name].run_metadata.checkpoint_manager.register_checkpoint(
+            _TrainingResult(tune.Checkpoint.from_directory(str(folder)), {"training_iteration": number + 1}))
+        trials[name].run_metadata.invalidate_cache()
+
+    def save_state(stamp: str) -> None:
+        state = {"trial_data": [trial.get_json_state() for trial in trials.values()]}
+        (experiment / f"experiment_state-2026-12-07_00-00-{stamp}.json").write_text(json.dumps(state))
+
+    def checkpoints(name: str) -> list[str]:
+        return sorted(p.name for p in (experiment / name).iterdir())
+
+    decoded = []
+    original = storage.restorable_checkpoint
+    monkeypatch.setattr(storage, "restorable_checkpoint", lambda record: decoded.append(record) or original(record))
+    for number in range(3):
+        report_checkpoint("trial_a", number)
+    for number in range(2):
+        report_checkpoint("trial_b", number)
+    save_state("01")
+    seen: set[int] = set()
+    storage.prune_checkpoints(str(experiment), seen=seen)
+    assert checkpoints("trial_a") == ["checkpoint_000002"] and checkpoints("trial_b") == ["checkpoint_000001"]
+    assert len(decoded) == 2
+    storage.prune_checkpoints(str(experiment), seen=seen)  # nothing changed: nothing decoded
+    assert len(decoded) == 2
+    report_checkpoint("trial_b", 2)  # trial_b goes on; trial_a has ended
+    save_state("02")
+    storage.prune_checkpoints(str(experiment), seen=seen)
+    assert len(decoded) == 3 and checkpoints("trial_b") == ["checkpoint_000002"]
+    (experiment / "trial_c" / "checkpoint_000000").mkdir(parents=True)  # started after the last save
+    storage.prune_checkpoints(str(experiment), search_ended=True, seen=seen)
+    assert checkpoints("trial_a") == ["checkpoint_000002"] and checkpoints("trial_c") == []

@@ -176,7 +176,7 @@ def test_the_checkpoint_pruner_takes_at_most_its_share_of_the_drivers_time(monke
 
     times: list[float] = []  # when it pruned
 
-    def slow_prune(experiment_path: str, pruned: dict | None = None) -> None:
+    def slow_prune(experiment_path: str, seen: set | None = None) -> None:
         times.append(time.monotonic())
         time.sleep(0.02)
 
@@ -311,3 +311,35 @@ def test_the_watch_hears_tunes_failed_last_upload_of_the_search_state_and_nothin
         tune_logger.error(f"{FinalUploadWatch.MESSAGE}:")
         assert watch.failed
     assert watch not in tune_logger.handlers  # heard only while the search runs
+
+
+@pytest.mark.parametrize("every_s", [0.0, 3600.0])
+def test_a_trials_reports_carry_its_checkpoint_as_often_as_the_budget_says_and_its_best_epoch_always(tmp_path, every_s):
+    """budget.checkpoint_every_s: 0 stores a checkpoint with every epoch; an hour stores the first epoch's
+    and the last's only. Either way the last one carries the best epoch so far, even one that fell
+    between the stored checkpoints."""
+    from pathlib import Path
+
+    from aesearch.search.trial import CHECKPOINT_FILE, TuneReporter
+    from aesearch.training.checkpoints import BEST_FILE
+    from aesearch.training.trainer import EpochEnd
+
+    carried = []  # (epoch, what its checkpoint's files hold), or (epoch, None)
+
+    def report(metrics, folder=None):
+        files = {p.name: p.read_text() for p in Path(folder).iterdir()} if folder else None
+        carried.append((metrics["epoch"], files))
+
+    reporter = TuneReporter({}, epochs=5, track=lambda end: None, checkpoint_every_s=every_s)
+    reporter.report = report
+    for epoch, is_best in zip(range(1, 6), [True, True, False, True, False]):
+        def save(path, epoch=epoch):
+            Path(path).write_text(f"epoch {epoch}")
+        reporter(EpochEnd(epoch, {"epoch": float(epoch)}, is_best, save, None))
+    last_metrics, last_folder = reporter.held  # the last epoch waits for the test metrics
+    with last_folder:
+        report(last_metrics, last_folder.name)
+    stored = [epoch for epoch, files in carried if files is not None]
+    assert stored == ([1.0, 2.0, 3.0, 4.0, 5.0] if every_s == 0 else [1.0, 5.0])
+    assert [epoch for epoch, _ in carried] == [1.0, 2.0, 3.0, 4.0, 5.0]  # every epoch is reported
+    assert carried[-1][1] == {CHECKPOINT_FILE: "epoch 5", BEST_FILE: "epoch 4"}

@@ -51,15 +51,17 @@ class TuneReporter:
     the trial's MLflow run has it.
 
     Every checkpoint also carries `best.pt`, the checkpoint of the best epoch so far, so that a
-    restored trial still has it to log at its end. The last epoch is held back: `run_trial`
-    reports it together with the evaluation suite's test metrics, because ASHA stops a trial the
-    moment it reports its final epoch.
+    restored trial still has it to log at its end. With `checkpoint_every_s`, only the reports that
+    many seconds apart carry one; a best epoch between them is kept here, for the next. The last epoch
+    is held back: `run_trial` reports it together with the evaluation suite's test metrics, because
+    ASHA stops a trial the moment it reports its final epoch.
     """
 
     def __init__(self, extra: dict[str, Any], epochs: int, track: Callable[[EpochEnd], None],
-                 storage_patience_s: float = 0.0):
+                 storage_patience_s: float = 0.0, checkpoint_every_s: float = 0.0):
         self.extra, self.epochs, self.track = extra, epochs, track
-        self.storage_patience_s = storage_patience_s
+        self.storage_patience_s, self.checkpoint_every_s = storage_patience_s, checkpoint_every_s
+        self.checkpoint_due = 0.0  # time.monotonic() from which a report carries a checkpoint
         self.held: tuple[dict[str, float], tempfile.TemporaryDirectory] | None = None
         self.started = time.perf_counter()
         self.kept = tempfile.TemporaryDirectory()
@@ -67,6 +69,12 @@ class TuneReporter:
 
     def __call__(self, end: EpochEnd) -> None:
         self.track(end)
+        if end.epoch < self.epochs and time.monotonic() < self.checkpoint_due:
+            if end.is_best:
+                end.save_checkpoint(self.best_file)
+            self.report(end.metrics)
+            return
+        self.checkpoint_due = time.monotonic() + self.checkpoint_every_s
         folder = tempfile.TemporaryDirectory()
         end.save_checkpoint(Path(folder.name) / CHECKPOINT_FILE)
         if end.is_best:
@@ -136,7 +144,8 @@ def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: 
                     "nothing was trained")
     extra = {"family": variant_family(config), "node": node, "mlflow_run_id": run.run_id,
              "mlflow_artifact_uri": run.artifact_uri}
-    reporter = TuneReporter(extra, config.epochs, run.log_epoch, space.budget.storage_patience_s)
+    reporter = TuneReporter(extra, config.epochs, run.log_epoch, space.budget.storage_patience_s,
+                             space.budget.checkpoint_every_s)
     resume_state = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:  # a retry after a failure, or a resumed search
