@@ -168,10 +168,8 @@ class Budget(Section):
     # A trial sends its epochs' metrics to MLflow at most this often, several epochs in one request
     # (0: each epoch as it ends). Short epochs by the thousand: fewer requests for the tracking server.
     tracking_batch_s: Float = Field(0.0, ge=0, le=3600)
-    # A trial's report carries its checkpoint to the search's storage at most this often, and always at
-    # its last epoch (0: at every epoch). Short epochs by the thousand: less to store and register for the
-    # trials and the driver. What it costs: a retried trial retrains from its last stored checkpoint, and a
-    # trial ASHA stops keeps the best epoch of its last stored checkpoint, up to this much older.
+    # A trial stores a checkpoint with a report at most this often, always with its last (0: every epoch). A
+    # retried trial retrains from its last stored one; a stopped trial keeps the best epoch stored in it.
     checkpoint_every_s: Float = Field(0.0, ge=0, le=3600)
 
     @model_validator(mode="after")
