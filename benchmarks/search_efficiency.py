@@ -99,6 +99,8 @@ def space_document(args: argparse.Namespace, name: str, method: tuple[str, str, 
         document["objective"] = [{"metric": METRIC}, {"metric": SIZE}]
     if getattr(args, "replay", None) is not None:  # recorded curves in place of training
         document["simulate"] = {"seconds_per_epoch": 0, "replay": str(args.replay)}
+        # what a trial sends and stores every epoch, at most every 5 s: the same search, in less time
+        document["budget"] |= {"tracking_batch_s": 5, "checkpoint_every_s": 5}
     return document
 
 
