@@ -9,7 +9,6 @@ them: a stopped trial's values are those of the epoch it was stopped at.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +18,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from aesearch.metrics import lookup
+from aesearch.pareto import nondominated_ranks
 
 FIGSIZE = (6.4, 4.0)
 MARKERS = {"completed": "o", "stopped": "x"}
@@ -47,15 +47,10 @@ def _scatter_by_family(axes, points: pd.DataFrame, x: str, y: str, colours: dict
 
 
 def pareto_front(points: pd.DataFrame, x: str, y: str, y_mode: str = "min") -> pd.DataFrame:
-    """The points no other point beats on both x (minimised) and y (in its mode), in order of x."""
-    sign = 1 if y_mode == "min" else -1
+    """The points no other point beats on both x (minimised) and y (in its mode), in order of x: the
+    front the leaderboard ranks by (`aesearch.pareto`), on these two axes."""
     ordered = points.dropna(subset=[x, y]).sort_values([x, y], ascending=[True, y_mode == "min"], kind="stable")
-    front, best_y = [], math.inf
-    for index, row in ordered.iterrows():
-        if sign * row[y] < best_y:
-            front.append(index)
-            best_y = sign * row[y]
-    return ordered.loc[front]
+    return ordered[nondominated_ranks(ordered[[x, y]].to_numpy(), ["min", y_mode]) == 1]
 
 
 def _front_line(axes, points: pd.DataFrame, x: str, y: str, y_mode: str = "min") -> None:
