@@ -3,7 +3,7 @@
     import aesearch
 
     space = aesearch.load_space("quickstart", {"budget.num_samples": 8})      # a shipped space, or a file
-    board = aesearch.run_search(space, name="notebook", storage="results")   # the leaderboard
+    board = aesearch.run_search(space, name="notebook")          # the leaderboard; storage: ./ray_results
     report = aesearch.make_report("notebook", out="reports/notebook")
     trained = aesearch.load_model("runs/x/best.pt")                          # .model, .config
     check = aesearch.reproduce("notebook", rank=1)                           # .verdict
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from aesearch import settings
 from aesearch.config import TrainConfig, check_data, load_config, on_device, parse_config
+from aesearch.locations import DEFAULT_STORAGE
 from aesearch.search.space import SearchSpace, load_space, parse_space
 from aesearch.training.checkpoints import TrainedModel, load_trained_model
 
@@ -57,7 +58,7 @@ def train(config: TrainConfig, data_dir: Path | str | None = None, download: boo
     return result
 
 
-def run_search(space: SearchSpace, name: str | None = None, storage: Path | str = "results",
+def run_search(space: SearchSpace, name: str | None = None, storage: Path | str = DEFAULT_STORAGE,
                tracking_uri: str | None = None, address: str | None = None, data_dir: Path | str | None = None,
                download: bool = False, resume: bool = False, phases: Phases | None = None) -> pd.DataFrame:
     """Run (or resume) a search, tracked in MLflow, as `aesearch search` does; returns its leaderboard

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from aesearch import settings
 from aesearch.errors import DivergedError, UserError
+from aesearch.locations import DEFAULT_STORAGE
 
 STARTED = time.time()  # the command's start, for `aesearch: time: ...` (torch, Ray and MLflow load later)
 
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--name", help="the search's name (default: the space's name)")
     search.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                         help="a running Ray cluster (default: $RAY_ADDRESS, else a local Ray instance)")
-    search.add_argument("--storage", default="ray_results",
+    search.add_argument("--storage", default=DEFAULT_STORAGE,
                         help="folder or URI for results and checkpoints (shared by all nodes on a cluster)")
     search.add_argument("--num-samples", type=int, help="trials to run (budget.num_samples)")
     search.add_argument("--max-epochs", type=int, help="epochs of a trial that is never stopped (budget.max_epochs)")

@@ -18,6 +18,7 @@ from urllib.request import url2pathname
 from aesearch.errors import UserError
 
 LOCAL_HOSTS = ("", "localhost")
+DEFAULT_STORAGE = "ray_results"  # a search's results and checkpoints, from the command line as from Python
 
 
 def absolute(path: str | Path) -> Path:

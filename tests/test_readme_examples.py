@@ -139,6 +139,7 @@ def test_readme_python_example_runs_as_written_from_an_empty_folder(together):
     assert seen["epochs"] == 3 and seen["reconstructed"] == [2, 1, 8, 8] and seen["same_weights"]
     assert (folder / "reports" / "notebook" / "index.html").is_file()
     assert (folder / "runs" / "vae" / "best.pt").is_file()
+    assert (folder / "ray_results" / "notebook" / "leaderboard.csv").is_file()  # the command line's default storage
 
 
 def test_an_installed_wheel_finds_its_shipped_files_by_name(tmp_path):
