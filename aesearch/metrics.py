@@ -24,6 +24,7 @@ class Metric:
     scale: str = CONTINUOUS  # CONTINUOUS (relative tolerance), SCORE (in [0, 1]), COUNT, EXACT, TIME (not compared)
     applies: str = "always"  # when a trial has it: "gaussian latent", "class labels", "values in [0, 1]", ...
     ranked: bool = False  # the report's table of the best trial per metric shows it
+    on_board: bool = False  # every leaderboard shows it (printed, the report's, leaderboard.csv), where trials have it
 
     @property
     def better(self) -> str:
@@ -67,30 +68,30 @@ CATALOGUE: dict[str, Metric] = {metric.name: metric for metric in [
     Metric("pack/members", "max", "trials that trained fused with this one in its last epoch", TIME),
     # the evaluation suite, on the test split with the best weights
     Metric("test/recon_mse", "min", "reconstruction MSE per value (clean test inputs, in the model's units: "
-           "scaled, for tables)", ranked=True),
+           "scaled, for tables)", ranked=True, on_board=True),
     Metric("test/recon_l1", "min", "reconstruction mean absolute error per value (clean test inputs, the model's "
            "units)"),
     Metric("test/recon_bce", "min", "reconstruction binary cross-entropy per value (clean test inputs)",
            applies="values in [0, 1]"),
-    Metric("test/psnr", "max", "PSNR, dB", applies="values in [0, 1]", ranked=True),
+    Metric("test/psnr", "max", "PSNR, dB", applies="values in [0, 1]", ranked=True, on_board=True),
     Metric("test/recon_mse_original", "min", "reconstruction MSE of the numeric columns in their original units",
            applies="tables with numeric columns", ranked=True),
     Metric("test/nll", "min", "NLL, nats per sample (VAEs, IWAE bound): for data in [0, 1] a Bernoulli decoder "
            "on the test inputs binarised stochastically once from a fixed seed (the protocol of the VAE literature; "
            "trained as data.binarize says), else a unit-variance Gaussian per numeric value and a "
-           "categorical per one-hot group on the inputs as given", applies="gaussian latent", ranked=True),
+           "categorical per one-hot group on the inputs as given", applies="gaussian latent", ranked=True, on_board=True),
     Metric("test/elbo", "max", "ELBO, nats per sample, under the decoder test/nll uses (Bernoulli on the fixed "
            "stochastic binarisation for data in [0, 1], else Gaussian/categorical)", applies="gaussian latent"),
     Metric("test/kl", "min", "KL(q(z|x) || p(z)), nats", applies="gaussian latent"),
     Metric("test/active_units", "max", "active latent units (VAEs)", COUNT, "gaussian latent", ranked=True),
-    Metric("test/probe_accuracy", "max", "linear-probe accuracy of the codes", SCORE, "class labels", ranked=True),
+    Metric("test/probe_accuracy", "max", "linear-probe accuracy of the codes", SCORE, "class labels", ranked=True, on_board=True),
     Metric("test/knn_accuracy", "max", "kNN accuracy of the codes", SCORE, "class labels", ranked=True),
     Metric("test/kmeans_ari", "max", "KMeans ARI of the codes", SCORE, "class labels", ranked=True),
     Metric("test/kmeans_nmi", "max", "KMeans NMI of the codes", SCORE, "class labels", ranked=True),
     Metric("test/kmeans_accuracy", "max", "KMeans accuracy of the codes: clusters matched to classes one-to-one "
            "(Hungarian), as DEC reports it", SCORE, "class labels", ranked=True),
     Metric("test/anomaly_auroc", "max", "AUROC of the per-sample reconstruction error as a score for the "
-           "anomaly classes (data.anomaly)", SCORE, "labelled anomalies", ranked=True),
+           "anomaly classes (data.anomaly)", SCORE, "labelled anomalies", ranked=True, on_board=True),
     Metric("test/anomaly_ap", "max", "average precision of the per-sample reconstruction error as a score for "
            "the anomaly classes (data.anomaly)", SCORE, "labelled anomalies", ranked=True),
     Metric("test/mean_activation", "min", "mean |code unit| (sparsity)", applies="deterministic latent"),
@@ -98,7 +99,7 @@ CATALOGUE: dict[str, Metric] = {metric.name: metric for metric in [
            "deterministic latent"),
     Metric("test/dead_units", "min", "code units never active on the test set", COUNT, "deterministic latent"),
     # the run
-    Metric("model/parameters", "min", "parameters", EXACT, ranked=True),
+    Metric("model/parameters", "min", "parameters", EXACT, ranked=True, on_board=True),
     Metric("best/epoch", "min", "the epoch whose weights are kept: best by evaluation.select_by, ties broken by "
            "the lower val/loss", COUNT),
     Metric("time/train_seconds", "min", "training time, s", TIME, ranked=True),
@@ -200,6 +201,24 @@ def lookup(name: str) -> Metric | None:
             return Metric(name, family.mode, family.description.replace("{kind}", kind), family.scale,
                           family.applies, family.ranked)
     return None
+
+
+def test_counterpart(name: str) -> str | None:
+    """The metric the evaluation suite logs on the test split for a per-epoch validation metric
+    (val/kmeans_ari -> test/kmeans_ari), or None where it logs none (val/loss)."""
+    if not name.startswith("val/"):
+        return None
+    test = "test/" + name.removeprefix("val/")
+    return test if lookup(test) is not None else None
+
+
+def board_metrics(objectives: list[str]) -> list[str]:
+    """The metrics every leaderboard shows beside the objectives (printed, in the report, in
+    leaderboard.csv): the test counterpart of each objective, then those the catalogue puts on the
+    board, in its order; once each."""
+    counterparts = [test_counterpart(name) for name in objectives]
+    on_board = [metric.name for metric in CATALOGUE.values() if metric.on_board]
+    return list(dict.fromkeys(name for name in [*counterparts, *on_board] if name is not None))
 
 
 def ranked_metrics(names: list[str]) -> dict[str, Metric]:

@@ -15,7 +15,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from aesearch.pareto import nondominated_ranks
-from aesearch.search.driver import SCHEDULERS
+from aesearch.search.driver import scheduler_for
 from aesearch.search.mo_asha import FIFO, MultiObjectiveASHA, SeededASHA, bracket_milestones, pick_bracket
 from aesearch.search.space import SearchSpace
 from tests.searching import TOGETHER, Together
@@ -204,7 +204,7 @@ def simulated_search(space: SearchSpace, seed: int) -> list[tuple[int, float, in
     learning rate, its shape) and speed (slow starters look bad early and end well). (epochs trained, last
     error, code size) per trial."""
     rng = np.random.default_rng(seed)
-    scheduler = SCHEDULERS[space.early_stopping](space)
+    scheduler = scheduler_for(space)
     max_t, metric = space.budget.max_epochs, space.primary.metric
     trials = [fake_trial() for _ in range(space.budget.num_samples)]
     size = {t.trial_id: int(np.exp(rng.uniform(np.log(2), np.log(64)))) for t in trials}

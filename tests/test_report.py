@@ -134,6 +134,20 @@ def test_the_headline_says_when_the_leaders_tie_and_how_they_were_ranked(tmp_pat
     assert "| tie |" in families and "+0.0%" not in families
 
 
+def test_the_reports_leaderboards_show_the_test_counterpart_of_the_objective(tmp_path):
+    search = {**SEARCH, "params": {**SEARCH["params"], "objective.metric": "val/kmeans_ari", "objective.mode": "max"}}
+    runs = runs_frame(*(run_row(number, "dense", Outcome("completed"), None, 8, val__kmeans_ari=ari,
+                                test__kmeans_ari=ari - 0.1, test__recon_mse=0.02, test__kmeans_nmi=0.4)
+                        for number, ari in [(1, 0.5), (2, 0.7)]))
+    page = (write_report(build_report(SearchRecord("demo", "sqlite:////nowhere/mlflow.db", search, None, runs)),
+                         tmp_path / "demo") / "report.md").read_text()
+    overall = page[page.index("Top 2 trials overall"):].splitlines()
+    header = next(line for line in overall if line.startswith("| rank"))
+    cells = [cell.strip() for cell in header.strip("|").split("|")]
+    assert cells[cells.index("val/kmeans_ari") + 1] == "test/kmeans_ari" and "test/recon_mse" in cells
+    assert "test/kmeans_nmi" not in cells  # in the table of each metric's best, not on the board
+
+
 def test_the_best_trial_on_each_metric_follows_that_metrics_direction():
     best = best_per_metric(trial_table(a_search(), "val/recon_mse")).set_index("metric")
     assert best.loc["test/recon_mse", "trial"] == "conv-#1"  # lower is better

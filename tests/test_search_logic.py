@@ -110,6 +110,24 @@ def test_the_search_summary_counts_outcomes_in_the_words_used_elsewhere():
     assert counted(["completed"]) == "1 completed" and counted([]) == "none"
 
 
+def test_every_leaderboard_shows_the_test_counterpart_of_each_objective_the_search_ranks_on():
+    """A `use: clustering` search ranks on val/kmeans_ari: its leaderboard shows test/kmeans_ari, where a
+    fixed list of columns showed the reconstruction error, PSNR and the probe only."""
+    from aesearch.metrics import board_metrics
+
+    space = parse_space({"name": "s", "use": "clustering", "budget": {"num_samples": 2}})
+    results = [result({"trial_id": f"t{i}", "epoch": 3.0, "val/kmeans_ari": ari, "test/kmeans_ari": ari - 0.05,
+                       "test/recon_mse": 0.1, "test/kmeans_nmi": 0.5, REPORTED["completed"]: 1.0})
+               for i, ari in enumerate([0.6, 0.8])]
+    board = leaderboard(results, space)
+    assert board["test/kmeans_ari"].tolist() == pytest.approx([0.75, 0.55])  # best first
+    header = format_leaderboard(board, space, "here").split("best trials")[1].splitlines()[1]
+    assert header.split().index("test/kmeans_ari") < header.split().index("test/recon_mse")
+    assert "test/kmeans_nmi" not in header and "test/psnr" not in header  # not an objective; no trial has it
+    assert board_metrics(["val/loss"]) == board_metrics([])  # no test counterpart: the catalogue's columns only
+    assert board_metrics(["val/nll", "val/recon_mse"])[:2] == ["test/nll", "test/recon_mse"]
+
+
 def test_the_last_progress_line_counts_a_trial_tune_is_ending_as_ended():
     # Tune calls on_trial_complete while the trial's status is still RUNNING: the line counts it by its outcome.
     statuses = {f"t{i}": "TERMINATED" for i in range(9)} | {"t9": "RUNNING"}

@@ -116,7 +116,7 @@ def test_objectives_default_to_the_catalogues_direction_and_set_what_trials_meas
     ({"objective": [{"metric": "val/anomaly_ap"}]}, r"val/anomaly_ap needs labelled anomalies .* set data\.anomaly"),
     ({"objective": {"metric": "val/kmeans_ari"}, "early_stopping": "asha_first_objective"},
      r"early_stopping='asha_first_objective' is for several objectives"),
-    ({"use": "telepathy"}, r"use='telepathy': Input should be 'reconstruction', 'anomaly_detection'"),
+    ({"use": "telepathy"}, r"use='telepathy': unknown use; valid names: anomaly_detection, clustering, compression, generation, reconstruction"),
 ])
 def test_an_objective_that_cannot_be_is_refused_in_one_line(fields, message):
     with pytest.raises(ConfigError, match=message) as raised:

@@ -6,7 +6,7 @@ import pytest
 from optuna.samplers._tpe.parzen_estimator import _ParzenEstimator
 
 from aesearch.errors import ConfigError
-from aesearch.search.driver import SAMPLERS
+from aesearch.search.driver import sampler_for
 from aesearch.search.space import DefineByRun, parse_space
 from aesearch.search.windowed_tpe import WindowedTPESampler
 
@@ -26,7 +26,7 @@ class Fitted(_ParzenEstimator):
 
 def test_beyond_its_window_tpe_fits_on_the_best_trials_and_the_latest_only():
     space = parse_space({**SPACE, "tpe_window": 250})
-    sampler = SAMPLERS["tpe"](space)  # as a search builds it
+    sampler = sampler_for(space)  # as a search builds it
     sampler._parzen_estimator_cls = Fitted
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     define, running = DefineByRun(space), []
@@ -84,10 +84,10 @@ def test_windowed_tpe_still_converges_on_a_toy_objective():
 
 
 def test_the_window_is_a_setting_of_the_space():
-    assert SAMPLERS["tpe"](parse_space({**SPACE, "tpe_window": 300})).window == 300
+    assert sampler_for(parse_space({**SPACE, "tpe_window": 300})).window == 300
     several = parse_space({**SPACE, "objective": [{"metric": "val/recon_mse"}, {"metric": "model/latent_dim"}],
                            "tpe_window": 200})
-    assert SAMPLERS["tpe"](several).window == 200
+    assert sampler_for(several).window == 200
     with pytest.raises(ConfigError, match=r"tpe_window.*100"):
         parse_space({**SPACE, "tpe_window": 10})
 

@@ -16,12 +16,10 @@ from __future__ import annotations
 import math
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import optuna
 import pandas as pd
 import ray
 import yaml
@@ -31,6 +29,7 @@ from ray.tune.logger import JsonLoggerCallback
 
 from aesearch import settings
 from aesearch.errors import UserError
+from aesearch.metrics import board_metrics
 from aesearch.packing.server import (
     MEMBER_CPU,
     server_count,
@@ -40,8 +39,7 @@ from aesearch.packing.server import (
 from aesearch.parts.data import Data, load_data
 from aesearch.search.callbacks import CheckpointPruner, CompactFinished, FirstReport, Progress, RunCloser
 from aesearch.search.faults import Fault, read_faults
-from aesearch.search.leaderboard import LEADERBOARD_METRICS, NothingRan, leaderboard, nothing_ran
-from aesearch.search.mo_asha import FIFO, MultiObjectiveASHA, SeededASHA
+from aesearch.search.leaderboard import NothingRan, leaderboard, nothing_ran
 from aesearch.search.phases import Phases
 from aesearch.search.ray_api import MarkingOptunaSearch, count_memory_kills_as_trial_failures
 from aesearch.search.ray_cluster import check_reachable, connect
@@ -56,8 +54,8 @@ from aesearch.search.storage import (
     storage_unreachable,
     upload_folder,
 )
+from aesearch.search.strategies import SAMPLERS, SCHEDULERS, STOPPED_TRIALS, Sampling, Stopping
 from aesearch.search.trial import run_trial
-from aesearch.search.windowed_tpe import WindowedTPESampler
 from aesearch.tracking.outbox import is_unreachable, patiently
 from aesearch.tracking.search_run import SearchRun, git_commit, package_versions
 from aesearch.tracking.store import Tracking, check_store_reachable, is_local_store, resolve_tracking_uri
@@ -179,7 +177,7 @@ def search(space: SearchSpace, options: SearchOptions, phases: Phases | None = N
         patiently(lambda: runs.tag_ranks(rank_tags(board)), patience)
         if (board["rank"] == 1).any():
             best = board[board["rank"] == 1].iloc[0]
-            metrics = {k: best[k] for k in LEADERBOARD_METRICS if pd.notna(best.get(k))}
+            metrics = {k: best[k] for k in board_metrics(space.metrics) if pd.notna(best.get(k))}
             front = board.loc[board["pareto_rank"] == 1, "trial"].tolist() if space.multi_objective else None
             patiently(lambda: runs.register_best(best["mlflow_run_id"], metrics, front), patience)
         closing = "FAILED" if failed else "FINISHED"
@@ -277,26 +275,6 @@ def check_resources(space: SearchSpace, local: bool) -> None:
             print(f"aesearch: warning: {message}; trials wait until the cluster grows", file=sys.stderr)
 
 
-def tpe(space: SearchSpace) -> WindowedTPESampler:
-    """Optuna's TPE, seeded. On one objective, multivariate within each group of parameters that
-    trials draw together (group=True): a conditional parameter, such as the level of one kind of
-    noise, is modelled jointly with the others of the trials that have it, where Optuna's default
-    models jointly only the parameters every trial has. It reached random search's best sooner
-    (benchmarks/README.md, "Search efficiency"). On several objectives, Optuna's default MOTPE.
-    Beyond `tpe_window` finished trials, it learns from the best and the latest (search.windowed_tpe)."""
-    if space.multi_objective:
-        return WindowedTPESampler(window=space.tpe_window, seed=space.seed)
-    with warnings.catch_warnings():  # `group` is marked experimental since Optuna 2.8
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return WindowedTPESampler(window=space.tpe_window, seed=space.seed, multivariate=True, group=True)
-
-
-SAMPLERS = {  # space.sampler -> Optuna's sampler for the space
-    "tpe": tpe,
-    "random": lambda space: optuna.samplers.RandomSampler(seed=space.seed),
-}
-
-
 def optuna_searcher(space: SearchSpace) -> MarkingOptunaSearch:
     """The searcher of a new search: the space's sampler over its define-by-run function."""
     one = not space.multi_objective  # Optuna's TPE on every objective: a list of several
@@ -304,28 +282,24 @@ def optuna_searcher(space: SearchSpace) -> MarkingOptunaSearch:
         DefineByRun(space),
         metric=space.primary.metric if one else space.metrics,
         mode=space.primary.mode if one else space.modes,
-        sampler=SAMPLERS[space.sampler](space),
+        sampler=sampler_for(space),
         points_to_evaluate=start_points(space) or None,
         max_epochs=space.budget.max_epochs,
-        stopped_as_pruned=space.stopped_trials == "pruned",
+        stopped_as_pruned=STOPPED_TRIALS[space.stopped_trials],
     )
 
 
-def asha(space: SearchSpace, metrics: list[str], modes: list[str]):
-    """Asynchronous successive halving on these objectives: Ray's ASHA for one, MO-ASHA for several."""
+def sampler_for(space: SearchSpace):
+    """Optuna's sampler for the search: its `sampler`, seeded."""
+    return SAMPLERS[space.sampler](Sampling(space.seed, space.tpe_window, space.multi_objective))
+
+
+def scheduler_for(space: SearchSpace):
+    """Tune's trial scheduler for the search: its `early_stopping` on its objectives and budget."""
     budget = space.budget
     rungs = {"time_attr": "epoch", "max_t": budget.max_epochs, "grace_period": budget.grace_period,
              "reduction_factor": budget.reduction_factor, "brackets": budget.brackets, "seed": space.seed}
-    if len(metrics) == 1:
-        return SeededASHA(metric=metrics[0], mode=modes[0], **rungs)
-    return MultiObjectiveASHA(metrics, modes, **rungs)
-
-
-SCHEDULERS = {  # space.early_stopping -> Tune's trial scheduler for the search
-    "asha": lambda space: asha(space, space.metrics, space.modes),
-    "asha_first_objective": lambda space: asha(space, space.metrics[:1], space.modes[:1]),
-    "none": lambda space: FIFO(),
-}
+    return SCHEDULERS[space.early_stopping](Stopping(space.metrics, space.modes, rungs))
 
 
 def _fit(space: SearchSpace, options: SearchOptions, data: Data, tracking: Tracking, faults: list[Fault],
@@ -357,7 +331,7 @@ def _fit_trials(space: SearchSpace, options: SearchOptions, data: Data, tracking
     else:
         searcher = optuna_searcher(space)
         budget = space.budget
-        scheduler = SCHEDULERS[space.early_stopping](space)
+        scheduler = scheduler_for(space)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(  # the searcher and the scheduler know their objectives

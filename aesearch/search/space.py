@@ -35,8 +35,9 @@ from aesearch.config import TrainConfig, check_data, metric_problem, parse_confi
 from aesearch.errors import ConfigError
 from aesearch.metrics import ALWAYS_PER_EPOCH, USE_METRICS, is_epoch_objective, is_use_metric, lookup
 from aesearch.parts.data import Data, DataConfig, DataSpec
-from aesearch.schema import (Bool, Float, Int, Name, PositiveInt, Section, broken_rule, describe_validation_error,
-                             flatten, load_yaml, set_path)
+from aesearch.schema import (Bool, Float, Int, Name, Named, PositiveInt, Section, broken_rule,
+                             describe_validation_error, flatten, load_yaml, set_path)
+from aesearch.search.strategies import SAMPLERS, SCHEDULERS, STOPPED_TRIALS
 from aesearch.search.uses import USES, apply_use
 from aesearch.shipped import SPACES, resolve
 from aesearch.training.simulated import Simulation
@@ -194,7 +195,7 @@ ParameterName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]  # no '/': R
 class SearchSpace(Section):
     name: Name
     data: DataConfig = Field(default_factory=DataConfig)
-    use: Literal[tuple(USES)] | None = None  # stands for an objective and a space (aesearch.search.uses)
+    use: Named(USES) | None = None  # stands for an objective and a space (aesearch.search.uses)
     base: dict[str, Any] = Field(default_factory=dict)
     space: dict[ParameterName, Parameter] = Field(min_length=1)
     start_with: list[dict[str, Any]] = Field(default_factory=list)  # first trials, e.g. one per family
@@ -204,14 +205,11 @@ class SearchSpace(Section):
     resources: Resources = Field(default_factory=Resources)
     max_concurrent: PositiveInt | None = None
     seed: Int = Field(0, ge=0)
-    # How configs are proposed and weak trials stopped; random / none are the baselines that
-    # benchmarks/search_efficiency.py measures TPE + ASHA against. With several objectives, `asha`
-    # promotes by non-dominated rank (search.mo_asha); `asha_first_objective` on the first one alone.
-    sampler: Literal["tpe", "random"] = "tpe"
-    early_stopping: Literal["asha", "asha_first_objective", "none"] = "asha"
-    # What the sampler learns of a trial stopped early: its values at the stop (as Ray tells them), or
-    # that it was pruned there (Optuna's TPE then ranks it below every completed trial).
-    stopped_trials: Literal["values_at_stop", "pruned"] = "values_at_stop"
+    # How configs are proposed, weak trials stopped, and stopped trials told to the sampler
+    # (aesearch.search.strategies).
+    sampler: Named(SAMPLERS) = "tpe"
+    early_stopping: Named(SCHEDULERS) = "asha"
+    stopped_trials: Named(STOPPED_TRIALS) = "values_at_stop"
     tpe_window: Int = Field(1000, ge=100)  # TPE learns from the best and this many latest trials (windowed_tpe)
     simulate: Simulation | None = None  # simulated trials: nothing is trained
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from aesearch.registry import Registry
+
 
 def parameters(text: str) -> dict[str, Any]:
     """Search space parameters written as in a space file."""
@@ -62,57 +64,56 @@ class Use:
         return fields
 
 
-USES: dict[str, Use] = {
-    "reconstruction": Use(
-        "the lowest reconstruction error of clean inputs; plain and denoising autoencoders",
-        ["val/recon_mse"],
-        parameters("model.latent_dim: {type: categorical, choices: [8, 16, 32, 64]}") | DENOISING | SHAPE),
-    "anomaly_detection": Use(
-        "how well the reconstruction error separates the labelled anomalies of validation (AUROC); "
-        "small codes, denoising, sparse and contractive autoencoders, which reconstruct what is normal only",
-        ["val/anomaly_auroc"],
-        parameters("""
+USES: Registry[Use] = Registry("use")
+USES.add("reconstruction", Use(
+    "the lowest reconstruction error of clean inputs; plain and denoising autoencoders",
+    ["val/recon_mse"],
+    parameters("model.latent_dim: {type: categorical, choices: [8, 16, 32, 64]}") | DENOISING | SHAPE))
+USES.add("anomaly_detection", Use(
+    "how well the reconstruction error separates the labelled anomalies of validation (AUROC); "
+    "small codes, denoising, sparse and contractive autoencoders, which reconstruct what is normal only",
+    ["val/anomaly_auroc"],
+    parameters("""
 model.latent_dim: {type: categorical, choices: [2, 4, 8, 16, 32]}
 objective.sparsity.kind: {type: categorical, choices: [none, l1]}
 objective.sparsity.weight: {type: float, low: 0.001, high: 0.1, log: true, when: {objective.sparsity.kind: l1}}
 objective.contractive_weight: {type: categorical, choices: [0.0, 0.01, 0.1]}
 optimizer.weight_decay: {type: categorical, choices: [0.0, 0.0001]}
-""") | DENOISING | SHAPE),
-    "clustering": Use(
-        "how well KMeans on the validation codes recovers the classes (ARI); small codes of plain, "
-        "denoising and variational autoencoders",
-        ["val/kmeans_ari"],
-        parameters("""
+""") | DENOISING | SHAPE))
+USES.add("clustering", Use(
+    "how well KMeans on the validation codes recovers the classes (ARI); small codes of plain, "
+    "denoising and variational autoencoders",
+    ["val/kmeans_ari"],
+    parameters("""
 model.latent: {type: categorical, choices: [deterministic, gaussian]}
 model.latent_dim: {type: categorical, choices: [2, 4, 8, 10, 16, 32]}
 objective.kl.beta: {type: float, low: 0.25, high: 4.0, log: true, when: {model.latent: gaussian}}
-""") | DENOISING | SHAPE),
-    "generation": Use(
-        "the likelihood of validation data (the IWAE bound on the NLL, nats); variational autoencoders: "
-        "KL weight and schedule, code size",
-        ["val/nll"],
-        parameters("""
+""") | DENOISING | SHAPE))
+USES.add("generation", Use(
+    "the likelihood of validation data (the IWAE bound on the NLL, nats); variational autoencoders: "
+    "KL weight and schedule, code size",
+    ["val/nll"],
+    parameters("""
 model.latent_dim: {type: categorical, choices: [8, 16, 32, 50, 64]}
 objective.kl.beta: {type: float, low: 0.25, high: 2.0, log: true}
 objective.kl.schedule: {type: categorical, choices: [constant, linear, cyclical]}
 """) | SHAPE,
-        base={"model": {"latent": "gaussian"}}),
-    "compression": Use(
-        "two objectives at once: the reconstruction error and the code's size (model/latent_dim); "
-        "the Pareto front says what each size of code costs",
-        ["val/recon_mse", "model/latent_dim"],
-        parameters("model.latent_dim: {type: int, low: 2, high: 64, log: true}") | SHAPE,
-        # The front holds only trials that ran to the end, and an error after one epoch says little of
-        # the error at the last: each trial trains half its epochs, then MO-ASHA keeps the better half.
-        first_rung=0.5, reduction_factor=2.0),
-}
+    base={"model": {"latent": "gaussian"}}))
+USES.add("compression", Use(
+    "two objectives at once: the reconstruction error and the code's size (model/latent_dim); "
+    "the Pareto front says what each size of code costs",
+    ["val/recon_mse", "model/latent_dim"],
+    parameters("model.latent_dim: {type: int, low: 2, high: 64, log: true}") | SHAPE,
+    # The front holds only trials that ran to the end, and an error after one epoch says little of
+    # the error at the last: each trial trains half its epochs, then MO-ASHA keeps the better half.
+    first_rung=0.5, reduction_factor=2.0))
 
 
 def apply_use(document: dict[str, Any], max_epochs: int) -> dict[str, Any]:
     """A search space document with its `use` spelled out (see the module's docstring); as it was
     without one, or with a `use` that is not known (the schema names the known ones). `max_epochs`
     is the budget's where the document gives none."""
-    use = USES.get(document.get("use")) if isinstance(document.get("use"), str) else None
+    use = USES[document["use"]] if isinstance(document.get("use"), str) and document["use"] in USES else None
     if use is None:
         return document
     fields = copy.deepcopy(use.fields())  # the document is the caller's to change

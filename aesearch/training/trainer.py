@@ -26,7 +26,7 @@ from aesearch.errors import CheckpointError, DivergedError
 from aesearch.metrics import selection_key
 from aesearch.parts.corruption import corrupt
 from aesearch.parts.data import Data, DataSpec, check_fits
-from aesearch.parts.data.binarize import fresh_bits
+from aesearch.parts.data.binarize import BINARIZATIONS, fresh_bits
 from aesearch.parts.models import Autoencoder, build_model, parameter_count
 from aesearch.parts.objectives import Objective, random_directions
 from aesearch.parts.optimizers import OPTIMIZERS
@@ -166,7 +166,7 @@ class Trainer:
             check_fits(data.nbytes, f"{config.data.dataset} ({data.spec.describe()})", str(self.device))
         self.data = data.to(self.device)
         self.validation_x = self.data.normal_val_x  # the validation loss: on normal rows only
-        self.binarize_batches = config.data.binarize == "dynamic"  # validation and test were drawn once, at loading
+        self.binarize_batches = BINARIZATIONS[config.data.binarize].fresh_batches  # the others were drawn at loading
         self.model = initial_model(config, data.spec).to(self.device)
         self.channels_last = (
             self.device.type == "cuda" and config.runtime.channels_last and config.model.architecture == "conv"

@@ -19,9 +19,23 @@ ELBO of data in [0, 1] are measured on those test bits whatever the training dat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-BINARIZATIONS = ("none", "dynamic", "static")
+from aesearch.registry import Registry
+
+
+@dataclass(frozen=True)
+class Binarization:
+    drawn_once: tuple[str, ...]  # the splits binarised once, at loading
+    fresh_batches: bool  # each training batch binarised afresh, in the trainer
+
+
+BINARIZATIONS: Registry[Binarization] = Registry("binarization")
+BINARIZATIONS.add("none", Binarization((), fresh_batches=False))
+BINARIZATIONS.add("dynamic", Binarization(("val", "test"), fresh_batches=True))
+BINARIZATIONS.add("static", Binarization(("train", "val", "test"), fresh_batches=False))
 SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3}  # the fixed draws, one generator per split
 
 

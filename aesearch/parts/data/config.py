@@ -69,7 +69,7 @@ class DataConfig(Section):
     split_seed: Int = Field(0, ge=0)
     max_train_samples: PositiveInt | None = None
     # data in [0, 1]: binarised stochastically, each training batch afresh (dynamic) or once (static)
-    binarize: Literal[BINARIZATIONS] = "none"
+    binarize: Named(BINARIZATIONS) = "none"
 
     @property
     def dataset(self) -> str:

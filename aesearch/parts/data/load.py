@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from aesearch.errors import DataError
-from aesearch.parts.data.binarize import fixed_bits
+from aesearch.parts.data.binarize import BINARIZATIONS, fixed_bits
 from aesearch.parts.data.builtin import DATASETS, default_data_dir
 from aesearch.parts.data.config import DataConfig
 from aesearch.parts.data.sources import Raw, read, scale_numeric
@@ -142,12 +142,12 @@ def _load_user_data(config: DataConfig) -> Data:
 def _binarized(splits: dict[str, torch.Tensor | None], config: DataConfig, spec: DataSpec) -> dict:
     """The splits as `data.binarize` wants them: validation and test drawn once, and the training
     split too with `static` (`dynamic` draws each training batch in the trainer)."""
-    if config.binarize == "none":
+    drawn = BINARIZATIONS[config.binarize].drawn_once
+    if not drawn:
         return splits
     if not spec.unit_range:
         raise DataError(f"data.binarize={config.binarize!r}: {config.dataset} has values outside [0, 1]; "
                         "binarising needs every value in [0, 1]")
-    drawn = ("train", "val", "test") if config.binarize == "static" else ("val", "test")
     return splits | {f"{split}_x": fixed_bits(splits[f"{split}_x"], split) for split in drawn}
 
 
