@@ -32,12 +32,14 @@ def test_no_module_is_longer_than_one_reader_holds():
     assert not long, long
 
 
-def test_importing_aesearch_changes_no_environment_variable():
+def test_importing_aesearch_changes_no_environment_variable_nor_any_librarys_logging():
     # The libraries first (importing Ray sets RAY_CLIENT_MODE itself), then aesearch's modules.
-    code = ("import os, ray, ray.tune, optuna, torch, pandas; before = dict(os.environ); "
+    code = ("import os, logging, ray, ray.tune, optuna, torch, pandas; before = dict(os.environ); "
+            "levels = lambda: {n: logging.getLogger(n).level for n in ('optuna', 'ray', 'mlflow', 'aesearch')}; "
+            "logged = levels(); "
             "import aesearch, aesearch.api, aesearch.search.driver, "
             "aesearch.tracking.search_run, aesearch.results.render; "
-            "print(sorted(set(os.environ.items()) ^ set(before.items())))")
+            "print(sorted(set(os.environ.items()) ^ set(before.items())), levels() == logged)")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "[]"
+    assert done.stdout.strip() == "[] True"

@@ -216,6 +216,7 @@ def importances(board: pd.DataFrame, space: Any, mode: str) -> pd.DataFrame:
     import optuna
 
     from aesearch.search.space import DefineByRun, encode_point
+    from aesearch.search.strategies import quiet_optuna
 
     none = pd.DataFrame(columns=["parameter", "fanova", "ped_anova"])
     if space is None or len(board) < 3:
@@ -227,6 +228,7 @@ def importances(board: pd.DataFrame, space: Any, mode: str) -> pd.DataFrame:
     over = f"a random {IMPORTANCE_TRIALS:,} of the {len(board):,} trials" if len(board) > IMPORTANCE_TRIALS else ""
     if over:
         board = board.sample(IMPORTANCE_TRIALS, random_state=0)
+    quiet_optuna()
     study = optuna.create_study(direction="minimize" if mode == "min" else "maximize",
                                 sampler=optuna.samplers.RandomSampler(seed=0))
     define = DefineByRun(space)

@@ -54,7 +54,7 @@ from aesearch.search.storage import (
     storage_unreachable,
     upload_folder,
 )
-from aesearch.search.strategies import SAMPLERS, SCHEDULERS, STOPPED_TRIALS, Sampling, Stopping
+from aesearch.search.strategies import SAMPLERS, SCHEDULERS, STOPPED_TRIALS, Sampling, Stopping, quiet_optuna
 from aesearch.search.trial import run_trial
 from aesearch.tracking.outbox import is_unreachable, patiently
 from aesearch.tracking.search_run import SearchRun, git_commit, package_versions
@@ -277,6 +277,7 @@ def check_resources(space: SearchSpace, local: bool) -> None:
 
 def optuna_searcher(space: SearchSpace) -> MarkingOptunaSearch:
     """The searcher of a new search: the space's sampler over its define-by-run function."""
+    quiet_optuna()
     one = not space.multi_objective  # Optuna's TPE on every objective: a list of several
     return MarkingOptunaSearch(
         DefineByRun(space),

@@ -37,12 +37,10 @@ from aesearch.metrics import ALWAYS_PER_EPOCH, USE_METRICS, is_epoch_objective, 
 from aesearch.parts.data import Data, DataConfig, DataSpec
 from aesearch.schema import (Bool, Float, Int, Name, Named, PositiveInt, Section, broken_rule,
                              describe_validation_error, flatten, load_yaml, set_path)
-from aesearch.search.strategies import SAMPLERS, SCHEDULERS, STOPPED_TRIALS
+from aesearch.search.strategies import SAMPLERS, SCHEDULERS, STOPPED_TRIALS, quiet_optuna
 from aesearch.search.uses import USES, apply_use
 from aesearch.shipped import SPACES, resolve
 from aesearch.training.simulated import Simulation
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)  # aesearch reports progress itself
 
 Scalar = str | int | float | bool | None
 OPTUNA_CHOICE_TYPES = (str, int, float, bool, type(None))  # what suggest_categorical accepts as is
@@ -354,6 +352,7 @@ def start_points(space: SearchSpace) -> list[dict[str, Any]]:
 
 def sample_params(space: SearchSpace, count: int, seed: int = 0) -> list[dict[str, Any]]:
     """`count` random trials of the space (decoded params), as the searcher would draw them."""
+    quiet_optuna()
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     define = DefineByRun(space)
     samples = []
@@ -368,6 +367,7 @@ def sample_params(space: SearchSpace, count: int, seed: int = 0) -> list[dict[st
 def start_trials(space: SearchSpace) -> list[dict[str, Any]]:
     """The trials `start_with` begins with, as the searcher runs them (parameters it leaves
     open drawn at random); a point that sets a parameter its conditions switch off is refused."""
+    quiet_optuna()
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=space.seed))
     define, trials = DefineByRun(space), []
     for i, point in enumerate(start_points(space)):

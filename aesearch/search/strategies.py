@@ -20,6 +20,12 @@ from aesearch.search.mo_asha import FIFO, MultiObjectiveASHA, SeededASHA
 from aesearch.search.windowed_tpe import WindowedTPESampler
 
 
+def quiet_optuna() -> None:
+    """Optuna's INFO lines (each study created, each trial told) off where aesearch makes a study:
+    aesearch reports progress itself."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
 @dataclass(frozen=True)
 class Sampling:
     """What a sampler is built from: the search's seed, its TPE window, and whether it has several objectives."""
