@@ -19,14 +19,19 @@ from aesearch.parts.models.attention import (
     ColumnEncoder,
     patches_problem,
 )
-from aesearch.parts.models.compose import ARCHITECTURES, Architecture, ModelConfig, build_model, input_problem
-from aesearch.parts.models.conv import ConvDecoder, ConvEncoder
-from aesearch.parts.models.core import (
+from aesearch.parts.models.compose import build_model, input_problem
+from aesearch.parts.models.config import (
     ACTIVATIONS,
+    ARCHITECTURES,
     CODE_ACTIVATIONS,
     LATENTS,
-    Autoencoder,
+    Architecture,
     CodeActivation,
+    ModelConfig,
+)
+from aesearch.parts.models.conv import ConvDecoder, ConvEncoder
+from aesearch.parts.models.core import (
+    Autoencoder,
     DeterministicLatent,
     GaussianLatent,
     LatentOutput,

@@ -10,15 +10,11 @@ weights say where the code was read from (`attention_map`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from aesearch.parts.data.spec import CATEGORICAL, NUMERIC, Column, DataSpec
-
-if TYPE_CHECKING:
-    from aesearch.parts.models.compose import ModelConfig
+from aesearch.parts.models.config import ModelConfig
 
 
 def _transformer(config: ModelConfig) -> nn.TransformerEncoder:

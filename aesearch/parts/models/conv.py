@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from aesearch.parts.data.spec import DataSpec
-from aesearch.parts.models.core import ACTIVATIONS
-
-if TYPE_CHECKING:
-    from aesearch.parts.models.compose import ModelConfig
+from aesearch.parts.models.config import ACTIVATIONS, ModelConfig
 
 
 def _conv_sizes(size: int, layers: int) -> list[int]:

@@ -3,20 +3,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from aesearch.parts.data.spec import DataSpec
-from aesearch.registry import Registry
+from aesearch.parts.models.config import ACTIVATIONS, CODE_ACTIVATIONS, LATENTS, CodeActivation, ModelConfig
 
-if TYPE_CHECKING:
-    from aesearch.parts.models.compose import ModelConfig
-
-ACTIVATIONS: Registry[Callable[[], nn.Module]] = Registry("activation")
 ACTIVATIONS.add("relu", nn.ReLU)
 ACTIVATIONS.add("gelu", nn.GELU)
 ACTIVATIONS.add("silu", nn.SiLU)
@@ -25,15 +19,6 @@ ACTIVATIONS.add("elu", nn.ELU)
 ACTIVATIONS.add("leaky_relu", lambda: nn.LeakyReLU(0.1))
 
 
-@dataclass(frozen=True)
-class CodeActivation:
-    """An elementwise squashing of the code, with dh/da for the closed-form contractive term."""
-
-    forward: Callable[[torch.Tensor], torch.Tensor]
-    derivative: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (pre-activation a, h) -> dh/da
-
-
-CODE_ACTIVATIONS: Registry[CodeActivation] = Registry("code activation")
 CODE_ACTIVATIONS.add("none", CodeActivation(lambda a: a, lambda a, h: torch.ones_like(a)))
 CODE_ACTIVATIONS.add("sigmoid", CodeActivation(torch.sigmoid, lambda a, h: h * (1 - h)))
 CODE_ACTIVATIONS.add("tanh", CodeActivation(torch.tanh, lambda a, h: 1 - h * h))
@@ -152,6 +137,5 @@ class GaussianLatent(nn.Module):
         return w_mu.pow(2).sum().expand(latent.code.shape[0])
 
 
-LATENTS: Registry[Callable[[int, ModelConfig], nn.Module]] = Registry("latent")
 LATENTS.add("deterministic", DeterministicLatent)
 LATENTS.add("gaussian", GaussianLatent)

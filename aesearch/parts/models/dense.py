@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from aesearch.parts.data.spec import DataSpec
-from aesearch.parts.models.core import ACTIVATIONS
-
-if TYPE_CHECKING:
-    from aesearch.parts.models.compose import ModelConfig
+from aesearch.parts.models.config import ACTIVATIONS, ModelConfig
 
 
 def _mlp(widths: list[int], activation: str) -> list[nn.Module]:
