@@ -13,6 +13,8 @@ Configs are validated at the edge (`load_config`, `parse_config`): every problem
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,10 +23,11 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from aesearch.errors import ConfigError
 from aesearch.metrics import USE_FAMILIES, USE_METRICS, denoised_kind, is_epoch_objective, is_use_metric, lookup
 from aesearch.parts.corruption import CORRUPTIONS, CorruptionConfig, corruption_level_problem, corruption_problem
-from aesearch.parts.data import DataConfig, DataSpec
+from aesearch.parts.data import NUMERIC, DataConfig, DataSpec
 from aesearch.parts.models import ModelConfig, input_problem
 from aesearch.parts.objectives import KLConfig, ObjectiveConfig, reconstruction_problem
 from aesearch.parts.optimizers import OptimizerConfig
+from aesearch.registry import Registry
 from aesearch.schema import (
     Bool,
     Bounded,
@@ -171,18 +174,45 @@ def measured_per_epoch(config: TrainConfig) -> list[str]:
     return list(dict.fromkeys([*config.evaluation.val_metrics, config.evaluation.select_by]))
 
 
+@dataclass(frozen=True)
+class Condition:
+    """When a metric applies (the catalogue's `applies`), and the line a search gets where it does not."""
+
+    holds: Callable[[TrainConfig, DataSpec], bool]
+    missing: Callable[[str, TrainConfig], str]  # (metric, config) -> what is missing and how to give it
+
+
+CONDITIONS: Registry[Condition] = Registry("condition")
+CONDITIONS.add("always", Condition(lambda config, spec: True, lambda name, config: ""))
+CONDITIONS.add("gaussian latent", Condition(
+    lambda config, spec: config.model.latent == "gaussian",
+    lambda name, config: (f"{name} applies to gaussian latents (VAEs) only, but this trial has model.latent="
+                          f"{config.model.latent!r}: set model.latent: gaussian in base, or pick another objective")))
+CONDITIONS.add("deterministic latent", Condition(
+    lambda config, spec: config.model.latent == "deterministic",
+    lambda name, config: f"{name} applies to deterministic latents only, but this trial has model.latent="
+                         f"{config.model.latent!r}"))
+CONDITIONS.add("labelled anomalies", Condition(
+    lambda config, spec: bool(spec.anomalies),
+    lambda name, config: (f"{name} needs labelled anomalies in the validation split, and {config.data.dataset} "
+                          "names none: set data.anomaly to the labels of the anomalous rows")))
+CONDITIONS.add("class labels", Condition(
+    lambda config, spec: bool(spec.classes),
+    lambda name, config: (f"{name} needs class labels, and {config.data.dataset} has none (give data.label, "
+                          "a y array, or class folders)")))
+CONDITIONS.add("values in [0, 1]", Condition(
+    lambda config, spec: spec.unit_range,
+    lambda name, config: f"{name} needs values in [0, 1], and {config.data.dataset} has real values"))
+CONDITIONS.add("real-valued data", Condition(
+    lambda config, spec: not spec.unit_range,
+    lambda name, config: f"{name} is measured on real-valued data, and {config.data.dataset} has values in [0, 1]"))
+CONDITIONS.add("tables with numeric columns", Condition(
+    lambda config, spec: any(column.kind == NUMERIC for column in spec.columns),
+    lambda name, config: f"{name} needs a table with numeric columns, and {config.data.dataset} has none"))
+
+
 def metric_problem(name: str, config: TrainConfig, spec: DataSpec) -> str | None:
     """Why `name` cannot be measured for this config on this data (what it needs that they lack), or None."""
-    gaussian = config.model.latent == "gaussian"
-    if name in ("val/nll", "val/elbo", "val/kl") and not gaussian:
-        return (f"{name} applies to gaussian latents (VAEs) only, but this trial has model.latent="
-                f"{config.model.latent!r}: set model.latent: gaussian in base, or pick another objective")
-    if name.startswith("val/anomaly_") and not spec.anomalies:
-        return (f"{name} needs labelled anomalies in the validation split, and {config.data.dataset} names none: "
-                "set data.anomaly to the labels of the anomalous rows")
-    if getattr(lookup(name), "applies", None) == "class labels" and not spec.classes:
-        return (f"{name} needs class labels, and {config.data.dataset} has none (give data.label, a y array, "
-                "or class folders)")
     if name.startswith(USE_FAMILIES):
         kind = denoised_kind(name)
         wanted = "val/denoise_psnr_" if spec.unit_range else "val/denoise_mse_"
@@ -191,6 +221,10 @@ def metric_problem(name: str, config: TrainConfig, spec: DataSpec) -> str | None
                     f"so its denoising is measured as {wanted}{kind}")
         problem = corruption_problem(kind, spec)
         return f"{name}: {problem}" if problem else None
+    metric = lookup(name)
+    condition = CONDITIONS[metric.applies] if metric is not None else None
+    if condition is not None and not condition.holds(config, spec):
+        return condition.missing(name, config)
     return None
 
 

@@ -124,6 +124,24 @@ def test_an_objective_that_cannot_be_is_refused_in_one_line(fields, message):
     assert "\n" not in str(raised.value)
 
 
+def test_when_a_metric_applies_is_a_registered_condition_that_decides_it():
+    """The catalogue's `applies` is not prose beside hard-coded checks: each names a condition that
+    metric_problem evaluates on the config and the data."""
+    from aesearch.config import CONDITIONS, metric_problem, parse_config
+    from aesearch.metrics import CATALOGUE, FAMILIES
+    from aesearch.parts.data import IMAGE, DataSpec
+
+    assert {metric.applies for metric in [*CATALOGUE.values(), *FAMILIES.values()]} <= set(CONDITIONS)
+    plain = parse_config({"name": "t", "data": {"name": "digits"}})
+    vae = parse_config({"name": "t", "data": {"name": "digits"}, "model": {"latent": "gaussian"}})
+    labelled = DataSpec("digits", IMAGE, (1, 8, 8), unit_range=True, classes=("0", "1"))
+    bare = DataSpec("digits", IMAGE, (1, 8, 8), unit_range=True)
+    assert metric_problem("val/kl", vae, bare) is None and "gaussian latents" in metric_problem("val/kl", plain, bare)
+    assert metric_problem("val/knn_accuracy", plain, labelled) is None
+    assert "needs class labels" in metric_problem("val/knn_accuracy", plain, bare)
+    assert metric_problem("val/recon_mse", plain, bare) is None  # always
+
+
 @pytest.mark.parametrize("use", sorted(USES))
 def test_each_use_stands_for_a_valid_space_with_its_objectives(use):
     data = {"name": "digits", "anomaly": [0]} if use == "anomaly_detection" else {"name": "digits"}
@@ -161,7 +179,8 @@ def test_the_readme_lists_every_use_with_its_objectives():
     from tests.conftest import REPO
 
     readme = (REPO / "README.md").read_text()
-    for name, use in USES.items():
+    for name in USES:
+        use = USES[name]
         row = next((line for line in readme.splitlines() if line.startswith(f"| `{name}` |")), None)
         assert row is not None, f"README.md has no row for use {name!r}"
         assert all(f"`{metric}`" in row for metric in use.objective), row
