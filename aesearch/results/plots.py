@@ -10,6 +10,7 @@ them: a stopped trial's values are those of the epoch it was stopped at.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from matplotlib.figure import Figure
 
 from aesearch.metrics import lookup
 from aesearch.pareto import nondominated_ranks
+from aesearch.registry import Registry
 
 FIGSIZE = (6.4, 4.0)
 MARKERS = {"completed": "o", "stopped": "x"}
@@ -271,19 +273,24 @@ def asha_chart(asha: dict[str, Any], **_) -> Figure:
     return figure
 
 
-# (file stem, caption, function) in the order the report shows them.
-FIGURES: list[tuple[str, str, Callable[..., Figure]]] = [
-    ("objectives_front", "Pareto front of the search's objectives", objectives_front),
-    ("learning_curves", "Learning curves of the top trials", learning_curves),
-    ("search_progress", "Objective against trial number (search progress)", search_progress),
-    ("latent_size", "Pareto front: the objective against latent size", latent_size_front),
-    ("rate_distortion", "VAE rate / distortion (reconstruction against KL)", rate_distortion),
-    ("sparsity", "Pareto front: reconstruction against sparsity", sparsity_front),
-    ("beta", "Effect of beta and the KL annealing schedule", beta_effect),
-    ("noise", "Noise type x level for denoising", noise_effect),
-    ("importance", "Hyperparameter importance (Optuna)", importance_chart),
-    ("asha", "ASHA: where trials were stopped", asha_chart),
-]
+@dataclass(frozen=True)
+class ReportFigure:
+    caption: str
+    draw: Callable[..., Figure]  # raises NotApplicable, saying why, where the search lacks its data
+
+
+# By file stem, in the order the report shows them.
+FIGURES: Registry[ReportFigure] = Registry("report figure")
+FIGURES.add("objectives_front", ReportFigure("Pareto front of the search's objectives", objectives_front))
+FIGURES.add("learning_curves", ReportFigure("Learning curves of the top trials", learning_curves))
+FIGURES.add("search_progress", ReportFigure("Objective against trial number (search progress)", search_progress))
+FIGURES.add("latent_size", ReportFigure("Pareto front: the objective against latent size", latent_size_front))
+FIGURES.add("rate_distortion", ReportFigure("VAE rate / distortion (reconstruction against KL)", rate_distortion))
+FIGURES.add("sparsity", ReportFigure("Pareto front: reconstruction against sparsity", sparsity_front))
+FIGURES.add("beta", ReportFigure("Effect of beta and the KL annealing schedule", beta_effect))
+FIGURES.add("noise", ReportFigure("Noise type x level for denoising", noise_effect))
+FIGURES.add("importance", ReportFigure("Hyperparameter importance (Optuna)", importance_chart))
+FIGURES.add("asha", ReportFigure("ASHA: where trials were stopped", asha_chart))
 
 
 def all_figures(
@@ -292,7 +299,8 @@ def all_figures(
 ) -> tuple[dict[str, tuple[str, Figure]], dict[str, str]]:
     """Every figure that applies ({stem: (caption, figure)}) and why the others were not drawn."""
     drawn, not_drawn = {}, {}
-    for stem, caption, draw in FIGURES:
+    for stem in FIGURES:
+        caption, draw = FIGURES[stem].caption, FIGURES[stem].draw
         try:
             drawn[stem] = (caption, draw(board=board, curves=curves, importance=importance, asha=asha, metric=metric,
                                          mode=mode, objectives=objectives or [(metric, mode)]))
