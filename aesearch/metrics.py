@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from aesearch.registry import Registry
+
 # How a reproduction compares a metric (see aesearch.results.reproduce.Tolerance).
 # TIME: not a property of the model (wall-clock times, counters, schedules): never compared.
 CONTINUOUS, SCORE, COUNT, EXACT, TIME = "continuous", "score", "count", "exact", "time"
@@ -36,7 +38,8 @@ class Metric:
         return self.scale == SCORE
 
 
-CATALOGUE: dict[str, Metric] = {metric.name: metric for metric in [
+# Every metric with a name of its own, in the order the report lists them.
+METRICS = [
     # per epoch, on the validation split (what a search can optimise: see EPOCH_OBJECTIVES)
     Metric("val/recon_mse", "min", "reconstruction MSE of clean validation inputs (fair across variants)"),
     Metric("val/loss", "min", "the training objective on the validation split (reconstruction + weighted terms)"),
@@ -103,7 +106,10 @@ CATALOGUE: dict[str, Metric] = {metric.name: metric for metric in [
     Metric("best/epoch", "min", "the epoch whose weights are kept: best by evaluation.select_by, ties broken by "
            "the lower val/loss", COUNT),
     Metric("time/train_seconds", "min", "training time, s", TIME, ranked=True),
-]}
+]
+CATALOGUE: Registry[Metric] = Registry("metric")
+for listed in METRICS:
+    CATALOGUE.add(listed.name, listed)
 
 # A metric's resolution: two values that agree to it tie. A score in [0, 1] to a thousandth (the step
 # of an accuracy on the at most `evaluation.val_max_samples` = 1000 validation rows it is measured on;
@@ -146,24 +152,29 @@ def selection_key(name: str, metrics: dict[str, float]) -> tuple[float, float]:
 
 
 # Families of metrics, one per corruption kind measured (`evaluation.denoise_levels`).
-FAMILIES = {
-    "val/denoise_psnr_": Metric("val/denoise_psnr_<kind>", "max", "denoising PSNR on validation, dB ({kind} noise "
-                                "at the evaluation level)", applies="values in [0, 1]"),
-    "val/denoise_mse_": Metric("val/denoise_mse_<kind>", "min", "denoising MSE per value on validation ({kind} "
-                               "noise at the evaluation level)", applies="real-valued data"),
-    "test/denoise_psnr_": Metric("test/denoise_psnr_<kind>", "max", "denoising PSNR, dB ({kind} noise at the "
-                                 "standard level)", applies="values in [0, 1]", ranked=True),
-    "test/noisy_psnr_": Metric("test/noisy_psnr_<kind>", "max", "PSNR of the corrupted test images themselves "
-                               "({kind}), dB: the baseline of denoising", applies="values in [0, 1]"),
-    "test/denoise_mse_": Metric("test/denoise_mse_<kind>", "min", "denoising MSE per value ({kind} noise at the "
-                                "standard level)", applies="real-valued data", ranked=True),
-    "test/noisy_mse_": Metric("test/noisy_mse_<kind>", "min", "MSE per value of the corrupted test inputs "
-                              "themselves ({kind}): the baseline of denoising", applies="real-valued data"),
-    "time/": Metric("time/<what>", "min", "wall-clock seconds", TIME),
-    "train/": Metric("train/<term>", "min", "the objective's {kind} term on the training batches"),
-    "val/": Metric("val/<term>", "min", "the objective's {kind} term on the validation split"),
-    "best/": Metric("best/<metric>", "min", "{kind} at the best epoch"),
-}
+FAMILIES: Registry[Metric] = Registry("metric family")  # by the prefix of their names
+FAMILIES.add("val/denoise_psnr_", Metric(
+    "val/denoise_psnr_<kind>", "max", "denoising PSNR on validation, dB ({kind} noise at the evaluation level)",
+    applies="values in [0, 1]"))
+FAMILIES.add("val/denoise_mse_", Metric(
+    "val/denoise_mse_<kind>", "min", "denoising MSE per value on validation ({kind} noise at the evaluation level)",
+    applies="real-valued data"))
+FAMILIES.add("test/denoise_psnr_", Metric(
+    "test/denoise_psnr_<kind>", "max", "denoising PSNR, dB ({kind} noise at the standard level)",
+    applies="values in [0, 1]", ranked=True))
+FAMILIES.add("test/noisy_psnr_", Metric(
+    "test/noisy_psnr_<kind>", "max", "PSNR of the corrupted test images themselves ({kind}), dB: the baseline of "
+    "denoising", applies="values in [0, 1]"))
+FAMILIES.add("test/denoise_mse_", Metric(
+    "test/denoise_mse_<kind>", "min", "denoising MSE per value ({kind} noise at the standard level)",
+    applies="real-valued data", ranked=True))
+FAMILIES.add("test/noisy_mse_", Metric(
+    "test/noisy_mse_<kind>", "min", "MSE per value of the corrupted test inputs themselves ({kind}): the baseline "
+    "of denoising", applies="real-valued data"))
+FAMILIES.add("time/", Metric("time/<what>", "min", "wall-clock seconds", TIME))
+FAMILIES.add("train/", Metric("train/<term>", "min", "the objective's {kind} term on the training batches"))
+FAMILIES.add("val/", Metric("val/<term>", "min", "the objective's {kind} term on the validation split"))
+FAMILIES.add("best/", Metric("best/<metric>", "min", "{kind} at the best epoch"))
 
 # What a search may rank trials on: known after every epoch, so ASHA can stop on it. The first are
 # measured every epoch of every run; USE_METRICS (and the val/denoise_ families) only when
@@ -195,7 +206,8 @@ def lookup(name: str) -> Metric | None:
     """The catalogue's entry for a logged metric name, or None for a name it does not know."""
     if name in CATALOGUE:
         return CATALOGUE[name]
-    for prefix, family in FAMILIES.items():
+    for prefix in FAMILIES:
+        family = FAMILIES[prefix]
         if name.startswith(prefix):
             kind = name[len(prefix):]
             return Metric(name, family.mode, family.description.replace("{kind}", kind), family.scale,
@@ -217,7 +229,7 @@ def board_metrics(objectives: list[str]) -> list[str]:
     leaderboard.csv): the test counterpart of each objective, then those the catalogue puts on the
     board, in its order; once each."""
     counterparts = [test_counterpart(name) for name in objectives]
-    on_board = [metric.name for metric in CATALOGUE.values() if metric.on_board]
+    on_board = [name for name in CATALOGUE if CATALOGUE[name].on_board]
     return list(dict.fromkeys(name for name in [*counterparts, *on_board] if name is not None))
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from aesearch.metrics import CATALOGUE, TIEBREAK, at_resolution, resolved
+from aesearch.metrics import TIEBREAK, at_resolution, board_metrics, lookup, resolved
 from aesearch.results.read import SearchRecord
 from aesearch.results.tables import (
     asha_summary,
@@ -116,8 +116,8 @@ def headline(report: Report) -> list[str]:
             lines.append(f"The best other family, {runner['family']} ({runner['name']}), reaches "
                          f"{runner['objective']:.4g}, {100 * abs(gap):.1f}% {'higher' if gap > 0 else 'lower'} "
                          "than the winner.")
-    tested = [f"{CATALOGUE[m].description} {winner[m]:.4g}" for m in ("test/recon_mse", "test/psnr", "test/probe_accuracy",
-                                                                  "test/nll") if m in winner and pd.notna(winner[m])]
+    on_test = [m for m in board_metrics([name for name, _ in report.record.objectives]) if m.startswith("test/")]
+    tested = [f"{lookup(m).description} {winner[m]:.4g}" for m in on_test if m in winner and pd.notna(winner[m])]
     if tested:
         lines.append("On the test split: " + "; ".join(tested) + ".")
     lines.append(f"What it is: {winner['architecture']} encoder/decoder, {winner['latent']} latent of "
