@@ -207,6 +207,9 @@ def test_data_too_large_for_memory_is_refused_before_it_is_read(tmp_path):
     ({"path": "x.csv", "image_size": 32}, r"data\.image_size applies to image folders"),
     ({"path": "x.csv", "test": "y.npz"}, r"data\.test='y\.npz' must have the format of data\.path='x\.csv' \(csv\)"),
     ({"anomaly": [10]}, r"data\.anomaly: 10 is not a class of digits \(0\.\.9\)"),
+    ({"path": "x.csv", "scale": "robust"}, r"data\.scale='robust': unknown scaling; valid names: minmax, none, standard$"),
+    ({"path": "x.csv", "impute": "mean"}, r"data\.impute='mean': unknown imputation; valid names: median, none$"),
+    ({"name": "mnist", "binarize": "yes"}, r"data\.binarize='yes': unknown binarization; valid names: dynamic, none, static$"),
 ])
 def test_data_fields_are_checked_before_any_file_is_read(fields, message):
     from aesearch.config import parse_config

@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 
 from aesearch.parts.data.binarize import BINARIZATIONS
 from aesearch.parts.data.builtin import DATASETS
-from aesearch.parts.data.spec import DataSpec
+from aesearch.parts.data.spec import IMPUTATIONS, SCALINGS, DataSpec
 from aesearch.schema import Bounded, Float, Int, Named, PositiveInt, Section, broken_rule
 
 # The formats of user data, by suffix; a folder holds images.
@@ -57,8 +57,8 @@ class DataConfig(Section):
     id: str | None = None  # a column that names each row (optional): not a feature; kept beside scores
     features: list[str] | None = Field(None, min_length=1)  # default: every column but the label and id
     categorical: list[str] | None = None  # default: the non-numeric feature columns
-    scale: Literal["standard", "minmax", "none"] = "standard"  # numeric features, fitted on the training split
-    impute: Literal["none", "median"] = "none"  # missing values: refuse (none) or fill from the training split
+    scale: Named(SCALINGS) = "standard"  # numeric features, fitted on the training split
+    impute: Named(IMPUTATIONS) = "none"  # missing values: refuse (none) or fill from the training split
     # image folders
     image_size: Bounded(8192) | None = None  # images resized to image_size x image_size (default: the first's)
     channels: Literal[1, 3] | None = None  # 1 grey, 3 RGB (default: the first image's)

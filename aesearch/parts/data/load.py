@@ -30,7 +30,7 @@ from aesearch.parts.data.binarize import BINARIZATIONS, fixed_bits
 from aesearch.parts.data.builtin import DATASETS, default_data_dir
 from aesearch.parts.data.config import DataConfig
 from aesearch.parts.data.sources import Raw, read, scale_numeric
-from aesearch.parts.data.spec import NUMERIC, VECTOR, DataSpec
+from aesearch.parts.data.spec import IMPUTATIONS, NUMERIC, SCALINGS, VECTOR, DataSpec
 
 MIN_SPLIT = 2  # rows a split needs at least (a validation loss, a test metric)
 
@@ -217,13 +217,9 @@ def _fit_scaling(raw: Raw, train_idx: np.ndarray, config: DataConfig) -> list:
             continue
         values = raw.x[train_idx, column.start].astype(np.float64)
         values = values[~np.isnan(values)]
-        if config.scale == "standard":
-            center, scale = values.mean(), values.std()
-        elif config.scale == "minmax":
-            center, scale = values.min(), values.max() - values.min()
-        else:
-            center, scale = 0.0, 1.0
-        fill = float(np.median(values)) if len(values) else 0.0
+        center, scale = SCALINGS[config.scale](values)
+        imputation = IMPUTATIONS[config.impute]
+        fill = float(imputation(values)) if imputation is not None and len(values) else 0.0
         columns.append(dataclasses.replace(column, center=float(center), scale=float(scale) or 1.0, fill=fill))
     return columns
 

@@ -19,7 +19,7 @@ import pandas as pd
 
 from aesearch.errors import DataError
 from aesearch.parts.data.config import FOLDER, DataConfig, data_format
-from aesearch.parts.data.spec import CATEGORICAL, IMAGE, NUMERIC, VECTOR, Column, DataSpec
+from aesearch.parts.data.spec import CATEGORICAL, IMAGE, IMPUTATIONS, NUMERIC, VECTOR, Column, DataSpec
 from aesearch.registry import Registry
 
 MISSING_LEVEL = "<missing>"  # a categorical column's missing values, with impute: median
@@ -247,7 +247,7 @@ def _check_missing(frame: pd.DataFrame, features: list[str], label: str | None, 
                         "drop those rows")
     counts = frame[features].isna().sum()
     counts = counts[counts > 0]
-    if len(counts) and impute == "none":
+    if len(counts) and IMPUTATIONS[impute] is None:
         listed = ", ".join(f"{name!r} ({count} missing)" for name, count in counts.items())
         raise DataError(f"{source}: missing values in {listed}; set data.impute: median (filled from the "
                         "training split) or drop those rows")

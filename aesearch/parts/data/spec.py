@@ -15,13 +15,30 @@ checked and encoded, without the training data. The parts ask it their questions
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+
+from aesearch.registry import Registry
 
 IMAGE, VECTOR = "image", "vector"
 NUMERIC, CATEGORICAL = "numeric", "categorical"
+
+# How a table's numeric column is scaled (`data.scale`): its (center, scale) from the training
+# split's values, the column then being `(original - center) / scale`.
+SCALINGS: Registry[Callable[[np.ndarray], tuple[float, float]]] = Registry("scaling")
+SCALINGS.add("standard", lambda values: (values.mean(), values.std()))
+SCALINGS.add("minmax", lambda values: (values.min(), values.max() - values.min()))
+SCALINGS.add("none", lambda values: (0.0, 1.0))
+
+# What a missing value of a table becomes (`data.impute`): None refuses tables with missing values;
+# else the numeric fill from the training split's values (a categorical column gets a level of its own).
+IMPUTATIONS: Registry[Callable[[np.ndarray], float] | None] = Registry("imputation")
+IMPUTATIONS.add("none", None)
+IMPUTATIONS.add("median", np.median)
 
 
 @dataclass(frozen=True)
