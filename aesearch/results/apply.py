@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,13 +33,37 @@ import numpy as np
 import pandas as pd
 
 from aesearch.errors import UserError
+from aesearch.registry import Registry
 from aesearch.training.checkpoints import TrainedModel
 from aesearch.training.inference import Inference
 
 if TYPE_CHECKING:
     from aesearch.parts.data import Inputs
 
-OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".npy": "npy"}
+
+def write_csv(table: pd.DataFrame, out: Path) -> pd.DataFrame:
+    table.to_csv(out, index=False)
+    return table
+
+
+def write_parquet(table: pd.DataFrame, out: Path) -> pd.DataFrame:
+    table.to_parquet(out, index=False)
+    return table
+
+
+def write_npy(table: pd.DataFrame, out: Path) -> pd.DataFrame:
+    """The numeric columns alone (text ids left out), as one float32 array."""
+    table = table.select_dtypes(include=["number", "bool"])
+    np.save(out, table.to_numpy(dtype=np.float32))
+    return table
+
+
+# What `--out` can write, by its suffix: each writes the table and returns the columns it wrote.
+OUTPUT_FORMATS: Registry[Callable[[pd.DataFrame, Path], pd.DataFrame]] = Registry("output format")
+OUTPUT_FORMATS.add(".csv", write_csv)
+OUTPUT_FORMATS.add(".parquet", write_parquet)
+OUTPUT_FORMATS.add(".pq", write_parquet)
+OUTPUT_FORMATS.add(".npy", write_npy)
 CONTAMINATION = 0.05  # the share of validation rows flagged where the data has no labelled anomalies
 
 
@@ -172,14 +197,8 @@ def write(table: pd.DataFrame, out: Path) -> Path:
     """As the suffix says: CSV, Parquet, or a NumPy array of the table's numeric columns (text ids
     left out); a table with a statement (`attrs`: scores) gets it beside, in OUT.json, with the
     columns written."""
-    format, statement = OUTPUT_FORMATS[out.suffix.lower()], dict(table.attrs)
-    if format == "csv":
-        table.to_csv(out, index=False)
-    elif format == "parquet":
-        table.to_parquet(out, index=False)
-    else:
-        table = table.select_dtypes(include=["number", "bool"])
-        np.save(out, table.to_numpy(dtype=np.float32))
+    statement = dict(table.attrs)
+    table = OUTPUT_FORMATS[out.suffix.lower()](table, out)
     if statement:
         statement_file(out).write_text(json.dumps({**statement, "columns": list(table.columns)}, indent=2) + "\n")
     return out
