@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from aesearch.metrics import ranked_metrics
-from aesearch.search.leaderboard import rank
+from aesearch.search.leaderboard import best_of_each_family, rank
 from aesearch.tracking.outcomes import RANKED, Outcome
 from aesearch.tracking.runs import TRIAL_NUMBER_TAG
 from aesearch.tracking.store import resolve_tracking_uri
@@ -127,7 +127,7 @@ def best_per_objective(board: pd.DataFrame, objectives: list[tuple[str, str]]) -
 
 def best_per_family(board: pd.DataFrame) -> pd.DataFrame:
     """The best trial of each variant family, and how far it is from the overall winner."""
-    best = board.groupby("family", sort=False).head(1).copy()
+    best = best_of_each_family(board).copy()
     if best.empty:
         return best
     winner = best["objective"].iloc[0]

@@ -140,6 +140,11 @@ def leaderboard(results, space: SearchSpace) -> pd.DataFrame:
     return rank(pd.DataFrame(rows), space.metrics, space.modes)
 
 
+def best_of_each_family(board: pd.DataFrame) -> pd.DataFrame:
+    """The best ranked trial of each variant family, best first (the board is ranked: `rank`)."""
+    return board[board["rank"].notna()].groupby("family", sort=False).head(1)
+
+
 def format_leaderboard(board: pd.DataFrame, space: SearchSpace, where: str, top: int = 10) -> str:
     metric = space.primary.metric
     if board.empty:
@@ -152,7 +157,7 @@ def format_leaderboard(board: pd.DataFrame, space: SearchSpace, where: str, top:
     columns = list(dict.fromkeys(["trial", "family", "outcome", "epochs", *front, *space.metrics,
                                   *([TIEBREAK] if tie else []), *shown]))
     overall = board.head(top)[columns]
-    per_family = board.dropna(subset=[metric]).groupby("family", sort=False).head(1)[columns]
+    per_family = best_of_each_family(board)[columns]
     ranking = ", ".join(f"{o.metric} {o.mode}" for o in space.objective)
     if space.multi_objective:
         ranking = f"Pareto rank on {ranking}, then {metric}; completed trials only"
