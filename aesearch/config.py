@@ -27,6 +27,7 @@ from aesearch.parts.data import NUMERIC, DataConfig, DataSpec
 from aesearch.parts.models import ModelConfig, input_problem
 from aesearch.parts.objectives import KLConfig, ObjectiveConfig, reconstruction_problem
 from aesearch.parts.optimizers import OptimizerConfig
+from aesearch.plugins import absolute_entries, load_plugins
 from aesearch.registry import Registry
 from aesearch.schema import (
     Bool,
@@ -118,6 +119,7 @@ class TrainConfig(Section):
     """Everything that defines one training run (one trial of a search)."""
 
     name: Name = "autoencoder"
+    plugins: list[str] = Field(default_factory=list)  # modules of the user's own parts (aesearch.plugins)
     seed: Int = Field(0, ge=0)
     epochs: PositiveInt = Field(10, le=100_000)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -242,19 +244,33 @@ def parse_config(document: Any, source: str = "config") -> TrainConfig:
     """Validate a parsed YAML/JSON document; all problems become one ConfigError line."""
     if not isinstance(document, dict):
         raise ConfigError(f"{source}: expected a mapping of config fields, got {type(document).__name__}")
+    plugged_in(document, source)
     try:
         return TrainConfig.model_validate(document)
     except ValidationError as error:
         raise ConfigError(f"{source}: {describe_validation_error(error)}" if source else describe_validation_error(error)) from None
 
 
+def plugged_in(document: dict[str, Any], source: str, folder: Path | None = None) -> None:
+    """Import the plug-ins a document names (`plugins:`) before it is validated: their parts are
+    names it may use. Relative files are relative to `folder` (default: the working directory)."""
+    try:
+        load_plugins(document.get("plugins"), folder)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}" if source else str(error)) from None
+
+
 def load_config(path: Path | str, overrides: list[str] | None = None) -> TrainConfig:
-    """Load a config file (or a shipped one by name: 'vae'), apply `key.path=value` overrides, validate."""
-    document = load_yaml(resolve(path, CONFIGS))
+    """Load a config file (or a shipped one by name: 'vae'), apply `key.path=value` overrides, validate.
+    Plug-in files are relative to the file's folder."""
+    file = resolve(path, CONFIGS)
+    document = load_yaml(file)
     if document is None:
         document = {}
     if isinstance(document, dict):
         document = apply_overrides(document, overrides or [])
+        plugged_in(document, str(path), Path(file).parent)  # the error names the entries as written
+        document = absolute_entries(document, Path(file).parent)
     return parse_config(document, source=str(path))
 
 

@@ -37,6 +37,7 @@ from aesearch.packing.server import (
     stop_servers,
 )
 from aesearch.parts.data import Data, load_data
+from aesearch.plugins import load_plugins, shipped_modules
 from aesearch.search.callbacks import CheckpointPruner, CompactFinished, FirstReport, Progress, RunCloser
 from aesearch.search.faults import Fault, read_faults
 from aesearch.search.leaderboard import NothingRan, leaderboard, nothing_ran
@@ -137,9 +138,10 @@ def search(space: SearchSpace, options: SearchOptions, phases: Phases | None = N
     data = load_data(space.data, options.data_dir, options.download)
     check_trials(space, data.spec)
     check_validation_rows(space, data)
+    shipped = shipped_modules(load_plugins(space.plugins))  # imported already, when the space was read
     phases.mark("start (imports, checks, data)")
     if options.address:
-        connect(options.address)  # a cluster may refuse us (no answer, a wrong token): before anything is written
+        connect(options.address, shipped)  # a cluster may refuse us (no answer, a wrong token): before anything is written
     try:
         runs = SearchRun(uri, options.name)  # opening an embedded store creates it: after every check of input
         if not options.resume:
@@ -147,7 +149,7 @@ def search(space: SearchSpace, options: SearchOptions, phases: Phases | None = N
         else:
             runs.check_artifacts_in_place()
         if not options.address:
-            connect(None)  # a local Ray instance: started once the search is known to be new
+            connect(None, shipped)  # a local Ray instance: started once the search is known to be new
         check_resources(space, local=options.address is None)
         if options.address and is_local_store(uri):
             print(f"aesearch: warning: trials on other nodes log to {uri} only if they see this path; "

@@ -73,11 +73,13 @@ def use_auth_mode(mode: str) -> None:
     ray_api.reload_core_config()
 
 
-def connect(address: str | None) -> None:
+def connect(address: str | None, py_modules: list[str] | None = None) -> None:
     """Start a local Ray instance (no address), or join the cluster at `address` as it asks and prove
-    that it can run this driver's work; a cluster that cannot is one line (UserError)."""
+    that it can run this driver's work; a cluster that cannot is one line (UserError). `py_modules`
+    (the user's plug-ins) reach every worker of the search, on every node."""
+    job = {"runtime_env": {"py_modules": py_modules}} if py_modules else {}
     if not address:
-        ray.init(include_dashboard=False, **QUIET)
+        ray.init(include_dashboard=False, **job, **QUIET)
         return
     explicit = AUTH_MODE in os.environ
     if not explicit and address != "auto" and not address.startswith("ray://"):
@@ -85,7 +87,7 @@ def connect(address: str | None) -> None:
     # A cluster that refuses us (a wrong token) is otherwise retried for ~20 s, once a second.
     os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "3")
     try:
-        ray.init(address=address, **QUIET)
+        ray.init(address=address, **job, **QUIET)
     except (ConnectionError, RuntimeError, ray.exceptions.RayError) as error:
         reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
         raise UserError(

@@ -24,19 +24,20 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import optuna
 from pydantic import Field, ValidationError, model_validator
 
-from aesearch.config import TrainConfig, check_data, metric_problem, parse_config
+from aesearch.config import TrainConfig, check_data, metric_problem, parse_config, plugged_in
 from aesearch.errors import ConfigError
 from aesearch.metrics import ALWAYS_PER_EPOCH, USE_METRICS, is_epoch_objective, is_use_metric, lookup
 from aesearch.parts.data import Data, DataConfig, DataSpec
+from aesearch.plugins import absolute_entries
 from aesearch.schema import (Bool, Float, Int, Name, Named, PositiveInt, Section, broken_rule,
                              describe_validation_error, flatten, load_yaml, set_path)
+from aesearch.search.budget import Budget, Resources
 from aesearch.search.strategies import SAMPLERS, SCHEDULERS, STOPPED_TRIALS, quiet_optuna
 from aesearch.search.uses import USES, apply_use
 from aesearch.shipped import SPACES, resolve
@@ -143,55 +144,12 @@ class Objective(Section):
         return not self.metric.startswith("model/")
 
 
-class Budget(Section):
-    num_samples: PositiveInt = 16
-    max_epochs: PositiveInt = Field(10, le=100_000)
-    grace_period: PositiveInt = 1  # ASHA: epochs every trial gets before it can be stopped (<= max_epochs)
-    reduction_factor: Float = Field(3.0, gt=1.0)  # ASHA: keep the best 1/reduction_factor per rung
-    # ASHA's brackets (Hyperband's hedge): bracket s first judges its trials at grace_period * reduction_factor**s
-    # epochs; each new trial is dealt to one (3 brackets of 4, 3, 2 rungs: 67%, 24%, 9% of the trials). At most one
-    # per rung: more are cut to that. One, as in Ray: more cost epochs and searched no better in
-    # benchmarks/README.md ("Search efficiency").
-    brackets: PositiveInt = Field(1, le=10)
-    time_budget_s: Float | None = Field(None, gt=0)
-    max_failures: Int = Field(1, ge=0)  # retries of a trial that raised, from its last checkpoint
-    # Checkpoints (in trial storage and in MLflow) of the best K finished trials only: the others'
-    # are removed as better trials end, so that a 1,000-trial search does not fill a disk.
-    keep_checkpoints: PositiveInt = Field(10, le=100_000)
-    # How long a trial (at its start and end) and the driver (closing runs) wait for a tracking server
-    # that does not answer; in between, trials train on and their records wait. What never arrives is
-    # named on the run (tag `tracking`) and in the search's output. storage_patience_s: how long a trial's
-    # report waits for storage that does not answer (an S3 server restarting) before the trial fails.
-    tracking_patience_s: Float = Field(600.0, gt=0, le=86_400)
-    storage_patience_s: Float = Field(600.0, gt=0, le=86_400)
-    # A trial sends its epochs' metrics to MLflow at most this often, several epochs in one request
-    # (0: each epoch as it ends). Short epochs by the thousand: fewer requests for the tracking server.
-    tracking_batch_s: Float = Field(0.0, ge=0, le=3600)
-    # A trial stores a checkpoint with a report at most this often, always with its last (0: every epoch). A
-    # retried trial retrains from its last stored one; a stopped trial keeps the best epoch stored in it.
-    checkpoint_every_s: Float = Field(0.0, ge=0, le=3600)
-
-    @model_validator(mode="after")
-    def _grace_within_budget(self) -> Budget:
-        self.grace_period = min(self.grace_period, self.max_epochs)  # e.g. after --max-epochs 3
-        rungs = int(math.log(self.max_epochs / self.grace_period) / math.log(self.reduction_factor) + 1)
-        self.brackets = min(self.brackets, rungs)
-        return self
-
-
-class Resources(Section):
-    cpu: Float = Field(1.0, gt=0, le=256)
-    gpu: Float = Field(0.0, ge=0, le=1)  # a fraction of one GPU: several trials may share it
-    # > 1: trials train in pack servers, each holding `cpu` and `gpu` and training up to `pack`
-    # trials of one model shape in one fused step (see aesearch.packing.server).
-    pack: PositiveInt = Field(1, le=256)
-
-
 ParameterName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]  # no '/': Ray would nest it
 
 
 class SearchSpace(Section):
     name: Name
+    plugins: list[str] = Field(default_factory=list)  # modules of the user's own parts (aesearch.plugins)
     data: DataConfig = Field(default_factory=DataConfig)
     use: Named(USES) | None = None  # stands for an objective and a space (aesearch.search.uses)
     base: dict[str, Any] = Field(default_factory=dict)
@@ -321,6 +279,7 @@ def trial_config(space: SearchSpace, params: dict[str, Any], measured: bool = Tr
     the base, the data and epochs of the search, and (`measured`) what its objectives need measured
     each epoch."""
     document = copy.deepcopy(space.base)
+    document["plugins"] = space.plugins
     document["data"] = space.data.model_dump(mode="json")
     document["epochs"] = space.budget.max_epochs
     document.setdefault("name", space.name)
@@ -429,6 +388,7 @@ def is_search_space(document: Any) -> bool:
 def parse_space(document: Any, source: str = "search space") -> SearchSpace:
     if not isinstance(document, dict):
         raise ConfigError(f"{source}: expected a mapping, got {type(document).__name__}")
+    plugged_in(document, source)
     try:
         space = SearchSpace.model_validate(document)
     except ValidationError as error:
@@ -440,9 +400,12 @@ def parse_space(document: Any, source: str = "search space") -> SearchSpace:
 def load_space(path: Path | str, overrides: dict[str, Any] | None = None) -> SearchSpace:
     """Load and validate a search space file, or a shipped one by name ('quickstart'); `overrides` replace
     top-level sections' fields, e.g. {'budget.num_samples': 4} (from command-line flags)."""
-    document = load_yaml(resolve(path, SPACES))
+    file = resolve(path, SPACES)
+    document = load_yaml(file)
     if isinstance(document, dict):
         document = copy.deepcopy(document)
         for dotted, value in (overrides or {}).items():
             set_path(document, dotted, value)
+        plugged_in(document, str(path), Path(file).parent)  # the error names the entries as written
+        document = absolute_entries(document, Path(file).parent)
     return parse_space(document, source=str(path))
