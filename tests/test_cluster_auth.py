@@ -9,6 +9,7 @@ written; a search whose every trial errored exits 1.
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from tests.conftest import REPO
 from tests.searching import run, run_at_once, search_command, tracking_uri, write_space
@@ -111,6 +113,31 @@ def search(folder: Path, nodes: Nodes, env: dict[str, str], **space_options):
     return run(search_on(folder, nodes, **space_options), env, cwd=folder, timeout=400)
 
 
+PLUGGED_SPACE = """
+name: plugged
+plugins: [seqparts.conv1d]
+data: {name: digits}
+base: {model: {architecture: conv1d, conv_channels: [8], latent_dim: 4}, optimizer: {batch_size: 64}}
+space: {optimizer.lr: {type: float, low: 0.001, high: 0.01, log: true}}
+budget: {num_samples: 2, max_epochs: 1, keep_checkpoints: 10}
+resources: {cpu: 1}
+max_concurrent: 2
+"""
+
+
+def plugged_search(folder: Path, nodes: Nodes) -> tuple[list[str], dict[str, str]]:
+    """A search of the example plug-in's architecture, as a package only the driver can import (its
+    PYTHONPATH): the cluster's nodes were started without it, so the trials find it only because the
+    search ships it to them."""
+    package = folder / "driver_only" / "seqparts"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    shutil.copy(REPO / "examples" / "plugins" / "sequences.py", package / "conv1d.py")
+    (folder / "plugged.yaml").write_text(PLUGGED_SPACE)
+    command = search_command(folder / "plugged.yaml", folder / "results", "--address", nodes.address)
+    return command, {"PYTHONPATH": str(folder / "driver_only")}
+
+
 @pytest.fixture(scope="module")
 def searches(clusters, token, tmp_path_factory):
     """The module's searches that run trials, at the same time (one's start overlaps another's trials):
@@ -121,8 +148,11 @@ def searches(clusters, token, tmp_path_factory):
                "errored": (clusters["token"], {"max_failures": 0})}
     folders = {name: tmp_path_factory.mktemp(name) for name in planned}
     commands = {name: search_on(folders[name], nodes, **options) for name, (nodes, options) in planned.items()}
+    folders["plugged"] = tmp_path_factory.mktemp("plugged")
+    commands["plugged"], plugged_env = plugged_search(folders["plugged"], clusters["open"])
     done = run_at_once(commands, clean_env(RAY_AUTH_TOKEN_PATH=str(token)), tmp_path_factory.mktemp("logs"),
-                       timeout=400, besides={"errored": {"AESEARCH_FAULTS": faults}}, cwd=tmp_path_factory.mktemp("cwd"))
+                       timeout=400, besides={"errored": {"AESEARCH_FAULTS": faults}, "plugged": plugged_env},
+                       cwd=tmp_path_factory.mktemp("cwd"))
     return {name: (folders[name], finished) for name, finished in done.items()}
 
 
@@ -152,6 +182,23 @@ def test_a_driver_follows_a_cluster_with_token_authentication(searches, token_cl
     assert token.read_text() not in done.stderr + done.stdout
     board = finished_trials(folder)
     assert len(board) == 2 and (board["outcome"] == "completed").all()
+
+
+def test_a_search_ships_the_users_plugin_to_nodes_that_cannot_import_it_and_its_winner_reproduces(
+        searches, token, tmp_path):
+    folder, done = searches["plugged"]
+    assert done.returncode == 0, done.stderr[-3000:]
+    board = pd.read_csv(folder / "results" / "plugged" / "leaderboard.csv")
+    assert len(board) == 2 and (board["outcome"] == "completed").all()
+    assert board["node"].nunique() == 2  # one trial on each node, each importing the shipped package
+    # Here, as on the driver, the package is on PYTHONPATH: the winner trains again from its MLflow config.
+    env = clean_env(RAY_AUTH_TOKEN_PATH=str(token), PYTHONPATH=str(folder / "driver_only"))
+    reproduced = run([sys.executable, "-m", "aesearch.cli", "reproduce", "plugged", "--rank", "1", "--tracking-uri",
+                      tracking_uri(folder / "results"), "--out", str(tmp_path / "again")], env, cwd=tmp_path,
+                     timeout=400)
+    assert reproduced.returncode == 0, reproduced.stderr[-3000:]
+    again = yaml.safe_load((tmp_path / "again" / "config.yaml").read_text())
+    assert again["model"]["architecture"] == "conv1d" and again["plugins"] == ["seqparts.conv1d"]
 
 
 def assert_refused_in_one_line(done: subprocess.CompletedProcess, folder: Path, starts: str) -> str:
