@@ -199,6 +199,12 @@ def test_a_search_ships_the_users_plugin_to_nodes_that_cannot_import_it_and_its_
     assert reproduced.returncode == 0, reproduced.stderr[-3000:]
     again = yaml.safe_load((tmp_path / "again" / "config.yaml").read_text())
     assert again["model"]["architecture"] == "conv1d" and again["plugins"] == ["seqparts.conv1d"]
+    # The registered model carries the plug-in: it loads and answers where the package is not installed.
+    served = run([sys.executable, "-c", "import mlflow, numpy; model = mlflow.pyfunc.load_model('models:/plugged@champion'); "
+                  "print(model.predict(numpy.zeros((3, 1, 8, 8), dtype='float32'))['code'].shape)"],
+                 clean_env(MLFLOW_TRACKING_URI=tracking_uri(folder / "results")), cwd=tmp_path, timeout=300)
+    assert served.returncode == 0, served.stderr[-3000:]
+    assert served.stdout.strip().splitlines()[-1] == "(3, 4)"
 
 
 def assert_refused_in_one_line(done: subprocess.CompletedProcess, folder: Path, starts: str) -> str:

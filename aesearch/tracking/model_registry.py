@@ -58,6 +58,7 @@ def register_best_model(client: MlflowClient, uri: str, parent_run_id: str, name
     import mlflow
     from mlflow.models import infer_signature
 
+    from aesearch.plugins import load_plugins, shipped_modules
     from aesearch.training.checkpoints import load_trained_model
 
     with no_type_hint_advice():  # MLflow gives it when the model's class is defined, and when it is logged
@@ -79,6 +80,8 @@ def register_best_model(client: MlflowClient, uri: str, parent_run_id: str, name
             info = mlflow.pyfunc.log_model(
                 name="best_model", python_model=str(code), artifacts={CHECKPOINT: path}, signature=signature,
                 input_example=example, registered_model_name=name,
+                # the user's plug-ins travel with the model: MLflow puts them on sys.path where it loads it
+                code_paths=shipped_modules(load_plugins(trained.config.plugins)) or None,
                 pip_requirements=[f"torch=={metadata.version('torch')}", f"aesearch=={metadata.version('aesearch')}"],
                 metadata={"trial_id": run.data.tags.get(TRIAL_ID_TAG), "trial_run_id": run.info.run_id,
                           **{k: float(v) for k, v in metrics.items()}},
