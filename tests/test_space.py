@@ -27,7 +27,8 @@ MINIMAL = {"name": "s", "space": {"model.latent_dim": {"type": "int", "low": 2, 
 def test_the_shipped_spaces_are_the_documented_ones():
     assert {p.stem for p in SPACES} == {
         "quickstart", "mnist_variants", "mnist_vae_beta", "fashion_mnist_denoising", "cifar10_conv",
-        "wine_anomaly", "digits_images", "compression",
+        "wine_anomaly", "digits_images", "compression", "digits_reconstruction", "digits_anomaly",
+        "digits_clustering", "mnist_generation",
     }
 
 
@@ -36,6 +37,12 @@ def test_shipped_space_validates_and_says_how_to_launch_it(path: Path):
     space = load_space(path)
     assert space.name == path.stem
     assert f"aesearch search {path.stem}" in path.read_text().split("\nname:")[0]
+
+
+def test_every_use_has_a_shipped_space_that_stands_on_it():
+    from aesearch.search.uses import USES
+
+    assert {load_space(path).use for path in SPACES} >= set(USES)
 
 
 @functools.cache
