@@ -9,7 +9,7 @@ PYTHON ?= python3
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
 RUN := $(UV) run --no-sync
 
-.PHONY: quickstart test cluster-demo benchmark setup browser postgresql clean
+.PHONY: quickstart test docs cluster-demo benchmark setup browser postgresql clean
 
 QUICKSTART := quickstart-$(shell date +%Y%m%d-%H%M%S)
 
@@ -19,6 +19,10 @@ quickstart: setup
 
 test: setup browser postgresql
 	$(RUN) pytest
+
+# the documentation site, into site/ (the reference pages are generated from the code: docs/hooks.py)
+docs: setup
+	$(RUN) mkdocs build --strict
 
 # the cluster of cluster/README.md rehearsed on 127.0.0.1: PostgreSQL and SeaweedFS's S3 server, an MLflow
 # server on them (basic auth, proxied artifacts in the bucket), Ray head + worker node (token auth), the

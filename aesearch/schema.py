@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import reprlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -57,9 +58,20 @@ def named(registry: Registry, value: str, extra: tuple[str, ...] = ()) -> str:
     raise ValueError(f"unknown {registry.kind}; valid names: {valid}")
 
 
+@dataclass(frozen=True)
+class NamedChoice:
+    """Marks a field as a name of `registry`'s entries (or of `extra`): what the docs' reference lists."""
+
+    registry: Registry
+    extra: tuple[str, ...] = ()
+
+    def names(self) -> list[str]:
+        return sorted((*self.extra, *self.registry.names()))
+
+
 def Named(registry: Registry, *extra: str) -> type[str]:
     """A string field that must name an entry of `registry` (or one of `extra`)."""
-    return Annotated[str, AfterValidator(lambda value: named(registry, value, extra))]
+    return Annotated[str, AfterValidator(lambda value: named(registry, value, extra)), NamedChoice(registry, extra)]
 
 
 class Section(BaseModel):
