@@ -70,8 +70,9 @@ def load_plugins(entries: Any, folder: Path | None = None) -> list[Plugin]:
 
 
 def _is_file_of(module: Any, file: Path) -> bool:
+    """Is `module` this file, or a copy of it (as Ray's py_modules or MLflow's code_paths place it)?"""
     where = getattr(module, "__file__", None)
-    return where is not None and Path(where).resolve() == file
+    return where is not None and (Path(where).resolve() == file or Path(where).read_bytes() == file.read_bytes())
 
 
 def _import(found: Plugin) -> None:
@@ -118,6 +119,9 @@ def shipped_modules(plugins: list[Plugin]) -> list[str]:
             shipped.append(str(found.file))
             continue
         top = sys.modules[found.module.split(".")[0]]
+        if getattr(top, "__file__", None) is None:  # a namespace package: its folder
+            shipped.append(str(Path(list(top.__path__)[0])))
+            continue
         location = Path(top.__file__)
         shipped.append(str(location.parent if location.name == "__init__.py" else location))
     return list(dict.fromkeys(shipped))
