@@ -85,3 +85,19 @@ def test_a_plugin_that_cannot_be_used_is_one_line_and_exit_2_before_anything_is_
 
     assert re.search(message, lines[0].removeprefix("aesearch: error: ")), lines[0]
     assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_an_entry_is_a_file_relative_to_its_document_or_a_module_and_ships_as_one(tmp_path):
+    import aesearch
+    from aesearch.plugins import Plugin, absolute_entries, plugin, shipped_modules
+
+    mine = (tmp_path / "parts" / "mine.py").resolve()
+    assert plugin("parts/mine.py", tmp_path) == Plugin("parts/mine.py", "mine", mine)
+    assert plugin("my_package.parts", tmp_path) == Plugin("my_package.parts", "my_package.parts", None)
+    assert absolute_entries({"plugins": ["parts/mine.py", "my_package.parts"]}, tmp_path)["plugins"] == [
+        str(mine), "my_package.parts"]
+    mine.parent.mkdir()
+    mine.write_text("")
+    # a file ships as itself; a module of a package, as the package's top folder
+    assert shipped_modules([plugin("parts/mine.py", tmp_path), plugin("aesearch.parts.models", tmp_path)]) == [
+        str(mine), str(Path(aesearch.__file__).parent)]
