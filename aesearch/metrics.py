@@ -152,29 +152,27 @@ def selection_key(name: str, metrics: dict[str, float]) -> tuple[float, float]:
 
 
 # Families of metrics, one per corruption kind measured (`evaluation.denoise_levels`).
-FAMILIES: Registry[Metric] = Registry("metric family")  # by the prefix of their names
-FAMILIES.add("val/denoise_psnr_", Metric(
-    "val/denoise_psnr_<kind>", "max", "denoising PSNR on validation, dB ({kind} noise at the evaluation level)",
-    applies="values in [0, 1]"))
-FAMILIES.add("val/denoise_mse_", Metric(
-    "val/denoise_mse_<kind>", "min", "denoising MSE per value on validation ({kind} noise at the evaluation level)",
-    applies="real-valued data"))
-FAMILIES.add("test/denoise_psnr_", Metric(
-    "test/denoise_psnr_<kind>", "max", "denoising PSNR, dB ({kind} noise at the standard level)",
-    applies="values in [0, 1]", ranked=True))
-FAMILIES.add("test/noisy_psnr_", Metric(
-    "test/noisy_psnr_<kind>", "max", "PSNR of the corrupted test images themselves ({kind}), dB: the baseline of "
-    "denoising", applies="values in [0, 1]"))
-FAMILIES.add("test/denoise_mse_", Metric(
-    "test/denoise_mse_<kind>", "min", "denoising MSE per value ({kind} noise at the standard level)",
-    applies="real-valued data", ranked=True))
-FAMILIES.add("test/noisy_mse_", Metric(
-    "test/noisy_mse_<kind>", "min", "MSE per value of the corrupted test inputs themselves ({kind}): the baseline "
-    "of denoising", applies="real-valued data"))
-FAMILIES.add("time/", Metric("time/<what>", "min", "wall-clock seconds", TIME))
-FAMILIES.add("train/", Metric("train/<term>", "min", "the objective's {kind} term on the training batches"))
-FAMILIES.add("val/", Metric("val/<term>", "min", "the objective's {kind} term on the validation split"))
-FAMILIES.add("best/", Metric("best/<metric>", "min", "{kind} at the best epoch"))
+FAMILY_METRICS = [
+    Metric("val/denoise_psnr_<kind>", "max", "denoising PSNR on validation, dB ({kind} noise at the evaluation level)",
+           applies="values in [0, 1]"),
+    Metric("val/denoise_mse_<kind>", "min", "denoising MSE per value on validation ({kind} noise at the evaluation "
+           "level)", applies="real-valued data"),
+    Metric("test/denoise_psnr_<kind>", "max", "denoising PSNR, dB ({kind} noise at the standard level)",
+           applies="values in [0, 1]", ranked=True),
+    Metric("test/noisy_psnr_<kind>", "max", "PSNR of the corrupted test images themselves ({kind}), dB: the baseline "
+           "of denoising", applies="values in [0, 1]"),
+    Metric("test/denoise_mse_<kind>", "min", "denoising MSE per value ({kind} noise at the standard level)",
+           applies="real-valued data", ranked=True),
+    Metric("test/noisy_mse_<kind>", "min", "MSE per value of the corrupted test inputs themselves ({kind}): the "
+           "baseline of denoising", applies="real-valued data"),
+    Metric("time/<what>", "min", "wall-clock seconds", TIME),
+    Metric("train/<term>", "min", "the objective's {kind} term on the training batches"),
+    Metric("val/<term>", "min", "the objective's {kind} term on the validation split"),
+    Metric("best/<metric>", "min", "{kind} at the best epoch"),
+]
+FAMILIES: Registry[Metric] = Registry("metric family")  # by the prefix of their names: val/denoise_psnr_
+for listed in FAMILY_METRICS:
+    FAMILIES.add(listed.name.split("<")[0], listed)
 
 # What a search may rank trials on: known after every epoch, so ASHA can stop on it. The first are
 # measured every epoch of every run; USE_METRICS (and the val/denoise_ families) only when

@@ -214,10 +214,10 @@ def describe(entry: Any) -> str:
 
 
 def metrics_page() -> str:
-    from aesearch.metrics import FAMILIES, METRICS
+    from aesearch.metrics import FAMILY_METRICS, METRICS
 
     rows = "\n".join(f"| `{m.name}` | {m.better} | {m.description.replace('|', '/')} | {m.applies} |"
-                     for m in [*METRICS, *(FAMILIES[prefix] for prefix in FAMILIES)])
+                     for m in [*METRICS, *FAMILY_METRICS])
     return ("# Metrics\n\nEvery metric aesearch logs (`aesearch.metrics`): per-epoch `train/` and `val/`, the "
             "evaluation suite's `test/` on the best weights.\n\n| metric | better | what | when it applies |\n"
             "|---|---|---|---|\n" + rows + "\n")

@@ -128,10 +128,10 @@ def test_when_a_metric_applies_is_a_registered_condition_that_decides_it():
     """The catalogue's `applies` is not prose beside hard-coded checks: each names a condition that
     metric_problem evaluates on the config and the data."""
     from aesearch.config import CONDITIONS, metric_problem, parse_config
-    from aesearch.metrics import FAMILIES, METRICS
+    from aesearch.metrics import FAMILY_METRICS, METRICS
     from aesearch.parts.data import IMAGE, DataSpec
 
-    assert {metric.applies for metric in [*METRICS, *(FAMILIES[prefix] for prefix in FAMILIES)]} <= set(CONDITIONS)
+    assert {metric.applies for metric in [*METRICS, *FAMILY_METRICS]} <= set(CONDITIONS)
     plain = parse_config({"name": "t", "data": {"name": "digits"}})
     vae = parse_config({"name": "t", "data": {"name": "digits"}, "model": {"latent": "gaussian"}})
     labelled = DataSpec("digits", IMAGE, (1, 8, 8), unit_range=True, classes=("0", "1"))
