@@ -3,6 +3,7 @@ upgrade that moves one fails here, naming it, rather than deep inside a search."
 
 import importlib
 import inspect
+from pathlib import Path
 
 import pytest
 import ray
@@ -138,3 +139,40 @@ def test_the_pruner_decodes_only_the_stored_trial_records_that_changed_since_it_
     (experiment / "trial_c" / "checkpoint_000000").mkdir(parents=True)  # started after the last save
     storage.prune_checkpoints(str(experiment), search_ended=True, seen=seen)
     assert checkpoints("trial_a") == ["checkpoint_000002"] and checkpoints("trial_c") == []
+
+
+def test_the_checkpoints_of_trials_outside_the_best_go_through_one_filesystem_not_each_trials_copy(tmp_path):
+    """Each Tune trial holds a copy of the search's filesystem; an S3 one keeps a connection (a socket and an
+    eventfd) open once used, so pruning through each trial's copy leaked two file descriptors per trial
+    until a 10,000-trial search on S3 ran out of them. Every trial is pruned through the first one's: here a
+    trial whose own copy reaches nothing (rooted elsewhere) still loses its checkpoints."""
+    from pyarrow.fs import LocalFileSystem, SubTreeFileSystem
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    from aesearch.locations import sqlite_uri
+    from aesearch.search.callbacks import RunCloser
+    from aesearch.search.space import parse_space
+    from aesearch.tracking.outcomes import REPORTED
+    from aesearch.tracking.store import Tracking
+
+    space = parse_space({"name": "s", "space": {"model.latent_dim": {"type": "categorical", "choices": [4, 8]}},
+                         "budget": {"keep_checkpoints": 1}})
+    closer = RunCloser(space, Tracking(uri=sqlite_uri(tmp_path / "mlflow.db"), experiment_id="0", parent_run_id="",
+                                         patience_s=1.0))
+    closer.setup()
+    candidates, last_results = {}, {}
+    for number, error in enumerate([0.1, 0.2, 0.3]):
+        trial = Trial("run_trial", stub=True)
+        trial.storage = StorageContext(storage_path=str(tmp_path / "results"), experiment_dir_name="s",
+                                       trial_dir_name=f"trial_{number}")
+        (Path(trial.storage.trial_fs_path) / "checkpoint_000000").mkdir(parents=True)
+        candidates[trial.trial_id] = trial
+        last_results[trial.trial_id] = {"val/recon_mse": error, "val/loss": error, "epoch": 1.0,
+                                        REPORTED["completed"]: 1.0}
+    trials = list(candidates.values())
+    trials[2].storage.storage_filesystem = SubTreeFileSystem(str(tmp_path / "elsewhere"), LocalFileSystem())
+    closer._drop_outside_the_best(candidates, last_results)
+    kept = [any(Path(trial.storage.trial_fs_path).iterdir()) for trial in trials]
+    assert kept == [True, False, False]  # the best keeps its checkpoint; the other two lose theirs
+    assert closer.filesystem is trials[1].storage.storage_filesystem  # the first trial it pruned

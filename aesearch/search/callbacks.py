@@ -161,6 +161,9 @@ class RunCloser(Callback):
         self.outbox = Outbox(on_error=self.warn, in_background=True, most_waiting=MOST_WAITING)
         self.dropped: set[str] = set()  # trials whose checkpoints were removed (in the outbox's thread)
         self.finished: dict[str, Any] | None = None  # the finished trials still to rank (trial id -> trial)
+        # One filesystem for every trial's storage: each Tune trial holds a copy of the search's, and an S3
+        # one keeps a connection open once used (the driver ran out of file descriptors at 10,000 trials).
+        self.filesystem = None
 
     @staticmethod
     def warn(what: str, error: Exception) -> None:  # a callback that raises would end the search
@@ -203,8 +206,9 @@ class RunCloser(Callback):
             if trial_id in self.dropped:
                 continue
             trial = candidates[trial_id]
+            self.filesystem = self.filesystem or trial.storage.storage_filesystem
             try:
-                remove_stored_checkpoints(trial.storage.storage_filesystem, trial.storage.trial_fs_path)
+                remove_stored_checkpoints(self.filesystem, trial.storage.trial_fs_path)
                 last = last_results[trial_id]
                 if last.get("mlflow_run_id"):
                     self.runs.remove_checkpoints(last["mlflow_run_id"], last.get("mlflow_artifact_uri"))
