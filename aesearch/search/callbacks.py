@@ -165,6 +165,11 @@ class RunCloser(Callback):
         # one keeps a connection open once used (the driver ran out of file descriptors at 10,000 trials).
         self.filesystem = None
 
+    def one_filesystem(self, trials_own):
+        """The filesystem every trial's storage is reached through: the first trial's copy."""
+        self.filesystem = self.filesystem or trials_own
+        return self.filesystem
+
     @staticmethod
     def warn(what: str, error: Exception) -> None:  # a callback that raises would end the search
         print(f"aesearch: warning: {what}: {describe_error(error)}", file=sys.stderr)
@@ -173,7 +178,7 @@ class RunCloser(Callback):
         last = trial.last_result or {}
         ended, run_id = Outcome.from_report(last), last.get("mlflow_run_id")
         if ended.kind == "stopped" and run_id and trial.checkpoint:
-            checkpoint = trial.checkpoint
+            checkpoint = type(trial.checkpoint)(trial.checkpoint.path, self.one_filesystem(trial.checkpoint.filesystem))
             self.outbox.send(f"the best checkpoint of trial {trial.trial_id}",
                              lambda: self.runs.log_best_checkpoint(run_id, checkpoint))
         if not last.get(CLOSED):  # else the trial closed its run itself, with this very outcome
@@ -206,9 +211,9 @@ class RunCloser(Callback):
             if trial_id in self.dropped:
                 continue
             trial = candidates[trial_id]
-            self.filesystem = self.filesystem or trial.storage.storage_filesystem
             try:
-                remove_stored_checkpoints(self.filesystem, trial.storage.trial_fs_path)
+                remove_stored_checkpoints(self.one_filesystem(trial.storage.storage_filesystem),
+                                          trial.storage.trial_fs_path)
                 last = last_results[trial_id]
                 if last.get("mlflow_run_id"):
                     self.runs.remove_checkpoints(last["mlflow_run_id"], last.get("mlflow_artifact_uri"))
