@@ -22,7 +22,7 @@ test: setup browser postgresql
 
 # the documentation site, into site/ (the reference pages are generated from the code: docs/hooks.py)
 docs: setup
-	$(RUN) mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(RUN) mkdocs build --strict
 
 # the cluster of cluster/README.md rehearsed on 127.0.0.1: PostgreSQL and SeaweedFS's S3 server, an MLflow
 # server on them (basic auth, proxied artifacts in the bucket), Ray head + worker node (token auth), the

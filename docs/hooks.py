@@ -151,7 +151,7 @@ def fields_page(model: type[BaseModel], prefix: str = "") -> str:
                     f"{description} |")
     page = ""
     if rows:
-        doc = inspect.getdoc(model) or ""
+        doc = inspect.cleandoc(model.__dict__.get("__doc__") or "")  # its own, not pydantic's BaseModel's
         title = prefix.rstrip(".") or "top level"
         first = " ".join(doc.split("\n\n")[0].split())
         page += (f"## `{title}`\n\n" + (f"{first}\n\n" if doc and prefix else "")
