@@ -117,11 +117,14 @@ def test_every_leaderboard_shows_the_test_counterpart_of_each_objective_the_sear
 
     space = parse_space({"name": "s", "use": "clustering", "budget": {"num_samples": 2}})
     results = [result({"trial_id": f"t{i}", "epoch": 3.0, "val/kmeans_ari": ari, "test/kmeans_ari": ari - 0.05,
-                       "test/recon_mse": 0.1, "test/kmeans_nmi": 0.5, REPORTED["completed"]: 1.0})
+                       "test/recon_mse": 0.1, "test/kmeans_nmi": 0.5, "model/parameters": 70657.0,
+                       REPORTED["completed"]: 1.0})
                for i, ari in enumerate([0.6, 0.8])]
     board = leaderboard(results, space)
     assert board["test/kmeans_ari"].tolist() == pytest.approx([0.75, 0.55])  # best first
-    header = format_leaderboard(board, space, "here").split("best trials")[1].splitlines()[1]
+    printed = format_leaderboard(board, space, "here")
+    header = printed.split("best trials")[1].splitlines()[1]
+    assert " 70657\n" in printed and "e+04" not in printed  # a count prints whole
     assert header.split().index("test/kmeans_ari") < header.split().index("test/recon_mse")
     assert "test/kmeans_nmi" not in header and "test/psnr" not in header  # not an objective; no trial has it
     assert board_metrics(["val/loss"]) == board_metrics([])  # no test counterpart: the catalogue's columns only

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from aesearch.metrics import TIEBREAK, at_resolution, board_metrics, resolved, saturated
+from aesearch.metrics import COUNT, EXACT, TIEBREAK, at_resolution, board_metrics, lookup, resolved, saturated
 from aesearch.pareto import nondominated_ranks
 from aesearch.search.space import (
     SearchSpace,
@@ -156,8 +156,9 @@ def format_leaderboard(board: pd.DataFrame, space: SearchSpace, where: str, top:
         board = board.assign(**{TIEBREAK: kept_loss(board)})
     columns = list(dict.fromkeys(["trial", "family", "outcome", "epochs", *front, *space.metrics,
                                   *([TIEBREAK] if tie else []), *shown]))
-    overall = board.head(top)[columns]
-    per_family = best_of_each_family(board)[columns]
+    counts = {name: "Int64" for name in columns if getattr(lookup(name), "scale", None) in (COUNT, EXACT)}
+    overall = board.head(top)[columns].round(dict.fromkeys(counts, 0)).astype(counts)  # 70660, not 7.066e+04
+    per_family = best_of_each_family(board)[columns].round(dict.fromkeys(counts, 0)).astype(counts)
     ranking = ", ".join(f"{o.metric} {o.mode}" for o in space.objective)
     if space.multi_objective:
         ranking = f"Pareto rank on {ranking}, then {metric}; completed trials only"
