@@ -21,6 +21,7 @@ import textwrap
 import tokenize
 import types
 import typing
+import warnings
 from typing import Any
 
 import annotated_types
@@ -166,8 +167,10 @@ def fields_page(model: type[BaseModel], prefix: str = "") -> str:
 
 def every_module() -> list[Any]:
     modules = []
-    for found in pkgutil.walk_packages(aesearch.__path__, "aesearch."):
-        modules.append(importlib.import_module(found.name))
+    with warnings.catch_warnings():  # MLflow advises type hints when the served model's class is defined
+        warnings.simplefilter("ignore", UserWarning)
+        for found in pkgutil.walk_packages(aesearch.__path__, "aesearch."):
+            modules.append(importlib.import_module(found.name))
     return modules
 
 
