@@ -34,7 +34,10 @@ from aesearch.schema import NamedChoice
 
 
 def on_files(files, config):
-    for path, text in reference_pages().items():
+    with warnings.catch_warnings():  # MLflow advises type hints when the served model's class is defined
+        warnings.simplefilter("ignore", UserWarning)
+        pages = reference_pages()
+    for path, text in pages.items():
         files.append(File.generated(config, path, content=text))
     return files
 
@@ -166,12 +169,7 @@ def fields_page(model: type[BaseModel], prefix: str = "") -> str:
 
 
 def every_module() -> list[Any]:
-    modules = []
-    with warnings.catch_warnings():  # MLflow advises type hints when the served model's class is defined
-        warnings.simplefilter("ignore", UserWarning)
-        for found in pkgutil.walk_packages(aesearch.__path__, "aesearch."):
-            modules.append(importlib.import_module(found.name))
-    return modules
+    return [importlib.import_module(found.name) for found in pkgutil.walk_packages(aesearch.__path__, "aesearch.")]
 
 
 def defined_in(module: Any, attribute: str) -> bool:
