@@ -13,6 +13,36 @@ from dataclasses import dataclass
 
 from aesearch.registry import Registry
 
+
+@dataclass(frozen=True)
+class Direction:
+    """Which way a metric is better: the one place that turns a mode ("min" or "max") into an order."""
+
+    better: str  # "lower" or "higher"
+    sign: float  # +1 where smaller is better; values times the sign are minimised
+    optuna: str  # Optuna's name for it
+
+    @property
+    def ascending(self) -> bool:
+        """Sorted best first, the values ascend."""
+        return self.sign > 0
+
+    @property
+    def phrase(self) -> str:
+        return f"{self.better} is better"
+
+    @property
+    def worst(self) -> float:
+        return math.inf * self.sign
+
+    def is_better(self, value: float, than: float) -> bool:
+        return value * self.sign < than * self.sign
+
+
+DIRECTIONS: Registry[Direction] = Registry("direction")
+DIRECTIONS.add("min", Direction("lower", 1.0, "minimize"))
+DIRECTIONS.add("max", Direction("higher", -1.0, "maximize"))
+
 # How a reproduction compares a metric (see aesearch.results.reproduce.Tolerance).
 # TIME: not a property of the model (wall-clock times, counters, schedules): never compared.
 CONTINUOUS, SCORE, COUNT, EXACT, TIME = "continuous", "score", "count", "exact", "time"
@@ -21,7 +51,7 @@ CONTINUOUS, SCORE, COUNT, EXACT, TIME = "continuous", "score", "count", "exact",
 @dataclass(frozen=True)
 class Metric:
     name: str
-    mode: str  # "min" or "max": which way is better
+    mode: str  # a DIRECTIONS name, "min" or "max": which way is better
     description: str
     scale: str = CONTINUOUS  # CONTINUOUS (relative tolerance), SCORE (in [0, 1]), COUNT, EXACT, TIME (not compared)
     applies: str = "always"  # when a trial has it: "gaussian latent", "class labels", "values in [0, 1]", ...
@@ -29,8 +59,12 @@ class Metric:
     on_board: bool = False  # every leaderboard shows it (printed, the report's, leaderboard.csv), where trials have it
 
     @property
+    def direction(self) -> Direction:
+        return DIRECTIONS[self.mode]
+
+    @property
     def better(self) -> str:
-        return "lower is better" if self.mode == "min" else "higher is better"
+        return self.direction.phrase
 
     @property
     def bounded(self) -> bool:
@@ -141,14 +175,12 @@ def at_resolution(name: str, value: float) -> str:
 def saturated(name: str, value: float) -> bool:
     """Is this the best value the metric can take (a score of 1 where higher is better, 0 where lower)?"""
     metric = lookup(name)
-    best = 1.0 if metric is not None and metric.mode == "max" else 0.0
-    return metric is not None and metric.scale == SCORE and resolved(name, value) == best
+    return metric is not None and metric.scale == SCORE and resolved(name, value) == (1.0 if metric.direction.sign < 0 else 0.0)
 
 
 def selection_key(name: str, metrics: dict[str, float]) -> tuple[float, float]:
     """Which epoch's weights a run keeps, as a key (lower is better): `name` at its resolution, then TIEBREAK."""
-    sign = 1.0 if lookup(name).mode == "min" else -1.0
-    return sign * resolved(name, metrics[name]), metrics[TIEBREAK]
+    return lookup(name).direction.sign * resolved(name, metrics[name]), metrics[TIEBREAK]
 
 
 # Families of metrics, one per corruption kind measured (`evaluation.denoise_levels`).

@@ -1,9 +1,9 @@
 """Pareto ranking of trials measured by several metrics: non-dominated fronts, crowding distances, an order
 best first, and the hypervolume of a front.
 
-Pure numpy on purpose: the scheduler, the leaderboard and the report all rank trials the same way, so this sits
-at the bottom of the package and imports nothing of ours. Each function takes the points in the metrics' own
-units with one mode ("min" or "max") per column, and turns them into minimisation itself.
+Numpy on purpose: the scheduler, the leaderboard and the report all rank trials the same way, so this sits
+just above the metric catalogue and imports nothing else of ours. Each function takes the points in the metrics'
+own units with one mode (a direction's name: "min" or "max") per column, and turns them into minimisation itself.
 """
 
 from __future__ import annotations
@@ -12,20 +12,20 @@ from collections.abc import Sequence
 
 import numpy as np
 
-MODES = ("min", "max")
+from aesearch.metrics import DIRECTIONS
 
 
 def to_minimise(points, modes: Sequence[str]) -> np.ndarray:
     """The points as a float (n, m) array with the "max" columns negated, so that smaller is better everywhere."""
     modes = list(modes)
-    if not modes or any(mode not in MODES for mode in modes):
-        raise ValueError(f"modes must be a non-empty sequence of 'min' or 'max', got {modes!r}")
+    if not modes or any(mode not in DIRECTIONS for mode in modes):
+        raise ValueError(f"modes must be a non-empty sequence of {' or '.join(DIRECTIONS)}, got {modes!r}")
     points = np.array(points, dtype=float)
     if points.size == 0:
         points = points.reshape(0, len(modes))
     if points.ndim != 2 or points.shape[1] != len(modes):
         raise ValueError(f"points must be an (n, {len(modes)}) array for {len(modes)} modes, got shape {points.shape}")
-    signs = np.array([-1.0 if mode == "max" else 1.0 for mode in modes])
+    signs = np.array([DIRECTIONS[mode].sign for mode in modes])
     return points * signs
 
 

@@ -21,7 +21,7 @@ from aesearch.cli import main
 from aesearch.errors import ConfigError
 from aesearch.shipped import CONFIGS, SPACES, resolve
 from tests.conftest import REPO
-from tests.readme import PLACEHOLDERS, code_blocks, commands, marked, run_in
+from tests.readme import IN_THE_REPOSITORY, PLACEHOLDERS, code_blocks, commands, marked, run_in
 from tests.searching import TOGETHER, Together
 
 
@@ -79,8 +79,9 @@ def test_example_list_names_every_shipped_file_and_dataset_with_what_it_is(capsy
 
 
 def test_every_search_and_train_in_the_readme_names_what_an_empty_folder_finds(tmp_path, monkeypatch):
-    """`aesearch search X` / `train X` / load_space("X") in any README block: a shipped name, or a file
-    the README has the reader write (not `compression.yaml`, never shown; not search_spaces/...)."""
+    """`aesearch search X` / `train X` / load_space("X") in any block of the README or the docs: a shipped
+    name, a file the reader is shown writing (not `compression.yaml`, never shown; not search_spaces/...),
+    or an example of the repository run from its root."""
     monkeypatch.chdir(tmp_path)
     named = []
     for _, text in code_blocks():
@@ -91,7 +92,9 @@ def test_every_search_and_train_in_the_readme_names_what_an_empty_folder_finds(t
             named += [(m[1], CONFIGS) for m in re.finditer(r"load_config\(\"([^\"]+)\"", line)]
     assert len(named) >= 10
     for argument, registry in named:
-        if argument not in PLACEHOLDERS:
+        if argument in IN_THE_REPOSITORY:
+            assert (REPO / argument).is_file(), f"{argument}: not in the repository"
+        elif argument not in PLACEHOLDERS:
             assert resolve(argument, registry).is_file(), f"{argument}: not found from an empty folder"
 
 

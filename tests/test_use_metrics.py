@@ -175,14 +175,14 @@ def test_a_validation_split_without_anomalies_is_refused_before_a_search_starts(
         check_validation_rows(space, normal_only)
 
 
-def test_the_readme_lists_every_use_with_its_objectives():
+def test_the_guide_to_uses_lists_every_use_with_its_objectives():
     from tests.conftest import REPO
 
-    readme = (REPO / "README.md").read_text()
+    guide = (REPO / "docs" / "how-to" / "uses.md").read_text()
     for name in USES:
         use = USES[name]
-        row = next((line for line in readme.splitlines() if line.startswith(f"| `{name}` |")), None)
-        assert row is not None, f"README.md has no row for use {name!r}"
+        row = next((line for line in guide.splitlines() if line.startswith(f"| `{name}` |")), None)
+        assert row is not None, f"docs/how-to/uses.md has no row for use {name!r}"
         assert all(f"`{metric}`" in row for metric in use.objective), row
 
 

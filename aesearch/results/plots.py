@@ -18,13 +18,12 @@ import pandas as pd
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from aesearch.metrics import lookup
+from aesearch.metrics import DIRECTIONS, lookup
 from aesearch.pareto import nondominated_ranks
 from aesearch.registry import Registry
 
 FIGSIZE = (6.4, 4.0)
 MARKERS = {"completed": "o", "stopped": "x"}
-BETTER = {"min": "lower is better", "max": "higher is better"}
 
 
 class NotApplicable(Exception):
@@ -51,7 +50,7 @@ def _scatter_by_family(axes, points: pd.DataFrame, x: str, y: str, colours: dict
 def pareto_front(points: pd.DataFrame, x: str, y: str, y_mode: str = "min") -> pd.DataFrame:
     """The points no other point beats on both x (minimised) and y (in its mode), in order of x: the
     front the leaderboard ranks by (`aesearch.pareto`), on these two axes."""
-    ordered = points.dropna(subset=[x, y]).sort_values([x, y], ascending=[True, y_mode == "min"], kind="stable")
+    ordered = points.dropna(subset=[x, y]).sort_values([x, y], ascending=[True, DIRECTIONS[y_mode].ascending], kind="stable")
     return ordered[nondominated_ranks(ordered[[x, y]].to_numpy(), ["min", y_mode]) == 1]
 
 
@@ -93,7 +92,7 @@ def objectives_front(board: pd.DataFrame, objectives: list[tuple[str, str]], **_
     if len(objectives) == 2 and len(front) >= 2:  # with two objectives the front is a staircase
         axes.step(front[x], front[y], where="post" if x_mode == y_mode else "pre", color="black", linewidth=1,
                   alpha=0.6)
-    axes.set(xlabel=f"{x} ({BETTER[x_mode]})", ylabel=f"{y} ({BETTER[y_mode]})",
+    axes.set(xlabel=f"{x} ({DIRECTIONS[x_mode].phrase})", ylabel=f"{y} ({DIRECTIONS[y_mode].phrase})",
              title="Pareto front" + (f" (on {len(objectives)} objectives; first two shown)" if len(objectives) > 2 else ""))
     axes.legend(fontsize=7, loc="best")
     figure.tight_layout()
@@ -110,7 +109,8 @@ def search_progress(board: pd.DataFrame, metric: str, mode: str, **_) -> Figure:
         part = board[board["state"] == state]
         axes.scatter(part["number"], part["objective"], s=30, marker=marker, label=state)
     ordered = board.sort_values("number")
-    best = ordered["objective"].cummin() if mode == "min" else ordered["objective"].cummax()
+    sign = DIRECTIONS[mode].sign
+    best = (ordered["objective"] * sign).cummin() * sign
     axes.step(ordered["number"], best, where="post", color="tab:red", label="best so far")
     axes.set(xlabel="trial number", ylabel=metric, yscale=_yscale(metric, board["objective"]),
              title="Search progress")
@@ -144,7 +144,7 @@ def latent_size_front(board: pd.DataFrame, metric: str, mode: str, **_) -> Figur
     axes = figure.subplots()
     _scatter_by_family(axes, points, "latent_dim", "objective", family_colours(list(board["family"])))
     _front_line(axes, points, "latent_dim", "objective", mode)
-    axes.set(xscale="log", xlabel="latent size", ylabel=f"{metric} ({BETTER[mode]})",
+    axes.set(xscale="log", xlabel="latent size", ylabel=f"{metric} ({DIRECTIONS[mode].phrase})",
              title=f"Pareto front: {metric} vs latent size")
     sizes = sorted(points["latent_dim"].unique())
     axes.set_xticks(sizes, labels=[str(int(v)) for v in sizes])

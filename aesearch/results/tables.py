@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from aesearch.metrics import ranked_metrics
+from aesearch.metrics import DIRECTIONS, ranked_metrics
 from aesearch.search.leaderboard import best_of_each_family, rank
 from aesearch.tracking.outcomes import RANKED, Outcome
 from aesearch.tracking.runs import TRIAL_NUMBER_TAG
@@ -108,7 +108,7 @@ def pareto_front_table(board: pd.DataFrame, objectives: list[tuple[str, str]]) -
     order of the first objective."""
     if "pareto_rank" not in board:
         return board.iloc[:0]
-    return board[board["pareto_rank"] == 1].sort_values(objectives[0][0], ascending=objectives[0][1] == "min",
+    return board[board["pareto_rank"] == 1].sort_values(objectives[0][0], ascending=DIRECTIONS[objectives[0][1]].ascending,
                                                          kind="stable").reset_index(drop=True)
 
 
@@ -119,8 +119,8 @@ def best_per_objective(board: pd.DataFrame, objectives: list[tuple[str, str]]) -
     rows = []
     for metric, mode in objectives:
         values = board[metric]
-        best = board.loc[values.idxmin() if mode == "min" else values.idxmax()]
-        rows.append({"objective": metric, "better": "lower" if mode == "min" else "higher", "value": best[metric],
+        best = board.loc[(values * DIRECTIONS[mode].sign).idxmin()]
+        rows.append({"objective": metric, "better": DIRECTIONS[mode].better, "value": best[metric],
                      "trial": best["name"], "family": best["family"], "rank": best["rank"], "run_id": best["run_id"]})
     return pd.DataFrame(rows)
 
@@ -149,7 +149,7 @@ def best_per_metric(trials: pd.DataFrame) -> pd.DataFrame:
         values = finished[name].dropna()
         if values.empty:
             continue
-        best = finished.loc[values.idxmin() if better == "min" else values.idxmax()]
+        best = finished.loc[(values * metric.direction.sign).idxmin()]
         rows.append({"metric": name, "what": label, "better": better, "value": best[name],
                      "trial": best["name"], "family": best["family"], "run_id": best["run_id"]})
     return pd.DataFrame(rows, columns=["metric", "what", "better", "value", "trial", "family", "run_id"])
@@ -229,7 +229,7 @@ def importances(board: pd.DataFrame, space: Any, mode: str) -> pd.DataFrame:
     if over:
         board = board.sample(IMPORTANCE_TRIALS, random_state=0)
     quiet_optuna()
-    study = optuna.create_study(direction="minimize" if mode == "min" else "maximize",
+    study = optuna.create_study(direction=DIRECTIONS[mode].optuna,
                                 sampler=optuna.samplers.RandomSampler(seed=0))
     define = DefineByRun(space)
     for _, trial in board.iterrows():

@@ -16,6 +16,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from aesearch.metrics import DIRECTIONS
 from aesearch.search.leaderboard import outside_the_best
 from aesearch.search.phases import Phases
 from aesearch.search.ray_api import compact_finished_trial
@@ -68,7 +69,7 @@ class Progress(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(self.metric)
         if is_finite_number(value):
-            better = self.best is None or (value < self.best[0] if self.mode == "min" else value > self.best[0])
+            better = self.best is None or DIRECTIONS[self.mode].is_better(value, self.best[0])
             if better:
                 self.best = (value, trial.trial_id, result.get("family", "?"))
         if time.monotonic() - self.last_line > 10:

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from aesearch.metrics import COUNT, EXACT, TIEBREAK, at_resolution, board_metrics, lookup, resolved, saturated
+from aesearch.metrics import (COUNT, DIRECTIONS, EXACT, TIEBREAK, at_resolution, board_metrics, lookup, resolved,
+                              saturated)
 from aesearch.pareto import nondominated_ranks
 from aesearch.search.space import (
     SearchSpace,
@@ -73,7 +74,7 @@ def rank(trials: pd.DataFrame, columns: list[str], modes: list[str], tiebreak: s
     ranked = trials[rankable]
     ranked = ranked.assign(_resolved=ranked[first].map(lambda value: resolved(first, float(value))),
                            _kept_loss=kept_loss(ranked))
-    keys, ascending = ["_resolved", "_kept_loss"], [modes[0] == "min", True]
+    keys, ascending = ["_resolved", "_kept_loss"], [DIRECTIONS[modes[0]].ascending, True]
     if multi:
         points = ranked[columns].to_numpy(dtype=float)
         ranked = ranked.assign(pareto_rank=nondominated_ranks(points, modes) if len(ranked) else np.array([], int))

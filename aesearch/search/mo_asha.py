@@ -22,7 +22,8 @@ import numpy as np
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from aesearch.pareto import MODES, pareto_order
+from aesearch.metrics import DIRECTIONS
+from aesearch.pareto import pareto_order
 
 
 def bracket_milestones(grace_period: int, max_t: int, reduction_factor: float, s: int) -> list[float]:
@@ -99,8 +100,8 @@ class MultiObjectiveASHA(SkipsEndedTrials, FIFOScheduler):
                  grace_period: int = 1, reduction_factor: float = 3.0, brackets: int = 1, seed: int = 0):
         if not metrics or len(metrics) != len(modes):
             raise ValueError(f"one mode per metric is needed, got metrics {metrics!r} and modes {modes!r}")
-        if any(mode not in MODES for mode in modes):
-            raise ValueError(f"modes must be 'min' or 'max', got {modes!r}")
+        if any(mode not in DIRECTIONS for mode in modes):
+            raise ValueError(f"modes must be {' or '.join(DIRECTIONS)}, got {modes!r}")
         if not 0 < grace_period <= max_t:
             raise ValueError(f"need 0 < grace_period <= max_t, got grace_period={grace_period}, max_t={max_t}")
         if not reduction_factor > 1:

@@ -25,97 +25,27 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import optuna
 from pydantic import Field, ValidationError, model_validator
 
 from aesearch.config import TrainConfig, check_data, metric_problem, parse_config, plugged_in
 from aesearch.errors import ConfigError
-from aesearch.metrics import ALWAYS_PER_EPOCH, USE_METRICS, is_epoch_objective, is_use_metric, lookup
+from aesearch.metrics import ALWAYS_PER_EPOCH, DIRECTIONS, USE_METRICS, is_epoch_objective, is_use_metric, lookup
 from aesearch.parts.data import Data, DataConfig, DataSpec
 from aesearch.plugins import absolute_entries
-from aesearch.schema import (Bool, Float, Int, Name, Named, PositiveInt, Section, broken_rule,
+from aesearch.schema import (Int, Name, Named, PositiveInt, Section, broken_rule,
                              describe_validation_error, flatten, load_yaml, set_path)
 from aesearch.search.budget import Budget, Resources
+from aesearch.search.parameters import Parameter
 from aesearch.search.strategies import SAMPLERS, SCHEDULERS, STOPPED_TRIALS, quiet_optuna
 from aesearch.search.uses import USES, apply_use
 from aesearch.shipped import SPACES, resolve
 from aesearch.training.simulated import Simulation
 
-Scalar = str | int | float | bool | None
-OPTUNA_CHOICE_TYPES = (str, int, float, bool, type(None))  # what suggest_categorical accepts as is
 # Fields that the search itself decides: the data is loaded once, the budget sets the epochs.
 NOT_SEARCHABLE = ("data.", "epochs", "name")
-
-
-class Parameter(Section):
-    """One searched parameter: categorical choices, or an int / float range."""
-
-    type: Literal["categorical", "int", "float"]
-    path: str | None = None  # the config field it sets; default: the parameter's key
-    choices: list[Any] | None = Field(None, min_length=1)
-    low: Float | None = None
-    high: Float | None = None
-    log: Bool = False
-    step: Float | None = Field(None, gt=0)
-    when: dict[str, Scalar | list[Scalar]] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _well_formed(self) -> Parameter:
-        if self.type == "categorical":
-            if self.choices is None or self.low is not None or self.high is not None or self.log or self.step:
-                raise broken_rule("a categorical parameter takes `choices` (and no low, high, log or step)")
-            try:
-                json.dumps(self.choices, allow_nan=False)
-            except (TypeError, ValueError):
-                raise broken_rule(
-                    f"choices {self.choices!r}: each choice must be plain data (text, numbers, booleans, lists)"
-                ) from None
-            return self
-        if self.choices is not None or self.low is None or self.high is None:
-            raise broken_rule(f"an {self.type} parameter takes `low` and `high` (and no choices)")
-        if not self.low < self.high:
-            raise broken_rule(f"`low < high` must hold, but got low={self.low}, high={self.high}")
-        if self.log and self.low <= 0:
-            raise broken_rule(f"a log-scaled parameter needs low > 0, but got low={self.low}")
-        if self.log and self.step is not None:
-            raise broken_rule("`log` and `step` cannot be used together")
-        if self.type == "int" and any(v is not None and v != int(v) for v in (self.low, self.high, self.step)):
-            raise broken_rule(f"an int parameter needs whole low, high and step, got {self.low}, {self.high}, {self.step}")
-        return self
-
-    @property
-    def encodes_choices(self) -> bool:
-        """Choices Optuna cannot hold as they are (lists, mappings) travel as JSON text."""
-        return self.type == "categorical" and not all(isinstance(c, OPTUNA_CHOICE_TYPES) for c in self.choices)
-
-    def suggest(self, trial: optuna.Trial, name: str) -> Any:
-        if self.type == "categorical":
-            choices = [json.dumps(c) for c in self.choices] if self.encodes_choices else self.choices
-            return trial.suggest_categorical(name, choices)
-        if self.type == "int":
-            step = int(self.step or 1)
-            return trial.suggest_int(name, int(self.low), int(self.high), step=step, log=self.log)
-        return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
-
-    def decode(self, value: Any) -> Any:
-        """The config value for what Optuna suggested."""
-        return json.loads(value) if self.encodes_choices else value
-
-    def possible(self, value: Any) -> bool:
-        """Can this parameter take `value` (as a config value)?"""
-        if self.type == "categorical":
-            return value in self.choices
-        return isinstance(value, int | float) and not isinstance(value, bool) and self.low <= value <= self.high
-
-    def active(self, chosen: dict[str, Any]) -> bool:
-        """Do the parents (already chosen, decoded) take the values this parameter needs?"""
-        for parent, wanted in self.when.items():
-            allowed = wanted if isinstance(wanted, list) else [wanted]
-            if parent not in chosen or chosen[parent] not in allowed:
-                return False
-        return True
 
 
 class Objective(Section):
@@ -123,7 +53,7 @@ class Objective(Section):
 
     # The clean-input reconstruction MSE: the yardstick that is fair across variants.
     metric: str = "val/recon_mse"
-    mode: Literal["min", "max"] | None = None  # the metric's own direction (the catalogue's); None: that one
+    mode: Named(DIRECTIONS) | None = None  # the metric's own direction (the catalogue's); None: that one
 
     @model_validator(mode="after")
     def _mode_is_the_metrics(self) -> Objective:
@@ -227,7 +157,7 @@ class SearchSpace(Section):
             for parent, wanted in parameter.when.items():
                 if parent not in earlier:
                     raise broken_rule(f"space.{key}.when: {parent!r} must be a parameter listed before {key!r}")
-                if earlier[parent].type != "categorical":
+                if earlier[parent].choices is None:
                     raise broken_rule(f"space.{key}.when: {parent!r} must be a categorical parameter")
                 for value in wanted if isinstance(wanted, list) else [wanted]:
                     if not earlier[parent].possible(value):

@@ -7,7 +7,6 @@ continues from where it was.
 
 from __future__ import annotations
 
-import math
 import re
 import shutil
 import tempfile
@@ -20,6 +19,7 @@ from ray import tune
 
 from aesearch.config import on_device, variant_family
 from aesearch.errors import ConfigError, DivergedError
+from aesearch.metrics import DIRECTIONS
 from aesearch.packing.server import (
     choose_server,
     gpu_memory_cap,
@@ -118,7 +118,7 @@ def run_trial(params: dict[str, Any], data: Data, space: SearchSpace, tracking: 
               faults: list[Fault], servers: list[Any] | None = None) -> None:
     """The Ray Tune trainable: one trial of the search, trained by the one trainer (here, or by a
     pack server when `servers` are given) or simulated (`space.simulate`), logged to MLflow."""
-    worst = {o.metric: math.inf if o.mode == "min" else -math.inf for o in space.objective}  # what broke ranks last
+    worst = {o.metric: DIRECTIONS[o.mode].worst for o in space.objective}  # what broke ranks last
     context = tune.get_context()
     trial_id, node = context.get_trial_id(), ray.get_runtime_context().get_node_id()
     number = trial_number(context.get_trial_dir(), trial_id)

@@ -219,7 +219,7 @@ def as_metric(name: str, recon_mse: float) -> float:
     """A per-epoch metric of a use (`evaluation.val_metrics`) that moves with the curve: a score in
     (0, 1] for a score, a PSNR-like value for another one to maximise, the curve itself to minimise."""
     metric = lookup(name)
-    if metric is None or metric.mode == "min":
+    if metric is None or metric.direction.ascending:
         return recon_mse
     return min(1.0, FLOOR / recon_mse) if metric.scale == SCORE else -10.0 * math.log10(recon_mse)
 
