@@ -132,7 +132,7 @@ def test_a_fault_plan_is_validated_before_anything_starts(tmp_path):
     assert read_faults({"AESEARCH_FAULTS": '[{"trial": 1, "epoch": 2, "kind": "memory"}]'})[0].kind == "memory"
     for text, named in (("[{\"trial\": 0, \"epoch\": 1}]", "[0].trial=0"), ("not json", "Invalid JSON"),
                         ("[{\"trial\": 1, \"epoch\": 1, \"when\": 2}]", "[0].when: unknown key"),
-                        ("[{\"trial\": 1, \"epoch\": 1, \"kind\": \"disk\"}]", "[0].kind")):
+                        ("[{\"trial\": 1, \"epoch\": 1, \"kind\": \"disk\"}]", "[0].kind='disk': unknown fault kind; valid names: memory, raise")):
         with pytest.raises(UserError, match="AESEARCH_FAULTS") as caught:
             read_faults({"AESEARCH_FAULTS": text})
         assert named in str(caught.value)

@@ -17,9 +17,6 @@ from aesearch.tracking.outcomes import RANKED, Outcome
 from aesearch.tracking.runs import TRIAL_NUMBER_TAG
 from aesearch.tracking.store import resolve_tracking_uri
 
-# Evaluation metrics the report ranks trials on: name -> (what it is, which way is better).
-# Denoising PSNRs (one per corruption kind, `test/denoise_psnr_<kind>`) are added as found.
-
 
 def parse_param(text: Any) -> Any:
     """An MLflow param (always text) back to its config value: '16' -> 16, '[256, 128]' -> [256, 128]."""

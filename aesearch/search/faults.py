@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, PositiveInt, TypeAdapter, ValidationError
 
 from aesearch.errors import UserError
-from aesearch.schema import describe_validation_error
+from aesearch.registry import Registry
+from aesearch.schema import Named, describe_validation_error
 
 VARIABLE = "AESEARCH_FAULTS"
+# What a fault does, given where it fires: each raises InjectedFault in the end.
+FAULT_KINDS: Registry[Callable[[str], None]] = Registry("fault kind")
 
 
 class InjectedFault(RuntimeError):
@@ -42,7 +45,7 @@ class Fault(BaseModel):
     trial: PositiveInt  # the trial's number in its search
     epoch: PositiveInt
     attempts: PositiveInt | None = None  # None: every attempt
-    kind: Literal["raise", "memory"] = "raise"  # raise InjectedFault, or allocate until Ray's monitor kills it
+    kind: Named(FAULT_KINDS) = "raise"  # raise InjectedFault, or allocate until Ray's monitor kills it
 
 
 def read_faults(environ: dict[str, str] | None = None) -> list[Fault]:
@@ -61,11 +64,18 @@ def fire(faults: list[Fault], trial: str, epoch: int, attempt: int) -> None:
     """Raise the fault planned for this trial, epoch and attempt, if any."""
     for fault in faults:
         if str(fault.trial) == trial and fault.epoch == epoch and (fault.attempts is None or attempt <= fault.attempts):
-            where = f"trial #{trial}, epoch {epoch}, attempt {attempt} ({VARIABLE})"
-            if fault.kind == "memory":
-                hog_memory()
-                raise InjectedFault(f"injected memory fault reached its cap without being killed: {where}")
-            raise InjectedFault(f"injected fault: {where}")
+            FAULT_KINDS[fault.kind](f"trial #{trial}, epoch {epoch}, attempt {attempt} ({VARIABLE})")
+
+
+@FAULT_KINDS.register("raise")
+def raise_fault(where: str) -> None:
+    raise InjectedFault(f"injected fault: {where}")
+
+
+@FAULT_KINDS.register("memory")
+def memory_fault(where: str) -> None:
+    hog_memory()
+    raise InjectedFault(f"injected memory fault reached its cap without being killed: {where}")
 
 
 GIB = 1 << 30
