@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.searching import run
+from tests.searching import TOGETHER, on_shared_ray, run, trial_reports
 
 EXAMPLE = REPO / "examples" / "plugins"
 PENALTY = '''
@@ -101,3 +101,44 @@ def test_an_entry_is_a_file_relative_to_its_document_or_a_module_and_ships_as_on
     # a file ships as itself; a module of a package, as the package's top folder
     assert shipped_modules([plugin("parts/mine.py", tmp_path), plugin("aesearch.parts.models", tmp_path)]) == [
         str(mine), str(Path(aesearch.__file__).parent)]
+
+
+PACKED_PLUGGED = """
+name: packed-plugged
+plugins: [my_penalty.py]
+data: {name: digits}
+base:
+  model: {hidden_dims: [32], latent_dim: 8}
+  objective: {sparsity: {kind: log, weight: 0.01}}
+  optimizer: {batch_size: 64}
+  evaluation: {iwae_samples: 5, kmeans_restarts: 1}
+space:
+  objective.sparsity.weight: {type: float, low: 0.001, high: 0.1, log: true}
+  optimizer.lr: {type: float, low: 0.001, high: 0.01, log: true}
+objective: {metric: val/recon_mse, mode: min}
+budget: {num_samples: 4, max_epochs: 2, grace_period: 2}
+resources: {cpu: 1}
+seed: 0
+"""
+
+
+def packed_plugged_space(folder: Path) -> Path:
+    (folder / "my_penalty.py").write_text(PENALTY)
+    space = folder / "packed-plugged.yaml"
+    space.write_text(PACKED_PLUGGED)
+    return space
+
+
+TOGETHER["packed-plugged"] = on_shared_ray(packed_plugged_space, "--pack", "4")  # with other modules' searches
+
+
+def test_a_packed_search_trains_the_users_own_loss_term_in_its_pack_servers(together):
+    """The plug-in reaches the pack servers too: its term is trained there, fused across the members."""
+    folder, done = together["packed-plugged"]
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = trial_reports(folder / "results" / "packed-plugged")
+    assert len(reports) == 4
+    last = [lines[-1] for lines in reports.values()]
+    assert all(report["epoch"] == 2 and report["train/sparsity"] > 0 for report in last)  # the plug-in's term
+    assert any(report.get("pack/members", 0) >= 2 for lines in reports.values() for report in lines), \
+        "no epoch was trained fused with another trial"
