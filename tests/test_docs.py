@@ -21,3 +21,14 @@ def test_the_documentation_site_builds_strictly_with_a_reference_generated_from_
     assert all(name in choices for name in USES)
     api = (tmp_path / "site" / "reference" / "python-api" / "index.html").read_text()
     assert "run_search" in api
+
+
+def test_the_readme_stays_what_a_newcomer_reads_first_and_points_to_every_guide():
+    """At most ~150 lines (the guides live in docs/), opening with the two commands, and linking every page
+    written by hand there (the reference pages are generated)."""
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 150
+    assert readme.split("```")[1].split()[:3] == ["sh", "make", "quickstart"]
+    written = sorted(path.relative_to(REPO).as_posix() for path in (REPO / "docs").rglob("*.md")
+                     if path.parent.name != "reference")
+    assert [page for page in written if f"]({page})" not in readme] == []
