@@ -34,7 +34,7 @@ from aesearch.schema import NamedChoice
 
 
 def on_files(files, config):
-    with warnings.catch_warnings():  # MLflow advises type hints when the served model's class is defined
+    with warnings.catch_warnings():  # MLflow's own import warns about the type hints of its own classes
         warnings.simplefilter("ignore", UserWarning)
         pages = reference_pages()
     for path, text in pages.items():

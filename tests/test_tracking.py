@@ -503,3 +503,19 @@ def test_the_ui_lists_the_trial_runs_of_a_search(ui, tracked, tmp_path):
         finally:
             browser.save_screenshot(str(tmp_path / "runs.png"))
     assert png_shape(str(tmp_path / "runs.png"))[1] >= 1000
+
+
+def test_the_served_models_class_loads_without_mlflows_warning_about_type_hints():
+    """MLflow warns at every load of a model whose `predict` has no type hints; ours has one that asks for no
+    schema inference (the model is logged with its own signature), so loading it is quiet."""
+    code = ("import warnings\n"
+            "with warnings.catch_warnings():\n"
+            "    warnings.simplefilter('ignore')\n"
+            "    import mlflow.pyfunc\n"  # MLflow's own import warns about its own classes
+            "with warnings.catch_warnings(record=True) as seen:\n"
+            "    warnings.simplefilter('always')\n"
+            "    from aesearch.tracking.served_model import AutoencoderModel\n"
+            "print(len(seen), [str(w.message) for w in seen])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("0 "), done.stdout

@@ -32,13 +32,14 @@ mlflow.models.set_model(AutoencoderModel())
 
 
 class AutoencoderModel(mlflow.pyfunc.PythonModel):
-    # No type hints on these two: MLflow would read them as the model's signature (it has its own).
     def load_context(self, context):
         from aesearch.training.checkpoints import load_trained_model
 
         self.trained = load_trained_model(context.artifacts[CHECKPOINT])
 
-    def predict(self, context, model_input, params=None):
+    # A DataFrame hint is one MLflow infers no schema from (the model is logged with a signature of its
+    # own) and converts nothing for; without a hint MLflow warns at every load. Images arrive as arrays.
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
         return predict(self.trained, model_input)
 
 
