@@ -117,7 +117,8 @@ print(json.dumps({"trials": len(board), "states": board["state"].tolist(), "boar
                   "report_best": report.board.iloc[0]["run_id"], "reproduced": check.reproduced,
                   "epochs": len(result.history), "reconstructed": list(trained.model(x).x_hat.shape),
                   "same_weights": all(torch.equal(a, b) for a, b in zip(trained.model.state_dict().values(),
-                                                                        result.model.state_dict().values()))}))
+                                                                        result.model.state_dict().values())),
+                  "shown": [repr(report), report._repr_html_(), repr(check), check._repr_html_()]}))
 """
 
 
@@ -140,6 +141,12 @@ def test_readme_python_example_runs_as_written_from_an_empty_folder(together):
     assert seen["report_best"] == seen["board_run"]  # the report ranks as the search did
     assert seen["reproduced"] is True, seen
     assert seen["epochs"] == 3 and seen["reconstructed"] == [2, 1, 8, 8] and seen["same_weights"]
+    # What a notebook shows of them: a line or a short page each, not the figures' bytes.
+    report_line, report_page, check_line, check_page = seen["shown"]
+    assert report_line.startswith("<Report of notebook: 4 trials") and len(report_line) < 400, report_line
+    assert seen["board_run"] in report_page and report_page.count("<tr") >= 2 and len(report_page) < 20_000
+    assert check_line.startswith("<Reproduction of trial ") and "REPRODUCED: every value" in check_line, check_line
+    assert "<table" in check_page and "REPRODUCED" in check_page and len(check_page) < 20_000
     assert (folder / "reports" / "notebook" / "index.html").is_file()
     assert (folder / "runs" / "vae" / "best.pt").is_file()
     assert (folder / "ray_results" / "notebook" / "leaderboard.csv").is_file()  # the command line's default storage

@@ -134,6 +134,16 @@ def test_the_headline_says_when_the_leaders_tie_and_how_they_were_ranked(tmp_pat
     assert "| tie |" in families and "+0.0%" not in families
 
 
+def test_a_report_shows_itself_in_a_notebook_as_its_headline_and_top_trials_not_its_figures():
+    report = build_report(saturated_record())
+    assert report.figures  # PNG bytes a dataclass's repr would print whole
+    assert repr(report) == ("<Report of demo: 4 trials (4 completed); search run FINISHED. dense wins: trial dense-#2 "
+                            "reaches val/anomaly_auroc = 1 (higher is better) after 8 epochs (weights of epoch 8 kept).>")
+    page = report._repr_html_()
+    assert "<b>dense</b> wins" in page and page.count("<tr") == 1 + 4 and "base64" not in page
+    assert page.index("dense-#2") < page.index("vae-#3") < page.index("conv-#1")  # ranked as the board
+
+
 def test_the_reports_leaderboards_show_the_test_counterpart_of_the_objective(tmp_path):
     search = {**SEARCH, "params": {**SEARCH["params"], "objective.metric": "val/kmeans_ari", "objective.mode": "max"}}
     runs = runs_frame(*(run_row(number, "dense", Outcome("completed"), None, 8, val__kmeans_ari=ari,

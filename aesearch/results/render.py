@@ -23,26 +23,14 @@ from markupsafe import Markup
 from pandas.io.formats.style import Styler
 
 from aesearch.errors import UserError
-from aesearch.metrics import board_metrics, resolved
+from aesearch.metrics import resolved
 from aesearch.results.read import TOP, read_search
-from aesearch.results.report import Report, build_report, headline, is_partial, status_line
+from aesearch.results.report import BOLD, Report, board_view, build_report, headline, is_partial, status_line
 from aesearch.results.tables import reproduce_command
 from aesearch.tracking.outcomes import RANKED
 from aesearch.tracking.runs import REPRODUCES_TAG
 
-BOARD_COLUMNS = ["rank", "name", "family", "outcome", "epochs", "objective"]  # then the board's metrics
 CODE_COLUMNS = ("reproduce", "run_id")  # shown as code: commands to paste, ids to look up
-
-
-def board_view(report: Report, rows: pd.DataFrame, extra: tuple[str, ...] = ()) -> pd.DataFrame:
-    """Leaderboard rows as shown: the objective under its own name, the reproduce command last."""
-    metric, _ = report.record.objective
-    shown = board_metrics([name for name, _ in report.record.objectives])
-    columns = [c for c in BOARD_COLUMNS + shown + list(extra) if c in rows]
-    view = rows[columns].rename(columns={"objective": metric, "name": "trial"})
-    view = view.loc[:, ~view.columns.duplicated()].copy()  # the objective once, under its own name
-    view["reproduce"] = [reproduce_command(report.record.experiment, r, report.record.uri) for r in rows["run_id"]]
-    return view
 
 
 def leaderboard_csv(report: Report) -> str:
@@ -200,7 +188,7 @@ def _html_table(shown: pd.DataFrame, anchor: str) -> Markup:
 
 def _emphasis(line: str) -> list[tuple[str, bool]]:
     """A headline's **bold** spans as (text, bold) pieces."""
-    return [(text, i % 2 == 1) for i, text in enumerate(re.split(r"\*\*(.+?)\*\*", line)) if text]
+    return [(text, i % 2 == 1) for i, text in enumerate(BOLD.split(line)) if text]
 
 
 def render_html(report: Report) -> str:

@@ -13,14 +13,16 @@ A search that is still running gives a partial report of what has been logged so
 
 from __future__ import annotations
 
+import html
 import io
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 import pandas as pd
 
-from aesearch.metrics import TIEBREAK, at_resolution, board_metrics, lookup, resolved
+from aesearch.metrics import DIRECTIONS, TIEBREAK, at_resolution, board_metrics, lookup, resolved
 from aesearch.results.read import SearchRecord
 from aesearch.results.tables import (
     asha_summary,
@@ -31,6 +33,7 @@ from aesearch.results.tables import (
     leaderboard,
     pareto_front_table,
     relative_gap,
+    reproduce_command,
     seed_summary,
 )
 from aesearch.search.leaderboard import kept_loss, tie_at_the_top
@@ -38,10 +41,13 @@ from aesearch.tracking.outcomes import counted
 
 # --- the report ---------------------------------------------------------------------------------
 
+BOLD = re.compile(r"\*\*(.+?)\*\*")  # the headline's emphasis, as Markdown writes it
 
-@dataclass
+
+@dataclass(repr=False)
 class Report:
-    """Every table and figure of a search's report (pure: made from a SearchRecord)."""
+    """Every table and figure of a search's report (pure: made from a SearchRecord). In a notebook it shows
+    its headline and its top ten trials, not its figures' bytes."""
 
     record: SearchRecord
     trials: pd.DataFrame
@@ -56,6 +62,31 @@ class Report:
     figures: dict[str, tuple[str, bytes]]  # file stem -> (caption, PNG)
     not_drawn: dict[str, str]  # caption -> why there is no such figure
     generated: str
+
+    def __repr__(self) -> str:
+        first = BOLD.sub(r"\1", headline(self)[0])
+        return f"<Report of {self.record.experiment}: {status_line(self)}. {first}>"
+
+    def _repr_html_(self) -> str:
+        lines = "".join("<p>" + BOLD.sub(r"<b>\1</b>", html.escape(line)) + "</p>" for line in headline(self))
+        top = board_view(self, self.board.head(10)).to_html(index=False, na_rep="-")
+        return (f"<h4>{html.escape(self.record.experiment)}: {html.escape(status_line(self))}</h4>{lines}{top}"
+                f"<p>{len(self.figures)} figures: <code>report.figures</code>; every table: <code>report.board</code>, "
+                "<code>report.families</code>, <code>report.best_metrics</code>, ...</p>")
+
+
+BOARD_COLUMNS = ["rank", "name", "family", "outcome", "epochs", "objective"]  # then the board's metrics
+
+
+def board_view(report: Report, rows: pd.DataFrame, extra: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Leaderboard rows as shown: the objective under its own name, the reproduce command last."""
+    metric, _ = report.record.objective
+    shown = board_metrics([name for name, _ in report.record.objectives])
+    columns = [c for c in BOARD_COLUMNS + shown + list(extra) if c in rows]
+    view = rows[columns].rename(columns={"objective": metric, "name": "trial"})
+    view = view.loc[:, ~view.columns.duplicated()].copy()  # the objective once, under its own name
+    view["reproduce"] = [reproduce_command(report.record.experiment, r, report.record.uri) for r in rows["run_id"]]
+    return view
 
 
 SEED_METRICS = ["objective", "test/recon_mse", "test/psnr", "test/probe_accuracy"]
@@ -89,7 +120,7 @@ def headline(report: Report) -> list[str]:
         return [f"No trial has finished with a finite {metric} yet."]
     winner = board.iloc[0]
     if len(record.objectives) > 1:
-        goals = ", ".join(f"{m} ({'lower' if d == 'min' else 'higher'} is better)" for m, d in record.objectives)
+        goals = ", ".join(f"{m} ({DIRECTIONS[d].phrase})" for m, d in record.objectives)
         on_front = (f"1 trial is on the Pareto front of {goals}: no other trial beats it on every objective at once."
                     if len(report.front) == 1 else f"{len(report.front)} trials are on the Pareto front of {goals}: "
                     "none of them is beaten on every objective at once.")
@@ -99,7 +130,7 @@ def headline(report: Report) -> list[str]:
         return lines + [f"Ranked first (on the front, best on {metric}): trial {winner['name']} ({winner['family']})."]
     kept = f" (weights of epoch {winner['best/epoch']:.0f} kept)" if pd.notna(winner.get("best/epoch")) else ""
     lines = [f"**{winner['family']}** wins: trial {winner['name']} reaches {metric} = {winner['objective']:.4g} "
-             f"({'lower' if mode == 'min' else 'higher'} is better) after {winner['epochs']} epochs{kept}."]
+             f"({DIRECTIONS[mode].phrase}) after {winner['epochs']} epochs{kept}."]
     losses = dict(zip(board["run_id"], kept_loss(board)))  # what ranks trials that tie on the objective
     tie = tie_at_the_top(board, metric)
     if tie:

@@ -16,6 +16,7 @@ trial reproduced on a laptop CPU) only a statistical match can be asked for.
 
 from __future__ import annotations
 
+import html
 import math
 import tempfile
 from dataclasses import dataclass
@@ -174,8 +175,11 @@ def recorded_history(uri: str, run_id: str, names: list[str], upto: int) -> dict
 # --- reproducing --------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(repr=False)
 class Reproduction:
+    """A trial trained (or evaluated) again and compared with its record; in a notebook, its verdict and the
+    values side by side."""
+
     trial: Trial
     table: pd.DataFrame  # compare(...)
     tolerance: Tolerance
@@ -189,6 +193,23 @@ class Reproduction:
     @property
     def reproduced(self) -> bool:
         return not self.note and len(self.table) > 0 and bool(self.table["ok"].all())
+
+    @property
+    def verdict(self) -> str:
+        tolerance = f"tolerance: {self.tolerance.describe()}"
+        if self.reproduced:
+            return f"REPRODUCED: every value within tolerance ({tolerance})"
+        failed = self.note or f"{int((~self.table['ok']).sum())} of {len(self.table)} values outside tolerance"
+        return f"NOT REPRODUCED: {failed} ({tolerance})"
+
+    def __repr__(self) -> str:
+        return f"<Reproduction of trial {self.trial.name}, {self.mode} on {self.device}: {self.verdict}>"
+
+    def _repr_html_(self) -> str:
+        shown = shown_rows(self.table, self.epoch).to_html(index=False) if len(self.table) else ""
+        return (f"<p>Trial {html.escape(self.trial.name)}, {html.escape(self.mode)} on {html.escape(self.device)}: "
+                f"<b>{html.escape(self.verdict)}</b></p>{shown}<p>{len(self.table)} values compared: "
+                "<code>reproduction.table</code></p>")
 
     @property
     def largest(self) -> pd.Series | None:
@@ -372,13 +393,7 @@ def format_reproduction(reproduction: Reproduction) -> str:
         with pd.option_context("display.width", 200, "display.max_colwidth", 60, "display.float_format", "{:.6g}".format):
             lines.append(shown_rows(table, reproduction.epoch).to_string(index=False))
         lines.append(f"({len(table)} values compared, every epoch included: see comparison.csv in the reproduction run)")
-    tolerance = f"tolerance: {reproduction.tolerance.describe()}"
-    if reproduction.reproduced:
-        verdict = f"REPRODUCED: every value within tolerance ({tolerance})"
-    else:
-        failed = reproduction.note or f"{int((~table['ok']).sum())} of {len(table)} values outside tolerance"
-        verdict = f"NOT REPRODUCED: {failed} ({tolerance})"
-    lines.append(verdict)
+    lines.append(reproduction.verdict)
     if reproduction.folder is not None:
         lines.append(f"local run: {reproduction.folder}")
     lines.append(f"logged as run {reproduction.run_id}, nested under the trial's run")
