@@ -146,6 +146,43 @@ def test_a_constant_column_is_dropped_with_a_note(wine_csv, tmp_path, capsys):
     assert "column 'site' of constant.csv is constant (4.0)" in capsys.readouterr().err
 
 
+def test_a_numeric_column_with_stray_text_is_refused_naming_a_row_and_its_value(wine_csv, tmp_path):
+    """Read as text, every number would become a category of its own: one line, unless declared categorical."""
+    table = pd.read_csv(wine_csv)
+    table["alcohol"] = table["alcohol"].astype(object)
+    table.loc[42, "alcohol"], table.loc[90, "alcohol"] = "-abc205", "twelve"
+    path = tmp_path / "typo.csv"
+    table.to_csv(path, index=False)
+    with pytest.raises(DataError) as refused:
+        data_from(path, label="Class")
+    message = str(refused.value)
+    assert "\n" not in message
+    assert (f"column 'alcohol' is numeric in {len(table) - 2:,} of {len(table):,} rows, but row 42 (line 44 of the "
+            "file) holds '-abc205'") in message and "data.categorical" in message
+    declared = data_from(path, label="Class", categorical=["alcohol", "region"])
+    alcohol = next(c for c in declared.spec.columns if c.name == "alcohol")
+    assert alcohol.kind == CATEGORICAL and "-abc205" in alcohol.levels  # what the user asked for
+
+
+def test_an_identifier_column_is_refused_as_a_category_unless_declared(wine_csv, tmp_path):
+    table = pd.read_csv(wine_csv)
+    table.insert(0, "customer", [f"cust{i:05d}" for i in range(len(table))])
+    path = tmp_path / "customers.csv"
+    table.to_csv(path, index=False)
+    with pytest.raises(DataError, match=rf"column 'customer' has {len(table)} levels in {len(table)} rows \(e\.g\. "
+                                        r"'cust00000'\), a distinct value in \(nearly\) every row: it names rows"):
+        data_from(path, label="Class")
+    named = data_from(path, label="Class", id="customer")  # what it is: the rows' names, kept beside scores
+    assert "customer" not in [c.name for c in named.spec.columns]
+    # More levels than the cap, though repeated: refused too, unless declared or the cap is raised.
+    table["customer"] = [f"cust{i % 60:05d}" for i in range(len(table))]
+    table.to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"column 'customer' has 60 levels .* more levels than data\.max_levels=50;"):
+        data_from(path, label="Class", max_levels=50)
+    assert data_from(path, label="Class", max_levels=60).spec.columns[0].name == "customer"
+    assert data_from(path, label="Class", max_levels=50, categorical=["customer", "region"]).spec.columns[0].width == 60
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"label": "Klass"}, r"data\.label='Klass': no such column in wine\.csv \(columns: alcohol, "),
     ({"id": "name"}, r"data\.id='name': no such column in wine\.csv \(columns: alcohol, "),

@@ -57,6 +57,8 @@ class DataConfig(Section):
     id: str | None = None  # a column that names each row (optional): not a feature; kept beside scores
     features: list[str] | None = Field(None, min_length=1)  # default: every column but the label and id
     categorical: list[str] | None = None  # default: the non-numeric feature columns
+    # An undeclared text column with more levels than this is refused as an identifier (list it in categorical).
+    max_levels: PositiveInt = 100
     scale: Named(SCALINGS) = "standard"  # numeric features, fitted on the training split
     impute: Named(IMPUTATIONS) = "none"  # missing values: refuse (none) or fill from the training split
     # image folders

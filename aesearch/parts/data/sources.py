@@ -171,6 +171,10 @@ def read_table(file: Path, config: DataConfig, like: Raw | None) -> Raw:
     if missing:
         raise DataError(f"data.features: no column {missing[0]!r} in {file.name} (columns: {_names(frame.columns)})")
     numeric = {c for c in features if pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])}
+    declared = set(config.categorical or ())
+    for name in features:
+        if name not in numeric and name not in declared:
+            _refuse_mostly_numeric(frame[name], name, file)
     if config.categorical is None:
         categorical = [c for c in features if c not in numeric]
         if not numeric:
@@ -183,6 +187,9 @@ def read_table(file: Path, config: DataConfig, like: Raw | None) -> Raw:
             example = frame[text[0]].dropna().iloc[0] if frame[text[0]].notna().any() else None
             raise DataError(f"data.features: column {text[0]!r} of {file.name} is not numeric (e.g. {example!r}); "
                             "list it in data.categorical to one-hot encode it")
+    for name in categorical:
+        if name not in declared:
+            _refuse_identifier(frame[name], name, file, config.max_levels)
     _check_missing(frame, features, label, file.name, config.impute)
     columns, start = [], 0
     for name in features:
@@ -200,6 +207,33 @@ def read_table(file: Path, config: DataConfig, like: Raw | None) -> Raw:
     if not columns:
         raise DataError(f"data.path={str(file)!r}: no feature column is left once constant columns are dropped")
     return encode_rows(frame, columns, label, file.name, config.impute)
+
+
+def _refuse_mostly_numeric(values: pd.Series, name: str, file: Path) -> None:
+    """A column of numbers with a few stray text values would be one-hot encoded, one level per number."""
+    present = values.dropna()
+    strays = present[pd.to_numeric(present, errors="coerce").isna()]
+    if 0 < len(strays) < len(present) / 2:
+        row = strays.index[0]
+        line = f" (line {row + 2} of the file)" if file.suffix.lower() == ".csv" and isinstance(row, int | np.integer) else ""
+        raise DataError(f"data.path={str(file)!r}: column {name!r} is numeric in {len(present) - len(strays):,} of "
+                        f"{len(present):,} rows, but row {row}{line} holds {strays.iloc[0]!r}: correct it (or leave it "
+                        f"empty, with data.impute), or list {name!r} in data.categorical to one-hot encode it")
+
+
+def _refuse_identifier(values: pd.Series, name: str, file: Path, max_levels: int) -> None:
+    """A text column with a distinct value in (nearly) every row names rows; one-hot, it is hundreds of inputs."""
+    present = values.dropna()
+    levels = present.nunique()
+    if len(present) >= 20 and levels >= 0.9 * len(present):
+        why = "a distinct value in (nearly) every row: it names rows, it is not a category"
+    elif levels > max_levels:
+        why = f"more levels than data.max_levels={max_levels}"
+    else:
+        return
+    raise DataError(f"data.path={str(file)!r}: column {name!r} has {levels:,} levels in {len(present):,} rows (e.g. "
+                    f"{present.iloc[0]!r}), {why}; name it in data.id to keep it beside the scores, leave it out of "
+                    f"data.features, or list it in data.categorical to one-hot encode it anyway")
 
 
 def encode_rows(frame: pd.DataFrame, columns: list[Column], label: str | None, source: str, impute: str) -> Raw:
