@@ -1,6 +1,7 @@
 # make quickstart   the quickstart search on the embedded digits data (no files, no network),
 #                   then its report in reports/quickstart-TIMESTAMP/
 # make test         the whole test suite
+# make test-fast    the tests that start no Ray instance, server or search (a couple of minutes)
 # Both set themselves up: uv (installed into .tools/ if missing), then `uv sync --locked`;
 # `make test` also installs Debian's chromium and chromium-driver (the browser test) and postgresql (the
 # production stack's backend store, tests/test_cluster.py) if missing; `make cluster-demo` postgresql.
@@ -9,7 +10,7 @@ PYTHON ?= python3
 UV := $(or $(shell command -v uv 2>/dev/null),.tools/bin/uv)
 RUN := $(UV) run --no-sync
 
-.PHONY: quickstart test docs cluster-demo benchmark setup browser postgresql clean
+.PHONY: quickstart test test-fast docs cluster-demo benchmark setup browser postgresql clean
 
 QUICKSTART := quickstart-$(shell date +%Y%m%d-%H%M%S)
 
@@ -19,6 +20,9 @@ quickstart: setup
 
 test: setup browser postgresql
 	$(RUN) pytest
+
+test-fast: setup
+	$(RUN) pytest -m "not slow"
 
 # the documentation site, into site/ (the reference pages are generated from the code: docs/hooks.py)
 docs: setup

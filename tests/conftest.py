@@ -53,6 +53,18 @@ def mnist_dir(tmp_path_factory) -> Path:
     return root
 
 
+# Every Ray instance and search the tests start runs in ray_env (the tests' own token); servers are started by
+# the modules that mark themselves `slow`.
+SLOW_FIXTURES = {"ray_env"}
+
+
+def pytest_collection_modifyitems(items):
+    """`slow` on every test that needs a Ray instance: `make test-fast` runs the others in a couple of minutes."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def ray_env(tmp_path_factory):
     """The environment of every Ray process here: our own token, loopback addresses."""

@@ -32,6 +32,8 @@ from tests.searching import run_at_once, search_command, write_space
 sys.path.insert(0, str(REPO / "cluster"))
 from rehearsal import LocalCluster, rehearse  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the production stack and a 2-node cluster, started here
+
 CLUSTER = REPO / "cluster"
 SCHEMAS = Path(__file__).parent / "schemas"
 CANARY = "AESEARCH_TEST_CANARY"

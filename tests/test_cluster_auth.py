@@ -25,6 +25,8 @@ from tests.searching import run, run_at_once, search_command, tracking_uri, writ
 sys.path.insert(0, str(REPO / "cluster"))
 from services import BIN, Service, free_port, write_secret  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Ray clusters started here, with and without tokens
+
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This machine's environment without any Ray authentication or temp-folder setting."""

@@ -124,7 +124,12 @@ def test_uniform_noise_is_bounded_by_a():
     assert noise.var().item() == pytest.approx(0.2**2 / 3, rel=0.03)  # Var U(-a, a) = a^2 / 3
 
 
-def test_corruption_stays_on_device_and_dtype(image_batch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_corruption_stays_on_device_and_dtype(image_batch, dtype):
+    """Noise drawn as float32 and added would turn a bf16 batch into float32 (and a float64 one stays wide only
+    by luck): every kind keeps the batch's own dtype and device, and changes values unless it is `none`."""
+    batch = image_batch.to(dtype)
     for kind in CORRUPTIONS.names():
-        noisy = corrupt(image_batch, kind, None if kind == "none" else 0.3, None, IMAGES)
-        assert noisy.shape == image_batch.shape and noisy.dtype == image_batch.dtype
+        noisy = corrupt(batch, kind, None if kind == "none" else 0.3, torch.Generator().manual_seed(0), IMAGES)
+        assert (noisy.shape, noisy.dtype, noisy.device) == (batch.shape, dtype, batch.device), kind
+        assert torch.equal(noisy, batch) == (kind == "none"), kind

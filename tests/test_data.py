@@ -59,8 +59,19 @@ def test_max_train_samples_limits_training_only(digits):
 
 
 def test_data_moves_to_a_device_whole(digits):
-    moved = digits.to("cpu")
-    assert moved.device == torch.device("cpu") and moved.fingerprint == digits.fingerprint
+    """Every tensor goes (the meta device stands for a GPU on a machine without one), shapes and all; what is
+    not a tensor stays; the original stays where it was."""
+    from dataclasses import fields
+
+    moved = digits.to("meta")
+    tensors = [f.name for f in fields(digits) if isinstance(getattr(digits, f.name), torch.Tensor)]
+    assert {"train_x", "val_x", "test_x", "train_y", "val_y", "test_y"} <= set(tensors)
+    for name in tensors:
+        before, after = getattr(digits, name), getattr(moved, name)
+        assert after.device == torch.device("meta") and after.shape == before.shape, name
+        assert before.device == torch.device("cpu"), name
+    assert moved.device == torch.device("meta")
+    assert moved.fingerprint == digits.fingerprint and moved.spec == digits.spec
 
 
 def _write_idx(path, array: np.ndarray):

@@ -30,6 +30,8 @@ from tests.searching import DIVERGING_START, run, search_command, tracking_uri, 
 sys.path.insert(0, str(REPO / "cluster"))
 from rehearsal import LocalCluster  # noqa: E402
 
+pytestmark = pytest.mark.slow  # searches through killed nodes, servers and storage
+
 EPOCHS = 24  # ~0.3 s each here: trials that outlast a node's death and the server's outage
 TRIALS = 9  # 3 at a time: some still to start once the node is dead, whichever trial it held
 BIGGER = ("base:\n  model: {hidden_dims: [32]}", "base:\n  model: {hidden_dims: [256, 128]}")  # epochs that take a while

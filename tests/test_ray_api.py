@@ -39,11 +39,21 @@ def test_each_private_ray_api_is_where_aesearch_reaches_it(module, name, paramet
         assert list(inspect.signature(found).parameters)[: len(parameters)] == parameters, where
 
 
-def test_the_run_metadata_still_names_its_latest_checkpoint():
-    from ray.tune.trainable.metadata import _TrainingRunMetadata
+def test_the_run_metadata_still_names_its_latest_checkpoint(tmp_path):
+    """A trial's run metadata, as a search state stores it: none before its first checkpoint (no error on the
+    way), then the newest of those it registered, not the first or the best."""
+    from ray import tune
+    from ray.train._internal.checkpoint_manager import _TrainingResult
+    from ray.tune.experiment import Trial
 
-    state = _TrainingRunMetadata().get_json_state()  # a trial's metadata as a search state stores it
-    assert ray_api.latest_checkpoint(state) is None  # no checkpoint yet, and no error on the way
+    metadata = Trial("run_trial", stub=True).run_metadata
+    assert ray_api.latest_checkpoint(metadata.get_json_state()) is None
+    for epoch, loss in ((1, 0.5), (2, 0.1), (3, 0.9)):  # the best is epoch 2's; the latest, epoch 3's
+        (tmp_path / str(epoch)).mkdir()
+        metadata.checkpoint_manager.register_checkpoint(
+            _TrainingResult(tune.Checkpoint.from_directory(str(tmp_path / str(epoch))), {"loss": loss}))
+        metadata.invalidate_cache()
+        assert ray_api.latest_checkpoint(metadata.get_json_state()).path == str(tmp_path / str(epoch))
 
 
 def test_storage_opens_with_tunes_filesystem(tmp_path):

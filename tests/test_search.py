@@ -31,6 +31,8 @@ from tests.searching import (
     write_space,
 )
 
+pytestmark = pytest.mark.slow  # searches: killed, interrupted, resumed
+
 
 def test_every_trial_reports_the_yardstick_every_epoch(small_search):
     experiment, _ = small_search
@@ -79,9 +81,17 @@ def test_leaderboard_best_is_the_best_reported(small_search):
 
 
 def test_progress_is_shown_live(small_search):
+    """A line as trials end, while others still run: the counts of ended trials only grow, and the last line
+    says every trial has ended."""
     _, done = small_search
     progress = [line for line in done.stderr.splitlines() if " running, " in line]
     assert progress and "best val/recon_mse" in progress[-1]
+    pattern = r"(\d+) running, (\d+) pending, (\d+) completed, (\d+) stopped early, (\d+) diverged, (\d+) errored"
+    counts = [[int(n) for n in re.search(pattern, line).groups()] for line in progress]
+    assert len(counts) >= 3, progress
+    assert any(running > 0 for running, *_ in counts[:-1]), progress  # printed while trials were still running
+    ended = [sum(line[2:]) for line in counts]
+    assert ended == sorted(ended) and ended[-1] == 8, progress
     assert re.search(r"\] 0 running, 0 pending, [1-9]\d* completed", progress[-1]), progress[-1]  # all had ended
     assert re.search(r"\n8 trials: .*\d stopped early", done.stdout)  # the words of the progress line and outcomes
 

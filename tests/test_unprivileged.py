@@ -26,6 +26,8 @@ import pytest
 from tests.readme import commands, marked, shrunk
 from tests.searching import run, run_at_once
 
+pytestmark = pytest.mark.slow  # a user's whole session: search, report, reproduce
+
 def shared_temp() -> Path:
     """The temp folder every user may write in: this process's (TMPDIR may name a private one), else /tmp."""
     mine = Path(tempfile.gettempdir())

@@ -18,6 +18,8 @@ from tests.searching import TOGETHER, on_shared_ray, tracking_uri
 from tests.test_bad_input import nothing_written, refused
 from tests.user_data import wine_table
 
+pytestmark = pytest.mark.slow  # searches of each use
+
 SMALL = {"model": {"hidden_dims": [32]}, "optimizer": {"batch_size": 64},
          "evaluation": {"iwae_samples": 5, "kmeans_restarts": 1}}
 

@@ -19,6 +19,8 @@ from tests.searching import TOGETHER, on_shared_ray, tracking_uri
 from tests.test_bad_input import nothing_written, refused
 from tests.user_data import wine_table, write_digit_images
 
+pytestmark = pytest.mark.slow  # searches of the user's own data
+
 WINE_SPACE = {
     "name": "wine",
     "data": {"label": "Class", "anomaly": [1]},

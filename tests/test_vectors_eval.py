@@ -115,9 +115,21 @@ def test_the_suite_on_an_unlabelled_table_has_no_latent_quality_and_real_valued_
 
 
 def test_the_suite_on_a_labelled_table_measures_latent_quality():
+    """Codes that hold the class (the first value, 10 x the class) score 1 on every latent-quality metric;
+    codes that hold nothing (all zero) score no agreement at all."""
+    from dataclasses import replace
+
     spec = DataSpec("wine.csv", VECTOR, (5,), unit_range=False, classes=("a", "b", "c"), columns=TABLE.columns)
-    metrics = evaluate(KnownModel(torch.zeros(1, 5), spec), _data(spec, labels=True), SETTINGS)
-    assert {"test/probe_accuracy", "test/knn_accuracy", "test/kmeans_ari", "test/kmeans_nmi"} <= set(metrics)
+    data = _data(spec, labels=True)
+    separated = replace(data, **{f"{split}_x": getattr(data, f"{split}_x").index_put(
+        (torch.arange(len(getattr(data, f"{split}_y"))), torch.tensor(0)), 10.0 * getattr(data, f"{split}_y").float())
+        for split in ("train", "val", "test")})
+    latent = ["test/probe_accuracy", "test/knn_accuracy", "test/kmeans_ari", "test/kmeans_nmi", "test/kmeans_accuracy"]
+    telling = evaluate(KnownModel(torch.zeros(1, 5), spec), separated, SETTINGS)
+    assert [telling[name] for name in latent] == pytest.approx([1.0] * len(latent))
+    blind = evaluate(KnownModel(torch.zeros(1, 5), spec, mu_scale=0.0), separated, SETTINGS)
+    assert blind["test/kmeans_ari"] == pytest.approx(0.0, abs=1e-9) and blind["test/kmeans_nmi"] == pytest.approx(0.0, abs=1e-9)
+    assert blind["test/probe_accuracy"] < 0.5 and blind["test/kmeans_accuracy"] < 0.5
 
 
 def test_gaussian_latent_nll_on_real_data_is_the_mixed_likelihood_of_the_inputs_as_given():
