@@ -273,7 +273,7 @@ def test_new_rows_are_encoded_and_scaled_as_the_training_data_was(wine_csv, tmp_
     with pytest.raises(DataError, match=r"narrow\.npy: inputs of shape \(14,\), but the data has \(15,\)"):
         read_inputs(str(tmp_path / "narrow.npy"), data.spec)
     with pytest.raises(DataError, match=r"--input .*: the model takes vector of 15 features .*; give it as \.csv, "
-                                        r"\.npy, \.npz, \.parquet"):
+                                        r"\.parquet/\.pq, \.npy, \.npz$"):
         read_inputs(str(tmp_path), data.spec)
 
 

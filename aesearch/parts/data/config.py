@@ -20,29 +20,12 @@ from pydantic import Field, model_validator
 
 from aesearch.parts.data.binarize import BINARIZATIONS
 from aesearch.parts.data.builtin import DATASETS
+from aesearch.parts.data.formats import FORMATS, IMAGES, TABLE, data_format, format_rule, holding
 from aesearch.parts.data.spec import IMPUTATIONS, SCALINGS, DataSpec
 from aesearch.schema import Bounded, Float, Int, Named, PositiveInt, Section, broken_rule
 
-# The formats of user data, by suffix; a folder holds images.
-TABLE_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
-ARRAY_SUFFIXES = {".npy": "npy", ".npz": "npz"}
-FOLDER = "folder"
-FORMAT_RULE = "its format comes from the suffix: .csv, .parquet, .npy, .npz, or a folder of images"
-
 TABLE_FIELDS = ("label", "id", "features", "categorical")
 IMAGE_FIELDS = ("image_size", "channels")
-
-
-def data_format(path: str) -> str | None:
-    """The format a path names: 'csv', 'parquet', 'npy', 'npz', 'folder', or None."""
-    suffix = Path(path).suffix.lower()
-    if suffix in TABLE_SUFFIXES:
-        return TABLE_SUFFIXES[suffix]
-    if suffix in ARRAY_SUFFIXES:
-        return ARRAY_SUFFIXES[suffix]
-    if not suffix or path.endswith(("/", "\\")) or Path(path).is_dir():
-        return FOLDER
-    return None
 
 
 class DataConfig(Section):
@@ -110,19 +93,21 @@ class DataConfig(Section):
         for path in (self.path, self.test):
             if path is not None and data_format(path) is None:
                 field = "path" if path == self.path else "test"
-                raise broken_rule(f"data.{field}={path!r}: {FORMAT_RULE}")
+                raise broken_rule(f"data.{field}={path!r}: {format_rule()}")
         if self.test is not None and data_format(self.test) != self.format:
             raise broken_rule(f"data.test={self.test!r} must have the format of data.path={self.path!r} "
                               f"({self.format})")
-        if self.format not in ("csv", "parquet"):
+        holds = FORMATS[self.format].holds
+        if holds != TABLE:
             given = [f for f in TABLE_FIELDS if getattr(self, f) is not None]
             if given:
-                raise broken_rule(f"data.{given[0]} applies to tables (.csv, .parquet), not to data.path={self.path!r}")
-        if self.format != FOLDER:
+                tables = ", ".join(FORMATS[name].described for name in holding(TABLE))
+                raise broken_rule(f"data.{given[0]} applies to tables ({tables}), not to data.path={self.path!r}")
+        if holds != IMAGES:
             given = [f for f in IMAGE_FIELDS if getattr(self, f) is not None]
             if given:
                 raise broken_rule(f"data.{given[0]} applies to image folders, not to data.path={self.path!r}")
-        if self.binarize != "none" and self.format in ("csv", "parquet") and self.scale != "minmax":
+        if self.binarize != "none" and holds == TABLE and self.scale != "minmax":
             raise broken_rule(f"data.binarize={self.binarize!r} needs values in [0, 1]: a table needs "
                               f"data.scale='minmax' (got {self.scale!r})")
         overlap = sorted(set(self.features or ()) & {self.label})

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,9 +17,9 @@ import numpy as np
 import pandas as pd
 
 from aesearch.errors import DataError
-from aesearch.parts.data.config import FOLDER, DataConfig, data_format
+from aesearch.parts.data.config import DataConfig
+from aesearch.parts.data.formats import ARRAYS, FORMATS, IMAGES, TABLE, DataFormat, data_format
 from aesearch.parts.data.spec import CATEGORICAL, IMAGE, IMPUTATIONS, NUMERIC, VECTOR, Column, DataSpec
-from aesearch.registry import Registry
 
 MISSING_LEVEL = "<missing>"  # a categorical column's missing values, with impute: median
 BYTES_PER_VALUE = 4  # float32
@@ -47,18 +46,13 @@ class Inputs:
     rows: pd.DataFrame  # the identifier column first, then the label's, one row per input
 
 
-# (file or folder, config, the main data when reading a separate test file) -> Raw
-Reader = Callable[[Path, DataConfig, "Raw | None"], Raw]
-READERS: Registry[Reader] = Registry("data format")
-
-
 def read(path: str, config: DataConfig, like: Raw | None = None) -> Raw:
     """Read one file or folder in the format its name says; `like`: the main data, which a separate
     test file must match (same columns, same image shape)."""
     file = Path(path).expanduser()
     if not file.exists():
         raise DataError(f"data.{'test' if like else 'path'}={path!r}: no such file or folder")
-    return READERS[config.format](file, config, like)
+    return FORMATS[config.format].read(file, config, like)
 
 
 def note(message: str) -> None:
@@ -84,22 +78,21 @@ def read_inputs(path: str, spec: DataSpec, config: DataConfig | None = None) -> 
     if not file.exists():
         raise DataError(f"--input {path}: no such file or folder")
     format = data_format(path)
-    known = {"csv", "parquet"} if spec.columns and spec.modality == VECTOR else set()
-    known |= {"npy", "npz"} | ({FOLDER} if spec.modality == IMAGE else set())
+    known = [name for name in FORMATS if FORMATS[name].gives(spec)]
     if format not in known:
         raise DataError(f"--input {path}: the model takes {spec.describe()}; give it as "
-                        + ", ".join(sorted("a folder of images" if k == FOLDER else f".{k}" for k in known)))
-    if format in ("csv", "parquet"):
+                        + ", ".join(FORMATS[name].described for name in known))
+    if FORMATS[format].holds == TABLE:
         frame = _read_frame(file, format)
         rows = _table_rows(frame, config, file.name)
         x = encode_frame(frame.drop(columns=[c for c in rows.columns if c in frame.columns]), spec,
                          config.impute if config else "none", file.name)
         return Inputs(x, rows)
-    raw = READERS[format](file, None, _like(spec))
+    raw = FORMATS[format].read(file, None, _like(spec))
     x = scale_numeric(raw.x, list(spec.columns)) if spec.modality == VECTOR else raw.x
     rows = pd.DataFrame({"file": raw.files} if raw.files is not None else {"row": np.arange(len(x))})
     if raw.labels is not None:
-        rows["class" if format == FOLDER else "y"] = raw.labels
+        rows["class" if FORMATS[format].holds == IMAGES else "y"] = raw.labels
     return Inputs(x, rows)
 
 
@@ -156,8 +149,6 @@ def _like(spec: DataSpec) -> Raw:
 # --- tables ---------------------------------------------------------------------------------------
 
 
-@READERS.register("csv")
-@READERS.register("parquet")
 def read_table(file: Path, config: DataConfig, like: Raw | None) -> Raw:
     frame = _read_frame(file, config.format)
     if like is not None:
@@ -263,7 +254,7 @@ def encode_rows(frame: pd.DataFrame, columns: list[Column], label: str | None, s
 
 def _read_frame(file: Path, format: str) -> pd.DataFrame:
     try:
-        frame = pd.read_csv(file) if format == "csv" else pd.read_parquet(file)
+        frame = FORMATS[format].frame(file)
     except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DataError(f"{file}: cannot read it as {format}: {first_line}") from None
@@ -295,12 +286,10 @@ def _names(names) -> str:
 # --- arrays -----------------------------------------------------------------------------------------
 
 
-@READERS.register("npy")
 def read_npy(file: Path, config: DataConfig, like: Raw | None) -> Raw:
     return _from_array(_load_array(file, lambda: np.load(file, mmap_mode="r", allow_pickle=False)), None, str(file), like)
 
 
-@READERS.register("npz")
 def read_npz(file: Path, config: DataConfig, like: Raw | None) -> Raw:
     try:
         archive = np.load(file, allow_pickle=False)
@@ -348,7 +337,6 @@ def _from_array(x: np.ndarray, labels: np.ndarray | None, source: str, like: Raw
 # --- folders of images ------------------------------------------------------------------------------
 
 
-@READERS.register(FOLDER)
 def read_folder(folder: Path, config: DataConfig, like: Raw | None) -> Raw:
     """torchvision's ImageFolder layout (one sub-folder per class, its name the label), or a flat
     folder of images without labels. Each image is decoded once, converted to grey (1 channel)
@@ -390,6 +378,15 @@ def _open_image(path: Path, Image, UnidentifiedImageError):
         return image
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DataError(f"{path}: not a readable image ({type(error).__name__}: {str(error).splitlines()[0]})") from None
+
+
+# --- the formats, by the suffix that names them ----------------------------------------------------
+
+FORMATS.add("csv", DataFormat(read_table, TABLE, (".csv",), frame=pd.read_csv))
+FORMATS.add("parquet", DataFormat(read_table, TABLE, (".parquet", ".pq"), frame=pd.read_parquet))
+FORMATS.add("npy", DataFormat(read_npy, ARRAYS, (".npy",)))
+FORMATS.add("npz", DataFormat(read_npz, ARRAYS, (".npz",)))
+FORMATS.add("folder", DataFormat(read_folder, IMAGES))
 
 
 # --- will it fit ------------------------------------------------------------------------------------
