@@ -102,6 +102,7 @@ METRICS = [
     Metric("model/latent_dim", "min", "code units: the size of the compressed representation", EXACT),
     Metric("beta", "min", "the KL weight in effect (its schedule's mean over the epoch's steps)", TIME),
     Metric("epoch", "max", "the epoch counter", TIME),
+    Metric("lr", "min", "the learning rate the epoch trained at (optimizer.schedule)", TIME),
     Metric("pack/members", "max", "trials that trained fused with this one in its last epoch", TIME),
     # the evaluation suite, on the test split with the best weights
     Metric("test/recon_mse", "min", "reconstruction MSE per value (clean test inputs, in the model's units: "

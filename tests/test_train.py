@@ -32,7 +32,7 @@ def test_reports_every_epoch_with_the_documented_metrics(digits):
     assert [end.epoch for end in ends] == [1, 2, 3, 4]
     assert set(ends[0].metrics) == {
         "epoch", "train/loss", "train/recon", "train/kl", "val/loss", "val/recon", "val/kl",
-        "val/recon_mse", "beta", "time/epoch_seconds", "model/parameters", "model/latent_dim",
+        "val/recon_mse", "beta", "lr", "time/epoch_seconds", "model/parameters", "model/latent_dim",
     }
     assert ends[0].metrics["model/latent_dim"] == result.model.latent_dim
     assert ends[0].metrics["model/parameters"] == sum(p.numel() for p in result.model.parameters())

@@ -55,7 +55,7 @@ MEMBER_FIELDS = {
     "objective.kl.ramp_fraction",
     "objective.sparsity.weight", "objective.sparsity.rho", "objective.contractive_weight",
 }  # fmt: skip
-MEMBER_SECTIONS = ("evaluation.",)
+MEMBER_SECTIONS = ("evaluation.", "optimizer.schedule.")  # a schedule sets its member's lr between epochs
 
 
 def why_not_packable(config: TrainConfig) -> str | None:

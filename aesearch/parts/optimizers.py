@@ -1,7 +1,14 @@
-"""Optimisers by name. Each builds from the parameters, lr, weight decay and whether to use the
-fused kernel (one kernel for all parameters: ~12% faster epochs for small models on a CPU), and
-says whether a packed step (aesearch.packing.fused) can run it: with torch's functional form of
-the optimiser, on each member's slice of the stacked weights; one without cannot be packed."""
+"""Optimisers and learning-rate schedules by name.
+
+An optimiser builds from the parameters, lr, weight decay and whether to use the fused kernel (one kernel for
+all parameters: ~12% faster epochs for small models on a CPU), and says whether a packed step
+(aesearch.packing.fused) can run it: with torch's functional form of the optimiser, on each member's slice of
+the stacked weights; one without cannot be packed.
+
+A schedule is one of torch's schedulers, stepped once an epoch after validation (reduce-on-plateau with the
+validation loss). It sets the lr of the optimiser's group, which a packed step reads for each member, so every
+schedule packs; its state goes into every checkpoint, so a resumed run goes on exactly.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +16,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import math
+
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
+from torch.optim import lr_scheduler
 from torch.optim.adam import adam as adam_update
 from torch.optim.adamw import adamw as adamw_update
 
 from aesearch.registry import Registry
-from aesearch.schema import Bounded, Float, Named, Section
+from aesearch.schema import Bounded, Float, Int, Named, PositiveInt, Section, broken_rule
 
 OptimizerBuilder = Callable[[Iterable[torch.nn.Parameter], float, float, bool], torch.optim.Optimizer]
 
@@ -85,7 +95,96 @@ def adamw(params, lr: float, weight_decay: float, fused: bool) -> torch.optim.Op
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
+# --- learning-rate schedules -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A registered schedule: torch's scheduler for an optimiser, from the schedule's settings and the run's
+    epochs; `fields`: the settings it reads (any other one set is refused)."""
+
+    build: Callable[[torch.optim.Optimizer, ScheduleConfig, int], Any]
+    fields: tuple[str, ...] = ()
+    on_validation: bool = False  # stepped with the validation loss
+
+    def advance(self, scheduler: Any, validation_loss: float) -> None:
+        """After an epoch: the next epoch's lr."""
+        if self.on_validation:
+            scheduler.step(validation_loss)
+        else:
+            scheduler.step()
+
+
+SCHEDULES: Registry[Schedule] = Registry("learning-rate schedule")
+
+
+def constant(optimizer: torch.optim.Optimizer, settings: ScheduleConfig, epochs: int) -> Any:
+    return lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def cosine(optimizer: torch.optim.Optimizer, settings: ScheduleConfig, epochs: int) -> Any:
+    """A linear warm-up from lr / (warmup_epochs + 1), then a half cosine down to lr * min_factor at the last epoch."""
+    warmup = settings.warmup_epochs
+    decay = lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs - warmup),
+                                           eta_min=optimizer.param_groups[0]["lr"] * settings.min_factor)
+    if not warmup:
+        return decay
+    rise = lr_scheduler.LinearLR(optimizer, start_factor=1 / (warmup + 1), end_factor=1.0, total_iters=warmup)
+    return lr_scheduler.SequentialLR(optimizer, [rise, decay], milestones=[warmup])
+
+
+def step(optimizer: torch.optim.Optimizer, settings: ScheduleConfig, epochs: int) -> Any:
+    return lr_scheduler.StepLR(optimizer, step_size=settings.step_epochs, gamma=settings.factor)
+
+
+def plateau(optimizer: torch.optim.Optimizer, settings: ScheduleConfig, epochs: int) -> Any:
+    return lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=settings.factor, patience=settings.patience)
+
+
+@dataclass
+class Staged:
+    """The IWAE paper's protocol (Burda et al. 2015): stage i lasts 3^i epochs at lr * 10^(-i/7)."""
+
+    def __call__(self, epoch: int) -> float:
+        stage = int(math.log(2 * epoch + 1, 3) + 1e-9)  # epochs before stage i: (3^i - 1) / 2
+        return 10 ** (-stage / 7)
+
+
+def staged(optimizer: torch.optim.Optimizer, settings: ScheduleConfig, epochs: int) -> Any:
+    return lr_scheduler.LambdaLR(optimizer, Staged())
+
+
+SCHEDULES.add("constant", Schedule(constant))
+SCHEDULES.add("cosine", Schedule(cosine, ("warmup_epochs", "min_factor")))
+SCHEDULES.add("step", Schedule(step, ("step_epochs", "factor")))
+SCHEDULES.add("plateau", Schedule(plateau, ("factor", "patience"), on_validation=True))
+SCHEDULES.add("staged", Schedule(staged))
+
+
 # --- this part's section of the config --------------------------------------------------------
+
+
+class ScheduleConfig(Section):
+    """How the learning rate moves over the epochs (see SCHEDULES); each setting belongs to the kinds that read it."""
+
+    kind: Named(SCHEDULES) = "constant"
+    warmup_epochs: Int = Field(0, ge=0)  # cosine: epochs of linear warm-up before the decay
+    min_factor: Float = Field(0.0, ge=0.0, lt=1.0)  # cosine: the last epoch's lr, as a share of lr
+    step_epochs: PositiveInt = 30  # step: epochs between two reductions
+    factor: Float = Field(0.1, gt=0.0, lt=1.0)  # step and plateau: each reduction multiplies lr by it
+    patience: Int = Field(5, ge=0)  # plateau: epochs without a better validation loss before a reduction
+
+    @model_validator(mode="after")
+    def _settings_fit_the_kind(self) -> ScheduleConfig:
+        """A setting the kind does not read must keep its default (a config written out in full reads back)."""
+        read = SCHEDULES[self.kind].fields
+        stray = [name for name, field in type(self).model_fields.items()
+                 if name not in ("kind", *read) and getattr(self, name) != field.default]
+        if stray:
+            takes = f"it takes {', '.join(read)}" if read else "it takes no settings"
+            raise broken_rule(f"optimizer.schedule.{stray[0]}={getattr(self, stray[0])!r} does not apply to the "
+                              f"{self.kind} schedule: {takes}")
+        return self
 
 
 class OptimizerConfig(Section):
@@ -93,3 +192,4 @@ class OptimizerConfig(Section):
     lr: Float = Field(1e-3, gt=0.0, le=10.0)
     weight_decay: Float = Field(0.0, ge=0.0)
     batch_size: Bounded(65536) = 128
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)

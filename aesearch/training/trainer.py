@@ -29,7 +29,7 @@ from aesearch.parts.data import Data, DataSpec, check_fits
 from aesearch.parts.data.binarize import BINARIZATIONS, fresh_bits
 from aesearch.parts.models import Autoencoder, build_model, parameter_count
 from aesearch.parts.objectives import Objective, random_directions
-from aesearch.parts.optimizers import OPTIMIZERS
+from aesearch.parts.optimizers import OPTIMIZERS, SCHEDULES
 from aesearch.schema import flatten
 from aesearch.training.checkpoints import load_checkpoint, save_checkpoint
 from aesearch.training.evaluate import evaluate
@@ -179,6 +179,8 @@ class Trainer:
         self.optimizer = OPTIMIZERS[opt.name](
             self.model.parameters(), opt.lr, opt.weight_decay, fused=self.device.type in ("cpu", "cuda")
         )
+        self.schedule = SCHEDULES[opt.schedule.kind]
+        self.scheduler = self.schedule.build(self.optimizer, opt.schedule, config.epochs)
         self.use_metrics = UseMetrics(config.evaluation.val_metrics, self.data, config.evaluation)
         self.size = {"model/parameters": float(parameter_count(self.model)),
                      "model/latent_dim": float(self.model.latent_dim)}
@@ -206,13 +208,14 @@ class Trainer:
         if self.use_metrics:
             val |= self.use_metrics(self.model)
         self.epoch += 1
-        metrics = {"epoch": float(self.epoch), **train, **val, **self.size}
+        metrics = {"epoch": float(self.epoch), **train, **val, **self.size, "lr": self.optimizer.param_groups[0]["lr"]}
         if self.objective.uses_kl:
             metrics["beta"] = mean_beta  # the KL weight in effect, averaged over the epoch's steps
         metrics["time/epoch_seconds"] = time.perf_counter() - started  # the passes have synced
         if not all(math.isfinite(metrics[k]) for k in ("train/loss", "val/loss", "val/recon_mse")):
             raise DivergedError(self.epoch, {k: v for k, v in metrics.items() if "/" in k})
         self.history.append(metrics)
+        self.schedule.advance(self.scheduler, metrics["val/loss"])  # the next epoch's lr
 
         is_best = self.best_epoch == 0 or (selection_key(self.select_by, metrics)
                                            < selection_key(self.select_by, self.history[self.best_epoch - 1]))
@@ -331,6 +334,7 @@ class Trainer:
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "schedule": self.scheduler.state_dict(),
             "rng": {"generator": self.generator.get_state()},
             "history": self.history,
             "best": {"epoch": self.best_epoch, "model": self.best_state},
@@ -344,6 +348,8 @@ class Trainer:
         check_resumable(state, self.config, self.data)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if "schedule" in state:  # checkpoints of an aesearch without schedules had only the constant one
+            self.scheduler.load_state_dict(state["schedule"])
         self.epoch = state["epoch"]
         self.history = list(state["history"])
         best = state["best"]
