@@ -1,6 +1,7 @@
 """Model quality beside published tables: aesearch's models under the papers' protocols, one command per table.
 
     uv run python benchmarks/quality.py vae-nll    [--epochs 50] [--seeds 1] [--iwae-samples 1000] [--batch-size 20]
+                                                   [--schedules constant,staged]
                                                    [--search-trials 0] [--search-epochs 20]
     uv run python benchmarks/quality.py clustering [--epochs 50] [--seeds 1] [--search-trials 0] [--search-epochs 20]
     uv run python benchmarks/quality.py one-class  [--digits 0 1 ... 9] [--trials 12] [--epochs 15] [--seeds 1]
@@ -15,7 +16,9 @@
   Published: VAE, k=1, 86.76 nats after 3,280 epochs (IWAE paper, Table 1). Printed: the curve of
   the validation NLL (1,000 fixed validation images, 20 samples) against epochs, the test NLL per
   seed, and with --search-trials a search of the VAE family (`use: generation`: beta, KL schedule,
-  code size, widths, learning rate) ranked on val/nll.
+  code size, widths, learning rate) ranked on val/nll. --schedules trains the VAE once per learning-rate
+  schedule (`optimizer.schedule.kind`), side by side: `staged` is the paper's (stage i: 3^i epochs at
+  1e-3 * 10^(-i/7); its stages 0-4 are the first 121 epochs), against the constant rate.
 - clustering: DEC's autoencoder (Xie et al. 2016: 784-500-500-2000-10, ReLU, a linear code),
   trained on MNIST's training images as a plain autoencoder (MSE, Adam 1e-3, batches of 256), then
   KMeans (20 restarts) on the codes of the 10,000 test images: accuracy (clusters matched to
@@ -161,18 +164,29 @@ def search(use: str, data: dict, space: dict, base: dict, names: tuple[str, ...]
 def vae_nll(args: argparse.Namespace, folder: Path) -> None:
     sections = IWAE_VAE | {"evaluation": IWAE_VAE["evaluation"] | {"iwae_samples": args.iwae_samples},
                            "optimizer": IWAE_VAE["optimizer"] | {"batch_size": args.batch_size}}
-    runs = [trained(sections, seed, args, every=max(1, args.epochs // 10)) for seed in args.seed_list]
-    nll = [run["metrics"]["test/nll"] for run in runs]
-    print(f"\nvalidation NLL (nats, 1,000 fixed validation images, k=20) against epochs, mean over {len(runs)} seed(s):")
+    schedules = args.schedules.split(",")
+    runs = {schedule: [trained(sections | {"optimizer": sections["optimizer"] | {"schedule": {"kind": schedule}}},
+                               seed, args, every=max(1, args.epochs // 10)) for seed in args.seed_list]
+            for schedule in schedules}
+    nll = {schedule: [run["metrics"]["test/nll"] for run in done] for schedule, done in runs.items()}
+    print(f"\nvalidation NLL (nats, 1,000 fixed validation images, k=20) against epochs, mean over "
+          f"{len(args.seed_list)} seed(s), per learning-rate schedule ({', '.join(schedules)}):")
     for epoch in sorted({1, 2, 5, *range(10, args.epochs + 1, 10), args.epochs}):
         if epoch <= args.epochs:
-            values = [run["history"][epoch - 1]["val/nll"] for run in runs]
-            print(f"  epoch {epoch:5d}: {statistics.mean(values):7.2f}")
+            values = [statistics.mean(run["history"][epoch - 1]["val/nll"] for run in done) for done in runs.values()]
+            print(f"  epoch {epoch:5d}: " + "  ".join(f"{value:7.2f}" for value in values))
     print("\n| model | protocol | epochs | test NLL (nats) |\n|---|---|---|---|")
-    print(f"| VAE, IWAE paper (Table 1, k=1) | stochastic binarisation, k=5000 | {IWAE_EPOCHS} | {IWAE_VAE_NLL} |")
-    print(f"| aesearch, the same VAE | dynamic binarisation, fixed test bits, k={args.iwae_samples}, batches of "
-          f"{args.batch_size} | {args.epochs} "
-          f"(best by val/nll: {', '.join(str(r['best_epoch']) for r in runs)}) | {mean_std(nll, 2)} |")
+    print(f"| VAE, IWAE paper (Table 1, k=1) | stochastic binarisation, k=5000, staged lr | {IWAE_EPOCHS} | {IWAE_VAE_NLL} |")
+    for schedule, done in runs.items():
+        print(f"| aesearch, the same VAE | dynamic binarisation, fixed test bits, k={args.iwae_samples}, batches of "
+              f"{args.batch_size}, lr schedule {schedule} | {args.epochs} "
+              f"(best by val/nll: {', '.join(str(r['best_epoch']) for r in done)}) | {mean_std(nll[schedule], 2)} |")
+    if len(schedules) > 1:
+        first, *others = schedules
+        for other in others:
+            print(f"{other} against {first}: {statistics.mean(nll[other]) - statistics.mean(nll[first]):+.2f} nats "
+                  f"of test NLL after {args.epochs} epochs")
+    nll = nll[schedules[0]]
     if args.search_trials:
         space = {"model.latent_dim": {"type": "categorical", "choices": [20, 50, 100]},
                  "model.hidden_dims": {"type": "categorical", "choices": [[200, 200], [500, 500], [400]]},
@@ -255,6 +269,8 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--iwae-samples", type=int, default=1000, help="vae-nll: k of the test NLL (the paper: 5000)")
     parser.add_argument("--batch-size", type=int, default=20, help="vae-nll: training batch (the paper: 20)")
+    parser.add_argument("--schedules", default="constant", help="vae-nll: learning-rate schedules to train it with, "
+                        "comma-separated (optimizer.schedule.kind), e.g. constant,staged")
     parser.add_argument("--search-trials", type=int, default=0, help="vae-nll, clustering: also a search of this many")
     parser.add_argument("--search-epochs", type=int, default=20)
     parser.add_argument("--digits", type=int, nargs="+", default=list(range(10)), help="one-class: the normal digits")
