@@ -186,3 +186,45 @@ def test_the_checkpoints_of_trials_outside_the_best_go_through_one_filesystem_no
     kept = [any(Path(trial.storage.trial_fs_path).iterdir()) for trial in trials]
     assert kept == [True, False, False]  # the best keeps its checkpoint; the other two lose theirs
     assert closer.filesystem is trials[1].storage.storage_filesystem  # the first trial it pruned
+
+
+def test_at_the_end_tune_reads_every_trials_results_through_the_one_filesystem(tmp_path):
+    """At the end of a search Tune reads each trial's result file through the trial's own copy of the
+    filesystem (ExperimentAnalysis): on S3 a connection each, and a 10,000-trial search ran out of file
+    descriptors there. The search's end routes every trial through one: here the trials' own copies reach
+    nothing (rooted elsewhere), and Tune still finds every result."""
+    import json
+
+    from pyarrow.fs import LocalFileSystem, SubTreeFileSystem
+    from ray.train._internal.storage import StorageContext
+    from ray.tune import ExperimentAnalysis
+    from ray.tune.experiment import Trial
+
+    from aesearch.locations import sqlite_uri
+    from aesearch.search.callbacks import RunCloser
+    from aesearch.search.space import parse_space
+    from aesearch.tracking.store import Tracking
+
+    space = parse_space({"name": "s", "space": {"model.latent_dim": {"type": "categorical", "choices": [4, 8]}}})
+    closer = RunCloser(space, Tracking(uri=sqlite_uri(tmp_path / "mlflow.db"), experiment_id="0", parent_run_id="",
+                                         patience_s=1.0))
+    closer.setup()
+    closer.filesystem = LocalFileSystem()  # the one the search's first trial brought
+    trials = []
+    for number in range(3):
+        trial = Trial("run_trial", stub=True)
+        trial.storage = StorageContext(storage_path=str(tmp_path / "results"), experiment_dir_name="s",
+                                       trial_dir_name=f"trial_{number}")
+        folder = Path(trial.storage.trial_fs_path)
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text(json.dumps({"val/recon_mse": 0.1 * (number + 1), "training_iteration": 1,
+                                                        "trial_id": trial.trial_id}) + "\n")
+        trial.storage.storage_filesystem = SubTreeFileSystem(str(tmp_path / "elsewhere"), LocalFileSystem())
+        trials.append(trial)
+    closer.on_experiment_end(trials)
+    assert all(trial.storage.storage_filesystem is closer.filesystem for trial in trials)
+    state = tmp_path / "results" / "s" / "experiment_state-0.json"  # as Tune names it (not read: trials given)
+    analysis = ExperimentAnalysis(str(state), trials=trials, storage_filesystem=LocalFileSystem(),
+                                  default_metric="val/recon_mse", default_mode="min")
+    frames = analysis.trial_dataframes
+    assert sorted(round(frame["val/recon_mse"].iloc[0], 3) for frame in frames.values()) == [0.1, 0.2, 0.3]
