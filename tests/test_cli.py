@@ -184,6 +184,7 @@ def test_validate_reports_each_bad_file(tmp_path, capsys):
     assert "bad.yaml: objective.sparsity.kind='l1' needs model.latent='deterministic'" in captured.err
 
 
+@pytest.mark.slow  # trains every variant on MNIST
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_named_variant_trains_on_mnist_from_a_data_directory(path, mnist_dir, tmp_path, capsys):
     # One kind of noise for the denoising metrics (of four): each is a pass over MNIST's 10000 test images.

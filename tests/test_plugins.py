@@ -13,6 +13,8 @@ import yaml
 from tests.conftest import REPO
 from tests.searching import TOGETHER, on_shared_ray, run, trial_reports
 
+pytestmark = pytest.mark.slow  # each test runs aesearch in a process of its own, as a user does
+
 EXAMPLE = REPO / "examples" / "plugins"
 PENALTY = '''
 import torch

@@ -435,6 +435,7 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+@pytest.mark.slow  # starts MLflow's server
 def test_the_ui_stopped_by_its_pid_leaves_no_process_and_no_port_behind(tmp_path):
     """Ctrl-C or `kill PID` of `aesearch ui` stops MLflow's server and its uvicorn worker with it, and
     the ui's output has none of MLflow's hints for flags `aesearch ui` does not have. One UI per signal,
