@@ -27,6 +27,7 @@ from aesearch.parts.data import NUMERIC, DataConfig, DataSpec
 from aesearch.parts.models import ModelConfig, input_problem
 from aesearch.parts.objectives import KLConfig, ObjectiveConfig, reconstruction_problem
 from aesearch.parts.optimizers import OptimizerConfig
+from aesearch.parts.scorers import ANOMALY_SCORERS, scorer_problem
 from aesearch.plugins import absolute_entries, load_plugins
 from aesearch.registry import Registry
 from aesearch.schema import (
@@ -35,6 +36,7 @@ from aesearch.schema import (
     Float,
     Int,
     Name,
+    Named,
     PositiveInt,
     Section,
     apply_overrides,
@@ -69,6 +71,12 @@ class EvaluationConfig(Section):
     val_iwae_samples: Bounded(10_000) = 20  # k of val/nll's bound (test/nll uses iwae_samples)
     # The epoch whose weights are kept, evaluated and checkpointed as best: best by this metric.
     select_by: str = "val/loss"
+    # How an input's anomaly score is read from the model (aesearch.parts.scorers): val/anomaly_*,
+    # test/anomaly_*, the checkpoint and `aesearch score` all use it. The code scores are fitted on at most
+    # anomaly_fit_samples normal training rows; knn averages the distances to anomaly_neighbors codes.
+    anomaly_score: Named(ANOMALY_SCORERS) = "reconstruction"
+    anomaly_neighbors: Bounded(1000) = 5
+    anomaly_fit_samples: Bounded(1_000_000) = 10_000
 
     @field_validator("val_metrics")
     @classmethod
@@ -155,6 +163,9 @@ class TrainConfig(Section):
                 f"model.code_activation={model.code_activation!r}: a gaussian latent's code is its "
                 "mean and takes no activation; use 'none' (or 'auto')"
             )
+        problem = scorer_problem(self.evaluation.anomaly_score, gaussian)
+        if problem:
+            raise broken_rule(problem)
         if self.data.path is None:  # a built-in dataset is known before loading: check now, not in a trial
             problem = data_problem(self, self.data.known_spec)
             if problem:

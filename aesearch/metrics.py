@@ -84,9 +84,9 @@ METRICS = [
            applies="gaussian latent"),
     # per epoch, what the model is for (`evaluation.val_metrics`), on a fixed subset of the validation
     # split of at most `evaluation.val_max_samples` rows (aesearch.training.validation)
-    Metric("val/anomaly_auroc", "max", "AUROC of the per-sample reconstruction error as a score for the "
+    Metric("val/anomaly_auroc", "max", "AUROC of the anomaly score (evaluation.anomaly_score) for the "
            "anomaly classes, on validation", SCORE, "labelled anomalies"),
-    Metric("val/anomaly_ap", "max", "average precision of the per-sample reconstruction error as a score for "
+    Metric("val/anomaly_ap", "max", "average precision of the anomaly score (evaluation.anomaly_score) for "
            "the anomaly classes, on validation", SCORE, "labelled anomalies"),
     Metric("val/kmeans_ari", "max", "KMeans ARI of the validation codes", SCORE, "class labels"),
     Metric("val/kmeans_nmi", "max", "KMeans NMI of the validation codes", SCORE, "class labels"),
@@ -128,9 +128,9 @@ METRICS = [
     Metric("test/kmeans_nmi", "max", "KMeans NMI of the codes", SCORE, "class labels", ranked=True),
     Metric("test/kmeans_accuracy", "max", "KMeans accuracy of the codes: clusters matched to classes one-to-one "
            "(Hungarian), as DEC reports it", SCORE, "class labels", ranked=True),
-    Metric("test/anomaly_auroc", "max", "AUROC of the per-sample reconstruction error as a score for the "
+    Metric("test/anomaly_auroc", "max", "AUROC of the anomaly score (evaluation.anomaly_score) for the "
            "anomaly classes (data.anomaly)", SCORE, "labelled anomalies", ranked=True, on_board=True),
-    Metric("test/anomaly_ap", "max", "average precision of the per-sample reconstruction error as a score for "
+    Metric("test/anomaly_ap", "max", "average precision of the anomaly score (evaluation.anomaly_score) for "
            "the anomaly classes (data.anomaly)", SCORE, "labelled anomalies", ranked=True),
     Metric("test/mean_activation", "min", "mean |code unit| (sparsity)", applies="deterministic latent"),
     Metric("test/active_fraction", "min", "share of code units above the activation threshold", SCORE,

@@ -14,10 +14,9 @@ from aesearch.training.evaluate import (
     gaussian_latent_metrics,
     latent_quality,
     psnr,
-    reconstruct,
-    sample_errors,
     sparsity_metrics,
 )
+from aesearch.training.scoring import FittedScorer, seen
 from aesearch.training.trainer import train
 from tests.conftest import make_config
 
@@ -106,7 +105,7 @@ def test_anomaly_auroc_ranks_badly_reconstructed_class_first(digits):
     normal, anomalous = torch.rand(30, 1, 8, 8) * 0.2, torch.ones(10, 1, 8, 8) * 0.9
     x = torch.cat([normal, anomalous])
     labels = torch.tensor([0] * 30 + [7] * 10)
-    errors = sample_errors(reconstruct(model, x, 16), x)
+    errors = FittedScorer("reconstruction")(seen(model, x, 16))
     assert anomaly_metrics(errors, labels, spec) == {"anomaly_auroc": 1.0, "anomaly_ap": 1.0}
 
 

@@ -22,7 +22,7 @@ from aesearch.metrics import lookup
 from aesearch.results import plots
 from aesearch.results.read import SearchRecord
 from aesearch.results.render import write_report
-from aesearch.results.report import build_report, headline
+from aesearch.results.report import board_view, build_report, headline
 from aesearch.results.tables import (
     asha_summary,
     best_per_family,
@@ -132,6 +132,21 @@ def test_the_headline_says_when_the_leaders_tie_and_how_they_were_ranked(tmp_pat
     assert not any("than the winner" in line for line in lines)
     families = (write_report(report, tmp_path / "demo") / "report.md").read_text()
     assert "| tie |" in families and "+0.0%" not in families
+
+
+def test_a_detection_board_names_each_trials_anomaly_score_and_others_do_not(tmp_path):
+    record = saturated_record()
+    scorers = ["knn", None, "combined", "mahalanobis"]  # None: a trial of an aesearch without scorers
+    record.runs["params.evaluation.anomaly_score"] = scorers
+    report = build_report(record)
+    board = report.board.set_index("name")["anomaly_score"]
+    assert board.to_dict() == {"conv-#1": "knn", "dense-#2": "reconstruction", "vae-#3": "combined",
+                               "dense-#4": "mahalanobis"}
+    markdown = (write_report(report, tmp_path / "demo") / "report.md").read_text()
+    overall = markdown[markdown.index("Top 4 trials overall"):]
+    assert "| anomaly_score |" in overall.splitlines()[2] and "| combined |" in overall
+    plain = build_report(SearchRecord("demo", "sqlite:////nowhere/mlflow.db", SEARCH, None, a_search()))
+    assert "anomaly_score" not in board_view(plain, plain.board)
 
 
 def test_a_report_shows_itself_in_a_notebook_as_its_headline_and_top_trials_not_its_figures():

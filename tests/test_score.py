@@ -41,7 +41,7 @@ def validation_scores(checkpoint):
 
     trained = load_model(checkpoint)
     data = load_data(trained.config.data)
-    return infer(trained.model, data.val_x).scores.numpy(), data.spec.is_anomaly(data.val_y).numpy()
+    return infer(trained.model, data.val_x, trained.scorer).scores.numpy(), data.spec.is_anomaly(data.val_y).numpy()
 
 
 def score(capsys, checkpoint, input, out, *options):
@@ -98,7 +98,7 @@ def test_the_threshold_can_be_given_or_chosen_by_contamination(wine_model, tmp_p
 
 @pytest.mark.parametrize("options, message", [
     (["--threshold", "nan"], "--threshold nan: must be a finite number"),
-    (["--threshold", "-1"], "--threshold -1.0: must be a finite number >= 0"),
+    (["--threshold", "inf"], "--threshold inf: must be a finite number"),
     (["--contamination", "0"], "--contamination 0.0: must be between 0 and 1"),
     (["--contamination", "1.5"], "--contamination 1.5: must be between 0 and 1"),
     (["--threshold", "1", "--contamination", "0.1"], "not allowed with argument"),

@@ -31,10 +31,11 @@ class KnownModel(torch.nn.Module):
     def __init__(self, logits: torch.Tensor, spec: DataSpec, stochastic: bool = False, mu_scale: float = 1.0):
         super().__init__()
         self.logits, self.spec, self.stochastic, self.mu_scale = logits, spec, stochastic, mu_scale
+        self.latent_dim = 2
 
     def encode(self, x, sample=False):
         mu = self.mu_scale * x.flatten(1)[:, :2].float()
-        return SimpleNamespace(code=mu, mu=mu, logvar=torch.zeros_like(mu))
+        return SimpleNamespace(z=mu, code=mu, mu=mu, logvar=torch.zeros_like(mu))
 
     def decode(self, z):
         return self.logits.expand(len(z), -1)

@@ -68,6 +68,14 @@ def mixed_likelihood(logits: torch.Tensor, x: torch.Tensor, spec: DataSpec) -> t
     return nll
 
 
+def likelihood(spec: DataSpec) -> tuple[str, bool]:
+    """The decoder the NLL and ELBO are measured under: (reconstruction loss = -log p(x|z), whether
+    the inputs are binarised). Bernoulli on stochastically binarised inputs for data in [0, 1], the
+    literature's protocol, comparable across VAEs whatever their training loss; otherwise the
+    Gaussian/categorical `mixed` decoder on the inputs as given."""
+    return ("bce", True) if spec.unit_range else ("mixed", False)
+
+
 def reconstruction_problem(kind: str, spec: DataSpec) -> str | None:
     """Why objective.reconstruction=kind does not suit this data, in one line, or None."""
     if kind not in UNIT_RANGE_ONLY or spec.unit_range:

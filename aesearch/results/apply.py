@@ -6,9 +6,9 @@ The model comes from a checkpoint file, or from a search: the trial at a rank of
 checkpoint carries the data's spec, so the input is encoded and scaled exactly as the training
 data was (`parts.data.read_inputs`), and refused, naming the difference, where it does not match.
 
-The anomaly score is the one the evaluation measures (`training.inference`: the mean squared
-reconstruction error of the input, in the model's scaled units); for tables each column's own error
-is written beside it, so a high score can be traced to the columns that caused it. Each row keeps
+The anomaly score is the one the evaluation measures (`evaluation.anomaly_score`, fitted to the
+model and kept in its checkpoint: by default the mean squared reconstruction error of the input, in
+the model's scaled units); for tables each column's own reconstruction error is written beside it, so a high score can be traced to the columns that caused it. Each row keeps
 what names it (the data's id column, else the table's index, the row number or the image's file) and
 its label where the input has one.
 
@@ -91,8 +91,8 @@ def check_threshold(threshold: float | None, contamination: float | None) -> Non
     """Refuse a threshold override that cannot be meant: before any work."""
     if threshold is not None and contamination is not None:
         raise UserError(f"--threshold {threshold} and --contamination {contamination}: give one of them")
-    if threshold is not None and not (math.isfinite(threshold) and threshold >= 0):
-        raise UserError(f"--threshold {threshold}: must be a finite number >= 0 (scores are mean squared errors)")
+    if threshold is not None and not math.isfinite(threshold):
+        raise UserError(f"--threshold {threshold}: must be a finite number (a score; higher is more anomalous)")
     if contamination is not None and not 0 < contamination < 1:
         raise UserError(f"--contamination {contamination}: must be between 0 and 1 (the share of anomalies expected)")
 
@@ -125,7 +125,7 @@ def apply(trained: TrainedModel, input: str) -> tuple[Inputs, Inference]:
     from aesearch.training.inference import infer
 
     inputs = read_inputs(input, trained.model.spec, trained.config.data)
-    return inputs, infer(trained.model, inputs.x)
+    return inputs, infer(trained.model, inputs.x, trained.scorer)
 
 
 def codes(trained: TrainedModel, input: str) -> pd.DataFrame:
@@ -176,7 +176,7 @@ def validation_scores(trained: TrainedModel, data_dir: Path | str | None = None)
         raise UserError(f"{config.dataset}: not the data the model was trained on (fingerprint {data.fingerprint}, "
                         f"the model's {trained.state['fingerprint']}), so its validation split cannot choose the "
                         "threshold; give --threshold")
-    scores = infer(trained.model, data.val_x).scores.numpy().astype(np.float64)
+    scores = infer(trained.model, data.val_x, trained.scorer).scores.numpy().astype(np.float64)
     anomalous = data.spec.is_anomaly(data.val_y).numpy() if data.spec.anomalies and data.val_y is not None else None
     return scores, anomalous
 

@@ -126,11 +126,12 @@ def _picture_rows(report: Report) -> list[tuple[str, str, list[tuple[str, bytes]
     prior = [(f"#{r.rank} {r.name}", images[r.run_id]["prior_samples.png"])
              for r in board.itertuples() if "prior_samples.png" in images.get(r.run_id, {})][:TOP]
     top = [(f"#{r.rank} {r.name}", images.get(r.run_id, {})) for r in board.head(TOP).itertuples()]
+    scored = [(f"#{r.rank} {r.name} ({r.anomaly_score})", images.get(r.run_id, {})) for r in board.head(TOP).itertuples()]
     rows = [
         ("reconstructions", "Reconstructions of the top trials (rows: original, model input, reconstruction)", recon),
         ("prior", "VAE prior samples: decodes of z ~ N(0, I)", prior),
         ("anomalies", "Anomaly scores of normal and anomalous test inputs (top trials)",
-         [(caption, drawn["anomaly_scores.png"]) for caption, drawn in top if "anomaly_scores.png" in drawn]),
+         [(caption, drawn["anomaly_scores.png"]) for caption, drawn in scored if "anomaly_scores.png" in drawn]),
         ("features", "Reconstruction error per column (top trials)",
          [(caption, drawn["feature_errors.png"]) for caption, drawn in top if "feature_errors.png" in drawn]),
     ]

@@ -65,6 +65,7 @@ def trial_table(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
             "schedule": config.get("objective.kl.schedule"), "noise": config.get("corruption.kind") or "none",
             "noise_level": config.get("corruption.level"), "sparsity": config.get("objective.sparsity.kind"),
             "lr": config.get("optimizer.lr"), "seed": config.get("seed"),
+            "anomaly_score": config.get("evaluation.anomaly_score") or "reconstruction",
             "status": run.get("status", ""), "outcome": outcome, "state": state, "epochs": int(epochs),
             "objective": value, **{k: v for k, v in metrics.items() if k != "epoch"},
             "started": run.get("start_time"), "config": config,

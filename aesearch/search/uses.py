@@ -70,10 +70,12 @@ USES.add("reconstruction", Use(
     ["val/recon_mse"],
     parameters("model.latent_dim: {type: categorical, choices: [8, 16, 32, 64]}") | DENOISING | SHAPE))
 USES.add("anomaly_detection", Use(
-    "how well the reconstruction error separates the labelled anomalies of validation (AUROC); "
-    "small codes, denoising, sparse and contractive autoencoders, which reconstruct what is normal only",
+    "how well the anomaly score separates the labelled anomalies of validation (AUROC); small codes, "
+    "denoising, sparse and contractive autoencoders, which reconstruct what is normal only, and the "
+    "score: reconstruction error, distance to the normal codes (knn, mahalanobis) or all three combined",
     ["val/anomaly_auroc"],
     parameters("""
+evaluation.anomaly_score: {type: categorical, choices: [reconstruction, knn, mahalanobis, combined]}
 model.latent_dim: {type: categorical, choices: [2, 4, 8, 16, 32]}
 objective.sparsity.kind: {type: categorical, choices: [none, l1]}
 objective.sparsity.weight: {type: float, low: 0.001, high: 0.1, log: true, when: {objective.sparsity.kind: l1}}

@@ -54,7 +54,7 @@ def predict(trained: Any, model_input: Any) -> pd.DataFrame | dict[str, np.ndarr
     else:
         x = encode_array(np.asarray(model_input.values if isinstance(model_input, pd.DataFrame) else model_input),
                          spec, "request")
-    result = infer(trained.model, x)
+    result = infer(trained.model, x, trained.scorer)
     if not spec.columns or not isinstance(model_input, pd.DataFrame):
         return {"score": result.scores.numpy(), "code": result.codes.numpy(),
                 "reconstruction": result.reconstructions.numpy()}

@@ -23,6 +23,7 @@ from aesearch.config import TrainConfig, on_device, parse_config, resolve_device
 from aesearch.errors import CheckpointError
 from aesearch.parts.data import DataSpec
 from aesearch.parts.models import Autoencoder, build_model
+from aesearch.training.scoring import FittedScorer
 
 if TYPE_CHECKING:
     from aesearch.parts.data import Data
@@ -76,6 +77,11 @@ class TrainedModel:
     model: Autoencoder
     config: TrainConfig
     state: dict[str, Any]
+
+    @property
+    def scorer(self) -> FittedScorer:
+        """The anomaly scorer fitted to the best weights, as the checkpoint keeps it."""
+        return FittedScorer.from_checkpoint(self.state)
 
 
 def load_trained_model(source: Path | str | dict[str, Any], data: Data | None = None, device: str | None = None,

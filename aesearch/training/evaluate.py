@@ -20,7 +20,7 @@ rank VAEs against sparse or denoising AEs on common ground. What applies depends
   KMeans ARI, NMI and accuracy (clusters matched to classes one-to-one, as DEC reports it);
 - sparsity of the code: mean |h|, fraction of active values, dead units;
 - anomaly detection, when the data names anomaly classes and the test split has labels: AUROC
-  and average precision of the per-sample reconstruction error.
+  and average precision of the anomaly score `evaluation.anomaly_score` names (scoring.py).
 
 A metric that does not apply is absent, never zero.
 """
@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from aesearch.parts.corruption import corrupt, corruption_problem
 from aesearch.parts.data.binarize import fixed_bits
 from aesearch.parts.data.spec import CATEGORICAL, NUMERIC
-from aesearch.parts.objectives import RECONSTRUCTIONS, gaussian_kl, log_normal
+from aesearch.parts.objectives import RECONSTRUCTIONS, gaussian_kl, likelihood, log_normal
+from aesearch.training.scoring import fit_scorer, seen
 
 if TYPE_CHECKING:
     from aesearch.config import EvaluationConfig
@@ -62,19 +63,19 @@ def evaluate(model: Autoencoder, data: Data, settings: EvaluationConfig) -> dict
     model.eval()
     spec, x, batch = data.spec, data.test_x, settings.batch_size
     generator = torch.Generator(x.device).manual_seed(EVALUATION_SEED)
-    x_hat = reconstruct(model, x, batch)  # once: the reconstruction and anomaly metrics share it
-    metrics = reconstruction_metrics(x_hat, x, spec)
+    test = seen(model, x, batch)  # once: the reconstruction, latent and anomaly metrics share it
+    metrics = reconstruction_metrics(test.x_hat, x, spec)
     metrics |= denoising_metrics(model, x, settings.denoise_levels, batch, generator, spec)
     if model.stochastic:
         metrics |= gaussian_latent_metrics(model, x, "test", settings.iwae_samples, batch, generator, spec)
-    test_codes = encode(model, x, batch)
+    test_codes = test.codes.cpu()
     if spec.classes and data.test_y is not None:
         train_labels = None if data.train_y is None else data.train_y[: settings.probe_max_samples]
         train_codes = encode(model, data.train_x[: settings.probe_max_samples], batch)
         metrics |= latent_quality(train_codes, train_labels, test_codes, data.test_y, settings)
     metrics |= sparsity_metrics(test_codes, settings.activation_threshold)
     if spec.anomalies and data.test_y is not None:
-        metrics |= anomaly_metrics(sample_errors(x_hat, x), data.test_y, spec)
+        metrics |= anomaly_metrics(fit_scorer(model, data, settings)(test), data.test_y, spec)
     return {f"test/{name}": float(value) for name, value in metrics.items()}
 
 
@@ -132,11 +133,6 @@ def reconstruction_metrics(x_hat: torch.Tensor, x: torch.Tensor, spec: DataSpec)
     return metrics
 
 
-def sample_errors(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The mean squared error of each sample, in the model's units: the anomaly score."""
-    return (x_hat - x).pow(2).flatten(1).mean(1)
-
-
 def column_errors(x_hat: torch.Tensor, x: torch.Tensor, spec: DataSpec) -> dict[str, torch.Tensor]:
     """Each sample's error in each column, by column name: the squared error of a numeric column,
     in the model's input units (scaled, so that columns compare), and 1 where a categorical
@@ -182,14 +178,6 @@ def denoising_metrics(
         metrics[f"denoise_{name}_{kind}"] = score(reconstruct(model, noisy, batch)).item()
         metrics[f"noisy_{name}_{kind}"] = score(noisy).item()
     return metrics
-
-
-def likelihood(spec: DataSpec) -> tuple[str, bool]:
-    """The decoder the NLL and ELBO are measured under: (reconstruction loss = -log p(x|z), whether
-    the inputs are binarised). Bernoulli on stochastically binarised inputs for data in [0, 1], the
-    literature's protocol, comparable across VAEs whatever their training loss; otherwise the
-    Gaussian/categorical `mixed` decoder on the inputs as given."""
-    return ("bce", True) if spec.unit_range else ("mixed", False)
 
 
 def gaussian_latent_metrics(
@@ -285,12 +273,12 @@ def sparsity_metrics(codes: torch.Tensor, threshold: float) -> dict[str, float]:
     }
 
 
-def anomaly_metrics(errors: torch.Tensor, labels: torch.Tensor, spec: DataSpec) -> dict[str, float]:
-    """AUROC and average precision of the per-sample reconstruction error as a score for 'is one
-    of spec.anomalies'; absent when the test labels hold only normal samples or only anomalies."""
+def anomaly_metrics(scores: torch.Tensor, labels: torch.Tensor, spec: DataSpec) -> dict[str, float]:
+    """AUROC and average precision of per-sample anomaly scores for 'is one of spec.anomalies';
+    absent when the labels hold only normal samples or only anomalies."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    scores = errors.float().cpu().numpy()
+    scores = scores.double().cpu().numpy()
     is_anomaly = spec.is_anomaly(labels).cpu().numpy()
     if is_anomaly.all() or not is_anomaly.any():
         return {}

@@ -17,6 +17,7 @@ import torch
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
+    from aesearch.config import EvaluationConfig
     from aesearch.parts.data import Data
     from aesearch.parts.models import Autoencoder
 
@@ -63,7 +64,7 @@ def feature_error_figure(errors: dict[str, float]) -> Figure:
     return figure
 
 
-def anomaly_figures(scores: np.ndarray, is_anomaly: np.ndarray) -> tuple[Figure, Figure]:
+def anomaly_figures(scores: np.ndarray, is_anomaly: np.ndarray, scorer: str) -> tuple[Figure, Figure]:
     """The score histograms of normal and anomalous inputs, and the ROC curve of the score."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -72,7 +73,7 @@ def anomaly_figures(scores: np.ndarray, is_anomaly: np.ndarray) -> tuple[Figure,
     bins = np.histogram_bin_edges(scores, bins=40)
     axes.hist(scores[~is_anomaly], bins=bins, alpha=0.6, density=True, label=f"normal ({int((~is_anomaly).sum())})")
     axes.hist(scores[is_anomaly], bins=bins, alpha=0.6, density=True, label=f"anomalous ({int(is_anomaly.sum())})")
-    axes.set_xlabel("anomaly score (reconstruction error)")
+    axes.set_xlabel(f"anomaly score ({scorer})")
     axes.set_ylabel("density")
     axes.legend()
     roc = Figure(figsize=(4.5, 4.5))
@@ -87,10 +88,11 @@ def anomaly_figures(scores: np.ndarray, is_anomaly: np.ndarray) -> tuple[Figure,
 
 
 @torch.no_grad()
-def save_figures(model: Autoencoder, data: Data, folder: Path, batch: int) -> list[Path]:
+def save_figures(model: Autoencoder, data: Data, folder: Path, settings: EvaluationConfig) -> list[Path]:
     """Draw every figure that applies to this model and data into `folder`; returns the files."""
     from aesearch.parts.data import VECTOR
-    from aesearch.training.evaluate import feature_errors, reconstruct, sample_errors
+    from aesearch.training.evaluate import feature_errors
+    from aesearch.training.scoring import fit_scorer, seen
 
     model.eval()
     spec, x = data.spec, data.test_x
@@ -98,12 +100,13 @@ def save_figures(model: Autoencoder, data: Data, folder: Path, batch: int) -> li
     labels = data.test_y[:POINTS] if data.test_y is not None else None
     paths = [_save(latent_figure(codes, labels, spec.classes), folder / "latent.png")]
     needs_reconstruction = spec.modality == VECTOR or (spec.anomalies and data.test_y is not None)
-    x_hat = reconstruct(model, x, batch) if needs_reconstruction else None
+    test = seen(model, x, settings.batch_size) if needs_reconstruction else None
     if spec.modality == VECTOR:
-        paths.append(_save(feature_error_figure(feature_errors(x_hat, x, spec)), folder / "feature_errors.png"))
+        paths.append(_save(feature_error_figure(feature_errors(test.x_hat, x, spec)), folder / "feature_errors.png"))
     if spec.anomalies and data.test_y is not None:
         is_anomaly = spec.is_anomaly(data.test_y).cpu().numpy()
         if 0 < is_anomaly.sum() < len(is_anomaly):
-            histogram, roc = anomaly_figures(sample_errors(x_hat, x).cpu().numpy(), is_anomaly)
+            scores = fit_scorer(model, data, settings)(test).cpu().numpy()
+            histogram, roc = anomaly_figures(scores, is_anomaly, settings.anomaly_score)
             paths += [_save(histogram, folder / "anomaly_scores.png"), _save(roc, folder / "roc.png")]
     return paths

@@ -96,4 +96,4 @@ def save_pictures(model: Autoencoder, data: Data, config: TrainConfig, folder: P
         for name, grid in image_grids(model, data.test_x, config).items():
             save_image(grid, folder / name)
             paths.append(folder / name)
-    return paths + save_figures(model, data, folder, config.evaluation.batch_size)
+    return paths + save_figures(model, data, folder, config.evaluation)

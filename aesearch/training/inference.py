@@ -2,8 +2,9 @@
 `aesearch encode` / `aesearch score` write them and the registered MLflow model serves them.
 
 The inputs are already encoded and scaled as the training data was (`parts.data.encode_frame`,
-`encode_array`, `read_inputs`). The anomaly score is the evaluation's (`evaluate.sample_errors`),
-so a served score and a test metric measure the same thing.
+`encode_array`, `read_inputs`). The anomaly score is the one the model's checkpoint keeps, fitted
+as the evaluation fitted it (`scoring.fit_scorer`), so a served score and a test metric measure the
+same thing.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from aesearch.training.evaluate import column_errors, encode, reconstruct, sample_errors
+from aesearch.training.evaluate import column_errors
+from aesearch.training.scoring import FittedScorer, seen
 
 if TYPE_CHECKING:
     from aesearch.parts.models import Autoencoder
@@ -29,7 +31,7 @@ class Inference:
 
     codes: torch.Tensor  # (N, latent_dim): the code (the mean of a gaussian latent)
     reconstructions: torch.Tensor  # (N, *shape), in the model's (scaled) units
-    scores: torch.Tensor  # (N,): the anomaly score, the mean squared reconstruction error
+    scores: torch.Tensor  # (N,): the anomaly score (higher: more anomalous)
     column_errors: dict[str, torch.Tensor]  # tables: each column's error, (N,) each; {} otherwise
 
     def score_table(self, threshold: float | None = None) -> pd.DataFrame:
@@ -48,11 +50,11 @@ class Inference:
 
 
 @torch.no_grad()
-def infer(model: Autoencoder, x: np.ndarray | torch.Tensor) -> Inference:
-    """Codes, reconstructions and anomaly scores of inputs already encoded for this model."""
+def infer(model: Autoencoder, x: np.ndarray | torch.Tensor, scorer: FittedScorer) -> Inference:
+    """Codes, reconstructions and anomaly scores (by `scorer`) of inputs already encoded for this model."""
     device = next(model.parameters()).device
     x = torch.as_tensor(np.asarray(x, dtype=np.float32) if not isinstance(x, torch.Tensor) else x).to(device)
-    x_hat = reconstruct(model, x, BATCH)
-    per_column = column_errors(x_hat, x, model.spec) if model.spec.columns else {}
-    return Inference(encode(model, x, BATCH), x_hat.cpu(), sample_errors(x_hat, x).cpu(),
+    rows = seen(model, x, BATCH)
+    per_column = column_errors(rows.x_hat, x, model.spec) if model.spec.columns else {}
+    return Inference(rows.codes.cpu(), rows.x_hat.cpu(), scorer(rows).cpu(),
                      {name: errors.cpu() for name, errors in per_column.items()})

@@ -33,6 +33,7 @@ from aesearch.parts.optimizers import OPTIMIZERS, SCHEDULES
 from aesearch.schema import flatten
 from aesearch.training.checkpoints import load_checkpoint, save_checkpoint
 from aesearch.training.evaluate import evaluate
+from aesearch.training.scoring import FittedScorer, fit_scorer
 from aesearch.training.validation import UseMetrics
 
 
@@ -193,6 +194,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.best_epoch = 0  # 0: none yet
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_scorer = FittedScorer()  # the anomaly scorer fitted to the best weights, for the checkpoint
 
     # --- one epoch ---------------------------------------------------------------------------
 
@@ -222,6 +224,7 @@ class Trainer:
         if is_best:
             self.best_epoch = self.epoch
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best_scorer = self.use_metrics.scorer or fit_scorer(self.model, self.data, self.config.evaluation)
         return EpochEnd(self.epoch, metrics, is_best, self.save, self.model)
 
     def inputs(self, x: torch.Tensor, training: bool = False) -> Inputs:
@@ -338,6 +341,7 @@ class Trainer:
             "rng": {"generator": self.generator.get_state()},
             "history": self.history,
             "best": {"epoch": self.best_epoch, "model": self.best_state},
+            "anomaly_scorer": self.best_scorer.to_checkpoint(),
         }
 
     def save(self, path: Path | str) -> None:
@@ -358,6 +362,11 @@ class Trainer:
                                   "recorded epochs: not a checkpoint aesearch wrote")
         self.best_epoch = best["epoch"]
         self.best_state = None if best["model"] is None else {k: v.to(self.device) for k, v in best["model"].items()}
+        self.best_scorer = FittedScorer.from_checkpoint(state)
+        if self.best_scorer.kind != self.config.evaluation.anomaly_score and self.best_state is not None:
+            current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}  # resumed with another scorer
+            self.best_scorer = fit_scorer(self.best_model(), self.data, self.config.evaluation)
+            self.model.load_state_dict(current)
         if "generator" not in state["rng"]:
             raise CheckpointError("checkpoint has no training generator state (made by an older aesearch): train it again")
         self.generator.set_state(state["rng"]["generator"])

@@ -6,7 +6,8 @@ by the evaluation suite at the end. They reuse the suite's functions on a fixed 
 validation split (at most `evaluation.val_max_samples` rows, the same rows every epoch and every
 trial), so that an epoch's overhead stays small and every trial is judged on the same rows:
 
-- val/anomaly_auroc, val/anomaly_ap: the reconstruction error as a score for the anomaly classes;
+- val/anomaly_auroc, val/anomaly_ap: the anomaly score (`evaluation.anomaly_score`, fitted as
+  scoring.py fits it) of the validation rows, for the anomaly classes;
 - val/kmeans_ari, val/kmeans_nmi: KMeans on the validation codes; val/knn_accuracy: their nearest
   neighbours among (at most val_max_samples) training codes;
 - val/nll, val/elbo: the IWAE bound (`evaluation.val_iwae_samples` samples) and the ELBO under the
@@ -31,31 +32,20 @@ from aesearch.training.evaluate import (
     encode,
     gaussian_latent_metrics,
     latent_quality,
-    reconstruct,
-    sample_errors,
 )
+from aesearch.training.scoring import FittedScorer, fit_scorer, fixed_subset, seen
 
 if TYPE_CHECKING:
     from aesearch.config import EvaluationConfig
     from aesearch.parts.data import Data
     from aesearch.parts.models import Autoencoder
 
-SUBSET_SEED = 0  # which validation (and training) rows the per-epoch metrics use: fixed for every trial
-
-
-def fixed_subset(count: int, cap: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Indices of at most `cap` of `count` rows, drawn once with a fixed seed and kept in order."""
-    if count <= cap:
-        return torch.arange(count, device=device)
-    chosen = torch.randperm(count, generator=torch.Generator().manual_seed(SUBSET_SEED))[:cap]
-    return chosen.sort().values.to(device)
-
-
 class UseMetrics:
     """The per-epoch metrics a run was asked for (`evaluation.val_metrics`), on fixed rows."""
 
     def __init__(self, names: list[str], data: Data, settings: EvaluationConfig):
-        self.names, self.settings, self.spec = list(names), settings, data.spec
+        self.names, self.settings, self.spec, self.data = list(names), settings, data.spec, data
+        self.scorer: FittedScorer | None = None  # fitted by the last call that measured detection
         rows = fixed_subset(len(data.val_x), settings.val_max_samples, data.val_x.device)
         self.x = data.val_x[rows]
         self.y = None if data.val_y is None else data.val_y[rows]
@@ -72,9 +62,10 @@ class UseMetrics:
         model.eval()
         generator = torch.Generator(self.x.device).manual_seed(EVALUATION_SEED)
         measured: dict[str, float] = {}
+        self.scorer = None
         if wanted & {"val/anomaly_auroc", "val/anomaly_ap"}:
-            errors = sample_errors(reconstruct(model, self.x, batch), self.x)
-            measured |= anomaly_metrics(errors, self.y, self.spec)
+            self.scorer = fit_scorer(model, self.data, settings)
+            measured |= anomaly_metrics(self.scorer(seen(model, self.x, batch)), self.y, self.spec)
         if wanted & {"val/kmeans_ari", "val/kmeans_nmi", "val/kmeans_accuracy", "val/knn_accuracy"}:
             train_labels = self.train_y if "val/knn_accuracy" in wanted else None
             train_codes = encode(model, self.train_x, batch) if train_labels is not None else torch.empty(0)

@@ -1,0 +1,140 @@
+"""Anomaly scores: how unlike the normal data an input is, read from what the model makes of it.
+
+The reconstruction error asks whether the model can redraw an input, and an autoencoder that
+generalises redraws some anomalies well too. The code space gives other views, those the classical
+detectors take of raw data (the distance to the nearest normal rows; a Gaussian of the normal rows):
+
+- reconstruction: the mean squared error of the input's reconstruction (the default);
+- knn: the mean distance of the input's code to the codes of its k nearest normal training rows;
+- mahalanobis: the Mahalanobis distance of the code to the Gaussian of the normal training codes
+  (covariance shrunk by Ledoit-Wolf: a few thousand codes of a wide latent are near-singular);
+- combined: those three, each standardised by its mean and spread on the normal validation rows,
+  then summed, so that no one weighs more for its units;
+- neg_elbo (gaussian latents): the negative ELBO at the code's mean, -log p(x|mu) under the
+  evaluation's likelihood (objectives.likelihood) plus KL(q(z|x) || N(0, I)).
+
+A scorer is fitted once per model on normal rows (`fit`: plain tensors, kept in the checkpoint), then
+scores any rows (`score`), so that `aesearch score` and the served model score as the evaluation did.
+Higher is more anomalous.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from aesearch.parts.data.spec import DataSpec
+from aesearch.parts.objectives import RECONSTRUCTIONS, gaussian_kl, likelihood
+from aesearch.registry import Registry
+
+Fitted = dict[str, torch.Tensor]  # what a scorer keeps of the normal rows: plain tensors
+CHUNK = 1024  # rows whose distances to every kept code are computed at once
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What a model makes of some rows, on one device: all any scorer reads."""
+
+    x: torch.Tensor  # the inputs, in the model's units
+    logits: torch.Tensor  # the decoder's output from the code (the mean of a gaussian latent)
+    codes: torch.Tensor  # (N, latent_dim), float32
+    logvar: torch.Tensor | None  # (N, latent_dim) for a gaussian latent
+    spec: DataSpec
+
+    @property
+    def x_hat(self) -> torch.Tensor:
+        return self.spec.values(self.logits).float()
+
+
+@dataclass(frozen=True)
+class AnomalyScorer:
+    description: str
+    score: Callable[[Seen, Fitted], torch.Tensor]  # (N,) scores of the rows seen, higher: more anomalous
+    # (normal training rows, normal validation rows, k neighbours) -> what to keep; None: nothing to fit
+    fit: Callable[[Seen, Seen, int], Fitted] | None = None
+    gaussian_only: bool = False
+
+
+ANOMALY_SCORERS: Registry[AnomalyScorer] = Registry("anomaly score")
+
+
+def reconstruction_error(seen: Seen, fitted: Fitted) -> torch.Tensor:
+    """The mean squared error of each row's reconstruction, in the model's units."""
+    return (seen.x_hat - seen.x.float()).pow(2).flatten(1).mean(1)
+
+
+def keep_codes(train: Seen, val: Seen, neighbors: int) -> Fitted:
+    return {"codes": train.codes.float(), "neighbors": torch.tensor(min(neighbors, len(train.codes)))}
+
+
+def nearest_codes_distance(seen: Seen, fitted: Fitted) -> torch.Tensor:
+    """The mean Euclidean distance of each code to its k nearest kept codes."""
+    kept, k = fitted["codes"].to(seen.codes.device), int(fitted["neighbors"])
+    distances = [torch.cdist(chunk.float(), kept).topk(k, dim=1, largest=False).values.mean(1)
+                 for chunk in seen.codes.split(CHUNK)]
+    return torch.cat(distances) if distances else seen.codes.new_zeros(0)
+
+
+def fit_gaussian(train: Seen, val: Seen, neighbors: int) -> Fitted:
+    from sklearn.covariance import LedoitWolf
+
+    gaussian = LedoitWolf().fit(train.codes.double().cpu().numpy())
+    return {"location": torch.from_numpy(gaussian.location_), "precision": torch.from_numpy(gaussian.precision_)}
+
+
+def mahalanobis_distance(seen: Seen, fitted: Fitted) -> torch.Tensor:
+    """sqrt((c - mean)^T Precision (c - mean)) of each code, in float64."""
+    centred = seen.codes.double() - fitted["location"].to(seen.codes.device)
+    squared = ((centred @ fitted["precision"].to(seen.codes.device)) * centred).sum(1)
+    return squared.clamp_min(0).sqrt().float()
+
+
+def negative_elbo(seen: Seen, fitted: Fitted) -> torch.Tensor:
+    """-log p(x | mu) + KL(q(z|x) || N(0, I)) in nats per row: the ELBO at the latent mean."""
+    loss, _ = likelihood(seen.spec)
+    return (RECONSTRUCTIONS[loss](seen.logits.float(), seen.x.float(), seen.spec)
+            + gaussian_kl(seen.codes.float(), seen.logvar.float())).float()
+
+
+COMBINED = ("reconstruction", "knn", "mahalanobis")
+
+
+def fit_combined(train: Seen, val: Seen, neighbors: int) -> Fitted:
+    """Each part fitted on the training rows, then its mean and spread over the normal validation rows."""
+    fitted: Fitted = {}
+    for name in COMBINED:
+        part = ANOMALY_SCORERS[name]
+        kept = part.fit(train, val, neighbors) if part.fit else {}
+        scores = part.score(val, kept).double()
+        fitted |= {f"{name}.{key}": value for key, value in kept.items()}
+        fitted |= {f"{name}.mean": scores.mean(), f"{name}.std": scores.std().clamp_min(1e-12)}
+    return fitted
+
+
+def combined_score(seen: Seen, fitted: Fitted) -> torch.Tensor:
+    total = torch.zeros(len(seen.x), dtype=torch.float64, device=seen.x.device)
+    for name in COMBINED:
+        kept = {key.removeprefix(f"{name}."): value for key, value in fitted.items() if key.startswith(f"{name}.")}
+        total += (ANOMALY_SCORERS[name].score(seen, kept).double() - kept["mean"]) / kept["std"]
+    return total.float()
+
+
+ANOMALY_SCORERS.add("reconstruction", AnomalyScorer("the mean squared reconstruction error", reconstruction_error))
+ANOMALY_SCORERS.add("knn", AnomalyScorer("the mean distance of the code to the k nearest normal training codes",
+                                         nearest_codes_distance, keep_codes))
+ANOMALY_SCORERS.add("mahalanobis", AnomalyScorer("the Mahalanobis distance of the code to the normal training codes",
+                                                 mahalanobis_distance, fit_gaussian))
+ANOMALY_SCORERS.add("combined", AnomalyScorer("reconstruction + knn + mahalanobis, each standardised on the normal "
+                                              "validation rows", combined_score, fit_combined))
+ANOMALY_SCORERS.add("neg_elbo", AnomalyScorer("the negative ELBO at the latent mean (gaussian latents)", negative_elbo,
+                                              gaussian_only=True))
+
+
+def scorer_problem(kind: str, stochastic: bool) -> str | None:
+    """Why evaluation.anomaly_score=kind does not suit the model, in one line, or None."""
+    if ANOMALY_SCORERS[kind].gaussian_only and not stochastic:
+        return (f"evaluation.anomaly_score={kind!r} needs a gaussian latent (model.latent: gaussian), but the model's "
+                "latent is deterministic")
+    return None
