@@ -66,6 +66,7 @@ from aesearch.locations import sqlite_uri  # noqa: E402
 from aesearch.parts.data import Data, load_data  # noqa: E402
 from aesearch.schema import load_yaml  # noqa: E402
 from aesearch.search.phases import Phases  # noqa: E402
+from aesearch.search.ray_api import reload_core_config  # noqa: E402
 from aesearch.search.space import SearchSpace, parse_space  # noqa: E402
 
 WINE_SPACE = HERE.parent / "aesearch" / "spaces" / "wine_anomaly.yaml"
@@ -74,6 +75,7 @@ AUROC = "test/anomaly_auroc"
 AE = "aesearch AE"
 BASELINES = ("IsolationForest", "LocalOutlierFactor", "OneClassSVM")
 ORACLE = "(best trial)"
+SCORED = "chosen model, scored by "  # the rank-1 trial's model under another anomaly score
 
 
 def ray_environment(folder: Path) -> None:
@@ -83,6 +85,7 @@ def ray_environment(folder: Path) -> None:
     token.chmod(0o600)
     os.environ |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    reload_core_config()  # Ray, already imported, cached the mode it found then
 
 
 @contextmanager
@@ -162,7 +165,8 @@ def searched(board, tracking_uri: str, data: Data, objective: str) -> dict[str, 
         run = client.get_run(row["mlflow_run_id"])
         trials.append({"rank": row["rank"], "family": row["family"], "outcome": row["outcome"],
                        "epochs": row["epochs"], objective: row[objective], "params": row["params"],
-                       "auroc": run.data.metrics.get(AUROC, math.nan),
+                       "auroc": run.data.metrics.get(AUROC, math.nan), "run_id": row["mlflow_run_id"],
+                       "scorer": run.data.params.get("evaluation.anomaly_score", "reconstruction"),
                        "fingerprint": run.data.tags.get("dataset_fingerprint")})
     ranked = sorted((t for t in trials if not math.isnan(t["rank"])), key=lambda t: t["rank"])
     with_test = [t for t in ranked if not math.isnan(t["auroc"])]
@@ -182,6 +186,28 @@ def searched(board, tracking_uri: str, data: Data, objective: str) -> dict[str, 
             "completed": len(with_test), "trials": len(trials)}
 
 
+def each_scorer(run_id: str, tracking_uri: str, data: Data) -> dict[str, float]:
+    """The chosen trial's model (its best checkpoint, from MLflow) under every anomaly score that suits it,
+    each fitted as the trial's own was (`fit_scorer`): which score carries the gain."""
+    from mlflow import MlflowClient
+    from sklearn.metrics import roc_auc_score
+
+    from aesearch.parts.scorers import ANOMALY_SCORERS, scorer_problem
+    from aesearch.training.checkpoints import BEST_CHECKPOINT, load_trained_model
+    from aesearch.training.scoring import fit_scorer, seen
+
+    with tempfile.TemporaryDirectory() as folder:
+        trained = load_trained_model(MlflowClient(tracking_uri).download_artifacts(run_id, BEST_CHECKPOINT, folder), data)
+    test = seen(trained.model, data.test_x, 1000)
+    is_anomaly = data.spec.is_anomaly(data.test_y).numpy()
+    figures = {}
+    for kind in ANOMALY_SCORERS:
+        if scorer_problem(kind, trained.model.stochastic) is None:
+            settings = trained.config.evaluation.model_copy(update={"anomaly_score": kind})
+            figures[kind] = float(roc_auc_score(is_anomaly, fit_scorer(trained.model, data, settings)(test).numpy()))
+    return figures
+
+
 def run_one(dataset: str, seed: int, args: argparse.Namespace, folder: Path, data_dir: Path | None) -> dict[str, float]:
     space = space_for(dataset, seed, args, folder)
     data = load_data(space.data, data_dir)
@@ -199,13 +225,17 @@ def run_one(dataset: str, seed: int, args: argparse.Namespace, folder: Path, dat
           f"completed{ae['note']}")
     print(f"      {chosen['family']}, {chosen['outcome']}, {chosen['epochs']} epochs, {args.objective} "
           f"{chosen[args.objective]:.4g}: {chosen['params']}")
+    scorers = each_scorer(chosen["run_id"], tracking_uri, data)
+    print("      the same model under each anomaly score: "
+          + ", ".join(f"{kind} {auroc:.4f}" for kind, auroc in scorers.items()))
     for name, (auroc, seconds) in figures.items():
         print(f"  {name:<40} AUROC {auroc:.4f}   ({seconds:.1f} s)")
     print(f"  the search's time: {phases.line()}")
     print(f"  diagnostics (test labels): best completed trial's AUROC {ae['oracle']:.4f}; Spearman({args.objective}, "
           f"AUROC) over completed trials {ae['spearman']:+.2f}")
     return {AE: ae["auroc"], **{name: auroc for name, (auroc, _) in figures.items()}, ORACLE: ae["oracle"],
-            "spearman": ae["spearman"]}
+            "spearman": ae["spearman"], "scorer": chosen["scorer"],
+            **{f"{SCORED}{kind}": auroc for kind, auroc in scorers.items()}}
 
 
 def mean_std(values: list[float], digits: int = 3) -> str:
@@ -225,6 +255,16 @@ def summary(results: dict[str, list[dict[str, float]]], objective: str) -> None:
         print(f"| {dataset} | " + " | ".join(mean_std([r[m] for r in runs]) for m in methods) + " |")
     print(f"\n{AE}: the search's rank-1 trial by {objective}; {ORACLE}: the best test AUROC of any completed "
           "trial of the search (chosen with the test labels: a diagnostic, not a result)\n")
+    kinds = list(dict.fromkeys(k.removeprefix(SCORED) for runs in results.values() for r in runs for k in r
+                               if k.startswith(SCORED)))
+    print("the chosen model under each anomaly score (test AUROC; the score the search chose, per seed, last):\n")
+    print("| dataset | " + " | ".join(kinds) + " | chosen |")
+    print("|---|" + "---|" * (len(kinds) + 1))
+    for dataset, runs in results.items():
+        cells = [mean_std([r[SCORED + k] for r in runs if SCORED + k in r]) if any(SCORED + k in r for r in runs)
+                 else "-" for k in kinds]
+        print(f"| {dataset} | " + " | ".join(cells) + " | " + ", ".join(r["scorer"] for r in runs) + " |")
+    print()
     for dataset, runs in results.items():
         means = {m: statistics.mean(r[m] for r in runs) for m in (AE, *BASELINES)}
         best = max(BASELINES, key=means.get)
