@@ -128,6 +128,9 @@ def test_validate_accepts_every_shipped_config(capsys):
         (["trian", "vae"], "invalid choice: 'trian'"),
         (["train", "vae", "--set", "data.max_train_samples=1"], "training split of digits has 1 rows"),
         (["train", "vae", "--set", "name=a/b"], "name='a/b': String should match pattern"),
+        (["train", "dense", "--set", "evaluation.anomaly_score=neg_elbo"],
+         "evaluation.anomaly_score='neg_elbo' needs a gaussian latent (model.latent: gaussian)"),
+        (["train", "dense", "--set", "evaluation.anomaly_neighbors=0"], "evaluation.anomaly_neighbors=0"),
         (["evaluate", "README.md", "--device", "cpu"], "README.md: not a readable checkpoint"),
     ],
 )

@@ -102,12 +102,14 @@ COMBINED = ("reconstruction", "knn", "mahalanobis")
 
 
 def fit_combined(train: Seen, val: Seen, neighbors: int) -> Fitted:
-    """Each part fitted on the training rows, then its mean and spread over the normal validation rows."""
+    """Each part fitted on the training rows, then its mean and spread over the normal validation rows
+    (over the training rows where validation holds fewer than two normal rows)."""
     fitted: Fitted = {}
+    reference = val if len(val.x) >= 2 else train
     for name in COMBINED:
         part = ANOMALY_SCORERS[name]
         kept = part.fit(train, val, neighbors) if part.fit else {}
-        scores = part.score(val, kept).double()
+        scores = part.score(reference, kept).double()
         fitted |= {f"{name}.{key}": value for key, value in kept.items()}
         fitted |= {f"{name}.mean": scores.mean(), f"{name}.std": scores.std().clamp_min(1e-12)}
     return fitted
