@@ -22,6 +22,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from aesearch.errors import ConfigError
 from aesearch.metrics import USE_FAMILIES, USE_METRICS, denoised_kind, is_epoch_objective, is_use_metric, lookup
+from aesearch.parts.clustering import ClusteringConfig, clustering_problem
 from aesearch.parts.corruption import CORRUPTIONS, CorruptionConfig, corruption_level_problem, corruption_problem
 from aesearch.parts.data import NUMERIC, DataConfig, DataSpec
 from aesearch.parts.models import ModelConfig, input_problem
@@ -135,6 +136,7 @@ class TrainConfig(Section):
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     corruption: CorruptionConfig = Field(default_factory=CorruptionConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    clustering: ClusteringConfig = Field(default_factory=ClusteringConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
@@ -166,6 +168,9 @@ class TrainConfig(Section):
         problem = scorer_problem(self.evaluation.anomaly_score, gaussian)
         if problem:
             raise broken_rule(problem)
+        if self.clustering.refine_epochs >= self.epochs:
+            raise broken_rule(f"clustering.refine_epochs={self.clustering.refine_epochs}: must be below epochs="
+                              f"{self.epochs}, so that the autoencoder trains before its codes are clustered")
         if self.data.path is None:  # a built-in dataset is known before loading: check now, not in a trial
             problem = data_problem(self, self.data.known_spec)
             if problem:
@@ -179,6 +184,7 @@ def data_problem(config: TrainConfig, spec: DataSpec) -> str | None:
     data is known once loaded: `check_data` asks then."""
     return (input_problem(config.model, spec) or reconstruction_problem(config.objective.reconstruction, spec)
             or corruption_problem(config.corruption.kind, spec)
+            or clustering_problem(config.clustering, spec)
             or next(filter(None, (metric_problem(name, config, spec) for name in measured_per_epoch(config))), None))
 
 

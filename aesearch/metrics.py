@@ -88,9 +88,10 @@ METRICS = [
            "anomaly classes, on validation", SCORE, "labelled anomalies"),
     Metric("val/anomaly_ap", "max", "average precision of the anomaly score (evaluation.anomaly_score) for "
            "the anomaly classes, on validation", SCORE, "labelled anomalies"),
-    Metric("val/kmeans_ari", "max", "KMeans ARI of the validation codes", SCORE, "class labels"),
-    Metric("val/kmeans_nmi", "max", "KMeans NMI of the validation codes", SCORE, "class labels"),
-    Metric("val/kmeans_accuracy", "max", "KMeans accuracy of the validation codes (clusters matched to classes "
+    Metric("val/cluster_ari", "max", "ARI of the validation codes' clusters (clustering.clusterer, or a "
+           "refinement's centres)", SCORE, "class labels"),
+    Metric("val/cluster_nmi", "max", "NMI of the validation codes' clusters", SCORE, "class labels"),
+    Metric("val/cluster_accuracy", "max", "accuracy of the validation codes' clusters (clusters matched to classes "
            "one-to-one, Hungarian)", SCORE, "class labels"),
     Metric("val/knn_accuracy", "max", "kNN accuracy of the validation codes (neighbours among training codes)",
            SCORE, "class labels"),
@@ -124,10 +125,11 @@ METRICS = [
     Metric("test/active_units", "max", "active latent units (VAEs)", COUNT, "gaussian latent", ranked=True),
     Metric("test/probe_accuracy", "max", "linear-probe accuracy of the codes", SCORE, "class labels", ranked=True, on_board=True),
     Metric("test/knn_accuracy", "max", "kNN accuracy of the codes", SCORE, "class labels", ranked=True),
-    Metric("test/kmeans_ari", "max", "KMeans ARI of the codes", SCORE, "class labels", ranked=True),
-    Metric("test/kmeans_nmi", "max", "KMeans NMI of the codes", SCORE, "class labels", ranked=True),
-    Metric("test/kmeans_accuracy", "max", "KMeans accuracy of the codes: clusters matched to classes one-to-one "
-           "(Hungarian), as DEC reports it", SCORE, "class labels", ranked=True),
+    Metric("test/cluster_ari", "max", "ARI of the test codes' clusters (clustering.clusterer, or a refinement's "
+           "centres)", SCORE, "class labels", ranked=True),
+    Metric("test/cluster_nmi", "max", "NMI of the test codes' clusters", SCORE, "class labels", ranked=True),
+    Metric("test/cluster_accuracy", "max", "accuracy of the test codes' clusters: clusters matched to classes "
+           "one-to-one (Hungarian), as DEC reports it", SCORE, "class labels", ranked=True),
     Metric("test/anomaly_auroc", "max", "AUROC of the anomaly score (evaluation.anomaly_score) for the "
            "anomaly classes (data.anomaly)", SCORE, "labelled anomalies", ranked=True, on_board=True),
     Metric("test/anomaly_ap", "max", "average precision of the anomaly score (evaluation.anomaly_score) for "
@@ -212,7 +214,7 @@ for listed in FAMILY_METRICS:
 # `evaluation.val_metrics` asks (a search asks for those its objectives name).
 ALWAYS_PER_EPOCH = ("val/recon_mse", "val/loss", "val/recon", "train/loss", "train/recon", "val/kl",
                     "model/parameters", "model/latent_dim")
-USE_METRICS = ("val/anomaly_auroc", "val/anomaly_ap", "val/kmeans_ari", "val/kmeans_nmi", "val/kmeans_accuracy",
+USE_METRICS = ("val/anomaly_auroc", "val/anomaly_ap", "val/cluster_ari", "val/cluster_nmi", "val/cluster_accuracy",
                "val/knn_accuracy", "val/nll", "val/elbo")
 USE_FAMILIES = ("val/denoise_psnr_", "val/denoise_mse_")
 
@@ -248,7 +250,7 @@ def lookup(name: str) -> Metric | None:
 
 def test_counterpart(name: str) -> str | None:
     """The metric the evaluation suite logs on the test split for a per-epoch validation metric
-    (val/kmeans_ari -> test/kmeans_ari), or None where it logs none (val/loss)."""
+    (val/cluster_ari -> test/cluster_ari), or None where it logs none (val/loss)."""
     if not name.startswith("val/"):
         return None
     test = "test/" + name.removeprefix("val/")

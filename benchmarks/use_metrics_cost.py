@@ -29,7 +29,7 @@ from aesearch.training.trainer import train  # noqa: E402
 GROUPS = {  # what a use asks for: (latent, the metrics)
     "none": ("deterministic", []),
     "anomaly (auroc, ap)": ("deterministic", ["val/anomaly_auroc", "val/anomaly_ap"]),
-    "clustering (kmeans ari, knn)": ("deterministic", ["val/kmeans_ari", "val/knn_accuracy"]),
+    "clustering (kmeans ari, knn)": ("deterministic", ["val/cluster_ari", "val/knn_accuracy"]),
     "denoising (psnr, gaussian)": ("deterministic", ["val/denoise_psnr_gaussian"]),
     "vae: none": ("gaussian", []),
     "likelihood (nll k=20, elbo)": ("gaussian", ["val/nll", "val/elbo"]),

@@ -74,7 +74,7 @@ def test_evaluate_a_checkpoint_reproduces_the_recorded_metrics(trained_run, caps
     recorded = json.loads((folder / "result.json").read_text())
     assert main(["evaluate", str(folder / "best.pt")]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for name in ("test/recon_mse", "test/psnr", "test/recon_bce", "test/probe_accuracy", "test/kmeans_ari"):
+    for name in ("test/recon_mse", "test/psnr", "test/recon_bce", "test/probe_accuracy", "test/cluster_ari"):
         assert evaluated[name] == pytest.approx(recorded[name], rel=1e-5), name
 
 

@@ -80,11 +80,11 @@ PACKS = {
     # Members that measure what they are for every epoch (a use's metrics on the fixed validation subset,
     # the best epoch chosen by one of them): the packed member's use metrics are its own model's.
     "vae_use_metrics": [
-        member(VAE, epochs=2, evaluation={"val_metrics": ["val/kmeans_ari", "val/knn_accuracy", "val/nll"],
+        member(VAE, epochs=2, evaluation={"val_metrics": ["val/cluster_ari", "val/knn_accuracy", "val/nll"],
                                           "val_max_samples": 200, "select_by": "val/nll"}),
         member(VAE, epochs=2, seed=7, model={"latent_dim": 6}, objective={"kl": {"beta": 4.0}},
-               evaluation={"val_metrics": ["val/kmeans_nmi", "val/elbo"], "val_max_samples": 200,
-                           "select_by": "val/kmeans_nmi"}),
+               evaluation={"val_metrics": ["val/cluster_nmi", "val/elbo"], "val_max_samples": 200,
+                           "select_by": "val/cluster_nmi"}),
     ],
     "sparse_kl_widths": [  # sigmoid codes: a padded unit would be 0.5 and its rho_hat far from rho, but is masked
         dict(epochs=2, model={"hidden_dims": [32], "latent_dim": 8}, objective={"sparsity": {"kind": "kl", "rho": 0.05}}),

@@ -160,17 +160,17 @@ def test_a_report_shows_itself_in_a_notebook_as_its_headline_and_top_trials_not_
 
 
 def test_the_reports_leaderboards_show_the_test_counterpart_of_the_objective(tmp_path):
-    search = {**SEARCH, "params": {**SEARCH["params"], "objective.metric": "val/kmeans_ari", "objective.mode": "max"}}
-    runs = runs_frame(*(run_row(number, "dense", Outcome("completed"), None, 8, val__kmeans_ari=ari,
-                                test__kmeans_ari=ari - 0.1, test__recon_mse=0.02, test__kmeans_nmi=0.4)
+    search = {**SEARCH, "params": {**SEARCH["params"], "objective.metric": "val/cluster_ari", "objective.mode": "max"}}
+    runs = runs_frame(*(run_row(number, "dense", Outcome("completed"), None, 8, val__cluster_ari=ari,
+                                test__cluster_ari=ari - 0.1, test__recon_mse=0.02, test__cluster_nmi=0.4)
                         for number, ari in [(1, 0.5), (2, 0.7)]))
     page = (write_report(build_report(SearchRecord("demo", "sqlite:////nowhere/mlflow.db", search, None, runs)),
                          tmp_path / "demo") / "report.md").read_text()
     overall = page[page.index("Top 2 trials overall"):].splitlines()
     header = next(line for line in overall if line.startswith("| rank"))
     cells = [cell.strip() for cell in header.strip("|").split("|")]
-    assert cells[cells.index("val/kmeans_ari") + 1] == "test/kmeans_ari" and "test/recon_mse" in cells
-    assert "test/kmeans_nmi" not in cells  # in the table of each metric's best, not on the board
+    assert cells[cells.index("val/cluster_ari") + 1] == "test/cluster_ari" and "test/recon_mse" in cells
+    assert "test/cluster_nmi" not in cells  # in the table of each metric's best, not on the board
 
 
 def test_the_best_trial_on_each_metric_follows_that_metrics_direction():
@@ -281,7 +281,7 @@ def test_bounded_metrics_are_drawn_on_a_linear_axis_and_the_others_on_a_log_one_
     for metric, scale in (("val/anomaly_auroc", "linear"), ("val/knn_accuracy", "linear"), ("val/recon_mse", "log")):
         assert plots.search_progress(board, metric=metric, mode="min").axes[0].get_yscale() == scale, metric
         assert plots.learning_curves(board, curves, metric=metric).axes[0].get_yscale() == scale, metric
-    assert lookup("val/anomaly_auroc").bounded and lookup("test/kmeans_accuracy").bounded
+    assert lookup("val/anomaly_auroc").bounded and lookup("test/cluster_accuracy").bounded
     assert not lookup("val/recon_mse").bounded and not lookup("test/psnr").bounded
 
 

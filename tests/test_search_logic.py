@@ -111,22 +111,22 @@ def test_the_search_summary_counts_outcomes_in_the_words_used_elsewhere():
 
 
 def test_every_leaderboard_shows_the_test_counterpart_of_each_objective_the_search_ranks_on():
-    """A `use: clustering` search ranks on val/kmeans_ari: its leaderboard shows test/kmeans_ari, where a
+    """A `use: clustering` search ranks on val/cluster_ari: its leaderboard shows test/cluster_ari, where a
     fixed list of columns showed the reconstruction error, PSNR and the probe only."""
     from aesearch.metrics import board_metrics
 
     space = parse_space({"name": "s", "use": "clustering", "budget": {"num_samples": 2}})
-    results = [result({"trial_id": f"t{i}", "epoch": 3.0, "val/kmeans_ari": ari, "test/kmeans_ari": ari - 0.05,
-                       "test/recon_mse": 0.1, "test/kmeans_nmi": 0.5, "model/parameters": 70657.0,
+    results = [result({"trial_id": f"t{i}", "epoch": 3.0, "val/cluster_ari": ari, "test/cluster_ari": ari - 0.05,
+                       "test/recon_mse": 0.1, "test/cluster_nmi": 0.5, "model/parameters": 70657.0,
                        REPORTED["completed"]: 1.0})
                for i, ari in enumerate([0.6, 0.8])]
     board = leaderboard(results, space)
-    assert board["test/kmeans_ari"].tolist() == pytest.approx([0.75, 0.55])  # best first
+    assert board["test/cluster_ari"].tolist() == pytest.approx([0.75, 0.55])  # best first
     printed = format_leaderboard(board, space, "here")
     header = printed.split("best trials")[1].splitlines()[1]
     assert " 70657\n" in printed and "e+04" not in printed  # a count prints whole
-    assert header.split().index("test/kmeans_ari") < header.split().index("test/recon_mse")
-    assert "test/kmeans_nmi" not in header and "test/psnr" not in header  # not an objective; no trial has it
+    assert header.split().index("test/cluster_ari") < header.split().index("test/recon_mse")
+    assert "test/cluster_nmi" not in header and "test/psnr" not in header  # not an objective; no trial has it
     assert board_metrics(["val/loss"]) == board_metrics([])  # no test counterpart: the catalogue's columns only
     assert board_metrics(["val/nll", "val/recon_mse"])[:2] == ["test/nll", "test/recon_mse"]
 
@@ -215,7 +215,7 @@ def test_the_checkpoint_pruner_takes_at_most_its_share_of_the_drivers_time(monke
 
 def test_the_catalogue_knows_every_metric_a_search_ranks_on_and_how_to_compare_them():
     assert all(lookup(name) is not None and is_epoch_objective(name) for name in ALWAYS_PER_EPOCH + USE_METRICS)
-    assert [lookup(name).mode for name in ("val/anomaly_auroc", "val/kmeans_ari", "val/nll", "val/elbo")] == [
+    assert [lookup(name).mode for name in ("val/anomaly_auroc", "val/cluster_ari", "val/nll", "val/elbo")] == [
         "max", "max", "min", "max"]
     assert lookup("val/denoise_psnr_masking").mode == "max" and lookup("val/denoise_mse_swap").mode == "min"
     assert is_epoch_objective("val/denoise_psnr_gaussian") and not is_epoch_objective("val/denoise_psnr_")
@@ -225,7 +225,7 @@ def test_the_catalogue_knows_every_metric_a_search_ranks_on_and_how_to_compare_t
     assert list(ranked_metrics(["test/psnr", "test/denoise_psnr_masking", "test/recon_mse", "val/loss"])) == [
         "test/recon_mse", "test/psnr", "test/denoise_psnr_masking"]
     assert allowed("model/parameters", OTHER_DEVICE_TYPE) == 0.0
-    assert allowed("test/kmeans_ari", OTHER_DEVICE_TYPE) == OTHER_DEVICE_TYPE.score_atol
+    assert allowed("test/cluster_ari", OTHER_DEVICE_TYPE) == OTHER_DEVICE_TYPE.score_atol
     assert allowed("test/active_units", OTHER_DEVICE_TYPE) == OTHER_DEVICE_TYPE.count_atol
     assert allowed("val/kl", OTHER_DEVICE_TYPE) == OTHER_DEVICE_TYPE.rtol
     assert not compared("time/train_seconds") and not compared("epoch") and compared("test/nll")

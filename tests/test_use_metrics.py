@@ -57,9 +57,9 @@ def test_anomaly_metrics_each_epoch_are_those_of_the_validation_rows_and_select_
 
 
 def test_clustering_likelihood_and_denoising_are_measured_each_epoch_only_when_asked(digits):
-    asked = ["val/kmeans_ari", "val/knn_accuracy", "val/nll", "val/elbo", "val/denoise_psnr_gaussian"]
+    asked = ["val/cluster_ari", "val/knn_accuracy", "val/nll", "val/elbo", "val/denoise_psnr_gaussian"]
     config = make_config(epochs=2, **{**SMALL, "model": {"latent": "gaussian", "hidden_dims": [32], "latent_dim": 4}},
-                         evaluation={"val_metrics": asked, "select_by": "val/kmeans_ari", "kmeans_restarts": 1})
+                         evaluation={"val_metrics": asked, "select_by": "val/cluster_ari", "kmeans_restarts": 1})
     denoising = make_config(epochs=3, **SMALL, evaluation={"val_metrics": ["val/denoise_psnr_salt_pepper"],
                                                            "select_by": "val/denoise_psnr_salt_pepper"})
     kept = train(denoising, digits, run_evaluation=False)  # a family's name selects too (higher PSNR is better)
@@ -73,7 +73,7 @@ def test_clustering_likelihood_and_denoising_are_measured_each_epoch_only_when_a
     labels = digits.val_y.numpy()
     clusters = KMeans(n_clusters=len(np.unique(labels)), n_init=1, random_state=0).fit_predict(codes)
     kept = result.history[result.best_epoch - 1]
-    assert kept["val/kmeans_ari"] == pytest.approx(adjusted_rand_score(labels, clusters), abs=1e-9)
+    assert kept["val/cluster_ari"] == pytest.approx(adjusted_rand_score(labels, clusters), abs=1e-9)
     plain = train(make_config(epochs=1, **SMALL), digits, run_evaluation=False)
     assert not set(asked) & set(plain.history[0])
 
@@ -82,7 +82,7 @@ def test_clustering_likelihood_and_denoising_are_measured_each_epoch_only_when_a
     ("val/nll", {}, None, "gaussian latents"),
     ("val/kl", {}, None, "gaussian latents"),
     ("val/anomaly_auroc", {}, None, "data.anomaly"),
-    ("val/kmeans_ari", {"data": {"path": "wine.csv"}}, TABLE, "class labels"),
+    ("val/cluster_ari", {"data": {"path": "wine.csv"}}, TABLE, "class labels"),
     ("val/denoise_psnr_gaussian", {"data": {"path": "wine.csv"}}, TABLE, "val/denoise_mse_gaussian"),
     ("val/denoise_mse_salt_pepper", {"data": {"path": "wine.csv"}}, TABLE, "salt_pepper"),
 ])
@@ -106,15 +106,15 @@ def test_objectives_default_to_the_catalogues_direction_and_set_what_trials_meas
 
 @pytest.mark.parametrize(("fields", "message"), [
     ({"objective": {"metric": "test/anomaly_auroc"}}, r"objective\.metric='test/anomaly_auroc': not a metric known"),
-    ({"objective": [{"metric": "val/kmeans_ari", "mode": "min"}]},
-     r"objective\.mode='min': for val/kmeans_ari higher is better, so the mode is 'max'"),
+    ({"objective": [{"metric": "val/cluster_ari", "mode": "min"}]},
+     r"objective\.mode='min': for val/cluster_ari higher is better, so the mode is 'max'"),
     ({"objective": [{"metric": "val/recon_mse"}, {"metric": "val/recon_mse", "mode": "min"}]},
      r"objective\[1\]\.metric='val/recon_mse': listed twice"),
     ({"objective": [{"metric": "model/latent_dim"}]}, r"objective: model/latent_dim is fixed by each trial's config"),
     ({"objective": [{"metric": "val/nll"}]},
      r"objective\[0\]\.metric='val/nll': val/nll applies to gaussian latents \(VAEs\) only"),
     ({"objective": [{"metric": "val/anomaly_ap"}]}, r"val/anomaly_ap needs labelled anomalies .* set data\.anomaly"),
-    ({"objective": {"metric": "val/kmeans_ari"}, "early_stopping": "asha_first_objective"},
+    ({"objective": {"metric": "val/cluster_ari"}, "early_stopping": "asha_first_objective"},
      r"early_stopping='asha_first_objective' is for several objectives"),
     ({"use": "telepathy"}, r"use='telepathy': unknown use; valid names: anomaly_detection, clustering, compression, generation, reconstruction"),
 ])
@@ -149,7 +149,7 @@ def test_each_use_stands_for_a_valid_space_with_its_objectives(use):
     assert space.objective and space.space and space.use == use
     assert all(objective.metric for objective in space.objective)
     expected = {"reconstruction": ["val/recon_mse"], "anomaly_detection": ["val/anomaly_auroc"],
-                "clustering": ["val/kmeans_ari"], "generation": ["val/nll"],
+                "clustering": ["val/cluster_ari"], "generation": ["val/nll"],
                 "compression": ["val/recon_mse", "model/latent_dim"]}[use]
     assert space.metrics == expected
 
@@ -161,7 +161,7 @@ def test_what_the_file_gives_itself_wins_over_its_use():
     assert space.base == {"model": {"latent": "gaussian", "hidden_dims": [64]}, "optimizer": {"batch_size": 32}}
     own = parse_space({"name": "s", "use": "clustering", "space": {"model.latent_dim": {"type": "int", "low": 2,
                                                                                           "high": 9}}})
-    assert list(own.space) == ["model.latent_dim"] and own.metrics == ["val/kmeans_ari"]
+    assert list(own.space) == ["model.latent_dim"] and own.metrics == ["val/cluster_ari"]
 
 
 def test_a_validation_split_without_anomalies_is_refused_before_a_search_starts(digits):

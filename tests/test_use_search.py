@@ -172,7 +172,7 @@ def test_an_objective_the_data_cannot_measure_is_refused_before_anything_is_writ
     space = write(tmp_path, {"name": "blind", "data": {"path": str(table)}, "use": "clustering", "base": SMALL,
                              "budget": {"num_samples": 2, "max_epochs": 1}})
     line = refused(capsys, ["search", str(space), "--storage", str(tmp_path / "results")])
-    assert line.startswith("aesearch: error: objective[0].metric='val/kmeans_ari': val/kmeans_ari needs class labels")
+    assert line.startswith("aesearch: error: objective[0].metric='val/cluster_ari': val/cluster_ari needs class labels")
     nothing_written(tmp_path, "wine.csv", "blind.yaml")
     generation = write(tmp_path, {"name": "dreams", "data": {"name": "digits"}, "base": SMALL,
                                   "objective": [{"metric": "val/nll"}, {"metric": "val/nll", "mode": "min"}],

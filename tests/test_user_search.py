@@ -222,7 +222,7 @@ def test_a_search_on_a_folder_of_images_with_classes(searches_at_once):
     trials = [r for r in store.search_runs([experiment.experiment_id]) if r.data.tags.get("aesearch.role") == "trial"]
     assert len(trials) == 2
     for trial in trials:
-        assert {"test/knn_accuracy", "test/kmeans_ari", "test/psnr"} <= set(trial.data.metrics)
+        assert {"test/knn_accuracy", "test/cluster_ari", "test/psnr"} <= set(trial.data.metrics)
 
 
 def write_sources(folder):
@@ -286,7 +286,7 @@ def test_a_search_on_each_other_source(source, searches_at_once):
     (trial,) = [r for r in store.search_runs([experiment.experiment_id]) if r.data.tags.get("aesearch.role") == "trial"]
     metrics = trial.data.metrics
     assert "test/recon_mse" in metrics and trial.data.tags["dataset"] == data["path"].rsplit("/", 1)[-1]
-    assert ("test/kmeans_ari" in metrics) == labelled
+    assert ("test/cluster_ari" in metrics) == labelled
     assert ("test/anomaly_auroc" in metrics) == ("anomaly" in data)
     assert trial.inputs.dataset_inputs[0].dataset.digest == trial.data.tags["dataset_fingerprint"]
 

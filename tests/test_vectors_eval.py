@@ -101,7 +101,7 @@ def test_the_suite_on_an_unlabelled_table_has_no_latent_quality_and_real_valued_
     model = KnownModel(torch.zeros(1, 5), TABLE)
     metrics = evaluate(model, _data(TABLE, labels=False), SETTINGS)
     names = {name.removeprefix("test/") for name in metrics}
-    assert not names & {"probe_accuracy", "knn_accuracy", "kmeans_ari", "kmeans_nmi", "anomaly_auroc", "anomaly_ap"}
+    assert not names & {"probe_accuracy", "knn_accuracy", "cluster_ari", "cluster_nmi", "anomaly_auroc", "anomaly_ap"}
     assert not names & {"psnr", "recon_bce"} and not any("psnr" in name for name in names)
     assert {"recon_mse", "recon_l1", "recon_mse_original", "mean_activation"} <= names
     assert {f"{p}_mse_{k}" for p in ("denoise", "noisy") for k in ("gaussian", "masking", "swap")} <= names
@@ -125,12 +125,12 @@ def test_the_suite_on_a_labelled_table_measures_latent_quality():
     separated = replace(data, **{f"{split}_x": getattr(data, f"{split}_x").index_put(
         (torch.arange(len(getattr(data, f"{split}_y"))), torch.tensor(0)), 10.0 * getattr(data, f"{split}_y").float())
         for split in ("train", "val", "test")})
-    latent = ["test/probe_accuracy", "test/knn_accuracy", "test/kmeans_ari", "test/kmeans_nmi", "test/kmeans_accuracy"]
+    latent = ["test/probe_accuracy", "test/knn_accuracy", "test/cluster_ari", "test/cluster_nmi", "test/cluster_accuracy"]
     telling = evaluate(KnownModel(torch.zeros(1, 5), spec), separated, SETTINGS)
     assert [telling[name] for name in latent] == pytest.approx([1.0] * len(latent))
     blind = evaluate(KnownModel(torch.zeros(1, 5), spec, mu_scale=0.0), separated, SETTINGS)
-    assert blind["test/kmeans_ari"] == pytest.approx(0.0, abs=1e-9) and blind["test/kmeans_nmi"] == pytest.approx(0.0, abs=1e-9)
-    assert blind["test/probe_accuracy"] < 0.5 and blind["test/kmeans_accuracy"] < 0.5
+    assert blind["test/cluster_ari"] == pytest.approx(0.0, abs=1e-9) and blind["test/cluster_nmi"] == pytest.approx(0.0, abs=1e-9)
+    assert blind["test/probe_accuracy"] < 0.5 and blind["test/cluster_accuracy"] < 0.5
 
 
 def test_gaussian_latent_nll_on_real_data_is_the_mixed_likelihood_of_the_inputs_as_given():

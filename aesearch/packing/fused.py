@@ -37,6 +37,7 @@ from torch.func import functional_call, vmap
 
 from aesearch.config import TrainConfig
 from aesearch.errors import DivergedError
+from aesearch.parts.clustering import REFINEMENTS
 from aesearch.parts.models import ARCHITECTURES, Autoencoder, LatentOutput, Output, build_model
 from aesearch.parts.objectives import Choice, Objective, weighted_sum
 from aesearch.parts.optimizers import OPTIMIZERS
@@ -63,6 +64,9 @@ def why_not_packable(config: TrainConfig) -> str | None:
     model = config.model
     if not ARCHITECTURES[model.architecture].packs:
         return f"model.architecture={model.architecture!r} does not pack (vmap runs fused attention one member at a time)"
+    if REFINEMENTS[config.clustering.refinement].trains:
+        return (f"clustering.refinement={config.clustering.refinement!r} does not pack (its centres and targets "
+                "are the trainer's own, outside the fused step)")
     name = config.optimizer.name
     if OPTIMIZERS[name].packed is None:
         return f"optimizer.name={name!r} does not pack (it has no functional update in aesearch.parts.optimizers)"

@@ -85,7 +85,7 @@ optimizer.weight_decay: {type: categorical, choices: [0.0, 0.0001]}
 USES.add("clustering", Use(
     "how well KMeans on the validation codes recovers the classes (ARI); small codes of plain, "
     "denoising and variational autoencoders",
-    ["val/kmeans_ari"],
+    ["val/cluster_ari"],
     parameters("""
 model.latent: {type: categorical, choices: [deterministic, gaussian]}
 model.latent_dim: {type: categorical, choices: [2, 4, 8, 10, 16, 32]}

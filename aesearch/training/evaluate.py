@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from aesearch.parts.corruption import corrupt, corruption_problem
 from aesearch.parts.data.binarize import fixed_bits
+from aesearch.parts.clustering import CLUSTERERS, ClusteringConfig, number_of_clusters, soft_assignment
 from aesearch.parts.data.spec import CATEGORICAL, NUMERIC
 from aesearch.parts.objectives import RECONSTRUCTIONS, gaussian_kl, likelihood, log_normal
 from aesearch.training.scoring import fit_scorer, seen
@@ -53,8 +54,17 @@ TRIM_EVERY = 50  # chunks of the IWAE bound between two releases of freed memory
 
 
 @torch.no_grad()
-def evaluate(model: Autoencoder, data: Data, settings: EvaluationConfig) -> dict[str, float]:
+def evaluate(
+    model: Autoencoder,
+    data: Data,
+    settings: EvaluationConfig,
+    clustering: ClusteringConfig | None = None,
+    centres: torch.Tensor | None = None,
+) -> dict[str, float]:
     """Run the whole suite on data.test_x / test_y; returns {'test/<metric>': value}.
+
+    The codes are grouped by `clustering`'s clusterer (default: KMeans), or, for a refined model,
+    assigned to its `centres` (`clustering.soft_assignment`).
 
     Its randomness (corruptions, importance samples) comes from a generator of its own with a
     fixed seed: the metrics depend on the weights and data alone, so a stored checkpoint
@@ -72,7 +82,7 @@ def evaluate(model: Autoencoder, data: Data, settings: EvaluationConfig) -> dict
     if spec.classes and data.test_y is not None:
         train_labels = None if data.train_y is None else data.train_y[: settings.probe_max_samples]
         train_codes = encode(model, data.train_x[: settings.probe_max_samples], batch)
-        metrics |= latent_quality(train_codes, train_labels, test_codes, data.test_y, settings)
+        metrics |= latent_quality(train_codes, train_labels, test_codes, data.test_y, settings, clustering, centres)
     metrics |= sparsity_metrics(test_codes, settings.activation_threshold)
     if spec.anomalies and data.test_y is not None:
         metrics |= anomaly_metrics(fit_scorer(model, data, settings)(test), data.test_y, spec)
@@ -224,32 +234,50 @@ def latent_quality(
     test_codes: torch.Tensor,
     test_labels: torch.Tensor,
     settings: EvaluationConfig,
+    clustering: ClusteringConfig | None = None,
+    centres: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """How much class structure the codes carry, without labels in training. KMeans needs the
+    """How much class structure the codes carry, without labels in training. The clusters need the
     test labels only; the probe and kNN learn from the training codes' labels, when there are."""
-    from sklearn.cluster import KMeans
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    x_train, x_test = train_codes.numpy().astype(np.float64), test_codes.numpy().astype(np.float64)
+    x_train = train_codes.numpy().astype(np.float64)
     y_test = test_labels.cpu().numpy()
-    clusters = KMeans(
-        n_clusters=min(len(np.unique(y_test)), len(x_test)), n_init=settings.kmeans_restarts, random_state=0
-    ).fit_predict(x_test)
+    clusters = cluster_codes(test_codes, len(np.unique(y_test)), settings, clustering, centres)
     metrics = {
-        "kmeans_ari": adjusted_rand_score(y_test, clusters),
-        "kmeans_nmi": normalized_mutual_info_score(y_test, clusters),
-        "kmeans_accuracy": cluster_accuracy(y_test, clusters),
+        "cluster_ari": adjusted_rand_score(y_test, clusters),
+        "cluster_nmi": normalized_mutual_info_score(y_test, clusters),
+        "cluster_accuracy": cluster_accuracy(y_test, clusters),
     }
+    x_test = test_codes.numpy().astype(np.float64)
     y_train = None if train_labels is None else train_labels.cpu().numpy()
     if y_train is not None and len(np.unique(y_train)) >= 2:  # a classifier needs two classes to learn from
         probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x_train, y_train)
         knn = KNeighborsClassifier(n_neighbors=min(settings.knn_neighbors, len(x_train))).fit(x_train, y_train)
         metrics |= {"probe_accuracy": probe.score(x_test, y_test), "knn_accuracy": knn.score(x_test, y_test)}
     return metrics
+
+
+def cluster_codes(
+    codes: torch.Tensor,
+    classes: int,
+    settings: EvaluationConfig,
+    clustering: ClusteringConfig | None = None,
+    centres: torch.Tensor | None = None,
+) -> np.ndarray:
+    """A cluster per code: its nearest of a refinement's `centres`, else the group the clusterer
+    puts it in (k: `clustering.clusters`, else the `classes` of the labels; seed 0, so that a
+    model's metric is a function of its weights)."""
+    if centres is not None:
+        return soft_assignment(codes.float(), centres.to(codes.device)).argmax(1).cpu().numpy()
+    clustering = clustering or ClusteringConfig()
+    k = min(number_of_clusters(clustering, classes), len(codes))
+    group = CLUSTERERS[clustering.clusterer].group
+    return group(codes.cpu().numpy().astype(np.float64), k, settings.kmeans_restarts, clustering.umap_neighbors, 0)
 
 
 def cluster_accuracy(labels: np.ndarray, clusters: np.ndarray) -> float:

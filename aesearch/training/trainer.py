@@ -23,7 +23,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from aesearch.config import TrainConfig, check_data, parse_config, resolve_device
 from aesearch.errors import CheckpointError, DivergedError
-from aesearch.metrics import selection_key
+from aesearch.metrics import is_use_metric, selection_key
+from aesearch.parts.clustering import REFINEMENTS, number_of_clusters
 from aesearch.parts.corruption import corrupt
 from aesearch.parts.data import Data, DataSpec, check_fits
 from aesearch.parts.data.binarize import BINARIZATIONS, fresh_bits
@@ -33,6 +34,7 @@ from aesearch.parts.optimizers import OPTIMIZERS, SCHEDULES
 from aesearch.schema import flatten
 from aesearch.training.checkpoints import load_checkpoint, save_checkpoint
 from aesearch.training.evaluate import evaluate
+from aesearch.training.refinement import Refiner
 from aesearch.training.scoring import FittedScorer, fit_scorer
 from aesearch.training.validation import UseMetrics
 
@@ -90,7 +92,7 @@ def train(
         trainer.restore(state)
     last_epoch = config.epochs if stop_after is None else min(stop_after, config.epochs)
     started = time.perf_counter()
-    while trainer.epoch < last_epoch:
+    while trainer.epoch < last_epoch and not trainer.converged:
         end = trainer.run_epoch()
         if reporter is not None:
             reporter(end)
@@ -176,13 +178,21 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.objective = Objective(config.objective, self.model.stochastic, config.epochs, data.spec)
         self.input_grad = self.objective.needs_input_grad(self.model)  # contractive estimator: d code / d x
+        # A clustering refinement trains its centres with the weights, over the run's last epochs.
+        self.refiner: Refiner | None = None
+        self.refine_from = config.epochs  # the epochs before the refinement
+        if REFINEMENTS[config.clustering.refinement].trains:
+            clusters = number_of_clusters(config.clustering, len(data.spec.classes))
+            self.refiner = Refiner(config.clustering, clusters, self.model.latent_dim, self.device)
+            self.refine_from = config.epochs - config.clustering.refine_epochs
+        parameters = [*self.model.parameters(), *([self.refiner.centres] if self.refiner else [])]
         opt = config.optimizer
         self.optimizer = OPTIMIZERS[opt.name](
-            self.model.parameters(), opt.lr, opt.weight_decay, fused=self.device.type in ("cpu", "cuda")
+            parameters, opt.lr, opt.weight_decay, fused=self.device.type in ("cpu", "cuda")
         )
         self.schedule = SCHEDULES[opt.schedule.kind]
         self.scheduler = self.schedule.build(self.optimizer, opt.schedule, config.epochs)
-        self.use_metrics = UseMetrics(config.evaluation.val_metrics, self.data, config.evaluation)
+        self.use_metrics = UseMetrics(config.evaluation.val_metrics, self.data, config.evaluation, config.clustering)
         self.size = {"model/parameters": float(parameter_count(self.model)),
                      "model/latent_dim": float(self.model.latent_dim)}
         # The best epoch's weights are the ones evaluated and kept. By default the lowest validation
@@ -195,6 +205,22 @@ class Trainer:
         self.best_epoch = 0  # 0: none yet
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_scorer = FittedScorer()  # the anomaly scorer fitted to the best weights, for the checkpoint
+        self.best_centres: torch.Tensor | None = None  # a refinement's centres at the best epoch
+
+    @property
+    def refining(self) -> bool:
+        """Does the next epoch (or the one being finished) refine the clusters?"""
+        return self.refiner is not None and self.epoch >= self.refine_from
+
+    @property
+    def converged(self) -> bool:
+        """Has the refinement converged (fewer than clustering.tol of the assignments changed)? The run ends."""
+        return self.refiner is not None and self.refiner.converged
+
+    @property
+    def centres(self) -> torch.Tensor | None:
+        """The refinement's centres, once placed: what assigns codes to clusters."""
+        return self.refiner.centres.detach() if self.refiner is not None and self.refiner.started else None
 
     # --- one epoch ---------------------------------------------------------------------------
 
@@ -208,7 +234,7 @@ class Trainer:
         trainer's own, or a packed one that trained this model with others)."""
         val = self.validate()
         if self.use_metrics:
-            val |= self.use_metrics(self.model)
+            val |= self.use_metrics(self.model, self.centres if self.refining else None)
         self.epoch += 1
         metrics = {"epoch": float(self.epoch), **train, **val, **self.size, "lr": self.optimizer.param_groups[0]["lr"]}
         if self.objective.uses_kl:
@@ -219,9 +245,15 @@ class Trainer:
         self.history.append(metrics)
         self.schedule.advance(self.scheduler, metrics["val/loss"])  # the next epoch's lr
 
-        is_best = self.best_epoch == 0 or (selection_key(self.select_by, metrics)
-                                           < selection_key(self.select_by, self.history[self.best_epoch - 1]))
+        # A refinement's epochs supersede the epochs before it: the refined model is the one wanted. Its
+        # targets move at every update, so its loss does not compare across epochs: unless the run
+        # selects by a metric of what the model is for (val/cluster_ari), its last epoch is kept.
+        refined = self.refiner is not None and self.epoch > self.refine_from
+        supersedes = refined and (self.best_epoch <= self.refine_from or not is_use_metric(self.select_by))
+        is_best = self.best_epoch == 0 or supersedes or (
+            selection_key(self.select_by, metrics) < selection_key(self.select_by, self.history[self.best_epoch - 1]))
         if is_best:
+            self.best_centres = None if self.centres is None else self.centres.clone()
             self.best_epoch = self.epoch
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.best_scorer = self.use_metrics.scorer or fit_scorer(self.model, self.data, self.config.evaluation)
@@ -262,23 +294,34 @@ class Trainer:
         images, batch_size = self.data.train_x, self.config.optimizer.batch_size
         steps = math.ceil(len(images) / batch_size)
         order = self.shuffled_order()
-        sums = torch.zeros(1 + len(objective.term_names), device=self.device)
+        refiner = self.refiner if self.refining else None
+        term_names = [*objective.term_names, *(["cluster_kl"] if refiner else [])]
+        if refiner is not None and not refiner.started:
+            refiner.start(model, images, self.config.evaluation)
+            model.train()
+        sums = torch.zeros(1 + len(term_names), device=self.device)
         beta_sum = 0.0
         with deterministic_cudnn(self.device):
             for step in range(steps):
                 beta = objective.beta(self.epoch + step / steps)  # plain Python arithmetic: no sync
                 beta_sum += beta
                 start = step * batch_size
-                x, x_in, noise, directions = self.inputs(images[order[start : start + batch_size]], training=True)
+                rows = order[start : start + batch_size]
+                if refiner is not None and step % self.config.clustering.update_interval == 0:
+                    refiner.update(model, images, self.config.evaluation.batch_size)
+                x, x_in, noise, directions = self.inputs(images[rows], training=True)
                 with self.forward_context():
                     output = model(x_in, noise=noise)
                     loss, terms = objective(model, x, x_in, output, beta, directions)
+                    if refiner is not None:
+                        loss, kl = refiner.loss(loss, output.latent.code, rows)
+                        terms = {**terms, "cluster_kl": kl}
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 sums.add_(torch.stack([loss.detach(), *(t.detach() for t in terms.values())]), alpha=len(x))
         values = (sums / len(images)).tolist()  # the one host sync of the pass
-        return dict(zip(["train/loss", *(f"train/{n}" for n in objective.term_names)], values)), beta_sum / steps
+        return dict(zip(["train/loss", *(f"train/{n}" for n in term_names)], values)), beta_sum / steps
 
     def shuffled_order(self) -> torch.Tensor:
         """This epoch's order of the training images."""
@@ -304,14 +347,20 @@ class Trainer:
             sums.add_(batch, alpha=len(x))
         values = (sums / len(images)).tolist()
         names = ["val/loss", *(f"val/{n}" for n in objective.term_names), "val/recon_mse"]
-        return dict(zip(names, values))
+        val = dict(zip(names, values))
+        if self.refining and self.refiner.started:  # the refinement's loss, as its training pass adds it
+            kl = self.refiner.validation_kl(model, images, batch_size)
+            weight, gamma = self.refiner.refinement.reconstruction_weight, self.config.clustering.gamma
+            val |= {"val/loss": weight * val["val/loss"] + gamma * kl, "val/cluster_kl": kl}
+        return val
 
     # --- best weights, checkpoints -----------------------------------------------------------
 
     def result(self, train_seconds: float, run_evaluation: bool = True) -> TrainResult:
         """The run's result: the best weights, evaluated on the test split."""
         model = self.best_model()
-        metrics = evaluate(model, self.data, self.config.evaluation) if run_evaluation else {}
+        metrics = (evaluate(model, self.data, self.config.evaluation, self.config.clustering, self.best_centres)
+                   if run_evaluation else {})
         best_epoch = self.history[self.best_epoch - 1]
         metrics.update(
             {
@@ -327,6 +376,8 @@ class Trainer:
     def best_model(self) -> Autoencoder:
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
+        if self.best_centres is not None:
+            self.refiner.centres.data.copy_(self.best_centres)
         return self.model.eval()
 
     def state(self) -> dict[str, Any]:
@@ -342,6 +393,8 @@ class Trainer:
             "history": self.history,
             "best": {"epoch": self.best_epoch, "model": self.best_state},
             "anomaly_scorer": self.best_scorer.to_checkpoint(),
+            "clustering": None if self.refiner is None else {
+                "centres": self.refiner.centres.detach(), "best_centres": self.best_centres, **self.refiner.state()},
         }
 
     def save(self, path: Path | str) -> None:
@@ -351,6 +404,13 @@ class Trainer:
         """Continue exactly where a checkpoint left off (same data, same model shape)."""
         check_resumable(state, self.config, self.data)
         self.model.load_state_dict(state["model"])
+        if self.refiner is not None:
+            refined = state.get("clustering")
+            if refined is None:
+                raise CheckpointError("checkpoint has no clustering refinement state: not a checkpoint of this config")
+            self.refiner.centres.data.copy_(refined["centres"])
+            self.refiner.restore(refined)
+            self.best_centres = None if refined["best_centres"] is None else refined["best_centres"].to(self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         if "schedule" in state:  # checkpoints of an aesearch without schedules had only the constant one
             self.scheduler.load_state_dict(state["schedule"])

@@ -8,7 +8,8 @@ trial), so that an epoch's overhead stays small and every trial is judged on the
 
 - val/anomaly_auroc, val/anomaly_ap: the anomaly score (`evaluation.anomaly_score`, fitted as
   scoring.py fits it) of the validation rows, for the anomaly classes;
-- val/kmeans_ari, val/kmeans_nmi: KMeans on the validation codes; val/knn_accuracy: their nearest
+- val/cluster_ari, val/cluster_nmi, val/cluster_accuracy: the clusters of the validation codes
+  (`clustering.clusterer`, or a refinement's centres); val/knn_accuracy: their nearest
   neighbours among (at most val_max_samples) training codes;
 - val/nll, val/elbo: the IWAE bound (`evaluation.val_iwae_samples` samples) and the ELBO under the
   likelihood the test/nll uses;
@@ -37,14 +38,17 @@ from aesearch.training.scoring import FittedScorer, fit_scorer, fixed_subset, se
 
 if TYPE_CHECKING:
     from aesearch.config import EvaluationConfig
+    from aesearch.parts.clustering import ClusteringConfig
     from aesearch.parts.data import Data
     from aesearch.parts.models import Autoencoder
 
 class UseMetrics:
     """The per-epoch metrics a run was asked for (`evaluation.val_metrics`), on fixed rows."""
 
-    def __init__(self, names: list[str], data: Data, settings: EvaluationConfig):
+    def __init__(self, names: list[str], data: Data, settings: EvaluationConfig,
+                 clustering: ClusteringConfig | None = None):
         self.names, self.settings, self.spec, self.data = list(names), settings, data.spec, data
+        self.clustering = clustering
         self.scorer: FittedScorer | None = None  # fitted by the last call that measured detection
         rows = fixed_subset(len(data.val_x), settings.val_max_samples, data.val_x.device)
         self.x = data.val_x[rows]
@@ -57,7 +61,8 @@ class UseMetrics:
         return bool(self.names)
 
     @torch.no_grad()
-    def __call__(self, model: Autoencoder) -> dict[str, float]:
+    def __call__(self, model: Autoencoder, centres: torch.Tensor | None = None) -> dict[str, float]:
+        """The metrics of `model`; clusters by `centres` where a refinement placed them."""
         wanted, settings, batch = set(self.names), self.settings, self.settings.batch_size
         model.eval()
         generator = torch.Generator(self.x.device).manual_seed(EVALUATION_SEED)
@@ -66,10 +71,11 @@ class UseMetrics:
         if wanted & {"val/anomaly_auroc", "val/anomaly_ap"}:
             self.scorer = fit_scorer(model, self.data, settings)
             measured |= anomaly_metrics(self.scorer(seen(model, self.x, batch)), self.y, self.spec)
-        if wanted & {"val/kmeans_ari", "val/kmeans_nmi", "val/kmeans_accuracy", "val/knn_accuracy"}:
+        if wanted & {"val/cluster_ari", "val/cluster_nmi", "val/cluster_accuracy", "val/knn_accuracy"}:
             train_labels = self.train_y if "val/knn_accuracy" in wanted else None
             train_codes = encode(model, self.train_x, batch) if train_labels is not None else torch.empty(0)
-            measured |= latent_quality(train_codes, train_labels, encode(model, self.x, batch), self.y, settings)
+            measured |= latent_quality(train_codes, train_labels, encode(model, self.x, batch), self.y, settings,
+                                       self.clustering, centres)
         if wanted & {"val/nll", "val/elbo"}:
             measured |= gaussian_latent_metrics(model, self.x, "val", settings.val_iwae_samples, batch, generator,
                                                 self.spec)
