@@ -3,7 +3,8 @@
 At the first refining epoch the clusterer groups the codes of every training row, and each group's
 mean code becomes a centre: a trainable tensor beside the model's weights, in the same optimiser.
 Each refining step then adds gamma * KL(P || Q) of its batch to the objective (weighted by the
-refinement's `reconstruction_weight`). The target P of every training row is recomputed from the
+refinement's `reconstruction_weight`; gamma weighs the KL against the objective per input value, as
+IDEC's mean squared error does). The target P of every training row is recomputed from the
 current weights at the start of every epoch and every `update_interval` steps within it; recomputed
 at epoch starts, it needs no state of its own to resume exactly. Once fewer than `tol` of the rows
 change cluster between two updates the refinement has converged: the run ends with that epoch.
@@ -33,8 +34,11 @@ if TYPE_CHECKING:
 class Refiner:
     """The centres, the targets and the convergence of one run's refinement."""
 
-    def __init__(self, config: ClusteringConfig, clusters: int, latent_dim: int, device: torch.device):
+    def __init__(self, config: ClusteringConfig, clusters: int, latent_dim: int, values: int, device: torch.device):
         self.config = config
+        # IDEC weighs KL(P || Q) against the squared error per value; aesearch's objectives sum an
+        # input's values, so the KL term is gamma * values * KL to keep the paper's balance
+        self.weight = config.gamma * values
         self.refinement = REFINEMENTS[config.refinement]
         self.centres = torch.nn.Parameter(torch.zeros(clusters, latent_dim, device=device))
         self.started = False  # the clusterer has placed the centres
@@ -64,7 +68,10 @@ class Refiner:
     def loss(self, objective_loss: torch.Tensor, codes: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the step's loss, its KL(P || Q)) for the batch of training rows `rows`."""
         kl = clustering_kl(self.targets[rows], soft_assignment(codes, self.centres))
-        return self.refinement.reconstruction_weight * objective_loss + self.config.gamma * kl, kl
+        weight = self.refinement.reconstruction_weight
+        if weight == 0:  # DEC: not even a zero gradient, which would let Adam's momentum move the decoder
+            return self.weight * kl, kl
+        return weight * objective_loss + self.weight * kl, kl
 
     @torch.no_grad()
     def validation_kl(self, model: Autoencoder, x: torch.Tensor, batch: int) -> float:

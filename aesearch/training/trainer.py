@@ -183,7 +183,7 @@ class Trainer:
         self.refine_from = config.epochs  # the epochs before the refinement
         if REFINEMENTS[config.clustering.refinement].trains:
             clusters = number_of_clusters(config.clustering, len(data.spec.classes))
-            self.refiner = Refiner(config.clustering, clusters, self.model.latent_dim, self.device)
+            self.refiner = Refiner(config.clustering, clusters, self.model.latent_dim, data.spec.features, self.device)
             self.refine_from = config.epochs - config.clustering.refine_epochs
         parameters = [*self.model.parameters(), *([self.refiner.centres] if self.refiner else [])]
         opt = config.optimizer
@@ -350,8 +350,8 @@ class Trainer:
         val = dict(zip(names, values))
         if self.refining and self.refiner.started:  # the refinement's loss, as its training pass adds it
             kl = self.refiner.validation_kl(model, images, batch_size)
-            weight, gamma = self.refiner.refinement.reconstruction_weight, self.config.clustering.gamma
-            val |= {"val/loss": weight * val["val/loss"] + gamma * kl, "val/cluster_kl": kl}
+            weight = self.refiner.refinement.reconstruction_weight
+            val |= {"val/loss": weight * val["val/loss"] + self.refiner.weight * kl, "val/cluster_kl": kl}
         return val
 
     # --- best weights, checkpoints -----------------------------------------------------------
