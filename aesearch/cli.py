@@ -377,7 +377,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data = load_data(config.data, args.data_dir, args.download)
     trained = load_trained_model(state, data, device=config.runtime.device, where=str(args.checkpoint))
     print(json.dumps({"checkpoint": str(args.checkpoint), "epoch": state["epoch"],
-                      **evaluate(trained.model, data.to(device), config.evaluation)}))
+                      **evaluate(trained.model, data.to(device), config.evaluation, config.clustering,
+                                 trained.centres)}))
     return 0
 
 

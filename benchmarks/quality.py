@@ -253,16 +253,16 @@ def clustering(args: argparse.Namespace, folder: Path) -> None:
     if args.search_trials:
         space = {"model.hidden_dims": {"type": "categorical", "choices": [[500, 500, 2000], [512, 256], [256]]}}
         base = {k: DEC_AE[k] for k in ("optimizer", "evaluation")}
-        chosen = [search("clustering", DEC_AE["data"], clustering_space() | space, base, CLUSTERING, seed, args, folder)
+        chosen = [search("clustering", DEC_AE["data"], clustering_space(args) | space, base, CLUSTERING, seed, args, folder)
                   for seed in args.seed_list]
         print(f"| aesearch search, use: clustering, {args.search_trials} trials | the same | up to {args.search_epochs} | "
               + " | ".join(mean_std([c[name] for c in chosen]) for name in CLUSTERING) + " |")
 
 
-def clustering_space() -> dict:
+def clustering_space(args: argparse.Namespace) -> dict:
     from aesearch.search.uses import USES
 
-    return dict(USES["clustering"].space)
+    return dict(USES["clustering"].space_for(args.search_epochs))
 
 
 def one_class(args: argparse.Namespace, folder: Path) -> None:

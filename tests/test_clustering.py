@@ -74,14 +74,14 @@ def test_rules_refuse_a_refinement_that_cannot_run():
         make_config(clustering={"refine_epochs": 3})
     with pytest.raises(ConfigError, match=r"clustering.refine_epochs=10: must be below epochs=10"):
         make_config(epochs=10, clustering={"refinement": "dec", "refine_epochs": 10})
-    with pytest.raises(ConfigError, match=r"clustering.clusterer: .*'spectral'.*kmeans"):
+    with pytest.raises(ConfigError, match=r"clustering.clusterer='spectral': unknown clusterer; valid names: gmm, kmeans, umap_gmm"):
         make_config(clustering={"clusterer": "spectral"})
     with pytest.raises(ConfigError, match=r"clustering.tol"):
         make_config(clustering={"tol": 1.0})
     unlabelled = DataSpec("rows", VECTOR, (4,), unit_range=False)
-    config = make_config(epochs=4, data={"name": "wine"}, clustering={"refinement": "idec", "refine_epochs": 1})
+    config = make_config(epochs=4, data={"path": "rows.csv"}, clustering={"refinement": "idec", "refine_epochs": 1})
     assert "clustering.clusters: not set" in data_problem(config, unlabelled)
-    with_k = make_config(epochs=4, data={"name": "wine"},
+    with_k = make_config(epochs=4, data={"path": "rows.csv"},
                          clustering={"refinement": "idec", "refine_epochs": 1, "clusters": 3})
     assert data_problem(with_k, unlabelled) is None
     assert "does not pack" in why_not_packable(refining())
@@ -167,3 +167,50 @@ def test_val_cluster_metrics_follow_the_chosen_clusterer(digits):
         measured[clusterer] = (result.history[-1]["val/cluster_ari"], result.metrics["test/cluster_ari"])
     assert measured["kmeans"] != measured["gmm"]
     assert all(np.isfinite(value) for pair in measured.values() for value in pair)
+
+
+def test_encode_and_the_served_model_give_each_input_its_cluster(digits, tmp_path, monkeypatch):
+    import pandas as pd
+
+    from aesearch.cli import main
+    from aesearch.training.checkpoints import load_trained_model
+    from aesearch.tracking.served_model import predict
+
+    trainer = Trainer(refining(epochs=8, refine_epochs=2), digits)
+    for _ in range(8):
+        end = trainer.run_epoch()
+    assert end.is_best
+    end.save_checkpoint(tmp_path / "best.pt")
+    trained = load_trained_model(tmp_path / "best.pt", digits)
+    x = digits.test_x[:50]
+    expected = soft_assignment(encode(trained.model, x, 1000), trainer.best_centres.cpu()).argmax(1).numpy()
+    assert len(set(expected)) > 1
+    monkeypatch.chdir(tmp_path)
+    np.save("new.npy", x.numpy())
+    assert main(["encode", str(tmp_path / "best.pt"), "--input", "new.npy", "--out", "codes.csv"]) == 0
+    table = pd.read_csv("codes.csv")
+    assert list(table.columns) == ["z0", "z1", "z2", "z3", "cluster"]
+    assert table["cluster"].tolist() == expected.tolist()
+    assert predict(trained, x.numpy())["cluster"].tolist() == expected.tolist()
+    # the test metric of a refined model is the same assignment, on the test split
+    metrics = trainer.result(1.0).metrics
+    everything = soft_assignment(encode(trained.model, digits.test_x, 1000), trainer.best_centres.cpu()).argmax(1)
+    assert metrics["test/cluster_accuracy"] == pytest.approx(cluster_accuracy(digits.test_y.numpy(), everything.numpy()))
+
+
+def test_a_run_that_measures_clusters_keeps_centres_and_a_plain_run_none(digits, tmp_path):
+    from aesearch.training.checkpoints import load_trained_model
+    from aesearch.training.inference import infer
+
+    measured = make_config(epochs=2, **(SMALL | {"evaluation": SMALL["evaluation"] | {"val_metrics": ["val/cluster_ari"]}}))
+    trainer = Trainer(measured, digits)
+    trainer.run_epoch(), trainer.run_epoch()
+    trainer.save(tmp_path / "measured.pt")
+    trained = load_trained_model(tmp_path / "measured.pt", digits)
+    assert trained.centres.shape == (10, 4)
+    clusters = infer(trained.model, digits.test_x[:30], trained.scorer, trained.centres).clusters
+    assert clusters is not None and clusters.max() < 10
+    plain = Trainer(make_config(epochs=1, **SMALL), digits)
+    plain.run_epoch()
+    plain.save(tmp_path / "plain.pt")
+    assert load_trained_model(tmp_path / "plain.pt", digits).centres is None

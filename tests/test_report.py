@@ -149,6 +149,20 @@ def test_a_detection_board_names_each_trials_anomaly_score_and_others_do_not(tmp
     assert "anomaly_score" not in board_view(plain, plain.board)
 
 
+def test_a_clustering_board_names_each_trials_clustering_stage(tmp_path):
+    search = {**SEARCH, "params": {**SEARCH["params"], "objective.metric": "val/cluster_ari", "objective.mode": "max"}}
+    runs = runs_frame(*(run_row(number, "dense", Outcome("completed"), None, 8, val__cluster_ari=ari,
+                                test__cluster_ari=ari, val__loss=1.0)
+                        for number, ari in [(1, 0.5), (2, 0.7), (3, 0.6)]))
+    runs["params.clustering.clusterer"] = ["gmm", "umap_gmm", None]  # None: a trial of an aesearch without the stage
+    runs["params.clustering.refinement"] = ["none", "idec", None]
+    report = build_report(SearchRecord("demo", "sqlite:////nowhere/mlflow.db", search, None, runs))
+    view = board_view(report, report.board)
+    assert view.set_index("trial")["clustering"].to_dict() == {"dense-#2": "umap_gmm + idec", "dense-#3": "kmeans",
+                                                               "dense-#1": "gmm"}
+    assert "clustering" not in board_view(build_report(saturated_record()), build_report(saturated_record()).board)
+
+
 def test_a_report_shows_itself_in_a_notebook_as_its_headline_and_top_trials_not_its_figures():
     report = build_report(saturated_record())
     assert report.figures  # PNG bytes a dataclass's repr would print whole

@@ -125,7 +125,7 @@ def apply(trained: TrainedModel, input: str) -> tuple[Inputs, Inference]:
     from aesearch.training.inference import infer
 
     inputs = read_inputs(input, trained.model.spec, trained.config.data)
-    return inputs, infer(trained.model, inputs.x, trained.scorer)
+    return inputs, infer(trained.model, inputs.x, trained.scorer, trained.centres)
 
 
 def codes(trained: TrainedModel, input: str) -> pd.DataFrame:

@@ -84,7 +84,9 @@ def board_view(report: Report, rows: pd.DataFrame, extra: tuple[str, ...] = ()) 
     shown = board_metrics([name for name, _ in report.record.objectives])
     # a detector's figures are those of its anomaly score: the board names it
     scored = ["anomaly_score"] if any(str(name).startswith(("val/anomaly_", "test/anomaly_")) for name in rows) else []
-    columns = [c for c in BOARD_COLUMNS + scored + shown + list(extra) if c in rows]
+    # and a clusterer's, those of its clustering stage
+    grouped = ["clustering"] if any(str(name).startswith(("val/cluster_", "test/cluster_")) for name in shown) else []
+    columns = [c for c in BOARD_COLUMNS + scored + grouped + shown + list(extra) if c in rows]
     view = rows[columns].rename(columns={"objective": metric, "name": "trial"})
     view = view.loc[:, ~view.columns.duplicated()].copy()  # the objective once, under its own name
     view["reproduce"] = [reproduce_command(report.record.experiment, r, report.record.uri) for r in rows["run_id"]]

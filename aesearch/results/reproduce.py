@@ -322,7 +322,8 @@ def _from_checkpoint(uri, trial: Trial, config, data, tolerance: Tolerance, tags
     recorded = recorded_history(uri, trial.run_id, ["val/recon_mse"], epoch)
     recorded = {k: v for k, v in recorded.items() if k in reproduced}
     if trial.state == "completed":
-        metrics = evaluate(trainer.model.eval(), trainer.data, config.evaluation)
+        metrics = evaluate(trainer.model.eval(), trainer.data, config.evaluation, config.clustering,
+                           state.get("cluster_centres"))
         reproduced |= metrics
         recorded |= {k: v for k, v in trial.metrics.items() if k.startswith("test/")}
     mode = f"evaluated the best checkpoint (epoch {epoch})"

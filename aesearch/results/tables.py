@@ -66,6 +66,7 @@ def trial_table(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
             "noise_level": config.get("corruption.level"), "sparsity": config.get("objective.sparsity.kind"),
             "lr": config.get("optimizer.lr"), "seed": config.get("seed"),
             "anomaly_score": config.get("evaluation.anomaly_score") or "reconstruction",
+            "clustering": clustering_stage(config),
             "status": run.get("status", ""), "outcome": outcome, "state": state, "epochs": int(epochs),
             "objective": value, **{k: v for k, v in metrics.items() if k != "epoch"},
             "started": run.get("start_time"), "config": config,
@@ -73,6 +74,13 @@ def trial_table(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     order = table["number"].fillna(table["started"].rank(method="first")).astype(int)
     return table.assign(number=order).sort_values("number", kind="stable").reset_index(drop=True)
+
+
+def clustering_stage(config: dict[str, Any]) -> str:
+    """A trial's clustering stage in a word or two: 'kmeans', 'umap_gmm + idec'."""
+    refinement = config.get("clustering.refinement") or "none"
+    clusterer = config.get("clustering.clusterer") or "kmeans"
+    return clusterer if refinement == "none" else f"{clusterer} + {refinement}"
 
 
 def _tag(run: dict[str, Any], name: str) -> str | None:

@@ -49,10 +49,24 @@ class Use:
     # gives none (None: the schema's defaults)
     first_rung: float | None = None
     reduction_factor: float | None = None
+    # A clustering refinement (clustering.refinement: idec) searched beside `space`, over this share of
+    # budget.max_epochs (the trial's last epochs); None: not searched
+    refine_share: float | None = None
 
-    def fields(self) -> dict[str, Any]:
-        """The search space fields this use stands for."""
-        return {"objective": [{"metric": metric} for metric in self.objective], "space": self.space, "base": self.base}
+    def fields(self, max_epochs: Any = None) -> dict[str, Any]:
+        """The search space fields this use stands for, in a search of `max_epochs` epochs per trial."""
+        return {"objective": [{"metric": metric} for metric in self.objective], "space": self.space_for(max_epochs),
+                "base": self.base}
+
+    def space_for(self, max_epochs: Any) -> dict[str, Any]:
+        """`space`, and where the use refines clusters, the refinement: over the trials' last epochs."""
+        if self.refine_share is None or not isinstance(max_epochs, int) or max_epochs < 2:
+            return self.space
+        epochs = max(1, min(max_epochs - 1, round(self.refine_share * max_epochs)))
+        return self.space | parameters(f"""
+clustering.refinement: {{type: categorical, choices: [none, idec]}}
+clustering.refine_epochs: {{type: categorical, choices: [{epochs}], when: {{clustering.refinement: idec}}}}
+""")
 
     def budget(self, max_epochs: Any) -> dict[str, Any]:
         """The budget fields this use sets for a search of `max_epochs` epochs per trial."""
@@ -83,14 +97,17 @@ objective.contractive_weight: {type: categorical, choices: [0.0, 0.01, 0.1]}
 optimizer.weight_decay: {type: categorical, choices: [0.0, 0.0001]}
 """) | DENOISING | SHAPE))
 USES.add("clustering", Use(
-    "how well KMeans on the validation codes recovers the classes (ARI); small codes of plain, "
-    "denoising and variational autoencoders",
+    "how well the clusters of the validation codes recover the classes (ARI); small codes of plain, "
+    "denoising and variational autoencoders, the clusterer (KMeans, a Gaussian mixture, UMAP + a "
+    "mixture) and whether IDEC refines the clusters over the last third of the epochs",
     ["val/cluster_ari"],
     parameters("""
+clustering.clusterer: {type: categorical, choices: [kmeans, gmm, umap_gmm]}
 model.latent: {type: categorical, choices: [deterministic, gaussian]}
 model.latent_dim: {type: categorical, choices: [2, 4, 8, 10, 16, 32]}
 objective.kl.beta: {type: float, low: 0.25, high: 4.0, log: true, when: {model.latent: gaussian}}
-""") | DENOISING | SHAPE))
+""") | DENOISING | SHAPE,
+    refine_share=1 / 3))
 USES.add("generation", Use(
     "the likelihood of validation data (the IWAE bound on the NLL, nats); variational autoencoders: "
     "KL weight and schedule, code size",
@@ -118,14 +135,15 @@ def apply_use(document: dict[str, Any], max_epochs: int) -> dict[str, Any]:
     use = USES[document["use"]] if isinstance(document.get("use"), str) and document["use"] in USES else None
     if use is None:
         return document
-    fields = copy.deepcopy(use.fields())  # the document is the caller's to change
+    budget = document.get("budget") or {}
+    epochs = budget.get("max_epochs", max_epochs) if isinstance(budget, dict) else max_epochs
+    fields = copy.deepcopy(use.fields(epochs))  # the document is the caller's to change
     merged = {**document}
     for key in ("objective", "space"):
         merged.setdefault(key, fields.get(key))
     merged["base"] = _lay_over(fields.get("base", {}), document.get("base") or {})
-    budget = document.get("budget") or {}
     if isinstance(budget, dict):  # else: the schema's error
-        merged["budget"] = {**use.budget(budget.get("max_epochs", max_epochs)), **budget}
+        merged["budget"] = {**use.budget(epochs), **budget}
     return {key: value for key, value in merged.items() if value is not None}
 
 

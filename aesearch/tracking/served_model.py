@@ -54,10 +54,11 @@ def predict(trained: Any, model_input: Any) -> pd.DataFrame | dict[str, np.ndarr
     else:
         x = encode_array(np.asarray(model_input.values if isinstance(model_input, pd.DataFrame) else model_input),
                          spec, "request")
-    result = infer(trained.model, x, trained.scorer)
+    result = infer(trained.model, x, trained.scorer, trained.centres)
     if not spec.columns or not isinstance(model_input, pd.DataFrame):
+        clusters = {} if result.clusters is None else {"cluster": result.clusters.numpy()}
         return {"score": result.scores.numpy(), "code": result.codes.numpy(),
-                "reconstruction": result.reconstructions.numpy()}
+                "reconstruction": result.reconstructions.numpy(), **clusters}
     reconstruction = decode_rows(result.reconstructions.numpy(), spec).add_prefix("recon_")
     return pd.concat([result.score_table(), result.code_table(), reconstruction], axis=1)
 

@@ -83,6 +83,12 @@ class TrainedModel:
         """The anomaly scorer fitted to the best weights, as the checkpoint keeps it."""
         return FittedScorer.from_checkpoint(self.state)
 
+    @property
+    def centres(self) -> torch.Tensor | None:
+        """The cluster centres fitted to (or refined with) the best weights; None: the model was not
+        trained to cluster (see Trainer.clusters_wanted)."""
+        return self.state.get("cluster_centres")
+
 
 def load_trained_model(source: Path | str | dict[str, Any], data: Data | None = None, device: str | None = None,
                        where: str | None = None) -> TrainedModel:

@@ -37,7 +37,13 @@ import torch.nn.functional as F
 
 from aesearch.parts.corruption import corrupt, corruption_problem
 from aesearch.parts.data.binarize import fixed_bits
-from aesearch.parts.clustering import CLUSTERERS, ClusteringConfig, number_of_clusters, soft_assignment
+from aesearch.parts.clustering import (
+    CLUSTERERS,
+    REFINEMENTS,
+    ClusteringConfig,
+    number_of_clusters,
+    soft_assignment,
+)
 from aesearch.parts.data.spec import CATEGORICAL, NUMERIC
 from aesearch.parts.objectives import RECONSTRUCTIONS, gaussian_kl, likelihood, log_normal
 from aesearch.training.scoring import fit_scorer, seen
@@ -269,12 +275,12 @@ def cluster_codes(
     clustering: ClusteringConfig | None = None,
     centres: torch.Tensor | None = None,
 ) -> np.ndarray:
-    """A cluster per code: its nearest of a refinement's `centres`, else the group the clusterer
-    puts it in (k: `clustering.clusters`, else the `classes` of the labels; seed 0, so that a
-    model's metric is a function of its weights)."""
-    if centres is not None:
-        return soft_assignment(codes.float(), centres.to(codes.device)).argmax(1).cpu().numpy()
+    """A cluster per code: for a refined model, its nearest of the refinement's `centres`; else the
+    group the clusterer puts it in (k: `clustering.clusters`, else the `classes` of the labels;
+    seed 0, so that a model's metric is a function of its weights), as the papers measure it."""
     clustering = clustering or ClusteringConfig()
+    if centres is not None and REFINEMENTS[clustering.refinement].trains:
+        return soft_assignment(codes.float(), centres.to(codes.device)).argmax(1).cpu().numpy()
     k = min(number_of_clusters(clustering, classes), len(codes))
     group = CLUSTERERS[clustering.clusterer].group
     return group(codes.cpu().numpy().astype(np.float64), k, settings.kmeans_restarts, clustering.umap_neighbors, 0)

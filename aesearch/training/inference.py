@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from aesearch.parts.clustering import soft_assignment
 from aesearch.training.evaluate import column_errors
 from aesearch.training.scoring import FittedScorer, seen
 
@@ -33,6 +34,7 @@ class Inference:
     reconstructions: torch.Tensor  # (N, *shape), in the model's (scaled) units
     scores: torch.Tensor  # (N,): the anomaly score (higher: more anomalous)
     column_errors: dict[str, torch.Tensor]  # tables: each column's error, (N,) each; {} otherwise
+    clusters: torch.Tensor | None = None  # (N,): the nearest cluster centre, for models that cluster
 
     def score_table(self, threshold: float | None = None) -> pd.DataFrame:
         """`score` (with a threshold, `is_anomaly`: the score above it), and for tables `error_<column>`
@@ -46,15 +48,21 @@ class Inference:
 
     def code_table(self) -> pd.DataFrame:
         codes = self.codes.numpy()
-        return pd.DataFrame(codes, columns=[f"z{i}" for i in range(codes.shape[1])])
+        table = pd.DataFrame(codes, columns=[f"z{i}" for i in range(codes.shape[1])])
+        if self.clusters is not None:
+            table["cluster"] = self.clusters.numpy()
+        return table
 
 
 @torch.no_grad()
-def infer(model: Autoencoder, x: np.ndarray | torch.Tensor, scorer: FittedScorer) -> Inference:
-    """Codes, reconstructions and anomaly scores (by `scorer`) of inputs already encoded for this model."""
+def infer(model: Autoencoder, x: np.ndarray | torch.Tensor, scorer: FittedScorer,
+          centres: torch.Tensor | None = None) -> Inference:
+    """Codes, reconstructions and anomaly scores (by `scorer`) of inputs already encoded for this model;
+    with `centres` (the checkpoint's), each input's cluster: its code's nearest centre."""
     device = next(model.parameters()).device
     x = torch.as_tensor(np.asarray(x, dtype=np.float32) if not isinstance(x, torch.Tensor) else x).to(device)
     rows = seen(model, x, BATCH)
     per_column = column_errors(rows.x_hat, x, model.spec) if model.spec.columns else {}
+    clusters = None if centres is None else soft_assignment(rows.codes, centres.to(device)).argmax(1).cpu()
     return Inference(rows.codes.cpu(), rows.x_hat.cpu(), scorer(rows).cpu(),
-                     {name: errors.cpu() for name, errors in per_column.items()})
+                     {name: errors.cpu() for name, errors in per_column.items()}, clusters)

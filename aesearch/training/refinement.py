@@ -89,6 +89,16 @@ class Refiner:
             self.labels = self.labels.to(self.centres.device)
 
 
+@torch.no_grad()
+def fit_centres(model: Autoencoder, x: torch.Tensor, clusters: int, settings: EvaluationConfig,
+                config: ClusteringConfig) -> torch.Tensor:
+    """The mean code of each of the clusterer's groups of `x`: where new codes are assigned."""
+    codes = codes_of(model, x, settings.batch_size)
+    labels = cluster_codes(codes.cpu(), clusters, settings, config)
+    return cluster_means(codes, torch.as_tensor(labels, dtype=torch.long, device=codes.device), clusters)
+
+
+@torch.no_grad()
 def codes_of(model: Autoencoder, x: torch.Tensor, batch: int) -> torch.Tensor:
     """The code of every row, on x's device, in eval mode (the caller puts training mode back)."""
     model.eval()

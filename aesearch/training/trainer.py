@@ -34,7 +34,7 @@ from aesearch.parts.optimizers import OPTIMIZERS, SCHEDULES
 from aesearch.schema import flatten
 from aesearch.training.checkpoints import load_checkpoint, save_checkpoint
 from aesearch.training.evaluate import evaluate
-from aesearch.training.refinement import Refiner
+from aesearch.training.refinement import Refiner, fit_centres
 from aesearch.training.scoring import FittedScorer, fit_scorer
 from aesearch.training.validation import UseMetrics
 
@@ -218,6 +218,22 @@ class Trainer:
         return self.refiner is not None and self.refiner.converged
 
     @property
+    def clusters_wanted(self) -> bool:
+        """Is the run trained to cluster (a refinement, clustering.clusters, or per-epoch cluster metrics)?
+        Its checkpoint then keeps centres, so that `aesearch encode` and the served model give clusters."""
+        clustering = self.config.clustering
+        return (self.refiner is not None or clustering.clusters is not None
+                or any(name.startswith("val/cluster_") for name in self.config.evaluation.val_metrics))
+
+    def fitted_centres(self) -> torch.Tensor | None:
+        """Centres for new inputs, where the run clusters: the mean code of each of the clusterer's
+        groups of the fixed validation rows the per-epoch metrics use."""
+        clusters = number_of_clusters(self.config.clustering, len(self.data.spec.classes))
+        if not self.clusters_wanted or clusters is None:
+            return None
+        return fit_centres(self.model, self.use_metrics.x, clusters, self.config.evaluation, self.config.clustering)
+
+    @property
     def centres(self) -> torch.Tensor | None:
         """The refinement's centres, once placed: what assigns codes to clusters."""
         return self.refiner.centres.detach() if self.refiner is not None and self.refiner.started else None
@@ -253,7 +269,7 @@ class Trainer:
         is_best = self.best_epoch == 0 or supersedes or (
             selection_key(self.select_by, metrics) < selection_key(self.select_by, self.history[self.best_epoch - 1]))
         if is_best:
-            self.best_centres = None if self.centres is None else self.centres.clone()
+            self.best_centres = self.centres.clone() if self.centres is not None else self.fitted_centres()
             self.best_epoch = self.epoch
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.best_scorer = self.use_metrics.scorer or fit_scorer(self.model, self.data, self.config.evaluation)
@@ -376,7 +392,7 @@ class Trainer:
     def best_model(self) -> Autoencoder:
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
-        if self.best_centres is not None:
+        if self.refiner is not None and self.best_centres is not None:
             self.refiner.centres.data.copy_(self.best_centres)
         return self.model.eval()
 
@@ -394,7 +410,8 @@ class Trainer:
             "best": {"epoch": self.best_epoch, "model": self.best_state},
             "anomaly_scorer": self.best_scorer.to_checkpoint(),
             "clustering": None if self.refiner is None else {
-                "centres": self.refiner.centres.detach(), "best_centres": self.best_centres, **self.refiner.state()},
+                "centres": self.refiner.centres.detach(), **self.refiner.state()},
+            "cluster_centres": self.best_centres,
         }
 
     def save(self, path: Path | str) -> None:
@@ -410,7 +427,8 @@ class Trainer:
                 raise CheckpointError("checkpoint has no clustering refinement state: not a checkpoint of this config")
             self.refiner.centres.data.copy_(refined["centres"])
             self.refiner.restore(refined)
-            self.best_centres = None if refined["best_centres"] is None else refined["best_centres"].to(self.device)
+        centres = state.get("cluster_centres")
+        self.best_centres = None if centres is None else centres.to(self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         if "schedule" in state:  # checkpoints of an aesearch without schedules had only the constant one
             self.scheduler.load_state_dict(state["schedule"])
