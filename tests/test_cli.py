@@ -131,6 +131,13 @@ def test_validate_accepts_every_shipped_config(capsys):
         (["train", "dense", "--set", "evaluation.anomaly_score=neg_elbo"],
          "evaluation.anomaly_score='neg_elbo' needs a gaussian latent (model.latent: gaussian)"),
         (["train", "dense", "--set", "evaluation.anomaly_neighbors=0"], "evaluation.anomaly_neighbors=0"),
+        (["train", "dense", "--set", "clustering.refinement=idec"],
+         "clustering.refine_epochs=0: clustering.refinement='idec' needs at least one epoch"),
+        (["train", "dense", "--set", "clustering.refinement=idec", "--set", "clustering.refine_epochs=3",
+          "--set", "clustering.update_interval=0"], "clustering.update_interval=0"),
+        (["train", "dense", "--set", "clustering.refinement=dec", "--set", "clustering.refine_epochs=3",
+          "--set", "clustering.tol=1.5"], "clustering.tol=1.5"),
+        (["train", "dense", "--set", "clustering.clusterer=dbscan"], "clustering.clusterer='dbscan': unknown clusterer"),
         (["evaluate", "README.md", "--device", "cpu"], "README.md: not a readable checkpoint"),
     ],
 )

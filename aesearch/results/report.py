@@ -86,7 +86,7 @@ def board_view(report: Report, rows: pd.DataFrame, extra: tuple[str, ...] = ()) 
     scored = ["anomaly_score"] if any(str(name).startswith(("val/anomaly_", "test/anomaly_")) for name in rows) else []
     # and a clusterer's, those of its clustering stage
     grouped = ["clustering"] if any(str(name).startswith(("val/cluster_", "test/cluster_")) for name in shown) else []
-    columns = [c for c in BOARD_COLUMNS + scored + grouped + shown + list(extra) if c in rows]
+    columns = [c for c in BOARD_COLUMNS + shown + scored + grouped + list(extra) if c in rows]
     view = rows[columns].rename(columns={"objective": metric, "name": "trial"})
     view = view.loc[:, ~view.columns.duplicated()].copy()  # the objective once, under its own name
     view["reproduce"] = [reproduce_command(report.record.experiment, r, report.record.uri) for r in rows["run_id"]]
