@@ -3,7 +3,7 @@
     uv run python benchmarks/quality.py vae-nll    [--epochs 50] [--seeds 1] [--iwae-samples 1000] [--batch-size 20]
                                                    [--schedules constant,staged]
                                                    [--search-trials 0] [--search-epochs 20]
-    uv run python benchmarks/quality.py clustering [--epochs 50] [--seeds 1] [--search-trials 0] [--search-epochs 20]
+    uv run python benchmarks/quality.py clustering [--epochs 50] [--refine-epochs 20] [--seeds 1] [--search-trials 0] [--search-epochs 20]
     uv run python benchmarks/quality.py one-class  [--digits 0 1 ... 9] [--trials 12] [--epochs 15] [--seeds 1]
                                                    [--objective val/anomaly_auroc|val/recon_mse]
     common: [--data-dir DIR] [--keep DIR] [--quick]
@@ -20,13 +20,13 @@
   schedule (`optimizer.schedule.kind`), side by side: `staged` is the paper's (stage i: 3^i epochs at
   1e-3 * 10^(-i/7); its stages 0-4 are the first 121 epochs), against the constant rate.
 - clustering: DEC's autoencoder (Xie et al. 2016: 784-500-500-2000-10, ReLU, a linear code),
-  trained on MNIST's training images as a plain autoencoder (MSE, Adam 1e-3, batches of 256), then
-  KMeans (20 restarts) on the codes of the 10,000 test images: accuracy (clusters matched to
-  classes one-to-one, Hungarian), NMI and ARI. Published AE+KMeans on MNIST: accuracy 81.84
-  (DEC paper, Table 2; all 70,000 images, a stacked denoising AE pretrained layer by layer, then
-  fine-tuned). Also printed: the same codes under KMeans seeds 0-9 (mean ± std, and the best), since
-  the partition of lowest inertia is not always the most accurate. With --search-trials, a search
-  with `use: clustering` (val/cluster_ari) whose rank-1 trial is evaluated the same way.
+  trained --epochs on MNIST's training images as a plain autoencoder (MSE, Adam 1e-3, batches of
+  256); each clusterer (KMeans, a Gaussian mixture, UMAP + a mixture; 20 restarts) groups the codes
+  of the 10,000 test images as the autoencoder left them, then the same run goes on with IDEC's
+  refinement (Guo et al. 2017's settings) for up to --refine-epochs: accuracy (clusters matched to
+  classes one-to-one, Hungarian), NMI and ARI of each, beside the published AE + k-means, DEC, IDEC
+  and N2D. With --search-trials, a search with `use: clustering` (val/cluster_ari) whose rank-1
+  trial is evaluated the same way.
 - one-class: Ruff et al. 2018 (Deep SVDD): each digit in turn is the normal class, trained on
   alone; the test split is MNIST's 10,000 test images, the other nine digits anomalous; the figure
   is the AUROC of the reconstruction error of the rank-1 trial of benchmarks/anomaly.py's search
