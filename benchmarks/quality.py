@@ -3,7 +3,8 @@
     uv run python benchmarks/quality.py vae-nll    [--epochs 50] [--seeds 1] [--iwae-samples 1000] [--batch-size 20]
                                                    [--schedules constant,staged]
                                                    [--search-trials 0] [--search-epochs 20]
-    uv run python benchmarks/quality.py clustering [--epochs 50] [--refine-epochs 20] [--seeds 1] [--search-trials 0] [--search-epochs 20]
+    uv run python benchmarks/quality.py clustering [--epochs 50] [--refine-epochs 20] [--idec-start kmeans|gmm|umap_gmm]
+                                                   [--seeds 1] [--search-trials 0] [--search-epochs 20]
     uv run python benchmarks/quality.py one-class  [--digits 0 1 ... 9] [--trials 12] [--epochs 15] [--seeds 1]
                                                    [--objective val/anomaly_auroc|val/recon_mse]
     common: [--data-dir DIR] [--keep DIR] [--quick]
@@ -231,7 +232,7 @@ def clustering(args: argparse.Namespace, folder: Path) -> None:
                 pretrained["codes"] = encode(end.model, data.test_x.to(next(end.model.parameters()).device), 1024)
                 end.model.train()
 
-        sections = DEC_AE | {"clustering": IDEC | {"refine_epochs": args.refine_epochs}}
+        sections = DEC_AE | {"clustering": IDEC | {"refine_epochs": args.refine_epochs, "clusterer": args.idec_start}}
         run = trained(sections, seed, args, every=max(1, args.epochs // 10), epochs=args.epochs + args.refine_epochs,
                       watch=keep_codes)
         refined.append(run["metrics"])
@@ -247,7 +248,7 @@ def clustering(args: argparse.Namespace, folder: Path) -> None:
     for clusterer in CLUSTERERS_SHOWN:
         print(f"| aesearch, DEC's autoencoder + {CLUSTERERS_SHOWN[clusterer]} | test codes (10,000) | {args.epochs} | "
               + " | ".join(mean_std([row[name] for row in rows[clusterer]]) for name in CLUSTERING) + " |")
-    print(f"| aesearch, the same autoencoder refined by IDEC (clustering.refinement: idec) | test codes (10,000) | "
+    print(f"| aesearch, the same autoencoder refined by IDEC from {args.idec_start}'s clusters | test codes (10,000) | "
           f"{args.epochs} + up to {args.refine_epochs} | " + " | ".join(mean_std([m[name] for m in refined])
                                                                        for name in CLUSTERING) + " |")
     if args.search_trials:
@@ -305,6 +306,8 @@ def main() -> None:
     parser.add_argument("--search-trials", type=int, default=0, help="vae-nll, clustering: also a search of this many")
     parser.add_argument("--search-epochs", type=int, default=20)
     parser.add_argument("--refine-epochs", type=int, default=20, help="clustering: IDEC's epochs after --epochs")
+    parser.add_argument("--idec-start", default="kmeans", choices=["kmeans", "gmm", "umap_gmm"],
+                        help="clustering: the clusterer whose groups place IDEC's first centres (the paper: kmeans)")
     parser.add_argument("--digits", type=int, nargs="+", default=list(range(10)), help="one-class: the normal digits")
     parser.add_argument("--trials", type=int, default=12, help="one-class: trials per search")
     parser.add_argument("--train-samples", type=int, help="one-class: at most this many normal training images")
