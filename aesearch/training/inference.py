@@ -60,7 +60,9 @@ def infer(model: Autoencoder, x: np.ndarray | torch.Tensor, scorer: FittedScorer
     """Codes, reconstructions and anomaly scores (by `scorer`) of inputs already encoded for this model;
     with `centres` (the checkpoint's), each input's cluster: its code's nearest centre."""
     device = next(model.parameters()).device
-    x = torch.as_tensor(np.asarray(x, dtype=np.float32) if not isinstance(x, torch.Tensor) else x).to(device)
+    if not isinstance(x, torch.Tensor):  # a copy: inputs read from a file may be read-only, which torch warns of
+        x = torch.from_numpy(np.array(x, dtype=np.float32))
+    x = x.to(device)
     rows = seen(model, x, BATCH)
     per_column = column_errors(rows.x_hat, x, model.spec) if model.spec.columns else {}
     clusters = None if centres is None else soft_assignment(rows.codes, centres.to(device)).argmax(1).cpu()
