@@ -147,8 +147,14 @@ def test_the_pruner_decodes_only_the_stored_trial_records_that_changed_since_it_
     storage.prune_checkpoints(str(experiment), seen=seen)
     assert len(decoded) == 3 and checkpoints("trial_b") == ["checkpoint_000002"]
     (experiment / "trial_c" / "checkpoint_000000").mkdir(parents=True)  # started after the last save
+    # trial_a's last report: Tune numbered its checkpoint, whose upload failed (the storage down), and the
+    # trial then errored; its record, already pruned to, does not change. The search's end removes it.
+    (experiment / "trial_a" / "checkpoint_000003").mkdir()
+    storage.prune_checkpoints(str(experiment), seen=seen)
+    assert checkpoints("trial_a") == ["checkpoint_000002", "checkpoint_000003"]  # unchanged: not listed again
     storage.prune_checkpoints(str(experiment), search_ended=True, seen=seen)
     assert checkpoints("trial_a") == ["checkpoint_000002"] and checkpoints("trial_c") == []
+    assert checkpoints("trial_b") == ["checkpoint_000002"]
 
 
 def test_the_checkpoints_of_trials_outside_the_best_go_through_one_filesystem_not_each_trials_copy(tmp_path):

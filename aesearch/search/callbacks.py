@@ -300,6 +300,9 @@ class CheckpointPruner(Callback):
         every save and decoded every trial's record). The search's end prunes whatever is left."""
         if time.monotonic() >= self.next_at:
             started = time.monotonic()
-            prune_checkpoints(self.experiment_path, seen=self.seen)
+            try:
+                prune_checkpoints(self.experiment_path, seen=self.seen)
+            except OSError:  # the storage stopped answering: Tune would end the search; the next save retries
+                pass
             self.next_at = time.monotonic() + (time.monotonic() - started) / PRUNING_SHARE
         return None  # the pruner keeps no state of its own
