@@ -7,7 +7,8 @@ numbers and a checkpoint per result, compacted as the driver keeps a finished tr
 folder, with its trials' checkpoint folders; `prune_checkpoints` then runs as `CheckpointPruner` runs
 it in the driver: a first time (every record decoded, every trial's folder listed), and again after
 one record in a hundred changed (the trials still running), with the records it has seen, beside
-what the same pruning cost before it kept them (every record decoded at each pruning).
+what the same pruning cost before it kept them (every record decoded at each pruning); and once more
+as the search's end runs it.
 """
 
 from __future__ import annotations
@@ -77,10 +78,14 @@ def main() -> None:
         for record in records:
             restorable_checkpoint(record)
         decoded = time.perf_counter() - started
+        started = time.perf_counter()  # the search's end: one listing of the whole folder, every record decoded
+        prune_checkpoints(str(folder), search_ended=True, seen=seen)
+        ended = time.perf_counter() - started
     print(f"{args.trials:,} trial records, {args.epochs} result(s) each: the stored state {size / 1e6:.0f} MB")
     print(f"  first pruning (every record decoded, every folder listed)     {first:.2f} s")
     print(f"  a later one, 1% of the records changed, with those it saw    {again:.2f} s")
     print(f"  the same, every record decoded (the pruner before 2026-12-07) {decoded:.2f} s")
+    print(f"  the search's end (one listing of the whole folder)            {ended:.2f} s")
 
 
 if __name__ == "__main__":
