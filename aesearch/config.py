@@ -74,9 +74,10 @@ class EvaluationConfig(Section):
     select_by: str = "val/loss"
     # How an input's anomaly score is read from the model (aesearch.parts.scorers): val/anomaly_*,
     # test/anomaly_*, the checkpoint and `aesearch score` all use it. The code scores are fitted on at most
-    # anomaly_fit_samples normal training rows; knn averages the distances to anomaly_neighbors codes.
+    # anomaly_fit_samples normal training rows. anomaly_neighbors: the k nearest normal rows that knn
+    # averages the distances to (unset: 5) and lof compares densities with (unset: 20, scikit-learn's).
     anomaly_score: Named(ANOMALY_SCORERS) = "reconstruction"
-    anomaly_neighbors: Bounded(1000) = 5
+    anomaly_neighbors: Bounded(1000) | None = None
     anomaly_fit_samples: Bounded(1_000_000) = 10_000
 
     @field_validator("val_metrics")

@@ -59,6 +59,53 @@ def test_a_code_score_finds_anomalies_the_reconstruction_misses():
         assert roc_auc_score(labels, fitted(kind, train, train)(test)) == 1.0, kind
 
 
+def test_lof_is_scikit_learns_local_outlier_factor_of_the_input_beside_its_residual():
+    from sklearn.neighbors import LocalOutlierFactor
+
+    generator = np.random.default_rng(2)
+    x = generator.normal(size=(120, 3)).astype(np.float32)
+    x_hat = x + generator.normal(size=(120, 3)).astype(np.float32) * np.linspace(0.01, 1, 120)[:, None]
+    train = rows(np.zeros((100, 2)), torch.from_numpy(x[:100]), torch.from_numpy(x_hat[:100]))
+    new = rows(np.zeros((20, 2)), torch.from_numpy(x[100:]), torch.from_numpy(x_hat[100:]))
+    score = fitted("lof", train, train, neighbors=20)(new)
+    features = np.c_[x, x_hat - x]
+    expected = -LocalOutlierFactor(n_neighbors=20, novelty=True).fit(features[:100]).score_samples(features[100:])
+    assert score.numpy() == pytest.approx(expected, rel=1e-5)
+    # on the input alone (no residual), the residual's rows would score differently
+    alone = -LocalOutlierFactor(n_neighbors=20, novelty=True).fit(x[:100]).score_samples(x[100:])
+    assert not np.allclose(score.numpy(), alone, rtol=1e-3)
+
+
+def test_lof_finds_rows_whose_residual_is_unlike_the_normal_ones_where_neither_part_alone_does():
+    # the anomalies' inputs lie among the normal inputs, and their reconstruction errors are as large as
+    # the normal rows' own; but the normal rows err along the first value, the anomalies along the second
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(170, 3, generator=generator) * 0.3
+    size = torch.randn(170, 1, generator=generator).abs() * 0.5 + 1.0
+    along = torch.zeros(170, 3)
+    along[:150, 0], along[150:, 1] = 1.0, 1.0
+    x_hat = x + size * along
+    train, test = rows(torch.zeros(100, 2), x[:100], x_hat[:100]), rows(torch.zeros(70, 2), x[100:], x_hat[100:])
+    labels = np.r_[np.zeros(50), np.ones(20)]
+    lof = fitted("lof", train, train, neighbors=20)
+    assert roc_auc_score(labels, lof(test)) > 0.99
+    assert roc_auc_score(labels, fitted("reconstruction", train, train)(test)) < 0.7
+    inputs_only = rows(torch.zeros(100, 2), x[:100]), rows(torch.zeros(70, 2), x[100:])  # no residual
+    assert roc_auc_score(labels, fitted("lof", inputs_only[0], inputs_only[0], neighbors=20)(inputs_only[1])) < 0.7
+    assert lof.prepared is lof.prepared  # the detector is built once per fitted scorer
+
+
+def test_each_scorer_reads_its_own_default_neighbours_unless_the_config_sets_them(digits):
+    from aesearch.parts.models import build_model
+
+    model = build_model(make_config(model={"hidden_dims": [16], "latent_dim": 3}).model, digits.spec)
+    for kind, expected in (("knn", 5), ("lof", 20)):
+        settings = make_config(evaluation={"anomaly_score": kind, "anomaly_fit_samples": 200}).evaluation
+        assert int(fit_scorer(model, digits, settings).state["neighbors"]) == expected
+        settings = make_config(evaluation={"anomaly_score": kind, "anomaly_neighbors": 7}).evaluation
+        assert int(fit_scorer(model, digits, settings).state["neighbors"]) == 7
+
+
 def test_combined_standardises_each_part_on_the_normal_validation_rows():
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(60, 3, generator=generator)
@@ -87,8 +134,8 @@ def test_a_scorer_that_needs_a_gaussian_latent_is_refused_on_a_deterministic_one
     message = str(refused.value)
     assert "evaluation.anomaly_score='neg_elbo' needs a gaussian latent" in message and "\n" not in message
     assert make_config(model={"latent": "gaussian"}, evaluation={"anomaly_score": "neg_elbo"})
-    with pytest.raises(ConfigError, match="evaluation.anomaly_score='lof': unknown anomaly score; valid names: combined, knn"):
-        make_config(evaluation={"anomaly_score": "lof"})
+    with pytest.raises(ConfigError, match="evaluation.anomaly_score='ocsvm': unknown anomaly score; valid names: combined, knn"):
+        make_config(evaluation={"anomaly_score": "ocsvm"})
 
 
 DETECTOR = dict(data={"anomaly": [7]}, epochs=3, model={"hidden_dims": [32], "latent_dim": 4},
@@ -177,3 +224,26 @@ def test_aesearch_score_and_the_served_model_score_with_the_checkpoints_scorer(d
     assert pd.read_csv("scores.csv")["score"].to_numpy() == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert predict(trained, data.test_x[:40].numpy())["score"] == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert (expected < 0).any()  # standardised scores: below the normal rows' mean is negative, and allowed
+
+
+def test_a_lof_detector_scores_alike_in_its_test_metric_its_checkpoint_and_the_served_model(tmp_path):
+    """The detector lof fits is rebuilt from the checkpoint's plain tensors (weights_only): the same scores."""
+    from aesearch.parts.data import load_data
+    from aesearch.tracking.served_model import predict
+    from aesearch.training.evaluate import evaluate
+
+    config = make_config(**{**DETECTOR, "epochs": 2, "evaluation": {**DETECTOR["evaluation"], "anomaly_score": "lof"}})
+    data = load_data(config.data)
+    trainer = Trainer(config, data)
+    for _ in range(config.epochs):
+        end = trainer.run_epoch()
+        if end.is_best:
+            end.save_checkpoint(tmp_path / "best.pt")
+    trained = load_trained_model(tmp_path / "best.pt", data)
+    assert trained.scorer.kind == "lof" and trained.scorer.state["rows"].shape == (300, 2 * 64)  # input, residual
+    scores = infer(trained.model, data.test_x, trained.scorer).scores.numpy()
+    is_anomaly = data.spec.is_anomaly(data.test_y).numpy()
+    metrics = evaluate(trained.model, data, config.evaluation)
+    assert metrics["test/anomaly_auroc"] == pytest.approx(roc_auc_score(is_anomaly, scores), abs=1e-6)
+    assert predict(trained, data.test_x[:40].numpy())["score"] == pytest.approx(scores[:40], rel=1e-5)
+    assert trained.scorer is trained.scorer  # one scorer, one detector, for a served model's every request

@@ -86,10 +86,11 @@ USES.add("reconstruction", Use(
 USES.add("anomaly_detection", Use(
     "how well the anomaly score separates the labelled anomalies of validation (AUROC); small codes, "
     "denoising, sparse and contractive autoencoders, which reconstruct what is normal only, and the "
-    "score: reconstruction error, distance to the normal codes (knn, mahalanobis) or all three combined",
+    "score: reconstruction error, distance to the normal codes (knn, mahalanobis), all three combined, or the "
+    "local outlier factor of the input beside its residual (lof)",
     ["val/anomaly_auroc"],
     parameters("""
-evaluation.anomaly_score: {type: categorical, choices: [reconstruction, knn, mahalanobis, combined]}
+evaluation.anomaly_score: {type: categorical, choices: [reconstruction, knn, mahalanobis, combined, lof]}
 model.latent_dim: {type: categorical, choices: [2, 4, 8, 16, 32]}
 objective.sparsity.kind: {type: categorical, choices: [none, l1]}
 objective.sparsity.weight: {type: float, low: 0.001, high: 0.1, log: true, when: {objective.sparsity.kind: l1}}

@@ -14,6 +14,7 @@ import re
 import tempfile
 import zipfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,9 +79,10 @@ class TrainedModel:
     config: TrainConfig
     state: dict[str, Any]
 
-    @property
+    @cached_property
     def scorer(self) -> FittedScorer:
-        """The anomaly scorer fitted to the best weights, as the checkpoint keeps it."""
+        """The anomaly scorer fitted to the best weights, as the checkpoint keeps it (one per model: a
+        served model builds its scorer's detector once)."""
         return FittedScorer.from_checkpoint(self.state)
 
     @property

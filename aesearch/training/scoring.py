@@ -10,11 +10,12 @@ the per-epoch metrics use, each a fixed subset.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from aesearch.parts.scorers import ANOMALY_SCORERS, Fitted, Seen
+from aesearch.parts.scorers import ANOMALY_SCORERS, Fitted, Prepared, Seen
 
 if TYPE_CHECKING:
     from aesearch.config import EvaluationConfig
@@ -59,7 +60,13 @@ class FittedScorer:
     state: Fitted = field(default_factory=dict)
 
     def __call__(self, rows: Seen) -> torch.Tensor:
-        return ANOMALY_SCORERS[self.kind].score(rows, self.state)
+        return ANOMALY_SCORERS[self.kind].score(rows, self.state | self.prepared)
+
+    @cached_property
+    def prepared(self) -> Prepared:
+        """What scoring builds from the kept state (a fitted detector): once per fitted scorer."""
+        prepare = ANOMALY_SCORERS[self.kind].prepare
+        return prepare(self.state) if prepare else {}
 
     def to_checkpoint(self) -> dict[str, Any]:
         return {"kind": self.kind, "state": {key: value.cpu() for key, value in self.state.items()}}
@@ -82,5 +89,5 @@ def fit_scorer(model: Autoencoder, data: Data, settings: EvaluationConfig) -> Fi
         val_y = data.val_y[fixed_subset(len(data.val_x), settings.val_max_samples, data.val_y.device)]
         val = val[~data.spec.is_anomaly(val_y)]
     batch = settings.batch_size
-    return FittedScorer(settings.anomaly_score,
-                        scorer.fit(seen(model, train, batch), seen(model, val, batch), settings.anomaly_neighbors))
+    neighbors = settings.anomaly_neighbors or scorer.neighbors
+    return FittedScorer(settings.anomaly_score, scorer.fit(seen(model, train, batch), seen(model, val, batch), neighbors))
