@@ -71,6 +71,7 @@ def test_a_resumed_run_follows_the_schedule_as_if_never_stopped(digits, tmp_path
     assert len({epoch["lr"] for epoch in uninterrupted.history}) > 1  # the schedule moved
 
 
+@pytest.mark.filterwarnings("error")  # torch's 'lr_scheduler.step() before optimizer.step()' too: the pack steps them
 def test_members_of_a_pack_each_follow_their_own_schedule_as_when_alone(digits):
     configs = [make_config(epochs=4, seed=seed, optimizer={"lr": 0.01, "schedule": schedule}, **SMALL)
                for seed, schedule in ((0, {"kind": "staged"}), (1, {"kind": "step", "step_epochs": 1, "factor": 0.5}))]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import math
+import warnings
 
 import torch
 from pydantic import Field, model_validator
@@ -108,11 +109,15 @@ class Schedule:
     on_validation: bool = False  # stepped with the validation loss
 
     def advance(self, scheduler: Any, validation_loss: float) -> None:
-        """After an epoch: the next epoch's lr."""
-        if self.on_validation:
-            scheduler.step(validation_loss)
-        else:
-            scheduler.step()
+        """After an epoch: the next epoch's lr. A packed trial's optimiser is stepped by the pack's
+        functional update, which torch does not see: its warning that the scheduler stepped first would
+        be wrong there (and is shown to no one else: every other epoch steps the optimiser)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            if self.on_validation:
+                scheduler.step(validation_loss)
+            else:
+                scheduler.step()
 
 
 SCHEDULES: Registry[Schedule] = Registry("learning-rate schedule")
