@@ -48,9 +48,13 @@ def main() -> None:
         where = {"temp_dir": args.temp_dir}
         os.environ["RAY_TMPDIR"] = args.temp_dir  # read when Cluster writes ray_current_cluster
         Path(args.temp_dir, "ray").mkdir(parents=True, exist_ok=True)
+    # The head's job agent on a port of its own choosing (None), as the workers' are: at Ray's fixed
+    # default (52365) it cannot start beside any other Ray instance on the machine (a search running
+    # locally), and the dashboard then refuses every job ("No available agent to submit job").
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": args.cpus_per_node, "gcs_server_port": args.port, "include_dashboard": True,
-        "dashboard_host": "127.0.0.1", "dashboard_port": args.dashboard_port, **where,
+        "dashboard_host": "127.0.0.1", "dashboard_port": args.dashboard_port, "dashboard_agent_listen_port": None,
+        **where,
     })
     try:
         for _ in range(args.nodes - 1):

@@ -200,8 +200,10 @@ class LocalCluster(Stack):
 def search_entrypoint(cluster: LocalCluster, space: Path, name: str, extra: list[str]) -> list[str]:
     """The job: `aesearch search` on the cluster, logging to the tracking server, keeping trial results
     and checkpoints in the bucket (s3://aesearch-results/searches: every node reads and writes it with pyarrow's S3
-    filesystem, the keys and the endpoint from its environment)."""
-    return ["aesearch", "search", str(space.absolute()), "--name", name,
+    filesystem, the keys and the endpoint from its environment). The cluster's address is given: the
+    RAY_ADDRESS Ray gives a job is found by looking for Ray's processes on the machine, and where
+    another Ray instance runs beside the demo's (a search running locally) it may be that one."""
+    return ["aesearch", "search", str(space.absolute()), "--name", name, "--address", cluster.gcs_address,
             "--storage", cluster.storage, "--tracking-uri", cluster.tracking_uri, *extra]
 
 

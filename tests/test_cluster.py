@@ -8,12 +8,14 @@ import json
 import os
 import re
 import secrets
+import socket
 import subprocess
 import sys
 import time
 import tomllib
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib.image
@@ -44,17 +46,34 @@ TRIALS, KEPT = 2, 1
 # --- the rehearsal ----------------------------------------------------------------------------------
 
 
+DEFAULT_AGENT_PORT = 52365  # ray._private.ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT
+
+
+@contextmanager
+def holding_port(port: int):
+    """A socket listening on 127.0.0.1:port for the block (none if something else already holds it)."""
+    with socket.socket() as held:
+        try:
+            held.bind(("127.0.0.1", port))
+            held.listen()
+        except OSError:
+            pass  # held already: the condition the block wants
+        yield
+
+
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory, ray_instance):
     """`make cluster-demo` on a smaller search: (cluster, summary, pids it started). The cluster stays up
     for this module's tests; stopping it must end every process it started (checked at teardown)."""
-    # As on a machine where the demo's cluster is the only Ray: the job's driver takes any Ray instance it
-    # finds running here for the cluster it was submitted to.
-    ray_instance.stop()
+    # The tests' own Ray instance runs beside the demo's cluster, as a search running locally would: the
+    # job must still run on the cluster it was submitted to (rehearsal.search_entrypoint).
+    ray_instance.address()
     folder = tmp_path_factory.mktemp("cluster-demo")
     space = write_space(folder, "cluster-demo", trials=TRIALS, epochs=2, grace=2, keep=KEPT)
     os.environ[CANARY] = secrets.token_hex(16)  # an environment variable every node and trial inherits
-    with LocalCluster(folder / "work", workers=1) as cluster:
+    # Ray's default port for the head's job agent held, as another Ray instance on the machine holds it:
+    # the demo's head must not need it, or the dashboard refuses the job ("No available agent").
+    with holding_port(DEFAULT_AGENT_PORT), LocalCluster(folder / "work", workers=1) as cluster:
         pids = [service.process.pid for service in cluster.processes()]
         groups = {os.getpgid(pid) for pid in pids}
         assert len(groups) == 4  # PostgreSQL, the S3 server, MLflow's server, the Ray nodes: a group each
