@@ -58,7 +58,11 @@ def say_error(error: object) -> None:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line (and exit status 2) like every other mistake."""
+    """argparse, but a usage mistake is one line (and exit status 2) like every other mistake, and an
+    option is only its whole name: `--data data.csv` is refused, not taken for `--data-dir`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str):  # type: ignore[override]
         raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")

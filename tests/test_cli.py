@@ -122,6 +122,7 @@ def test_validate_accepts_every_shipped_config(capsys):
         (["train", "vae", "--epochs", "0"], "epochs=0"),
         (["train", "vae", "--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
         (["train", "vae", "--set", "latent_dim"], "expected key.path=value"),
+        (["train", "dense", "--data", "data.csv"], "unrecognized arguments: --data data.csv"),  # not --data-dir
         (["train", "configs/missing.yaml"], "configs/missing.yaml: cannot read"),
         (["train", "vae", "--set", "data.name=fashion_mnist"], "--download"),
         (["train", "vae", "--resume", "README.md"], "README.md: not a readable checkpoint"),
