@@ -28,7 +28,7 @@ from aesearch.parts.data import NUMERIC, DataConfig, DataSpec
 from aesearch.parts.models import ModelConfig, input_problem
 from aesearch.parts.objectives import KLConfig, ObjectiveConfig, reconstruction_problem
 from aesearch.parts.optimizers import OptimizerConfig
-from aesearch.parts.scorers import ANOMALY_SCORERS, scorer_problem
+from aesearch.parts.scorers import ANOMALY_SCORERS, scorer_input_problem, scorer_problem
 from aesearch.plugins import absolute_entries, load_plugins
 from aesearch.registry import Registry
 from aesearch.schema import (
@@ -186,6 +186,7 @@ def data_problem(config: TrainConfig, spec: DataSpec) -> str | None:
     return (input_problem(config.model, spec) or reconstruction_problem(config.objective.reconstruction, spec)
             or corruption_problem(config.corruption.kind, spec)
             or clustering_problem(config.clustering, spec)
+            or scorer_input_problem(config.evaluation.anomaly_score, spec)
             or next(filter(None, (metric_problem(name, config, spec) for name in measured_per_epoch(config))), None))
 
 

@@ -134,7 +134,7 @@ def test_a_scorer_that_needs_a_gaussian_latent_is_refused_on_a_deterministic_one
     message = str(refused.value)
     assert "evaluation.anomaly_score='neg_elbo' needs a gaussian latent" in message and "\n" not in message
     assert make_config(model={"latent": "gaussian"}, evaluation={"anomaly_score": "neg_elbo"})
-    with pytest.raises(ConfigError, match="evaluation.anomaly_score='ocsvm': unknown anomaly score; valid names: combined, knn"):
+    with pytest.raises(ConfigError, match="evaluation.anomaly_score='ocsvm': unknown anomaly score; valid names: combined, joint_mahalanobis, knn"):
         make_config(evaluation={"anomaly_score": "ocsvm"})
 
 

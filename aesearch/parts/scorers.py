@@ -14,7 +14,14 @@ detectors take of raw data (the distance to the nearest normal rows; a Gaussian 
   evaluation's likelihood (objectives.likelihood) plus KL(q(z|x) || N(0, I));
 - lof: scikit-learn's local outlier factor of the input beside its reconstruction residual, among
   the normal training rows. On raw pixels LOF is the detector to beat on one-class MNIST; the
-  residual moves a row the model cannot redraw away from its neighbours in the input space.
+  residual moves a row the model cannot redraw away from its neighbours in the input space;
+- joint_mahalanobis: the Mahalanobis distance of the code and the reconstruction residual together,
+  to the Gaussian of the normal training rows' (Ledoit-Wolf). For a linear autoencoder (code,
+  residual) is a linear image of the input, and this is the input's own Mahalanobis distance, the
+  classical detector of tables; a trained model bends that Gaussian to the data. Unlike the
+  reconstruction error, it weighs each part of the residual by how much normal rows vary there and
+  whether they err together. It keeps a (code + features)^2 precision, so inputs are capped at
+  `max_features`.
 
 A scorer is fitted once per model on normal rows (`fit`: plain tensors, kept in the checkpoint), then
 scores any rows (`score`), so that `aesearch score` and the served model score as the evaluation did.
@@ -63,6 +70,7 @@ class AnomalyScorer:
     prepare: Callable[[Fitted], Prepared] | None = None
     neighbors: int = 5  # k when evaluation.anomaly_neighbors is not set
     gaussian_only: bool = False
+    max_features: int | None = None  # the widest input (features) it can score; None: any
 
 
 ANOMALY_SCORERS: Registry[AnomalyScorer] = Registry("anomaly score")
@@ -85,18 +93,42 @@ def nearest_codes_distance(seen: Seen, fitted: Fitted) -> torch.Tensor:
     return torch.cat(distances) if distances else seen.codes.new_zeros(0)
 
 
-def fit_gaussian(train: Seen, val: Seen, neighbors: int) -> Fitted:
+def gaussian_of(rows: torch.Tensor) -> Fitted:
+    """The Gaussian of these rows, its covariance shrunk by Ledoit-Wolf: its mean and precision."""
     from sklearn.covariance import LedoitWolf
 
-    gaussian = LedoitWolf().fit(train.codes.double().cpu().numpy())
+    gaussian = LedoitWolf().fit(rows.double().cpu().numpy())
     return {"location": torch.from_numpy(gaussian.location_), "precision": torch.from_numpy(gaussian.precision_)}
 
 
-def mahalanobis_distance(seen: Seen, fitted: Fitted) -> torch.Tensor:
-    """sqrt((c - mean)^T Precision (c - mean)) of each code, in float64."""
-    centred = seen.codes.double() - fitted["location"].to(seen.codes.device)
-    squared = ((centred @ fitted["precision"].to(seen.codes.device)) * centred).sum(1)
+def distance_to_gaussian(rows: torch.Tensor, fitted: Fitted) -> torch.Tensor:
+    """sqrt((r - mean)^T Precision (r - mean)) of each row, in float64."""
+    centred = rows.double() - fitted["location"].to(rows.device)
+    squared = ((centred @ fitted["precision"].to(rows.device)) * centred).sum(1)
     return squared.clamp_min(0).sqrt().float()
+
+
+def fit_gaussian(train: Seen, val: Seen, neighbors: int) -> Fitted:
+    return gaussian_of(train.codes)
+
+
+def mahalanobis_distance(seen: Seen, fitted: Fitted) -> torch.Tensor:
+    """The Mahalanobis distance of each code to the Gaussian of the normal training codes."""
+    return distance_to_gaussian(seen.codes, fitted)
+
+
+def code_and_residual(seen: Seen) -> torch.Tensor:
+    """Each row's code beside its reconstruction residual, flattened: the space joint_mahalanobis reads."""
+    return torch.cat([seen.codes.float(), (seen.x_hat - seen.x.float()).flatten(1)], dim=1)
+
+
+def fit_joint_gaussian(train: Seen, val: Seen, neighbors: int) -> Fitted:
+    return gaussian_of(code_and_residual(train))
+
+
+def joint_mahalanobis_distance(seen: Seen, fitted: Fitted) -> torch.Tensor:
+    """The Mahalanobis distance of each row's (code, residual) to the Gaussian of the normal training rows'."""
+    return distance_to_gaussian(code_and_residual(seen), fitted)
 
 
 def negative_elbo(seen: Seen, fitted: Fitted) -> torch.Tensor:
@@ -167,6 +199,18 @@ ANOMALY_SCORERS.add("neg_elbo", AnomalyScorer("the negative ELBO at the latent m
 ANOMALY_SCORERS.add("lof", AnomalyScorer("the local outlier factor of the input and its reconstruction residual among "
                                          "the normal training rows", local_outlier_factor, keep_inputs_and_residuals,
                                          prepare=fit_local_outlier_factor, neighbors=20))  # scikit-learn's default
+ANOMALY_SCORERS.add("joint_mahalanobis", AnomalyScorer(
+    "the Mahalanobis distance of the code and the reconstruction residual together to the normal training rows'",
+    joint_mahalanobis_distance, fit_joint_gaussian, max_features=2048))  # a precision of at most ~2100^2 float64: 35 MB
+
+
+def scorer_input_problem(kind: str, spec: DataSpec) -> str | None:
+    """Why evaluation.anomaly_score=kind cannot score inputs this wide, in one line, or None."""
+    widest = ANOMALY_SCORERS[kind].max_features
+    if widest is not None and spec.features > widest:
+        return (f"evaluation.anomaly_score={kind!r} keeps a (code + features)^2 precision matrix, so it takes inputs of at "
+                f"most {widest} features, and {spec.name}'s have {spec.features} {spec.shape}: choose another score")
+    return None
 
 
 def scorer_problem(kind: str, stochastic: bool) -> str | None:
