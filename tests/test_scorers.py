@@ -95,6 +95,46 @@ def test_lof_finds_rows_whose_residual_is_unlike_the_normal_ones_where_neither_p
     assert lof.prepared is lof.prepared  # the detector is built once per fitted scorer
 
 
+def test_joint_mahalanobis_is_ledoit_wolfs_distance_of_the_input_beside_its_residual():
+    generator = np.random.default_rng(4)
+    codes, x = generator.normal(size=(140, 2)), generator.normal(size=(140, 3))
+    x_hat = x + generator.normal(size=(140, 3)) * [0.1, 1.0, 0.5]
+    as_rows = [rows(codes[part], torch.from_numpy(x[part]).float(), torch.from_numpy(x_hat[part]).float())
+               for part in (slice(0, 120), slice(120, None))]
+    score = fitted("joint_mahalanobis", as_rows[0], as_rows[0])(as_rows[1])
+    joint = np.c_[x, x_hat - x].astype(np.float32)
+    assert score.numpy() == pytest.approx(np.sqrt(LedoitWolf().fit(joint[:120]).mahalanobis(joint[120:])), rel=1e-4)
+
+
+def test_joint_mahalanobis_finds_residuals_that_break_the_normal_rows_correlation():
+    # inputs and codes alike, errors as large: the normal rows err on the first two values together, the anomalies
+    # on both in opposite directions; only the residual's covariance tells them apart
+    generator = torch.Generator().manual_seed(5)
+    x, codes = torch.randn(170, 3, generator=generator), torch.randn(170, 2, generator=generator)
+    error = (torch.randn(170, 1, generator=generator).abs() * 0.5 + 0.5) * torch.randn(170, 1, generator=generator).sign()
+    together = torch.cat([error, error * torch.where(torch.arange(170) < 150, 1.0, -1.0)[:, None],
+                          torch.randn(170, 1, generator=generator) * 0.01], dim=1)
+    train = rows(codes[:100], x[:100], x[:100] + together[:100])
+    test = rows(codes[100:], x[100:], x[100:] + together[100:])
+    labels = np.r_[np.zeros(50), np.ones(20)]
+    assert roc_auc_score(labels, fitted("joint_mahalanobis", train, train)(test)) > 0.97
+    for kind in ("reconstruction", "mahalanobis"):
+        assert roc_auc_score(labels, fitted(kind, train, train)(test)) < 0.75, kind
+
+
+def test_a_scorer_too_wide_for_the_input_is_refused_in_one_line():
+    from aesearch.config import check_data
+    from aesearch.parts.data import IMAGE
+
+    config = make_config(evaluation={"anomaly_score": "joint_mahalanobis"})
+    check_data(config, DataSpec("digits", IMAGE, (1, 8, 8), unit_range=True))  # 64 features: scored
+    with pytest.raises(ConfigError) as refused:
+        check_data(config, DataSpec("photos", IMAGE, (3, 32, 32), unit_range=True))
+    assert str(refused.value) == (
+        "evaluation.anomaly_score='joint_mahalanobis' keeps a (2 x features)^2 precision matrix, so it takes inputs "
+        "of at most 1024 features, and photos's have 3072 (3, 32, 32): choose another score")
+
+
 def test_each_scorer_reads_its_own_default_neighbours_unless_the_config_sets_them(digits):
     from aesearch.parts.models import build_model
 
@@ -226,13 +266,16 @@ def test_aesearch_score_and_the_served_model_score_with_the_checkpoints_scorer(d
     assert (expected < 0).any()  # standardised scores: below the normal rows' mean is negative, and allowed
 
 
-def test_a_lof_detector_scores_alike_in_its_test_metric_its_checkpoint_and_the_served_model(tmp_path):
-    """The detector lof fits is rebuilt from the checkpoint's plain tensors (weights_only): the same scores."""
+@pytest.mark.parametrize("kind, kept, shape", [("lof", "rows", (300, 2 * 64)),  # input, residual
+                                               ("joint_mahalanobis", "precision", (2 * 64, 2 * 64))])
+def test_a_fitted_detector_scores_alike_in_its_test_metric_its_checkpoint_and_the_served_model(kind, kept, shape,
+                                                                                              tmp_path):
+    """What lof and joint_mahalanobis fit is kept as plain tensors (weights_only) and read back: the same scores."""
     from aesearch.parts.data import load_data
     from aesearch.tracking.served_model import predict
     from aesearch.training.evaluate import evaluate
 
-    config = make_config(**{**DETECTOR, "epochs": 2, "evaluation": {**DETECTOR["evaluation"], "anomaly_score": "lof"}})
+    config = make_config(**{**DETECTOR, "epochs": 2, "evaluation": {**DETECTOR["evaluation"], "anomaly_score": kind}})
     data = load_data(config.data)
     trainer = Trainer(config, data)
     for _ in range(config.epochs):
@@ -240,7 +283,7 @@ def test_a_lof_detector_scores_alike_in_its_test_metric_its_checkpoint_and_the_s
         if end.is_best:
             end.save_checkpoint(tmp_path / "best.pt")
     trained = load_trained_model(tmp_path / "best.pt", data)
-    assert trained.scorer.kind == "lof" and trained.scorer.state["rows"].shape == (300, 2 * 64)  # input, residual
+    assert trained.scorer.kind == kind and trained.scorer.state[kept].shape == shape
     scores = infer(trained.model, data.test_x, trained.scorer).scores.numpy()
     is_anomaly = data.spec.is_anomaly(data.test_y).numpy()
     metrics = evaluate(trained.model, data, config.evaluation)

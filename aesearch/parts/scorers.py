@@ -15,13 +15,13 @@ detectors take of raw data (the distance to the nearest normal rows; a Gaussian 
 - lof: scikit-learn's local outlier factor of the input beside its reconstruction residual, among
   the normal training rows. On raw pixels LOF is the detector to beat on one-class MNIST; the
   residual moves a row the model cannot redraw away from its neighbours in the input space;
-- joint_mahalanobis: the Mahalanobis distance of the code and the reconstruction residual together,
-  to the Gaussian of the normal training rows' (Ledoit-Wolf). For a linear autoencoder (code,
-  residual) is a linear image of the input, and this is the input's own Mahalanobis distance, the
-  classical detector of tables; a trained model bends that Gaussian to the data. Unlike the
-  reconstruction error, it weighs each part of the residual by how much normal rows vary there and
-  whether they err together. It keeps a (code + features)^2 precision, so inputs are capped at
-  `max_features`.
+- joint_mahalanobis: the Mahalanobis distance of the input beside its reconstruction residual (the
+  space lof reads) to their Gaussian over the normal training rows (Ledoit-Wolf). For a linear
+  autoencoder the residual is a linear function of the input, and this is the input's own
+  Mahalanobis distance, the classical detector of tables; a trained model bends that Gaussian.
+  Unlike the reconstruction error it weighs each part of the residual by how much the normal rows
+  vary there and whether they err together. It keeps a (2 x features)^2 precision, so inputs are
+  capped at `max_features`.
 
 A scorer is fitted once per model on normal rows (`fit`: plain tensors, kept in the checkpoint), then
 scores any rows (`score`), so that `aesearch score` and the served model score as the evaluation did.
@@ -117,20 +117,6 @@ def mahalanobis_distance(seen: Seen, fitted: Fitted) -> torch.Tensor:
     return distance_to_gaussian(seen.codes, fitted)
 
 
-def code_and_residual(seen: Seen) -> torch.Tensor:
-    """Each row's code beside its reconstruction residual, flattened: the space joint_mahalanobis reads."""
-    return torch.cat([seen.codes.float(), (seen.x_hat - seen.x.float()).flatten(1)], dim=1)
-
-
-def fit_joint_gaussian(train: Seen, val: Seen, neighbors: int) -> Fitted:
-    return gaussian_of(code_and_residual(train))
-
-
-def joint_mahalanobis_distance(seen: Seen, fitted: Fitted) -> torch.Tensor:
-    """The Mahalanobis distance of each row's (code, residual) to the Gaussian of the normal training rows'."""
-    return distance_to_gaussian(code_and_residual(seen), fitted)
-
-
 def negative_elbo(seen: Seen, fitted: Fitted) -> torch.Tensor:
     """-log p(x | mu) + KL(q(z|x) || N(0, I)) in nats per row: the ELBO at the latent mean."""
     loss, _ = likelihood(seen.spec)
@@ -139,9 +125,18 @@ def negative_elbo(seen: Seen, fitted: Fitted) -> torch.Tensor:
 
 
 def input_and_residual(seen: Seen) -> torch.Tensor:
-    """Each row's input beside its reconstruction residual, flattened: the space `lof` reads."""
+    """Each row's input beside its reconstruction residual, flattened: the space lof and joint_mahalanobis read."""
     x = seen.x.float().flatten(1)
     return torch.cat([x, seen.x_hat.flatten(1) - x], dim=1)
+
+
+def fit_joint_gaussian(train: Seen, val: Seen, neighbors: int) -> Fitted:
+    return gaussian_of(input_and_residual(train))
+
+
+def joint_mahalanobis_distance(seen: Seen, fitted: Fitted) -> torch.Tensor:
+    """The Mahalanobis distance of each row's (input, residual) to the Gaussian of the normal training rows'."""
+    return distance_to_gaussian(input_and_residual(seen), fitted)
 
 
 def keep_inputs_and_residuals(train: Seen, val: Seen, neighbors: int) -> Fitted:
@@ -200,15 +195,15 @@ ANOMALY_SCORERS.add("lof", AnomalyScorer("the local outlier factor of the input 
                                          "the normal training rows", local_outlier_factor, keep_inputs_and_residuals,
                                          prepare=fit_local_outlier_factor, neighbors=20))  # scikit-learn's default
 ANOMALY_SCORERS.add("joint_mahalanobis", AnomalyScorer(
-    "the Mahalanobis distance of the code and the reconstruction residual together to the normal training rows'",
-    joint_mahalanobis_distance, fit_joint_gaussian, max_features=2048))  # a precision of at most ~2100^2 float64: 35 MB
+    "the Mahalanobis distance of the input and its reconstruction residual together to the normal training rows'",
+    joint_mahalanobis_distance, fit_joint_gaussian, max_features=1024))  # a precision of at most 2048^2 float64: 34 MB
 
 
 def scorer_input_problem(kind: str, spec: DataSpec) -> str | None:
     """Why evaluation.anomaly_score=kind cannot score inputs this wide, in one line, or None."""
     widest = ANOMALY_SCORERS[kind].max_features
     if widest is not None and spec.features > widest:
-        return (f"evaluation.anomaly_score={kind!r} keeps a (code + features)^2 precision matrix, so it takes inputs of at "
+        return (f"evaluation.anomaly_score={kind!r} keeps a (2 x features)^2 precision matrix, so it takes inputs of at "
                 f"most {widest} features, and {spec.name}'s have {spec.features} {spec.shape}: choose another score")
     return None
 
